@@ -1,0 +1,98 @@
+//! The HTTP bridge (design.md §6): REST routes under `/bmw/task/` turned into
+//! `bmw.task.*` commands, plus `/bmw/worker/`, `/metrics`, `/health` and
+//! `/ready`. Thin on purpose: validation and publishing live in
+//! [`crate::client`], the envelope in [`envelope`].
+
+pub mod envelope;
+mod routes;
+
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use axum::Router;
+use axum::extract::{MatchedPath, Request};
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use axum::routing::{get, post};
+use tokio_util::sync::CancellationToken;
+
+use crate::client::TaskClient;
+
+/// What the routes share.
+#[derive(Debug, Clone)]
+pub struct BridgeState {
+    /// Publishes commands, reads listings.
+    pub client: TaskClient,
+    /// For readiness.
+    pub nats: async_nats::Client,
+    /// Largest accepted body.
+    pub max_body: usize,
+}
+
+/// `/metrics`, `/health` and `/ready`: served by the bridge and by a lone
+/// worker on its metrics address.
+pub fn ops_router() -> Router {
+    Router::new()
+        .route("/metrics", get(|| async { crate::metrics::render() }))
+        .route(
+            "/health",
+            get(|| async { axum::Json(envelope::Envelope::ok(serde_json::Value::Null)) }),
+        )
+}
+
+/// The bridge's routes.
+pub fn router(state: BridgeState) -> Router {
+    let tasks = get(routes::list)
+        .post(routes::create)
+        .delete(routes::delete);
+    Router::new()
+        .route("/bmw/task/", tasks.clone())
+        .route("/bmw/task", tasks)
+        .route("/bmw/task/daemon/reload", post(routes::reload))
+        .route("/bmw/task/daemon/reload/", post(routes::reload))
+        .route("/bmw/worker/", get(routes::workers))
+        .route("/bmw/worker", get(routes::workers))
+        .route("/ready", get(routes::ready))
+        .fallback(routes::not_found)
+        .with_state(state)
+        .merge(ops_router())
+        .layer(middleware::from_fn(record))
+}
+
+async fn record(request: Request, next: Next) -> Response {
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "other".into());
+    let start = Instant::now();
+    let response = next.run(request).await;
+    crate::metrics::bridge_request(
+        &route,
+        response.status().as_u16(),
+        start.elapsed().as_secs_f64(),
+    );
+    response
+}
+
+/// Serves `router` on `addr` until `token` fires.
+pub async fn serve(
+    addr: SocketAddr,
+    router: Router,
+    token: CancellationToken,
+) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    serve_on(listener, router, token).await
+}
+
+/// Serves on a bound listener (tests bind port 0 first).
+pub async fn serve_on(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    token: CancellationToken,
+) -> std::io::Result<()> {
+    tracing::info!(addr = %listener.local_addr()?, "http listening");
+    axum::serve(listener, router)
+        .with_graceful_shutdown(token.cancelled_owned())
+        .await
+}

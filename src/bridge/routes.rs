@@ -1,0 +1,123 @@
+//! The bridge's routes (design.md §6): each turns a REST call into a command
+//! through [`crate::client::TaskClient`] or reads a listing, and answers with the envelope.
+
+use std::collections::HashMap;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Query, State};
+use axum::http::StatusCode;
+use serde_json::{Value, json};
+
+use super::BridgeState;
+use super::envelope::{ApiError, Envelope, Reply};
+use crate::client::Submitted;
+use crate::nats::names;
+use crate::task::TaskType;
+
+/// Reads the body up to the configured limit; larger bodies are refused with 400.
+async fn body(state: &BridgeState, body: Body) -> Result<Bytes, ApiError> {
+    axum::body::to_bytes(body, state.max_body)
+        .await
+        .map_err(|_| {
+            ApiError::bad_request(format!(
+                "invalid `body`: larger than {} bytes, or unreadable",
+                state.max_body
+            ))
+        })
+}
+
+async fn submit(state: &BridgeState, subject: &str, raw: Body) -> Result<Reply, ApiError> {
+    let bytes = body(state, raw).await?;
+    match state.client.submit_json(subject, &bytes).await? {
+        Submitted::Done(outcome) => {
+            let status = match outcome.code {
+                0 => StatusCode::OK,
+                code => StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+            };
+            Ok(Reply(status, Envelope { result: outcome.result, code: outcome.code, message: outcome.message, data: outcome.data }))
+        }
+        Submitted::Accepted { data } => Ok(Reply(
+            StatusCode::ACCEPTED,
+            Envelope {
+                result: true,
+                code: 0,
+                message: "accepted: no worker answered in time; the command is stored and will be applied when a worker runs".into(),
+                data,
+            },
+        )),
+    }
+}
+
+/// `POST /bmw/task/`: create a task.
+pub(super) async fn create(State(state): State<BridgeState>, raw: Body) -> Result<Reply, ApiError> {
+    submit(&state, names::SUBJECT_CREATE, raw).await
+}
+
+/// `DELETE /bmw/task/`: delete a task.
+pub(super) async fn delete(State(state): State<BridgeState>, raw: Body) -> Result<Reply, ApiError> {
+    submit(&state, names::SUBJECT_DELETE, raw).await
+}
+
+/// `POST /bmw/task/daemon/reload`: restart a daemon task.
+pub(super) async fn reload(State(state): State<BridgeState>, raw: Body) -> Result<Reply, ApiError> {
+    submit(&state, names::SUBJECT_RELOAD, raw).await
+}
+
+/// `GET /bmw/task/?task_type=daemon`: list tasks.
+pub(super) async fn list(
+    State(state): State<BridgeState>,
+    Query(query): Query<HashMap<String, String>>,
+) -> Result<Reply, ApiError> {
+    let task_type = query
+        .get("task_type")
+        .map(String::as_str)
+        .unwrap_or("daemon");
+    match TaskType::parse(task_type)? {
+        TaskType::Daemon => {
+            let rows = state.client.list_daemon().await?;
+            let rows: Vec<_> = match query.get("kind") {
+                Some(kind) => rows.into_iter().filter(|r| &r.kind == kind).collect(),
+                None => rows,
+            };
+            Ok(Reply(StatusCode::OK, Envelope::ok(json!(rows))))
+        }
+        other => Err(ApiError::bad_request(format!(
+            "invalid `task_type`: listing {other} tasks is not supported by this version"
+        ))),
+    }
+}
+
+/// `GET /bmw/worker/`: live workers and their load.
+pub(super) async fn workers(State(state): State<BridgeState>) -> Result<Reply, ApiError> {
+    let workers = state.client.list_workers().await?;
+    Ok(Reply(StatusCode::OK, Envelope::ok(json!(workers))))
+}
+
+/// `GET /ready`: 200 while NATS is connected.
+pub(super) async fn ready(State(state): State<BridgeState>) -> Reply {
+    let connected = state.nats.connection_state() == async_nats::connection::State::Connected;
+    let status = if connected {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let envelope = Envelope {
+        result: connected,
+        code: if connected { 0 } else { 503 },
+        message: if connected {
+            "ok".into()
+        } else {
+            "nats is not connected".into()
+        },
+        data: Value::Null,
+    };
+    Reply(status, envelope)
+}
+
+/// Any other path: 404 with the envelope.
+pub(super) async fn not_found() -> ApiError {
+    ApiError {
+        status: StatusCode::NOT_FOUND,
+        message: "no such route".into(),
+    }
+}

@@ -1,0 +1,107 @@
+//! Built-in kinds, registered through the same public API users call:
+//! `daemon:demo:demo`, exactly BMW's demo (prints the start line, then the
+//! current time every 5 s; any `content` other than `ok` fails).
+//!
+//! The demo prints to stdout, as the seed shows; that is the one place the
+//! library prints.
+#![allow(clippy::print_stdout)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use serde_json::Value;
+
+use crate::daemon::{Operator, OperatorContext, OperatorError};
+use crate::registry::{Registry, RegistryError};
+
+/// Registers every built-in kind.
+pub fn register(registry: &mut Registry) -> Result<(), RegistryError> {
+    registry.register_daemon("daemon:demo:demo", || {
+        Ok(Arc::new(Demo) as Arc<dyn Operator>)
+    })?;
+    Ok(())
+}
+
+/// BMW's demo daemon.
+#[derive(Debug, Clone, Copy)]
+pub struct Demo;
+
+/// Go's `%v` of a decoded JSON payload (`map[content:ok]`), as the seed prints it.
+fn go_format(v: &Value) -> String {
+    match v {
+        Value::Object(map) => {
+            let items: Vec<String> = map
+                .iter()
+                .map(|(k, v)| format!("{k}:{}", go_format(v)))
+                .collect();
+            format!("map[{}]", items.join(" "))
+        }
+        Value::Array(items) => format!(
+            "[{}]",
+            items.iter().map(go_format).collect::<Vec<_>>().join(" ")
+        ),
+        Value::String(s) => s.clone(),
+        Value::Null => "<nil>".to_owned(),
+        other => other.to_string(),
+    }
+}
+
+impl Operator for Demo {
+    fn start<'a>(
+        &'a self,
+        ctx: OperatorContext,
+        payload: &'a Value,
+    ) -> BoxFuture<'a, Result<(), OperatorError>> {
+        Box::pin(async move {
+            println!("start task instance, payload: {} ", go_format(payload));
+            if payload.get("content").and_then(Value::as_str) != Some("ok") {
+                return Err(OperatorError::new("receive abnormal payload"));
+            }
+            let period = Duration::from_secs(5);
+            let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+            loop {
+                tokio::select! {
+                    _ = ticker.tick() => {
+                        println!("当前时间:  {}", chrono::Local::now().format("%Y-%m-%d %H:%M:%S"));
+                    }
+                    () = ctx.cancelled() => {
+                        println!("receive task instance done, return");
+                        return Ok(());
+                    }
+                }
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn prints_payloads_like_go() {
+        assert_eq!(go_format(&json!({"content": "ok"})), "map[content:ok]");
+        assert_eq!(
+            go_format(&json!({"b": [1, "x"], "a": null})),
+            "map[a:<nil> b:[1 x]]"
+        );
+    }
+
+    #[tokio::test]
+    async fn demo_fails_on_abnormal_payload_and_stops_on_cancel() {
+        let token = tokio_util::sync::CancellationToken::new();
+        let ctx = OperatorContext {
+            uni_id: crate::task::UniId::from_raw("x"),
+            token: token.clone(),
+        };
+        let bad = json!({"content": "not_ok"});
+        assert_eq!(
+            Demo.start(ctx.clone(), &bad).await,
+            Err(OperatorError::new("receive abnormal payload"))
+        );
+        token.cancel();
+        assert_eq!(Demo.start(ctx, &json!({"content": "ok"})).await, Ok(()));
+    }
+}

@@ -1,0 +1,296 @@
+//! [`Config`]: the validated, typed settings every bmw process runs with.
+//!
+//! The binary parses flags and environment variables (clap) into a
+//! [`ConfigOverrides`], reads an optional TOML file into another, and
+//! [`Config::resolve`] merges them over the defaults: flag/env > file > default.
+//! The rest of the crate only sees `Config`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Default bridge address (BMW's port).
+pub const DEFAULT_HTTP_ADDR: &str = "0.0.0.0:10211";
+/// Default claim TTL: a dead worker's daemon tasks move after this long.
+pub const DEFAULT_CLAIM_TTL: Duration = Duration::from_secs(15);
+/// Default heartbeat: claims and the worker entry are renewed this often.
+pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(5);
+/// Default first retry delay of a failed daemon instance (BMW: 10 s).
+pub const DEFAULT_RETRY_BASE: Duration = Duration::from_secs(10);
+/// Default retry count after which each delay doubles (BMW: 5).
+pub const DEFAULT_RETRY_THRESHOLD: u32 = 5;
+/// Default ceiling of a retry delay (BMW: 15 min).
+pub const DEFAULT_RETRY_MAX: Duration = Duration::from_secs(15 * 60);
+/// Default time running instances get to stop on shutdown.
+pub const DEFAULT_GRACE: Duration = Duration::from_secs(10);
+/// Default time the bridge waits for a worker's outcome before answering 202.
+pub const DEFAULT_REPLY_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default largest request body the bridge accepts.
+pub const DEFAULT_MAX_BODY: usize = 1024 * 1024;
+
+/// Why a configuration was refused; names the setting.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The config file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The config file is not valid TOML for bmw.
+    #[error("config file {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message.
+        message: String,
+    },
+    /// A setting has a value bmw cannot use.
+    #[error("invalid setting `{name}`: {message}")]
+    Invalid {
+        /// The setting (flag name without dashes).
+        name: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// Settings as given by flags, environment or file; `None` means "not given".
+/// Durations are humantime strings (`"15s"`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+#[allow(missing_docs)]
+pub struct ConfigOverrides {
+    pub nats_url: Option<String>,
+    pub http_addr: Option<String>,
+    pub metrics_addr: Option<String>,
+    pub queues: Option<Vec<String>>,
+    pub claim_ttl: Option<String>,
+    pub heartbeat: Option<String>,
+    pub retry_base: Option<String>,
+    pub retry_threshold: Option<u32>,
+    pub retry_max: Option<String>,
+    pub grace: Option<String>,
+    pub reply_timeout: Option<String>,
+    pub replicas: Option<usize>,
+    pub data_dir: Option<PathBuf>,
+    pub max_body: Option<usize>,
+}
+
+impl ConfigOverrides {
+    /// Reads a TOML file whose keys are the long flag names (`nats-url`, `claim-ttl`...).
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })
+    }
+
+    /// `self` where given, else `other`.
+    pub fn or(self, other: ConfigOverrides) -> ConfigOverrides {
+        ConfigOverrides {
+            nats_url: self.nats_url.or(other.nats_url),
+            http_addr: self.http_addr.or(other.http_addr),
+            metrics_addr: self.metrics_addr.or(other.metrics_addr),
+            queues: self.queues.or(other.queues),
+            claim_ttl: self.claim_ttl.or(other.claim_ttl),
+            heartbeat: self.heartbeat.or(other.heartbeat),
+            retry_base: self.retry_base.or(other.retry_base),
+            retry_threshold: self.retry_threshold.or(other.retry_threshold),
+            retry_max: self.retry_max.or(other.retry_max),
+            grace: self.grace.or(other.grace),
+            reply_timeout: self.reply_timeout.or(other.reply_timeout),
+            replicas: self.replicas.or(other.replicas),
+            data_dir: self.data_dir.or(other.data_dir),
+            max_body: self.max_body.or(other.max_body),
+        }
+    }
+}
+
+/// The settings of one bmw process.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// NATS server URL; `None` lets `bmw run` start a local server.
+    pub nats_url: Option<String>,
+    /// Where the bridge (and, for `bmw run`, `/metrics`) listens.
+    pub http_addr: SocketAddr,
+    /// Where `bmw worker` serves `/metrics` and `/health`; `None` serves nothing.
+    pub metrics_addr: Option<SocketAddr>,
+    /// Queues this worker takes daemon tasks from.
+    pub queues: Vec<String>,
+    /// Claim TTL (whole seconds, at least 1 s).
+    pub claim_ttl: Duration,
+    /// Heartbeat interval; shorter than the claim TTL.
+    pub heartbeat: Duration,
+    /// First retry delay of a failed daemon instance.
+    pub retry_base: Duration,
+    /// Retry count after which delays double.
+    pub retry_threshold: u32,
+    /// Ceiling of a retry delay.
+    pub retry_max: Duration,
+    /// Time running instances get to stop on shutdown.
+    pub grace: Duration,
+    /// How long the bridge waits for a worker's outcome.
+    pub reply_timeout: Duration,
+    /// Replicas of streams and buckets (1 on one server, 3 on a cluster).
+    pub replicas: usize,
+    /// Data directory of a local nats-server started by `bmw run`.
+    pub data_dir: PathBuf,
+    /// Largest request body the bridge accepts, in bytes.
+    pub max_body: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config::resolve(ConfigOverrides::default()).expect("defaults are valid")
+    }
+}
+
+impl Config {
+    /// Merges `given` over the defaults and validates the result.
+    pub fn resolve(given: ConfigOverrides) -> Result<Config, ConfigError> {
+        let dur = |name: &'static str, v: Option<String>, default: Duration| match v {
+            None => Ok(default),
+            Some(s) => humantime::parse_duration(s.trim()).map_err(|e| ConfigError::Invalid {
+                name,
+                message: format!("{s:?} is not a duration ({e})"),
+            }),
+        };
+        let addr = |name: &'static str, s: &str| {
+            s.parse::<SocketAddr>().map_err(|e| ConfigError::Invalid {
+                name,
+                message: format!("{s:?} is not a socket address ({e})"),
+            })
+        };
+        let config = Config {
+            nats_url: given.nats_url.filter(|u| !u.trim().is_empty()),
+            http_addr: addr(
+                "http-addr",
+                given.http_addr.as_deref().unwrap_or(DEFAULT_HTTP_ADDR),
+            )?,
+            metrics_addr: given
+                .metrics_addr
+                .as_deref()
+                .map(|s| addr("metrics-addr", s))
+                .transpose()?,
+            queues: given.queues.unwrap_or_else(|| vec!["default".to_owned()]),
+            claim_ttl: dur("claim-ttl", given.claim_ttl, DEFAULT_CLAIM_TTL)?,
+            heartbeat: dur("heartbeat", given.heartbeat, DEFAULT_HEARTBEAT)?,
+            retry_base: dur("retry-base", given.retry_base, DEFAULT_RETRY_BASE)?,
+            retry_threshold: given.retry_threshold.unwrap_or(DEFAULT_RETRY_THRESHOLD),
+            retry_max: dur("retry-max", given.retry_max, DEFAULT_RETRY_MAX)?,
+            grace: dur("grace", given.grace, DEFAULT_GRACE)?,
+            reply_timeout: dur("reply-timeout", given.reply_timeout, DEFAULT_REPLY_TIMEOUT)?,
+            replicas: given.replicas.unwrap_or(1),
+            data_dir: given.data_dir.unwrap_or_else(|| PathBuf::from(".bmw")),
+            max_body: given.max_body.unwrap_or(DEFAULT_MAX_BODY),
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |name, message: &str| {
+            Err(ConfigError::Invalid {
+                name,
+                message: message.to_owned(),
+            })
+        };
+        if self.claim_ttl < Duration::from_secs(1) || self.claim_ttl.subsec_nanos() != 0 {
+            return invalid(
+                "claim-ttl",
+                "must be whole seconds, at least 1s (a NATS per-key TTL)",
+            );
+        }
+        if self.heartbeat.is_zero() || self.heartbeat >= self.claim_ttl {
+            return invalid("heartbeat", "must be above zero and shorter than claim-ttl");
+        }
+        if self.retry_base.is_zero() || self.retry_max < self.retry_base {
+            return invalid("retry-base", "must be above zero and at most retry-max");
+        }
+        if !(1..=5).contains(&self.replicas) {
+            return invalid("replicas", "must be between 1 and 5");
+        }
+        if self.queues.is_empty()
+            || self
+                .queues
+                .iter()
+                .any(|q| q.is_empty() || q.contains(['.', '*', '>', ' ']))
+        {
+            return invalid(
+                "queues",
+                "must be a non-empty list of queue names without . * > or spaces",
+            );
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_win_over_file_and_defaults() {
+        let flags = ConfigOverrides {
+            heartbeat: Some("2s".into()),
+            ..Default::default()
+        };
+        let file: ConfigOverrides =
+            toml::from_str("heartbeat = \"3s\"\nclaim-ttl = \"6s\"").unwrap();
+        let c = Config::resolve(flags.or(file)).unwrap();
+        assert_eq!(c.heartbeat, Duration::from_secs(2));
+        assert_eq!(c.claim_ttl, Duration::from_secs(6));
+        assert_eq!(c.retry_base, DEFAULT_RETRY_BASE);
+        assert_eq!(c.http_addr.port(), 10211);
+    }
+
+    #[test]
+    fn bad_settings_are_named() {
+        let cases = [
+            (
+                ConfigOverrides {
+                    claim_ttl: Some("1500ms".into()),
+                    ..Default::default()
+                },
+                "claim-ttl",
+            ),
+            (
+                ConfigOverrides {
+                    heartbeat: Some("20s".into()),
+                    ..Default::default()
+                },
+                "heartbeat",
+            ),
+            (
+                ConfigOverrides {
+                    http_addr: Some("nowhere".into()),
+                    ..Default::default()
+                },
+                "http-addr",
+            ),
+            (
+                ConfigOverrides {
+                    grace: Some("later".into()),
+                    ..Default::default()
+                },
+                "grace",
+            ),
+        ];
+        for (given, name) in cases {
+            match Config::resolve(given) {
+                Err(ConfigError::Invalid { name: got, .. }) => assert_eq!(got, name),
+                other => panic!("{name}: {other:?}"),
+            }
+        }
+        assert!(toml::from_str::<ConfigOverrides>("no-such-key = 1").is_err());
+    }
+}

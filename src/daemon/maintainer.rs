@@ -1,0 +1,294 @@
+//! [`Maintainer`]: keeps one claimed daemon instance running on this worker.
+//!
+//! It owns the claim (renewing it every heartbeat with a compare-and-set on its
+//! revision), runs the operator in a task of its own, restarts it after a
+//! failure with the [`RetryPolicy`] delay, and obeys [`Control`] messages from
+//! the runtime (reload, release, remove). A renewal refused for a wrong
+//! revision means another worker owns the task now: the run is cancelled at
+//! once (fencing). The runtime (`runtime.rs`) decides which tasks to claim.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::claim::{Claim, ClaimError, ClaimStore};
+use super::operator::{Operator, OperatorContext, OperatorError};
+use super::retry::RetryPolicy;
+use super::seed_log;
+use super::spec::DaemonSpec;
+use crate::events::EventPublisher;
+use crate::metrics;
+
+/// What the runtime asks of a running maintainer.
+#[derive(Debug)]
+pub(crate) enum Control {
+    /// The spec changed (reload or new payload): restart with it.
+    Reload(Box<DaemonSpec>),
+    /// Stop and hand the task over (rebalance).
+    Release,
+    /// The task was deleted: stop and drop the claim.
+    Remove,
+}
+
+/// Why a maintainer ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Exit {
+    /// Handed over (rebalance or shutdown).
+    Released,
+    /// Task deleted, claim removed.
+    Removed,
+    /// Claim lost to another worker or not renewable.
+    Lost,
+}
+
+/// Settings shared by all maintainers of a worker.
+#[derive(Debug, Clone)]
+pub(crate) struct MaintainerSettings {
+    pub(crate) worker_id: String,
+    pub(crate) heartbeat: Duration,
+    pub(crate) claim_ttl: Duration,
+    pub(crate) grace: Duration,
+    pub(crate) policy: RetryPolicy,
+}
+
+/// One claimed instance.
+pub(crate) struct Maintainer {
+    pub(crate) key: String,
+    pub(crate) spec: DaemonSpec,
+    pub(crate) operator: Arc<dyn Operator>,
+    pub(crate) claims: ClaimStore,
+    pub(crate) claim: Claim,
+    pub(crate) revision: u64,
+    pub(crate) settings: Arc<MaintainerSettings>,
+    pub(crate) events: EventPublisher,
+    pub(crate) control: mpsc::UnboundedReceiver<Control>,
+}
+
+type Run = JoinHandle<Result<(), OperatorError>>;
+
+impl Maintainer {
+    /// Runs until told to stop, the claim is lost, or `shutdown` fires (then
+    /// the claim is released so another worker takes over at once).
+    pub(crate) async fn run(mut self, shutdown: CancellationToken) -> (String, Exit) {
+        let mut heartbeat = tokio::time::interval_at(
+            Instant::now() + self.settings.heartbeat,
+            self.settings.heartbeat,
+        );
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_renewed = Instant::now();
+        let mut retry_at = self.pending_retry();
+        let mut run: Option<(Run, CancellationToken)> = None;
+        loop {
+            if run.is_none() && retry_at.is_none() {
+                run = Some(self.start_run());
+            }
+            tokio::select! {
+                outcome = async { (&mut run.as_mut().expect("guarded").0).await }, if run.is_some() => {
+                    run = None;
+                    self.stopped_running();
+                    let error = match outcome {
+                        Ok(Ok(())) => OperatorError::new("operator returned without being cancelled"),
+                        Ok(Err(e)) => e,
+                        Err(e) if e.is_panic() => OperatorError::new(format!("operator panicked: {}", panic_message(e))),
+                        Err(e) => OperatorError::new(format!("operator task failed: {e}")),
+                    };
+                    retry_at = Some(self.schedule_retry(&error).await);
+                    if self.renew(&mut last_renewed).await.is_err() {
+                        return self.exit(Exit::Lost, None).await;
+                    }
+                }
+                () = sleep_until(retry_at), if retry_at.is_some() => {
+                    retry_at = None;
+                    self.claim.next_retry_at = None;
+                }
+                _ = heartbeat.tick() => {
+                    if self.renew(&mut last_renewed).await.is_err() {
+                        return self.exit(Exit::Lost, run).await;
+                    }
+                }
+                control = self.control.recv() => match control {
+                    Some(Control::Reload(spec)) => {
+                        self.stop_run(run.take()).await;
+                        self.apply_reload(*spec);
+                        retry_at = None;
+                        if self.renew(&mut last_renewed).await.is_err() {
+                            return self.exit(Exit::Lost, None).await;
+                        }
+                    }
+                    Some(Control::Release) | None => return self.exit(Exit::Released, run).await,
+                    Some(Control::Remove) => return self.exit(Exit::Removed, run).await,
+                },
+                () = shutdown.cancelled() => return self.exit(Exit::Released, run).await,
+            }
+        }
+    }
+
+    /// A retry time carried over in the claim (the task moved while waiting).
+    fn pending_retry(&self) -> Option<Instant> {
+        let at = self.claim.next_retry_at.as_deref()?;
+        let at = chrono::DateTime::parse_from_rfc3339(at).ok()?;
+        let wait = (at.with_timezone(&chrono::Utc) - chrono::Utc::now())
+            .to_std()
+            .ok()?;
+        Some(Instant::now() + wait)
+    }
+
+    fn start_run(&mut self) -> (Run, CancellationToken) {
+        let token = CancellationToken::new();
+        let ctx = OperatorContext {
+            uni_id: self.spec.uni_id.clone(),
+            token: token.clone(),
+        };
+        let payload = self.spec.payload.clone();
+        seed_log::binding_discovered(
+            &self.spec.uni_id,
+            &self.settings.worker_id,
+            &payload.to_string(),
+        );
+        metrics::daemon_running(self.spec.kind.as_str(), &self.spec.dimension, true);
+        self.publish("started", json!({}));
+        let operator = self.operator.clone();
+        let handle = tokio::spawn(async move { operator.start(ctx, &payload).await });
+        (handle, token)
+    }
+
+    fn stopped_running(&self) {
+        metrics::daemon_running(self.spec.kind.as_str(), &self.spec.dimension, false);
+    }
+
+    async fn schedule_retry(&mut self, error: &OperatorError) -> Instant {
+        self.claim.retry_count += 1;
+        let delay = self.settings.policy.delay(self.claim.retry_count);
+        let at = chrono::Local::now() + chrono::Duration::from_std(delay).unwrap_or_default();
+        self.claim.next_retry_at = Some(at.with_timezone(&chrono::Utc).to_rfc3339());
+        seed_log::retry(
+            &self.spec.uni_id,
+            &error.to_string(),
+            self.claim.retry_count,
+            self.claim.reload_count,
+            at,
+            delay,
+        );
+        metrics::daemon_retry(self.spec.kind.as_str());
+        self.publish("error", json!({"error": error.to_string()}));
+        self.publish("retry", json!({"error": error.to_string(), "delay_seconds": delay.as_secs_f64(), "next_retry_at": self.claim.next_retry_at}));
+        Instant::now() + delay
+    }
+
+    fn apply_reload(&mut self, spec: DaemonSpec) {
+        self.claim.reload_count += 1;
+        self.claim.retry_count = 0;
+        self.claim.next_retry_at = None;
+        self.claim.generation = spec.generation;
+        self.spec = spec;
+        metrics::daemon_reload(self.spec.kind.as_str());
+        tracing::info!(uni_id = %self.spec.uni_id, reload_count = self.claim.reload_count, "daemon task reloaded");
+    }
+
+    /// Writes the claim (renewal or new counts). A wrong revision, or no answer
+    /// for longer than the claim TTL, means the claim is gone: `Err`.
+    async fn renew(&mut self, last_renewed: &mut Instant) -> Result<(), ()> {
+        let attempt = tokio::time::timeout(
+            self.settings.heartbeat,
+            self.claims.renew(&self.key, &self.claim, self.revision),
+        )
+        .await;
+        let error = match attempt {
+            Ok(Ok(rev)) => {
+                self.revision = rev;
+                *last_renewed = Instant::now();
+                return Ok(());
+            }
+            Ok(Err(e)) => e,
+            Err(_) => ClaimError::Nats("renewal timed out".into()),
+        };
+        // A write that timed out may still have been stored: re-read before deciding.
+        if let Ok(Some((current, rev))) = self.claims.get(&self.key).await
+            && current.worker_id == self.claim.worker_id
+            && current.since == self.claim.since
+        {
+            self.revision = rev;
+            if let Ok(rev) = self.claims.renew(&self.key, &self.claim, rev).await {
+                self.revision = rev;
+                *last_renewed = Instant::now();
+                return Ok(());
+            }
+        }
+        match error {
+            ClaimError::Nats(_) if last_renewed.elapsed() < self.settings.claim_ttl => {
+                tracing::warn!(uni_id = %self.spec.uni_id, cause = %error, "claim renewal failed, will retry");
+                Ok(())
+            }
+            _ => {
+                tracing::warn!(uni_id = %self.spec.uni_id, cause = %error, "claim lost, stopping the instance");
+                Err(())
+            }
+        }
+    }
+
+    async fn stop_run(&self, run: Option<(Run, CancellationToken)>) {
+        let Some((mut handle, token)) = run else {
+            return;
+        };
+        token.cancel();
+        if tokio::time::timeout(self.settings.grace, &mut handle)
+            .await
+            .is_err()
+        {
+            tracing::warn!(uni_id = %self.spec.uni_id, "operator ignored cancellation for the grace period; aborting it");
+            handle.abort();
+        }
+        self.stopped_running();
+    }
+
+    async fn exit(mut self, exit: Exit, run: Option<(Run, CancellationToken)>) -> (String, Exit) {
+        self.stop_run(run).await;
+        self.publish(
+            "stopped",
+            json!({"reason": format!("{exit:?}").to_lowercase()}),
+        );
+        let result = match exit {
+            Exit::Released => self
+                .claims
+                .release(&self.key, &self.claim, self.revision)
+                .await
+                .map(|_| ()),
+            Exit::Removed => self.claims.remove(&self.key, self.revision).await,
+            Exit::Lost => Ok(()),
+        };
+        if let Err(e) = result {
+            tracing::warn!(uni_id = %self.spec.uni_id, cause = %e, "claim not handed over; it expires after its TTL");
+        }
+        self.control.close();
+        (self.key, exit)
+    }
+
+    fn publish(&self, what: &str, mut detail: Value) {
+        detail["uni_id"] = json!(self.spec.uni_id);
+        detail["retry_count"] = json!(self.claim.retry_count);
+        detail["reload_count"] = json!(self.claim.reload_count);
+        self.events
+            .emit("daemon", self.spec.kind.as_str(), what, detail);
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn panic_message(e: tokio::task::JoinError) -> String {
+    let panic = e.into_panic();
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".to_owned())
+}

@@ -1,0 +1,22 @@
+//! Daemon tasks: endless loops, each instance held by exactly one worker.
+//!
+//! Flow: a create command stores a [`DaemonSpec`] ([`spec`]); every worker's
+//! [`DaemonRuntime`] ([`runtime`]) sees it, and one wins its claim
+//! ([`claim`], per-key TTL, compare-and-set); the winner's `Maintainer`
+//! (`maintainer`) runs the [`Operator`] ([`operator`]) and retries it with the
+//! [`RetryPolicy`] ([`retry`]); the `balancer` spreads tasks over workers.
+
+pub(crate) mod balancer;
+pub mod claim;
+pub(crate) mod maintainer;
+pub mod operator;
+pub mod retry;
+pub mod runtime;
+mod seed_log;
+pub mod spec;
+
+pub use claim::{Claim, ClaimError, ClaimStore};
+pub use operator::{Operator, OperatorContext, OperatorError};
+pub use retry::RetryPolicy;
+pub use runtime::DaemonRuntime;
+pub use spec::{CreateOutcome, DaemonSpec, SpecError, SpecStore};

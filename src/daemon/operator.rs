@@ -1,0 +1,123 @@
+//! The [`Operator`] trait: what a daemon task does (the Rust form of BMW's
+//! `Operator` with `Start(ctx, errorChan, payload)` and `GetTaskDimension`).
+//!
+//! The maintainer calls [`Operator::start`] once per run of an instance. The
+//! operator loops until [`OperatorContext::cancelled`] fires and then returns
+//! `Ok(())`; a foreseeable failure is returned as `Err` (BMW's send on
+//! `errorReceiveChan`), after which the maintainer retries with back-off.
+//! Returning `Ok` while not cancelled also counts as a failure: a daemon must
+//! not end by itself. A panic counts as a failure too and never takes the
+//! worker down.
+
+use std::fmt;
+
+use futures::future::BoxFuture;
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+
+use crate::task::UniId;
+
+/// A daemon task's failure, as reported to the maintainer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OperatorError {
+    message: String,
+}
+
+impl OperatorError {
+    /// A failure with a message (logged in the `[RETRY]` line and the `error` event).
+    pub fn new(message: impl Into<String>) -> Self {
+        OperatorError {
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for OperatorError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for OperatorError {}
+
+impl From<String> for OperatorError {
+    fn from(message: String) -> Self {
+        OperatorError { message }
+    }
+}
+
+impl From<&str> for OperatorError {
+    fn from(message: &str) -> Self {
+        OperatorError::new(message)
+    }
+}
+
+/// What a run of an instance gets: its identity and a cancellation signal.
+#[derive(Debug, Clone)]
+pub struct OperatorContext {
+    /// The instance's uni_id.
+    pub uni_id: UniId,
+    /// Fires when the run must stop (delete, reload, lost claim, rebalance, shutdown).
+    pub token: CancellationToken,
+}
+
+impl OperatorContext {
+    /// Resolves when the run must stop; `select!` on it in every loop.
+    pub async fn cancelled(&self) {
+        self.token.cancelled().await
+    }
+
+    /// Whether the run must stop.
+    pub fn is_cancelled(&self) -> bool {
+        self.token.is_cancelled()
+    }
+}
+
+/// A daemon task implementation, built once per worker by its factory and
+/// shared by all instances of its kind (BMW's `initialFunc` singleton).
+///
+/// `start` returns a boxed future rather than being an `async fn` because the
+/// registry holds operators as `Arc<dyn Operator>`, and an `async fn` in a
+/// trait cannot be called through `dyn`.
+///
+/// ```
+/// use bmw::daemon::{Operator, OperatorContext, OperatorError};
+/// use futures::future::BoxFuture;
+/// use serde_json::Value;
+///
+/// struct Ticker;
+///
+/// impl Operator for Ticker {
+///     fn start<'a>(&'a self, ctx: OperatorContext, payload: &'a Value)
+///         -> BoxFuture<'a, Result<(), OperatorError>> {
+///         Box::pin(async move {
+///             let every = payload["seconds"].as_u64().ok_or("payload needs `seconds`")?;
+///             let mut tick = tokio::time::interval(std::time::Duration::from_secs(every));
+///             loop {
+///                 tokio::select! {
+///                     _ = tick.tick() => tracing::info!("tick"),
+///                     () = ctx.cancelled() => return Ok(()),
+///                 }
+///             }
+///         })
+///     }
+///
+///     fn task_dimension(&self, payload: &Value) -> String {
+///         payload["data_id"].to_string()
+///     }
+/// }
+/// ```
+pub trait Operator: Send + Sync + 'static {
+    /// Runs one instance until `ctx` is cancelled (`Ok`) or it fails (`Err`).
+    fn start<'a>(
+        &'a self,
+        ctx: OperatorContext,
+        payload: &'a Value,
+    ) -> BoxFuture<'a, Result<(), OperatorError>>;
+
+    /// The instance's dimension (e.g. a data id); empty means "the whole
+    /// payload". It decides the uni_id and the `task_dimension` metric label.
+    fn task_dimension(&self, _payload: &Value) -> String {
+        String::new()
+    }
+}

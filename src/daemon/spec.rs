@@ -1,0 +1,196 @@
+//! [`SpecStore`]: daemon task specs in the `bmw_daemon_tasks` bucket, keyed by
+//! [`UniId::key`]. A spec is what should run; claims say who runs it.
+//!
+//! Writes are compare-and-set on the entry's revision, so two commands racing
+//! on one task cannot lose an update (each retries on a fresh read).
+
+use async_nats::jetstream::{self, kv};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::nats::names;
+use crate::task::{Kind, Options, UniId};
+
+/// What should run: one daemon task instance.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DaemonSpec {
+    /// The instance's identity.
+    pub uni_id: UniId,
+    /// Its kind.
+    pub kind: Kind,
+    /// Its payload (any JSON).
+    pub payload: Value,
+    /// Its options (only `queue` matters to daemons).
+    #[serde(default)]
+    pub options: Options,
+    /// When it was first created (RFC 3339).
+    pub created_at: String,
+    /// Bumped by every reload or payload change; the owner restarts on a change.
+    pub generation: u64,
+    /// The task_dimension metric label: the operator's dimension or the uni_id.
+    pub dimension: String,
+}
+
+/// Why a spec operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SpecError {
+    /// No such task.
+    #[error("daemon task `{0}` does not exist")]
+    NotFound(String),
+    /// NATS failed.
+    #[error("daemon task store: {0}")]
+    Nats(String),
+}
+
+/// What a create did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CreateOutcome {
+    /// A new task.
+    Created,
+    /// The same task with the same payload and options: nothing changed.
+    Unchanged,
+    /// The task existed with another payload/options: replaced and reloaded.
+    Replaced,
+}
+
+/// The daemon spec bucket.
+#[derive(Debug, Clone)]
+pub struct SpecStore {
+    kv: kv::Store,
+}
+
+const CAS_ATTEMPTS: usize = 8;
+
+fn nats_err(e: impl std::fmt::Display) -> SpecError {
+    SpecError::Nats(e.to_string())
+}
+
+impl SpecStore {
+    /// Opens the (provisioned) bucket.
+    pub async fn open(js: &jetstream::Context) -> Result<SpecStore, SpecError> {
+        let kv = js
+            .get_key_value(names::BUCKET_DAEMON_TASKS)
+            .await
+            .map_err(nats_err)?;
+        Ok(SpecStore { kv })
+    }
+
+    /// The underlying bucket, for watching.
+    pub fn kv(&self) -> &kv::Store {
+        &self.kv
+    }
+
+    async fn read(&self, key: &str) -> Result<Option<(DaemonSpec, u64)>, SpecError> {
+        match self.kv.entry(key).await.map_err(nats_err)? {
+            Some(e) if e.operation == kv::Operation::Put => {
+                let spec = serde_json::from_slice(&e.value).map_err(nats_err)?;
+                Ok(Some((spec, e.revision)))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// The spec of a uni_id, if it exists.
+    pub async fn get(&self, uni_id: &UniId) -> Result<Option<DaemonSpec>, SpecError> {
+        Ok(self.read(&uni_id.key()).await?.map(|(s, _)| s))
+    }
+
+    async fn write(
+        &self,
+        key: &str,
+        spec: &DaemonSpec,
+        revision: Option<u64>,
+    ) -> Result<bool, SpecError> {
+        let body = serde_json::to_vec(spec).map_err(nats_err)?.into();
+        let result = match revision {
+            Some(rev) => self
+                .kv
+                .update(key, body, rev)
+                .await
+                .map(|_| ())
+                .map_err(|e| {
+                    (
+                        e.kind() == kv::UpdateErrorKind::WrongLastRevision,
+                        e.to_string(),
+                    )
+                }),
+            None => self.kv.create(key, body).await.map(|_| ()).map_err(|e| {
+                (
+                    e.kind() == kv::CreateErrorKind::AlreadyExists,
+                    e.to_string(),
+                )
+            }),
+        };
+        match result {
+            Ok(()) => Ok(true),
+            Err((true, _)) => Ok(false),
+            Err((false, message)) => Err(SpecError::Nats(message)),
+        }
+    }
+
+    /// Creates a task, or replaces its payload/options (bumping the generation
+    /// so the owner restarts it); an identical create changes nothing.
+    pub async fn create(&self, mut spec: DaemonSpec) -> Result<CreateOutcome, SpecError> {
+        let key = spec.uni_id.key();
+        for _ in 0..CAS_ATTEMPTS {
+            let (outcome, revision) = match self.read(&key).await? {
+                None => (CreateOutcome::Created, None),
+                Some((old, _)) if old.payload == spec.payload && old.options == spec.options => {
+                    return Ok(CreateOutcome::Unchanged);
+                }
+                Some((old, rev)) => {
+                    spec.generation = old.generation + 1;
+                    spec.created_at = old.created_at;
+                    (CreateOutcome::Replaced, Some(rev))
+                }
+            };
+            if self.write(&key, &spec, revision).await? {
+                return Ok(outcome);
+            }
+        }
+        Err(SpecError::Nats(format!(
+            "too much contention on `{}`",
+            spec.uni_id
+        )))
+    }
+
+    /// Bumps a task's generation: its owner restarts it with reload_count + 1.
+    pub async fn reload(&self, uni_id: &UniId) -> Result<DaemonSpec, SpecError> {
+        let key = uni_id.key();
+        for _ in 0..CAS_ATTEMPTS {
+            let Some((mut spec, rev)) = self.read(&key).await? else {
+                return Err(SpecError::NotFound(uni_id.to_string()));
+            };
+            spec.generation += 1;
+            if self.write(&key, &spec, Some(rev)).await? {
+                return Ok(spec);
+            }
+        }
+        Err(SpecError::Nats(format!(
+            "too much contention on `{uni_id}`"
+        )))
+    }
+
+    /// Deletes a task: its owner stops it and drops the claim.
+    pub async fn delete(&self, uni_id: &UniId) -> Result<DaemonSpec, SpecError> {
+        let key = uni_id.key();
+        let Some((spec, rev)) = self.read(&key).await? else {
+            return Err(SpecError::NotFound(uni_id.to_string()));
+        };
+        self.kv
+            .purge_expect_revision(&key, Some(rev))
+            .await
+            .map_err(nats_err)?;
+        Ok(spec)
+    }
+
+    /// Every spec, sorted by uni_id.
+    pub async fn list(&self) -> Result<Vec<DaemonSpec>, SpecError> {
+        let all = crate::nats::read_all::<DaemonSpec>(&self.kv)
+            .await
+            .map_err(SpecError::Nats)?;
+        let mut specs: Vec<DaemonSpec> = all.into_values().collect();
+        specs.sort_by(|a, b| a.uni_id.cmp(&b.uni_id));
+        Ok(specs)
+    }
+}

@@ -1,0 +1,51 @@
+//! # bmw
+//!
+//! The BlueKing monitor worker (BMW) re-created on NATS JetStream: one service
+//! that runs daemon tasks (endless loops, each held by exactly one worker),
+//! with async and periodic tasks to come. Commands are messages on
+//! `bmw.task.*`; an HTTP bridge turns BMW's REST API into those messages.
+//! Scaling out is starting one more worker.
+//!
+//! ## Layout, in the order a command flows
+//!
+//! ```text
+//!  HTTP (bridge) ─┐                              ┌─► bmw_daemon_tasks (spec)
+//!  bmw task ──────┼─► client ─► bmw.task.* ─► command ─┘
+//!  any producer ──┘        (BMW_TASKS, one shared durable consumer)
+//!
+//!  every worker: daemon::runtime watches specs, claims, workers
+//!     └─► claim (bmw_daemon_claims, per-key TTL, CAS) ─► maintainer ─► Operator
+//!            └─ expiry = Purge event ─► another worker claims it
+//!  maintainers ─► events (BMW_EVENTS) and metrics (/metrics)
+//! ```
+//!
+//! - [`task`]: kinds, payload canonical form, uni_ids, options.
+//! - [`nats`]: connection, every NATS name, provisioning, a local nats-server.
+//! - [`command`]: command messages, their validation and handling.
+//! - [`client`]: publishing commands and reading listings (bridge, CLI).
+//! - [`daemon`]: operators, specs, claims, maintainers, balancing.
+//! - [`registry`]: which kinds this binary can run; [`builtin`]: the demo kinds.
+//! - [`membership`]: the live-worker entries.
+//! - [`worker`], [`service`]: the process roles.
+//! - [`bridge`]: HTTP routes and the BMW envelope.
+//! - [`events`], [`metrics`]: what operators observe.
+//! - [`config`], [`shutdown`]: settings and signals.
+
+pub mod bridge;
+pub mod builtin;
+pub mod client;
+pub mod command;
+pub mod config;
+pub mod daemon;
+pub mod events;
+pub mod membership;
+pub mod metrics;
+pub mod nats;
+pub mod registry;
+pub mod service;
+pub mod shutdown;
+pub mod task;
+pub mod worker;
+
+pub use config::Config;
+pub use registry::Registry;

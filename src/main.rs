@@ -1,0 +1,270 @@
+//! The `bmw` binary: parses the command line, sets up logging and metrics,
+//! and calls into the library. Nothing else lives here.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use bmw::command::{Command as TaskCommand, CreateCommand, DeleteTarget};
+use bmw::config::{Config, ConfigOverrides};
+use bmw::{Registry, client::Submitted, client::TaskClient, nats::Nats};
+use clap::{Args, Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+/// bmw: BlueKing monitor worker on NATS JetStream (daemon tasks, commands on
+/// `bmw.task.*`, and an HTTP bridge with BMW's API).
+#[derive(Debug, Parser)]
+#[command(version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Role,
+    #[command(flatten)]
+    global: Global,
+}
+
+#[derive(Debug, Args)]
+struct Global {
+    /// NATS server URL(s), comma-separated. `bmw run` without it starts a local nats-server.
+    #[arg(long, global = true, env = "BMW_NATS_URL")]
+    nats_url: Option<String>,
+    /// Bridge listen address (`bmw run`, `bmw bridge`); also serves /metrics, /health, /ready.
+    #[arg(long, global = true, env = "BMW_HTTP_ADDR")]
+    http_addr: Option<String>,
+    /// Where `bmw worker` serves /metrics and /health (off when unset).
+    #[arg(long, global = true, env = "BMW_METRICS_ADDR")]
+    metrics_addr: Option<String>,
+    /// Queues this worker takes daemon tasks from, comma-separated [default: default].
+    #[arg(long, global = true, env = "BMW_QUEUES", value_delimiter = ',')]
+    queues: Option<Vec<String>>,
+    /// Claim TTL: a dead worker's daemon tasks move after this long [default: 15s].
+    #[arg(long, global = true, env = "BMW_CLAIM_TTL")]
+    claim_ttl: Option<String>,
+    /// How often claims and the worker entry are renewed [default: 5s].
+    #[arg(long, global = true, env = "BMW_HEARTBEAT")]
+    heartbeat: Option<String>,
+    /// First retry delay of a failed daemon instance [default: 10s].
+    #[arg(long, global = true, env = "BMW_RETRY_BASE")]
+    retry_base: Option<String>,
+    /// Retry count after which each delay doubles [default: 5].
+    #[arg(long, global = true, env = "BMW_RETRY_THRESHOLD")]
+    retry_threshold: Option<u32>,
+    /// Ceiling of a retry delay [default: 15m].
+    #[arg(long, global = true, env = "BMW_RETRY_MAX")]
+    retry_max: Option<String>,
+    /// Time running instances get to stop on shutdown [default: 10s].
+    #[arg(long, global = true, env = "BMW_GRACE")]
+    grace: Option<String>,
+    /// How long the bridge waits for a worker's outcome before answering 202 [default: 5s].
+    #[arg(long, global = true, env = "BMW_REPLY_TIMEOUT")]
+    reply_timeout: Option<String>,
+    /// Replicas of streams and buckets: 1 on one server, 3 on a cluster [default: 1].
+    #[arg(long, global = true, env = "BMW_REPLICAS")]
+    replicas: Option<usize>,
+    /// Data directory (the local nats-server's store and binary) [default: .bmw].
+    #[arg(long, global = true, env = "BMW_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Largest request body the bridge accepts, in bytes [default: 1048576].
+    #[arg(long, global = true, env = "BMW_MAX_BODY")]
+    max_body: Option<usize>,
+    /// Optional TOML config file; keys are the long flag names (`claim-ttl = "15s"`).
+    #[arg(long, global = true, env = "BMW_CONFIG")]
+    config: Option<PathBuf>,
+    /// Log as JSON lines instead of human-readable text.
+    #[arg(long, global = true, env = "BMW_LOG_JSON")]
+    log_json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum Role {
+    /// Bridge and worker in one process (starts a local nats-server without --nats-url).
+    Run,
+    /// A worker only.
+    Worker,
+    /// The HTTP bridge only.
+    Bridge,
+    /// Create, list, delete or reload tasks by talking to NATS directly.
+    #[command(subcommand)]
+    Task(TaskCmd),
+    /// Create or update the streams and buckets, then exit.
+    Provision,
+}
+
+#[derive(Debug, Subcommand)]
+enum TaskCmd {
+    /// Create a task: `bmw task create daemon:demo:demo '{"content":"ok"}'`.
+    Create {
+        /// The task's kind.
+        kind: String,
+        /// The payload as JSON.
+        #[arg(default_value = "{}")]
+        payload: String,
+        /// The options as JSON, e.g. '{"queue":"default"}'.
+        #[arg(long, default_value = "{}")]
+        options: String,
+    },
+    /// List tasks as JSON.
+    List {
+        /// Task type.
+        #[arg(long = "type", default_value = "daemon")]
+        task_type: String,
+    },
+    /// Delete a daemon task by uni_id.
+    Delete {
+        /// The task's uni_id.
+        uni_id: String,
+    },
+    /// Restart a daemon task by uni_id.
+    Reload {
+        /// The task's uni_id.
+        uni_id: String,
+    },
+}
+
+impl Global {
+    fn overrides(&self) -> ConfigOverrides {
+        ConfigOverrides {
+            nats_url: self.nats_url.clone(),
+            http_addr: self.http_addr.clone(),
+            metrics_addr: self.metrics_addr.clone(),
+            queues: self.queues.clone(),
+            claim_ttl: self.claim_ttl.clone(),
+            heartbeat: self.heartbeat.clone(),
+            retry_base: self.retry_base.clone(),
+            retry_threshold: self.retry_threshold,
+            retry_max: self.retry_max.clone(),
+            grace: self.grace.clone(),
+            reply_timeout: self.reply_timeout.clone(),
+            replicas: self.replicas,
+            data_dir: self.data_dir.clone(),
+            max_body: self.max_body,
+        }
+    }
+
+    fn config(&self) -> anyhow::Result<Config> {
+        let mut given = self.overrides();
+        if let Some(path) = &self.config {
+            given = given.or(ConfigOverrides::from_file(path)?);
+        }
+        Ok(Config::resolve(given)?)
+    }
+}
+
+fn init_tracing(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("BMW_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,async_nats=warn"));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(cli.global.log_json);
+    match run(cli).await {
+        Ok(code) => code,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("bmw: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let config = cli.global.config()?;
+    let registry = Arc::new(Registry::with_builtins());
+    bmw::metrics::install();
+    let token = CancellationToken::new();
+    let on_signal = token.clone();
+    tokio::spawn(async move {
+        bmw::shutdown::shutdown_signal().await;
+        on_signal.cancel();
+    });
+    match cli.command {
+        Role::Run => bmw::service::run_all(config, registry, token).await?,
+        Role::Worker => bmw::service::run_worker(config, registry, token).await?,
+        Role::Bridge => bmw::service::run_bridge(config, registry, token).await?,
+        Role::Provision => {
+            let nats = connect(&config, "bmw-provision").await?;
+            bmw::nats::provision::provision(&nats.js, config.replicas).await?;
+            tracing::info!("streams and buckets are provisioned");
+        }
+        Role::Task(cmd) => return task(cmd, config, registry).await,
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn connect(config: &Config, name: &str) -> anyhow::Result<Nats> {
+    let url = config
+        .nats_url
+        .as_deref()
+        .unwrap_or("nats://127.0.0.1:4222");
+    Ok(Nats::connect(url, name).await?)
+}
+
+#[allow(clippy::print_stdout)]
+async fn task(cmd: TaskCmd, config: Config, registry: Arc<Registry>) -> anyhow::Result<ExitCode> {
+    let nats = connect(&config, "bmw-task").await?;
+    bmw::nats::provision::provision(&nats.js, config.replicas).await?;
+    let client = TaskClient::new(nats, registry, config.reply_timeout).await?;
+    let id = uuid::Uuid::new_v4().to_string();
+    let command = match cmd {
+        TaskCmd::List { task_type } => {
+            anyhow::ensure!(
+                task_type == "daemon",
+                "listing {task_type} tasks is not supported by this version"
+            );
+            let rows = client.list_daemon().await?;
+            println!("{}", serde_json::to_string_pretty(&rows)?);
+            return Ok(ExitCode::SUCCESS);
+        }
+        TaskCmd::Create {
+            kind,
+            payload,
+            options,
+        } => {
+            let payload = serde_json::from_str(&payload).context("payload is not JSON")?;
+            let options = serde_json::from_str(&options).context("options is not JSON")?;
+            TaskCommand::Create(Box::new(CreateCommand {
+                id,
+                kind: bmw::task::Kind::parse(&kind)?,
+                payload,
+                options: bmw::task::Options::from_json(Some(&options))?,
+            }))
+        }
+        TaskCmd::Delete { uni_id } => TaskCommand::Delete {
+            id,
+            target: DeleteTarget::Daemon(bmw::task::UniId::from_raw(uni_id)),
+        },
+        TaskCmd::Reload { uni_id } => TaskCommand::Reload {
+            id,
+            uni_id: bmw::task::UniId::from_raw(uni_id),
+        },
+    };
+    match client.submit(command).await? {
+        Submitted::Done(outcome) => {
+            println!("{}", serde_json::to_string_pretty(&outcome)?);
+            Ok(if outcome.result {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        Submitted::Accepted { data } => {
+            println!(
+                "{}",
+                serde_json::json!({"result": true, "message": "accepted: no worker answered in time; the command is stored", "data": data})
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}

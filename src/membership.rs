@@ -1,0 +1,137 @@
+//! [`Membership`]: this worker's entry in the `bmw_workers` bucket.
+//!
+//! The entry (host, pid, queues, running count) is written with a per-key TTL
+//! and renewed every heartbeat, so a dead worker disappears by itself; the
+//! daemon runtime counts live workers from it to balance tasks, and the bridge
+//! lists it at `GET /bmw/worker/`.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, message::PublishMessage};
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+use crate::nats::names;
+
+/// A worker as seen by everyone.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerEntry {
+    /// `hostname-pid-uuid`.
+    pub worker_id: String,
+    /// Host name.
+    pub host: String,
+    /// Process id.
+    pub pid: u32,
+    /// Start time (RFC 3339).
+    pub started_at: String,
+    /// bmw version.
+    pub version: String,
+    /// Queues it takes tasks from.
+    pub queues: Vec<String>,
+    /// Daemon instances it holds.
+    pub running: usize,
+    /// Kinds it can run (so a bridge built without them still accepts them).
+    #[serde(default)]
+    pub kinds: Vec<String>,
+}
+
+/// A new worker id: `hostname-pid-uuid_simple`.
+pub fn new_worker_id() -> String {
+    let host = gethostname::gethostname().to_string_lossy().into_owned();
+    format!(
+        "{}-{}-{}",
+        host,
+        std::process::id(),
+        uuid::Uuid::new_v4().simple()
+    )
+}
+
+/// The KV key of a worker id (host names may hold characters keys do not allow).
+pub fn worker_key(worker_id: &str) -> String {
+    worker_id
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "-_=".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+/// Keeps this worker's entry alive.
+#[derive(Debug)]
+pub struct Membership {
+    js: jetstream::Context,
+    entry: WorkerEntry,
+    ttl: Duration,
+    running: Arc<AtomicUsize>,
+}
+
+impl Membership {
+    /// A membership for `worker_id`; `running` is read at each renewal.
+    pub fn new(
+        js: jetstream::Context,
+        worker_id: &str,
+        queues: Vec<String>,
+        kinds: Vec<String>,
+        ttl: Duration,
+        running: Arc<AtomicUsize>,
+    ) -> Self {
+        let entry = WorkerEntry {
+            worker_id: worker_id.to_owned(),
+            host: gethostname::gethostname().to_string_lossy().into_owned(),
+            pid: std::process::id(),
+            started_at: chrono::Utc::now().to_rfc3339(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            queues,
+            running: 0,
+            kinds,
+        };
+        Membership {
+            js,
+            entry,
+            ttl,
+            running,
+        }
+    }
+
+    /// Writes the entry once (so the worker counts before it claims anything).
+    pub async fn register(&mut self) -> Result<(), String> {
+        self.entry.running = self.running.load(Ordering::Relaxed);
+        let body = serde_json::to_vec(&self.entry).map_err(|e| e.to_string())?;
+        let subject = names::kv_subject(names::BUCKET_WORKERS, &worker_key(&self.entry.worker_id));
+        let publish = PublishMessage::build().payload(body.into()).ttl(self.ttl);
+        let ack = self
+            .js
+            .send_publish(subject, publish)
+            .await
+            .map_err(|e| e.to_string())?;
+        ack.await.map(|_| ()).map_err(|e| e.to_string())
+    }
+
+    /// Renews every `heartbeat` until `token` fires, then deletes the entry.
+    pub async fn run(mut self, heartbeat: Duration, token: CancellationToken) {
+        let mut tick = tokio::time::interval(heartbeat);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    if let Err(e) = self.register().await {
+                        tracing::warn!(cause = %e, "worker entry not renewed");
+                    }
+                }
+                () = token.cancelled() => break,
+            }
+        }
+        if let Ok(kv) = self.js.get_key_value(names::BUCKET_WORKERS).await
+            && let Err(e) = kv
+                .purge_with_ttl(worker_key(&self.entry.worker_id), self.ttl)
+                .await
+        {
+            tracing::warn!(cause = %e, "worker entry not removed; it expires after its TTL");
+        }
+    }
+}

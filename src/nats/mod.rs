@@ -1,0 +1,107 @@
+//! The NATS side of bmw: connecting, every name ([`names`]), idempotent
+//! provisioning of streams and buckets ([`provision`]), and a local
+//! nats-server for `bmw run` ([`local`]).
+
+pub mod local;
+pub mod names;
+pub mod provision;
+
+use std::time::Duration;
+
+use std::collections::HashMap;
+
+use async_nats::jetstream::{self, kv};
+use futures::StreamExt;
+
+/// JetStream request timeout: long enough to ride out a cluster leader election
+/// (about 4-5 s, design.md §10).
+pub const JETSTREAM_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why connecting failed.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot connect to NATS at {url}: {source}")]
+pub struct ConnectError {
+    /// The URL tried.
+    pub url: String,
+    /// The client's error.
+    #[source]
+    pub source: async_nats::ConnectError,
+}
+
+/// A connected client and its JetStream context.
+#[derive(Debug, Clone)]
+pub struct Nats {
+    /// Core NATS client (replies, inboxes).
+    pub client: async_nats::Client,
+    /// JetStream context with [`JETSTREAM_TIMEOUT`].
+    pub js: jetstream::Context,
+}
+
+impl Nats {
+    /// Connects to `url` (retrying the first connection until it succeeds, with
+    /// reconnects forever afterwards) and builds the JetStream context.
+    pub async fn connect(url: &str, name: &str) -> Result<Nats, ConnectError> {
+        let client = async_nats::ConnectOptions::new()
+            .name(name)
+            .retry_on_initial_connect()
+            .connection_timeout(Duration::from_secs(5))
+            .event_callback(|event| async move {
+                tracing::info!(%event, "nats connection event");
+            })
+            .connect(url)
+            .await;
+        let client = client.map_err(|source| ConnectError {
+            url: url.to_owned(),
+            source,
+        })?;
+        // Wait (bounded) for the first connection, so callers fail fast on a wrong URL.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while client.connection_state() != async_nats::connection::State::Connected
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let js = jetstream::ContextBuilder::new()
+            .timeout(JETSTREAM_TIMEOUT)
+            .build(client.clone());
+        Ok(Nats { client, js })
+    }
+}
+
+/// The current values of a bucket, decoded, by key: deleted, expired and
+/// undecodable entries are left out. One watch with history, so a bucket of
+/// many keys costs one round trip per batch rather than one per key.
+pub async fn read_all<T: serde::de::DeserializeOwned>(
+    kv: &kv::Store,
+) -> Result<HashMap<String, T>, String> {
+    let mut watch = kv
+        .watch_with_history(">")
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut out = HashMap::new();
+    // An empty bucket yields no entry at all, so look before waiting.
+    if bucket_is_empty(kv).await? {
+        return Ok(out);
+    }
+    while let Some(entry) = watch.next().await {
+        let entry = entry.map_err(|e| e.to_string())?;
+        let value = (entry.operation == kv::Operation::Put)
+            .then(|| serde_json::from_slice::<T>(&entry.value).ok())
+            .flatten();
+        match value {
+            Some(v) => out.insert(entry.key.clone(), v),
+            None => out.remove(&entry.key),
+        };
+        if entry.delta == 0 {
+            break;
+        }
+    }
+    Ok(out)
+}
+
+/// Whether a bucket holds no message at all (fresh stream info: `Store::status`
+/// returns the info cached when the store was opened).
+pub async fn bucket_is_empty(kv: &kv::Store) -> Result<bool, String> {
+    let info = kv.stream.get_info().await.map_err(|e| e.to_string())?;
+    Ok(info.state.messages == 0)
+}

@@ -1,0 +1,124 @@
+//! Idempotent creation of bmw's streams and buckets (design.md §2-3).
+//!
+//! Every process calls [`provision`] at start: it creates what is missing and
+//! updates compatible configs; an existing config the server refuses to change
+//! (e.g. another retention policy) fails with an error naming the stream.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, kv, stream};
+
+use super::names::*;
+
+/// Max age of commands and events.
+const WEEK: Duration = Duration::from_secs(7 * 24 * 3600);
+/// Dedup window of commands and async tasks.
+const DEDUP_WINDOW: Duration = Duration::from_secs(120);
+/// How long a delete/expiry marker stays in a TTL bucket; watchers see it at
+/// once, acquirers use its revision while it lasts.
+const MARKER_TTL: Duration = Duration::from_secs(60);
+/// Bound on the events stream.
+const EVENTS_MAX_BYTES: i64 = 1024 * 1024 * 1024;
+
+/// Why provisioning failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ProvisionError {
+    /// The server refused to create or update a stream or bucket.
+    #[error(
+        "cannot create or update {what} `{name}` ({message}); an existing config may be \
+         incompatible: inspect it with `nats stream info {stream}` and remove or fix it"
+    )]
+    Incompatible {
+        /// `stream` or `bucket`.
+        what: &'static str,
+        /// Its name.
+        name: String,
+        /// Its stream name.
+        stream: String,
+        /// The server's message.
+        message: String,
+    },
+}
+
+/// Provisions every stream and bucket with `replicas` replicas.
+pub async fn provision(js: &jetstream::Context, replicas: usize) -> Result<(), ProvisionError> {
+    for config in stream_configs(replicas) {
+        let name = config.name.clone();
+        js.create_or_update_stream(config)
+            .await
+            .map_err(|e| ProvisionError::Incompatible {
+                what: "stream",
+                stream: name.clone(),
+                name,
+                message: e.to_string(),
+            })?;
+    }
+    for config in bucket_configs(replicas) {
+        let name = config.bucket.clone();
+        js.create_or_update_key_value(config)
+            .await
+            .map_err(|e| ProvisionError::Incompatible {
+                what: "bucket",
+                stream: format!("KV_{name}"),
+                name,
+                message: e.to_string(),
+            })?;
+    }
+    Ok(())
+}
+
+fn stream_configs(replicas: usize) -> Vec<stream::Config> {
+    vec![
+        stream::Config {
+            name: STREAM_TASKS.into(),
+            subjects: vec![SUBJECT_TASKS_ALL.into()],
+            max_age: WEEK,
+            duplicate_window: DEDUP_WINDOW,
+            num_replicas: replicas,
+            ..Default::default()
+        },
+        stream::Config {
+            name: STREAM_ASYNC.into(),
+            subjects: vec![SUBJECT_ASYNC_ALL.into(), SUBJECT_SCHEDULE_ALL.into()],
+            retention: stream::RetentionPolicy::WorkQueue,
+            duplicate_window: DEDUP_WINDOW,
+            allow_message_schedules: true,
+            allow_rollup: true,
+            num_replicas: replicas,
+            ..Default::default()
+        },
+        stream::Config {
+            name: STREAM_EVENTS.into(),
+            subjects: vec![SUBJECT_EVENTS_ALL.into()],
+            max_age: WEEK,
+            max_bytes: EVENTS_MAX_BYTES,
+            num_replicas: replicas,
+            ..Default::default()
+        },
+        stream::Config {
+            name: STREAM_DEAD.into(),
+            subjects: vec![SUBJECT_DEAD_ALL.into()],
+            max_age: WEEK,
+            num_replicas: replicas,
+            ..Default::default()
+        },
+    ]
+}
+
+fn bucket_configs(replicas: usize) -> Vec<kv::Config> {
+    let bucket = |name: &str, ttl_keys: bool| kv::Config {
+        bucket: name.into(),
+        history: 1,
+        num_replicas: replicas,
+        limit_markers: ttl_keys.then_some(MARKER_TTL),
+        ..Default::default()
+    };
+    vec![
+        bucket(BUCKET_DAEMON_TASKS, false),
+        bucket(BUCKET_DAEMON_CLAIMS, true),
+        bucket(BUCKET_WORKERS, true),
+        bucket(BUCKET_ASYNC_TASKS, true),
+        bucket(BUCKET_UNIQUE, true),
+        bucket(BUCKET_PERIODIC, false),
+    ]
+}

@@ -1,0 +1,151 @@
+//! The process roles the binary offers, wired from a [`Config`]: `bmw run`
+//! (local nats-server if no URL, worker and bridge in one process), `bmw
+//! worker` and `bmw bridge`. Each returns when its token fires and everything
+//! it started has stopped.
+
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::bridge::{self, BridgeState};
+use crate::client::TaskClient;
+use crate::config::Config;
+use crate::nats::local::{LocalServer, LocalServerOptions};
+use crate::nats::{Nats, provision};
+use crate::registry::Registry;
+use crate::worker::Worker;
+
+/// Why a role stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    /// The local nats-server could not start.
+    #[error(transparent)]
+    LocalServer(#[from] crate::nats::local::LocalServerError),
+    /// Connecting failed.
+    #[error(transparent)]
+    Connect(#[from] crate::nats::ConnectError),
+    /// Provisioning failed.
+    #[error(transparent)]
+    Provision(#[from] provision::ProvisionError),
+    /// The worker failed.
+    #[error(transparent)]
+    Worker(#[from] crate::worker::WorkerError),
+    /// The HTTP listener failed.
+    #[error("http server on {addr}: {source}")]
+    Http {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// A client call failed.
+    #[error(transparent)]
+    Client(#[from] crate::client::ClientError),
+}
+
+/// `bmw run`: worker + bridge; starts a local nats-server when no URL is set.
+pub async fn run_all(
+    config: Config,
+    registry: Arc<Registry>,
+    token: CancellationToken,
+) -> Result<(), ServiceError> {
+    let mut local = None;
+    let url = match &config.nats_url {
+        Some(url) => url.clone(),
+        None => {
+            // The usual port when it is free, so `bmw task` finds the server by default.
+            let port = if std::net::TcpListener::bind(("127.0.0.1", 4222)).is_ok() {
+                4222
+            } else {
+                0
+            };
+            let options = LocalServerOptions {
+                store_dir: config.data_dir.join("nats"),
+                port,
+                extra_args: vec![],
+                binary: None,
+            };
+            let server = LocalServer::start(options, &config.data_dir).await?;
+            tracing::info!(url = server.url(), store = %config.data_dir.join("nats").display(), "started a local nats-server");
+            let url = server.url().to_owned();
+            local = Some(server);
+            url
+        }
+    };
+    let nats = Nats::connect(&url, "bmw-run").await?;
+    provision::provision(&nats.js, config.replicas).await?;
+    let worker = Worker::new(nats.clone(), config.clone(), registry.clone());
+    let worker_token = token.child_token();
+    let worker_task = tokio::spawn(worker.run(worker_token.clone()));
+    let served = serve_bridge(&config, nats, registry, token.clone()).await;
+    token.cancel();
+    let worked = worker_task.await.unwrap_or(Ok(()));
+    if let Some(mut server) = local {
+        server.stop().await;
+    }
+    served?;
+    Ok(worked?)
+}
+
+/// `bmw worker`: the worker, plus `/metrics` and `/health` on the metrics address.
+pub async fn run_worker(
+    config: Config,
+    registry: Arc<Registry>,
+    token: CancellationToken,
+) -> Result<(), ServiceError> {
+    let nats = Nats::connect(
+        config
+            .nats_url
+            .as_deref()
+            .unwrap_or("nats://127.0.0.1:4222"),
+        "bmw-worker",
+    )
+    .await?;
+    if let Some(addr) = config.metrics_addr {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| ServiceError::Http { addr, source })?;
+        tokio::spawn(bridge::serve_on(
+            listener,
+            bridge::ops_router(),
+            token.clone(),
+        ));
+    }
+    Ok(Worker::new(nats, config, registry).run(token).await?)
+}
+
+/// `bmw bridge`: the HTTP bridge alone.
+pub async fn run_bridge(
+    config: Config,
+    registry: Arc<Registry>,
+    token: CancellationToken,
+) -> Result<(), ServiceError> {
+    let nats = Nats::connect(
+        config
+            .nats_url
+            .as_deref()
+            .unwrap_or("nats://127.0.0.1:4222"),
+        "bmw-bridge",
+    )
+    .await?;
+    provision::provision(&nats.js, config.replicas).await?;
+    serve_bridge(&config, nats, registry, token).await
+}
+
+async fn serve_bridge(
+    config: &Config,
+    nats: Nats,
+    registry: Arc<Registry>,
+    token: CancellationToken,
+) -> Result<(), ServiceError> {
+    let client = TaskClient::new(nats.clone(), registry, config.reply_timeout).await?;
+    let state = BridgeState {
+        client,
+        nats: nats.client.clone(),
+        max_body: config.max_body,
+    };
+    let addr = config.http_addr;
+    bridge::serve(addr, bridge::router(state), token)
+        .await
+        .map_err(|source| ServiceError::Http { addr, source })
+}

@@ -1,0 +1,549 @@
+//! Task vocabulary shared by every part of bmw: [`Kind`], [`TaskType`], the
+//! canonical payload form, daemon [`UniId`]s, KV key mapping and [`Options`].
+//!
+//! Everything here is pure (no I/O); the command and bridge modules use it to
+//! validate input before anything is written to NATS.
+
+use std::fmt;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+/// Why an input (kind, payload, option) was refused. `field` names what was wrong,
+/// so the bridge can answer 400 with a message a caller can act on.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid `{field}`: {message}")]
+pub struct ValidationError {
+    /// The offending field, e.g. `kind` or `options.retry`.
+    pub field: String,
+    /// What is wrong with it.
+    pub message: String,
+}
+
+impl ValidationError {
+    /// A refusal of `field` with a reason.
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// The type part of a kind: decides how a task runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TaskType {
+    /// An endless loop held by exactly one worker.
+    Daemon,
+    /// A one-shot background job.
+    Async,
+    /// A schedule that enqueues async tasks.
+    Periodic,
+}
+
+impl TaskType {
+    /// The lowercase name used in kinds, subjects and the API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskType::Daemon => "daemon",
+            TaskType::Async => "async",
+            TaskType::Periodic => "periodic",
+        }
+    }
+
+    /// Parses `daemon`, `async` or `periodic`.
+    pub fn parse(s: &str) -> Result<Self, ValidationError> {
+        match s {
+            "daemon" => Ok(TaskType::Daemon),
+            "async" => Ok(TaskType::Async),
+            "periodic" => Ok(TaskType::Periodic),
+            other => Err(ValidationError::new(
+                "task_type",
+                format!("unknown task type {other:?}, expected daemon, async or periodic"),
+            )),
+        }
+    }
+}
+
+impl fmt::Display for TaskType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A task's registered name: `type:group:name`, e.g. `daemon:demo:demo`.
+///
+/// Each part is non-empty and made of `[A-Za-z0-9_-]`, so a kind is a valid NATS
+/// subject token and maps to a KV key by turning `:` into `.`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Kind {
+    name: String,
+    task_type: TaskType,
+}
+
+impl Kind {
+    /// Validates and parses a kind.
+    ///
+    /// ```
+    /// let kind = bmw::task::Kind::parse("daemon:demo:demo").unwrap();
+    /// assert_eq!(kind.task_type(), bmw::task::TaskType::Daemon);
+    /// assert!(bmw::task::Kind::parse("cron:demo:demo").is_err());
+    /// ```
+    pub fn parse(s: &str) -> Result<Self, ValidationError> {
+        let parts: Vec<&str> = s.split(':').collect();
+        if parts.len() != 3 {
+            return Err(ValidationError::new(
+                "kind",
+                format!("{s:?} must have three colon-separated parts, e.g. daemon:demo:demo"),
+            ));
+        }
+        let valid = |p: &str| {
+            !p.is_empty()
+                && p.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        };
+        if !parts.iter().all(|p| valid(p)) {
+            return Err(ValidationError::new(
+                "kind",
+                format!("{s:?}: each part must be non-empty and use only A-Z a-z 0-9 _ -"),
+            ));
+        }
+        let task_type = TaskType::parse(parts[0]).map_err(|_| {
+            ValidationError::new(
+                "kind",
+                format!(
+                    "{s:?} has unknown type prefix {:?}, expected daemon, async or periodic",
+                    parts[0]
+                ),
+            )
+        })?;
+        Ok(Kind {
+            name: s.to_owned(),
+            task_type,
+        })
+    }
+
+    /// The type part.
+    pub fn task_type(&self) -> TaskType {
+        self.task_type
+    }
+
+    /// The kind as written.
+    pub fn as_str(&self) -> &str {
+        &self.name
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.name)
+    }
+}
+
+impl TryFrom<String> for Kind {
+    type Error = ValidationError;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        Kind::parse(&s)
+    }
+}
+
+impl From<Kind> for String {
+    fn from(k: Kind) -> String {
+        k.name
+    }
+}
+
+/// The canonical bytes of a payload: compact JSON with sorted object keys and
+/// Go's HTML escaping, i.e. what Go's `json.Marshal` of a map produces, so that
+/// uni_ids match BMW's.
+///
+/// ```
+/// let p = serde_json::json!({"content": "ok"});
+/// assert_eq!(bmw::task::canonical_payload(&p), br#"{"content":"ok"}"#);
+/// ```
+pub fn canonical_payload(payload: &Value) -> Vec<u8> {
+    // serde_json's map is a BTreeMap (no `preserve_order`), so keys come out sorted.
+    let compact = serde_json::to_string(payload).unwrap_or_default();
+    // `<`, `>`, `&`, U+2028 and U+2029 only occur inside strings, so replacing
+    // them in the text is exactly Go's escaping.
+    compact
+        .replace('<', "\\u003c")
+        .replace('>', "\\u003e")
+        .replace('&', "\\u0026")
+        .replace('\u{2028}', "\\u2028")
+        .replace('\u{2029}', "\\u2029")
+        .into_bytes()
+}
+
+/// Lowercase hex of bytes.
+pub(crate) fn to_hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
+}
+
+/// Identity of a daemon task instance: `kind-hex(dimension or canonical payload)`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct UniId(String);
+
+impl UniId {
+    /// The uni_id of `kind` with `payload`, given the operator's dimension.
+    ///
+    /// ```
+    /// use bmw::task::{Kind, UniId};
+    /// let kind = Kind::parse("daemon:demo:demo").unwrap();
+    /// let id = UniId::new(&kind, "", &serde_json::json!({"content": "ok"}));
+    /// assert_eq!(id.as_str(), "daemon:demo:demo-7b22636f6e74656e74223a226f6b227d");
+    /// ```
+    pub fn new(kind: &Kind, dimension: &str, payload: &Value) -> Self {
+        let hex = if dimension.is_empty() {
+            to_hex(&canonical_payload(payload))
+        } else {
+            to_hex(dimension.as_bytes())
+        };
+        UniId(format!("{kind}-{hex}"))
+    }
+
+    /// Wraps a uni_id given by a caller (not validated: it is only looked up).
+    pub fn from_raw(s: impl Into<String>) -> Self {
+        UniId(s.into())
+    }
+
+    /// The uni_id text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The KV key of this task in `bmw_daemon_tasks` and `bmw_daemon_claims`.
+    ///
+    /// `:` becomes `.` (kinds have no dots, so this is reversible); a uni_id that
+    /// is too long for a subject, or has other characters, maps to its kind
+    /// followed by a SHA-256 of the whole uni_id. The uni_id itself is always
+    /// kept in the stored value.
+    pub fn key(&self) -> String {
+        const MAX_KEY: usize = 200;
+        let dotted = self.0.replace(':', ".");
+        let allowed = |c: char| c.is_ascii_alphanumeric() || "-/_=.".contains(c);
+        if dotted.len() <= MAX_KEY && dotted.chars().all(allowed) && !dotted.ends_with('.') {
+            return dotted;
+        }
+        let kind_part: String = dotted
+            .split('-')
+            .next()
+            .unwrap_or("")
+            .chars()
+            .filter(|c| allowed(*c))
+            .take(100)
+            .collect();
+        let digest = Sha256::digest(self.0.as_bytes());
+        format!("{kind_part}.h-{}", to_hex(&digest))
+    }
+}
+
+impl fmt::Display for UniId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// The default queue of a task without `options.queue`.
+pub const DEFAULT_QUEUE: &str = "default";
+
+/// A task's options, validated. Unknown option names are refused so that a typo
+/// does not silently change nothing. Durations accept humantime strings
+/// (`"1h 30m"`) and integer seconds; times are RFC 3339.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Options {
+    /// Queue the task runs on; workers listen on a set of queues.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue: Option<String>,
+    /// Max retries (async).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<u32>,
+    /// Per-attempt timeout (async).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "opt_duration"
+    )]
+    pub timeout: Option<Duration>,
+    /// Absolute deadline, RFC 3339 (async).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline: Option<String>,
+    /// Unique window (async).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "opt_duration"
+    )]
+    pub unique_ttl: Option<Duration>,
+    /// Delayed start at an RFC 3339 time (async).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub process_at: Option<String>,
+    /// Delayed start after a duration (async).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "opt_duration"
+    )]
+    pub process_in: Option<Duration>,
+    /// How long a finished task stays inspectable (async).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "opt_duration"
+    )]
+    pub retention: Option<Duration>,
+    /// Caller-chosen task id (async).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task_id: Option<String>,
+    /// Cron schedule with seconds (periodic).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cron: Option<String>,
+    /// Interval schedule (periodic).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "opt_duration"
+    )]
+    pub every: Option<Duration>,
+    /// Time zone of a cron schedule (periodic).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timezone: Option<String>,
+}
+
+impl Options {
+    /// Validates the `options` object of a create, naming the field at fault.
+    pub fn from_json(value: Option<&Value>) -> Result<Options, ValidationError> {
+        let map = match value {
+            None | Some(Value::Null) => return Ok(Options::default()),
+            Some(Value::Object(map)) => map,
+            Some(_) => return Err(ValidationError::new("options", "must be a JSON object")),
+        };
+        let mut o = Options::default();
+        for (name, v) in map {
+            let field = format!("options.{name}");
+            match name.as_str() {
+                "queue" => o.queue = Some(queue_name(&field, v)?),
+                "retry" => o.retry = Some(non_negative_int(&field, v)?),
+                "timeout" => o.timeout = Some(duration(&field, v)?),
+                "deadline" => o.deadline = Some(rfc3339(&field, v)?),
+                "unique_ttl" => o.unique_ttl = Some(duration(&field, v)?),
+                "process_at" => o.process_at = Some(rfc3339(&field, v)?),
+                "process_in" => o.process_in = Some(duration(&field, v)?),
+                "retention" => o.retention = Some(duration(&field, v)?),
+                "task_id" => o.task_id = Some(string(&field, v)?),
+                "cron" => o.cron = Some(string(&field, v)?),
+                "every" => o.every = Some(duration(&field, v)?),
+                "timezone" => o.timezone = Some(string(&field, v)?),
+                _ => return Err(ValidationError::new(field, "unknown option")),
+            }
+        }
+        Ok(o)
+    }
+
+    /// The queue, or [`DEFAULT_QUEUE`].
+    pub fn queue(&self) -> &str {
+        self.queue.as_deref().unwrap_or(DEFAULT_QUEUE)
+    }
+}
+
+fn string(field: &str, v: &Value) -> Result<String, ValidationError> {
+    v.as_str()
+        .map(str::to_owned)
+        .ok_or_else(|| ValidationError::new(field, format!("must be a string, got {v}")))
+}
+
+fn queue_name(field: &str, v: &Value) -> Result<String, ValidationError> {
+    let s = string(field, v)?;
+    let ok = !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+    if ok {
+        Ok(s)
+    } else {
+        Err(ValidationError::new(
+            field,
+            format!("{s:?}: a queue name uses only A-Z a-z 0-9 _ -"),
+        ))
+    }
+}
+
+fn non_negative_int(field: &str, v: &Value) -> Result<u32, ValidationError> {
+    v.as_u64()
+        .and_then(|n| u32::try_from(n).ok())
+        .ok_or_else(|| {
+            ValidationError::new(field, format!("must be a non-negative integer, got {v}"))
+        })
+}
+
+/// Parses a duration given as integer seconds or a humantime string.
+pub fn duration(field: &str, v: &Value) -> Result<Duration, ValidationError> {
+    match v {
+        Value::Number(n) => n.as_u64().map(Duration::from_secs).ok_or_else(|| {
+            ValidationError::new(
+                field,
+                format!("must be non-negative whole seconds, got {n}"),
+            )
+        }),
+        Value::String(s) => humantime::parse_duration(s.trim()).map_err(|e| {
+            ValidationError::new(
+                field,
+                format!("{s:?} is not a duration ({e}); use e.g. \"30s\" or \"1h 30m\""),
+            )
+        }),
+        other => Err(ValidationError::new(
+            field,
+            format!("must be a duration string or integer seconds, got {other}"),
+        )),
+    }
+}
+
+fn rfc3339(field: &str, v: &Value) -> Result<String, ValidationError> {
+    let s = string(field, v)?;
+    chrono::DateTime::parse_from_rfc3339(&s)
+        .map(|_| s.clone())
+        .map_err(|e| ValidationError::new(field, format!("{s:?} is not an RFC 3339 time ({e})")))
+}
+
+/// Serde for `Option<Duration>` as a humantime string, accepting integer seconds.
+mod opt_duration {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub(super) fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => s.serialize_str(&humantime::format_duration(*d).to_string()),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<Duration>, D::Error> {
+        let v = Option::<serde_json::Value>::deserialize(d)?;
+        match v {
+            None => Ok(None),
+            Some(v) => super::duration("duration", &v)
+                .map(Some)
+                .map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn seed_uni_ids() {
+        let kind = Kind::parse("daemon:demo:demo").unwrap();
+        let ok = UniId::new(&kind, "", &json!({"content": "ok"}));
+        assert_eq!(
+            ok.as_str(),
+            "daemon:demo:demo-7b22636f6e74656e74223a226f6b227d"
+        );
+        let not_ok = UniId::new(&kind, "", &json!({"content": "not_ok"}));
+        assert_eq!(
+            not_ok.as_str(),
+            "daemon:demo:demo-7b22636f6e74656e74223a226e6f745f6f6b227d"
+        );
+        assert_eq!(
+            ok.key(),
+            "daemon.demo.demo-7b22636f6e74656e74223a226f6b227d"
+        );
+    }
+
+    #[test]
+    fn dimension_wins_over_payload() {
+        let kind = Kind::parse("daemon:apm:pre").unwrap();
+        let id = UniId::new(&kind, "1001", &json!({"data_id": 1001, "x": 1}));
+        assert_eq!(id.as_str(), "daemon:apm:pre-31303031");
+    }
+
+    #[test]
+    fn canonical_form_sorts_and_escapes_like_go() {
+        let p = json!({"b": 1, "a": {"z": "<&>", "y": [1, 2]}});
+        assert_eq!(
+            String::from_utf8(canonical_payload(&p)).unwrap(),
+            r#"{"a":{"y":[1,2],"z":"\u003c\u0026\u003e"},"b":1}"#
+        );
+    }
+
+    #[test]
+    fn long_uni_ids_hash_into_a_valid_key() {
+        let kind = Kind::parse("daemon:demo:demo").unwrap();
+        let big = json!({"content": "x".repeat(500)});
+        let key = UniId::new(&kind, "", &big).key();
+        assert!(key.starts_with("daemon.demo.demo.h-"), "{key}");
+        assert_eq!(key.len(), "daemon.demo.demo.h-".len() + 64);
+    }
+
+    #[test]
+    fn kinds_are_validated() {
+        assert_eq!(
+            Kind::parse("async:a:b").unwrap().task_type(),
+            TaskType::Async
+        );
+        for bad in [
+            "daemon:demo",
+            "cron:a:b",
+            "daemon::x",
+            "daemon:a b:c",
+            "daemon:a.b:c",
+        ] {
+            let err = Kind::parse(bad).unwrap_err();
+            assert_eq!(err.field, "kind", "{bad}");
+        }
+    }
+
+    #[test]
+    fn options_name_the_bad_field() {
+        let o = Options::from_json(Some(
+            &json!({"queue": "q1", "timeout": "1m 30s", "retention": 60}),
+        ))
+        .unwrap();
+        assert_eq!(o.queue(), "q1");
+        assert_eq!(o.timeout, Some(Duration::from_secs(90)));
+        assert_eq!(o.retention, Some(Duration::from_secs(60)));
+        let cases = [
+            (json!({"retry": "ten"}), "options.retry"),
+            (json!({"retry": -1}), "options.retry"),
+            (json!({"timeout": "soon"}), "options.timeout"),
+            (json!({"timeout": -5}), "options.timeout"),
+            (json!({"queue": 3}), "options.queue"),
+            (json!({"deadline": "tomorrow"}), "options.deadline"),
+            (json!({"queu": "x"}), "options.queu"),
+        ];
+        for (input, field) in cases {
+            assert_eq!(
+                Options::from_json(Some(&input)).unwrap_err().field,
+                field,
+                "{input}"
+            );
+        }
+        assert_eq!(
+            Options::from_json(Some(&json!([1]))).unwrap_err().field,
+            "options"
+        );
+    }
+
+    #[test]
+    fn options_round_trip_through_json() {
+        let o = Options::from_json(Some(&json!({"queue": "q", "timeout": 30}))).unwrap();
+        let text = serde_json::to_value(&o).unwrap();
+        assert_eq!(text, json!({"queue": "q", "timeout": "30s"}));
+        let back: Options = serde_json::from_value(text).unwrap();
+        assert_eq!(back, o);
+    }
+}

@@ -1,0 +1,127 @@
+//! [`Worker`]: everything one worker process runs, under one cancellation
+//! token: its membership entry, its share of the command consumer, and the
+//! daemon runtime. Shutdown order matters: the runtime releases its claims
+//! first, then the membership entry goes, so peers take over at once.
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::command::{CommandConsumer, CommandHandler};
+use crate::config::Config;
+use crate::daemon::{
+    ClaimStore, DaemonRuntime, RetryPolicy, SpecStore, maintainer::MaintainerSettings,
+};
+use crate::events::EventPublisher;
+use crate::membership::{Membership, new_worker_id};
+use crate::nats::{Nats, names, provision};
+use crate::registry::Registry;
+
+/// Why a worker could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    /// Streams or buckets could not be provisioned.
+    #[error(transparent)]
+    Provision(#[from] provision::ProvisionError),
+    /// NATS failed at start.
+    #[error("worker start: {0}")]
+    Nats(String),
+}
+
+/// One worker process's task machinery.
+#[derive(Debug)]
+pub struct Worker {
+    nats: Nats,
+    config: Config,
+    registry: Arc<Registry>,
+    worker_id: String,
+}
+
+impl Worker {
+    /// A worker with a fresh id.
+    pub fn new(nats: Nats, config: Config, registry: Arc<Registry>) -> Self {
+        Worker {
+            nats,
+            config,
+            registry,
+            worker_id: new_worker_id(),
+        }
+    }
+
+    /// This worker's id (`hostname-pid-uuid`).
+    pub fn id(&self) -> &str {
+        &self.worker_id
+    }
+
+    /// Provisions, registers and runs until `token` fires, then stops
+    /// gracefully (claims released, worker entry removed).
+    pub async fn run(self, token: CancellationToken) -> Result<(), WorkerError> {
+        let nats_err = |e: &dyn std::fmt::Display| WorkerError::Nats(e.to_string());
+        provision::provision(&self.nats.js, self.config.replicas).await?;
+        let events = EventPublisher::new(self.nats.js.clone(), &self.worker_id);
+        let specs = SpecStore::open(&self.nats.js)
+            .await
+            .map_err(|e| nats_err(&e))?;
+        let claims = ClaimStore::open(&self.nats.js, self.config.claim_ttl)
+            .await
+            .map_err(|e| nats_err(&e))?;
+        let workers = self
+            .nats
+            .js
+            .get_key_value(names::BUCKET_WORKERS)
+            .await
+            .map_err(|e| nats_err(&e))?;
+        let running = Arc::new(AtomicUsize::new(0));
+        let mut membership = Membership::new(
+            self.nats.js.clone(),
+            &self.worker_id,
+            self.config.queues.clone(),
+            self.registry.kinds(),
+            self.config.claim_ttl,
+            running.clone(),
+        );
+        membership.register().await.map_err(|e| nats_err(&e))?;
+        tracing::info!(worker_id = %self.worker_id, queues = ?self.config.queues, "worker started");
+
+        let tracker = TaskTracker::new();
+        let membership_token = CancellationToken::new();
+        tracker.spawn(membership.run(self.config.heartbeat, membership_token.clone()));
+        let handler = CommandHandler::new(self.registry.clone(), specs.clone(), workers.clone());
+        tracker.spawn(
+            CommandConsumer::new(self.nats.clone(), handler, events.clone())
+                .run(token.child_token()),
+        );
+        let runtime = DaemonRuntime {
+            registry: self.registry.clone(),
+            specs,
+            claims,
+            workers,
+            events,
+            settings: Arc::new(MaintainerSettings {
+                worker_id: self.worker_id.clone(),
+                heartbeat: self.config.heartbeat,
+                claim_ttl: self.config.claim_ttl,
+                grace: self.config.grace,
+                policy: RetryPolicy {
+                    base: self.config.retry_base,
+                    threshold: self.config.retry_threshold,
+                    max: self.config.retry_max,
+                },
+            }),
+            queues: self.config.queues.clone(),
+            running,
+        };
+        runtime.run(token.child_token()).await;
+        membership_token.cancel();
+        tracker.close();
+        tracker.wait().await;
+        // Make sure the releases and removal reach the server before we go.
+        if let Err(e) = self.nats.client.flush().await {
+            tracing::warn!(cause = %e, "final flush failed");
+        }
+        tracing::info!(worker_id = %self.worker_id, "worker stopped");
+        Ok(())
+    }
+}

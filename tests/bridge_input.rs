@@ -1,0 +1,231 @@
+//! Bad input at the bridge: every case answers 400 (or 404) with the BMW
+//! envelope naming the field, nothing is stored, and the bridge keeps serving.
+
+use reqwest::Method;
+
+use crate::harness::{BmwProcess, TestEnv, http};
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_input_gets_400_naming_the_field() {
+    let env = TestEnv::start().await;
+    let bmw = BmwProcess::run(&env.url(), &["--max-body", "2048"]).await;
+    let base = bmw.base_url();
+    let task = format!("{base}/bmw/task/");
+    let big = format!(
+        r#"{{"kind": "daemon:demo:demo", "payload": {{"content": "{}"}}}}"#,
+        "x".repeat(4096)
+    );
+    let cases: Vec<(&str, String, &str)> = vec![
+        ("not json", "{not json".into(), "`body`"),
+        ("missing kind", r#"{"payload": {}}"#.into(), "`kind`"),
+        ("kind not a string", r#"{"kind": 7}"#.into(), "`kind`"),
+        (
+            "unknown type prefix",
+            r#"{"kind": "cron:demo:demo"}"#.into(),
+            "unknown type prefix",
+        ),
+        (
+            "unregistered kind",
+            r#"{"kind": "daemon:demo:nope"}"#.into(),
+            "not registered",
+        ),
+        (
+            "wrong option type",
+            r#"{"kind": "daemon:demo:demo", "options": {"retry": "ten"}}"#.into(),
+            "`options.retry`",
+        ),
+        (
+            "bad duration",
+            r#"{"kind": "daemon:demo:demo", "options": {"timeout": "soon"}}"#.into(),
+            "`options.timeout`",
+        ),
+        (
+            "unknown option",
+            r#"{"kind": "daemon:demo:demo", "options": {"queu": "x"}}"#.into(),
+            "`options.queu`",
+        ),
+        (
+            "options not an object",
+            r#"{"kind": "daemon:demo:demo", "options": []}"#.into(),
+            "`options`",
+        ),
+        ("body too large", big, "`body`"),
+    ];
+    for (name, body, needle) in cases {
+        let (status, envelope) = http(Method::POST, &task, Some(&body)).await;
+        assert_eq!(status, 400, "{name}: {envelope}");
+        assert_eq!(envelope["result"], false, "{name}");
+        assert_eq!(envelope["code"], 400, "{name}");
+        let message = envelope["message"].as_str().unwrap();
+        assert!(
+            message.contains(needle),
+            "{name}: {message:?} should mention {needle}"
+        );
+    }
+    // Unknown uni_ids: 404 for reload and delete.
+    let (status, envelope) = http(
+        Method::POST,
+        &format!("{base}/bmw/task/daemon/reload"),
+        Some(r#"{"task_uni_id": "daemon:demo:demo-00"}"#),
+    )
+    .await;
+    assert_eq!(
+        (status, &envelope["code"]),
+        (404, &serde_json::json!(404)),
+        "{envelope}"
+    );
+    let (status, _) = http(
+        Method::DELETE,
+        &task,
+        Some(r#"{"task_type": "daemon", "task_uni_id": "daemon:demo:demo-00"}"#),
+    )
+    .await;
+    assert_eq!(status, 404);
+    let (status, envelope) = http(Method::DELETE, &task, Some(r#"{"task_type": "daemon"}"#)).await;
+    assert_eq!(status, 400);
+    assert!(
+        envelope["message"]
+            .as_str()
+            .unwrap()
+            .contains("`task_uni_id`")
+    );
+    let (status, _) = http(
+        Method::GET,
+        &format!("{base}/bmw/task/?task_type=cron"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 400);
+    let (status, _) = http(Method::GET, &format!("{base}/bmw/nope"), None).await;
+    assert_eq!(status, 404);
+
+    // Nothing was stored, and the bridge still serves a good request.
+    assert!(env.bindings().await.is_empty());
+    let (status, envelope) = http(
+        Method::POST,
+        &task,
+        Some(r#"{"kind": "daemon:demo:demo", "payload": {"content": "ok"}}"#),
+    )
+    .await;
+    assert_eq!(status, 200, "{envelope}");
+    let (status, _) = http(Method::GET, &format!("{base}/health"), None).await;
+    assert_eq!(status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn without_a_worker_a_create_is_stored_and_answered_202() {
+    let env = TestEnv::start().await;
+    let bridge = {
+        let port = crate::harness::free_port();
+        let addr = format!("127.0.0.1:{port}");
+        let mut p = BmwProcess::spawn(
+            &env.url(),
+            &["bridge", "--http-addr", &addr, "--reply-timeout", "1s"],
+        );
+        p.http_port = Some(port);
+        assert_eventually!(
+            std::time::Duration::from_secs(20),
+            reqwest::get(format!("http://{addr}/ready")).await.is_ok(),
+            "bridge up"
+        );
+        p
+    };
+    let (status, envelope) = http(
+        Method::POST,
+        &format!("{}/bmw/task/", bridge.base_url()),
+        Some(r#"{"kind": "daemon:demo:demo", "payload": {"content": "ok"}}"#),
+    )
+    .await;
+    assert_eq!(status, 202, "{envelope}");
+    assert_eq!(
+        envelope["data"]["uni_id"],
+        "daemon:demo:demo-7b22636f6e74656e74223a226f6b227d"
+    );
+    // A worker started later applies the stored command and runs the task.
+    let worker = BmwProcess::worker(&env.url(), &[]);
+    worker
+        .wait_log(
+            std::time::Duration::from_secs(20),
+            &["start task instance, payload: map[content:ok] "],
+        )
+        .await;
+    let (status, envelope) = http(
+        Method::GET,
+        &format!("{}/bmw/worker/", bridge.base_url()),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(envelope["data"].as_array().unwrap().len(), 1, "{envelope}");
+}
+
+/// A custom operator that runs until cancelled.
+struct Idle;
+
+impl bmw::daemon::Operator for Idle {
+    fn start<'a>(
+        &'a self,
+        ctx: bmw::daemon::OperatorContext,
+        _payload: &'a serde_json::Value,
+    ) -> futures::future::BoxFuture<'a, Result<(), bmw::daemon::OperatorError>> {
+        Box::pin(async move {
+            ctx.cancelled().await;
+            Ok(())
+        })
+    }
+
+    fn task_dimension(&self, payload: &serde_json::Value) -> String {
+        payload["data_id"].to_string()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_kind_only_a_worker_knows_is_accepted_by_the_bridge() {
+    use std::sync::Arc;
+    let env = TestEnv::start().await;
+    let bmw = BmwProcess::run(&env.url(), &[]).await;
+    let task = format!("{}/bmw/task/", bmw.base_url());
+    let body = r#"{"kind": "daemon:custom:idle", "payload": {"data_id": 42, "x": 1}}"#;
+    // Unknown everywhere: refused.
+    let (status, _) = http(Method::POST, &task, Some(body)).await;
+    assert_eq!(status, 400);
+
+    // An in-process worker built with the custom kind advertises it.
+    let mut registry = bmw::Registry::with_builtins();
+    registry
+        .register_daemon("daemon:custom:idle", || {
+            Ok(Arc::new(Idle) as Arc<dyn bmw::daemon::Operator>)
+        })
+        .unwrap();
+    let config = bmw::Config {
+        nats_url: Some(env.url()),
+        ..bmw::Config::default()
+    };
+    let token = tokio_util::sync::CancellationToken::new();
+    let worker = bmw::worker::Worker::new(env.nats.clone(), config, Arc::new(registry));
+    let handle = tokio::spawn(worker.run(token.clone()));
+    assert_eventually!(
+        std::time::Duration::from_secs(10),
+        env.client
+            .list_workers()
+            .await
+            .unwrap()
+            .iter()
+            .any(|w| w.kinds.iter().any(|k| k == "daemon:custom:idle")),
+        "the worker advertises its kind"
+    );
+    let (status, envelope) = http(Method::POST, &task, Some(body)).await;
+    assert_eq!(status, 200, "{envelope}");
+    // The dimension (data_id) decides the uni_id: hex of "42".
+    assert_eq!(envelope["data"]["uni_id"], "daemon:custom:idle-3432");
+    assert_eventually!(
+        std::time::Duration::from_secs(10),
+        !env.bindings()
+            .await
+            .get("daemon:custom:idle-3432")
+            .is_none_or(String::is_empty),
+        "the custom task runs"
+    );
+    token.cancel();
+    handle.await.unwrap().unwrap();
+}

@@ -1,0 +1,220 @@
+//! Several worker processes: each task runs on exactly one live worker;
+//! a joining worker gets its share; a killed worker's tasks move within the
+//! claim TTL plus a heartbeat; SIGTERM hands tasks over at once; queues limit
+//! where a task runs. Fail-over and rebalance times are printed.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use serde_json::{Value, json};
+
+use crate::harness::{BmwProcess, TestEnv};
+
+/// Claim TTL and heartbeat of `harness::FAST`.
+const TTL: Duration = Duration::from_secs(3);
+const HEARTBEAT: Duration = Duration::from_secs(1);
+
+/// Collects daemon events (start/stop) from every worker.
+fn collect_events(env: &TestEnv) -> Arc<Mutex<Vec<Value>>> {
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let client = env.nats.client.clone();
+    let sink = events.clone();
+    tokio::spawn(async move {
+        let mut sub = client.subscribe("bmw.event.daemon.>").await.unwrap();
+        while let Some(m) = sub.next().await {
+            if let Ok(v) = serde_json::from_slice::<Value>(&m.payload) {
+                sink.lock().unwrap().push(v);
+            }
+        }
+    });
+    events
+}
+
+/// Checks that no task was ever running on two workers at once: per uni_id, a
+/// `started` by one worker never comes while another's run is still open.
+/// `killed` holds (worker, time) of workers killed with SIGKILL.
+fn assert_exactly_once(events: &[Value], killed: &[(String, String)]) {
+    let mut timeline: BTreeMap<String, Vec<(String, String, String)>> = BTreeMap::new();
+    for e in events {
+        let what = e["what"].as_str().unwrap_or_default();
+        if matches!(what, "started" | "stopped" | "error") {
+            let uni_id = e["uni_id"].as_str().unwrap_or_default().to_owned();
+            timeline.entry(uni_id).or_default().push((
+                e["time"].as_str().unwrap().to_owned(),
+                what.to_owned(),
+                e["worker_id"].as_str().unwrap().to_owned(),
+            ));
+        }
+    }
+    for (uni_id, mut list) in timeline {
+        for (worker, time) in killed {
+            list.push((time.clone(), "killed".into(), worker.clone()));
+        }
+        list.sort();
+        let mut active: Option<String> = None;
+        for (time, what, worker) in list {
+            match what.as_str() {
+                "started" => {
+                    if let Some(other) = &active {
+                        assert_eq!(
+                            other, &worker,
+                            "{uni_id} started on {worker} at {time} while running on {other}"
+                        );
+                    }
+                    active = Some(worker);
+                }
+                _ if active.as_ref() == Some(&worker) => active = None,
+                _ => {}
+            }
+        }
+    }
+}
+
+fn now() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+}
+
+/// Waits until `done(loads)` holds; returns the time it took.
+async fn time_until(
+    env: &TestEnv,
+    limit: Duration,
+    what: &str,
+    done: impl Fn(&BTreeMap<String, usize>) -> bool,
+) -> Duration {
+    let start = Instant::now();
+    let mut last = BTreeMap::new();
+    while start.elapsed() < limit {
+        last = env.loads().await;
+        if done(&last) {
+            return start.elapsed();
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("{what}: not reached within {limit:?}; loads: {last:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ownership_rebalance_failover_and_handover() {
+    let env = TestEnv::start().await;
+    let events = collect_events(&env);
+    let w1 = BmwProcess::worker(&env.url(), &[]);
+    let mut w2 = BmwProcess::worker(&env.url(), &[]);
+    let (id1, id2) = (w1.worker_id().await, w2.worker_id().await);
+    const TASKS: usize = 6;
+    for n in 0..TASKS {
+        let body = json!({"kind": "daemon:demo:demo", "payload": {"content": "ok", "n": n}});
+        env.client
+            .submit_json("bmw.task.create", body.to_string().as_bytes())
+            .await
+            .unwrap();
+    }
+    let settle = time_until(
+        &env,
+        Duration::from_secs(15),
+        "two workers share six tasks",
+        |l| {
+            l.get("").is_none() && l.values().sum::<usize>() == TASKS && l.values().all(|n| *n == 3)
+        },
+    )
+    .await;
+    eprintln!("6 tasks on 2 workers: all running, 3 each, after {settle:?}");
+
+    // A third worker joins: at most ceil(6/3) = 2 each.
+    let mut w3 = BmwProcess::worker(&env.url(), &[]);
+    let id3 = w3.worker_id().await;
+    let joined = Instant::now();
+    time_until(
+        &env,
+        Duration::from_secs(15),
+        "rebalance after a join",
+        |l| l.get("").is_none() && l.len() == 3 && l.values().all(|n| *n == 2),
+    )
+    .await;
+    let rebalance = joined.elapsed();
+    eprintln!("rebalance after a join: {rebalance:?} (2 tasks each on 3 workers)");
+
+    // kill -9 the newcomer: its tasks run again on w1 and w2 within TTL + heartbeat (+1 s slack).
+    let killed_at = now();
+    let kill_start = Instant::now();
+    w3.kill9();
+    time_until(
+        &env,
+        TTL + HEARTBEAT + Duration::from_secs(5),
+        "fail-over after kill -9",
+        |l| !l.contains_key(&id3) && l.get("").is_none() && l.values().sum::<usize>() == TASKS,
+    )
+    .await;
+    let failover = kill_start.elapsed();
+    eprintln!("fail-over after kill -9: {failover:?} (claim TTL {TTL:?}, heartbeat {HEARTBEAT:?})");
+    assert!(
+        failover <= TTL + HEARTBEAT + Duration::from_secs(1),
+        "fail-over took {failover:?}"
+    );
+
+    // SIGTERM w2: its claims are released before it exits, not left to expire.
+    assert!(w2.sigterm(), "worker exits on SIGTERM");
+    let bindings = env.bindings().await;
+    assert!(
+        bindings.values().all(|w| w != &id2),
+        "claims of a SIGTERMed worker are released at exit: {bindings:?}"
+    );
+    let handover = time_until(&env, TTL, "hand-over after SIGTERM", |l| {
+        l.get(&id1) == Some(&TASKS)
+    })
+    .await;
+    eprintln!("hand-over after SIGTERM: {handover:?} after exit");
+    assert!(w2.sigterm());
+
+    // The event history never shows a task on two workers at once.
+    tokio::time::sleep(Duration::from_millis(300)).await; // let in-flight events arrive
+    let events = events.lock().unwrap().clone();
+    assert!(
+        events.iter().filter(|e| e["what"] == "started").count() >= TASKS + 2,
+        "events were collected"
+    );
+    assert_exactly_once(&events, &[(id3, killed_at)]);
+    drop(w1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_queue_limits_where_a_task_runs() {
+    let env = TestEnv::start().await;
+    let plain = BmwProcess::worker(&env.url(), &["--queues", "default"]);
+    let special = BmwProcess::worker(&env.url(), &["--queues", "default,gpu"]);
+    let (_, special_id) = (plain.worker_id().await, special.worker_id().await);
+    let mut ids = Vec::new();
+    for n in 0..4 {
+        let body = json!({"kind": "daemon:demo:demo", "payload": {"content": "ok", "n": n}, "options": {"queue": "gpu"}});
+        let out = env
+            .client
+            .submit_json("bmw.task.create", body.to_string().as_bytes())
+            .await
+            .unwrap();
+        let bmw::client::Submitted::Done(out) = out else {
+            panic!("no outcome")
+        };
+        ids.push(out.data["uni_id"].as_str().unwrap().to_owned());
+    }
+    assert_eventually!(
+        Duration::from_secs(10),
+        {
+            let b = env.bindings().await;
+            ids.iter().all(|id| b.get(id) == Some(&special_id))
+        },
+        "gpu tasks all run on the gpu worker"
+    );
+    // Observe two heartbeats: the gpu worker must not release its tasks to a
+    // worker that cannot run them (balancing is per queue).
+    let released = crate::harness::wait_until(3 * HEARTBEAT, async || {
+        special.has_log("releasing a daemon task")
+    })
+    .await;
+    assert!(
+        !released,
+        "gpu tasks were released to a worker without the gpu queue"
+    );
+    let loads: HashMap<String, usize> = env.loads().await.into_iter().collect();
+    assert_eq!(loads.len(), 1, "{loads:?}");
+}

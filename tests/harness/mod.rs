@@ -1,0 +1,365 @@
+//! The one harness every integration test uses: a real nats-server per test
+//! (free loopback port, temporary store, killed on drop), `bmw` worker and
+//! bridge processes with captured logs, an in-process task client, and
+//! waiting with deadlines instead of sleeps.
+
+#![allow(dead_code, unreachable_pub)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use bmw::client::TaskClient;
+use bmw::nats::Nats;
+use bmw::nats::local::{LocalServer, LocalServerOptions};
+use serde_json::Value;
+
+/// A nats-server with JetStream on a free loopback port and a temporary store.
+pub struct NatsServer {
+    pub server: LocalServer,
+    _dir: tempfile::TempDir,
+}
+
+/// The pinned nats-server, installed once per test run by `nats/install.sh`
+/// (tests run in parallel; one install, not one per test).
+fn nats_server_binary() -> PathBuf {
+    static BINARY: OnceLock<PathBuf> = OnceLock::new();
+    BINARY
+        .get_or_init(|| {
+            let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("nats/install.sh");
+            let out = Command::new(&script)
+                .output()
+                .expect("nats/install.sh runs");
+            assert!(
+                out.status.success(),
+                "nats/install.sh failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+        })
+        .clone()
+}
+
+impl NatsServer {
+    pub async fn start() -> NatsServer {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let binary = tokio::task::spawn_blocking(nats_server_binary)
+            .await
+            .unwrap();
+        let options = LocalServerOptions {
+            store_dir: dir.path().join("store"),
+            port: 0,
+            extra_args: vec![],
+            binary: Some(binary),
+        };
+        let server = LocalServer::start(options, dir.path())
+            .await
+            .expect("nats-server starts");
+        NatsServer { server, _dir: dir }
+    }
+
+    pub fn url(&self) -> String {
+        self.server.url().to_owned()
+    }
+}
+
+/// Polls `condition` until it holds or `timeout` passes; returns whether it held.
+pub async fn wait_until(timeout: Duration, mut condition: impl AsyncFnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if condition().await {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Asserts that a condition becomes true within a timeout, printing context.
+#[macro_export]
+macro_rules! assert_eventually {
+    ($timeout:expr, $cond:expr, $($context:tt)+) => {
+        assert!($crate::harness::wait_until($timeout, async || $cond).await, $($context)+)
+    };
+}
+
+/// Settings that make fail-over fast in tests (claim TTL 3 s, heartbeat 1 s).
+pub const FAST: &[&str] = &[
+    "--claim-ttl",
+    "3s",
+    "--heartbeat",
+    "1s",
+    "--grace",
+    "2s",
+    "--reply-timeout",
+    "5s",
+];
+
+/// A `bmw` child process with its stdout and stderr captured line by line.
+pub struct BmwProcess {
+    child: Option<Child>,
+    lines: Arc<Mutex<Vec<String>>>,
+    pub http_port: Option<u16>,
+}
+
+/// A free loopback TCP port (bound and released; a tiny race is acceptable in tests).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl BmwProcess {
+    /// Starts `bmw <args>` against `url`.
+    pub fn spawn(url: &str, args: &[&str]) -> BmwProcess {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_bmw"))
+            .args(args)
+            .args(["--nats-url", url])
+            .env("BMW_LOG", "info,async_nats=warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("bmw starts");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let out = child.stdout.take().unwrap();
+        let err = child.stderr.take().unwrap();
+        for reader in [
+            Box::new(out) as Box<dyn std::io::Read + Send>,
+            Box::new(err),
+        ] {
+            let lines = lines.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(reader).lines().map_while(Result::ok) {
+                    if std::env::var_os("BMW_TEST_ECHO").is_some() {
+                        eprintln!("[bmw] {line}");
+                    }
+                    lines.lock().unwrap().push(line);
+                }
+            });
+        }
+        BmwProcess {
+            child: Some(child),
+            lines,
+            http_port: None,
+        }
+    }
+
+    /// A worker with the fast settings plus `extra`.
+    pub fn worker(url: &str, extra: &[&str]) -> BmwProcess {
+        let args: Vec<&str> = ["worker"]
+            .iter()
+            .chain(FAST)
+            .chain(extra)
+            .copied()
+            .collect();
+        BmwProcess::spawn(url, &args)
+    }
+
+    /// `bmw run` (bridge + worker) on a free port with the fast settings plus `extra`.
+    pub async fn run(url: &str, extra: &[&str]) -> BmwProcess {
+        let port = free_port();
+        let addr = format!("127.0.0.1:{port}");
+        let args: Vec<&str> = ["run", "--http-addr", &addr]
+            .iter()
+            .copied()
+            .chain(FAST.iter().copied())
+            .chain(extra.iter().copied())
+            .collect();
+        let mut p = BmwProcess::spawn(url, &args);
+        p.http_port = Some(port);
+        let up = wait_until(Duration::from_secs(20), async || {
+            reqwest::get(format!("http://{addr}/health")).await.is_ok()
+        })
+        .await;
+        assert!(up, "bridge did not come up; logs:\n{}", p.logs().join("\n"));
+        p
+    }
+
+    pub fn base_url(&self) -> String {
+        format!(
+            "http://127.0.0.1:{}",
+            self.http_port.expect("a bridge process")
+        )
+    }
+
+    pub fn logs(&self) -> Vec<String> {
+        self.lines.lock().unwrap().clone()
+    }
+
+    pub fn has_log(&self, needle: &str) -> bool {
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains(needle))
+    }
+
+    /// The first log line containing all of `needles`, waiting up to `timeout`.
+    pub async fn wait_log(&self, timeout: Duration, needles: &[&str]) -> String {
+        let mut found = None;
+        wait_until(timeout, async || {
+            found = self
+                .lines
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|l| needles.iter().all(|n| l.contains(n)))
+                .cloned();
+            found.is_some()
+        })
+        .await;
+        found.unwrap_or_else(|| {
+            panic!(
+                "no log line with {needles:?}; logs:\n{}",
+                self.logs().join("\n")
+            )
+        })
+    }
+
+    /// The worker id, from the `worker started` log line.
+    pub async fn worker_id(&self) -> String {
+        let line = self
+            .wait_log(Duration::from_secs(20), &["worker started"])
+            .await;
+        let start = line.find("worker_id=").expect("worker_id field") + "worker_id=".len();
+        line[start..]
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .trim_matches('"')
+            .to_owned()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// `kill -9`.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM, then wait (bounded) for the exit; returns whether it exited.
+    pub fn sigterm(&mut self) -> bool {
+        let Some(mut child) = self.child.take() else {
+            return true;
+        };
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        false
+    }
+}
+
+impl Drop for BmwProcess {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// A test's world: a server and a connected client.
+pub struct TestEnv {
+    pub server: NatsServer,
+    pub nats: Nats,
+    pub client: TaskClient,
+}
+
+impl TestEnv {
+    pub async fn start() -> TestEnv {
+        let server = NatsServer::start().await;
+        let nats = Nats::connect(&server.url(), "bmw-test")
+            .await
+            .expect("connect");
+        bmw::nats::provision::provision(&nats.js, 1)
+            .await
+            .expect("provision");
+        let registry = Arc::new(bmw::Registry::with_builtins());
+        let client = TaskClient::new(nats.clone(), registry, Duration::from_secs(5))
+            .await
+            .expect("client");
+        TestEnv {
+            server,
+            nats,
+            client,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        self.server.url()
+    }
+
+    /// Creates a `daemon:demo:demo` task through the client; returns its uni_id.
+    pub async fn create_demo(&self, content: &str) -> String {
+        let body = serde_json::json!({"kind": "daemon:demo:demo", "payload": {"content": content}});
+        let submitted = self
+            .client
+            .submit_json(
+                bmw::nats::names::SUBJECT_CREATE,
+                body.to_string().as_bytes(),
+            )
+            .await
+            .expect("create");
+        let data = match submitted {
+            bmw::client::Submitted::Done(o) => {
+                assert!(o.result, "create refused: {o:?}");
+                o.data
+            }
+            bmw::client::Submitted::Accepted { data } => data,
+        };
+        data["uni_id"].as_str().unwrap().to_owned()
+    }
+
+    /// Who holds each daemon task now: uni_id -> worker_id ("" if none).
+    pub async fn bindings(&self) -> std::collections::BTreeMap<String, String> {
+        self.client
+            .list_daemon()
+            .await
+            .expect("list")
+            .into_iter()
+            .map(|r| (r.uni_id, r.binding.worker_id))
+            .collect()
+    }
+
+    /// How many tasks each worker holds.
+    pub async fn loads(&self) -> std::collections::BTreeMap<String, usize> {
+        let mut loads = std::collections::BTreeMap::new();
+        for (_, w) in self.bindings().await {
+            *loads.entry(w).or_insert(0) += 1;
+        }
+        loads
+    }
+}
+
+/// GET/POST/DELETE a bridge route; returns (status, envelope).
+pub async fn http(method: reqwest::Method, url: &str, body: Option<&str>) -> (u16, Value) {
+    let client = reqwest::Client::new();
+    let mut request = client
+        .request(method, url)
+        .header("Content-Type", "application/json");
+    if let Some(body) = body {
+        request = request.body(body.to_owned());
+    }
+    let response = request.send().await.expect("http request");
+    let status = response.status().as_u16();
+    let text = response.text().await.unwrap_or_default();
+    let value = serde_json::from_str(&text).unwrap_or_else(|_| panic!("not an envelope: {text}"));
+    (status, value)
+}

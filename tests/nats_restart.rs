@@ -1,0 +1,50 @@
+//! nats-server restarts during a run: workers reconnect and every task is
+//! running again afterwards.
+
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::harness::{BmwProcess, TestEnv};
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tasks_run_again_after_a_server_restart() {
+    let mut env = TestEnv::start().await;
+    let worker = BmwProcess::worker(&env.url(), &[]);
+    let id = worker.worker_id().await;
+    for n in 0..3 {
+        let body = json!({"kind": "daemon:demo:demo", "payload": {"content": "ok", "n": n}});
+        env.client
+            .submit_json("bmw.task.create", body.to_string().as_bytes())
+            .await
+            .unwrap();
+    }
+    assert_eventually!(
+        Duration::from_secs(10),
+        env.loads().await.get(&id) == Some(&3),
+        "three tasks running"
+    );
+
+    // Kill the server (as a crash would), keep it down past the claim TTL, restart it.
+    env.server.server.kill().await;
+    tokio::time::sleep(Duration::from_secs(4)).await; // an outage longer than the 3 s claim TTL
+    env.server.server.restart().await.expect("server restarts");
+
+    assert_eventually!(
+        Duration::from_secs(30),
+        env.loads().await.get(&id) == Some(&3),
+        "tasks running again after the restart; logs:\n{}",
+        worker.logs().join("\n")
+    );
+    // And the worker still takes new commands.
+    let body = json!({"kind": "daemon:demo:demo", "payload": {"content": "ok", "n": 99}});
+    env.client
+        .submit_json("bmw.task.create", body.to_string().as_bytes())
+        .await
+        .unwrap();
+    assert_eventually!(
+        Duration::from_secs(15),
+        env.loads().await.get(&id) == Some(&4),
+        "a new task runs after the restart"
+    );
+}

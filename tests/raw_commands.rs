@@ -1,0 +1,223 @@
+//! Commands published straight on `bmw.task.*` with JetStream, no bridge:
+//! the seed walkthrough's effects, `Bmw-Reply` outcomes, and poison messages
+//! (terminated, reported as an error event, the consumer keeps going).
+
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::message::PublishMessage as Publish;
+use futures::StreamExt;
+use serde_json::{Value, json};
+
+use crate::harness::{BmwProcess, TestEnv};
+
+/// Publishes `body` on `subject` with a reply inbox; returns the outcome.
+async fn publish(env: &TestEnv, subject: &str, body: &[u8]) -> Value {
+    let inbox = env.nats.client.new_inbox();
+    let mut replies = env.nats.client.subscribe(inbox.clone()).await.unwrap();
+    let mut headers = HeaderMap::new();
+    headers.insert("Bmw-Reply", inbox.as_str());
+    let publish = Publish::build()
+        .payload(body.to_vec().into())
+        .headers(headers);
+    env.nats
+        .js
+        .send_publish(subject.to_owned(), publish)
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let reply = tokio::time::timeout(Duration::from_secs(10), replies.next())
+        .await
+        .expect("an outcome")
+        .unwrap();
+    serde_json::from_slice(&reply.payload).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn walkthrough_over_raw_subjects() {
+    let env = TestEnv::start().await;
+    let worker = BmwProcess::worker(&env.url(), &[]);
+    let worker_id = worker.worker_id().await;
+    let mut events = env
+        .nats
+        .client
+        .subscribe("bmw.event.daemon.>")
+        .await
+        .unwrap();
+
+    let create = json!({"id": "c-1", "kind": "daemon:demo:demo", "payload": {"content": "ok"}, "options": {"queue": "default"}});
+    let outcome = publish(&env, "bmw.task.create", create.to_string().as_bytes()).await;
+    assert_eq!(outcome["result"], true, "{outcome}");
+    let uni_id = outcome["data"]["uni_id"].as_str().unwrap().to_owned();
+    assert_eq!(uni_id, "daemon:demo:demo-7b22636f6e74656e74223a226f6b227d");
+    worker
+        .wait_log(
+            Duration::from_secs(10),
+            &["start task instance, payload: map[content:ok] "],
+        )
+        .await;
+    assert_eventually!(
+        Duration::from_secs(5),
+        env.bindings().await.get(&uni_id) == Some(&worker_id),
+        "task bound to the worker"
+    );
+
+    // A started event on BMW_EVENTS names the task and the worker.
+    let started = tokio::time::timeout(Duration::from_secs(5), events.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        started.subject.as_str().ends_with(".started"),
+        "{}",
+        started.subject
+    );
+    let event: Value = serde_json::from_slice(&started.payload).unwrap();
+    assert_eq!(
+        (event["uni_id"].as_str(), event["worker_id"].as_str()),
+        (Some(uni_id.as_str()), Some(worker_id.as_str()))
+    );
+
+    // The same command id again is deduplicated by the stream: no second outcome needed.
+    let dup = Publish::build()
+        .payload(create.to_string().into_bytes().into())
+        .message_id("c-1");
+    let ack = env
+        .nats
+        .js
+        .send_publish("bmw.task.create", dup)
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let first = Publish::build()
+        .payload(create.to_string().into_bytes().into())
+        .message_id("c-1");
+    let ack2 = env
+        .nats
+        .js
+        .send_publish("bmw.task.create", first)
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert!(
+        ack2.duplicate || ack.duplicate,
+        "a repeated Nats-Msg-Id is a duplicate"
+    );
+
+    // Reload, then delete, over raw subjects.
+    let reload = publish(
+        &env,
+        "bmw.task.reload",
+        json!({"task_uni_id": uni_id}).to_string().as_bytes(),
+    )
+    .await;
+    assert_eq!(reload["result"], true, "{reload}");
+    worker
+        .wait_log(
+            Duration::from_secs(10),
+            &["daemon task reloaded", "reload_count=1"],
+        )
+        .await;
+    let delete = publish(
+        &env,
+        "bmw.task.delete",
+        json!({"task_type": "daemon", "task_uni_id": uni_id})
+            .to_string()
+            .as_bytes(),
+    )
+    .await;
+    assert_eq!(delete["result"], true, "{delete}");
+    assert_eventually!(
+        Duration::from_secs(5),
+        env.bindings().await.is_empty(),
+        "task deleted"
+    );
+    worker
+        .wait_log(
+            Duration::from_secs(10),
+            &["receive task instance done, return"],
+        )
+        .await;
+    let missing = publish(
+        &env,
+        "bmw.task.delete",
+        json!({"task_type": "daemon", "task_uni_id": uni_id})
+            .to_string()
+            .as_bytes(),
+    )
+    .await;
+    assert_eq!(
+        (missing["result"].as_bool(), missing["code"].as_u64()),
+        (Some(false), Some(404))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn poison_messages_are_terminated_and_reported() {
+    let env = TestEnv::start().await;
+    let worker = BmwProcess::worker(&env.url(), &[]);
+    worker.worker_id().await;
+    let mut errors = env
+        .nats
+        .client
+        .subscribe("bmw.event.command.>")
+        .await
+        .unwrap();
+
+    let poison: [(&[u8], &str); 4] = [
+        (b"\xff not json at all", "`body`"),
+        (br#"{"kind": "nope"}"#, "`kind`"),
+        (br#"{"kind": "daemon:demo:unregistered"}"#, "not registered"),
+        (
+            br#"{"kind": "daemon:demo:demo", "options": {"retry": -1}}"#,
+            "`options.retry`",
+        ),
+    ];
+    for (body, needle) in poison {
+        let outcome = publish(&env, "bmw.task.create", body).await;
+        assert_eq!(
+            (outcome["result"].as_bool(), outcome["code"].as_u64()),
+            (Some(false), Some(400)),
+            "{outcome}"
+        );
+        assert!(
+            outcome["message"].as_str().unwrap().contains(needle),
+            "{outcome}"
+        );
+        let event = tokio::time::timeout(Duration::from_secs(5), errors.next())
+            .await
+            .expect("an error event")
+            .unwrap();
+        assert!(
+            event.subject.as_str().ends_with(".error"),
+            "{}",
+            event.subject
+        );
+        let event: Value = serde_json::from_slice(&event.payload).unwrap();
+        assert!(event["error"].as_str().unwrap().contains(needle), "{event}");
+    }
+    // Terminated, not redelivered: the consumer has nothing pending.
+    let mut stream = env.nats.js.get_stream("BMW_TASKS").await.unwrap();
+    let mut consumer: async_nats::jetstream::consumer::PullConsumer =
+        stream.get_consumer("bmw-commands").await.unwrap();
+    assert_eventually!(
+        Duration::from_secs(5),
+        {
+            let info = consumer.info().await.unwrap();
+            info.num_ack_pending == 0 && info.num_pending == 0
+        },
+        "poison messages still pending"
+    );
+    let _ = stream.info().await;
+    // The consumer still works.
+    let outcome = publish(
+        &env,
+        "bmw.task.create",
+        br#"{"kind": "daemon:demo:demo", "payload": {"content": "ok"}}"#,
+    )
+    .await;
+    assert_eq!(outcome["result"], true, "{outcome}");
+}

@@ -1,0 +1,10 @@
+//! Integration tests: one binary, one harness, a real nats-server per test.
+
+#[macro_use]
+mod harness;
+
+mod bridge_input;
+mod daemon_cluster;
+mod nats_restart;
+mod raw_commands;
+mod seed_walkthrough;
