@@ -37,7 +37,9 @@ async fn publish(env: &TestEnv, subject: &str, body: &[u8]) -> Value {
 #[tokio::test(flavor = "multi_thread")]
 async fn walkthrough_over_raw_subjects() {
     let env = TestEnv::start().await;
-    let worker = BmwProcess::worker(&env.url(), &[]);
+    let metrics_port = crate::harness::free_port();
+    let metrics_addr = format!("127.0.0.1:{metrics_port}");
+    let worker = BmwProcess::worker(&env.url(), &["--metrics-addr", &metrics_addr]);
     let worker_id = worker.worker_id().await;
     let mut events = env
         .nats

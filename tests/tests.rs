@@ -5,6 +5,8 @@ mod harness;
 
 mod bridge_input;
 mod daemon_cluster;
+mod nats_cluster;
 mod nats_restart;
 mod raw_commands;
 mod seed_walkthrough;
+mod service;

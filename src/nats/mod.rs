@@ -19,13 +19,12 @@ pub const JETSTREAM_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why connecting failed.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot connect to NATS at {url}: {source}")]
+#[error("cannot connect to NATS at {url}: {message}")]
 pub struct ConnectError {
-    /// The URL tried.
+    /// The URL(s) tried.
     pub url: String,
-    /// The client's error.
-    #[source]
-    pub source: async_nats::ConnectError,
+    /// What went wrong.
+    pub message: String,
 }
 
 /// A connected client and its JetStream context.
@@ -38,9 +37,19 @@ pub struct Nats {
 }
 
 impl Nats {
-    /// Connects to `url` (retrying the first connection until it succeeds, with
-    /// reconnects forever afterwards) and builds the JetStream context.
+    /// Connects to `url` (one URL, or several comma-separated for a cluster),
+    /// retrying the first connection until it succeeds and reconnecting forever
+    /// afterwards, and builds the JetStream context.
     pub async fn connect(url: &str, name: &str) -> Result<Nats, ConnectError> {
+        let err = |message: String| ConnectError {
+            url: url.to_owned(),
+            message,
+        };
+        let addrs = url
+            .split(',')
+            .map(|u| u.trim().parse::<async_nats::ServerAddr>())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| err(format!("invalid URL: {e}")))?;
         let client = async_nats::ConnectOptions::new()
             .name(name)
             .retry_on_initial_connect()
@@ -48,12 +57,9 @@ impl Nats {
             .event_callback(|event| async move {
                 tracing::info!(%event, "nats connection event");
             })
-            .connect(url)
+            .connect(addrs)
             .await;
-        let client = client.map_err(|source| ConnectError {
-            url: url.to_owned(),
-            source,
-        })?;
+        let client = client.map_err(|e| err(e.to_string()))?;
         // Wait (bounded) for the first connection, so callers fail fast on a wrong URL.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         while client.connection_state() != async_nats::connection::State::Connected

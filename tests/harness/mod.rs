@@ -118,9 +118,14 @@ pub fn free_port() -> u16 {
 impl BmwProcess {
     /// Starts `bmw <args>` against `url`.
     pub fn spawn(url: &str, args: &[&str]) -> BmwProcess {
+        let args: Vec<&str> = args.iter().copied().chain(["--nats-url", url]).collect();
+        BmwProcess::spawn_raw(&args)
+    }
+
+    /// Starts `bmw <args>` as given.
+    pub fn spawn_raw(args: &[&str]) -> BmwProcess {
         let mut child = Command::new(env!("CARGO_BIN_EXE_bmw"))
             .args(args)
-            .args(["--nats-url", url])
             .env("BMW_LOG", "info,async_nats=warn")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -362,4 +367,59 @@ pub async fn http(method: reqwest::Method, url: &str, body: Option<&str>) -> (u1
     let text = response.text().await.unwrap_or_default();
     let value = serde_json::from_str(&text).unwrap_or_else(|_| panic!("not an envelope: {text}"));
     (status, value)
+}
+
+/// A 3-node JetStream cluster on loopback, each node with its own store.
+pub struct NatsCluster {
+    pub nodes: Vec<LocalServer>,
+    _dir: tempfile::TempDir,
+}
+
+impl NatsCluster {
+    pub async fn start(size: usize) -> NatsCluster {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let binary = tokio::task::spawn_blocking(nats_server_binary)
+            .await
+            .unwrap();
+        let cluster_ports: Vec<u16> = (0..size).map(|_| free_port()).collect();
+        let routes = cluster_ports
+            .iter()
+            .map(|p| format!("nats://127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let starts = (0..size).map(|i| {
+            let options = LocalServerOptions {
+                store_dir: dir.path().join(format!("n{i}")),
+                port: 0,
+                extra_args: vec![
+                    "--server_name".into(),
+                    format!("n{i}"),
+                    "--cluster_name".into(),
+                    "bmw".into(),
+                    "--cluster".into(),
+                    format!("nats://127.0.0.1:{}", cluster_ports[i]),
+                    "--routes".into(),
+                    routes.clone(),
+                ],
+                binary: Some(binary.clone()),
+            };
+            let store = dir.path().to_owned();
+            async move {
+                LocalServer::start(options, &store)
+                    .await
+                    .expect("cluster node starts")
+            }
+        });
+        let nodes = futures::future::join_all(starts).await;
+        NatsCluster { nodes, _dir: dir }
+    }
+
+    /// All client URLs, comma-separated.
+    pub fn url(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|n| n.url().to_owned())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
 }

@@ -1,0 +1,60 @@
+//! The README's first command: `bmw run` with no `--nats-url` starts its own
+//! nats-server under the data directory, serves the walkthrough, and stops
+//! the server when it exits.
+
+use std::time::Duration;
+
+use reqwest::Method;
+
+use crate::harness::{BmwProcess, free_port, http, wait_until};
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bmw_run_without_a_url_starts_and_stops_its_own_server() {
+    let data = tempfile::tempdir().unwrap();
+    let addr = format!("127.0.0.1:{}", free_port());
+    let data_dir = data.path().to_str().unwrap();
+    let mut bmw = BmwProcess::spawn_raw(&["run", "--http-addr", &addr, "--data-dir", data_dir]);
+    bmw.http_port = Some(addr.rsplit(':').next().unwrap().parse().unwrap());
+    let up = wait_until(Duration::from_secs(60), async || {
+        reqwest::get(format!("http://{addr}/ready"))
+            .await
+            .is_ok_and(|r| r.status() == 200)
+    })
+    .await;
+    assert!(up, "bmw run did not come up:\n{}", bmw.logs().join("\n"));
+    let line = bmw
+        .wait_log(Duration::from_secs(5), &["started a local nats-server"])
+        .await;
+    let nats_port: u16 = line
+        .split("nats://127.0.0.1:")
+        .nth(1)
+        .and_then(|s| s[..s.find('"').unwrap_or(s.len())].parse().ok())
+        .expect("url in the log");
+    assert!(
+        data.path().join("nats").is_dir(),
+        "the store is under the data directory"
+    );
+
+    let body = r#"{"kind": "daemon:demo:demo", "payload": {"content": "ok"}, "options": {"queue": "default"}}"#;
+    let (status, envelope) = http(
+        Method::POST,
+        &format!("http://{addr}/bmw/task/"),
+        Some(body),
+    )
+    .await;
+    assert_eq!(status, 200, "{envelope}");
+    bmw.wait_log(
+        Duration::from_secs(10),
+        &["start task instance, payload: map[content:ok] "],
+    )
+    .await;
+
+    assert!(bmw.sigterm(), "bmw run exits on SIGTERM");
+    let closed = wait_until(Duration::from_secs(10), async || {
+        tokio::net::TcpStream::connect(("127.0.0.1", nats_port))
+            .await
+            .is_err()
+    })
+    .await;
+    assert!(closed, "the local nats-server stopped with bmw run");
+}
