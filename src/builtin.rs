@@ -1,6 +1,9 @@
 //! Built-in kinds, registered through the same public API users call:
 //! `daemon:demo:demo`, exactly BMW's demo (prints the start line, then the
-//! current time every 5 s; any `content` other than `ok` fails).
+//! current time every 5 s; any `content` other than `ok` fails), and the async
+//! demos `async:demo:echo` (logs the payload), `async:demo:sleep`
+//! (`{"seconds": n}`), `async:demo:fail` (`{"fail_times": n}` fails the first n
+//! attempts; `{"skip_retry": true}` fails for good) and `async:demo:noop`.
 //!
 //! The demo prints to stdout, as the seed shows; that is the one place the
 //! library prints.
@@ -13,6 +16,7 @@ use futures::future::BoxFuture;
 use serde_json::Value;
 
 use crate::daemon::{Operator, OperatorContext, OperatorError};
+use crate::queue::{TaskContext, TaskError};
 use crate::registry::{Registry, RegistryError};
 
 /// Registers every built-in kind.
@@ -20,6 +24,52 @@ pub fn register(registry: &mut Registry) -> Result<(), RegistryError> {
     registry.register_daemon("daemon:demo:demo", || {
         Ok(Arc::new(Demo) as Arc<dyn Operator>)
     })?;
+    registry.register_async(
+        "async:demo:echo",
+        |ctx: TaskContext, payload: Value| async move {
+            tracing::info!(task_id = ctx.task_id, %payload, "echo");
+            Ok(())
+        },
+    )?;
+    registry.register_async("async:demo:noop", |_: TaskContext, _: Value| async {
+        Ok(())
+    })?;
+    registry.register_async(
+        "async:demo:sleep",
+        |ctx: TaskContext, payload: Value| async move {
+            let seconds = payload
+                .get("seconds")
+                .and_then(Value::as_f64)
+                .unwrap_or(1.0)
+                .max(0.0);
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_secs_f64(seconds)) => Ok(()),
+                () = ctx.cancelled() => Err(TaskError::new("cancelled")),
+            }
+        },
+    )?;
+    registry.register_async(
+        "async:demo:fail",
+        |ctx: TaskContext, payload: Value| async move {
+            if payload.get("skip_retry").and_then(Value::as_bool) == Some(true) {
+                return Err(TaskError::skip_retry("told to fail for good"));
+            }
+            if payload.get("panic").and_then(Value::as_bool) == Some(true) && ctx.attempt == 1 {
+                panic!("told to panic");
+            }
+            let fail_times = payload
+                .get("fail_times")
+                .and_then(Value::as_u64)
+                .unwrap_or(u64::MAX);
+            if u64::from(ctx.attempt) <= fail_times {
+                return Err(TaskError::new(format!(
+                    "failing attempt {} of {fail_times}",
+                    ctx.attempt
+                )));
+            }
+            Ok(())
+        },
+    )?;
     Ok(())
 }
 

@@ -15,10 +15,11 @@ use futures::StreamExt;
 use serde::Serialize;
 use serde_json::{Value, json};
 
-use crate::command::{Command, CommandHandler, DeleteTarget};
+use crate::command::{Command, CommandHandler, DeleteTarget, Outcome};
 use crate::daemon::{Claim, DaemonSpec, SpecStore};
 use crate::membership::WorkerEntry;
 use crate::nats::{Nats, names};
+use crate::queue::{Admin, AdminError, EnqueueError, Enqueuer, ListQuery, QueueStats, TaskRecord};
 use crate::registry::Registry;
 use crate::task::{TaskType, ValidationError};
 
@@ -85,6 +86,8 @@ pub struct TaskClient {
     nats: Nats,
     registry: Arc<Registry>,
     specs: SpecStore,
+    enqueuer: Enqueuer,
+    admin: Admin,
     reply_timeout: Duration,
 }
 
@@ -98,10 +101,14 @@ impl TaskClient {
         let specs = SpecStore::open(&nats.js)
             .await
             .map_err(|e| ClientError::Nats(e.to_string()))?;
+        let enqueuer = Enqueuer::open(&nats.js).await.map_err(ClientError::Nats)?;
+        let admin = Admin::open(&nats).await.map_err(ClientError::Nats)?;
         Ok(TaskClient {
             nats,
             registry,
             specs,
+            enqueuer,
+            admin,
             reply_timeout,
         })
     }
@@ -113,7 +120,13 @@ impl TaskClient {
     }
 
     /// Validates and submits a command, waiting up to the reply timeout.
+    ///
+    /// Async creates and deletes do not go through a worker: a task is durable
+    /// once it is in its queue, so the client enqueues (or deletes) it itself.
     pub async fn submit(&self, command: Command) -> Result<Submitted, ClientError> {
+        if let Some(done) = self.direct(&command).await? {
+            return Ok(Submitted::Done(done));
+        }
         let known = self.precheck(&command).await?;
         let inbox = self.nats.client.new_inbox();
         let mut replies = self
@@ -147,18 +160,82 @@ impl TaskClient {
         }
     }
 
+    /// Applies async creates and deletes directly; `None` for everything else.
+    async fn direct(&self, command: &Command) -> Result<Option<Outcome>, ClientError> {
+        match command {
+            Command::Create(create) if create.kind.task_type() == TaskType::Async => {
+                if !self.registry.is_registered(&create.kind) {
+                    self.check_remote_kind(create.kind.as_str()).await?;
+                }
+                match self.enqueuer.enqueue(create).await {
+                    Ok(data) => Ok(Some(Outcome::ok(data))),
+                    Err(EnqueueError::Invalid(e)) => Err(e.into()),
+                    Err(EnqueueError::Conflict { message, task_id }) => {
+                        let mut outcome = Outcome::err(409, message);
+                        outcome.data = json!({"task_id": task_id});
+                        Ok(Some(outcome))
+                    }
+                    Err(EnqueueError::Nats(e)) => Err(ClientError::Nats(e)),
+                }
+            }
+            Command::Delete {
+                target: DeleteTarget::Async(task_id),
+                ..
+            } => match self.admin.delete(task_id).await {
+                Ok(data) => Ok(Some(Outcome::ok(data))),
+                Err(AdminError::NotFound(m)) => Err(ClientError::NotFound(m)),
+                Err(AdminError::Nats(m)) => Err(ClientError::Nats(m)),
+            },
+            _ => Ok(None),
+        }
+    }
+
+    /// Puts an archived async task back in its queue.
+    pub async fn requeue(&self, task_id: &str) -> Result<Value, ClientError> {
+        self.admin.requeue(task_id).await.map_err(|e| match e {
+            AdminError::NotFound(m) => ClientError::NotFound(m),
+            AdminError::Nats(m) => ClientError::Nats(m),
+        })
+    }
+
+    /// One async task by id.
+    pub async fn get_async(&self, task_id: &str) -> Result<TaskRecord, ClientError> {
+        self.admin
+            .inspector()
+            .get(task_id)
+            .await
+            .map_err(ClientError::Nats)?
+            .ok_or_else(|| ClientError::NotFound(format!("async task `{task_id}` does not exist")))
+    }
+
+    /// Async tasks matching a query.
+    pub async fn list_async(&self, query: &ListQuery) -> Result<Vec<TaskRecord>, ClientError> {
+        self.admin
+            .inspector()
+            .list(query)
+            .await
+            .map_err(ClientError::Nats)
+    }
+
+    /// Stats of every async queue.
+    pub async fn queue_stats(&self) -> Result<Vec<QueueStats>, ClientError> {
+        let workers = self.list_workers().await?;
+        self.admin
+            .inspector()
+            .stats(&workers)
+            .await
+            .map_err(ClientError::Nats)
+    }
+
     /// Refuses what a worker would refuse, before anything is stored; returns
     /// what is known of the task.
     async fn precheck(&self, command: &Command) -> Result<Value, ClientError> {
         match command {
             Command::Create(create) => {
-                if create.kind.task_type() != TaskType::Daemon {
+                if create.kind.task_type() == TaskType::Periodic {
                     return Err(ValidationError::new(
                         "kind",
-                        format!(
-                            "{} tasks are not supported by this version",
-                            create.kind.task_type()
-                        ),
+                        "periodic tasks are not supported by this version",
                     )
                     .into());
                 }

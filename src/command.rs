@@ -239,6 +239,8 @@ pub struct CommandHandler {
     registry: Arc<Registry>,
     specs: SpecStore,
     workers: async_nats::jetstream::kv::Store,
+    enqueuer: crate::queue::Enqueuer,
+    admin: crate::queue::Admin,
 }
 
 impl CommandHandler {
@@ -247,11 +249,15 @@ impl CommandHandler {
         registry: Arc<Registry>,
         specs: SpecStore,
         workers: async_nats::jetstream::kv::Store,
+        enqueuer: crate::queue::Enqueuer,
+        admin: crate::queue::Admin,
     ) -> Self {
         CommandHandler {
             registry,
             specs,
             workers,
+            enqueuer,
+            admin,
         }
     }
 
@@ -303,25 +309,43 @@ impl CommandHandler {
         })
     }
 
+    async fn enqueue(&self, create: &CreateCommand) -> Result<Outcome, ApplyError> {
+        use crate::queue::EnqueueError;
+        if let Err(e) = self.registry.check(&create.kind) {
+            return Ok(Outcome::err(400, e.to_string()));
+        }
+        match self.enqueuer.enqueue(create).await {
+            Ok(data) => Ok(Outcome::ok(data)),
+            Err(EnqueueError::Invalid(e)) => Ok(Outcome::err(400, e.to_string())),
+            Err(EnqueueError::Conflict { message, task_id }) => {
+                let mut o = Outcome::err(409, message);
+                o.data = json!({"task_id": task_id});
+                Ok(o)
+            }
+            Err(EnqueueError::Nats(e)) => Err(ApplyError::Transient(e)),
+        }
+    }
+
     /// Applies a command. Refusals are `Ok` outcomes with a code; `Err` means
     /// "not now" or "not here".
     pub async fn apply(&self, command: &Command) -> Result<Outcome, ApplyError> {
         let transient = |e: SpecError| ApplyError::Transient(e.to_string());
         match command {
             Command::Create(create) => {
-                if create.kind.task_type() != TaskType::Daemon {
-                    return Ok(Outcome::err(
-                        400,
-                        format!(
-                            "invalid `kind`: {} tasks are not supported by this version",
-                            create.kind.task_type()
-                        ),
-                    ));
-                }
                 if !self.registry.is_registered(&create.kind)
                     && self.advertised(&create.kind).await?
                 {
                     return Err(ApplyError::NotMine(create.kind.to_string()));
+                }
+                match create.kind.task_type() {
+                    TaskType::Async => return self.enqueue(create).await,
+                    TaskType::Periodic => {
+                        return Ok(Outcome::err(
+                            400,
+                            "invalid `kind`: periodic tasks are not supported by this version",
+                        ));
+                    }
+                    TaskType::Daemon => {}
                 }
                 let spec = match Self::daemon_spec(&self.registry, create) {
                     Ok(spec) => spec,
@@ -345,10 +369,21 @@ impl CommandHandler {
                 )),
                 Err(e) => Err(transient(e)),
             },
-            Command::Delete { target, .. } => Ok(Outcome::err(
+            Command::Delete {
+                target: DeleteTarget::Async(task_id),
+                ..
+            } => match self.admin.delete(task_id).await {
+                Ok(data) => Ok(Outcome::ok(data)),
+                Err(crate::queue::AdminError::NotFound(m)) => Ok(Outcome::err(404, m)),
+                Err(crate::queue::AdminError::Nats(m)) => Err(ApplyError::Transient(m)),
+            },
+            Command::Delete {
+                target: DeleteTarget::Periodic(kind),
+                ..
+            } => Ok(Outcome::err(
                 400,
                 format!(
-                    "invalid `task_type`: deleting {target:?} is not supported by this version"
+                    "invalid `task_type`: deleting periodic task {kind} is not supported by this version"
                 ),
             )),
             Command::Reload { uni_id, .. } => match self.specs.reload(uni_id).await {
@@ -522,7 +557,7 @@ impl CommandConsumer {
             .and_then(|v| v.get("kind").and_then(Value::as_str).map(str::to_owned))
             .unwrap_or_else(|| "unknown".into());
         let detail = json!({"subject": subject, "error": cause, "body": body.chars().take(4096).collect::<String>()});
-        self.events.publish("command", &kind, "error", detail).await;
+        self.events.emit("command", &kind, "error", detail).await;
     }
 }
 

@@ -11,6 +11,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+pub use crate::queue::runtime::QueueWeight;
+
 /// Default bridge address (BMW's port).
 pub const DEFAULT_HTTP_ADDR: &str = "0.0.0.0:10211";
 /// Default claim TTL: a dead worker's daemon tasks move after this long.
@@ -27,6 +29,15 @@ pub const DEFAULT_RETRY_MAX: Duration = Duration::from_secs(15 * 60);
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(10);
 /// Default time the bridge waits for a worker's outcome before answering 202.
 pub const DEFAULT_REPLY_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default number of async tasks a worker runs at once.
+pub const DEFAULT_CONCURRENCY: usize = 32;
+/// Default delay after an async task's first failed attempt (doubling after).
+pub const DEFAULT_ASYNC_RETRY_BASE: Duration = Duration::from_secs(5);
+/// Default ceiling of an async retry delay.
+pub const DEFAULT_ASYNC_RETRY_MAX: Duration = Duration::from_secs(3600);
+/// Default time a fetched async task may go without an ack before another
+/// worker gets it (long handlers send `in_progress` every third of it).
+pub const DEFAULT_ASYNC_ACK_WAIT: Duration = Duration::from_secs(30);
 /// Default largest request body the bridge accepts.
 pub const DEFAULT_MAX_BODY: usize = 1024 * 1024;
 
@@ -79,6 +90,10 @@ pub struct ConfigOverrides {
     pub replicas: Option<usize>,
     pub data_dir: Option<PathBuf>,
     pub max_body: Option<usize>,
+    pub concurrency: Option<usize>,
+    pub async_retry_base: Option<String>,
+    pub async_retry_max: Option<String>,
+    pub async_ack_wait: Option<String>,
 }
 
 impl ConfigOverrides {
@@ -111,6 +126,10 @@ impl ConfigOverrides {
             replicas: self.replicas.or(other.replicas),
             data_dir: self.data_dir.or(other.data_dir),
             max_body: self.max_body.or(other.max_body),
+            concurrency: self.concurrency.or(other.concurrency),
+            async_retry_base: self.async_retry_base.or(other.async_retry_base),
+            async_retry_max: self.async_retry_max.or(other.async_retry_max),
+            async_ack_wait: self.async_ack_wait.or(other.async_ack_wait),
         }
     }
 }
@@ -124,8 +143,9 @@ pub struct Config {
     pub http_addr: SocketAddr,
     /// Where `bmw worker` serves `/metrics` and `/health`; `None` serves nothing.
     pub metrics_addr: Option<SocketAddr>,
-    /// Queues this worker takes daemon tasks from.
-    pub queues: Vec<String>,
+    /// Queues this worker takes tasks from, with their weights
+    /// (`critical=6,default=3,low=1`; a bare name weighs 1).
+    pub queues: Vec<QueueWeight>,
     /// Claim TTL (whole seconds, at least 1 s).
     pub claim_ttl: Duration,
     /// Heartbeat interval; shorter than the claim TTL.
@@ -146,6 +166,14 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// Largest request body the bridge accepts, in bytes.
     pub max_body: usize,
+    /// Async tasks a worker runs at once.
+    pub concurrency: usize,
+    /// Delay after an async task's first failed attempt.
+    pub async_retry_base: Duration,
+    /// Ceiling of an async retry delay.
+    pub async_retry_max: Duration,
+    /// How long a fetched async task may go unacknowledged before redelivery.
+    pub async_ack_wait: Duration,
 }
 
 impl Default for Config {
@@ -154,7 +182,35 @@ impl Default for Config {
     }
 }
 
+/// Parses `critical=6`, `default` (weight 1) items.
+fn parse_queues(items: Vec<String>) -> Result<Vec<QueueWeight>, ConfigError> {
+    items
+        .iter()
+        .map(|item| {
+            let (name, weight) = match item.split_once('=') {
+                Some((n, w)) => (
+                    n.trim(),
+                    w.trim().parse::<u32>().map_err(|e| ConfigError::Invalid {
+                        name: "queues",
+                        message: format!("{item:?}: weight {e}"),
+                    })?,
+                ),
+                None => (item.trim(), 1),
+            };
+            Ok(QueueWeight {
+                name: name.to_owned(),
+                weight,
+            })
+        })
+        .collect()
+}
+
 impl Config {
+    /// The queue names, without weights.
+    pub fn queue_names(&self) -> Vec<String> {
+        self.queues.iter().map(|q| q.name.clone()).collect()
+    }
+
     /// Merges `given` over the defaults and validates the result.
     pub fn resolve(given: ConfigOverrides) -> Result<Config, ConfigError> {
         let dur = |name: &'static str, v: Option<String>, default: Duration| match v {
@@ -181,7 +237,7 @@ impl Config {
                 .as_deref()
                 .map(|s| addr("metrics-addr", s))
                 .transpose()?,
-            queues: given.queues.unwrap_or_else(|| vec!["default".to_owned()]),
+            queues: parse_queues(given.queues.unwrap_or_else(|| vec!["default".to_owned()]))?,
             claim_ttl: dur("claim-ttl", given.claim_ttl, DEFAULT_CLAIM_TTL)?,
             heartbeat: dur("heartbeat", given.heartbeat, DEFAULT_HEARTBEAT)?,
             retry_base: dur("retry-base", given.retry_base, DEFAULT_RETRY_BASE)?,
@@ -192,6 +248,22 @@ impl Config {
             replicas: given.replicas.unwrap_or(1),
             data_dir: given.data_dir.unwrap_or_else(|| PathBuf::from(".bmw")),
             max_body: given.max_body.unwrap_or(DEFAULT_MAX_BODY),
+            concurrency: given.concurrency.unwrap_or(DEFAULT_CONCURRENCY),
+            async_retry_base: dur(
+                "async-retry-base",
+                given.async_retry_base,
+                DEFAULT_ASYNC_RETRY_BASE,
+            )?,
+            async_retry_max: dur(
+                "async-retry-max",
+                given.async_retry_max,
+                DEFAULT_ASYNC_RETRY_MAX,
+            )?,
+            async_ack_wait: dur(
+                "async-ack-wait",
+                given.async_ack_wait,
+                DEFAULT_ASYNC_ACK_WAIT,
+            )?,
         };
         config.validate()?;
         Ok(config)
@@ -219,15 +291,22 @@ impl Config {
         if !(1..=5).contains(&self.replicas) {
             return invalid("replicas", "must be between 1 and 5");
         }
+        if self.concurrency == 0 {
+            return invalid("concurrency", "must be at least 1");
+        }
         if self.queues.is_empty()
-            || self
-                .queues
-                .iter()
-                .any(|q| q.is_empty() || q.contains(['.', '*', '>', ' ']))
+            || self.queues.iter().any(|q| {
+                q.name.is_empty()
+                    || q.weight == 0
+                    || !q
+                        .name
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+            })
         {
             return invalid(
                 "queues",
-                "must be a non-empty list of queue names without . * > or spaces",
+                "must be a non-empty list of `name` or `name=weight` (A-Z a-z 0-9 _ -, weight >= 1)",
             );
         }
         Ok(())

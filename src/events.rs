@@ -2,9 +2,11 @@
 //! `bmw.event.<type>.<kind>.<what>` into the `BMW_EVENTS` stream.
 //!
 //! Events are for operators and other programs (alerting, audits); bmw's own
-//! state never depends on them, so a failed publish is logged and dropped.
+//! state never depends on them. They are plain NATS publishes that the
+//! `BMW_EVENTS` stream captures: no ack round trip on the hot path, and on one
+//! connection they reach the server in order with the acks that follow them
+//! (a task's `succeeded` event is never lost while its ack gets through).
 
-use async_nats::jetstream;
 use serde::Serialize;
 use serde_json::Value;
 
@@ -32,29 +34,21 @@ pub struct Event {
 /// Publishes events; cheap to clone.
 #[derive(Debug, Clone)]
 pub struct EventPublisher {
-    js: jetstream::Context,
+    client: async_nats::Client,
     worker_id: String,
 }
 
 impl EventPublisher {
     /// A publisher that stamps events with `worker_id`.
-    pub fn new(js: jetstream::Context, worker_id: impl Into<String>) -> Self {
+    pub fn new(client: async_nats::Client, worker_id: impl Into<String>) -> Self {
         EventPublisher {
-            js,
+            client,
             worker_id: worker_id.into(),
         }
     }
 
-    /// Stamps an event now and publishes it in the background (hot paths do
-    /// not wait for the events stream).
-    pub fn emit(&self, task_type: &str, kind: &str, what: &str, detail: Value) {
-        let event = self.event(task_type, kind, what, detail);
-        let this = self.clone();
-        tokio::spawn(async move { this.send(event).await });
-    }
-
-    /// Publishes an event and waits for the stream's ack; a failure is logged.
-    pub async fn publish(&self, task_type: &str, kind: &str, what: &str, detail: Value) {
+    /// Stamps an event now and queues it on the connection.
+    pub async fn emit(&self, task_type: &str, kind: &str, what: &str, detail: Value) {
         self.send(self.event(task_type, kind, what, detail)).await
     }
 
@@ -80,11 +74,7 @@ impl EventPublisher {
             Ok(body) => body,
             Err(e) => return tracing::warn!(cause = %e, "cannot encode event"),
         };
-        let ack = match self.js.publish(subject, body.into()).await {
-            Ok(ack) => ack.await.map(|_| ()),
-            Err(e) => Err(e),
-        };
-        if let Err(e) = ack {
+        if let Err(e) = self.client.publish(subject, body.into()).await {
             tracing::warn!(cause = %e, kind, what, "event not published");
         }
     }

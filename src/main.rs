@@ -34,7 +34,8 @@ struct Global {
     /// Where `bmw worker` serves /metrics and /health (off when unset).
     #[arg(long, global = true, env = "BMW_METRICS_ADDR")]
     metrics_addr: Option<String>,
-    /// Queues this worker takes daemon tasks from, comma-separated [default: default].
+    /// Queues this worker takes tasks from, comma-separated, with optional weights:
+    /// `critical=6,default=3,low=1` [default: default].
     #[arg(long, global = true, env = "BMW_QUEUES", value_delimiter = ',')]
     queues: Option<Vec<String>>,
     /// Claim TTL: a dead worker's daemon tasks move after this long [default: 15s].
@@ -67,6 +68,18 @@ struct Global {
     /// Largest request body the bridge accepts, in bytes [default: 1048576].
     #[arg(long, global = true, env = "BMW_MAX_BODY")]
     max_body: Option<usize>,
+    /// Async tasks a worker runs at once [default: 32].
+    #[arg(long, global = true, env = "BMW_CONCURRENCY")]
+    concurrency: Option<usize>,
+    /// Delay after an async task's first failed attempt, doubling after, with jitter [default: 5s].
+    #[arg(long, global = true, env = "BMW_ASYNC_RETRY_BASE")]
+    async_retry_base: Option<String>,
+    /// Ceiling of an async retry delay [default: 1h].
+    #[arg(long, global = true, env = "BMW_ASYNC_RETRY_MAX")]
+    async_retry_max: Option<String>,
+    /// How long a fetched async task may go unacknowledged before another worker gets it [default: 30s].
+    #[arg(long, global = true, env = "BMW_ASYNC_ACK_WAIT")]
+    async_ack_wait: Option<String>,
     /// Optional TOML config file; keys are the long flag names (`claim-ttl = "15s"`).
     #[arg(long, global = true, env = "BMW_CONFIG")]
     config: Option<PathBuf>,
@@ -109,11 +122,26 @@ enum TaskCmd {
         #[arg(long = "type", default_value = "daemon")]
         task_type: String,
     },
-    /// Delete a daemon task by uni_id.
+    /// Delete a task: a daemon task by uni_id, an async task by task id.
     Delete {
-        /// The task's uni_id.
-        uni_id: String,
+        /// The daemon task's uni_id, or the async task's id.
+        id: String,
+        /// Task type.
+        #[arg(long = "type", default_value = "daemon")]
+        task_type: String,
     },
+    /// Show one async task by id.
+    Get {
+        /// The task id.
+        task_id: String,
+    },
+    /// Re-enqueue an archived async task.
+    Requeue {
+        /// The task id.
+        task_id: String,
+    },
+    /// Per-queue stats of async tasks.
+    Queues,
     /// Restart a daemon task by uni_id.
     Reload {
         /// The task's uni_id.
@@ -138,6 +166,10 @@ impl Global {
             replicas: self.replicas,
             data_dir: self.data_dir.clone(),
             max_body: self.max_body,
+            concurrency: self.concurrency,
+            async_retry_base: self.async_retry_base.clone(),
+            async_retry_max: self.async_retry_max.clone(),
+            async_ack_wait: self.async_ack_wait.clone(),
         }
     }
 
@@ -219,12 +251,33 @@ async fn task(cmd: TaskCmd, config: Config, registry: Arc<Registry>) -> anyhow::
     let id = uuid::Uuid::new_v4().to_string();
     let command = match cmd {
         TaskCmd::List { task_type } => {
-            anyhow::ensure!(
-                task_type == "daemon",
-                "listing {task_type} tasks is not supported by this version"
-            );
-            let rows = client.list_daemon().await?;
+            let rows = match task_type.as_str() {
+                "daemon" => serde_json::to_value(client.list_daemon().await?)?,
+                "async" => serde_json::to_value(client.list_async(&Default::default()).await?)?,
+                other => anyhow::bail!("listing {other} tasks is not supported by this version"),
+            };
             println!("{}", serde_json::to_string_pretty(&rows)?);
+            return Ok(ExitCode::SUCCESS);
+        }
+        TaskCmd::Get { task_id } => {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&client.get_async(&task_id).await?)?
+            );
+            return Ok(ExitCode::SUCCESS);
+        }
+        TaskCmd::Requeue { task_id } => {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&client.requeue(&task_id).await?)?
+            );
+            return Ok(ExitCode::SUCCESS);
+        }
+        TaskCmd::Queues => {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&client.queue_stats().await?)?
+            );
             return Ok(ExitCode::SUCCESS);
         }
         TaskCmd::Create {
@@ -241,9 +294,16 @@ async fn task(cmd: TaskCmd, config: Config, registry: Arc<Registry>) -> anyhow::
                 options: bmw::task::Options::from_json(Some(&options))?,
             }))
         }
-        TaskCmd::Delete { uni_id } => TaskCommand::Delete {
+        TaskCmd::Delete {
+            id: target,
+            task_type,
+        } => TaskCommand::Delete {
             id,
-            target: DeleteTarget::Daemon(bmw::task::UniId::from_raw(uni_id)),
+            target: match task_type.as_str() {
+                "daemon" => DeleteTarget::Daemon(bmw::task::UniId::from_raw(target)),
+                "async" => DeleteTarget::Async(target),
+                other => anyhow::bail!("deleting {other} tasks is not supported by this version"),
+            },
         },
         TaskCmd::Reload { uni_id } => TaskCommand::Reload {
             id,

@@ -5,7 +5,9 @@
 //! daemon runtime counts live workers from it to balance tasks, and the bridge
 //! lists it at `GET /bmw/worker/`.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
@@ -35,6 +37,37 @@ pub struct WorkerEntry {
     /// Kinds it can run (so a bridge built without them still accepts them).
     #[serde(default)]
     pub kinds: Vec<String>,
+    /// Async tasks succeeded since start, by queue.
+    #[serde(default)]
+    pub async_processed: BTreeMap<String, u64>,
+    /// Async attempts failed since start, by queue.
+    #[serde(default)]
+    pub async_failed: BTreeMap<String, u64>,
+}
+
+/// Live numbers of this worker, published with its entry every heartbeat.
+#[derive(Debug, Default)]
+pub struct WorkerStats {
+    /// Daemon instances held.
+    pub daemon_running: AtomicUsize,
+    /// Async tasks succeeded, by queue.
+    pub async_processed: Mutex<BTreeMap<String, u64>>,
+    /// Async attempts failed, by queue.
+    pub async_failed: Mutex<BTreeMap<String, u64>>,
+}
+
+impl WorkerStats {
+    /// Counts one async outcome.
+    pub fn count_async(&self, queue: &str, ok: bool) {
+        let map = if ok {
+            &self.async_processed
+        } else {
+            &self.async_failed
+        };
+        if let Ok(mut map) = map.lock() {
+            *map.entry(queue.to_owned()).or_default() += 1;
+        }
+    }
 }
 
 /// A new worker id: `hostname-pid-uuid_simple`.
@@ -68,18 +101,18 @@ pub struct Membership {
     js: jetstream::Context,
     entry: WorkerEntry,
     ttl: Duration,
-    running: Arc<AtomicUsize>,
+    stats: Arc<WorkerStats>,
 }
 
 impl Membership {
-    /// A membership for `worker_id`; `running` is read at each renewal.
+    /// A membership for `worker_id`; `stats` are read at each renewal.
     pub fn new(
         js: jetstream::Context,
         worker_id: &str,
         queues: Vec<String>,
         kinds: Vec<String>,
         ttl: Duration,
-        running: Arc<AtomicUsize>,
+        stats: Arc<WorkerStats>,
     ) -> Self {
         let entry = WorkerEntry {
             worker_id: worker_id.to_owned(),
@@ -90,18 +123,32 @@ impl Membership {
             queues,
             running: 0,
             kinds,
+            async_processed: BTreeMap::new(),
+            async_failed: BTreeMap::new(),
         };
         Membership {
             js,
             entry,
             ttl,
-            running,
+            stats,
         }
     }
 
     /// Writes the entry once (so the worker counts before it claims anything).
     pub async fn register(&mut self) -> Result<(), String> {
-        self.entry.running = self.running.load(Ordering::Relaxed);
+        self.entry.running = self.stats.daemon_running.load(Ordering::Relaxed);
+        self.entry.async_processed = self
+            .stats
+            .async_processed
+            .lock()
+            .map(|m| m.clone())
+            .unwrap_or_default();
+        self.entry.async_failed = self
+            .stats
+            .async_failed
+            .lock()
+            .map(|m| m.clone())
+            .unwrap_or_default();
         let body = serde_json::to_vec(&self.entry).map_err(|e| e.to_string())?;
         let subject = names::kv_subject(names::BUCKET_WORKERS, &worker_key(&self.entry.worker_id));
         let publish = PublishMessage::build().payload(body.into()).ttl(self.ttl);

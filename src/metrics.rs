@@ -17,6 +17,12 @@ pub const DAEMON_TASK_RELOAD_TOTAL: &str = "daemon_task_reload_total";
 pub const BRIDGE_REQUESTS_TOTAL: &str = "bridge_requests_total";
 /// Bridge latency by route.
 pub const BRIDGE_REQUEST_DURATION_SECONDS: &str = "bridge_request_duration_seconds";
+/// Async attempts by outcome.
+pub const ASYNC_TASK_PROCESSED_TOTAL: &str = "async_task_processed_total";
+/// Async attempt duration.
+pub const ASYNC_TASK_DURATION_SECONDS: &str = "async_task_duration_seconds";
+/// Messages waiting in a queue.
+pub const ASYNC_QUEUE_PENDING: &str = "async_queue_pending";
 /// Commands handled by outcome.
 pub const COMMANDS_TOTAL: &str = "bmw_commands_total";
 
@@ -65,4 +71,15 @@ pub fn bridge_request(route: &str, code: u16, seconds: f64) {
 /// A command was handled with `outcome` (`ok`, `refused`, `poison`).
 pub fn command(subject: &str, outcome: &str) {
     metrics::counter!(COMMANDS_TOTAL, "subject" => subject.to_owned(), "outcome" => outcome.to_owned()).increment(1);
+}
+
+/// An async attempt ended with `status` (`succeeded`, `failed`).
+pub fn async_processed(kind: &str, queue: &str, status: &str, seconds: f64) {
+    metrics::counter!(ASYNC_TASK_PROCESSED_TOTAL, "kind" => kind.to_owned(), "queue" => queue.to_owned(), "status" => status.to_owned()).increment(1);
+    metrics::histogram!(ASYNC_TASK_DURATION_SECONDS, "kind" => kind.to_owned(), "queue" => queue.to_owned()).record(seconds);
+}
+
+/// Messages waiting in `queue`.
+pub fn async_pending(queue: &str, pending: u64) {
+    metrics::gauge!(ASYNC_QUEUE_PENDING, "queue" => queue.to_owned()).set(pending as f64);
 }

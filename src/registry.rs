@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, OnceLock};
 
 use crate::daemon::{Operator, OperatorError};
+use crate::queue::Handler;
 use crate::task::{Kind, TaskType, ValidationError};
 
 type OperatorFactory = Box<dyn Fn() -> Result<Arc<dyn Operator>, OperatorError> + Send + Sync>;
@@ -39,12 +40,14 @@ pub enum RegistryError {
 #[derive(Default)]
 pub struct Registry {
     daemon: BTreeMap<Kind, DaemonEntry>,
+    handlers: BTreeMap<Kind, Arc<dyn Handler>>,
 }
 
 impl std::fmt::Debug for Registry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Registry")
             .field("daemon", &self.daemon.keys().collect::<Vec<_>>())
+            .field("handlers", &self.handlers.keys().collect::<Vec<_>>())
             .finish()
     }
 }
@@ -88,6 +91,31 @@ impl Registry {
         Ok(self)
     }
 
+    /// Registers the handler of an async (or periodic) kind.
+    pub fn register_async(
+        &mut self,
+        kind: &str,
+        handler: impl Handler,
+    ) -> Result<&mut Self, RegistryError> {
+        let kind = Kind::parse(kind)?;
+        if kind.task_type() == TaskType::Daemon {
+            return Err(RegistryError::WrongType {
+                kind: kind.to_string(),
+                expected: TaskType::Async,
+            });
+        }
+        if self.handlers.contains_key(&kind) {
+            return Err(RegistryError::Duplicate(kind.to_string()));
+        }
+        self.handlers.insert(kind, Arc::new(handler));
+        Ok(self)
+    }
+
+    /// The handler of an async or periodic kind.
+    pub fn handler(&self, kind: &Kind) -> Option<Arc<dyn Handler>> {
+        self.handlers.get(kind).cloned()
+    }
+
     /// The operator of a daemon kind, built on first call. `None` if the kind is
     /// not registered; `Some(Err)` if its factory failed.
     pub fn operator(&self, kind: &Kind) -> Option<Result<Arc<dyn Operator>, OperatorError>> {
@@ -99,7 +127,7 @@ impl Registry {
     pub fn is_registered(&self, kind: &Kind) -> bool {
         match kind.task_type() {
             TaskType::Daemon => self.daemon.contains_key(kind),
-            TaskType::Async | TaskType::Periodic => false,
+            TaskType::Async | TaskType::Periodic => self.handlers.contains_key(kind),
         }
     }
 
@@ -120,6 +148,10 @@ impl Registry {
 
     /// All registered kinds.
     pub fn kinds(&self) -> Vec<String> {
-        self.daemon.keys().map(Kind::to_string).collect()
+        self.daemon
+            .keys()
+            .chain(self.handlers.keys())
+            .map(Kind::to_string)
+            .collect()
     }
 }

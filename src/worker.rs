@@ -4,7 +4,6 @@
 //! first, then the membership entry goes, so peers take over at once.
 
 use std::sync::Arc;
-use std::sync::atomic::AtomicUsize;
 
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -15,8 +14,9 @@ use crate::daemon::{
     ClaimStore, DaemonRuntime, RetryPolicy, SpecStore, maintainer::MaintainerSettings,
 };
 use crate::events::EventPublisher;
-use crate::membership::{Membership, new_worker_id};
+use crate::membership::{Membership, WorkerStats, new_worker_id};
 use crate::nats::{Nats, names, provision};
+use crate::queue::{Admin, AsyncRuntime, Backoff, Enqueuer, RecordStore};
 use crate::registry::Registry;
 
 /// Why a worker could not run.
@@ -60,7 +60,7 @@ impl Worker {
     pub async fn run(self, token: CancellationToken) -> Result<(), WorkerError> {
         let nats_err = |e: &dyn std::fmt::Display| WorkerError::Nats(e.to_string());
         provision::provision(&self.nats.js, self.config.replicas).await?;
-        let events = EventPublisher::new(self.nats.js.clone(), &self.worker_id);
+        let events = EventPublisher::new(self.nats.client.clone(), &self.worker_id);
         let specs = SpecStore::open(&self.nats.js)
             .await
             .map_err(|e| nats_err(&e))?;
@@ -73,22 +73,53 @@ impl Worker {
             .get_key_value(names::BUCKET_WORKERS)
             .await
             .map_err(|e| nats_err(&e))?;
-        let running = Arc::new(AtomicUsize::new(0));
+        let stats = Arc::new(WorkerStats::default());
         let mut membership = Membership::new(
             self.nats.js.clone(),
             &self.worker_id,
-            self.config.queues.clone(),
+            self.config.queue_names(),
             self.registry.kinds(),
             self.config.claim_ttl,
-            running.clone(),
+            stats.clone(),
         );
         membership.register().await.map_err(|e| nats_err(&e))?;
-        tracing::info!(worker_id = %self.worker_id, queues = ?self.config.queues, "worker started");
+        tracing::info!(worker_id = %self.worker_id, queues = ?self.config.queue_names(), concurrency = self.config.concurrency, "worker started");
 
         let tracker = TaskTracker::new();
         let membership_token = CancellationToken::new();
         tracker.spawn(membership.run(self.config.heartbeat, membership_token.clone()));
-        let handler = CommandHandler::new(self.registry.clone(), specs.clone(), workers.clone());
+        let enqueuer = Enqueuer::open(&self.nats.js)
+            .await
+            .map_err(|e| nats_err(&e))?;
+        let admin = Admin::open(&self.nats).await.map_err(|e| nats_err(&e))?;
+        let handler = CommandHandler::new(
+            self.registry.clone(),
+            specs.clone(),
+            workers.clone(),
+            enqueuer,
+            admin,
+        );
+        let records = RecordStore::open(&self.nats.js)
+            .await
+            .map_err(|e| nats_err(&e))?;
+        let async_runtime = AsyncRuntime {
+            nats: self.nats.clone(),
+            registry: self.registry.clone(),
+            records,
+            events: events.clone(),
+            queues: self.config.queues.clone(),
+            concurrency: self.config.concurrency,
+            backoff: Backoff {
+                base: self.config.async_retry_base,
+                max: self.config.async_retry_max,
+            },
+            grace: self.config.grace,
+            ack_wait: self.config.async_ack_wait,
+            worker_id: self.worker_id.clone(),
+            stats: stats.clone(),
+        };
+        let async_token = token.child_token();
+        tracker.spawn(async_runtime.run(async_token));
         tracker.spawn(
             CommandConsumer::new(self.nats.clone(), handler, events.clone())
                 .run(token.child_token()),
@@ -110,8 +141,8 @@ impl Worker {
                     max: self.config.retry_max,
                 },
             }),
-            queues: self.config.queues.clone(),
-            running,
+            queues: self.config.queue_names(),
+            stats,
         };
         runtime.run(token.child_token()).await;
         membership_token.cancel();

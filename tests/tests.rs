@@ -3,6 +3,8 @@
 #[macro_use]
 mod harness;
 
+mod async_tasks;
+mod async_workers;
 mod bridge_input;
 mod daemon_cluster;
 mod nats_cluster;

@@ -12,6 +12,7 @@ use super::BridgeState;
 use super::envelope::{ApiError, Envelope, Reply};
 use crate::client::Submitted;
 use crate::nats::names;
+use crate::queue::{ListQuery, TaskState};
 use crate::task::TaskType;
 
 /// Reads the body up to the configured limit; larger bodies are refused with 400.
@@ -63,7 +64,8 @@ pub(super) async fn reload(State(state): State<BridgeState>, raw: Body) -> Resul
     submit(&state, names::SUBJECT_RELOAD, raw).await
 }
 
-/// `GET /bmw/task/?task_type=daemon`: list tasks.
+/// `GET /bmw/task/?task_type=daemon|async`: list tasks. Async filters:
+/// `task_id` (one task), `queue`, `state`, `kind`, `offset`, `limit`.
 pub(super) async fn list(
     State(state): State<BridgeState>,
     Query(query): Query<HashMap<String, String>>,
@@ -81,10 +83,60 @@ pub(super) async fn list(
             };
             Ok(Reply(StatusCode::OK, Envelope::ok(json!(rows))))
         }
+        TaskType::Async => {
+            if let Some(task_id) = query.get("task_id") {
+                let record = state.client.get_async(task_id).await?;
+                return Ok(Reply(StatusCode::OK, Envelope::ok(json!(record))));
+            }
+            let number = |name: &str| -> Result<usize, ApiError> {
+                query.get(name).map_or(Ok(0), |v| {
+                    v.parse().map_err(|_| {
+                        ApiError::bad_request(format!("invalid `{name}`: {v:?} is not a number"))
+                    })
+                })
+            };
+            let list_query = ListQuery {
+                queue: query.get("queue").cloned(),
+                state: match query.get("state") {
+                    Some(s) => Some(TaskState::parse(s).ok_or_else(|| {
+                        ApiError::bad_request(format!("invalid `state`: {s:?}, expected pending, scheduled, active, retry, completed or archived"))
+                    })?),
+                    None => None,
+                },
+                kind: query.get("kind").cloned(),
+                offset: number("offset")?,
+                limit: number("limit")?,
+            };
+            let rows = state.client.list_async(&list_query).await?;
+            Ok(Reply(StatusCode::OK, Envelope::ok(json!(rows))))
+        }
         other => Err(ApiError::bad_request(format!(
             "invalid `task_type`: listing {other} tasks is not supported by this version"
         ))),
     }
+}
+
+/// `GET /bmw/queue/`: per-queue stats of async tasks.
+pub(super) async fn queues(State(state): State<BridgeState>) -> Result<Reply, ApiError> {
+    let stats = state.client.queue_stats().await?;
+    Ok(Reply(StatusCode::OK, Envelope::ok(json!(stats))))
+}
+
+/// `POST /bmw/task/async/requeue` with `{"task_id"}`: re-enqueue an archived task.
+pub(super) async fn requeue(
+    State(state): State<BridgeState>,
+    raw: Body,
+) -> Result<Reply, ApiError> {
+    let bytes = body(&state, raw).await?;
+    let value: Value = serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::bad_request(format!("invalid `body`: {e}")))?;
+    let task_id = value
+        .get("task_id")
+        .and_then(Value::as_str)
+        .filter(|s| !s.is_empty())
+        .ok_or_else(|| ApiError::bad_request("invalid `task_id`: is required"))?;
+    let data = state.client.requeue(task_id).await?;
+    Ok(Reply(StatusCode::OK, Envelope::ok(data)))
 }
 
 /// `GET /bmw/worker/`: live workers and their load.

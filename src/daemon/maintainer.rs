@@ -85,7 +85,7 @@ impl Maintainer {
         let mut run: Option<(Run, CancellationToken)> = None;
         loop {
             if run.is_none() && retry_at.is_none() {
-                run = Some(self.start_run());
+                run = Some(self.start_run().await);
             }
             tokio::select! {
                 outcome = async { (&mut run.as_mut().expect("guarded").0).await }, if run.is_some() => {
@@ -138,7 +138,7 @@ impl Maintainer {
         Some(Instant::now() + wait)
     }
 
-    fn start_run(&mut self) -> (Run, CancellationToken) {
+    async fn start_run(&mut self) -> (Run, CancellationToken) {
         let token = CancellationToken::new();
         let ctx = OperatorContext {
             uni_id: self.spec.uni_id.clone(),
@@ -151,7 +151,7 @@ impl Maintainer {
             &payload.to_string(),
         );
         metrics::daemon_running(self.spec.kind.as_str(), &self.spec.dimension, true);
-        self.publish("started", json!({}));
+        self.publish("started", json!({})).await;
         let operator = self.operator.clone();
         let handle = tokio::spawn(async move { operator.start(ctx, &payload).await });
         (handle, token)
@@ -175,8 +175,9 @@ impl Maintainer {
             delay,
         );
         metrics::daemon_retry(self.spec.kind.as_str());
-        self.publish("error", json!({"error": error.to_string()}));
-        self.publish("retry", json!({"error": error.to_string(), "delay_seconds": delay.as_secs_f64(), "next_retry_at": self.claim.next_retry_at}));
+        self.publish("error", json!({"error": error.to_string()}))
+            .await;
+        self.publish("retry", json!({"error": error.to_string(), "delay_seconds": delay.as_secs_f64(), "next_retry_at": self.claim.next_retry_at})).await;
         Instant::now() + delay
     }
 
@@ -251,7 +252,8 @@ impl Maintainer {
         self.publish(
             "stopped",
             json!({"reason": format!("{exit:?}").to_lowercase()}),
-        );
+        )
+        .await;
         let result = match exit {
             Exit::Released => self
                 .claims
@@ -268,12 +270,13 @@ impl Maintainer {
         (self.key, exit)
     }
 
-    fn publish(&self, what: &str, mut detail: Value) {
+    async fn publish(&self, what: &str, mut detail: Value) {
         detail["uni_id"] = json!(self.spec.uni_id);
         detail["retry_count"] = json!(self.claim.retry_count);
         detail["reload_count"] = json!(self.claim.reload_count);
         self.events
-            .emit("daemon", self.spec.kind.as_str(), what, detail);
+            .emit("daemon", self.spec.kind.as_str(), what, detail)
+            .await;
     }
 }
 

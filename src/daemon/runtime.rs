@@ -9,7 +9,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use async_nats::jetstream::kv::{self, Entry, Operation};
@@ -25,7 +25,7 @@ use super::claim::{Claim, ClaimError, ClaimStore};
 use super::maintainer::{Control, Exit, Maintainer, MaintainerSettings};
 use super::spec::{DaemonSpec, SpecStore};
 use crate::events::EventPublisher;
-use crate::membership::WorkerEntry;
+use crate::membership::{WorkerEntry, WorkerStats};
 use crate::registry::Registry;
 
 /// Acquisitions in flight at once (each is one read and one write).
@@ -43,8 +43,8 @@ pub struct DaemonRuntime {
     pub(crate) events: EventPublisher,
     pub(crate) settings: Arc<MaintainerSettings>,
     pub(crate) queues: Vec<String>,
-    /// Number of held instances, read by the membership heartbeat.
-    pub(crate) running: Arc<AtomicUsize>,
+    /// Live numbers (held instances), read by the membership heartbeat.
+    pub(crate) stats: Arc<WorkerStats>,
 }
 
 struct Held {
@@ -104,7 +104,7 @@ impl DaemonRuntime {
                         state.held.remove(&key);
                         tracing::debug!(key, ?exit, "maintainer ended");
                     }
-                    self.running.store(state.held.len(), Ordering::Relaxed);
+                    self.stats.daemon_running.store(state.held.len(), Ordering::Relaxed);
                 }
                 _ = debounce.tick() => {
                     if dirty {
@@ -133,7 +133,7 @@ impl DaemonRuntime {
             );
         }
         acquisitions.abort_all();
-        self.running.store(0, Ordering::Relaxed);
+        self.stats.daemon_running.store(0, Ordering::Relaxed);
     }
 
     fn on_spec(&self, state: &mut State, entry: Option<Entry>) {
@@ -299,12 +299,9 @@ impl DaemonRuntime {
             return;
         };
         if let Some(from) = previous.filter(|p| p != &self.settings.worker_id) {
-            self.events.emit(
-                "daemon",
-                spec.kind.as_str(),
-                "moved",
-                json!({"uni_id": spec.uni_id, "from": from}),
-            );
+            let (events, kind) = (self.events.clone(), spec.kind.to_string());
+            let detail = json!({"uni_id": spec.uni_id, "from": from});
+            tokio::spawn(async move { events.emit("daemon", &kind, "moved", detail).await });
         }
         let operator = match self.registry.operator(&spec.kind) {
             Some(Ok(op)) => op,
@@ -324,7 +321,9 @@ impl DaemonRuntime {
             },
         );
         state.free_since.remove(&key);
-        self.running.store(state.held.len(), Ordering::Relaxed);
+        self.stats
+            .daemon_running
+            .store(state.held.len(), Ordering::Relaxed);
         let maintainer = Maintainer {
             key,
             spec,

@@ -111,3 +111,49 @@ pub async fn bucket_is_empty(kv: &kv::Store) -> Result<bool, String> {
     let info = kv.stream.get_info().await.map_err(|e| e.to_string())?;
     Ok(info.state.messages == 0)
 }
+
+/// What [`create_with_ttl`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TtlCreate {
+    /// The key was free and now holds our value (its revision).
+    Created(u64),
+    /// The key holds a live value already (that value).
+    Exists(bytes::Bytes),
+}
+
+/// Create-if-absent with a per-key TTL, safe on keys that were deleted or
+/// expired (design.md §10: the KV API's `create_with_ttl` is not). The
+/// publish expects the revision of whatever marker it saw, so exactly one of
+/// several racing writers wins.
+pub async fn create_with_ttl(
+    js: &jetstream::Context,
+    kv: &kv::Store,
+    key: &str,
+    body: bytes::Bytes,
+    ttl: std::time::Duration,
+) -> Result<TtlCreate, String> {
+    use jetstream::context::PublishErrorKind;
+    let ttl = std::time::Duration::from_secs(ttl.as_secs_f64().ceil().max(1.0) as u64);
+    for _ in 0..3 {
+        let expected = match kv.entry(key).await.map_err(|e| e.to_string())? {
+            Some(e) if e.operation == kv::Operation::Put => return Ok(TtlCreate::Exists(e.value)),
+            Some(e) => e.revision,
+            None => 0,
+        };
+        let publish = jetstream::message::PublishMessage::build()
+            .payload(body.clone())
+            .expected_last_subject_sequence(expected)
+            .ttl(ttl);
+        let subject = names::kv_subject(&kv.name, key);
+        let result = match js.send_publish(subject, publish).await {
+            Ok(ack) => ack.await,
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(ack) => return Ok(TtlCreate::Created(ack.sequence)),
+            Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => continue,
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+    Err(format!("too much contention on key `{key}`"))
+}

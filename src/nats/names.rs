@@ -58,3 +58,33 @@ pub fn event_subject(task_type: &str, kind: &str, what: &str) -> String {
 pub fn kv_subject(bucket: &str, key: &str) -> String {
     format!("$KV.{bucket}.{key}")
 }
+
+/// Core NATS subject (no stream) on which deletes of running async tasks are
+/// broadcast to every worker.
+pub const SUBJECT_ASYNC_CANCEL: &str = "bmw.cancel.async";
+
+/// Subject of one async task enqueued by bmw: `bmw.async.<queue>.<task_id>`.
+/// (Producers may also publish on `bmw.async.<queue>` itself.)
+pub fn async_subject(queue: &str, task_id: &str) -> String {
+    format!("bmw.async.{queue}.{task_id}")
+}
+
+/// The filters of a queue's consumer: the bare queue subject and per-task ones.
+pub fn async_queue_filters(queue: &str) -> Vec<String> {
+    vec![format!("bmw.async.{queue}"), format!("bmw.async.{queue}.>")]
+}
+
+/// Subject of the one-shot schedule of a delayed task.
+pub fn delayed_subject(queue: &str, task_id: &str) -> String {
+    format!("bmw.schedule.at.{queue}.{task_id}")
+}
+
+/// Subject of a dead-lettered task: `bmw.dead.<queue>.<task_id>`.
+pub fn dead_subject(queue: &str, task_id: &str) -> String {
+    format!("bmw.dead.{queue}.{task_id}")
+}
+
+/// The durable consumer shared by all workers of a queue.
+pub fn async_consumer(queue: &str) -> String {
+    format!("bmw-async-{queue}")
+}

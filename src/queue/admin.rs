@@ -1,0 +1,147 @@
+//! [`Admin`]: deleting and re-enqueueing async tasks, wherever they are.
+//!
+//! Delete of a pending or scheduled task removes its message (or schedule)
+//! from the stream; delete of a running task is broadcast to every worker on
+//! `bmw.cancel.async`, and the one running it cancels the handler and drops
+//! the task. Re-enqueue takes an archived task out of `bmw.dead.<queue>` and
+//! puts it back in its queue with fresh attempts.
+
+use async_nats::jetstream::{self, message::PublishMessage, stream::Stream};
+use serde_json::{Value, json};
+
+use super::inspect::{Inspector, subjects};
+use super::message::TaskMessage;
+use super::record::{RecordStore, TaskState};
+use crate::nats::names;
+
+/// Why an admin call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    /// No such task (404).
+    #[error("{0}")]
+    NotFound(String),
+    /// NATS failed (503).
+    #[error("async tasks: {0}")]
+    Nats(String),
+}
+
+fn nats(e: impl std::fmt::Display) -> AdminError {
+    AdminError::Nats(e.to_string())
+}
+
+/// Deletes and re-enqueues async tasks.
+#[derive(Debug, Clone)]
+pub struct Admin {
+    js: jetstream::Context,
+    client: async_nats::Client,
+    stream: Stream,
+    dead: Stream,
+    records: RecordStore,
+    inspector: Inspector,
+}
+
+impl Admin {
+    /// Opens the streams and records.
+    pub async fn open(nats: &crate::nats::Nats) -> Result<Admin, String> {
+        let js = &nats.js;
+        Ok(Admin {
+            js: js.clone(),
+            client: nats.client.clone(),
+            stream: js
+                .get_stream(names::STREAM_ASYNC)
+                .await
+                .map_err(|e| e.to_string())?,
+            dead: js
+                .get_stream(names::STREAM_DEAD)
+                .await
+                .map_err(|e| e.to_string())?,
+            records: RecordStore::open(js).await?,
+            inspector: Inspector::open(js).await?,
+        })
+    }
+
+    /// The inspector over the same streams.
+    pub fn inspector(&self) -> &Inspector {
+        &self.inspector
+    }
+
+    /// Deletes a task in any state; running handlers are cancelled.
+    pub async fn delete(&self, task_id: &str) -> Result<Value, AdminError> {
+        let Some(record) = self.inspector.get(task_id).await.map_err(nats)? else {
+            return Err(AdminError::NotFound(format!(
+                "async task `{task_id}` does not exist"
+            )));
+        };
+        let queue = &record.queue;
+        match record.state {
+            TaskState::Scheduled => {
+                self.purge(&self.stream, &names::delayed_subject(queue, task_id))
+                    .await?
+            }
+            TaskState::Archived => {
+                self.purge(&self.dead, &names::dead_subject(queue, task_id))
+                    .await?
+            }
+            TaskState::Completed => {}
+            TaskState::Pending | TaskState::Active | TaskState::Retry => {
+                // Tell whoever runs it to stop, then drop the message itself.
+                self.client
+                    .publish(names::SUBJECT_ASYNC_CANCEL, task_id.to_owned().into())
+                    .await
+                    .map_err(nats)?;
+                self.client.flush().await.map_err(nats)?;
+                self.purge(&self.stream, &names::async_subject(queue, task_id))
+                    .await?;
+            }
+        }
+        self.records.remove(task_id).await.map_err(nats)?;
+        Ok(json!({"task_id": task_id, "state": record.state}))
+    }
+
+    async fn purge(&self, stream: &Stream, subject: &str) -> Result<(), AdminError> {
+        stream
+            .purge()
+            .filter(subject)
+            .await
+            .map(|_| ())
+            .map_err(nats)
+    }
+
+    /// Puts an archived task back in its queue with fresh attempts.
+    pub async fn requeue(&self, task_id: &str) -> Result<Value, AdminError> {
+        let filter = format!("bmw.dead.*.{task_id}");
+        let Some(subject) = subjects(&self.dead, &filter).await.map_err(nats)?.next() else {
+            return Err(AdminError::NotFound(format!(
+                "no archived async task `{task_id}`"
+            )));
+        };
+        let message = self
+            .dead
+            .get_last_raw_message_by_subject(&subject)
+            .await
+            .map_err(nats)?;
+        let mut task: TaskMessage = serde_json::from_slice(&message.payload).map_err(nats)?;
+        task.errors.clear();
+        let queue = subject
+            .strip_prefix("bmw.dead.")
+            .and_then(|s| s.split('.').next())
+            .unwrap_or("default")
+            .to_owned();
+        let body = serde_json::to_vec(&task).map_err(nats)?;
+        // A fresh message id: the original one may still be in the dedup window.
+        let msg_id = format!("{task_id}-requeue-{}", uuid::Uuid::new_v4().simple());
+        let publish = PublishMessage::build()
+            .payload(body.into())
+            .message_id(msg_id);
+        self.js
+            .send_publish(names::async_subject(&queue, task_id), publish)
+            .await
+            .map_err(nats)?
+            .await
+            .map_err(nats)?;
+        self.purge(&self.dead, &subject).await?;
+        self.records.remove(task_id).await.map_err(nats)?;
+        tracing::info!(task_id, queue, "archived async task re-enqueued");
+        Ok(json!({"task_id": task_id, "queue": queue, "state": "pending"}))
+    }
+}

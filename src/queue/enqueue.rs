@@ -1,0 +1,275 @@
+//! [`Enqueuer`]: validates an async create and puts the task in its queue —
+//! one durable publish on `bmw.async.<queue>.<id>`, or a one-shot `@at`
+//! schedule on `bmw.schedule.at.<queue>.<id>` that nats-server fires at
+//! `process_at` — after taking the unique lock when `unique_ttl` is set.
+//!
+//! Used by the bridge and `bmw task` directly (a task is durable once
+//! published, so no worker needs to answer) and by workers for async creates
+//! that arrive as `bmw.task.create` commands.
+
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::{self, kv, message::PublishMessage};
+use chrono::{DateTime, Utc};
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+
+use super::message::TaskMessage;
+use crate::command::CreateCommand;
+use crate::nats::{TtlCreate, create_with_ttl, names};
+use crate::task::{TaskType, ValidationError, canonical_payload, to_hex};
+
+/// Why a task was not enqueued.
+#[derive(Debug, thiserror::Error)]
+pub enum EnqueueError {
+    /// Bad input (400).
+    #[error(transparent)]
+    Invalid(#[from] ValidationError),
+    /// A duplicate: same unique key within its window, or a task id in use (409).
+    #[error("{message}")]
+    Conflict {
+        /// What conflicts.
+        message: String,
+        /// The existing task's id.
+        task_id: String,
+    },
+    /// NATS failed (503).
+    #[error("enqueue: {0}")]
+    Nats(String),
+}
+
+/// Enqueues async tasks.
+#[derive(Debug, Clone)]
+pub struct Enqueuer {
+    js: jetstream::Context,
+    unique: kv::Store,
+    stream: jetstream::stream::Stream,
+}
+
+fn nats(e: impl std::fmt::Display) -> EnqueueError {
+    EnqueueError::Nats(e.to_string())
+}
+
+/// When a delayed task is due: `process_at`, or now + `process_in`.
+fn due_time(create: &CreateCommand) -> Result<Option<DateTime<Utc>>, ValidationError> {
+    let o = &create.options;
+    match (&o.process_at, o.process_in) {
+        (Some(_), Some(_)) => Err(ValidationError::new(
+            "options.process_in",
+            "give process_at or process_in, not both",
+        )),
+        (Some(at), None) => Ok(Some(parse_time("options.process_at", at)?)),
+        (None, Some(d)) => Ok(Some(
+            Utc::now() + chrono::Duration::from_std(d).unwrap_or_default(),
+        )),
+        (None, None) => Ok(None),
+    }
+}
+
+fn parse_time(field: &str, s: &str) -> Result<DateTime<Utc>, ValidationError> {
+    DateTime::parse_from_rfc3339(s)
+        .map(|t| t.with_timezone(&Utc))
+        .map_err(|e| ValidationError::new(field, format!("{s:?} is not an RFC 3339 time ({e})")))
+}
+
+/// Checks what only an async create needs: a live deadline, a subject-safe
+/// task id, non-zero windows.
+pub fn validate(create: &CreateCommand) -> Result<(), ValidationError> {
+    let o = &create.options;
+    if !matches!(
+        create.kind.task_type(),
+        TaskType::Async | TaskType::Periodic
+    ) {
+        return Err(ValidationError::new("kind", "not an async kind"));
+    }
+    if let Some(deadline) = &o.deadline
+        && parse_time("options.deadline", deadline)? <= Utc::now()
+    {
+        return Err(ValidationError::new(
+            "options.deadline",
+            format!("{deadline} is in the past"),
+        ));
+    }
+    if let Some(id) = &o.task_id {
+        let ok = !id.is_empty()
+            && id.len() <= 128
+            && id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_=".contains(c));
+        if !ok {
+            return Err(ValidationError::new(
+                "options.task_id",
+                "use 1-128 of A-Z a-z 0-9 - _ =",
+            ));
+        }
+    }
+    if o.unique_ttl.is_some_and(|d| d.is_zero()) {
+        return Err(ValidationError::new(
+            "options.unique_ttl",
+            "must be at least 1s",
+        ));
+    }
+    if o.timeout.is_some_and(|d| d.is_zero()) {
+        return Err(ValidationError::new(
+            "options.timeout",
+            "must be above zero",
+        ));
+    }
+    due_time(create)?;
+    Ok(())
+}
+
+impl Enqueuer {
+    /// An enqueuer over the (provisioned) stream and unique bucket.
+    pub async fn open(js: &jetstream::Context) -> Result<Enqueuer, String> {
+        let unique = js
+            .get_key_value(names::BUCKET_UNIQUE)
+            .await
+            .map_err(|e| e.to_string())?;
+        let stream = js
+            .get_stream(names::STREAM_ASYNC)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(Enqueuer {
+            js: js.clone(),
+            unique,
+            stream,
+        })
+    }
+
+    /// Validates and enqueues; returns `{task_id, queue, state, process_at}`.
+    pub async fn enqueue(&self, create: &CreateCommand) -> Result<Value, EnqueueError> {
+        validate(create)?;
+        let queue = create.options.queue().to_owned();
+        let task_id = create
+            .options
+            .task_id
+            .clone()
+            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+        if create.options.task_id.is_some() && self.id_in_use(&task_id).await? {
+            return Err(EnqueueError::Conflict {
+                message: format!("task id `{task_id}` is in use"),
+                task_id,
+            });
+        }
+        if let Some(window) = create.options.unique_ttl {
+            self.lock_unique(create, &queue, &task_id, window).await?;
+        }
+        let message = TaskMessage {
+            id: task_id.clone(),
+            kind: create.kind.to_string(),
+            payload: create.payload.clone(),
+            options: create.options.clone(),
+            enqueued_at: Some(Utc::now().to_rfc3339()),
+            errors: Vec::new(),
+        };
+        let body = serde_json::to_vec(&message).map_err(nats)?;
+        let due =
+            due_time(create)?.filter(|at| *at > Utc::now() + chrono::Duration::milliseconds(500));
+        let mut headers = HeaderMap::new();
+        let subject = match due {
+            Some(at) => {
+                let at = at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+                headers.insert(
+                    async_nats::header::NATS_SCHEDULE,
+                    format!("@at {at}").as_str(),
+                );
+                headers.insert(
+                    async_nats::header::NATS_SCHEDULE_TARGET,
+                    names::async_subject(&queue, &task_id).as_str(),
+                );
+                names::delayed_subject(&queue, &task_id)
+            }
+            None => names::async_subject(&queue, &task_id),
+        };
+        let publish = PublishMessage::build()
+            .payload(body.into())
+            .headers(headers)
+            .message_id(&task_id);
+        let ack = self
+            .js
+            .send_publish(subject, publish)
+            .await
+            .map_err(nats)?
+            .await
+            .map_err(nats)?;
+        if ack.duplicate {
+            return Err(EnqueueError::Conflict {
+                message: format!("task id `{task_id}` was enqueued already"),
+                task_id,
+            });
+        }
+        let state = if due.is_some() {
+            "scheduled"
+        } else {
+            "pending"
+        };
+        Ok(
+            json!({"task_id": task_id, "kind": create.kind, "queue": queue, "state": state,
+                  "process_at": due.map(|d| d.to_rfc3339())}),
+        )
+    }
+
+    /// Whether a task id is pending, scheduled, or has a record.
+    async fn id_in_use(&self, task_id: &str) -> Result<bool, EnqueueError> {
+        for filter in [
+            format!("bmw.async.*.{task_id}"),
+            format!("bmw.schedule.at.*.{task_id}"),
+        ] {
+            if super::inspect::subjects(&self.stream, &filter)
+                .await
+                .map_err(nats)?
+                .next()
+                .is_some()
+            {
+                return Ok(true);
+            }
+        }
+        let records = self
+            .js
+            .get_key_value(names::BUCKET_ASYNC_TASKS)
+            .await
+            .map_err(nats)?;
+        Ok(
+            matches!(records.entry(task_id).await.map_err(nats)?, Some(e) if e.operation == kv::Operation::Put),
+        )
+    }
+
+    async fn lock_unique(
+        &self,
+        create: &CreateCommand,
+        queue: &str,
+        task_id: &str,
+        window: Duration,
+    ) -> Result<(), EnqueueError> {
+        let mut hasher = Sha256::new();
+        hasher.update(create.kind.as_str().as_bytes());
+        hasher.update([0]);
+        hasher.update(canonical_payload(&create.payload));
+        hasher.update([0]);
+        hasher.update(queue.as_bytes());
+        let key = to_hex(&hasher.finalize());
+        match create_with_ttl(
+            &self.js,
+            &self.unique,
+            &key,
+            task_id.as_bytes().to_vec().into(),
+            window,
+        )
+        .await
+        .map_err(nats)?
+        {
+            TtlCreate::Created(_) => Ok(()),
+            TtlCreate::Exists(existing) => {
+                let existing = String::from_utf8_lossy(&existing).into_owned();
+                Err(EnqueueError::Conflict {
+                    message: format!(
+                        "a task of this kind, payload and queue exists within its unique window: `{existing}`"
+                    ),
+                    task_id: existing,
+                })
+            }
+        }
+    }
+}

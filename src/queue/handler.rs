@@ -1,0 +1,130 @@
+//! The [`Handler`] trait: what an async task does, and what it returns.
+//!
+//! A handler gets a [`TaskContext`] (task id, attempt, cancellation token) and
+//! the payload, and returns `Ok(())`, a [`TaskError`] to retry with back-off,
+//! or a [`TaskError::skip_retry`] that archives the task at once. A timeout,
+//! a passed deadline or a panic fails the attempt like an error does.
+
+use std::fmt;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+
+/// What one attempt of a task gets.
+#[derive(Debug, Clone)]
+pub struct TaskContext {
+    /// The task's id.
+    pub task_id: String,
+    /// Its kind.
+    pub kind: String,
+    /// Its queue.
+    pub queue: String,
+    /// This attempt, from 1.
+    pub attempt: u32,
+    /// Retries allowed after the first attempt.
+    pub max_retry: u32,
+    /// Fires on timeout, deadline, delete or shutdown; `select!` on it.
+    pub token: CancellationToken,
+}
+
+impl TaskContext {
+    /// Resolves when the attempt must stop.
+    pub async fn cancelled(&self) {
+        self.token.cancelled().await
+    }
+}
+
+/// A failed attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaskError {
+    message: String,
+    skip_retry: bool,
+    retry_after: Option<Duration>,
+}
+
+impl TaskError {
+    /// A failure that is retried with the default back-off.
+    pub fn new(message: impl Into<String>) -> Self {
+        TaskError {
+            message: message.into(),
+            skip_retry: false,
+            retry_after: None,
+        }
+    }
+
+    /// A failure that is not retried: the task is archived at once.
+    pub fn skip_retry(message: impl Into<String>) -> Self {
+        TaskError {
+            skip_retry: true,
+            ..TaskError::new(message)
+        }
+    }
+
+    /// A failure retried after `delay` instead of the default back-off.
+    pub fn retry_after(message: impl Into<String>, delay: Duration) -> Self {
+        TaskError {
+            retry_after: Some(delay),
+            ..TaskError::new(message)
+        }
+    }
+
+    /// Whether retries are skipped.
+    pub fn skips_retry(&self) -> bool {
+        self.skip_retry
+    }
+
+    /// The handler's own retry delay, if any.
+    pub fn delay(&self) -> Option<Duration> {
+        self.retry_after
+    }
+}
+
+impl fmt::Display for TaskError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for TaskError {}
+
+impl From<&str> for TaskError {
+    fn from(message: &str) -> Self {
+        TaskError::new(message)
+    }
+}
+
+impl From<String> for TaskError {
+    fn from(message: String) -> Self {
+        TaskError::new(message)
+    }
+}
+
+/// An async task implementation, shared by every task of its kind.
+///
+/// Like [`crate::daemon::Operator`], `handle` returns a boxed future so that
+/// handlers can live in the registry as `Arc<dyn Handler>`.
+pub trait Handler: Send + Sync + 'static {
+    /// Runs one attempt.
+    fn handle<'a>(
+        &'a self,
+        ctx: TaskContext,
+        payload: &'a Value,
+    ) -> BoxFuture<'a, Result<(), TaskError>>;
+}
+
+/// Any `Fn(TaskContext, Value) -> Future` is a handler.
+impl<F, Fut> Handler for F
+where
+    F: Fn(TaskContext, Value) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<(), TaskError>> + Send + 'static,
+{
+    fn handle<'a>(
+        &'a self,
+        ctx: TaskContext,
+        payload: &'a Value,
+    ) -> BoxFuture<'a, Result<(), TaskError>> {
+        Box::pin((self)(ctx, payload.clone()))
+    }
+}

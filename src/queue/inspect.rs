@@ -1,0 +1,276 @@
+//! Reading async tasks back: one task by id, filtered lists with paging, and
+//! per-queue stats. `pending` and `scheduled` tasks are found in the stream
+//! by subject (`bmw.async.<queue>.<id>`, `bmw.schedule.at.<queue>.<id>`),
+//! everything else in the records bucket; queue depths come from the
+//! consumers, processed and failed counts from the live workers' entries.
+
+use std::collections::BTreeMap;
+
+use async_nats::jetstream::{self, stream::Stream};
+use futures::TryStreamExt;
+use serde::Serialize;
+use serde_json::Value;
+
+use super::message::TaskMessage;
+use super::record::{RecordStore, TaskRecord, TaskState};
+use crate::nats::names;
+
+/// The subjects of `stream` matching `filter` (wildcards allowed).
+pub(crate) async fn subjects(
+    stream: &Stream,
+    filter: &str,
+) -> Result<std::vec::IntoIter<String>, String> {
+    let info = stream
+        .info_with_subjects(filter)
+        .await
+        .map_err(|e| e.to_string())?;
+    let found: Vec<(String, usize)> = info.try_collect().await.map_err(|e| e.to_string())?;
+    let mut subjects: Vec<String> = found.into_iter().map(|(s, _)| s).collect();
+    subjects.sort();
+    Ok(subjects.into_iter())
+}
+
+/// Reads tasks and stats.
+#[derive(Debug, Clone)]
+pub struct Inspector {
+    js: jetstream::Context,
+    stream: Stream,
+    dead: Stream,
+    records: RecordStore,
+}
+
+/// Filters and paging of a list.
+#[derive(Debug, Clone, Default)]
+pub struct ListQuery {
+    /// Only this queue.
+    pub queue: Option<String>,
+    /// Only this state.
+    pub state: Option<TaskState>,
+    /// Only this kind.
+    pub kind: Option<String>,
+    /// Skip this many.
+    pub offset: usize,
+    /// At most this many (default 100).
+    pub limit: usize,
+}
+
+/// One queue's numbers.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct QueueStats {
+    /// Queue name.
+    pub queue: String,
+    /// Waiting to be fetched.
+    pub pending: u64,
+    /// Fetched and not acknowledged (running, or waiting for a retry delay).
+    pub active: u64,
+    /// Waiting for their `process_at`.
+    pub scheduled: u64,
+    /// Waiting for a retry.
+    pub retry: u64,
+    /// In the dead-letter stream.
+    pub archived: u64,
+    /// Succeeded, summed over live workers since they started.
+    pub processed: u64,
+    /// Failed attempts, summed over live workers since they started.
+    pub failed: u64,
+}
+
+fn last_token(subject: &str) -> &str {
+    subject.rsplit('.').next().unwrap_or(subject)
+}
+
+fn queue_of(subject: &str, prefix: &str) -> String {
+    subject
+        .strip_prefix(prefix)
+        .and_then(|s| s.split('.').next())
+        .unwrap_or_default()
+        .to_owned()
+}
+
+impl Inspector {
+    /// Opens the streams and records bucket.
+    pub async fn open(js: &jetstream::Context) -> Result<Inspector, String> {
+        Ok(Inspector {
+            js: js.clone(),
+            stream: js
+                .get_stream(names::STREAM_ASYNC)
+                .await
+                .map_err(|e| e.to_string())?,
+            dead: js
+                .get_stream(names::STREAM_DEAD)
+                .await
+                .map_err(|e| e.to_string())?,
+            records: RecordStore::open(js).await?,
+        })
+    }
+
+    async fn message_record(
+        &self,
+        stream: &Stream,
+        subject: &str,
+        state: TaskState,
+    ) -> Result<Option<TaskRecord>, String> {
+        let message = match stream.get_last_raw_message_by_subject(subject).await {
+            Ok(m) => m,
+            Err(_) => return Ok(None),
+        };
+        let task: TaskMessage =
+            serde_json::from_slice(&message.payload).map_err(|e| e.to_string())?;
+        let prefix = if state == TaskState::Scheduled {
+            "bmw.schedule.at."
+        } else {
+            "bmw.async."
+        };
+        Ok(Some(TaskRecord {
+            task_id: last_token(subject).to_owned(),
+            kind: task.kind.clone(),
+            queue: queue_of(subject, prefix),
+            state,
+            attempts: 0,
+            max_retry: task.max_retry(),
+            last_error: None,
+            errors: Vec::new(),
+            payload: task.payload,
+            options: serde_json::to_value(&task.options).unwrap_or(Value::Null),
+            enqueued_at: task.enqueued_at,
+            next_process_at: task.options.process_at.clone(),
+            completed_at: None,
+            updated_at: message.time.to_string(),
+        }))
+    }
+
+    /// One task by id.
+    pub async fn get(&self, task_id: &str) -> Result<Option<TaskRecord>, String> {
+        if let Some(record) = self.records.get(task_id).await? {
+            return Ok(Some(record));
+        }
+        for (filter, state) in [
+            (format!("bmw.async.*.{task_id}"), TaskState::Pending),
+            (format!("bmw.schedule.at.*.{task_id}"), TaskState::Scheduled),
+        ] {
+            if let Some(subject) = subjects(&self.stream, &filter).await?.next() {
+                return self.message_record(&self.stream, &subject, state).await;
+            }
+        }
+        Ok(None)
+    }
+
+    /// Tasks matching `query`, newest records first, then pending and scheduled ones.
+    pub async fn list(&self, query: &ListQuery) -> Result<Vec<TaskRecord>, String> {
+        let limit = if query.limit == 0 {
+            100
+        } else {
+            query.limit.min(1000)
+        };
+        let wanted = |r: &TaskRecord| {
+            query.queue.as_ref().is_none_or(|q| &r.queue == q)
+                && query.state.is_none_or(|s| r.state == s)
+                && query.kind.as_ref().is_none_or(|k| &r.kind == k)
+        };
+        let mut records: Vec<TaskRecord> = self
+            .records
+            .all()
+            .await?
+            .into_iter()
+            .filter(|r| wanted(r))
+            .collect();
+        records.sort_by(|a, b| b.updated_at.cmp(&a.updated_at));
+        let recorded: std::collections::HashSet<String> =
+            records.iter().map(|r| r.task_id.clone()).collect();
+        let mut out: Vec<TaskRecord> = records.into_iter().skip(query.offset).take(limit).collect();
+        let mut skip = query.offset.saturating_sub(recorded.len());
+        let queue = query.queue.as_deref().unwrap_or("*");
+        for (filter, state) in [
+            (format!("bmw.async.{queue}.*"), TaskState::Pending),
+            (format!("bmw.schedule.at.{queue}.*"), TaskState::Scheduled),
+        ] {
+            if query.state.is_some_and(|s| s != state) {
+                continue;
+            }
+            for subject in subjects(&self.stream, &filter).await? {
+                if out.len() >= limit {
+                    return Ok(out);
+                }
+                if recorded.contains(last_token(&subject)) {
+                    continue;
+                }
+                if let Some(r) = self
+                    .message_record(&self.stream, &subject, state)
+                    .await?
+                    .filter(|r| wanted(r))
+                {
+                    if skip > 0 {
+                        skip -= 1;
+                    } else {
+                        out.push(r);
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Stats of `queues`, plus any queue that has a consumer.
+    pub async fn stats(
+        &self,
+        workers: &[crate::membership::WorkerEntry],
+    ) -> Result<Vec<QueueStats>, String> {
+        let mut stats: BTreeMap<String, QueueStats> = BTreeMap::new();
+        let mut names_stream = self.stream.consumer_names();
+        while let Some(name) = names_stream.try_next().await.map_err(|e| e.to_string())? {
+            if let Some(queue) = name.strip_prefix("bmw-async-") {
+                stats.entry(queue.to_owned()).or_insert_with(|| QueueStats {
+                    queue: queue.to_owned(),
+                    ..Default::default()
+                });
+            }
+        }
+        for w in workers {
+            for (q, n) in &w.async_processed {
+                stats
+                    .entry(q.clone())
+                    .or_insert_with(|| QueueStats {
+                        queue: q.clone(),
+                        ..Default::default()
+                    })
+                    .processed += n;
+            }
+            for (q, n) in &w.async_failed {
+                stats
+                    .entry(q.clone())
+                    .or_insert_with(|| QueueStats {
+                        queue: q.clone(),
+                        ..Default::default()
+                    })
+                    .failed += n;
+            }
+        }
+        let records = self.records.all().await?;
+        for s in stats.values_mut() {
+            let mut consumer: jetstream::consumer::PullConsumer = match self
+                .stream
+                .get_consumer(&names::async_consumer(&s.queue))
+                .await
+            {
+                Ok(c) => c,
+                Err(_) => continue,
+            };
+            if let Ok(info) = consumer.info().await {
+                s.pending = info.num_pending;
+                s.active = info.num_ack_pending as u64;
+            }
+            s.scheduled = subjects(&self.stream, &format!("bmw.schedule.at.{}.*", s.queue))
+                .await?
+                .len() as u64;
+            s.archived = subjects(&self.dead, &format!("bmw.dead.{}.*", s.queue))
+                .await?
+                .len() as u64;
+            s.retry = records
+                .iter()
+                .filter(|r| r.queue == s.queue && r.state == TaskState::Retry)
+                .count() as u64;
+        }
+        let _ = &self.js;
+        Ok(stats.into_values().collect())
+    }
+}

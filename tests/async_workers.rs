@@ -1,0 +1,193 @@
+//! Async tasks over several worker processes: weighted queues (a busy low
+//! queue does not starve critical), at-least-once across a `kill -9` (no task
+//! of 1,000 is lost), and graceful shutdown that hands fetched tasks back at
+//! once instead of leaving them to the ack timeout.
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::message::PublishMessage;
+use serde_json::{Value, json};
+
+use crate::async_tasks::{ASYNC_FAST, collect_events};
+use crate::harness::{BmwProcess, TestEnv, wait_until};
+
+/// Publishes `n` tasks straight on `bmw.async.<queue>` with a window of
+/// outstanding acks; returns their ids.
+async fn publish_many(
+    env: &TestEnv,
+    queue: &str,
+    prefix: &str,
+    n: usize,
+    task: Value,
+) -> Vec<String> {
+    let mut acks = Vec::new();
+    let mut ids = Vec::new();
+    for i in 0..n {
+        let id = format!("{prefix}-{i}");
+        let mut body = task.clone();
+        body["id"] = json!(id);
+        let publish = PublishMessage::build()
+            .payload(body.to_string().into())
+            .message_id(&id);
+        acks.push(
+            env.nats
+                .js
+                .send_publish(format!("bmw.async.{queue}.{id}"), publish)
+                .await
+                .unwrap(),
+        );
+        ids.push(id);
+    }
+    for ack in acks {
+        ack.await.unwrap();
+    }
+    ids
+}
+
+fn succeeded(events: &std::sync::Mutex<Vec<Value>>, prefix: &str) -> HashSet<String> {
+    events
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|e| e["what"] == "succeeded")
+        .filter_map(|e| {
+            e["task_id"]
+                .as_str()
+                .filter(|id| id.starts_with(prefix))
+                .map(str::to_owned)
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_busy_low_queue_does_not_starve_critical() {
+    let env = TestEnv::start().await;
+    let events = collect_events(&env);
+    env.nats.client.flush().await.unwrap();
+    let args: Vec<&str> = ["--queues", "critical=6,low=1", "--concurrency", "7"]
+        .into_iter()
+        .chain(ASYNC_FAST.iter().copied())
+        .collect();
+    let worker = BmwProcess::worker(&env.url(), &args);
+    worker.worker_id().await;
+    let sleep = json!({"kind": "async:demo:sleep", "payload": {"seconds": 0.3}});
+    publish_many(&env, "low", "low", 40, sleep.clone()).await;
+    // Let the low queue saturate the worker first.
+    assert!(
+        wait_until(Duration::from_secs(5), async || !succeeded(&events, "low")
+            .is_empty())
+        .await
+    );
+    publish_many(&env, "critical", "crit", 12, sleep).await;
+    assert!(
+        wait_until(Duration::from_secs(15), async || succeeded(&events, "crit")
+            .len()
+            == 12)
+        .await,
+        "critical tasks ran"
+    );
+    let low_done = succeeded(&events, "low").len();
+    // Alone, 12 critical tasks on 6 of 7 slots take about 0.6 s; starved behind
+    // 40 low tasks they would wait for most of them.
+    assert!(
+        low_done < 30,
+        "critical waited behind {low_done} of 40 low tasks"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn no_task_is_lost_when_a_worker_is_killed_mid_run() {
+    let env = TestEnv::start().await;
+    let events = collect_events(&env);
+    env.nats.client.flush().await.unwrap();
+    let args: Vec<&str> = ["--concurrency", "16"]
+        .into_iter()
+        .chain(ASYNC_FAST.iter().copied())
+        .collect();
+    let mut doomed = BmwProcess::worker(&env.url(), &args);
+    let survivor = BmwProcess::worker(&env.url(), &args);
+    doomed.worker_id().await;
+    survivor.worker_id().await;
+    const N: usize = 1000;
+    let ids = publish_many(
+        &env,
+        "default",
+        "t",
+        N,
+        json!({"kind": "async:demo:sleep", "payload": {"seconds": 0.02}}),
+    )
+    .await;
+    assert!(
+        wait_until(Duration::from_secs(20), async || succeeded(&events, "t-")
+            .len()
+            >= N / 4)
+        .await,
+        "work started"
+    );
+    doomed.kill9();
+    let killed = Instant::now();
+    let all = wait_until(Duration::from_secs(60), async || {
+        succeeded(&events, "t-").len() == N
+    })
+    .await;
+    let done = succeeded(&events, "t-");
+    let missing: Vec<&String> = ids
+        .iter()
+        .filter(|id| !done.contains(*id))
+        .take(5)
+        .collect();
+    assert!(
+        all,
+        "{} of {N} tasks ran; missing e.g. {missing:?}",
+        done.len()
+    );
+    eprintln!(
+        "1000 tasks, a worker killed mid-run: all ran {:?} after the kill",
+        killed.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_returns_fetched_tasks_at_once() {
+    let env = TestEnv::start().await;
+    let events = collect_events(&env);
+    env.nats.client.flush().await.unwrap();
+    // Default ack wait (30 s): a task left to it would take 30 s to move.
+    let mut first = BmwProcess::worker(&env.url(), &["--concurrency", "2"]);
+    first.worker_id().await;
+    publish_many(
+        &env,
+        "default",
+        "g",
+        6,
+        json!({"kind": "async:demo:sleep", "payload": {"seconds": 1}}),
+    )
+    .await;
+    assert!(
+        wait_until(Duration::from_secs(5), async || first
+            .has_log("worker started"))
+        .await
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await; // let the first two start
+    assert!(first.sigterm(), "worker exits on SIGTERM");
+    let stopped = Instant::now();
+    // The running ones finished within the grace period.
+    assert!(
+        succeeded(&events, "g-").len() >= 2,
+        "running tasks finished before exit"
+    );
+    let second = BmwProcess::worker(&env.url(), &["--concurrency", "4"]);
+    second.worker_id().await;
+    assert!(
+        wait_until(Duration::from_secs(15), async || succeeded(&events, "g-")
+            .len()
+            == 6)
+        .await,
+        "the rest ran on the next worker"
+    );
+    assert!(
+        stopped.elapsed() < Duration::from_secs(20),
+        "nothing waited for the 30 s ack timeout"
+    );
+}
