@@ -3,7 +3,8 @@
 //! current time every 5 s; any `content` other than `ok` fails), and the async
 //! demos `async:demo:echo` (logs the payload), `async:demo:sleep`
 //! (`{"seconds": n}`), `async:demo:fail` (`{"fail_times": n}` fails the first n
-//! attempts; `{"skip_retry": true}` fails for good) and `async:demo:noop`.
+//! attempts; `{"skip_retry": true}` fails for good) and `async:demo:noop`, and
+//! the periodic `periodic:demo:tick` (logs each tick; no schedule declared).
 //!
 //! The demo prints to stdout, as the seed shows; that is the one place the
 //! library prints.
@@ -67,6 +68,15 @@ pub fn register(registry: &mut Registry) -> Result<(), RegistryError> {
                     ctx.attempt
                 )));
             }
+            Ok(())
+        },
+    )?;
+    // A handler only: create its schedule at run time (`options.every` or `options.cron`).
+    registry.register_periodic(
+        "periodic:demo:tick",
+        None,
+        |ctx: TaskContext, payload: Value| async move {
+            tracing::info!(task_id = ctx.task_id, kind = ctx.kind, %payload, "tick");
             Ok(())
         },
     )?;

@@ -19,6 +19,7 @@ use crate::command::{Command, CommandHandler, DeleteTarget, Outcome};
 use crate::daemon::{Claim, DaemonSpec, SpecStore};
 use crate::membership::WorkerEntry;
 use crate::nats::{Nats, names};
+use crate::periodic::{PeriodicError, PeriodicSpec, PeriodicStore};
 use crate::queue::{Admin, AdminError, EnqueueError, Enqueuer, ListQuery, QueueStats, TaskRecord};
 use crate::registry::Registry;
 use crate::task::{TaskType, ValidationError};
@@ -88,7 +89,28 @@ pub struct TaskClient {
     specs: SpecStore,
     enqueuer: Enqueuer,
     admin: Admin,
+    periodic: PeriodicStore,
     reply_timeout: Duration,
+}
+
+fn periodic_error(e: PeriodicError) -> ClientError {
+    match e {
+        PeriodicError::NotFound(k) => {
+            ClientError::NotFound(format!("periodic task `{k}` does not exist"))
+        }
+        PeriodicError::Refused(m) => ClientError::Invalid(ValidationError::new("options", m)),
+        PeriodicError::Nats(m) => ClientError::Nats(m),
+    }
+}
+
+/// The data of a periodic create, pause or resume.
+pub fn periodic_data(spec: &PeriodicSpec) -> Value {
+    let tz = crate::periodic::parse_timezone(spec.timezone.as_deref()).unwrap_or(chrono_tz::UTC);
+    let next = (!spec.paused)
+        .then(|| spec.schedule.next_after(chrono::Utc::now(), tz))
+        .flatten();
+    json!({"kind": spec.kind, "schedule": spec.schedule.header(), "timezone": spec.timezone,
+           "queue": spec.options.queue(), "paused": spec.paused, "next_run_at": next.map(|t| t.to_rfc3339())})
 }
 
 impl TaskClient {
@@ -103,12 +125,16 @@ impl TaskClient {
             .map_err(|e| ClientError::Nats(e.to_string()))?;
         let enqueuer = Enqueuer::open(&nats.js).await.map_err(ClientError::Nats)?;
         let admin = Admin::open(&nats).await.map_err(ClientError::Nats)?;
+        let periodic = PeriodicStore::open(&nats.js)
+            .await
+            .map_err(ClientError::Nats)?;
         Ok(TaskClient {
             nats,
             registry,
             specs,
             enqueuer,
             admin,
+            periodic,
             reply_timeout,
         })
     }
@@ -178,6 +204,21 @@ impl TaskClient {
                     Err(EnqueueError::Nats(e)) => Err(ClientError::Nats(e)),
                 }
             }
+            Command::Create(create) if create.kind.task_type() == TaskType::Periodic => {
+                if !self.registry.is_registered(&create.kind) {
+                    self.check_remote_kind(create.kind.as_str()).await?;
+                }
+                let spec = crate::periodic::spec_from_create(create)?;
+                self.periodic.apply(&spec).await.map_err(periodic_error)?;
+                Ok(Some(Outcome::ok(periodic_data(&spec))))
+            }
+            Command::Delete {
+                target: DeleteTarget::Periodic(kind),
+                ..
+            } => {
+                let spec = self.periodic.delete(kind).await.map_err(periodic_error)?;
+                Ok(Some(Outcome::ok(json!({"kind": spec.kind}))))
+            }
             Command::Delete {
                 target: DeleteTarget::Async(task_id),
                 ..
@@ -188,6 +229,21 @@ impl TaskClient {
             },
             _ => Ok(None),
         }
+    }
+
+    /// Pauses (`true`) or resumes a periodic task.
+    pub async fn pause_periodic(&self, kind: &str, paused: bool) -> Result<Value, ClientError> {
+        let spec = self
+            .periodic
+            .set_paused(kind, paused)
+            .await
+            .map_err(periodic_error)?;
+        Ok(periodic_data(&spec))
+    }
+
+    /// Every periodic task with its schedule, next run, last run and outcome.
+    pub async fn list_periodic(&self) -> Result<Vec<Value>, ClientError> {
+        self.periodic.list().await.map_err(periodic_error)
     }
 
     /// Puts an archived async task back in its queue.
@@ -232,13 +288,6 @@ impl TaskClient {
     async fn precheck(&self, command: &Command) -> Result<Value, ClientError> {
         match command {
             Command::Create(create) => {
-                if create.kind.task_type() == TaskType::Periodic {
-                    return Err(ValidationError::new(
-                        "kind",
-                        "periodic tasks are not supported by this version",
-                    )
-                    .into());
-                }
                 if !self.registry.is_registered(&create.kind) {
                     // Registered by a worker built with more kinds than this binary:
                     // the worker computes the uni_id.

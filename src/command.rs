@@ -241,24 +241,24 @@ pub struct CommandHandler {
     workers: async_nats::jetstream::kv::Store,
     enqueuer: crate::queue::Enqueuer,
     admin: crate::queue::Admin,
+    periodic: crate::periodic::PeriodicStore,
 }
 
 impl CommandHandler {
-    /// A handler over the spec store; `workers` tells which kinds other workers run.
-    pub fn new(
-        registry: Arc<Registry>,
-        specs: SpecStore,
-        workers: async_nats::jetstream::kv::Store,
-        enqueuer: crate::queue::Enqueuer,
-        admin: crate::queue::Admin,
-    ) -> Self {
-        CommandHandler {
+    /// A handler over the stores of `nats` (opened here).
+    pub async fn open(nats: &crate::nats::Nats, registry: Arc<Registry>) -> Result<Self, String> {
+        let js = &nats.js;
+        Ok(CommandHandler {
             registry,
-            specs,
-            workers,
-            enqueuer,
-            admin,
-        }
+            specs: SpecStore::open(js).await.map_err(|e| e.to_string())?,
+            workers: js
+                .get_key_value(names::BUCKET_WORKERS)
+                .await
+                .map_err(|e| e.to_string())?,
+            enqueuer: crate::queue::Enqueuer::open(js).await?,
+            admin: crate::queue::Admin::open(nats).await?,
+            periodic: crate::periodic::PeriodicStore::open(js).await?,
+        })
     }
 
     /// Whether a live worker advertises `kind`.
@@ -309,6 +309,19 @@ impl CommandHandler {
         })
     }
 
+    async fn create_periodic(&self, create: &CreateCommand) -> Result<Outcome, ApplyError> {
+        use crate::periodic::PeriodicError;
+        let spec = match crate::periodic::spec_from_create(create) {
+            Ok(spec) => spec,
+            Err(e) => return Ok(Outcome::err(400, e.to_string())),
+        };
+        match self.periodic.apply(&spec).await {
+            Ok(()) => Ok(Outcome::ok(crate::client::periodic_data(&spec))),
+            Err(PeriodicError::Refused(m)) => Ok(Outcome::err(400, m)),
+            Err(e) => Err(ApplyError::Transient(e.to_string())),
+        }
+    }
+
     async fn enqueue(&self, create: &CreateCommand) -> Result<Outcome, ApplyError> {
         use crate::queue::EnqueueError;
         if let Err(e) = self.registry.check(&create.kind) {
@@ -339,12 +352,7 @@ impl CommandHandler {
                 }
                 match create.kind.task_type() {
                     TaskType::Async => return self.enqueue(create).await,
-                    TaskType::Periodic => {
-                        return Ok(Outcome::err(
-                            400,
-                            "invalid `kind`: periodic tasks are not supported by this version",
-                        ));
-                    }
+                    TaskType::Periodic => return self.create_periodic(create).await,
                     TaskType::Daemon => {}
                 }
                 let spec = match Self::daemon_spec(&self.registry, create) {
@@ -380,12 +388,14 @@ impl CommandHandler {
             Command::Delete {
                 target: DeleteTarget::Periodic(kind),
                 ..
-            } => Ok(Outcome::err(
-                400,
-                format!(
-                    "invalid `task_type`: deleting periodic task {kind} is not supported by this version"
-                ),
-            )),
+            } => match self.periodic.delete(kind).await {
+                Ok(spec) => Ok(Outcome::ok(json!({"kind": spec.kind}))),
+                Err(crate::periodic::PeriodicError::NotFound(k)) => Ok(Outcome::err(
+                    404,
+                    format!("periodic task `{k}` does not exist"),
+                )),
+                Err(e) => Err(ApplyError::Transient(e.to_string())),
+            },
             Command::Reload { uni_id, .. } => match self.specs.reload(uni_id).await {
                 Ok(spec) => {
                     tracing::info!(uni_id = %uni_id, generation = spec.generation, "daemon task reload requested");

@@ -41,6 +41,7 @@ pub mod events;
 pub mod membership;
 pub mod metrics;
 pub mod nats;
+pub mod periodic;
 pub mod queue;
 pub mod registry;
 pub mod service;

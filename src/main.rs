@@ -122,7 +122,7 @@ enum TaskCmd {
         #[arg(long = "type", default_value = "daemon")]
         task_type: String,
     },
-    /// Delete a task: a daemon task by uni_id, an async task by task id.
+    /// Delete a task: a daemon task by uni_id, an async task by task id, a periodic task by kind.
     Delete {
         /// The daemon task's uni_id, or the async task's id.
         id: String,
@@ -142,6 +142,16 @@ enum TaskCmd {
     },
     /// Per-queue stats of async tasks.
     Queues,
+    /// Pause a periodic task (its ticks stop; the task is kept).
+    Pause {
+        /// The periodic kind.
+        kind: String,
+    },
+    /// Resume a paused periodic task.
+    Resume {
+        /// The periodic kind.
+        kind: String,
+    },
     /// Restart a daemon task by uni_id.
     Reload {
         /// The task's uni_id.
@@ -254,6 +264,7 @@ async fn task(cmd: TaskCmd, config: Config, registry: Arc<Registry>) -> anyhow::
             let rows = match task_type.as_str() {
                 "daemon" => serde_json::to_value(client.list_daemon().await?)?,
                 "async" => serde_json::to_value(client.list_async(&Default::default()).await?)?,
+                "periodic" => serde_json::to_value(client.list_periodic().await?)?,
                 other => anyhow::bail!("listing {other} tasks is not supported by this version"),
             };
             println!("{}", serde_json::to_string_pretty(&rows)?);
@@ -270,6 +281,20 @@ async fn task(cmd: TaskCmd, config: Config, registry: Arc<Registry>) -> anyhow::
             println!(
                 "{}",
                 serde_json::to_string_pretty(&client.requeue(&task_id).await?)?
+            );
+            return Ok(ExitCode::SUCCESS);
+        }
+        TaskCmd::Pause { kind } => {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&client.pause_periodic(&kind, true).await?)?
+            );
+            return Ok(ExitCode::SUCCESS);
+        }
+        TaskCmd::Resume { kind } => {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&client.pause_periodic(&kind, false).await?)?
             );
             return Ok(ExitCode::SUCCESS);
         }
@@ -302,6 +327,7 @@ async fn task(cmd: TaskCmd, config: Config, registry: Arc<Registry>) -> anyhow::
             target: match task_type.as_str() {
                 "daemon" => DeleteTarget::Daemon(bmw::task::UniId::from_raw(target)),
                 "async" => DeleteTarget::Async(target),
+                "periodic" => DeleteTarget::Periodic(target),
                 other => anyhow::bail!("deleting {other} tasks is not supported by this version"),
             },
         },

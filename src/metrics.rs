@@ -23,6 +23,8 @@ pub const ASYNC_TASK_PROCESSED_TOTAL: &str = "async_task_processed_total";
 pub const ASYNC_TASK_DURATION_SECONDS: &str = "async_task_duration_seconds";
 /// Messages waiting in a queue.
 pub const ASYNC_QUEUE_PENDING: &str = "async_queue_pending";
+/// Periodic ticks received.
+pub const PERIODIC_TASK_ENQUEUED_TOTAL: &str = "periodic_task_enqueued_total";
 /// Commands handled by outcome.
 pub const COMMANDS_TOTAL: &str = "bmw_commands_total";
 
@@ -82,4 +84,9 @@ pub fn async_processed(kind: &str, queue: &str, status: &str, seconds: f64) {
 /// Messages waiting in `queue`.
 pub fn async_pending(queue: &str, pending: u64) {
     metrics::gauge!(ASYNC_QUEUE_PENDING, "queue" => queue.to_owned()).set(pending as f64);
+}
+
+/// A periodic tick arrived.
+pub fn periodic_enqueued(kind: &str) {
+    metrics::counter!(PERIODIC_TASK_ENQUEUED_TOTAL, "kind" => kind.to_owned()).increment(1);
 }

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, OnceLock};
 
 use crate::daemon::{Operator, OperatorError};
+use crate::periodic::PeriodicDeclaration;
 use crate::queue::Handler;
 use crate::task::{Kind, TaskType, ValidationError};
 
@@ -41,6 +42,7 @@ pub enum RegistryError {
 pub struct Registry {
     daemon: BTreeMap<Kind, DaemonEntry>,
     handlers: BTreeMap<Kind, Arc<dyn Handler>>,
+    declared: Vec<(Kind, PeriodicDeclaration)>,
 }
 
 impl std::fmt::Debug for Registry {
@@ -109,6 +111,33 @@ impl Registry {
         }
         self.handlers.insert(kind, Arc::new(handler));
         Ok(self)
+    }
+
+    /// Registers a periodic kind: its handler (run on every tick) and, when
+    /// `declared` is given, a schedule that every worker writes at start.
+    pub fn register_periodic(
+        &mut self,
+        kind: &str,
+        declared: Option<PeriodicDeclaration>,
+        handler: impl Handler,
+    ) -> Result<&mut Self, RegistryError> {
+        let parsed = Kind::parse(kind)?;
+        if parsed.task_type() != TaskType::Periodic {
+            return Err(RegistryError::WrongType {
+                kind: kind.to_owned(),
+                expected: TaskType::Periodic,
+            });
+        }
+        self.register_async(kind, handler)?;
+        if let Some(d) = declared {
+            self.declared.push((parsed, d));
+        }
+        Ok(self)
+    }
+
+    /// The periodic tasks declared in code.
+    pub fn declared_periodic(&self) -> &[(Kind, PeriodicDeclaration)] {
+        &self.declared
     }
 
     /// The handler of an async or periodic kind.

@@ -16,7 +16,8 @@ use crate::daemon::{
 use crate::events::EventPublisher;
 use crate::membership::{Membership, WorkerStats, new_worker_id};
 use crate::nats::{Nats, names, provision};
-use crate::queue::{Admin, AsyncRuntime, Backoff, Enqueuer, RecordStore};
+use crate::periodic::PeriodicStore;
+use crate::queue::{AsyncRuntime, Backoff, RecordStore};
 use crate::registry::Registry;
 
 /// Why a worker could not run.
@@ -88,17 +89,17 @@ impl Worker {
         let tracker = TaskTracker::new();
         let membership_token = CancellationToken::new();
         tracker.spawn(membership.run(self.config.heartbeat, membership_token.clone()));
-        let enqueuer = Enqueuer::open(&self.nats.js)
+        let handler = CommandHandler::open(&self.nats, self.registry.clone())
             .await
             .map_err(|e| nats_err(&e))?;
-        let admin = Admin::open(&self.nats).await.map_err(|e| nats_err(&e))?;
-        let handler = CommandHandler::new(
-            self.registry.clone(),
-            specs.clone(),
-            workers.clone(),
-            enqueuer,
-            admin,
-        );
+        let periodic = PeriodicStore::open(&self.nats.js)
+            .await
+            .map_err(|e| nats_err(&e))?;
+        if let Err(e) =
+            crate::periodic::reconcile(&periodic, self.registry.declared_periodic()).await
+        {
+            tracing::error!(cause = %e, "declared periodic tasks not reconciled");
+        }
         let records = RecordStore::open(&self.nats.js)
             .await
             .map_err(|e| nats_err(&e))?;
@@ -117,6 +118,7 @@ impl Worker {
             ack_wait: self.config.async_ack_wait,
             worker_id: self.worker_id.clone(),
             stats: stats.clone(),
+            periodic: periodic.clone(),
         };
         let async_token = token.child_token();
         tracker.spawn(async_runtime.run(async_token));

@@ -9,6 +9,7 @@ mod bridge_input;
 mod daemon_cluster;
 mod nats_cluster;
 mod nats_restart;
+mod periodic_tasks;
 mod raw_commands;
 mod seed_walkthrough;
 mod service;

@@ -51,6 +51,8 @@ pub fn router(state: BridgeState) -> Router {
         .route("/bmw/task/daemon/reload", post(routes::reload))
         .route("/bmw/task/daemon/reload/", post(routes::reload))
         .route("/bmw/task/async/requeue", post(routes::requeue))
+        .route("/bmw/task/periodic/pause", post(routes::pause))
+        .route("/bmw/task/periodic/resume", post(routes::resume))
         .route("/bmw/queue/", get(routes::queues))
         .route("/bmw/queue", get(routes::queues))
         .route("/bmw/worker/", get(routes::workers))

@@ -110,9 +110,10 @@ pub(super) async fn list(
             let rows = state.client.list_async(&list_query).await?;
             Ok(Reply(StatusCode::OK, Envelope::ok(json!(rows))))
         }
-        other => Err(ApiError::bad_request(format!(
-            "invalid `task_type`: listing {other} tasks is not supported by this version"
-        ))),
+        TaskType::Periodic => {
+            let rows = state.client.list_periodic().await?;
+            Ok(Reply(StatusCode::OK, Envelope::ok(json!(rows))))
+        }
     }
 }
 
@@ -137,6 +138,30 @@ pub(super) async fn requeue(
         .ok_or_else(|| ApiError::bad_request("invalid `task_id`: is required"))?;
     let data = state.client.requeue(task_id).await?;
     Ok(Reply(StatusCode::OK, Envelope::ok(data)))
+}
+
+/// `POST /bmw/task/periodic/pause` (or `/resume`) with `{"kind"}`.
+async fn pause_or_resume(state: &BridgeState, raw: Body, paused: bool) -> Result<Reply, ApiError> {
+    let bytes = body(state, raw).await?;
+    let value: Value = serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::bad_request(format!("invalid `body`: {e}")))?;
+    let kind = value
+        .get("kind")
+        .and_then(Value::as_str)
+        .filter(|s| !s.is_empty())
+        .ok_or_else(|| ApiError::bad_request("invalid `kind`: is required"))?;
+    let data = state.client.pause_periodic(kind, paused).await?;
+    Ok(Reply(StatusCode::OK, Envelope::ok(data)))
+}
+
+/// `POST /bmw/task/periodic/pause`: stop the ticks, keep the task.
+pub(super) async fn pause(State(state): State<BridgeState>, raw: Body) -> Result<Reply, ApiError> {
+    pause_or_resume(&state, raw, true).await
+}
+
+/// `POST /bmw/task/periodic/resume`: start the ticks again.
+pub(super) async fn resume(State(state): State<BridgeState>, raw: Body) -> Result<Reply, ApiError> {
+    pause_or_resume(&state, raw, false).await
 }
 
 /// `GET /bmw/worker/`: live workers and their load.

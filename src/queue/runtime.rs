@@ -59,6 +59,7 @@ pub struct AsyncRuntime {
     pub(crate) ack_wait: Duration,
     pub(crate) worker_id: String,
     pub(crate) stats: Arc<WorkerStats>,
+    pub(crate) periodic: crate::periodic::PeriodicStore,
 }
 
 #[derive(Debug, Default)]
@@ -360,9 +361,42 @@ async fn execute(shared: Arc<Shared>, message: Message, _permit: OwnedSemaphoreP
             return archive(&shared, &message, task, &queue, attempt, &error).await;
         }
     };
+    let periodic = task.kind.starts_with("periodic:");
+    if periodic && attempt == 1 {
+        crate::metrics::periodic_enqueued(&task.kind);
+        // When the server's scheduler stored this tick: its fire time.
+        let fired_at = message.info().ok().map(|i| {
+            let t = i.published;
+            chrono::DateTime::from_timestamp(t.unix_timestamp(), t.nanosecond())
+                .map(|d| d.to_rfc3339_opts(chrono::SecondsFormat::Micros, true))
+        });
+        rt.events
+            .emit(
+                "periodic",
+                &task.kind,
+                "enqueued",
+                json!({"task_id": task.id, "queue": queue, "fired_at": fired_at.flatten()}),
+            )
+            .await;
+    }
     let started = Instant::now();
     let outcome = run_attempt(&shared, &message, &task, &queue, attempt, handler).await;
     let seconds = started.elapsed().as_secs_f64();
+    if periodic {
+        let next = message
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(async_nats::header::NATS_SCHEDULE_NEXT))
+            .map(|v| v.as_str().to_owned());
+        let label = match &outcome {
+            Outcome::Done => "succeeded",
+            Outcome::Failed(e) if e.skips_retry() || attempt > task.max_retry() => "archived",
+            Outcome::Failed(_) => "retry",
+            Outcome::Deleted => "deleted",
+            Outcome::Shutdown => "interrupted",
+        };
+        rt.periodic.record_run(&task.kind, label, next).await;
+    }
     match outcome {
         Outcome::Done => {
             // The event goes out before the ack on the same connection: if the

@@ -1,0 +1,105 @@
+//! Periodic tasks: cron or interval schedules, fired by nats-server itself
+//! (`Nats-Schedule` messages in `BMW_ASYNC`), so each tick is enqueued exactly
+//! once however many workers run, with no leader. A tick is an async task of
+//! the periodic kind, run by the async machinery (retries, timeout, events).
+//!
+//! [`schedule`] parses and checks schedules; [`store`] keeps specs and
+//! schedule messages; [`PeriodicDeclaration`]s registered in code are
+//! reconciled into the stream by every worker at start ([`reconcile`]).
+
+pub mod schedule;
+pub mod store;
+
+use serde_json::Value;
+
+pub use schedule::{Schedule, parse_timezone};
+pub use store::{PeriodicError, PeriodicSpec, PeriodicStatus, PeriodicStore};
+
+use crate::command::CreateCommand;
+use crate::task::{Options, ValidationError};
+
+/// A periodic task declared in code: what [`crate::Registry::register_periodic`] takes.
+#[derive(Debug, Clone)]
+pub struct PeriodicDeclaration {
+    /// When it fires.
+    pub schedule: Schedule,
+    /// IANA time zone of a cron schedule (`None`: UTC).
+    pub timezone: Option<String>,
+    /// Payload of every tick.
+    pub payload: Value,
+    /// Async options of every tick.
+    pub options: Options,
+}
+
+/// Builds the spec of a run-time create (`options.cron` or `options.every`,
+/// `timezone`, and async options for each tick), refusing bad input.
+pub fn spec_from_create(create: &CreateCommand) -> Result<PeriodicSpec, ValidationError> {
+    let mut options = create.options.clone();
+    let schedule = Schedule::from_options(options.cron.as_deref(), options.every)?;
+    let timezone = options.timezone.take();
+    parse_timezone(timezone.as_deref())?;
+    if options.process_at.is_some()
+        || options.process_in.is_some()
+        || options.task_id.is_some()
+        || options.unique_ttl.is_some()
+    {
+        return Err(ValidationError::new(
+            "options",
+            "process_at, process_in, task_id and unique_ttl do not apply to periodic tasks",
+        ));
+    }
+    options.cron = None;
+    options.every = None;
+    Ok(PeriodicSpec {
+        kind: create.kind.clone(),
+        schedule,
+        timezone,
+        payload: create.payload.clone(),
+        options,
+        paused: false,
+        declared: false,
+        created_at: chrono::Utc::now().to_rfc3339(),
+    })
+}
+
+/// Writes the declared schedules: creates missing ones, updates changed ones,
+/// leaves identical ones alone (a pause survives restarts). Many workers
+/// starting at once still leave one schedule per kind (rollup).
+pub async fn reconcile(
+    store: &PeriodicStore,
+    declared: &[(crate::task::Kind, PeriodicDeclaration)],
+) -> Result<(), PeriodicError> {
+    for (kind, d) in declared {
+        let wanted = PeriodicSpec {
+            kind: kind.clone(),
+            schedule: d.schedule.clone(),
+            timezone: d.timezone.clone(),
+            payload: d.payload.clone(),
+            options: d.options.clone(),
+            paused: false,
+            declared: true,
+            created_at: chrono::Utc::now().to_rfc3339(),
+        };
+        match store.get(kind.as_str()).await? {
+            Some(current) if current.same_schedule(&wanted) => {
+                if !current.paused && !store.has_schedule(kind.as_str()).await? {
+                    store.apply(&current).await?;
+                }
+            }
+            Some(current) => {
+                let updated = PeriodicSpec {
+                    paused: current.paused,
+                    created_at: current.created_at,
+                    ..wanted
+                };
+                tracing::info!(kind = %kind, schedule = updated.schedule.header(), "declared periodic task updated");
+                store.apply(&updated).await?;
+            }
+            None => {
+                tracing::info!(kind = %kind, schedule = wanted.schedule.header(), "declared periodic task created");
+                store.apply(&wanted).await?;
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,196 @@
+//! [`Schedule`]: when a periodic task fires: a cron expression with seconds
+//! (six fields, or a predefined `@hourly`, `@daily`...) in a time zone, or an
+//! interval of at least one second. Parsed and checked here (croner,
+//! chrono-tz) so bad input is refused before anything is written; the same
+//! text goes into the `Nats-Schedule` header that nats-server fires on.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use croner::Cron;
+use serde::{Deserialize, Serialize};
+
+use crate::task::ValidationError;
+
+/// A periodic task's schedule.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Schedule {
+    /// Cron with seconds (`*/5 * * * * *`) or a predefined `@daily` etc.
+    Cron(String),
+    /// A fixed interval (whole seconds, at least 1 s).
+    #[serde(with = "humantime_serde_secs")]
+    Every(Duration),
+}
+
+mod humantime_serde_secs {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub(super) fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(*d).to_string())
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+const PREDEFINED: [(&str, &str); 7] = [
+    ("@yearly", "0 0 0 1 1 *"),
+    ("@annually", "0 0 0 1 1 *"),
+    ("@monthly", "0 0 0 1 * *"),
+    ("@weekly", "0 0 0 * * 0"),
+    ("@daily", "0 0 0 * * *"),
+    ("@midnight", "0 0 0 * * *"),
+    ("@hourly", "0 0 * * * *"),
+];
+
+impl Schedule {
+    /// Builds a schedule from `cron` or `every` (exactly one), checking it.
+    pub fn from_options(
+        cron: Option<&str>,
+        every: Option<Duration>,
+    ) -> Result<Schedule, ValidationError> {
+        match (cron, every) {
+            (Some(_), Some(_)) => Err(ValidationError::new(
+                "options.every",
+                "give cron or every, not both",
+            )),
+            (None, None) => Err(ValidationError::new(
+                "options.cron",
+                "a periodic task needs options.cron or options.every",
+            )),
+            (Some(expr), None) => {
+                let expr = expr.trim().to_owned();
+                Self::parse_cron(&expr)?;
+                Ok(Schedule::Cron(expr))
+            }
+            (None, Some(every)) => {
+                if every < Duration::from_secs(1) || every.subsec_nanos() != 0 {
+                    return Err(ValidationError::new(
+                        "options.every",
+                        "must be whole seconds, at least 1s",
+                    ));
+                }
+                Ok(Schedule::Every(every))
+            }
+        }
+    }
+
+    fn parse_cron(expr: &str) -> Result<Cron, ValidationError> {
+        let six = PREDEFINED
+            .iter()
+            .find(|(name, _)| *name == expr)
+            .map_or(expr, |(_, six)| six);
+        if six.split_whitespace().count() != 6 {
+            return Err(ValidationError::new(
+                "options.cron",
+                format!(
+                    "{expr:?}: use six fields with seconds (`*/5 * * * * *`) or @yearly, @monthly, @weekly, @daily, @hourly"
+                ),
+            ));
+        }
+        Cron::new(six).with_seconds_required().parse().map_err(|e| {
+            ValidationError::new("options.cron", format!("{expr:?} does not parse: {e}"))
+        })
+    }
+
+    /// The `Nats-Schedule` header value.
+    pub fn header(&self) -> String {
+        match self {
+            Schedule::Cron(expr) => expr.clone(),
+            Schedule::Every(d) => format!("@every {}s", d.as_secs()),
+        }
+    }
+
+    /// The next fire time after `after` (`tz` for cron; intervals have no
+    /// fixed phase, so this is `after + every`).
+    pub fn next_after(&self, after: DateTime<Utc>, tz: chrono_tz::Tz) -> Option<DateTime<Utc>> {
+        match self {
+            Schedule::Every(d) => Some(after + chrono::Duration::from_std(*d).ok()?),
+            Schedule::Cron(expr) => {
+                let cron = Self::parse_cron(expr).ok()?;
+                let next = cron
+                    .find_next_occurrence(&after.with_timezone(&tz), false)
+                    .ok()?;
+                Some(next.with_timezone(&Utc))
+            }
+        }
+    }
+}
+
+/// Parses an IANA time zone name (`Asia/Shanghai`); `None` means UTC.
+pub fn parse_timezone(name: Option<&str>) -> Result<chrono_tz::Tz, ValidationError> {
+    match name {
+        None => Ok(chrono_tz::UTC),
+        Some(n) => n.parse::<chrono_tz::Tz>().map_err(|_| {
+            ValidationError::new(
+                "options.timezone",
+                format!("{n:?} is not an IANA time zone (e.g. Asia/Shanghai)"),
+            )
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_and_refuses() {
+        assert_eq!(
+            Schedule::from_options(None, Some(Duration::from_secs(2)))
+                .unwrap()
+                .header(),
+            "@every 2s"
+        );
+        assert_eq!(
+            Schedule::from_options(Some("*/2 * * * * *"), None)
+                .unwrap()
+                .header(),
+            "*/2 * * * * *"
+        );
+        assert_eq!(
+            Schedule::from_options(Some("@hourly"), None)
+                .unwrap()
+                .header(),
+            "@hourly"
+        );
+        for (cron, every, field) in [
+            (Some("* * * * *"), None, "options.cron"),
+            (Some("61 * * * * *"), None, "options.cron"),
+            (Some("whenever"), None, "options.cron"),
+            (None, Some(Duration::from_millis(500)), "options.every"),
+            (
+                Some("* * * * * *"),
+                Some(Duration::from_secs(1)),
+                "options.every",
+            ),
+            (None, None, "options.cron"),
+        ] {
+            assert_eq!(
+                Schedule::from_options(cron, every).unwrap_err().field,
+                field,
+                "{cron:?} {every:?}"
+            );
+        }
+        assert_eq!(
+            parse_timezone(Some("Mars/Olympus")).unwrap_err().field,
+            "options.timezone"
+        );
+    }
+
+    #[test]
+    fn next_run_honours_the_time_zone() {
+        // 09:00 every day in Shanghai (UTC+8) is 01:00 UTC.
+        let s = Schedule::from_options(Some("0 0 9 * * *"), None).unwrap();
+        let tz = parse_timezone(Some("Asia/Shanghai")).unwrap();
+        let after = DateTime::parse_from_rfc3339("2026-11-24T12:00:00Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        let next = s.next_after(after, tz).unwrap();
+        assert_eq!(next.to_rfc3339(), "2026-11-25T01:00:00+00:00");
+    }
+}

@@ -1,0 +1,297 @@
+//! [`PeriodicStore`]: periodic task specs in `bmw_periodic` and their
+//! schedule messages on `bmw.schedule.<kind>` in `BMW_ASYNC`, which
+//! nats-server itself fires: one task message per tick on
+//! `bmw.async.<queue>.<kind key>`, however many workers run. No leader.
+//!
+//! A schedule is replaced by publishing a new one with `Nats-Rollup: sub`,
+//! deleted (or paused) by purging its subject. The spec is written after the
+//! schedule, so a refused schedule leaves nothing behind. Each tick's run
+//! writes a small status (`status.<kind key>`): last run, outcome, next run.
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::{self, kv, message::PublishMessage, stream::Stream};
+use chrono::Utc;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::schedule::{Schedule, parse_timezone};
+use crate::nats::names;
+use crate::queue::TaskMessage;
+use crate::task::{Kind, Options};
+
+/// What should fire, and how.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PeriodicSpec {
+    /// The periodic kind (its identity: one schedule per kind).
+    pub kind: Kind,
+    /// When it fires.
+    pub schedule: Schedule,
+    /// IANA time zone of a cron schedule.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timezone: Option<String>,
+    /// Payload of every tick.
+    #[serde(default)]
+    pub payload: Value,
+    /// Async options of every tick (queue, retry, timeout...).
+    #[serde(default)]
+    pub options: Options,
+    /// Paused: the schedule message is removed, the spec kept.
+    #[serde(default)]
+    pub paused: bool,
+    /// Declared in code (reconciled at worker start) or created at run time.
+    #[serde(default)]
+    pub declared: bool,
+    /// First creation (RFC 3339).
+    pub created_at: String,
+}
+
+impl PeriodicSpec {
+    /// Whether two specs fire the same ticks (ignoring pause and timestamps).
+    pub fn same_schedule(&self, other: &PeriodicSpec) -> bool {
+        self.schedule == other.schedule
+            && self.timezone == other.timezone
+            && self.payload == other.payload
+            && self.options == other.options
+    }
+}
+
+/// The last tick's run, written by the worker that ran it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct PeriodicStatus {
+    /// When the last tick ran.
+    pub last_run_at: Option<String>,
+    /// `succeeded`, `retry` or `archived`.
+    pub last_outcome: Option<String>,
+    /// The server's `Nats-Schedule-Next` of the last tick.
+    pub next_run_at: Option<String>,
+    /// Ticks run so far (as seen by the status writes).
+    pub runs: u64,
+}
+
+/// Why a periodic operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PeriodicError {
+    /// No such periodic task (404).
+    #[error("periodic task `{0}` does not exist")]
+    NotFound(String),
+    /// The server refused the schedule (400).
+    #[error("invalid `options`: nats-server refused the schedule: {0}")]
+    Refused(String),
+    /// NATS failed (503).
+    #[error("periodic tasks: {0}")]
+    Nats(String),
+}
+
+fn nats(e: impl std::fmt::Display) -> PeriodicError {
+    PeriodicError::Nats(e.to_string())
+}
+
+/// The key of a kind: `periodic:demo:tick` -> `periodic.demo.tick`.
+pub fn kind_key(kind: &str) -> String {
+    kind.replace(':', ".")
+}
+
+/// Subject of a kind's schedule message.
+pub fn schedule_subject(kind: &str) -> String {
+    format!("bmw.schedule.{}", kind_key(kind).replace('.', "_"))
+}
+
+/// Subject its ticks land on.
+pub fn tick_subject(spec: &PeriodicSpec) -> String {
+    names::async_subject(
+        spec.options.queue(),
+        &kind_key(spec.kind.as_str()).replace('.', "_"),
+    )
+}
+
+/// Specs, schedules and statuses of periodic tasks.
+#[derive(Debug, Clone)]
+pub struct PeriodicStore {
+    js: jetstream::Context,
+    kv: kv::Store,
+    stream: Stream,
+}
+
+impl PeriodicStore {
+    /// Opens the (provisioned) bucket and stream.
+    pub async fn open(js: &jetstream::Context) -> Result<PeriodicStore, String> {
+        Ok(PeriodicStore {
+            js: js.clone(),
+            kv: js
+                .get_key_value(names::BUCKET_PERIODIC)
+                .await
+                .map_err(|e| e.to_string())?,
+            stream: js
+                .get_stream(names::STREAM_ASYNC)
+                .await
+                .map_err(|e| e.to_string())?,
+        })
+    }
+
+    /// The spec of a kind.
+    pub async fn get(&self, kind: &str) -> Result<Option<PeriodicSpec>, PeriodicError> {
+        match self.kv.entry(kind_key(kind)).await.map_err(nats)? {
+            Some(e) if e.operation == kv::Operation::Put => {
+                Ok(serde_json::from_slice(&e.value).ok())
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// Writes (or replaces) the schedule, then the spec.
+    pub async fn apply(&self, spec: &PeriodicSpec) -> Result<(), PeriodicError> {
+        if !spec.paused {
+            self.publish_schedule(spec).await?;
+        } else {
+            self.purge_schedule(spec.kind.as_str()).await?;
+        }
+        let body = serde_json::to_vec(spec).map_err(nats)?;
+        self.kv
+            .put(kind_key(spec.kind.as_str()), body.into())
+            .await
+            .map_err(nats)?;
+        Ok(())
+    }
+
+    async fn publish_schedule(&self, spec: &PeriodicSpec) -> Result<(), PeriodicError> {
+        let tick = TaskMessage {
+            id: String::new(),
+            kind: spec.kind.to_string(),
+            payload: spec.payload.clone(),
+            options: spec.options.clone(),
+            enqueued_at: None,
+            errors: Vec::new(),
+        };
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            async_nats::header::NATS_SCHEDULE,
+            spec.schedule.header().as_str(),
+        );
+        headers.insert(
+            async_nats::header::NATS_SCHEDULE_TARGET,
+            tick_subject(spec).as_str(),
+        );
+        if let (Some(tz), Schedule::Cron(_)) = (&spec.timezone, &spec.schedule) {
+            headers.insert(async_nats::header::NATS_SCHEDULE_TIME_ZONE, tz.as_str());
+        }
+        headers.insert(async_nats::header::NATS_ROLLUP, "sub");
+        let body = serde_json::to_vec(&tick).map_err(nats)?;
+        let publish = PublishMessage::build()
+            .payload(body.into())
+            .headers(headers);
+        let ack = self
+            .js
+            .send_publish(schedule_subject(spec.kind.as_str()), publish)
+            .await
+            .map_err(nats)?;
+        ack.await
+            .map(|_| ())
+            .map_err(|e| PeriodicError::Refused(e.to_string()))
+    }
+
+    async fn purge_schedule(&self, kind: &str) -> Result<(), PeriodicError> {
+        self.stream
+            .purge()
+            .filter(schedule_subject(kind))
+            .await
+            .map(|_| ())
+            .map_err(nats)
+    }
+
+    /// Whether the kind's schedule message is in the stream.
+    pub async fn has_schedule(&self, kind: &str) -> Result<bool, PeriodicError> {
+        Ok(self
+            .stream
+            .get_last_raw_message_by_subject(&schedule_subject(kind))
+            .await
+            .is_ok())
+    }
+
+    /// Deletes a periodic task: no more ticks.
+    pub async fn delete(&self, kind: &str) -> Result<PeriodicSpec, PeriodicError> {
+        let spec = self
+            .get(kind)
+            .await?
+            .ok_or_else(|| PeriodicError::NotFound(kind.to_owned()))?;
+        self.purge_schedule(kind).await?;
+        self.kv.purge(kind_key(kind)).await.map_err(nats)?;
+        let _ = self.kv.purge(format!("status.{}", kind_key(kind))).await;
+        Ok(spec)
+    }
+
+    /// Pauses (`true`) or resumes (`false`) a periodic task.
+    pub async fn set_paused(
+        &self,
+        kind: &str,
+        paused: bool,
+    ) -> Result<PeriodicSpec, PeriodicError> {
+        let mut spec = self
+            .get(kind)
+            .await?
+            .ok_or_else(|| PeriodicError::NotFound(kind.to_owned()))?;
+        spec.paused = paused;
+        self.apply(&spec).await?;
+        Ok(spec)
+    }
+
+    /// Records a tick's run.
+    pub async fn record_run(&self, kind: &str, outcome: &str, next_run_at: Option<String>) {
+        let key = format!("status.{}", kind_key(kind));
+        let mut status: PeriodicStatus = match self.kv.get(&key).await {
+            Ok(Some(v)) => serde_json::from_slice(&v).unwrap_or_default(),
+            _ => PeriodicStatus::default(),
+        };
+        status.last_run_at = Some(Utc::now().to_rfc3339());
+        status.last_outcome = Some(outcome.to_owned());
+        status.next_run_at = next_run_at.or(status.next_run_at);
+        status.runs += 1;
+        if let Ok(body) = serde_json::to_vec(&status)
+            && let Err(e) = self.kv.put(&key, body.into()).await
+        {
+            tracing::warn!(kind, cause = %e, "periodic status not written");
+        }
+    }
+
+    /// Every spec with its status and next run time.
+    pub async fn list(&self) -> Result<Vec<Value>, PeriodicError> {
+        let all = crate::nats::read_all::<Value>(&self.kv)
+            .await
+            .map_err(PeriodicError::Nats)?;
+        let mut rows = Vec::new();
+        for (key, value) in &all {
+            if key.starts_with("status.") {
+                continue;
+            }
+            let Ok(spec) = serde_json::from_value::<PeriodicSpec>(value.clone()) else {
+                continue;
+            };
+            let status: PeriodicStatus = all
+                .get(&format!("status.{key}"))
+                .and_then(|v| serde_json::from_value(v.clone()).ok())
+                .unwrap_or_default();
+            let tz = parse_timezone(spec.timezone.as_deref()).unwrap_or(chrono_tz::UTC);
+            let computed = spec
+                .schedule
+                .next_after(Utc::now(), tz)
+                .map(|t| t.to_rfc3339());
+            let next = if spec.paused {
+                None
+            } else {
+                status
+                    .next_run_at
+                    .clone()
+                    .filter(|n| n.as_str() > Utc::now().to_rfc3339().as_str())
+                    .or(computed)
+            };
+            let mut row = serde_json::to_value(&spec).map_err(nats)?;
+            row["schedule_header"] = Value::String(spec.schedule.header());
+            row["next_run_at"] = serde_json::json!(next);
+            row["last_run_at"] = serde_json::json!(status.last_run_at);
+            row["last_outcome"] = serde_json::json!(status.last_outcome);
+            row["runs"] = serde_json::json!(status.runs);
+            rows.push(row);
+        }
+        rows.sort_by(|a, b| a["kind"].as_str().cmp(&b["kind"].as_str()));
+        Ok(rows)
+    }
+}
