@@ -11,7 +11,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use async_nats::jetstream::{self, message::PublishMessage};
+use async_nats::jetstream;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
@@ -150,14 +150,9 @@ impl Membership {
             .map(|m| m.clone())
             .unwrap_or_default();
         let body = serde_json::to_vec(&self.entry).map_err(|e| e.to_string())?;
-        let subject = names::kv_subject(names::BUCKET_WORKERS, &worker_key(&self.entry.worker_id));
-        let publish = PublishMessage::build().payload(body.into()).ttl(self.ttl);
-        let ack = self
-            .js
-            .send_publish(subject, publish)
+        let key = worker_key(&self.entry.worker_id);
+        crate::nats::put_with_ttl(&self.js, names::BUCKET_WORKERS, &key, body.into(), self.ttl)
             .await
-            .map_err(|e| e.to_string())?;
-        ack.await.map(|_| ()).map_err(|e| e.to_string())
     }
 
     /// Renews every `heartbeat` until `token` fires, then deletes the entry.

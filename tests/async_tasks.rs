@@ -6,7 +6,6 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures::StreamExt;
 use reqwest::Method;
 use serde_json::{Value, json};
 
@@ -24,17 +23,7 @@ pub(crate) const ASYNC_FAST: &[&str] = &[
 
 /// Collects async events.
 pub(crate) fn collect_events(env: &TestEnv) -> Arc<Mutex<Vec<Value>>> {
-    let events = Arc::new(Mutex::new(Vec::new()));
-    let (client, sink) = (env.nats.client.clone(), events.clone());
-    tokio::spawn(async move {
-        let mut sub = client.subscribe("bmw.event.async.>").await.unwrap();
-        while let Some(m) = sub.next().await {
-            if let Ok(v) = serde_json::from_slice::<Value>(&m.payload) {
-                sink.lock().unwrap().push(v);
-            }
-        }
-    });
-    events
+    crate::harness::collect_events(env, "bmw.event.async.>")
 }
 
 fn count(events: &Arc<Mutex<Vec<Value>>>, task_id: &str, what: &str) -> usize {

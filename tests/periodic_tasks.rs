@@ -7,7 +7,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, Timelike, Utc};
-use futures::StreamExt;
 use reqwest::Method;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
@@ -15,17 +14,7 @@ use tokio_util::sync::CancellationToken;
 use crate::harness::{BmwProcess, TestEnv, http, wait_until};
 
 fn collect(env: &TestEnv, subject: &'static str) -> Arc<Mutex<Vec<Value>>> {
-    let events = Arc::new(Mutex::new(Vec::new()));
-    let (client, sink) = (env.nats.client.clone(), events.clone());
-    tokio::spawn(async move {
-        let mut sub = client.subscribe(subject).await.unwrap();
-        while let Some(m) = sub.next().await {
-            if let Ok(v) = serde_json::from_slice::<Value>(&m.payload) {
-                sink.lock().unwrap().push(v);
-            }
-        }
-    });
-    events
+    crate::harness::collect_events(env, subject)
 }
 
 fn ticks(events: &Arc<Mutex<Vec<Value>>>, kind: &str) -> Vec<DateTime<Utc>> {

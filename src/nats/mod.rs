@@ -112,6 +112,31 @@ pub async fn bucket_is_empty(kv: &kv::Store) -> Result<bool, String> {
     Ok(info.state.messages == 0)
 }
 
+/// A KV TTL in whole seconds, at least 1 s (what the server accepts; async-nats
+/// would truncate a sub-second one to 0, which the server refuses).
+pub fn whole_seconds(ttl: std::time::Duration) -> std::time::Duration {
+    std::time::Duration::from_secs(ttl.as_secs_f64().ceil().max(1.0) as u64)
+}
+
+/// Puts `body` under `key` of `bucket` with a per-key TTL (the KV API's `put`
+/// sends no TTL).
+pub async fn put_with_ttl(
+    js: &jetstream::Context,
+    bucket: &str,
+    key: &str,
+    body: bytes::Bytes,
+    ttl: std::time::Duration,
+) -> Result<(), String> {
+    let publish = jetstream::message::PublishMessage::build()
+        .payload(body)
+        .ttl(whole_seconds(ttl));
+    let ack = js
+        .send_publish(names::kv_subject(bucket, key), publish)
+        .await
+        .map_err(|e| e.to_string())?;
+    ack.await.map(|_| ()).map_err(|e| e.to_string())
+}
+
 /// What [`create_with_ttl`] found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TtlCreate {
@@ -133,7 +158,7 @@ pub async fn create_with_ttl(
     ttl: std::time::Duration,
 ) -> Result<TtlCreate, String> {
     use jetstream::context::PublishErrorKind;
-    let ttl = std::time::Duration::from_secs(ttl.as_secs_f64().ceil().max(1.0) as u64);
+    let ttl = whole_seconds(ttl);
     for _ in 0..3 {
         let expected = match kv.entry(key).await.map_err(|e| e.to_string())? {
             Some(e) if e.operation == kv::Operation::Put => return Ok(TtlCreate::Exists(e.value)),

@@ -12,6 +12,7 @@ pub mod enqueue;
 pub mod handler;
 pub mod inspect;
 pub mod message;
+mod outcome;
 pub mod record;
 pub mod retry;
 pub mod runtime;

@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use async_nats::jetstream::{self, kv, message::PublishMessage};
+use async_nats::jetstream::{self, kv};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -100,15 +100,14 @@ impl RecordStore {
     /// Writes a record that expires after `ttl` (whole seconds, at least 1 s).
     pub async fn put(&self, record: &TaskRecord, ttl: Duration) -> Result<(), String> {
         let body = serde_json::to_vec(record).map_err(|e| e.to_string())?;
-        let ttl = Duration::from_secs(ttl.as_secs_f64().ceil().max(1.0) as u64);
-        let publish = PublishMessage::build().payload(body.into()).ttl(ttl);
-        let subject = names::kv_subject(names::BUCKET_ASYNC_TASKS, &record.task_id);
-        let ack = self
-            .js
-            .send_publish(subject, publish)
-            .await
-            .map_err(|e| e.to_string())?;
-        ack.await.map(|_| ()).map_err(|e| e.to_string())
+        crate::nats::put_with_ttl(
+            &self.js,
+            names::BUCKET_ASYNC_TASKS,
+            &record.task_id,
+            body.into(),
+            ttl,
+        )
+        .await
     }
 
     /// The record of a task, if any.

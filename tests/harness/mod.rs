@@ -423,3 +423,19 @@ impl NatsCluster {
             .join(",")
     }
 }
+
+/// Collects the JSON events published on `subject` (e.g. `bmw.event.async.>`)
+/// from now on; flush the client before acting so the subscription is in place.
+pub fn collect_events(env: &TestEnv, subject: &'static str) -> Arc<Mutex<Vec<Value>>> {
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let (client, sink) = (env.nats.client.clone(), events.clone());
+    tokio::spawn(async move {
+        let mut sub = client.subscribe(subject).await.unwrap();
+        while let Some(m) = futures::StreamExt::next(&mut sub).await {
+            if let Ok(v) = serde_json::from_slice::<Value>(&m.payload) {
+                sink.lock().unwrap().push(v);
+            }
+        }
+    });
+    events
+}

@@ -1,0 +1,143 @@
+//! What happens after an attempt: the record of a retry, a completion or an
+//! archive, the `nak` with its back-off delay, and the dead letter. Split from
+//! [`super::runtime`], which fetches and runs.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{AckKind, Message};
+use serde_json::json;
+
+use super::handler::TaskError;
+use super::message::TaskMessage;
+use super::record::{RECORD_TTL, TaskRecord, TaskState};
+use super::runtime::AsyncRuntime;
+use crate::nats::names;
+
+pub(super) fn record(
+    task: &TaskMessage,
+    queue: &str,
+    state: TaskState,
+    attempts: u32,
+    error: Option<&str>,
+) -> TaskRecord {
+    TaskRecord {
+        task_id: task.id.clone(),
+        kind: task.kind.clone(),
+        queue: queue.to_owned(),
+        state,
+        attempts,
+        max_retry: task.max_retry(),
+        last_error: error.map(str::to_owned),
+        errors: task.errors.clone(),
+        payload: task.payload.clone(),
+        options: serde_json::to_value(&task.options).unwrap_or_default(),
+        enqueued_at: task.enqueued_at.clone(),
+        next_process_at: None,
+        completed_at: None,
+        updated_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+    }
+}
+
+/// After success: a `completed` record for the retention, or none at all
+/// (clearing one an earlier attempt or a long run left).
+pub(super) async fn finish_record(
+    rt: &AsyncRuntime,
+    task: &TaskMessage,
+    queue: &str,
+    attempt: u32,
+    left_record: bool,
+) {
+    if let Some(retention) = task.options.retention.filter(|r| !r.is_zero()) {
+        let mut r = record(task, queue, TaskState::Completed, attempt, None);
+        r.completed_at = Some(r.updated_at.clone());
+        if let Err(e) = rt.records.put(&r, retention).await {
+            tracing::warn!(task_id = task.id, cause = %e, "completed record not written");
+        }
+    } else if left_record {
+        let _ = rt.records.remove(&task.id).await;
+    }
+}
+
+pub(super) async fn retry(
+    rt: &AsyncRuntime,
+    message: &Message,
+    task: &TaskMessage,
+    queue: &str,
+    attempt: u32,
+    error: &TaskError,
+) {
+    let delay = error.delay().unwrap_or_else(|| rt.backoff.delay(attempt));
+    let mut errors = match rt.records.get(&task.id).await {
+        Ok(Some(r)) => r.errors,
+        _ => Vec::new(),
+    };
+    errors.push(error.to_string());
+    let keep = errors.len().saturating_sub(10);
+    errors.drain(..keep);
+    let mut r = record(
+        task,
+        queue,
+        TaskState::Retry,
+        attempt,
+        Some(&error.to_string()),
+    );
+    r.errors = errors;
+    r.next_process_at = Some(
+        (chrono::Utc::now() + chrono::Duration::from_std(delay).unwrap_or_default()).to_rfc3339(),
+    );
+    if let Err(e) = rt.records.put(&r, RECORD_TTL).await {
+        tracing::warn!(task_id = task.id, cause = %e, "retry record not written");
+    }
+    tracing::warn!(task_id = task.id, kind = task.kind, attempt, delay = ?delay, error = %error, "async task failed, will retry");
+    rt.events.emit("async", &task.kind, "retry", json!({"task_id": task.id, "queue": queue, "attempt": attempt, "error": error.to_string(), "delay_seconds": delay.as_secs_f64()})).await;
+    let _ = message.ack_with(AckKind::Nak(Some(delay))).await;
+}
+
+/// Moves a task to `bmw.dead.<queue>.<id>` with its error history, records it
+/// as archived, and removes it from its queue.
+pub(super) async fn archive(
+    rt: &AsyncRuntime,
+    message: &Message,
+    mut task: TaskMessage,
+    queue: &str,
+    attempt: u32,
+    error: &str,
+) {
+    if let Ok(Some(previous)) = rt.records.get(&task.id).await {
+        task.errors = previous.errors;
+    }
+    task.errors.push(error.to_owned());
+    let body = serde_json::to_vec(&task).unwrap_or_default();
+    let subject = names::dead_subject(queue, &task.id);
+    let stored = match rt.nats.js.publish(subject, body.into()).await {
+        Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    if let Err(e) = stored {
+        // Not lost: leave it for redelivery and try again later.
+        tracing::error!(task_id = task.id, cause = %e, "dead letter not stored; task returned to its queue");
+        let _ = message
+            .ack_with(AckKind::Nak(Some(Duration::from_secs(5))))
+            .await;
+        return;
+    }
+    let mut r = record(&task, queue, TaskState::Archived, attempt, Some(error));
+    r.completed_at = Some(r.updated_at.clone());
+    let _ = rt.records.put(&r, RECORD_TTL).await;
+    rt.events
+        .emit(
+            "async",
+            &task.kind,
+            "archived",
+            json!({"task_id": task.id, "queue": queue, "attempt": attempt, "error": error}),
+        )
+        .await;
+    let _ = message.ack().await;
+    tracing::error!(
+        task_id = task.id,
+        kind = task.kind,
+        attempt,
+        error,
+        "async task archived"
+    );
+}
