@@ -33,7 +33,6 @@ pub(crate) async fn subjects(
 /// Reads tasks and stats.
 #[derive(Debug, Clone)]
 pub struct Inspector {
-    js: jetstream::Context,
     stream: Stream,
     dead: Stream,
     records: RecordStore,
@@ -91,7 +90,6 @@ impl Inspector {
     /// Opens the streams and records bucket.
     pub async fn open(js: &jetstream::Context) -> Result<Inspector, String> {
         Ok(Inspector {
-            js: js.clone(),
             stream: js
                 .get_stream(names::STREAM_ASYNC)
                 .await
@@ -270,7 +268,6 @@ impl Inspector {
                 .filter(|r| r.queue == s.queue && r.state == TaskState::Retry)
                 .count() as u64;
         }
-        let _ = &self.js;
         Ok(stats.into_values().collect())
     }
 }
