@@ -58,3 +58,29 @@ async fn bmw_run_without_a_url_starts_and_stops_its_own_server() {
     .await;
     assert!(closed, "the local nats-server stopped with bmw run");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn provisioning_is_idempotent_and_names_an_incompatible_stream() {
+    let server = crate::harness::NatsServer::start().await;
+    let nats = bmw::nats::Nats::connect(&server.url(), "bmw-test")
+        .await
+        .unwrap();
+    // A BMW_ASYNC that is not a work queue cannot be turned into one.
+    nats.js
+        .create_stream(async_nats::jetstream::stream::Config {
+            name: "BMW_ASYNC".into(),
+            subjects: vec!["bmw.async.>".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let err = bmw::nats::provision::provision(&nats.js, 1)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("BMW_ASYNC"), "{err}");
+    nats.js.delete_stream("BMW_ASYNC").await.unwrap();
+    // Twice in a row is fine.
+    bmw::nats::provision::provision(&nats.js, 1).await.unwrap();
+    bmw::nats::provision::provision(&nats.js, 1).await.unwrap();
+}
