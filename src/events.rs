@@ -7,6 +7,8 @@
 //! connection they reach the server in order with the acks that follow them
 //! (a task's `succeeded` event is never lost while its ack gets through).
 
+use std::sync::Arc;
+
 use serde::Serialize;
 use serde_json::Value;
 
@@ -35,7 +37,7 @@ pub struct Event {
 #[derive(Debug, Clone)]
 pub struct EventPublisher {
     client: async_nats::Client,
-    worker_id: String,
+    worker_id: Arc<str>,
 }
 
 impl EventPublisher {
@@ -43,7 +45,7 @@ impl EventPublisher {
     pub fn new(client: async_nats::Client, worker_id: impl Into<String>) -> Self {
         EventPublisher {
             client,
-            worker_id: worker_id.into(),
+            worker_id: Arc::from(worker_id.into()),
         }
     }
 
@@ -57,7 +59,7 @@ impl EventPublisher {
             task_type: task_type.to_owned(),
             kind: kind.to_owned(),
             what: what.to_owned(),
-            worker_id: self.worker_id.clone(),
+            worker_id: self.worker_id.to_string(),
             time: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
             detail,
         }

@@ -129,7 +129,7 @@ impl Worker {
         let runtime = DaemonRuntime {
             registry: self.registry.clone(),
             specs,
-            claims,
+            claims: Arc::new(claims),
             workers,
             events,
             settings: Arc::new(MaintainerSettings {

@@ -40,16 +40,24 @@ pub(crate) struct Plan {
 }
 
 pub(crate) fn plan(view: &View<'_>) -> Plan {
-    let quota = view.eligible.div_ceil(view.peers.max(1));
+    let peers = view.peers.max(1);
+    let quota = view.eligible.div_ceil(peers);
     let room = quota.saturating_sub(view.mine);
-    let claim_long = view.free_long;
+    // Rescue: beyond the quota, take at most a fair share of the long-free
+    // tasks, so that the live workers racing for them do not each take all.
+    let claim_long = view.free_long.min(view.free_long.div_ceil(peers) + room);
     let claim_fresh = room.saturating_sub(claim_long).min(view.free_fresh);
+    // Release only what peers lack beyond the free tasks they can still take.
     let deficit: usize = view
         .peer_loads
         .iter()
         .map(|l| quota.saturating_sub(*l))
         .sum();
-    let release = view.mine.saturating_sub(quota).min(deficit);
+    let free = view.free_fresh + view.free_long;
+    let release = view
+        .mine
+        .saturating_sub(quota)
+        .min(deficit.saturating_sub(free));
     Plan {
         quota,
         claim_fresh,
@@ -118,8 +126,19 @@ mod tests {
     }
 
     #[test]
-    fn long_free_tasks_are_rescued_beyond_quota() {
+    fn long_free_tasks_are_rescued_beyond_quota_but_shared() {
         let p = view(10, 2, 5, &[3], 1, 1);
         assert_eq!((p.claim_fresh, p.claim_long), (0, 1));
+        // A dead worker still counts as live: its 100 tasks are long free, and
+        // each of the 3 live workers at quota takes a quarter of them per round.
+        let p = view(400, 4, 100, &[100, 100, 0], 0, 100);
+        assert_eq!(p.claim_long, 25);
+    }
+
+    #[test]
+    fn no_release_while_free_tasks_remain_for_the_peers() {
+        // A peer lacks 5, but 5 tasks are free for it: nothing to release.
+        assert_eq!(view(20, 2, 10, &[5], 5, 0).release, 0);
+        assert_eq!(view(20, 2, 12, &[3], 5, 0).release, 2);
     }
 }

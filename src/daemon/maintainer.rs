@@ -3,7 +3,9 @@
 //! It owns the claim (renewing it every heartbeat with a compare-and-set on its
 //! revision), runs the operator in a task of its own, restarts it after a
 //! failure with the [`RetryPolicy`] delay, and obeys [`Control`] messages from
-//! the runtime (reload, release, remove). A renewal refused for a wrong
+//! the runtime (reload, release, remove). A worker may hold tens of
+//! thousands of these, so their futures are kept small: the rarely taken
+//! steps are boxed, and the claim store is shared. A renewal refused for a wrong
 //! revision means another worker owns the task now: the run is cancelled at
 //! once (fencing). The runtime (`runtime.rs`) decides which tasks to claim.
 
@@ -61,7 +63,7 @@ pub(crate) struct Maintainer {
     pub(crate) key: String,
     pub(crate) spec: DaemonSpec,
     pub(crate) operator: Arc<dyn Operator>,
-    pub(crate) claims: ClaimStore,
+    pub(crate) claims: Arc<ClaimStore>,
     pub(crate) claim: Claim,
     pub(crate) revision: u64,
     pub(crate) settings: Arc<MaintainerSettings>,
@@ -85,7 +87,7 @@ impl Maintainer {
         let mut run: Option<(Run, CancellationToken)> = None;
         loop {
             if run.is_none() && retry_at.is_none() {
-                run = Some(self.start_run().await);
+                run = Some(Box::pin(self.start_run()).await);
             }
             tokio::select! {
                 outcome = async { (&mut run.as_mut().expect("guarded").0).await }, if run.is_some() => {
@@ -97,9 +99,9 @@ impl Maintainer {
                         Err(e) if e.is_panic() => OperatorError::new(format!("operator panicked: {}", panic_message(e))),
                         Err(e) => OperatorError::new(format!("operator task failed: {e}")),
                     };
-                    retry_at = Some(self.schedule_retry(&error).await);
-                    if self.renew(&mut last_renewed).await.is_err() {
-                        return self.exit(Exit::Lost, None).await;
+                    retry_at = Some(Box::pin(self.schedule_retry(&error)).await);
+                    if Box::pin(self.renew(&mut last_renewed)).await.is_err() {
+                        return Box::pin(self.exit(Exit::Lost, None)).await;
                     }
                 }
                 () = sleep_until(retry_at), if retry_at.is_some() => {
@@ -107,23 +109,23 @@ impl Maintainer {
                     self.claim.next_retry_at = None;
                 }
                 _ = heartbeat.tick() => {
-                    if self.renew(&mut last_renewed).await.is_err() {
-                        return self.exit(Exit::Lost, run).await;
+                    if Box::pin(self.renew(&mut last_renewed)).await.is_err() {
+                        return Box::pin(self.exit(Exit::Lost, run)).await;
                     }
                 }
                 control = self.control.recv() => match control {
                     Some(Control::Reload(spec)) => {
-                        self.stop_run(run.take()).await;
+                        Box::pin(self.stop_run(run.take())).await;
                         self.apply_reload(*spec);
                         retry_at = None;
-                        if self.renew(&mut last_renewed).await.is_err() {
-                            return self.exit(Exit::Lost, None).await;
+                        if Box::pin(self.renew(&mut last_renewed)).await.is_err() {
+                            return Box::pin(self.exit(Exit::Lost, None)).await;
                         }
                     }
-                    Some(Control::Release) | None => return self.exit(Exit::Released, run).await,
-                    Some(Control::Remove) => return self.exit(Exit::Removed, run).await,
+                    Some(Control::Release) | None => return Box::pin(self.exit(Exit::Released, run)).await,
+                    Some(Control::Remove) => return Box::pin(self.exit(Exit::Removed, run)).await,
                 },
-                () = shutdown.cancelled() => return self.exit(Exit::Released, run).await,
+                () = shutdown.cancelled() => return Box::pin(self.exit(Exit::Released, run)).await,
             }
         }
     }

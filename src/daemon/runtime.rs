@@ -30,15 +30,17 @@ use crate::registry::Registry;
 
 /// Acquisitions in flight at once (each is one read and one write).
 const MAX_ACQUIRING: usize = 512;
-/// How often a pending change is acted on.
+/// How often a pending change is acted on, at least.
 const DEBOUNCE: Duration = Duration::from_millis(50);
+/// How often the claims are re-read in full.
+const RESYNC_EVERY: Duration = Duration::from_secs(30);
 
 /// Everything the runtime needs, built by the worker.
 #[derive(Debug)]
 pub struct DaemonRuntime {
     pub(crate) registry: Arc<Registry>,
     pub(crate) specs: SpecStore,
-    pub(crate) claims: ClaimStore,
+    pub(crate) claims: Arc<ClaimStore>,
     pub(crate) workers: kv::Store,
     pub(crate) events: EventPublisher,
     pub(crate) settings: Arc<MaintainerSettings>,
@@ -66,6 +68,21 @@ struct State {
     synced: [bool; 3],
 }
 
+impl State {
+    /// Forgets the claims before a full re-read: every spec counts as free
+    /// until its claim is seen again (reconciling waits for the replay).
+    fn resync_claims(&mut self) {
+        self.claims.clear();
+        self.synced[1] = false;
+        let now = Instant::now();
+        for key in self.specs.keys() {
+            if !self.held.contains_key(key) {
+                self.free_since.entry(key.clone()).or_insert(now);
+            }
+        }
+    }
+}
+
 type Acquired = (String, Option<String>, Result<(Claim, u64), ClaimError>);
 
 impl DaemonRuntime {
@@ -83,12 +100,21 @@ impl DaemonRuntime {
         }
         let mut maintainers: JoinSet<(String, Exit)> = JoinSet::new();
         let mut acquisitions: JoinSet<Acquired> = JoinSet::new();
-        let mut debounce = tokio::time::interval(DEBOUNCE);
         let mut forced = tokio::time::interval(self.settings.heartbeat);
+        forced.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // A full re-read of the claims, in case a watch dropped entries when
+        // this worker fell behind (a slow consumer).
+        let mut resync = tokio::time::interval_at(Instant::now() + RESYNC_EVERY, RESYNC_EVERY);
+        resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut dirty = true;
+        // Reconciling costs O(tasks): it runs at most every `pace`, which grows
+        // with its own cost, so a burst of events is absorbed first.
+        let mut next_reconcile = Instant::now();
         let [specs_w, claims_w, workers_w] = &mut watches;
         loop {
             tokio::select! {
+                biased;
+                () = token.cancelled() => break,
                 entry = specs_w.next() => { dirty = true; self.on_spec(&mut state, entry) }
                 entry = claims_w.next() => { dirty = true; on_claim(&mut state, entry) }
                 entry = workers_w.next() => { dirty = true; on_worker(&mut state, entry) }
@@ -106,17 +132,21 @@ impl DaemonRuntime {
                     }
                     self.stats.daemon_running.store(state.held.len(), Ordering::Relaxed);
                 }
-                _ = debounce.tick() => {
-                    if dirty {
-                        dirty = false;
-                        self.reconcile(&mut state, &mut acquisitions);
-                    }
-                }
+                () = tokio::time::sleep_until(next_reconcile), if dirty => {}
                 _ = forced.tick() => dirty = true,
-                () = token.cancelled() => break,
+                _ = resync.tick() => {
+                    claims_w.restart().await;
+                    state.resync_claims();
+                }
             }
             for (i, w) in [&*specs_w, &*claims_w, &*workers_w].iter().enumerate() {
                 state.synced[i] = w.synced;
+            }
+            if dirty && Instant::now() >= next_reconcile {
+                dirty = false;
+                let started = Instant::now();
+                self.reconcile(&mut state, &mut acquisitions);
+                next_reconcile = Instant::now() + (started.elapsed() * 4).max(DEBOUNCE);
             }
         }
         // Maintainers see the same token and release their claims.
@@ -170,22 +200,11 @@ impl DaemonRuntime {
         }
     }
 
-    fn eligible(&self, spec: &DaemonSpec) -> bool {
-        self.queues.iter().any(|q| q == spec.options.queue())
-            && self.registry.is_registered(&spec.kind)
-    }
-
     fn reconcile(&self, state: &mut State, acquisitions: &mut JoinSet<Acquired>) {
         if !state.synced.iter().all(|s| *s) {
             return;
         }
-        let mut to_claim = Vec::new();
-        let mut to_release = Vec::new();
-        for queue in &self.queues {
-            let (claim, release) = self.plan_queue(state, queue);
-            to_claim.extend(claim);
-            to_release.extend(release);
-        }
+        let (to_claim, to_release) = self.plan(state);
         let budget = MAX_ACQUIRING.saturating_sub(state.acquiring.len());
         for key in to_claim.into_iter().take(budget) {
             self.spawn_acquire(state, key, acquisitions);
@@ -199,67 +218,95 @@ impl DaemonRuntime {
         }
     }
 
-    /// Balances one queue among the live workers that listen on it: which free
-    /// tasks to claim and which held ones to release.
-    fn plan_queue(&self, state: &State, queue: &str) -> (Vec<String>, Vec<String>) {
-        let in_queue = |key: &str| {
-            state
-                .specs
-                .get(key)
-                .is_some_and(|s| s.options.queue() == queue && self.eligible(s))
-        };
-        let eligible = state.specs.keys().filter(|k| in_queue(k)).count();
-        if eligible == 0 {
-            return (Vec::new(), Vec::new());
+    /// Balances each queue among the live workers that listen on it: which
+    /// free tasks to claim and which held ones to release. One pass over the
+    /// specs, claims and free tasks, whatever the number of queues.
+    fn plan(&self, state: &State) -> (Vec<String>, Vec<String>) {
+        #[derive(Default)]
+        struct Tally<'a> {
+            eligible: usize,
+            mine: usize,
+            loads: HashMap<&'a str, usize>,
+            fresh: Vec<&'a String>,
+            long: Vec<&'a String>,
+            held: Vec<&'a String>,
         }
         let me = self.settings.worker_id.as_str();
-        let mut loads: HashMap<&str, usize> = state
-            .workers
-            .values()
-            .filter(|w| w.worker_id != me && w.queues.iter().any(|q| q == queue))
-            .map(|w| (w.worker_id.as_str(), 0))
-            .collect();
+        let mut tallies: HashMap<&str, Tally<'_>> = HashMap::new();
+        for queue in &self.queues {
+            let loads = state
+                .workers
+                .values()
+                .filter(|w| w.worker_id != me && w.queues.iter().any(|q| q == queue))
+                .map(|w| (w.worker_id.as_str(), 0))
+                .collect();
+            tallies.insert(
+                queue.as_str(),
+                Tally {
+                    loads,
+                    ..Tally::default()
+                },
+            );
+        }
+        // The queue of each task this worker may run.
+        let mut queue_of: HashMap<&str, &str> = HashMap::with_capacity(state.specs.len());
+        for (key, spec) in &state.specs {
+            if let Some(t) = tallies.get_mut(spec.options.queue())
+                && self.registry.is_registered(&spec.kind)
+            {
+                t.eligible += 1;
+                queue_of.insert(key.as_str(), spec.options.queue());
+            }
+        }
         for (key, claim) in &state.claims {
-            if let Some(n) = loads.get_mut(claim.worker_id.as_str())
-                && in_queue(key)
+            if let Some(t) = queue_of.get(key.as_str()).and_then(|q| tallies.get_mut(q))
+                && let Some(n) = t.loads.get_mut(claim.worker_id.as_str())
             {
                 *n += 1;
             }
         }
         let now = Instant::now();
-        let (mut long, mut fresh) = (Vec::new(), Vec::new());
         for (key, since) in &state.free_since {
-            if in_queue(key) && !state.held.contains_key(key) && !state.acquiring.contains(key) {
+            if state.held.contains_key(key) || state.acquiring.contains(key) {
+                continue;
+            }
+            if let Some(t) = queue_of.get(key.as_str()).and_then(|q| tallies.get_mut(q)) {
                 let list = if now.duration_since(*since) > self.settings.heartbeat {
-                    &mut long
+                    &mut t.long
                 } else {
-                    &mut fresh
+                    &mut t.fresh
                 };
-                list.push(key.clone());
+                list.push(key);
             }
         }
-        let held: Vec<&String> = state
-            .held
-            .iter()
-            .filter(|(k, h)| !h.releasing && in_queue(k))
-            .map(|(k, _)| k)
-            .collect();
-        let mine = held.len() + state.acquiring.iter().filter(|k| in_queue(k)).count();
-        let peer_loads: Vec<usize> = loads.values().copied().collect();
-        let plan = balancer::plan(&View {
-            eligible,
-            peers: loads.len() + 1,
-            mine,
-            peer_loads: &peer_loads,
-            free_fresh: fresh.len(),
-            free_long: long.len(),
-        });
-        let claim = long
-            .into_iter()
-            .take(plan.claim_long)
-            .chain(fresh.into_iter().take(plan.claim_fresh))
-            .collect();
-        let release = held.into_iter().take(plan.release).cloned().collect();
+        for (key, held) in &state.held {
+            if let Some(t) = queue_of.get(key.as_str()).and_then(|q| tallies.get_mut(q))
+                && !held.releasing
+            {
+                t.mine += 1;
+                t.held.push(key);
+            }
+        }
+        for key in &state.acquiring {
+            if let Some(t) = queue_of.get(key.as_str()).and_then(|q| tallies.get_mut(q)) {
+                t.mine += 1;
+            }
+        }
+        let (mut claim, mut release) = (Vec::new(), Vec::new());
+        for t in tallies.into_values().filter(|t| t.eligible > 0) {
+            let peer_loads: Vec<usize> = t.loads.values().copied().collect();
+            let plan = balancer::plan(&View {
+                eligible: t.eligible,
+                peers: t.loads.len() + 1,
+                mine: t.mine,
+                peer_loads: &peer_loads,
+                free_fresh: t.fresh.len(),
+                free_long: t.long.len(),
+            });
+            claim.extend(t.long.into_iter().take(plan.claim_long).cloned());
+            claim.extend(t.fresh.into_iter().take(plan.claim_fresh).cloned());
+            release.extend(t.held.into_iter().take(plan.release).cloned());
+        }
         (claim, release)
     }
 
@@ -398,6 +445,13 @@ impl Watcher {
         }
         self.synced = matches!(crate::nats::bucket_is_empty(&self.kv).await, Ok(true));
         self.synced
+    }
+
+    /// Re-creates the watch, replaying the bucket's current state.
+    async fn restart(&mut self) {
+        self.watch = None;
+        self.synced = false;
+        self.start().await;
     }
 
     /// The next entry; `None` after an error (the caller just loops).
