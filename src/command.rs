@@ -425,6 +425,11 @@ pub fn daemon_data(spec: &DaemonSpec, outcome: CreateOutcome) -> Value {
     })
 }
 
+/// Commands a worker applies at once (on different tasks).
+pub const LANES: usize = 16;
+/// Commands waiting per lane.
+const LANE_DEPTH: usize = 64;
+
 /// Deliveries of one command before it is given up as poison.
 const MAX_DELIVER: i64 = 20;
 
@@ -471,9 +476,26 @@ impl CommandConsumer {
     }
 
     /// Consumes until `token` fires. Survives errors and server restarts.
+    ///
+    /// Commands run in [`LANES`] lanes: a command goes to the lane of the task
+    /// it names (its uni_id), so commands on one task keep their order while
+    /// commands on different tasks run side by side.
     pub async fn run(self, token: CancellationToken) {
-        loop {
-            let messages = match self.consumer().await {
+        let this = Arc::new(self);
+        let mut lanes = Vec::with_capacity(LANES);
+        let mut workers = tokio::task::JoinSet::new();
+        for _ in 0..LANES {
+            let (tx, mut rx) = tokio::sync::mpsc::channel::<jetstream::Message>(LANE_DEPTH);
+            lanes.push(tx);
+            let this = this.clone();
+            workers.spawn(async move {
+                while let Some(message) = rx.recv().await {
+                    this.handle(message).await;
+                }
+            });
+        }
+        'outer: loop {
+            let messages = match this.consumer().await {
                 Ok(c) => c.messages().await.map_err(|e| e.to_string()),
                 Err(e) => Err(e),
             };
@@ -481,20 +503,50 @@ impl CommandConsumer {
                 Ok(mut messages) => loop {
                     tokio::select! {
                         next = messages.next() => match next {
-                            Some(Ok(message)) => self.handle(message).await,
+                            Some(Ok(message)) => {
+                                let lane = this.lane_of(&message);
+                                if lanes[lane].send(message).await.is_err() {
+                                    break 'outer;
+                                }
+                            }
                             Some(Err(e)) => tracing::debug!(cause = %e, "command consumer hiccup"),
                             None => break,
                         },
-                        () = token.cancelled() => return,
+                        () = token.cancelled() => break 'outer,
                     }
                 },
                 Err(e) => tracing::warn!(cause = %e, "command consumer unavailable, retrying"),
             }
             tokio::select! {
                 () = tokio::time::sleep(Duration::from_secs(1)) => {}
-                () = token.cancelled() => return,
+                () = token.cancelled() => break,
             }
         }
+        // Let the lanes finish what they hold (each command is short).
+        drop(lanes);
+        while workers.join_next().await.is_some() {}
+    }
+
+    /// The lane of a message: by the uni_id of the daemon task it names (so a
+    /// create and a later delete of one task stay in order), else by its body.
+    fn lane_of(&self, message: &jetstream::Message) -> usize {
+        use std::hash::{Hash, Hasher};
+        let key = match Command::parse(message.subject.as_str(), &message.payload) {
+            Ok(Command::Create(create)) if create.kind.task_type() == TaskType::Daemon => {
+                CommandHandler::daemon_spec(&self.handler.registry, &create)
+                    .map(|spec| spec.uni_id.to_string())
+                    .unwrap_or_default()
+            }
+            Ok(Command::Delete {
+                target: DeleteTarget::Daemon(uni_id),
+                ..
+            })
+            | Ok(Command::Reload { uni_id, .. }) => uni_id.to_string(),
+            _ => String::from_utf8_lossy(&message.payload).into_owned(),
+        };
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        key.hash(&mut hasher);
+        (hasher.finish() % LANES as u64) as usize
     }
 
     async fn handle(&self, message: jetstream::Message) {
