@@ -140,7 +140,7 @@ async fn serve_bridge(
 ) -> Result<(), ServiceError> {
     let client = TaskClient::new(nats.clone(), registry, config.reply_timeout).await?;
     let state = BridgeState {
-        client,
+        client: Arc::new(client),
         nats: nats.client.clone(),
         max_body: config.max_body,
     };

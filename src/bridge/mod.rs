@@ -7,6 +7,7 @@ pub mod envelope;
 mod routes;
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Instant;
 
 use axum::Router;
@@ -21,8 +22,9 @@ use crate::client::TaskClient;
 /// What the routes share.
 #[derive(Debug, Clone)]
 pub struct BridgeState {
-    /// Publishes commands, reads listings.
-    pub client: TaskClient,
+    /// Publishes commands, reads listings (shared: axum clones the state for
+    /// every request, and the client holds several stream handles).
+    pub client: Arc<TaskClient>,
     /// For readiness.
     pub nats: async_nats::Client,
     /// Largest accepted body.
