@@ -1,0 +1,499 @@
+//! Figure 2: async tasks end to end. `async:demo:noop` tasks through the three
+//! producer paths (a JetStream publish on `bmw.async.<queue>.<id>`, a
+//! `bmw.task.create` command, the bridge's `POST /bmw/task/`), drained by 1
+//! and by 2 worker processes, measured both ways: enqueue all then drain, and
+//! enqueue while draining. Completion is seen through each task's `succeeded`
+//! event (sent before its ack), which also gives the latency from enqueue.
+//!
+//! Enqueue-then-drain starts the workers after the last publish ack and
+//! times from the first task done (worker start-up excluded) to the last.
+//! Only the subject path can do that: a command needs a worker to enqueue it
+//! and the bridge lives in a worker process, so those paths always run
+//! while draining.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail, ensure};
+use async_nats::jetstream::message::PublishMessage;
+use bmw::nats::Nats;
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+
+use crate::env::{BmwProc, Server, wait_for, wait_workers};
+use crate::report::{Samples, percentile};
+
+/// Outstanding publish acks (as the baseline's window).
+const WINDOW: usize = crate::baseline::WINDOW;
+/// Concurrent bridge requests (as figure 3).
+const CONNECTIONS: usize = crate::bridge::CONNECTIONS;
+/// Async tasks each worker runs at once.
+const CONCURRENCY: &str = "64";
+
+/// How tasks get in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Path {
+    /// JetStream publish on `bmw.async.<queue>.<id>` (the fastest path).
+    Subject,
+    /// `bmw.task.create` commands, enqueued by a worker.
+    Command,
+    /// `POST /bmw/task/` on a `bmw run` bridge, 64 requests in flight.
+    Bridge,
+}
+
+/// One run's samples (merged over runs by the caller).
+#[derive(Debug, Default)]
+pub(crate) struct AsyncFigure {
+    /// Tasks per second.
+    pub(crate) rate: Samples,
+    /// Median enqueue-to-done latency (ms).
+    pub(crate) p50_ms: Samples,
+    /// 99th percentile enqueue-to-done latency (ms).
+    pub(crate) p99_ms: Samples,
+    /// Peak VmRSS (KiB) of the first worker while it drained.
+    pub(crate) rss_kib: Samples,
+}
+
+/// Done times of `succeeded` events by task id.
+type Times = Arc<Mutex<HashMap<String, Instant>>>;
+
+/// Follows the `succeeded` events of `queue`.
+async fn follow(nats: &Nats, queue: &str) -> anyhow::Result<(Times, tokio::task::JoinHandle<()>)> {
+    let done: Times = Arc::default();
+    let mut sub = nats
+        .client
+        .subscribe("bmw.event.async.async:demo:noop.succeeded")
+        .await?;
+    nats.client.flush().await?;
+    let (sink, queue) = (done.clone(), queue.to_owned());
+    let task = tokio::spawn(async move {
+        while let Some(m) = sub.next().await {
+            let now = Instant::now();
+            if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&m.payload)
+                && v["queue"] == queue.as_str()
+                && let Some(id) = v["task_id"].as_str()
+            {
+                sink.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .entry(id.to_owned())
+                    .or_insert(now);
+            }
+        }
+    });
+    Ok((done, task))
+}
+
+/// Task ids by enqueue index: known to a raw producer, answered by the bridge,
+/// or sent by the worker to a command's `Bmw-Reply` subject.
+type Ids = Arc<Mutex<HashMap<usize, String>>>;
+
+/// Follows the outcomes of `queue`'s create commands, sent to
+/// `bench.reply.<queue>.<index>`.
+async fn follow_replies(
+    nats: &Nats,
+    queue: &str,
+    ids: Ids,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let prefix = format!("bench.reply.{queue}.");
+    let mut sub = nats.client.subscribe(format!("{prefix}*")).await?;
+    nats.client.flush().await?;
+    Ok(tokio::spawn(async move {
+        while let Some(m) = sub.next().await {
+            let index = m
+                .subject
+                .strip_prefix(prefix.as_str())
+                .and_then(|i| i.parse().ok());
+            let outcome = serde_json::from_slice::<serde_json::Value>(&m.payload).ok();
+            let id = outcome
+                .as_ref()
+                .filter(|o| o["result"] == true)
+                .and_then(|o| o["data"]["task_id"].as_str());
+            match (index, id) {
+                (Some(i), Some(id)) => {
+                    ids.lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(i, id.to_owned());
+                }
+                _ => eprintln!("  unexpected command outcome on {}: {outcome:?}", m.subject),
+            }
+        }
+    }))
+}
+
+/// Enqueues `n` noop tasks on `queue` by `path` without a caller's task id
+/// (which would cost bmw a look-up per task), recording when each was sent;
+/// fills `ids` as task ids become known.
+async fn enqueue(
+    nats: &Nats,
+    path: Path,
+    queue: &str,
+    n: usize,
+    bridge: Option<&str>,
+    ids: &Ids,
+    deadline: Instant,
+) -> anyhow::Result<Vec<Instant>> {
+    let mut sent = Vec::with_capacity(n);
+    match path {
+        Path::Subject | Path::Command => {
+            let mut acks = FuturesUnordered::new();
+            for i in 0..n {
+                let publish = if path == Path::Subject {
+                    let id = format!("{queue}-{i}");
+                    let body =
+                        serde_json::json!({"id": id, "kind": "async:demo:noop", "payload": {}});
+                    let publish = PublishMessage::build()
+                        .payload(serde_json::to_vec(&body)?.into())
+                        .message_id(&id);
+                    ids.lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(i, id.clone());
+                    (format!("bmw.async.{queue}.{id}"), publish)
+                } else {
+                    let cmd = uuid::Uuid::new_v4().to_string();
+                    let body = serde_json::json!({
+                        "id": cmd, "kind": "async:demo:noop", "payload": {},
+                        "options": {"queue": queue},
+                    });
+                    let mut headers = async_nats::HeaderMap::new();
+                    headers.insert(
+                        bmw::nats::names::HEADER_REPLY,
+                        format!("bench.reply.{queue}.{i}").as_str(),
+                    );
+                    let publish = PublishMessage::build()
+                        .payload(serde_json::to_vec(&body)?.into())
+                        .headers(headers)
+                        .message_id(&cmd);
+                    (bmw::nats::names::SUBJECT_CREATE.to_owned(), publish)
+                };
+                sent.push(Instant::now());
+                let (subject, publish) = publish;
+                acks.push(nats.js.send_publish(subject, publish).await?.into_future());
+                while acks.len() >= WINDOW {
+                    acks.next().await.context("ack")??;
+                }
+                ensure!(
+                    Instant::now() < deadline,
+                    "enqueue: {i} of {n} by the deadline"
+                );
+            }
+            while let Some(ack) = acks.next().await {
+                ack?;
+            }
+        }
+        Path::Bridge => {
+            let url = format!("{}/bmw/task/", bridge.context("no bridge")?);
+            let http = reqwest::Client::new();
+            let mut inflight = FuturesUnordered::new();
+            for i in 0..n {
+                let body =
+                    serde_json::json!({"kind": "async:demo:noop", "options": {"queue": queue}});
+                sent.push(Instant::now());
+                let request = http.post(&url).json(&body);
+                inflight.push(async move {
+                    let response = request.send().await?;
+                    let status = response.status();
+                    let envelope: serde_json::Value = response.json().await?;
+                    let id = envelope["data"]["task_id"].as_str().map(str::to_owned);
+                    match id {
+                        Some(id) if status.is_success() && envelope["result"] == true => {
+                            Ok::<_, anyhow::Error>((i, id))
+                        }
+                        _ => bail!("bridge answered {status} {envelope}"),
+                    }
+                });
+                while inflight.len() >= CONNECTIONS {
+                    let (i, id) = inflight.next().await.context("request")??;
+                    ids.lock().unwrap_or_else(|e| e.into_inner()).insert(i, id);
+                }
+                ensure!(
+                    Instant::now() < deadline,
+                    "enqueue: {i} of {n} by the deadline"
+                );
+            }
+            while let Some(r) = inflight.next().await {
+                let (i, id) = r?;
+                ids.lock().unwrap_or_else(|e| e.into_inner()).insert(i, id);
+            }
+        }
+    }
+    Ok(sent)
+}
+
+/// VmRSS of `pid` in KiB.
+fn rss_kib(pid: u32) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// Samples the peak VmRSS of `pid` every 100 ms until aborted.
+fn sample_rss(pid: u32) -> (Arc<Mutex<f64>>, tokio::task::JoinHandle<()>) {
+    let peak = Arc::new(Mutex::new(rss_kib(pid).unwrap_or(f64::NAN)));
+    let sink = peak.clone();
+    let task = tokio::spawn(async move {
+        // Bounded by the run: aborted when it ends; 10 minutes at most.
+        for _ in 0..6_000 {
+            if let Some(kib) = rss_kib(pid) {
+                let mut p = sink.lock().unwrap_or_else(|e| e.into_inner());
+                *p = p.max(kib);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    (peak, task)
+}
+
+/// CPU seconds (user + system) of a process, from `/proc/<pid>/stat`.
+fn cpu_seconds(pid: &str) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // "pid (comm) state ppid ...": utime and stime are fields 14 and 15.
+    let ticks: f64 = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| {
+            rest.split_whitespace()
+                .skip(11)
+                .take(2)
+                .filter_map(|t| t.parse::<f64>().ok())
+                .sum()
+        })
+        .unwrap_or(0.0);
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    ticks / hz
+}
+
+/// The bench's nats-server children (one while a scenario runs).
+fn server_pids() -> Vec<String> {
+    let mut pids = Vec::new();
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return pids;
+    };
+    for t in tasks.flatten() {
+        let children = std::fs::read_to_string(t.path().join("children")).unwrap_or_default();
+        for pid in children.split_whitespace() {
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            if comm.trim() == "nats-server" {
+                pids.push(pid.to_owned());
+            }
+        }
+    }
+    pids
+}
+
+/// CPU seconds so far of the workers, the nats-server and the bench.
+fn cpu(procs: &[BmwProc]) -> [f64; 3] {
+    [
+        procs
+            .iter()
+            .map(|p| cpu_seconds(&p.pid().to_string()))
+            .sum(),
+        server_pids().iter().map(|p| cpu_seconds(p)).sum(),
+        cpu_seconds("self"),
+    ]
+}
+
+/// One run's figures.
+#[derive(Debug)]
+struct Once {
+    rate: f64,
+    p50: f64,
+    p99: f64,
+    rss_kib: f64,
+    /// CPU used during the measured time by workers, nats-server, bench, in
+    /// cores (CPU seconds / wall seconds).
+    cores: [f64; 3],
+}
+
+fn spawn_workers(
+    server: &Server,
+    queue: &str,
+    workers: usize,
+    bridge: Option<&str>,
+    label: &str,
+) -> anyhow::Result<Vec<BmwProc>> {
+    let mut procs = Vec::new();
+    for i in 0..workers {
+        let mut args = vec!["--queues", queue, "--concurrency", CONCURRENCY];
+        let role = match (bridge, i) {
+            (Some(addr), 0) => {
+                args.extend(["--http-addr", addr]);
+                "run"
+            }
+            _ => "worker",
+        };
+        procs.push(BmwProc::spawn(
+            role,
+            server.url(),
+            &args,
+            server.dir(),
+            &format!("{label}-{i}"),
+        )?);
+    }
+    Ok(procs)
+}
+
+/// One run: `workers` worker processes on a fresh queue, `n` tasks by `path`,
+/// while draining (`concurrent`) or all before it (subject path only).
+async fn run_once(
+    server: &Server,
+    path: Path,
+    workers: usize,
+    concurrent: bool,
+    n: usize,
+    wait: Duration,
+    label: &str,
+) -> anyhow::Result<Once> {
+    ensure!(
+        concurrent || path == Path::Subject,
+        "enqueue-then-drain needs the subject path"
+    );
+    let nats = server.connect().await?;
+    let queue = format!("q{}", uuid::Uuid::new_v4().simple());
+    let (done, follower) = follow(&nats, &queue).await?;
+    let ids: Ids = Arc::default();
+    let replies = match path {
+        Path::Command => Some(follow_replies(&nats, &queue, ids.clone()).await?),
+        _ => None,
+    };
+    let bridge_addr = match path {
+        Path::Bridge => {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")?
+                .local_addr()?
+                .port();
+            Some(format!("127.0.0.1:{port}"))
+        }
+        _ => None,
+    };
+    let done_count = || done.lock().unwrap_or_else(|e| e.into_inner()).len();
+    let deadline = Instant::now() + wait;
+    let (started, sent, mut procs, sampler, cpu_start);
+    if concurrent {
+        procs = spawn_workers(server, &queue, workers, bridge_addr.as_deref(), label)?;
+        wait_workers(&nats, &mut procs).await?;
+        if let Some(addr) = &bridge_addr {
+            wait_for("the bridge", Duration::from_secs(20), || {
+                std::net::TcpStream::connect(addr).is_ok()
+            })
+            .await?;
+        }
+        sampler = sample_rss(procs[0].pid());
+        let url = bridge_addr.as_ref().map(|a| format!("http://{a}"));
+        cpu_start = cpu(&procs);
+        started = Instant::now();
+        sent = enqueue(&nats, path, &queue, n, url.as_deref(), &ids, deadline).await?;
+    } else {
+        sent = enqueue(&nats, path, &queue, n, None, &ids, deadline).await?;
+        procs = spawn_workers(server, &queue, workers, None, label)?;
+        wait_workers(&nats, &mut procs).await?;
+        sampler = sample_rss(procs[0].pid());
+        // The drain starts with the first task done (worker start-up excluded).
+        wait_for("the first task done", Duration::from_secs(30), || {
+            done_count() > 0
+        })
+        .await?;
+        cpu_start = cpu(&procs);
+        started = *done
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .min()
+            .context("one done")?;
+    }
+    let left = deadline.saturating_duration_since(Instant::now());
+    let waited = wait_for(&format!("{n} tasks done"), left, || done_count() >= n).await;
+    let (cpu_end, wall) = (cpu(&procs), started.elapsed().as_secs_f64().max(1e-6));
+    sampler.1.abort();
+    follower.abort();
+    if let Err(e) = waited {
+        bail!("{e}: {} of {n} done", done_count());
+    }
+    // Outcomes of the last commands may trail their tasks' events a little.
+    let id_count = || ids.lock().unwrap_or_else(|e| e.into_inner()).len();
+    let left = deadline.saturating_duration_since(Instant::now());
+    let known = wait_for("every task id", left.min(Duration::from_secs(10)), || {
+        id_count() >= n
+    })
+    .await;
+    if let Some(r) = replies {
+        r.abort();
+    }
+    if let Err(e) = known {
+        bail!("{e}: {} of {n} command outcomes", id_count());
+    }
+    let done = done.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let last = *done.values().max().context("tasks done")?;
+    let rate = n as f64 / last.duration_since(started).as_secs_f64().max(1e-6);
+    let ids = ids.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let mut latencies: Vec<f64> = sent
+        .iter()
+        .enumerate()
+        .filter_map(|(i, at)| {
+            let d = done.get(ids.get(&i)?)?;
+            Some(d.saturating_duration_since(*at).as_secs_f64() * 1000.0)
+        })
+        .collect();
+    ensure!(
+        latencies.len() == n && done.len() == n,
+        "{label}: {} of {n} enqueued tasks seen done ({} done events)",
+        latencies.len(),
+        done.len()
+    );
+    for p in procs.iter_mut() {
+        ensure!(p.alive(), "bmw {} exited; log:\n{}", p.pid(), p.log_tail());
+    }
+    let rss_kib = *sampler.0.lock().unwrap_or_else(|e| e.into_inner());
+    drop(procs);
+    Ok(Once {
+        rate,
+        p50: percentile(&mut latencies, 50.0),
+        p99: percentile(&mut latencies, 99.0),
+        rss_kib,
+        cores: std::array::from_fn(|i| (cpu_end[i] - cpu_start[i]) / wall),
+    })
+}
+
+/// Run number `run` of one scenario, on a fresh queue of `server` and
+/// under `wait` (enqueue and drain); on failure the process logs are kept.
+pub(crate) async fn run(
+    server: &Server,
+    path: Path,
+    workers: usize,
+    concurrent: bool,
+    n: usize,
+    wait: Duration,
+    run: usize,
+) -> anyhow::Result<AsyncFigure> {
+    let way = if concurrent { "conc" } else { "drain" };
+    let label = format!("async-{path:?}-{workers}w-{way}-{run}");
+    let once = server
+        .scenario(
+            &label,
+            run_once(server, path, workers, concurrent, n, wait, &label),
+        )
+        .await?;
+    eprintln!(
+        "  {label}: {:.0} tasks/s, p50 {:.1} ms, p99 {:.1} ms, peak RSS {:.1} MiB; \
+         CPU cores used: workers {:.2}, nats-server {:.2}, bench {:.2}",
+        once.rate,
+        once.p50,
+        once.p99,
+        once.rss_kib / 1024.0,
+        once.cores[0],
+        once.cores[1],
+        once.cores[2],
+    );
+    Ok(AsyncFigure {
+        rate: Samples(vec![once.rate]),
+        p50_ms: Samples(vec![once.p50]),
+        p99_ms: Samples(vec![once.p99]),
+        rss_kib: Samples(vec![once.rss_kib]),
+    })
+}
