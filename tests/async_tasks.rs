@@ -26,6 +26,20 @@ pub(crate) fn collect_events(env: &TestEnv) -> Arc<Mutex<Vec<Value>>> {
     crate::harness::collect_events(env, "bmw.event.async.>")
 }
 
+/// Waits (bounded) until `id` has `n` events `what`.
+async fn wait_count(
+    events: &Arc<Mutex<Vec<Value>>>,
+    id: &str,
+    what: &str,
+    n: usize,
+    seconds: u64,
+) -> bool {
+    wait_until(Duration::from_secs(seconds), async || {
+        count(events, id, what) == n
+    })
+    .await
+}
+
 fn count(events: &Arc<Mutex<Vec<Value>>>, task_id: &str, what: &str) -> usize {
     events
         .lock()
@@ -72,12 +86,7 @@ async fn retries_count_exactly_and_retention_keeps_then_expires_the_record() {
     assert_eq!(status, 200, "{body}");
     let id = body["data"]["task_id"].as_str().unwrap().to_owned();
     assert!(
-        wait_until(Duration::from_secs(10), async || count(
-            &events,
-            &id,
-            "succeeded"
-        ) == 1)
-        .await,
+        wait_count(&events, &id, "succeeded", 1, 10).await,
         "task succeeds on its third attempt"
     );
     assert_eq!(
@@ -114,10 +123,7 @@ async fn used_up_retries_go_to_the_dead_letters_and_can_be_requeued() {
     assert_eq!(status, 200, "{body}");
     let id = body["data"]["task_id"].as_str().unwrap().to_owned();
     assert!(
-        wait_until(Duration::from_secs(10), async || count(
-            &events, &id, "archived"
-        ) == 1)
-        .await,
+        wait_count(&events, &id, "archived", 1, 10).await,
         "archived after 3 attempts"
     );
     assert_eq!(count(&events, &id, "failed"), 3, "1 attempt + 2 retries");
@@ -145,10 +151,7 @@ async fn used_up_retries_go_to_the_dead_letters_and_can_be_requeued() {
     .await;
     assert_eq!(status, 200, "{body}");
     assert!(
-        wait_until(Duration::from_secs(10), async || count(
-            &events, &id, "archived"
-        ) == 2)
-        .await,
+        wait_count(&events, &id, "archived", 2, 10).await,
         "re-enqueued task ran its attempts again"
     );
     assert_eq!(count(&events, &id, "failed"), 6);
@@ -174,10 +177,7 @@ async fn timeout_cancels_the_attempt_and_a_panic_is_retried() {
     let panicky = body["data"]["task_id"].as_str().unwrap().to_owned();
     let start = std::time::Instant::now();
     assert!(
-        wait_until(Duration::from_secs(10), async || count(
-            &events, &slow, "archived"
-        ) == 1)
-        .await,
+        wait_count(&events, &slow, "archived", 1, 10).await,
         "timed-out task archived"
     );
     assert!(
@@ -193,12 +193,7 @@ async fn timeout_cancels_the_attempt_and_a_panic_is_retried() {
         "{record}"
     );
     assert!(
-        wait_until(Duration::from_secs(10), async || count(
-            &events,
-            &panicky,
-            "succeeded"
-        ) == 1)
-        .await,
+        wait_count(&events, &panicky, "succeeded", 1, 10).await,
         "panic fails the attempt, the retry succeeds"
     );
     assert_eq!(count(&events, &panicky, "failed"), 1);
@@ -261,12 +256,7 @@ async fn a_delayed_task_runs_at_its_time_not_before() {
     let (_, record) = get(&bmw, &id).await;
     assert_eq!(record["data"]["state"], "scheduled", "{record}");
     assert!(
-        wait_until(Duration::from_secs(10), async || count(
-            &events,
-            &id,
-            "succeeded"
-        ) == 1)
-        .await,
+        wait_count(&events, &id, "succeeded", 1, 10).await,
         "delayed task ran"
     );
     let ran = events
@@ -334,25 +324,9 @@ async fn bad_input_is_refused_and_nothing_enqueued() {
             "`options.unique_ttl`",
         ),
     ];
-    for (body, needle) in cases {
-        let (status, envelope) = create(&bmw, body.clone()).await;
-        assert_eq!(status, 400, "{body}: {envelope}");
-        assert!(
-            envelope["message"].as_str().unwrap().contains(needle),
-            "{body}: {envelope}"
-        );
-    }
-    let (_, list) = http(
-        Method::GET,
-        &format!("{}/bmw/task/?task_type=async", bmw.base_url()),
-        None,
-    )
-    .await;
-    assert_eq!(
-        list["data"].as_array().map(Vec::len),
-        Some(0),
-        "nothing was enqueued: {list}"
-    );
+    crate::harness::assert_refused(&bmw.base_url(), &cases).await;
+    let list = crate::harness::list_tasks(&bmw.base_url(), "async").await;
+    assert!(list.is_empty(), "nothing was enqueued: {list:?}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -459,14 +433,7 @@ async fn raw_publishes_and_commands_enqueue_too() {
         panic!("no outcome")
     };
     let id = outcome.data["task_id"].as_str().unwrap().to_owned();
-    assert!(
-        wait_until(Duration::from_secs(5), async || count(
-            &events,
-            &id,
-            "succeeded"
-        ) == 1)
-        .await
-    );
+    assert!(wait_count(&events, &id, "succeeded", 1, 5).await);
     // Queue stats count what was processed.
     let (status, stats) = http(Method::GET, &format!("{}/bmw/queue/", bmw.base_url()), None).await;
     assert_eq!(status, 200);

@@ -245,30 +245,9 @@ async fn time_zones_and_bad_input() {
         ),
     ];
     let bmw = BmwProcess::run(&env.url(), &[]).await;
-    for (body, needle) in cases {
-        let (status, envelope) = http(
-            Method::POST,
-            &format!("{}/bmw/task/", bmw.base_url()),
-            Some(&body.to_string()),
-        )
-        .await;
-        assert_eq!(status, 400, "{body}: {envelope}");
-        assert!(
-            envelope["message"].as_str().unwrap().contains(needle),
-            "{body}: {envelope}"
-        );
-    }
-    let (_, list) = http(
-        Method::GET,
-        &format!("{}/bmw/task/?task_type=periodic", bmw.base_url()),
-        None,
-    )
-    .await;
-    assert_eq!(
-        list["data"].as_array().map(Vec::len),
-        Some(0),
-        "no schedule written: {list}"
-    );
+    crate::harness::assert_refused(&bmw.base_url(), &cases).await;
+    let list = crate::harness::list_tasks(&bmw.base_url(), "periodic").await;
+    assert!(list.is_empty(), "no schedule written: {list:?}");
     let stream = env.nats.js.get_stream("BMW_ASYNC").await.unwrap();
     assert!(
         stream

@@ -439,3 +439,36 @@ pub fn collect_events(env: &TestEnv, subject: &'static str) -> Arc<Mutex<Vec<Val
     });
     events
 }
+
+/// Posts each body to `POST /bmw/task/` and asserts a 400 envelope whose
+/// message contains the paired text (the field at fault).
+pub async fn assert_refused(base_url: &str, cases: &[(Value, &str)]) {
+    for (body, needle) in cases {
+        let (status, envelope) = http(
+            reqwest::Method::POST,
+            &format!("{base_url}/bmw/task/"),
+            Some(&body.to_string()),
+        )
+        .await;
+        assert_eq!(status, 400, "{body}: {envelope}");
+        assert!(
+            envelope["message"]
+                .as_str()
+                .unwrap_or_default()
+                .contains(needle),
+            "{body}: {envelope}"
+        );
+    }
+}
+
+/// `GET /bmw/task/?task_type=<t>`: the rows.
+pub async fn list_tasks(base_url: &str, task_type: &str) -> Vec<Value> {
+    let (status, body) = http(
+        reqwest::Method::GET,
+        &format!("{base_url}/bmw/task/?task_type={task_type}"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    body["data"].as_array().cloned().unwrap_or_default()
+}
