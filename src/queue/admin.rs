@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 
 use super::inspect::{Inspector, subjects};
 use super::message::TaskMessage;
-use super::record::{RecordStore, TaskState};
+use super::record::TaskState;
 use crate::nats::names;
 
 /// Why an admin call failed.
@@ -34,9 +34,7 @@ fn nats(e: impl std::fmt::Display) -> AdminError {
 pub struct Admin {
     js: jetstream::Context,
     client: async_nats::Client,
-    stream: Stream,
-    dead: Stream,
-    records: RecordStore,
+    /// Also holds the stream, dead-letter stream and records handles.
     inspector: Inspector,
 }
 
@@ -47,15 +45,6 @@ impl Admin {
         Ok(Admin {
             js: js.clone(),
             client: nats.client.clone(),
-            stream: js
-                .get_stream(names::STREAM_ASYNC)
-                .await
-                .map_err(|e| e.to_string())?,
-            dead: js
-                .get_stream(names::STREAM_DEAD)
-                .await
-                .map_err(|e| e.to_string())?,
-            records: RecordStore::open(js).await?,
             inspector: Inspector::open(js).await?,
         })
     }
@@ -75,11 +64,14 @@ impl Admin {
         let queue = &record.queue;
         match record.state {
             TaskState::Scheduled => {
-                self.purge(&self.stream, &names::delayed_subject(queue, task_id))
-                    .await?
+                self.purge(
+                    &self.inspector.stream,
+                    &names::delayed_subject(queue, task_id),
+                )
+                .await?
             }
             TaskState::Archived => {
-                self.purge(&self.dead, &names::dead_subject(queue, task_id))
+                self.purge(&self.inspector.dead, &names::dead_subject(queue, task_id))
                     .await?
             }
             TaskState::Completed => {}
@@ -90,11 +82,14 @@ impl Admin {
                     .await
                     .map_err(nats)?;
                 self.client.flush().await.map_err(nats)?;
-                self.purge(&self.stream, &names::async_subject(queue, task_id))
-                    .await?;
+                self.purge(
+                    &self.inspector.stream,
+                    &names::async_subject(queue, task_id),
+                )
+                .await?;
             }
         }
-        self.records.remove(task_id).await.map_err(nats)?;
+        self.inspector.records.remove(task_id).await.map_err(nats)?;
         Ok(json!({"task_id": task_id, "state": record.state}))
     }
 
@@ -110,12 +105,17 @@ impl Admin {
     /// Puts an archived task back in its queue with fresh attempts.
     pub async fn requeue(&self, task_id: &str) -> Result<Value, AdminError> {
         let filter = format!("bmw.dead.*.{task_id}");
-        let Some(subject) = subjects(&self.dead, &filter).await.map_err(nats)?.next() else {
+        let Some(subject) = subjects(&self.inspector.dead, &filter)
+            .await
+            .map_err(nats)?
+            .next()
+        else {
             return Err(AdminError::NotFound(format!(
                 "no archived async task `{task_id}`"
             )));
         };
         let message = self
+            .inspector
             .dead
             .get_last_raw_message_by_subject(&subject)
             .await
@@ -139,8 +139,8 @@ impl Admin {
             .map_err(nats)?
             .await
             .map_err(nats)?;
-        self.purge(&self.dead, &subject).await?;
-        self.records.remove(task_id).await.map_err(nats)?;
+        self.purge(&self.inspector.dead, &subject).await?;
+        self.inspector.records.remove(task_id).await.map_err(nats)?;
         tracing::info!(task_id, queue, "archived async task re-enqueued");
         Ok(json!({"task_id": task_id, "queue": queue, "state": "pending"}))
     }

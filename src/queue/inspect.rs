@@ -33,9 +33,9 @@ pub(crate) async fn subjects(
 /// Reads tasks and stats.
 #[derive(Debug, Clone)]
 pub struct Inspector {
-    stream: Stream,
-    dead: Stream,
-    records: RecordStore,
+    pub(crate) stream: Stream,
+    pub(crate) dead: Stream,
+    pub(crate) records: RecordStore,
 }
 
 /// Filters and paging of a list.
