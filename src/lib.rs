@@ -2,7 +2,8 @@
 //!
 //! The BlueKing monitor worker (BMW) re-created on NATS JetStream: one service
 //! that runs daemon tasks (endless loops, each held by exactly one worker),
-//! with async and periodic tasks to come. Commands are messages on
+//! async tasks (one-shot jobs on work-queue streams) and periodic tasks (cron or
+//! interval schedules that nats-server itself fires). Commands are messages on
 //! `bmw.task.*`; an HTTP bridge turns BMW's REST API into those messages.
 //! Scaling out is starting one more worker.
 //!
@@ -17,6 +18,10 @@
 //!     └─► claim (bmw_daemon_claims, per-key TTL, CAS) ─► maintainer ─► Operator
 //!            └─ expiry = Purge event ─► another worker claims it
 //!  maintainers ─► events (BMW_EVENTS) and metrics (/metrics)
+//!
+//!  async create ─► bmw.async.<queue>.<id> (BMW_ASYNC, work queue; or an @at
+//!  schedule) ─► one shared consumer per queue ─► queue::runtime ─► Handler
+//!  periodic ─► Nats-Schedule on bmw.schedule.<kind> ─► the server enqueues each tick
 //! ```
 //!
 //! - [`task`]: kinds, payload canonical form, uni_ids, options.
@@ -24,6 +29,9 @@
 //! - [`command`]: command messages, their validation and handling.
 //! - [`client`]: publishing commands and reading listings (bridge, CLI).
 //! - [`daemon`]: operators, specs, claims, maintainers, balancing.
+//! - [`queue`]: async tasks: enqueue, the weighted fetch loop, retries, dead
+//!   letters, records and inspection.
+//! - [`periodic`]: schedules fired by nats-server, declared or created at run time.
 //! - [`registry`]: which kinds this binary can run; [`builtin`]: the demo kinds.
 //! - [`membership`]: the live-worker entries.
 //! - [`worker`], [`service`]: the process roles.
