@@ -425,6 +425,9 @@ pub fn daemon_data(spec: &DaemonSpec, outcome: CreateOutcome) -> Value {
     })
 }
 
+/// A command as parsed from its message (or why it could not be).
+type Parsed = Result<Command, ValidationError>;
+
 /// Commands a worker applies at once (on different tasks).
 pub const LANES: usize = 16;
 /// Commands waiting per lane.
@@ -485,12 +488,13 @@ impl CommandConsumer {
         let mut lanes = Vec::with_capacity(LANES);
         let mut workers = tokio::task::JoinSet::new();
         for _ in 0..LANES {
-            let (tx, mut rx) = tokio::sync::mpsc::channel::<jetstream::Message>(LANE_DEPTH);
+            let (tx, mut rx) =
+                tokio::sync::mpsc::channel::<(jetstream::Message, Parsed)>(LANE_DEPTH);
             lanes.push(tx);
             let this = this.clone();
             workers.spawn(async move {
-                while let Some(message) = rx.recv().await {
-                    this.handle(message).await;
+                while let Some((message, parsed)) = rx.recv().await {
+                    this.handle(message, parsed).await;
                 }
             });
         }
@@ -504,8 +508,10 @@ impl CommandConsumer {
                     tokio::select! {
                         next = messages.next() => match next {
                             Some(Ok(message)) => {
-                                let lane = this.lane_of(&message);
-                                if lanes[lane].send(message).await.is_err() {
+                                // Parsed once here: the lane depends on it, and the lane uses it.
+                                let parsed = Command::parse(message.subject.as_str(), &message.payload);
+                                let lane = this.lane_of(&message, &parsed);
+                                if lanes[lane].send((message, parsed)).await.is_err() {
                                     break 'outer;
                                 }
                             }
@@ -529,11 +535,11 @@ impl CommandConsumer {
 
     /// The lane of a message: by the uni_id of the daemon task it names (so a
     /// create and a later delete of one task stay in order), else by its body.
-    fn lane_of(&self, message: &jetstream::Message) -> usize {
+    fn lane_of(&self, message: &jetstream::Message, parsed: &Parsed) -> usize {
         use std::hash::{Hash, Hasher};
-        let key = match Command::parse(message.subject.as_str(), &message.payload) {
+        let key = match parsed {
             Ok(Command::Create(create)) if create.kind.task_type() == TaskType::Daemon => {
-                CommandHandler::daemon_spec(&self.handler.registry, &create)
+                CommandHandler::daemon_spec(&self.handler.registry, create)
                     .map(|spec| spec.uni_id.to_string())
                     .unwrap_or_default()
             }
@@ -549,14 +555,14 @@ impl CommandConsumer {
         (hasher.finish() % LANES as u64) as usize
     }
 
-    async fn handle(&self, message: jetstream::Message) {
+    async fn handle(&self, message: jetstream::Message, parsed: Parsed) {
         let subject = message.subject.to_string();
         let reply_to = message
             .headers
             .as_ref()
             .and_then(|h| h.get(names::HEADER_REPLY))
             .map(|v| v.as_str().to_owned());
-        let outcome = match Command::parse(&subject, &message.payload) {
+        let outcome = match parsed {
             Err(e) => {
                 self.poison(&message, &subject, &e.to_string()).await;
                 Outcome::err(400, e.to_string())

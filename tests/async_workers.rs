@@ -164,12 +164,20 @@ async fn sigterm_returns_fetched_tasks_at_once() {
         json!({"kind": "async:demo:sleep", "payload": {"seconds": 1}}),
     )
     .await;
+    // Wait until the worker holds its two tasks (fetched, not yet acked).
+    let stream = env.nats.js.get_stream("BMW_ASYNC").await.unwrap();
+    let running = async || {
+        let consumer: Result<async_nats::jetstream::consumer::PullConsumer, _> =
+            stream.get_consumer("bmw-async-default").await;
+        match consumer {
+            Ok(mut c) => c.info().await.is_ok_and(|i| i.num_ack_pending == 2),
+            Err(_) => false,
+        }
+    };
     assert!(
-        wait_until(Duration::from_secs(5), async || first
-            .has_log("worker started"))
-        .await
+        wait_until(Duration::from_secs(5), running).await,
+        "the first two tasks are running"
     );
-    tokio::time::sleep(Duration::from_millis(300)).await; // let the first two start
     assert!(first.sigterm(), "worker exits on SIGTERM");
     let stopped = Instant::now();
     // The running ones finished within the grace period.

@@ -123,34 +123,33 @@ pub(super) async fn queues(State(state): State<BridgeState>) -> Result<Reply, Ap
     Ok(Reply(StatusCode::OK, Envelope::ok(json!(stats))))
 }
 
+/// The non-empty string `field` of a JSON body, or 400 naming it.
+async fn required_field(state: &BridgeState, raw: Body, field: &str) -> Result<String, ApiError> {
+    let bytes = body(state, raw).await?;
+    let value: Value = serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::bad_request(format!("invalid `body`: {e}")))?;
+    value
+        .get(field)
+        .and_then(Value::as_str)
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+        .ok_or_else(|| ApiError::bad_request(format!("invalid `{field}`: is required")))
+}
+
 /// `POST /bmw/task/async/requeue` with `{"task_id"}`: re-enqueue an archived task.
 pub(super) async fn requeue(
     State(state): State<BridgeState>,
     raw: Body,
 ) -> Result<Reply, ApiError> {
-    let bytes = body(&state, raw).await?;
-    let value: Value = serde_json::from_slice(&bytes)
-        .map_err(|e| ApiError::bad_request(format!("invalid `body`: {e}")))?;
-    let task_id = value
-        .get("task_id")
-        .and_then(Value::as_str)
-        .filter(|s| !s.is_empty())
-        .ok_or_else(|| ApiError::bad_request("invalid `task_id`: is required"))?;
-    let data = state.client.requeue(task_id).await?;
+    let task_id = required_field(&state, raw, "task_id").await?;
+    let data = state.client.requeue(&task_id).await?;
     Ok(Reply(StatusCode::OK, Envelope::ok(data)))
 }
 
 /// `POST /bmw/task/periodic/pause` (or `/resume`) with `{"kind"}`.
 async fn pause_or_resume(state: &BridgeState, raw: Body, paused: bool) -> Result<Reply, ApiError> {
-    let bytes = body(state, raw).await?;
-    let value: Value = serde_json::from_slice(&bytes)
-        .map_err(|e| ApiError::bad_request(format!("invalid `body`: {e}")))?;
-    let kind = value
-        .get("kind")
-        .and_then(Value::as_str)
-        .filter(|s| !s.is_empty())
-        .ok_or_else(|| ApiError::bad_request("invalid `kind`: is required"))?;
-    let data = state.client.pause_periodic(kind, paused).await?;
+    let kind = required_field(state, raw, "kind").await?;
+    let data = state.client.pause_periodic(&kind, paused).await?;
     Ok(Reply(StatusCode::OK, Envelope::ok(data)))
 }
 
