@@ -22,6 +22,9 @@ pub const SUBJECT_RELOAD: &str = "bmw.task.reload";
 pub const SUBJECT_TASKS_ALL: &str = "bmw.task.*";
 /// Wildcard of async task subjects (`bmw.async.<queue>`).
 pub const SUBJECT_ASYNC_ALL: &str = "bmw.async.>";
+/// The one message that stays at the head of `BMW_ASYNC` (see
+/// [`super::provision`]): no consumer reads it.
+pub const SUBJECT_ASYNC_ANCHOR: &str = "bmw.anchor.async";
 /// Wildcard of schedule subjects (`bmw.schedule.<kind key>`).
 pub const SUBJECT_SCHEDULE_ALL: &str = "bmw.schedule.>";
 /// Wildcard of event subjects.

@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use async_nats::jetstream::{self, kv, stream};
+use async_nats::jetstream::{self, kv, message::PublishMessage, stream};
 
 use super::names::*;
 
@@ -53,6 +53,7 @@ pub async fn provision(js: &jetstream::Context, replicas: usize) -> Result<(), P
                 message: e.to_string(),
             })?;
     }
+    anchor_async_stream(js).await;
     for config in bucket_configs(replicas) {
         let name = config.bucket.clone();
         js.create_or_update_key_value(config)
@@ -67,6 +68,32 @@ pub async fn provision(js: &jetstream::Context, replicas: usize) -> Result<(), P
     Ok(())
 }
 
+/// Keeps one message that no consumer reads at the head of `BMW_ASYNC`.
+///
+/// nats-server looks for a consumer's next message by scanning every subject
+/// its filter matches whenever the consumer's position is at or below the
+/// stream's first sequence. In a work queue whose workers keep up, that is
+/// every pull, and with one subject per task (`bmw.async.<queue>.<id>`) the
+/// scan costs as much as the backlog is deep: a 100,000-task backlog drained
+/// at 14,000 tasks/s instead of 27,000. The anchor keeps the first sequence
+/// below every task, so no pull scans. Written once (a second writer's
+/// publish is refused by the expected subject sequence); a failure costs
+/// speed, not correctness, so it is only logged.
+async fn anchor_async_stream(js: &jetstream::Context) {
+    let publish = PublishMessage::build()
+        .payload("anchor: keeps the head of BMW_ASYNC below every task".into())
+        .expected_last_subject_sequence(0);
+    let stored = match js.send_publish(SUBJECT_ASYNC_ANCHOR, publish).await {
+        Ok(ack) => ack.await.map(|_| ()),
+        Err(e) => return tracing::warn!(cause = %e, "async stream anchor not written"),
+    };
+    if let Err(e) = stored
+        && e.kind() != jetstream::context::PublishErrorKind::WrongLastSequence
+    {
+        tracing::warn!(cause = %e, "async stream anchor not written");
+    }
+}
+
 fn stream_configs(replicas: usize) -> Vec<stream::Config> {
     vec![
         stream::Config {
@@ -79,7 +106,11 @@ fn stream_configs(replicas: usize) -> Vec<stream::Config> {
         },
         stream::Config {
             name: STREAM_ASYNC.into(),
-            subjects: vec![SUBJECT_ASYNC_ALL.into(), SUBJECT_SCHEDULE_ALL.into()],
+            subjects: vec![
+                SUBJECT_ASYNC_ALL.into(),
+                SUBJECT_SCHEDULE_ALL.into(),
+                SUBJECT_ASYNC_ANCHOR.into(),
+            ],
             retention: stream::RetentionPolicy::WorkQueue,
             duplicate_window: DEDUP_WINDOW,
             allow_message_schedules: true,
