@@ -7,6 +7,7 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::message::PublishMessage;
+use futures::StreamExt;
 use serde_json::{Value, json};
 
 use crate::async_tasks::{ASYNC_FAST, collect_events};
@@ -100,6 +101,13 @@ async fn a_busy_low_queue_does_not_starve_critical() {
 async fn no_task_is_lost_when_a_worker_is_killed_mid_run() {
     let env = TestEnv::start().await;
     let events = collect_events(&env);
+    // The events as sent: one per batch of completions.
+    let mut batches = env
+        .nats
+        .client
+        .subscribe("bmw.event.async.*.succeeded")
+        .await
+        .unwrap();
     env.nats.client.flush().await.unwrap();
     let args: Vec<&str> = ["--concurrency", "16"]
         .into_iter()
@@ -146,6 +154,22 @@ async fn no_task_is_lost_when_a_worker_is_killed_mid_run() {
         "1000 tasks, a worker killed mid-run: all ran {:?} after the kill",
         killed.elapsed()
     );
+    // Each `succeeded` event lists its tasks, and says how many.
+    let (mut sent, mut listed) = (0, 0);
+    while let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(200), batches.next()).await {
+        let event: Value = serde_json::from_slice(&m.payload).unwrap();
+        let tasks = event["tasks"].as_array().expect("a tasks list");
+        assert_eq!(event["count"], tasks.len(), "{event}");
+        assert!(
+            tasks
+                .iter()
+                .all(|t| t["task_id"].is_string() && t["attempt"].is_u64()),
+            "{event}"
+        );
+        (sent, listed) = (sent + 1, listed + tasks.len());
+    }
+    assert!(listed >= N, "{listed} tasks listed in {sent} events");
+    eprintln!("{listed} completions reported in {sent} succeeded events");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -2,8 +2,9 @@
 //! producer paths (a JetStream publish on `bmw.async.<queue>.<id>`, a
 //! `bmw.task.create` command, the bridge's `POST /bmw/task/`), drained by 1
 //! and by 2 worker processes, measured both ways: enqueue all then drain, and
-//! enqueue while draining. Completion is seen through each task's `succeeded`
-//! event (sent before its ack), which also gives the latency from enqueue.
+//! enqueue while draining. Completion is seen through the `succeeded` events
+//! (one per batch of completions, listing its tasks, sent before their
+//! acks), which also give the latency from enqueue.
 //!
 //! Enqueue-then-drain starts the workers after the last publish ack and
 //! times from the first task done (worker start-up excluded) to the last.
@@ -70,14 +71,17 @@ async fn follow(nats: &Nats, queue: &str) -> anyhow::Result<(Times, tokio::task:
     let task = tokio::spawn(async move {
         while let Some(m) = sub.next().await {
             let now = Instant::now();
-            if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&m.payload)
-                && v["queue"] == queue.as_str()
-                && let Some(id) = v["task_id"].as_str()
-            {
-                sink.lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .entry(id.to_owned())
-                    .or_insert(now);
+            // One event per batch of completions: `tasks: [{task_id, queue, ...}]`.
+            let Ok(v) = serde_json::from_slice::<serde_json::Value>(&m.payload) else {
+                continue;
+            };
+            let mut done = sink.lock().unwrap_or_else(|e| e.into_inner());
+            for task in v["tasks"].as_array().into_iter().flatten() {
+                if task["queue"] == queue.as_str()
+                    && let Some(id) = task["task_id"].as_str()
+                {
+                    done.entry(id.to_owned()).or_insert(now);
+                }
             }
         }
     });

@@ -8,7 +8,9 @@
 //! [`inspect`] reads tasks and queue stats back. Delivery is at least once.
 
 pub mod admin;
+mod completer;
 pub mod enqueue;
+mod fetcher;
 pub mod handler;
 pub mod inspect;
 pub mod message;

@@ -1,27 +1,32 @@
 //! [`AsyncRuntime`]: runs the async tasks of the queues a worker listens on.
 //!
 //! One loop per queue shares a semaphore of `concurrency` permits. A loop
-//! long-polls its queue's shared consumer for one message (holding no
-//! permit while idle), then waits for its share of the permits
-//! (`concurrency * weight / total weight`, at least one; the semaphore is
-//! fair, so under load queues are served in proportion to their weights),
-//! takes whatever else is free too, and fetches that many more without waiting. While a backlog lasts it
-//! skips the long-poll. Each message runs in its own task: the hot path is a
-//! share of one fetch, one ack and one `succeeded` event; records are written
+//! keeps a window of messages in hand or on the way ([`super::fetcher`]:
+//! pipelined long-poll pulls, no permit held while idle), and starts each
+//! message once it has a permit: under load the loops wait in turn on the
+//! fair semaphore for `weight` permits each, so queues are served in
+//! proportion to their weights, and a queue takes whatever nobody waits for.
+//! Each message runs in its own task: the hot path is a share of one pull,
+//! one ack and a share of one `succeeded` event ([`super::completer`]);
+//! records are written
 //! only on failure, long runs or retention (see [`super::record`]).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_nats::jetstream::{self, AckKind, Message, consumer::pull};
 use futures::StreamExt;
+use futures::future::{BoxFuture, FutureExt};
 use serde_json::json;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{AcquireError, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::completer::{Completer, Completion};
+use super::fetcher::Fetcher;
 use super::handler::{Handler, TaskContext, TaskError};
 use super::message::TaskMessage;
 use super::outcome;
@@ -34,8 +39,6 @@ use crate::registry::Registry;
 
 /// An attempt running longer than this gets an `active` record.
 const ACTIVE_RECORD_AFTER: Duration = Duration::from_secs(1);
-/// Long-poll of an idle queue (short, so shutdown never abandons a pull request long).
-const IDLE_POLL: Duration = Duration::from_secs(1);
 
 /// A queue and its weight.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -75,6 +78,7 @@ struct Running {
 struct Shared {
     rt: AsyncRuntime,
     running: Mutex<Running>,
+    completer: Completer,
 }
 
 /// How an attempt ended.
@@ -118,6 +122,7 @@ impl AsyncRuntime {
     /// finish for the grace period, and returns the rest to the queue.
     pub async fn run(self, token: CancellationToken) {
         let shared = Arc::new(Shared {
+            completer: Completer::start(self.events.clone()),
             rt: self,
             running: Mutex::new(Running::default()),
         });
@@ -158,6 +163,7 @@ impl AsyncRuntime {
             }
             let _ = tokio::time::timeout(Duration::from_secs(2), tasks.wait()).await;
         }
+        shared.completer.flush().await;
     }
 }
 
@@ -227,77 +233,99 @@ async fn queue_loop(
             () = token.cancelled() => return,
         }
     };
-    let mut backlog = false;
-    while !token.is_cancelled() {
-        // Idle: wait for one message without holding a permit. The poll is
-        // short and not cancelled, so no message is left in a dropped inbox.
-        let mut batch: Vec<Message> = Vec::new();
-        if !backlog {
-            batch = collect(
-                consumer
-                    .batch()
-                    .max_messages(1)
-                    .expires(IDLE_POLL)
-                    .messages()
-                    .await,
-            )
-            .await;
-            if batch.is_empty() {
-                continue;
+    let mut fetcher = Fetcher::new(consumer);
+    // Messages in hand, waiting for permits, with when they came (or were
+    // last kept alive).
+    let mut held: VecDeque<(Message, Instant)> = VecDeque::new();
+    let mut acquire: Option<BoxFuture<'static, Result<OwnedSemaphorePermit, AcquireError>>> = None;
+    let keep_alive = shared.rt.ack_wait / 3;
+    let mut aging = tokio::time::interval_at(Instant::now() + keep_alive, keep_alive);
+    aging.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let chunk = queue.weight.max(1) as usize;
+    // Wakes the loop when one of its tasks ends, so the window grows back.
+    let finished = Arc::new(Notify::new());
+    loop {
+        // The window: the queue's share of the concurrency, in hand or on the
+        // way. Sizing it by the free permits instead starved fast tasks (the
+        // window shrank to one while a batch ran: 0.7x the throughput); slow
+        // tasks wait in hand at most one window, kept alive below.
+        fetcher.top_up(share, held.len());
+        if acquire.is_none() && !held.is_empty() {
+            // Under load, loops wait in turn (the semaphore is fair) for
+            // `weight` permits each, so queues are served in proportion to
+            // their weights; an idle queue waits for none.
+            let n = held.len().min(chunk) as u32;
+            acquire = Some(semaphore.clone().acquire_many_owned(n).boxed());
+        }
+        tokio::select! {
+            biased;
+            () = token.cancelled() => break,
+            fetched = fetcher.next() => {
+                if let Some(message) = fetched {
+                    held.push_back((message, Instant::now()));
+                }
+            }
+            () = finished.notified() => {}
+            permits = async { acquire.as_mut().expect("guarded").await }, if acquire.is_some() => {
+                acquire = None;
+                let Ok(mut permits) = permits else { break };
+                // Whatever else is free is taken too (nobody waits for it).
+                let extra = held
+                    .len()
+                    .saturating_sub(permits.num_permits())
+                    .min(semaphore.available_permits());
+                if extra > 0
+                    && let Ok(more) = semaphore.clone().try_acquire_many_owned(extra as u32)
+                {
+                    permits.merge(more);
+                }
+                while let Some(permit) = permits.split(1) {
+                    let Some((message, _)) = held.pop_front() else { break };
+                    tasks.spawn(execute(shared.clone(), message, Slot::new(permit, &finished)));
+                }
+            }
+            _ = aging.tick() => {
+                // Messages waiting long for a permit are kept from redelivery.
+                for (message, since) in held.iter_mut().filter(|(_, t)| t.elapsed() >= keep_alive) {
+                    let _ = message.ack_with(AckKind::Progress).await;
+                    *since = Instant::now();
+                }
             }
         }
-        // Under load, loops wait in turn (the semaphore is fair) for their
-        // weighted share of the concurrency, so queues are served in proportion
-        // to their weights and each fetch is a batch; whatever else is free is
-        // taken too (an idle queue lends its room). Measured: waiting for the
-        // share beats waiting for one permit at a time (small fetches).
-        let mut permits = tokio::select! {
-            p = semaphore.clone().acquire_many_owned(share as u32) => match p { Ok(p) => p, Err(_) => break },
-            () = token.cancelled() => { return_all(batch).await; break; }
-        };
-        let extra = semaphore.available_permits();
-        if extra > 0
-            && let Ok(more) = semaphore.clone().try_acquire_many_owned(extra as u32)
-        {
-            permits.merge(more);
-        }
-        if token.is_cancelled() {
-            return_all(batch).await;
-            break;
-        }
-        let want = permits.num_permits() - batch.len();
-        if want > 0 {
-            let more = collect(consumer.fetch().max_messages(want).messages().await).await;
-            backlog = more.len() == want;
-            batch.extend(more);
-        }
-        for message in batch {
-            let Some(permit) = permits.split(1) else {
-                break;
-            };
-            tasks.spawn(execute(shared.clone(), message, permit));
+    }
+    // Shutdown: return what is in hand and what the open pulls still bring.
+    drop(acquire);
+    fetcher.close();
+    for (message, _) in held {
+        let _ = message.ack_with(AckKind::Nak(None)).await;
+    }
+    while !fetcher.is_idle() {
+        if let Some(message) = fetcher.next().await {
+            let _ = message.ack_with(AckKind::Nak(None)).await;
         }
     }
 }
 
-async fn collect<S, E, F>(batch: Result<S, E>) -> Vec<Message>
-where
-    S: futures::Stream<Item = Result<Message, F>> + Unpin,
-    E: std::fmt::Display,
-{
-    match batch {
-        Ok(stream) => stream.filter_map(|m| async move { m.ok() }).collect().await,
-        Err(e) => {
-            tracing::debug!(cause = %e, "fetch failed");
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            Vec::new()
+/// A running task's permit; when the task ends, the permit goes back and
+/// its queue loop hears of it.
+struct Slot {
+    permit: Option<OwnedSemaphorePermit>,
+    finished: Arc<Notify>,
+}
+
+impl Slot {
+    fn new(permit: OwnedSemaphorePermit, finished: &Arc<Notify>) -> Self {
+        Slot {
+            permit: Some(permit),
+            finished: finished.clone(),
         }
     }
 }
 
-async fn return_all(batch: Vec<Message>) {
-    for m in batch {
-        let _ = m.ack_with(AckKind::Nak(None)).await;
+impl Drop for Slot {
+    fn drop(&mut self) {
+        drop(self.permit.take());
+        self.finished.notify_one();
     }
 }
 
@@ -322,7 +350,7 @@ fn queue_of(subject: &str) -> String {
         .to_owned()
 }
 
-async fn execute(shared: Arc<Shared>, message: Message, _permit: OwnedSemaphorePermit) {
+async fn execute(shared: Arc<Shared>, message: Message, _slot: Slot) {
     let rt = &shared.rt;
     let (attempt, seq) = match message.info() {
         Ok(info) => (info.delivered.max(1) as u32, info.stream_sequence),
@@ -403,17 +431,16 @@ async fn execute(shared: Arc<Shared>, message: Message, _permit: OwnedSemaphoreP
     }
     match outcome {
         Outcome::Done => {
-            // The event goes out before the ack on the same connection: if the
-            // ack reaches the server, so did the event.
-            rt.events
-                .emit(
-                    "async",
-                    &task.kind,
-                    "succeeded",
-                    json!({"task_id": task.id, "queue": queue, "attempt": attempt}),
-                )
+            shared
+                .completer
+                .complete(Completion {
+                    message,
+                    task_id: task.id.clone(),
+                    kind: task.kind.clone(),
+                    queue: queue.clone(),
+                    attempt,
+                })
                 .await;
-            let _ = message.ack().await;
             crate::metrics::async_processed(&task.kind, &queue, "succeeded", seconds);
             rt.stats.count_async(&queue, true);
             outcome::finish_record(
@@ -491,28 +518,44 @@ async fn run_attempt(
         max_retry: task.max_retry(),
         token: token.clone(),
     };
-    let payload = task.payload.clone();
-    let mut join = tokio::spawn(async move { handler.handle(ctx, &payload).await });
-    let timeout = tokio::time::sleep(limit.unwrap_or(Duration::MAX / 4));
+    // The handler runs inline (a panic is caught as the failure of this
+    // attempt) and is polled first: a task that finishes at once never
+    // arms a timer.
+    let work = AssertUnwindSafe(handler.handle(ctx, &task.payload)).catch_unwind();
+    tokio::pin!(work);
+    let timeout = async {
+        match limit {
+            Some(limit) => tokio::time::sleep(limit).await,
+            None => std::future::pending().await,
+        }
+    };
     tokio::pin!(timeout);
-    let mut progress = tokio::time::interval_at(Instant::now() + rt.ack_wait / 3, rt.ack_wait / 3);
-    let active_at = tokio::time::sleep(ACTIVE_RECORD_AFTER);
-    tokio::pin!(active_at);
+    // One timer: the `active` record after a while, then progress acks.
+    let keep_alive = rt.ack_wait / 3;
+    let wake = tokio::time::sleep(ACTIVE_RECORD_AFTER.min(keep_alive));
+    tokio::pin!(wake);
     let mut active_written = false;
     let result = loop {
         tokio::select! {
-            r = &mut join => break r,
+            biased;
+            r = &mut work => break r,
             () = &mut timeout => {
                 token.cancel();
-                let _ = tokio::time::timeout(Duration::from_secs(1), &mut join).await;
-                join.abort();
+                let finished = tokio::time::timeout(Duration::from_secs(1), &mut work).await;
+                if finished.is_err() {
+                    tracing::warn!(task_id = task.id, "handler ignored its cancellation; dropped");
+                }
                 let what = if task.options.timeout.is_some_and(|t| Some(t) == limit) { "timeout" } else { "deadline exceeded" };
                 break Ok(Err(TaskError::new(format!("{what} after {:?}", limit.unwrap_or_default()))));
             }
-            _ = progress.tick() => { let _ = message.ack_with(AckKind::Progress).await; }
-            () = &mut active_at, if !active_written => {
-                active_written = true;
-                let _ = rt.records.put(&outcome::record(task, queue, TaskState::Active, attempt, None), RECORD_TTL).await;
+            () = &mut wake => {
+                if active_written {
+                    let _ = message.ack_with(AckKind::Progress).await;
+                } else {
+                    active_written = true;
+                    let _ = rt.records.put(&outcome::record(task, queue, TaskState::Active, attempt, None), RECORD_TTL).await;
+                }
+                wake.as_mut().reset(Instant::now() + keep_alive);
             }
         }
     };
@@ -533,16 +576,14 @@ async fn run_attempt(
             Outcome::Shutdown
         }
         Ok(Err(e)) => Outcome::Failed(e),
-        Err(e) if e.is_panic() => Outcome::Failed(TaskError::new(format!(
+        Err(panic) => Outcome::Failed(TaskError::new(format!(
             "handler panicked: {}",
-            panic_text(e)
+            panic_text(panic)
         ))),
-        Err(e) => Outcome::Failed(TaskError::new(format!("handler task failed: {e}"))),
     }
 }
 
-fn panic_text(e: tokio::task::JoinError) -> String {
-    let p = e.into_panic();
+fn panic_text(p: Box<dyn std::any::Any + Send>) -> String {
     p.downcast_ref::<&str>()
         .map(|s| (*s).to_owned())
         .or_else(|| p.downcast_ref::<String>().cloned())

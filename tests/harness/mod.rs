@@ -433,11 +433,32 @@ pub fn collect_events(env: &TestEnv, subject: &'static str) -> Arc<Mutex<Vec<Val
         let mut sub = client.subscribe(subject).await.unwrap();
         while let Some(m) = futures::StreamExt::next(&mut sub).await {
             if let Ok(v) = serde_json::from_slice::<Value>(&m.payload) {
-                sink.lock().unwrap().push(v);
+                sink.lock().unwrap().extend(flatten_event(v));
             }
         }
     });
     events
+}
+
+/// One event per task: a batched `succeeded` event (`tasks: [...]`) becomes
+/// one copy per task, with the task's fields at the top level.
+pub fn flatten_event(event: Value) -> Vec<Value> {
+    let Some(tasks) = event["tasks"].as_array() else {
+        return vec![event];
+    };
+    tasks
+        .iter()
+        .map(|task| {
+            let mut one = event.clone();
+            let object = one.as_object_mut().expect("an event is an object");
+            object.remove("tasks");
+            object.remove("count");
+            if let Some(fields) = task.as_object() {
+                object.extend(fields.clone());
+            }
+            one
+        })
+        .collect()
 }
 
 /// Posts each body to `POST /bmw/task/` and asserts a 400 envelope whose
