@@ -384,25 +384,25 @@ async fn run(plan: Plan, only: Vec<String>) -> ExitCode {
     if !base.publish.0.is_empty() {
         rows.push(base_row(
             format!(
-                "1a JetStream async publish, window {} acks, {n} x 128 B",
+                "1a JetStream work queue: async publish, window {} acks, {n} x 128 B",
                 baseline::WINDOW
             ),
             "msg/s",
             &base.publish,
         ));
         rows.push(base_row(
-            format!("1b JetStream pull + ack of those {n}, after the publish"),
+            format!("1b JetStream work queue: pull + ack of those {n}, after the publish"),
             "msg/s",
             &base.drain,
         ));
         rows.push(base_row(
-            format!("1c JetStream publish + pull/ack concurrently, {n}"),
+            format!("1c JetStream work queue: publish + pull/ack concurrently, {n}"),
             "msg/s",
             &base.both,
         ));
         rows.push(base_row(
             format!(
-                "1d JetStream publish, {} publishers each awaiting its ack",
+                "1d JetStream work queue: publish, {} publishers each awaiting its ack",
                 baseline::CONCURRENCY
             ),
             "msg/s",
