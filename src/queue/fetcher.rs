@@ -1,25 +1,82 @@
-//! [`Fetcher`]: pipelined pulls from one queue's shared consumer.
+//! [`Fetcher`]: pipelined pulls from one queue's shared consumer, and the
+//! [`Pace`] that sizes them.
 //!
-//! A worker keeps a small window of messages in hand or on the way for each
-//! queue, in pulls of half the window: [`Fetcher::top_up`] asks for the next
-//! half as soon as one has been handed out, so a pull's round trip overlaps
-//! the tasks of the other (stop-and-wait fetching ran at a fifth of the raw
-//! drain rate). Each pull is a long poll that ends when it is filled or after
-//! [`PULL_EXPIRES`]; when nothing is on the way the next one starts at once,
-//! so an idle queue costs one pull a second and a new task is seen as soon
-//! as it is stored. Nothing is lost on shutdown: [`Fetcher::close`] stops
-//! asking, and the caller returns what the open pulls still bring until
-//! [`Fetcher::is_idle`].
+//! A worker keeps a window of messages in hand or on the way for each queue,
+//! in pulls of half the window: [`Fetcher::top_up`] asks for the next half as
+//! soon as one has been handed out, so a pull's round trip overlaps the
+//! tasks of the other (stop-and-wait fetching ran at a fifth of the raw
+//! drain rate). The window is the queue's share of the concurrency plus
+//! about [`PREFETCH_WORK`] of work at the pace its tasks run: large pulls
+//! for fast tasks, no more than the share for slow ones. Each pull is a long
+//! poll that ends when it is filled or after [`PULL_EXPIRES`]; when nothing
+//! is on the way the next one starts at once, so an idle queue costs one
+//! pull a second and a new task is seen as soon as it is stored. Nothing is
+//! lost on shutdown: [`Fetcher::close`] stops asking, and the caller returns
+//! what the open pulls still bring until [`Fetcher::is_idle`].
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_nats::jetstream::Message;
 use async_nats::jetstream::consumer::PullConsumer;
 use futures::stream::{BoxStream, SelectAll};
 use futures::{StreamExt, stream};
+use tokio::sync::Notify;
 
 /// How long one pull waits on the server for its messages.
 pub(super) const PULL_EXPIRES: Duration = Duration::from_secs(1);
+/// About how much work a queue fetches beyond its share of the concurrency.
+const PREFETCH_WORK: Duration = Duration::from_millis(100);
+/// Most messages a queue keeps in hand or on the way.
+const MAX_WINDOW: usize = 1024;
+/// The pace assumed before any task ended: slow, so nothing is fetched far ahead.
+const FIRST_PACE: Duration = Duration::from_secs(1);
+
+/// How long a queue's tasks hold their permits (a moving average), and the
+/// wake-up of its loop when one ends.
+#[derive(Debug)]
+pub(super) struct Pace {
+    micros: AtomicU64,
+    finished: Notify,
+}
+
+impl Pace {
+    pub(super) fn new() -> Self {
+        Pace {
+            micros: AtomicU64::new(FIRST_PACE.as_micros() as u64),
+            finished: Notify::new(),
+        }
+    }
+
+    /// Records that a task held its permit for `held`, and wakes the loop.
+    pub(super) fn record(&self, held: Duration) {
+        let sample = held.as_micros().min(u64::MAX as u128) as u64;
+        let _ = self
+            .micros
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |old| {
+                Some(old - old / 8 + sample / 8)
+            });
+        self.finished.notify_one();
+    }
+
+    /// Resolves when a task has ended since the last call.
+    pub(super) async fn finished(&self) {
+        self.finished.notified().await
+    }
+
+    /// The window of a queue with `share` permits: its share, plus what its
+    /// tasks run through in [`PREFETCH_WORK`] at this pace, so a message in
+    /// hand waits about that long at most. Fast tasks get large pulls (the
+    /// server drains 64-message pulls at two thirds of the rate of 500-message
+    /// ones); slow ones are not fetched ahead of the workers that could run
+    /// them.
+    pub(super) fn window(&self, share: usize) -> usize {
+        let micros = self.micros.load(Ordering::Relaxed).max(1);
+        let ahead = (share as u128 * PREFETCH_WORK.as_micros() / micros as u128)
+            .min(MAX_WINDOW as u128) as usize;
+        (share + ahead).min(MAX_WINDOW.max(share))
+    }
+}
 
 /// What an open pull yields: a message, then how many it did not fill.
 #[allow(
@@ -151,4 +208,31 @@ fn pull(consumer: PullConsumer, n: usize) -> BoxStream<'static, Fetched> {
         }
     })
     .boxed()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_window_follows_the_pace() {
+        let pace = Pace::new();
+        // Before any task ended: the share and a tenth (1 s a task).
+        assert_eq!(pace.window(64), 70);
+        for _ in 0..200 {
+            pace.record(Duration::from_micros(50));
+        }
+        assert_eq!(pace.window(64), MAX_WINDOW, "fast tasks: large pulls");
+        for _ in 0..200 {
+            pace.record(Duration::from_millis(20));
+        }
+        // 100 ms of 20 ms tasks on 16 permits: 80 more.
+        let w = pace.window(16);
+        assert!((90..=100).contains(&w), "{w}");
+        for _ in 0..200 {
+            pace.record(Duration::from_secs(30));
+        }
+        assert_eq!(pace.window(16), 16, "slow tasks: no more than the share");
+        assert_eq!(pace.window(2000), 2000, "a share above the cap stays");
+    }
 }

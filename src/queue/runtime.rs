@@ -20,13 +20,13 @@ use async_nats::jetstream::{self, AckKind, Message, consumer::pull};
 use futures::StreamExt;
 use futures::future::{BoxFuture, FutureExt};
 use serde_json::json;
-use tokio::sync::{AcquireError, Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{AcquireError, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::completer::{Completer, Completion};
-use super::fetcher::Fetcher;
+use super::fetcher::{Fetcher, Pace};
 use super::handler::{Handler, TaskContext, TaskError};
 use super::message::TaskMessage;
 use super::outcome;
@@ -242,14 +242,13 @@ async fn queue_loop(
     let mut aging = tokio::time::interval_at(Instant::now() + keep_alive, keep_alive);
     aging.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let chunk = queue.weight.max(1) as usize;
-    // Wakes the loop when one of its tasks ends, so the window grows back.
-    let finished = Arc::new(Notify::new());
+    // How fast this queue's tasks run; wakes the loop when one ends.
+    let pace = Arc::new(Pace::new());
     loop {
-        // The window: the queue's share of the concurrency, in hand or on the
-        // way. Sizing it by the free permits instead starved fast tasks (the
-        // window shrank to one while a batch ran: 0.7x the throughput); slow
-        // tasks wait in hand at most one window, kept alive below.
-        fetcher.top_up(share, held.len());
+        // The window follows the pace of the tasks (see `Pace::window`).
+        // Sizing it by the free permits instead starved fast tasks (the
+        // window shrank to one while a batch ran: 0.7x the throughput).
+        fetcher.top_up(pace.window(share), held.len());
         if acquire.is_none() && !held.is_empty() {
             // Under load, loops wait in turn (the semaphore is fair) for
             // `weight` permits each, so queues are served in proportion to
@@ -265,7 +264,7 @@ async fn queue_loop(
                     held.push_back((message, Instant::now()));
                 }
             }
-            () = finished.notified() => {}
+            () = pace.finished() => {}
             permits = async { acquire.as_mut().expect("guarded").await }, if acquire.is_some() => {
                 acquire = None;
                 let Ok(mut permits) = permits else { break };
@@ -281,7 +280,7 @@ async fn queue_loop(
                 }
                 while let Some(permit) = permits.split(1) {
                     let Some((message, _)) = held.pop_front() else { break };
-                    tasks.spawn(execute(shared.clone(), message, Slot::new(permit, &finished)));
+                    tasks.spawn(execute(shared.clone(), message, Slot::new(permit, &pace)));
                 }
             }
             _ = aging.tick() => {
@@ -307,17 +306,19 @@ async fn queue_loop(
 }
 
 /// A running task's permit; when the task ends, the permit goes back and
-/// its queue loop hears of it.
+/// its queue's [`Pace`] learns how long it was held.
 struct Slot {
     permit: Option<OwnedSemaphorePermit>,
-    finished: Arc<Notify>,
+    pace: Arc<Pace>,
+    since: Instant,
 }
 
 impl Slot {
-    fn new(permit: OwnedSemaphorePermit, finished: &Arc<Notify>) -> Self {
+    fn new(permit: OwnedSemaphorePermit, pace: &Arc<Pace>) -> Self {
         Slot {
             permit: Some(permit),
-            finished: finished.clone(),
+            pace: pace.clone(),
+            since: Instant::now(),
         }
     }
 }
@@ -325,7 +326,7 @@ impl Slot {
 impl Drop for Slot {
     fn drop(&mut self) {
         drop(self.permit.take());
-        self.finished.notify_one();
+        self.pace.record(self.since.elapsed());
     }
 }
 
