@@ -130,8 +130,8 @@ const SCENARIOS: [&str; 7] = [
 
 /// The async scenarios: producer path, workers, enqueued while draining.
 /// Enqueue-then-drain needs the subject path (see `async_tasks`).
-const ASYNC_SCENARIOS: [(async_tasks::Path, usize, bool); 8] = {
-    use async_tasks::Path::{Bridge, Command, Subject};
+const ASYNC_SCENARIOS: [(async_tasks::Path, usize, bool); 12] = {
+    use async_tasks::Path::{Bridge, Command, QueueSubject, Subject};
     [
         (Command, 1, true),
         (Command, 2, true),
@@ -141,6 +141,10 @@ const ASYNC_SCENARIOS: [(async_tasks::Path, usize, bool); 8] = {
         (Subject, 2, true),
         (Bridge, 1, true),
         (Bridge, 2, true),
+        (QueueSubject, 1, false),
+        (QueueSubject, 1, true),
+        (QueueSubject, 2, false),
+        (QueueSubject, 2, true),
     ]
 };
 
@@ -149,6 +153,7 @@ fn path_label(path: async_tasks::Path) -> &'static str {
         async_tasks::Path::Command => "2a async via bmw.task.create",
         async_tasks::Path::Subject => "2b async via publish on bmw.async.<queue>.<id>",
         async_tasks::Path::Bridge => "2c async via bridge POST /bmw/task/",
+        async_tasks::Path::QueueSubject => "2e async via publish on bmw.async.<queue>",
     }
 }
 
@@ -429,7 +434,7 @@ async fn run(plan: Plan, only: Vec<String>) -> ExitCode {
         let mut previous = None;
         for (path, workers, concurrent) in ASYNC_SCENARIOS {
             let n = plan.async_tasks;
-            if previous != Some(path) && path != async_tasks::Path::Subject {
+            if previous != Some(path) && !path.can_enqueue_first() {
                 rows.push(Row::na(
                     format!("{}, then drain", path_label(path)),
                     "n/a: this path needs a running worker, so it always drains while enqueuing",
@@ -507,7 +512,7 @@ async fn run(plan: Plan, only: Vec<String>) -> ExitCode {
                 let short = format!("{} ({})", &path_label(path)[..2], way_label(workers, true));
                 let what = match path {
                     async_tasks::Path::Command => "command",
-                    async_tasks::Path::Subject => "publish",
+                    async_tasks::Path::Subject | async_tasks::Path::QueueSubject => "publish",
                     async_tasks::Path::Bridge => "request",
                 };
                 latency_rows.push(

@@ -41,6 +41,17 @@ pub(crate) enum Path {
     Command,
     /// `POST /bmw/task/` on a `bmw run` bridge, 64 requests in flight.
     Bridge,
+    /// JetStream publish on `bmw.async.<queue>`: one subject for the whole
+    /// queue (the task id in the body and `Nats-Msg-Id`), which the server
+    /// indexes more cheaply, at the price of lookups by id.
+    QueueSubject,
+}
+
+impl Path {
+    /// Whether tasks can be enqueued before any worker runs (the raw publishes).
+    pub(crate) fn can_enqueue_first(self) -> bool {
+        matches!(self, Path::Subject | Path::QueueSubject)
+    }
 }
 
 /// One run's samples (merged over runs by the caller).
@@ -139,10 +150,10 @@ async fn enqueue(
 ) -> anyhow::Result<Vec<Instant>> {
     let mut sent = Vec::with_capacity(n);
     match path {
-        Path::Subject | Path::Command => {
+        Path::Subject | Path::QueueSubject | Path::Command => {
             let mut acks = FuturesUnordered::new();
             for i in 0..n {
-                let publish = if path == Path::Subject {
+                let publish = if path.can_enqueue_first() {
                     let id = format!("{queue}-{i}");
                     let body =
                         serde_json::json!({"id": id, "kind": "async:demo:noop", "payload": {}});
@@ -152,7 +163,12 @@ async fn enqueue(
                     ids.lock()
                         .unwrap_or_else(|e| e.into_inner())
                         .insert(i, id.clone());
-                    (format!("bmw.async.{queue}.{id}"), publish)
+                    let subject = if path == Path::Subject {
+                        format!("bmw.async.{queue}.{id}")
+                    } else {
+                        format!("bmw.async.{queue}")
+                    };
+                    (subject, publish)
                 } else {
                     let cmd = uuid::Uuid::new_v4().to_string();
                     let body = serde_json::json!({
@@ -356,7 +372,7 @@ async fn run_once(
     label: &str,
 ) -> anyhow::Result<Once> {
     ensure!(
-        concurrent || path == Path::Subject,
+        concurrent || path.can_enqueue_first(),
         "enqueue-then-drain needs the subject path"
     );
     let nats = server.connect().await?;
