@@ -429,7 +429,7 @@ pub fn daemon_data(spec: &DaemonSpec, outcome: CreateOutcome) -> Value {
 type Parsed = Result<Command, ValidationError>;
 
 /// Commands a worker applies at once (on different tasks).
-pub const LANES: usize = 16;
+pub const LANES: usize = 64;
 /// Commands waiting per lane.
 const LANE_DEPTH: usize = 64;
 
