@@ -80,7 +80,23 @@ async fn provisioning_is_idempotent_and_names_an_incompatible_stream() {
         .to_string();
     assert!(err.contains("BMW_ASYNC"), "{err}");
     nats.js.delete_stream("BMW_ASYNC").await.unwrap();
-    // Twice in a row is fine.
+    // Twice in a row is fine, and leaves one anchor at the head of BMW_ASYNC.
     bmw::nats::provision::provision(&nats.js, 1).await.unwrap();
     bmw::nats::provision::provision(&nats.js, 1).await.unwrap();
+    let mut stream = nats.js.get_stream("BMW_ASYNC").await.unwrap();
+    let info = stream.info().await.unwrap().state.clone();
+    assert_eq!(info.messages, 1, "one anchor");
+    assert_eq!(info.first_sequence, 1, "at the head");
+    let head = stream.get_raw_message(1).await.unwrap();
+    assert_eq!(
+        head.subject.as_str(),
+        bmw::nats::names::SUBJECT_ASYNC_ANCHOR
+    );
+    // A purged stream gets it back at the next provisioning.
+    stream.purge().await.unwrap();
+    bmw::nats::provision::provision(&nats.js, 1).await.unwrap();
+    let anchor = stream
+        .get_last_raw_message_by_subject(bmw::nats::names::SUBJECT_ASYNC_ANCHOR)
+        .await;
+    assert!(anchor.is_ok(), "anchor rewritten: {anchor:?}");
 }

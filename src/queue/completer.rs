@@ -53,7 +53,23 @@ impl Completer {
         Completer { tx }
     }
 
-    /// Queues a success for its event and ack.
+    /// Queues a success for its event and ack if there is room at once;
+    /// hands it back otherwise (then [`Completer::complete`] waits for room).
+    /// A plain call on the hot path keeps each task's future small.
+    #[allow(
+        clippy::result_large_err,
+        reason = "the completion is handed back, not an error to propagate"
+    )]
+    pub(super) fn try_complete(&self, done: Completion) -> Result<(), Completion> {
+        match self.tx.try_send(Item::Done(done)) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Full(Item::Done(done))) => Err(done),
+            Err(mpsc::error::TrySendError::Closed(Item::Done(done))) => Err(done),
+            Err(_) => Ok(()),
+        }
+    }
+
+    /// Queues a success for its event and ack, waiting for room.
     pub(super) async fn complete(&self, done: Completion) {
         if let Err(mpsc::error::SendError(Item::Done(done))) = self.tx.send(Item::Done(done)).await
         {

@@ -280,7 +280,7 @@ async fn queue_loop(
                 }
                 while let Some(permit) = permits.split(1) {
                     let Some((message, _)) = held.pop_front() else { break };
-                    tasks.spawn(execute(shared.clone(), message, Slot::new(permit, &pace)));
+                    tasks.spawn(Box::pin(execute(shared.clone(), message, Slot::new(permit, &pace))));
                 }
             }
             _ = aging.tick() => {
@@ -369,14 +369,10 @@ async fn execute(shared: Arc<Shared>, message: Message, _slot: Slot) {
                 enqueued_at: None,
                 errors: vec![],
             };
-            return outcome::archive(
-                &shared.rt,
-                &message,
-                task,
-                &queue,
-                attempt,
-                &format!("not a task message: {e}"),
-            )
+            let error = format!("not a task message: {e}");
+            return Box::pin(outcome::archive(
+                rt, &message, task, &queue, attempt, &error,
+            ))
             .await;
         }
     };
@@ -391,7 +387,10 @@ async fn execute(shared: Arc<Shared>, message: Message, _slot: Slot) {
                 "kind `{}` is not registered on worker {}",
                 task.kind, rt.worker_id
             );
-            return outcome::archive(&shared.rt, &message, task, &queue, attempt, &error).await;
+            return Box::pin(outcome::archive(
+                rt, &message, task, &queue, attempt, &error,
+            ))
+            .await;
         }
     };
     let periodic = task.kind.starts_with("periodic:");
@@ -403,14 +402,8 @@ async fn execute(shared: Arc<Shared>, message: Message, _slot: Slot) {
             chrono::DateTime::from_timestamp(t.unix_timestamp(), t.nanosecond())
                 .map(|d| d.to_rfc3339_opts(chrono::SecondsFormat::Micros, true))
         });
-        rt.events
-            .emit(
-                "periodic",
-                &task.kind,
-                "enqueued",
-                json!({"task_id": task.id, "queue": queue, "fired_at": fired_at.flatten()}),
-            )
-            .await;
+        let detail = json!({"task_id": task.id, "queue": queue, "fired_at": fired_at.flatten()});
+        Box::pin(rt.events.emit("periodic", &task.kind, "enqueued", detail)).await;
     }
     let started = Instant::now();
     let outcome = run_attempt(&shared, &message, &task, &queue, attempt, handler).await;
@@ -428,31 +421,52 @@ async fn execute(shared: Arc<Shared>, message: Message, _slot: Slot) {
             Outcome::Deleted => "deleted",
             Outcome::Shutdown => "interrupted",
         };
-        rt.periodic.record_run(&task.kind, label, next).await;
+        Box::pin(rt.periodic.record_run(&task.kind, label, next)).await;
     }
-    match outcome {
-        Outcome::Done => {
-            shared
-                .completer
-                .complete(Completion {
-                    message,
-                    task_id: task.id.clone(),
-                    kind: task.kind.clone(),
-                    queue: queue.clone(),
-                    attempt,
-                })
-                .await;
-            crate::metrics::async_processed(&task.kind, &queue, "succeeded", seconds);
-            rt.stats.count_async(&queue, true);
-            outcome::finish_record(
+    // The hot path stays in this future; everything else is boxed, so the
+    // future spawned per task stays small (it was 5 KiB, copied several
+    // times by every spawn).
+    if let Outcome::Done = outcome {
+        let done = Completion {
+            message,
+            task_id: task.id.clone(),
+            kind: task.kind.clone(),
+            queue: queue.clone(),
+            attempt,
+        };
+        if let Err(done) = shared.completer.try_complete(done) {
+            Box::pin(shared.completer.complete(done)).await;
+        }
+        crate::metrics::async_processed(&task.kind, &queue, "succeeded", seconds);
+        rt.stats.count_async(&queue, true);
+        let left_record = attempt > 1 || seconds >= ACTIVE_RECORD_AFTER.as_secs_f64();
+        if left_record || task.options.retention.is_some() {
+            Box::pin(outcome::finish_record(
                 rt,
                 &task,
                 &queue,
                 attempt,
-                attempt > 1 || seconds >= ACTIVE_RECORD_AFTER.as_secs_f64(),
-            )
+                left_record,
+            ))
             .await;
         }
+    } else {
+        Box::pin(settle(rt, message, task, &queue, attempt, seconds, outcome)).await;
+    }
+}
+
+/// After an attempt that did not succeed: delete, shutdown, retry or archive.
+async fn settle(
+    rt: &AsyncRuntime,
+    message: Message,
+    task: TaskMessage,
+    queue: &str,
+    attempt: u32,
+    seconds: f64,
+    outcome: Outcome,
+) {
+    match outcome {
+        Outcome::Done => {}
         Outcome::Deleted => {
             let _ = message.ack().await;
             let _ = rt.records.remove(&task.id).await;
@@ -462,21 +476,13 @@ async fn execute(shared: Arc<Shared>, message: Message, _slot: Slot) {
             let _ = message.ack_with(AckKind::Nak(None)).await;
         }
         Outcome::Failed(error) => {
-            crate::metrics::async_processed(&task.kind, &queue, "failed", seconds);
-            rt.stats.count_async(&queue, false);
+            crate::metrics::async_processed(&task.kind, queue, "failed", seconds);
+            rt.stats.count_async(queue, false);
             rt.events.emit("async", &task.kind, "failed", json!({"task_id": task.id, "queue": queue, "attempt": attempt, "error": error.to_string()})).await;
             if error.skips_retry() || attempt > task.max_retry() {
-                outcome::archive(
-                    &shared.rt,
-                    &message,
-                    task,
-                    &queue,
-                    attempt,
-                    &error.to_string(),
-                )
-                .await;
+                outcome::archive(rt, &message, task, queue, attempt, &error.to_string()).await;
             } else {
-                outcome::retry(rt, &message, &task, &queue, attempt, &error).await;
+                outcome::retry(rt, &message, &task, queue, attempt, &error).await;
             }
         }
     }
@@ -542,7 +548,7 @@ async fn run_attempt(
             r = &mut work => break r,
             () = &mut timeout => {
                 token.cancel();
-                let finished = tokio::time::timeout(Duration::from_secs(1), &mut work).await;
+                let finished = Box::pin(tokio::time::timeout(Duration::from_secs(1), &mut work)).await;
                 if finished.is_err() {
                     tracing::warn!(task_id = task.id, "handler ignored its cancellation; dropped");
                 }
@@ -551,10 +557,11 @@ async fn run_attempt(
             }
             () = &mut wake => {
                 if active_written {
-                    let _ = message.ack_with(AckKind::Progress).await;
+                    let _ = Box::pin(message.ack_with(AckKind::Progress)).await;
                 } else {
                     active_written = true;
-                    let _ = rt.records.put(&outcome::record(task, queue, TaskState::Active, attempt, None), RECORD_TTL).await;
+                    let record = outcome::record(task, queue, TaskState::Active, attempt, None);
+                    let _ = Box::pin(rt.records.put(&record, RECORD_TTL)).await;
                 }
                 wake.as_mut().reset(Instant::now() + keep_alive);
             }
