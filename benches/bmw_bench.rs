@@ -13,11 +13,12 @@
 //! task), and kills them when it ends, also on error or panic. Every wait is
 //! bounded in time and every loop in count.
 //!
-//! Figures: (1) raw JetStream baseline: windowed async publish, pull + ack,
-//! both at once, and 64 publishers awaiting each ack; (2) `async:demo:noop`
-//! tasks end to end through a `bmw.task.create` command, a publish on
-//! `bmw.async.<queue>.<id>` and the bridge, 1 and 2 workers, enqueued before
-//! or while draining, against 1b / 1c; (3) the bridge's `POST /bmw/task/`
+//! Figures: (1) raw JetStream baseline on a plain work queue: windowed async
+//! publish, pull + ack, both at once, and 64 publishers awaiting each ack;
+//! (2) `async:demo:noop` tasks end to end through a `bmw.task.create`
+//! command (2a), a publish on `bmw.async.<queue>.<id>` (2b), the bridge (2c)
+//! and a publish on `bmw.async.<queue>` (2e), 1 and 2 workers, enqueued
+//! before or while draining, against 1b / 1c, with latencies (2d); (3) the bridge's `POST /bmw/task/`
 //! under 64 connections; (4) 10,000 daemon tasks over 4 workers; (5)
 //! fail-over after `kill -9`; (6) worker memory with 10,000 idle daemon
 //! tasks, and while draining async tasks; (7) lateness of an every-second
