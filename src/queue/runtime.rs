@@ -1,15 +1,15 @@
 //! [`AsyncRuntime`]: runs the async tasks of the queues a worker listens on.
 //!
 //! One loop per queue shares a semaphore of `concurrency` permits. A loop
-//! keeps a window of messages in hand or on the way ([`super::fetcher`]:
-//! pipelined long-poll pulls, no permit held while idle), and starts each
-//! message once it has a permit: under load the loops wait in turn on the
-//! fair semaphore for `weight` permits each, so queues are served in
-//! proportion to their weights, and a queue takes whatever nobody waits for.
-//! Each message runs in its own task: the hot path is a share of one pull,
-//! one ack and a share of one `succeeded` event ([`super::completer`]);
-//! records are written
-//! only on failure, long runs or retention (see [`super::record`]).
+//! keeps a window of messages in hand or on the way (the `fetcher` module:
+//! pipelined long-poll pulls sized by the pace of the tasks, no permit held
+//! while idle), and starts each message once it has a permit: under load the
+//! loops wait in turn on the fair semaphore for `weight` permits each, so
+//! queues are served in proportion to their weights, and a queue takes
+//! whatever nobody waits for. Each message runs in its own task: the hot path
+//! is a share of one pull, one ack and a share of one `succeeded` event (the
+//! `completer` module); records are written only on failure, long runs or
+//! retention (see [`super::record`]).
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::panic::AssertUnwindSafe;
