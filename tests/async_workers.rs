@@ -1,7 +1,8 @@
 //! Async tasks over several worker processes: weighted queues (a busy low
 //! queue does not starve critical), at-least-once across a `kill -9` (no task
-//! of 1,000 is lost), and graceful shutdown that hands fetched tasks back at
-//! once instead of leaving them to the ack timeout.
+//! of 1,000 is lost), graceful shutdown that hands fetched tasks back at
+//! once instead of leaving them to the ack timeout, and slow tasks not
+//! fetched ahead of a worker that joins.
 
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
@@ -221,5 +222,67 @@ async fn sigterm_returns_fetched_tasks_at_once() {
     assert!(
         stopped.elapsed() < Duration::from_secs(20),
         "nothing waited for the 30 s ack timeout"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn slow_tasks_are_not_fetched_ahead_of_other_workers() {
+    let env = TestEnv::start().await;
+    let events = collect_events(&env);
+    env.nats.client.flush().await.unwrap();
+    let args: Vec<&str> = ["--concurrency", "2", "--queues", "slow"]
+        .into_iter()
+        .chain(ASYNC_FAST.iter().copied())
+        .collect();
+    const N: usize = 8;
+    // A burst of one-second tasks waits for a first worker.
+    publish_many(
+        &env,
+        "slow",
+        "s",
+        N,
+        json!({"kind": "async:demo:sleep", "payload": {"seconds": 1}}),
+    )
+    .await;
+    let first = BmwProcess::worker(&env.url(), &args);
+    let first_id = first.worker_id().await;
+    // It takes its 2 slots and fetches 2 ahead (one-second tasks), no more.
+    let consumer_name = bmw::nats::names::async_consumer("slow");
+    let taken = async || {
+        let stream = env.nats.js.get_stream("BMW_ASYNC").await.unwrap();
+        // Not there until the worker creates it.
+        let consumer: Result<async_nats::jetstream::consumer::PullConsumer, _> =
+            stream.get_consumer(&consumer_name).await;
+        match consumer {
+            Ok(mut c) => c.info().await.map(|i| i.num_ack_pending).unwrap_or(0),
+            Err(_) => 0,
+        }
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), async || taken().await >= 4).await,
+        "the first worker started"
+    );
+    let second = BmwProcess::worker(&env.url(), &args);
+    let second_id = second.worker_id().await;
+    assert!(
+        wait_until(Duration::from_secs(30), async || succeeded(&events, "s-")
+            .len()
+            == N)
+        .await,
+        "all slow tasks ran"
+    );
+    let ran_by = |worker: &str| {
+        events
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|e| e["what"] == "succeeded" && e["worker_id"] == worker)
+            .filter(|e| e["task_id"].as_str().is_some_and(|id| id.starts_with("s-")))
+            .count()
+    };
+    let counts = [ran_by(&first_id), ran_by(&second_id)];
+    assert!(
+        counts[1] >= 2,
+        "the second worker got part of the burst: {counts:?}"
     );
 }
