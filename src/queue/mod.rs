@@ -8,6 +8,7 @@
 //! [`inspect`] reads tasks and queue stats back. Delivery is at least once.
 
 pub mod admin;
+mod attempt;
 mod completer;
 pub mod enqueue;
 mod fetcher;

@@ -1,6 +1,6 @@
 //! What happens after an attempt: the record of a retry, a completion or an
-//! archive, the `nak` with its back-off delay, and the dead letter. Split from
-//! [`super::runtime`], which fetches and runs.
+//! archive, the `nak` with its back-off delay, and the dead letter. Used by
+//! [`super::attempt`], which runs an attempt and settles it.
 
 use std::time::Duration;
 

@@ -6,39 +6,32 @@
 //! while idle), and starts each message once it has a permit: under load the
 //! loops wait in turn on the fair semaphore for `weight` permits each, so
 //! queues are served in proportion to their weights, and a queue takes
-//! whatever nobody waits for. Each message runs in its own task: the hot path
-//! is a share of one pull, one ack and a share of one `succeeded` event (the
-//! `completer` module); records are written only on failure, long runs or
-//! retention (see [`super::record`]).
+//! whatever nobody waits for. Each message runs in its own task (the
+//! `attempt` module): the hot path is a share of one pull, one ack and a
+//! share of one `succeeded` event (the `completer` module); records are
+//! written only on failure, long runs or retention (see [`super::record`]).
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_nats::jetstream::{self, AckKind, Message, consumer::pull};
 use futures::StreamExt;
 use futures::future::{BoxFuture, FutureExt};
-use serde_json::json;
 use tokio::sync::{AcquireError, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::completer::{Completer, Completion};
+use super::attempt;
+use super::completer::Completer;
 use super::fetcher::{Fetcher, Pace};
-use super::handler::{Handler, TaskContext, TaskError};
-use super::message::TaskMessage;
-use super::outcome;
-use super::record::{RECORD_TTL, RecordStore, TaskState};
+use super::record::RecordStore;
 use super::retry::Backoff;
 use crate::events::EventPublisher;
 use crate::membership::WorkerStats;
 use crate::nats::{Nats, names};
 use crate::registry::Registry;
-
-/// An attempt running longer than this gets an `active` record.
-const ACTIVE_RECORD_AFTER: Duration = Duration::from_secs(1);
 
 /// A queue and its weight.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -66,27 +59,21 @@ pub struct AsyncRuntime {
     pub(crate) periodic: crate::periodic::PeriodicStore,
 }
 
+/// Tasks running on this worker, for deletes and shutdown.
 #[derive(Debug, Default)]
-struct Running {
+pub(super) struct Running {
     /// Task id -> its attempt's token.
-    tokens: HashMap<String, CancellationToken>,
+    pub(super) tokens: HashMap<String, CancellationToken>,
     /// Tasks deleted while running: not retried.
-    deleted: HashSet<String>,
+    pub(super) deleted: HashSet<String>,
 }
 
+/// What every task of the runtime shares.
 #[derive(Debug)]
-struct Shared {
-    rt: AsyncRuntime,
-    running: Mutex<Running>,
-    completer: Completer,
-}
-
-/// How an attempt ended.
-enum Outcome {
-    Done,
-    Failed(TaskError),
-    Deleted,
-    Shutdown,
+pub(super) struct Shared {
+    pub(super) rt: AsyncRuntime,
+    pub(super) running: Mutex<Running>,
+    pub(super) completer: Completer,
 }
 
 /// Creates (or finds) the shared consumer of a queue. `ack_wait` applies
@@ -280,7 +267,7 @@ async fn queue_loop(
                 }
                 while let Some(permit) = permits.split(1) {
                     let Some((message, _)) = held.pop_front() else { break };
-                    tasks.spawn(Box::pin(execute(shared.clone(), message, Slot::new(permit, &pace))));
+                    tasks.spawn(Box::pin(attempt::execute(shared.clone(), message, Slot::new(permit, &pace))));
                 }
             }
             _ = aging.tick() => {
@@ -307,7 +294,7 @@ async fn queue_loop(
 
 /// A running task's permit; when the task ends, the permit goes back and
 /// its queue's [`Pace`] learns how long it was held.
-struct Slot {
+pub(super) struct Slot {
     permit: Option<OwnedSemaphorePermit>,
     pace: Arc<Pace>,
     since: Instant,
@@ -328,272 +315,4 @@ impl Drop for Slot {
         drop(self.permit.take());
         self.pace.record(self.since.elapsed());
     }
-}
-
-/// The task id: from the body, else `Nats-Msg-Id`, else the stream sequence.
-fn task_id(task: &TaskMessage, message: &Message, seq: u64) -> String {
-    if !task.id.is_empty() {
-        return task.id.clone();
-    }
-    message
-        .headers
-        .as_ref()
-        .and_then(|h| h.get(async_nats::header::NATS_MESSAGE_ID))
-        .map(|v| v.as_str().to_owned())
-        .unwrap_or_else(|| format!("seq-{seq}"))
-}
-
-fn queue_of(subject: &str) -> String {
-    subject
-        .strip_prefix("bmw.async.")
-        .and_then(|s| s.split('.').next())
-        .unwrap_or("default")
-        .to_owned()
-}
-
-async fn execute(shared: Arc<Shared>, message: Message, _slot: Slot) {
-    let rt = &shared.rt;
-    let (attempt, seq) = match message.info() {
-        Ok(info) => (info.delivered.max(1) as u32, info.stream_sequence),
-        Err(_) => (1, 0),
-    };
-    let queue = queue_of(message.subject.as_str());
-    let mut task: TaskMessage = match serde_json::from_slice(&message.payload) {
-        Ok(t) => t,
-        Err(e) => {
-            let task = TaskMessage {
-                id: format!("seq-{seq}"),
-                kind: "unknown".into(),
-                payload: json!(String::from_utf8_lossy(&message.payload)),
-                options: Default::default(),
-                enqueued_at: None,
-                errors: vec![],
-            };
-            let error = format!("not a task message: {e}");
-            return Box::pin(outcome::archive(
-                rt, &message, task, &queue, attempt, &error,
-            ))
-            .await;
-        }
-    };
-    task.id = task_id(&task, &message, seq);
-    let handler = match crate::task::Kind::parse(&task.kind)
-        .ok()
-        .and_then(|k| rt.registry.handler(&k))
-    {
-        Some(h) => h,
-        None => {
-            let error = format!(
-                "kind `{}` is not registered on worker {}",
-                task.kind, rt.worker_id
-            );
-            return Box::pin(outcome::archive(
-                rt, &message, task, &queue, attempt, &error,
-            ))
-            .await;
-        }
-    };
-    let periodic = task.kind.starts_with("periodic:");
-    if periodic && attempt == 1 {
-        crate::metrics::periodic_enqueued(&task.kind);
-        // When the server's scheduler stored this tick: its fire time.
-        let fired_at = message.info().ok().map(|i| {
-            let t = i.published;
-            chrono::DateTime::from_timestamp(t.unix_timestamp(), t.nanosecond())
-                .map(|d| d.to_rfc3339_opts(chrono::SecondsFormat::Micros, true))
-        });
-        let detail = json!({"task_id": task.id, "queue": queue, "fired_at": fired_at.flatten()});
-        Box::pin(rt.events.emit("periodic", &task.kind, "enqueued", detail)).await;
-    }
-    let started = Instant::now();
-    let outcome = run_attempt(&shared, &message, &task, &queue, attempt, handler).await;
-    let seconds = started.elapsed().as_secs_f64();
-    if periodic {
-        let next = message
-            .headers
-            .as_ref()
-            .and_then(|h| h.get(async_nats::header::NATS_SCHEDULE_NEXT))
-            .map(|v| v.as_str().to_owned());
-        let label = match &outcome {
-            Outcome::Done => "succeeded",
-            Outcome::Failed(e) if e.skips_retry() || attempt > task.max_retry() => "archived",
-            Outcome::Failed(_) => "retry",
-            Outcome::Deleted => "deleted",
-            Outcome::Shutdown => "interrupted",
-        };
-        Box::pin(rt.periodic.record_run(&task.kind, label, next)).await;
-    }
-    // The hot path stays in this future; everything else is boxed, so the
-    // future spawned per task stays small (it was 5 KiB, copied several
-    // times by every spawn).
-    if let Outcome::Done = outcome {
-        let done = Completion {
-            message,
-            task_id: task.id.clone(),
-            kind: task.kind.clone(),
-            queue: queue.clone(),
-            attempt,
-        };
-        if let Err(done) = shared.completer.try_complete(done) {
-            Box::pin(shared.completer.complete(done)).await;
-        }
-        crate::metrics::async_processed(&task.kind, &queue, "succeeded", seconds);
-        rt.stats.count_async(&queue, true);
-        let left_record = attempt > 1 || seconds >= ACTIVE_RECORD_AFTER.as_secs_f64();
-        if left_record || task.options.retention.is_some() {
-            Box::pin(outcome::finish_record(
-                rt,
-                &task,
-                &queue,
-                attempt,
-                left_record,
-            ))
-            .await;
-        }
-    } else {
-        Box::pin(settle(rt, message, task, &queue, attempt, seconds, outcome)).await;
-    }
-}
-
-/// After an attempt that did not succeed: delete, shutdown, retry or archive.
-async fn settle(
-    rt: &AsyncRuntime,
-    message: Message,
-    task: TaskMessage,
-    queue: &str,
-    attempt: u32,
-    seconds: f64,
-    outcome: Outcome,
-) {
-    match outcome {
-        Outcome::Done => {}
-        Outcome::Deleted => {
-            let _ = message.ack().await;
-            let _ = rt.records.remove(&task.id).await;
-            tracing::info!(task_id = task.id, "async task deleted while running");
-        }
-        Outcome::Shutdown => {
-            let _ = message.ack_with(AckKind::Nak(None)).await;
-        }
-        Outcome::Failed(error) => {
-            crate::metrics::async_processed(&task.kind, queue, "failed", seconds);
-            rt.stats.count_async(queue, false);
-            rt.events.emit("async", &task.kind, "failed", json!({"task_id": task.id, "queue": queue, "attempt": attempt, "error": error.to_string()})).await;
-            if error.skips_retry() || attempt > task.max_retry() {
-                outcome::archive(rt, &message, task, queue, attempt, &error.to_string()).await;
-            } else {
-                outcome::retry(rt, &message, &task, queue, attempt, &error).await;
-            }
-        }
-    }
-}
-
-/// Runs one attempt with its timeout and deadline, keeping the message alive.
-async fn run_attempt(
-    shared: &Arc<Shared>,
-    message: &Message,
-    task: &TaskMessage,
-    queue: &str,
-    attempt: u32,
-    handler: Arc<dyn Handler>,
-) -> Outcome {
-    let rt = &shared.rt;
-    let mut limit = task.options.timeout;
-    if let Some(deadline) = task
-        .options
-        .deadline
-        .as_deref()
-        .and_then(|d| chrono::DateTime::parse_from_rfc3339(d).ok())
-    {
-        match (deadline.with_timezone(&chrono::Utc) - chrono::Utc::now()).to_std() {
-            Ok(left) => limit = Some(limit.map_or(left, |l| l.min(left))),
-            Err(_) => return Outcome::Failed(TaskError::skip_retry("deadline exceeded")),
-        }
-    }
-    let token = CancellationToken::new();
-    if let Ok(mut r) = shared.running.lock() {
-        if r.deleted.remove(&task.id) {
-            return Outcome::Deleted;
-        }
-        r.tokens.insert(task.id.clone(), token.clone());
-    }
-    let ctx = TaskContext {
-        task_id: task.id.clone(),
-        kind: task.kind.clone(),
-        queue: queue.to_owned(),
-        attempt,
-        max_retry: task.max_retry(),
-        token: token.clone(),
-    };
-    // The handler runs inline (a panic is caught as the failure of this
-    // attempt) and is polled first: a task that finishes at once never
-    // arms a timer.
-    let work = AssertUnwindSafe(handler.handle(ctx, &task.payload)).catch_unwind();
-    tokio::pin!(work);
-    let timeout = async {
-        match limit {
-            Some(limit) => tokio::time::sleep(limit).await,
-            None => std::future::pending().await,
-        }
-    };
-    tokio::pin!(timeout);
-    // One timer: the `active` record after a while, then progress acks.
-    let keep_alive = rt.ack_wait / 3;
-    let wake = tokio::time::sleep(ACTIVE_RECORD_AFTER.min(keep_alive));
-    tokio::pin!(wake);
-    let mut active_written = false;
-    let result = loop {
-        tokio::select! {
-            biased;
-            r = &mut work => break r,
-            () = &mut timeout => {
-                token.cancel();
-                let finished = Box::pin(tokio::time::timeout(Duration::from_secs(1), &mut work)).await;
-                if finished.is_err() {
-                    tracing::warn!(task_id = task.id, "handler ignored its cancellation; dropped");
-                }
-                let what = if task.options.timeout.is_some_and(|t| Some(t) == limit) { "timeout" } else { "deadline exceeded" };
-                break Ok(Err(TaskError::new(format!("{what} after {:?}", limit.unwrap_or_default()))));
-            }
-            () = &mut wake => {
-                if active_written {
-                    let _ = Box::pin(message.ack_with(AckKind::Progress)).await;
-                } else {
-                    active_written = true;
-                    let record = outcome::record(task, queue, TaskState::Active, attempt, None);
-                    let _ = Box::pin(rt.records.put(&record, RECORD_TTL)).await;
-                }
-                wake.as_mut().reset(Instant::now() + keep_alive);
-            }
-        }
-    };
-    let deleted = shared.running.lock().map(|mut r| {
-        r.tokens.remove(&task.id);
-        r.deleted.remove(&task.id)
-    });
-    if deleted.unwrap_or(false) {
-        return Outcome::Deleted;
-    }
-    match result {
-        Ok(Ok(())) => Outcome::Done,
-        Ok(Err(e))
-            if token.is_cancelled()
-                && !e.to_string().starts_with("timeout")
-                && !e.to_string().starts_with("deadline") =>
-        {
-            Outcome::Shutdown
-        }
-        Ok(Err(e)) => Outcome::Failed(e),
-        Err(panic) => Outcome::Failed(TaskError::new(format!(
-            "handler panicked: {}",
-            panic_text(panic)
-        ))),
-    }
-}
-
-fn panic_text(p: Box<dyn std::any::Any + Send>) -> String {
-    p.downcast_ref::<&str>()
-        .map(|s| (*s).to_owned())
-        .or_else(|| p.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "unknown panic".into())
 }
