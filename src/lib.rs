@@ -29,8 +29,9 @@
 //! - [`command`]: command messages, their validation and handling.
 //! - [`client`]: publishing commands and reading listings (bridge, CLI).
 //! - [`daemon`]: operators, specs, claims, maintainers, balancing.
-//! - [`queue`]: async tasks: enqueue, the weighted fetch loop, retries, dead
-//!   letters, records and inspection.
+//! - [`queue`]: async tasks: enqueue, the weighted and paced fetch loop, one
+//!   attempt, batched acks and events, retries, dead letters, records and
+//!   inspection.
 //! - [`periodic`]: schedules fired by nats-server, declared or created at run time.
 //! - [`registry`]: which kinds this binary can run; [`builtin`]: the demo kinds.
 //! - [`membership`]: the live-worker entries.
