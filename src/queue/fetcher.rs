@@ -108,8 +108,8 @@ impl Fetcher {
     }
 
     /// Keeps `window` messages in hand (`held`) or on the way, in pulls of
-    /// half the window each, so one pull is on the way while the other's
-    /// messages run; always keeps at least one on the way.
+    /// half the window each once messages flow, so one pull is on the way
+    /// while the other's messages run; always keeps at least one on the way.
     pub(super) fn top_up(&mut self, window: usize, held: usize) {
         if self.closed {
             return;
@@ -122,7 +122,9 @@ impl Fetcher {
             if room == 0 || (have > 0 && room < half) {
                 return;
             }
-            let n = room.min(half);
+            // Nothing in hand or on the way (an idle queue): one pull for the
+            // whole window, so idling costs one pull a second, not two.
+            let n = if have == 0 { room } else { room.min(half) };
             self.outstanding += n;
             self.open.push(pull(self.consumer.clone(), n));
         }
