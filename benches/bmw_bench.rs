@@ -2,7 +2,7 @@
 //! measured in one run on this machine, printed as one markdown table.
 //!
 //! ```text
-//! cargo bench --bench bmw_bench              # full: about 5-10 minutes
+//! cargo bench --bench bmw_bench              # full: about 10 minutes
 //! cargo bench --bench bmw_bench -- --quick   # smoke test (< 1 minute): small counts, checks counts
 //! cargo bench --bench bmw_bench -- --only baseline,bridge   # a subset
 //! ```

@@ -48,11 +48,21 @@ async fn publish_many(
 }
 
 fn succeeded(events: &std::sync::Mutex<Vec<Value>>, prefix: &str) -> HashSet<String> {
+    succeeded_on(events, prefix, None)
+}
+
+/// Ids (starting with `prefix`) of tasks that succeeded, on `worker` if given.
+fn succeeded_on(
+    events: &std::sync::Mutex<Vec<Value>>,
+    prefix: &str,
+    worker: Option<&str>,
+) -> HashSet<String> {
     events
         .lock()
         .unwrap()
         .iter()
         .filter(|e| e["what"] == "succeeded")
+        .filter(|e| worker.is_none_or(|w| e["worker_id"] == w))
         .filter_map(|e| {
             e["task_id"]
                 .as_str()
@@ -62,15 +72,17 @@ fn succeeded(events: &std::sync::Mutex<Vec<Value>>, prefix: &str) -> HashSet<Str
         .collect()
 }
 
+/// Worker arguments: `extra`, then the fast retry and claim settings.
+fn worker_args<'a>(extra: &[&'a str]) -> Vec<&'a str> {
+    extra.iter().chain(ASYNC_FAST).copied().collect()
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_busy_low_queue_does_not_starve_critical() {
     let env = TestEnv::start().await;
     let events = collect_events(&env);
     env.nats.client.flush().await.unwrap();
-    let args: Vec<&str> = ["--queues", "critical=6,low=1", "--concurrency", "7"]
-        .into_iter()
-        .chain(ASYNC_FAST.iter().copied())
-        .collect();
+    let args = worker_args(&["--queues", "critical=6,low=1", "--concurrency", "7"]);
     let worker = BmwProcess::worker(&env.url(), &args);
     worker.worker_id().await;
     let sleep = json!({"kind": "async:demo:sleep", "payload": {"seconds": 0.3}});
@@ -110,10 +122,7 @@ async fn no_task_is_lost_when_a_worker_is_killed_mid_run() {
         .await
         .unwrap();
     env.nats.client.flush().await.unwrap();
-    let args: Vec<&str> = ["--concurrency", "16"]
-        .into_iter()
-        .chain(ASYNC_FAST.iter().copied())
-        .collect();
+    let args = worker_args(&["--concurrency", "16"]);
     let mut doomed = BmwProcess::worker(&env.url(), &args);
     let survivor = BmwProcess::worker(&env.url(), &args);
     doomed.worker_id().await;
@@ -230,10 +239,7 @@ async fn slow_tasks_are_not_fetched_ahead_of_other_workers() {
     let env = TestEnv::start().await;
     let events = collect_events(&env);
     env.nats.client.flush().await.unwrap();
-    let args: Vec<&str> = ["--concurrency", "2", "--queues", "slow"]
-        .into_iter()
-        .chain(ASYNC_FAST.iter().copied())
-        .collect();
+    let args = worker_args(&["--concurrency", "2", "--queues", "slow"]);
     const N: usize = 8;
     // A burst of one-second tasks waits for a first worker.
     publish_many(
@@ -271,16 +277,7 @@ async fn slow_tasks_are_not_fetched_ahead_of_other_workers() {
         .await,
         "all slow tasks ran"
     );
-    let ran_by = |worker: &str| {
-        events
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|e| e["what"] == "succeeded" && e["worker_id"] == worker)
-            .filter(|e| e["task_id"].as_str().is_some_and(|id| id.starts_with("s-")))
-            .count()
-    };
-    let counts = [ran_by(&first_id), ran_by(&second_id)];
+    let counts = [&first_id, &second_id].map(|w| succeeded_on(&events, "s-", Some(w)).len());
     assert!(
         counts[1] >= 2,
         "the second worker got part of the burst: {counts:?}"
