@@ -9,8 +9,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use bmw::Config;
 use bmw::daemon::{Operator, OperatorContext, OperatorError};
-use bmw::{Config, Registry};
 use futures::future::BoxFuture;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
@@ -52,7 +52,7 @@ async fn main() -> anyhow::Result<()> {
     let url = std::env::args()
         .nth(1)
         .unwrap_or_else(|| "nats://127.0.0.1:4222".into());
-    let mut registry = Registry::with_builtins();
+    let mut registry = bmw::builtin::registry();
     registry.register_daemon("daemon:example:counter", || {
         Ok(Arc::new(Counter) as Arc<dyn Operator>)
     })?;

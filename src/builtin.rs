@@ -20,6 +20,16 @@ use crate::daemon::{Operator, OperatorContext, OperatorError};
 use crate::queue::{TaskContext, TaskError};
 use crate::registry::{Registry, RegistryError};
 
+/// A registry holding the built-in kinds (what `bmw run` starts with).
+pub fn registry() -> Registry {
+    let mut registry = Registry::new();
+    // The built-in kinds are valid and distinct: registering them cannot fail.
+    if let Err(e) = register(&mut registry) {
+        unreachable!("built-in kinds are valid and distinct: {e}");
+    }
+    registry
+}
+
 /// Registers every built-in kind.
 pub fn register(registry: &mut Registry) -> Result<(), RegistryError> {
     registry.register_daemon("daemon:demo:demo", || {

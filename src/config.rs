@@ -11,7 +11,14 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-pub use crate::queue::runtime::QueueWeight;
+/// A queue a worker takes async tasks from, and its weight.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueWeight {
+    /// Queue name.
+    pub name: String,
+    /// Relative share under load.
+    pub weight: u32,
+}
 
 /// Default bridge address (BMW's port).
 pub const DEFAULT_HTTP_ADDR: &str = "0.0.0.0:10211";

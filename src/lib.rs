@@ -50,6 +50,7 @@ pub mod events;
 pub mod membership;
 pub mod metrics;
 pub mod nats;
+pub mod ops;
 pub mod periodic;
 pub mod queue;
 pub mod registry;

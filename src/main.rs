@@ -6,9 +6,10 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context;
-use bmw::command::{Command as TaskCommand, CreateCommand, DeleteTarget};
 use bmw::config::{Config, ConfigOverrides};
-use bmw::{Registry, client::Submitted, client::TaskClient, nats::Nats};
+use bmw::nats::{Nats, names};
+use bmw::task::{Command as TaskCommand, CreateCommand, DeleteTarget, Outcome};
+use bmw::{Registry, client::Submitted, client::TaskClient};
 use clap::{Args, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
@@ -223,7 +224,7 @@ async fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let config = cli.global.config()?;
-    let registry = Arc::new(Registry::with_builtins());
+    let registry = Arc::new(bmw::builtin::registry());
     bmw::metrics::install();
     let token = CancellationToken::new();
     let on_signal = token.clone();
@@ -236,7 +237,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Role::Worker => bmw::service::run_worker(config, registry, token).await?,
         Role::Bridge => bmw::service::run_bridge(config, registry, token).await?,
         Role::Provision => {
-            let nats = connect(&config, "bmw-provision").await?;
+            let nats = connect(&config, names::client_name::PROVISION).await?;
             bmw::nats::provision::provision(&nats.js, config.replicas).await?;
             tracing::info!("streams and buckets are provisioned");
         }
@@ -255,7 +256,7 @@ async fn connect(config: &Config, name: &str) -> anyhow::Result<Nats> {
 
 #[allow(clippy::print_stdout)]
 async fn task(cmd: TaskCmd, config: Config, registry: Arc<Registry>) -> anyhow::Result<ExitCode> {
-    let nats = connect(&config, "bmw-task").await?;
+    let nats = connect(&config, names::client_name::TASK).await?;
     bmw::nats::provision::provision(&nats.js, config.replicas).await?;
     let client = TaskClient::new(nats, registry, config.reply_timeout).await?;
     let id = uuid::Uuid::new_v4().to_string();
@@ -336,7 +337,12 @@ async fn task(cmd: TaskCmd, config: Config, registry: Arc<Registry>) -> anyhow::
             uni_id: bmw::task::UniId::from_raw(uni_id),
         },
     };
-    match client.submit(command).await? {
+    let submitted = match client.submit(command).await {
+        Ok(submitted) => submitted,
+        // A refusal is an answer: print it as the bridge would send it.
+        Err(e) => Submitted::Done(Outcome::from(e)),
+    };
+    match submitted {
         Submitted::Done(outcome) => {
             println!("{}", serde_json::to_string_pretty(&outcome)?);
             Ok(if outcome.result {

@@ -15,7 +15,7 @@ use async_nats::jetstream;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use crate::nats::names;
+use crate::nats::{NatsError, names};
 
 /// A worker as seen by everyone.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -135,7 +135,7 @@ impl Membership {
     }
 
     /// Writes the entry once (so the worker counts before it claims anything).
-    pub async fn register(&mut self) -> Result<(), String> {
+    pub async fn register(&mut self) -> Result<(), NatsError> {
         self.entry.running = self.stats.daemon_running.load(Ordering::Relaxed);
         self.entry.async_processed = self
             .stats
@@ -149,10 +149,9 @@ impl Membership {
             .lock()
             .map(|m| m.clone())
             .unwrap_or_default();
-        let body = serde_json::to_vec(&self.entry).map_err(|e| e.to_string())?;
+        let body = crate::nats::to_json_bytes(&self.entry);
         let key = worker_key(&self.entry.worker_id);
-        crate::nats::put_with_ttl(&self.js, names::BUCKET_WORKERS, &key, body.into(), self.ttl)
-            .await
+        crate::nats::put_with_ttl(&self.js, names::BUCKET_WORKERS, &key, body, self.ttl).await
     }
 
     /// Renews every `heartbeat` until `token` fires, then deletes the entry.

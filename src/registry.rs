@@ -1,22 +1,16 @@
 //! [`Registry`]: which kinds this binary can run, mapped to their
-//! implementations. Workers run them; the bridge and the command handler use it
-//! to refuse unregistered kinds before anything is stored.
+//! implementations: daemon [`Operators`], async and periodic [`Handlers`], and
+//! the periodic tasks declared in code. Workers hand each runtime its part;
+//! the operations use it to refuse unregistered kinds before anything is
+//! stored. bmw's own demo kinds are added by `crate::builtin`, through the
+//! same calls users make.
 
-use std::collections::BTreeMap;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
-use crate::daemon::{Operator, OperatorError};
+use crate::daemon::{Operator, OperatorError, Operators};
 use crate::periodic::PeriodicDeclaration;
-use crate::queue::Handler;
+use crate::queue::{Handler, Handlers};
 use crate::task::{Kind, TaskType, ValidationError};
-
-type OperatorFactory = Box<dyn Fn() -> Result<Arc<dyn Operator>, OperatorError> + Send + Sync>;
-
-struct DaemonEntry {
-    factory: OperatorFactory,
-    /// Built on first use, then shared by every instance of the kind.
-    operator: OnceLock<Result<Arc<dyn Operator>, OperatorError>>,
-}
 
 /// Why a registration was refused.
 #[derive(Debug, thiserror::Error)]
@@ -38,33 +32,33 @@ pub enum RegistryError {
 }
 
 /// The kinds this binary knows. Build it once at start, then share it (`Arc`).
-#[derive(Default)]
+#[derive(Debug, Default)]
 pub struct Registry {
-    daemon: BTreeMap<Kind, DaemonEntry>,
-    handlers: BTreeMap<Kind, Arc<dyn Handler>>,
+    operators: Operators,
+    handlers: Handlers,
     declared: Vec<(Kind, PeriodicDeclaration)>,
 }
 
-impl std::fmt::Debug for Registry {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Registry")
-            .field("daemon", &self.daemon.keys().collect::<Vec<_>>())
-            .field("handlers", &self.handlers.keys().collect::<Vec<_>>())
-            .finish()
+/// Parses `kind` and checks its type against the registration.
+fn kind_of(
+    kind: &str,
+    wanted: impl Fn(TaskType) -> bool,
+    expected: TaskType,
+) -> Result<Kind, RegistryError> {
+    let kind = Kind::parse(kind)?;
+    if !wanted(kind.task_type()) {
+        return Err(RegistryError::WrongType {
+            kind: kind.to_string(),
+            expected,
+        });
     }
+    Ok(kind)
 }
 
 impl Registry {
-    /// An empty registry.
+    /// An empty registry (`crate::builtin::registry()` has the demo kinds).
     pub fn new() -> Self {
         Registry::default()
-    }
-
-    /// A registry with bmw's built-in kinds (`daemon:demo:demo`...).
-    pub fn with_builtins() -> Self {
-        let mut registry = Registry::new();
-        crate::builtin::register(&mut registry).expect("built-in kinds are valid and distinct");
-        registry
     }
 
     /// Registers a daemon kind with the factory that builds its operator (once
@@ -73,23 +67,10 @@ impl Registry {
     where
         F: Fn() -> Result<Arc<dyn Operator>, OperatorError> + Send + Sync + 'static,
     {
-        let kind = Kind::parse(kind)?;
-        if kind.task_type() != TaskType::Daemon {
-            return Err(RegistryError::WrongType {
-                kind: kind.to_string(),
-                expected: TaskType::Daemon,
-            });
-        }
-        if self.daemon.contains_key(&kind) {
+        let kind = kind_of(kind, |t| t == TaskType::Daemon, TaskType::Daemon)?;
+        if !self.operators.insert(kind.clone(), Box::new(factory)) {
             return Err(RegistryError::Duplicate(kind.to_string()));
         }
-        self.daemon.insert(
-            kind,
-            DaemonEntry {
-                factory: Box::new(factory),
-                operator: OnceLock::new(),
-            },
-        );
         Ok(self)
     }
 
@@ -99,17 +80,10 @@ impl Registry {
         kind: &str,
         handler: impl Handler,
     ) -> Result<&mut Self, RegistryError> {
-        let kind = Kind::parse(kind)?;
-        if kind.task_type() == TaskType::Daemon {
-            return Err(RegistryError::WrongType {
-                kind: kind.to_string(),
-                expected: TaskType::Async,
-            });
-        }
-        if self.handlers.contains_key(&kind) {
+        let kind = kind_of(kind, |t| t != TaskType::Daemon, TaskType::Async)?;
+        if !self.handlers.insert(kind.clone(), Arc::new(handler)) {
             return Err(RegistryError::Duplicate(kind.to_string()));
         }
-        self.handlers.insert(kind, Arc::new(handler));
         Ok(self)
     }
 
@@ -121,13 +95,7 @@ impl Registry {
         declared: Option<PeriodicDeclaration>,
         handler: impl Handler,
     ) -> Result<&mut Self, RegistryError> {
-        let parsed = Kind::parse(kind)?;
-        if parsed.task_type() != TaskType::Periodic {
-            return Err(RegistryError::WrongType {
-                kind: kind.to_owned(),
-                expected: TaskType::Periodic,
-            });
-        }
+        let parsed = kind_of(kind, |t| t == TaskType::Periodic, TaskType::Periodic)?;
         self.register_async(kind, handler)?;
         if let Some(d) = declared {
             self.declared.push((parsed, d));
@@ -140,46 +108,29 @@ impl Registry {
         &self.declared
     }
 
-    /// The handler of an async or periodic kind.
-    pub fn handler(&self, kind: &Kind) -> Option<Arc<dyn Handler>> {
-        self.handlers.get(kind).cloned()
+    /// The daemon kinds and their operators.
+    pub fn operators(&self) -> &Operators {
+        &self.operators
     }
 
-    /// The operator of a daemon kind, built on first call. `None` if the kind is
-    /// not registered; `Some(Err)` if its factory failed.
-    pub fn operator(&self, kind: &Kind) -> Option<Result<Arc<dyn Operator>, OperatorError>> {
-        let entry = self.daemon.get(kind)?;
-        Some(entry.operator.get_or_init(|| (entry.factory)()).clone())
+    /// The async and periodic kinds and their handlers.
+    pub fn handlers(&self) -> &Handlers {
+        &self.handlers
     }
 
     /// Whether `kind` can run here.
     pub fn is_registered(&self, kind: &Kind) -> bool {
         match kind.task_type() {
-            TaskType::Daemon => self.daemon.contains_key(kind),
-            TaskType::Async | TaskType::Periodic => self.handlers.contains_key(kind),
-        }
-    }
-
-    /// Refuses a kind this binary cannot run, naming it.
-    pub fn check(&self, kind: &Kind) -> Result<(), ValidationError> {
-        if self.is_registered(kind) {
-            Ok(())
-        } else {
-            Err(ValidationError::new(
-                "kind",
-                format!(
-                    "{kind} is not registered (known kinds: {})",
-                    self.kinds().join(", ")
-                ),
-            ))
+            TaskType::Daemon => self.operators.contains(kind),
+            TaskType::Async | TaskType::Periodic => self.handlers.contains(kind),
         }
     }
 
     /// All registered kinds.
     pub fn kinds(&self) -> Vec<String> {
-        self.daemon
-            .keys()
-            .chain(self.handlers.keys())
+        self.operators
+            .kinds()
+            .chain(self.handlers.kinds())
             .map(Kind::to_string)
             .collect()
     }

@@ -11,7 +11,8 @@ use crate::bridge::{self, BridgeState};
 use crate::client::TaskClient;
 use crate::config::Config;
 use crate::nats::local::{LocalServer, LocalServerOptions};
-use crate::nats::{Nats, provision};
+use crate::nats::{Nats, names, provision};
+use crate::ops::Operations;
 use crate::registry::Registry;
 use crate::worker::Worker;
 
@@ -38,9 +39,9 @@ pub enum ServiceError {
         /// The error.
         source: std::io::Error,
     },
-    /// A client call failed.
-    #[error(transparent)]
-    Client(#[from] crate::client::ClientError),
+    /// The streams or buckets could not be opened.
+    #[error("cannot open the streams and buckets: {0}")]
+    Stores(#[from] crate::nats::NatsError),
 }
 
 /// `bmw run`: worker + bridge; starts a local nats-server when no URL is set.
@@ -72,12 +73,14 @@ pub async fn run_all(
             url
         }
     };
-    let nats = Nats::connect(&url, "bmw-run").await?;
+    let nats = Nats::connect(&url, names::client_name::RUN).await?;
+    // One provisioning and one set of stores for the worker and the bridge.
     provision::provision(&nats.js, config.replicas).await?;
-    let worker = Worker::new(nats.clone(), config.clone(), registry.clone());
+    let ops = Operations::open(&nats, registry).await?;
+    let worker = Worker::with_operations(nats.clone(), config.clone(), ops.clone());
     let worker_token = token.child_token();
     let worker_task = tokio::spawn(worker.run(worker_token.clone()));
-    let served = serve_bridge(&config, nats, registry, token.clone()).await;
+    let served = serve_bridge(&config, nats, ops, token.clone()).await;
     token.cancel();
     let worked = worker_task.await.unwrap_or(Ok(()));
     if let Some(mut server) = local {
@@ -98,9 +101,10 @@ pub async fn run_worker(
             .nats_url
             .as_deref()
             .unwrap_or("nats://127.0.0.1:4222"),
-        "bmw-worker",
+        names::client_name::WORKER,
     )
     .await?;
+    provision::provision(&nats.js, config.replicas).await?;
     if let Some(addr) = config.metrics_addr {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
@@ -125,20 +129,21 @@ pub async fn run_bridge(
             .nats_url
             .as_deref()
             .unwrap_or("nats://127.0.0.1:4222"),
-        "bmw-bridge",
+        names::client_name::BRIDGE,
     )
     .await?;
     provision::provision(&nats.js, config.replicas).await?;
-    serve_bridge(&config, nats, registry, token).await
+    let ops = Operations::open(&nats, registry).await?;
+    serve_bridge(&config, nats, ops, token).await
 }
 
 async fn serve_bridge(
     config: &Config,
     nats: Nats,
-    registry: Arc<Registry>,
+    ops: Operations,
     token: CancellationToken,
 ) -> Result<(), ServiceError> {
-    let client = TaskClient::new(nats.clone(), registry, config.reply_timeout).await?;
+    let client = TaskClient::with_operations(nats.clone(), ops, config.reply_timeout);
     let state = BridgeState {
         client: Arc::new(client),
         nats: nats.client.clone(),

@@ -1,7 +1,9 @@
 //! [`Worker`]: everything one worker process runs, under one cancellation
-//! token: its membership entry, its share of the command consumer, and the
-//! daemon runtime. Shutdown order matters: the runtime releases its claims
-//! first, then the membership entry goes, so peers take over at once.
+//! token: its membership entry, its share of the command consumer, the async
+//! runtime and the daemon runtime. Shutdown order matters: the daemon runtime
+//! releases its claims first, then the membership entry goes, so peers take
+//! over at once. The streams and buckets must be provisioned already (the
+//! process roles in `crate::service` do it once per process).
 
 use std::sync::Arc;
 
@@ -11,24 +13,24 @@ use tokio_util::task::TaskTracker;
 use crate::command::{CommandConsumer, CommandHandler};
 use crate::config::Config;
 use crate::daemon::{
-    ClaimStore, DaemonRuntime, RetryPolicy, SpecStore, maintainer::MaintainerSettings,
+    ClaimError, ClaimStore, DaemonRuntime, RetryPolicy, maintainer::MaintainerSettings,
 };
 use crate::events::EventPublisher;
 use crate::membership::{Membership, WorkerStats, new_worker_id};
-use crate::nats::{Nats, names, provision};
-use crate::periodic::PeriodicStore;
-use crate::queue::{AsyncRuntime, Backoff, RecordStore};
+use crate::nats::{Nats, NatsError};
+use crate::ops::Operations;
+use crate::queue::{AsyncRuntime, AttemptEnv, Backoff};
 use crate::registry::Registry;
 
 /// Why a worker could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
-    /// Streams or buckets could not be provisioned.
-    #[error(transparent)]
-    Provision(#[from] provision::ProvisionError),
     /// NATS failed at start.
     #[error("worker start: {0}")]
-    Nats(String),
+    Nats(#[from] NatsError),
+    /// The claims bucket could not be opened.
+    #[error("worker start: {0}")]
+    Claims(#[from] ClaimError),
 }
 
 /// One worker process's task machinery.
@@ -37,17 +39,28 @@ pub struct Worker {
     nats: Nats,
     config: Config,
     registry: Arc<Registry>,
+    ops: Option<Operations>,
     worker_id: String,
 }
 
 impl Worker {
-    /// A worker with a fresh id.
+    /// A worker with a fresh id; it opens its stores when it runs.
     pub fn new(nats: Nats, config: Config, registry: Arc<Registry>) -> Self {
         Worker {
             nats,
             config,
             registry,
+            ops: None,
             worker_id: new_worker_id(),
+        }
+    }
+
+    /// A worker sharing the stores a process opened already (`bmw run`).
+    pub fn with_operations(nats: Nats, config: Config, ops: Operations) -> Self {
+        Worker {
+            registry: ops.registry().clone(),
+            ops: Some(ops),
+            ..Worker::new(nats, config, Arc::new(Registry::new()))
         }
     }
 
@@ -56,94 +69,81 @@ impl Worker {
         &self.worker_id
     }
 
-    /// Provisions, registers and runs until `token` fires, then stops
-    /// gracefully (claims released, worker entry removed).
+    /// Registers and runs until `token` fires, then stops gracefully (claims
+    /// released, worker entry removed).
     pub async fn run(self, token: CancellationToken) -> Result<(), WorkerError> {
-        let nats_err = |e: &dyn std::fmt::Display| WorkerError::Nats(e.to_string());
-        provision::provision(&self.nats.js, self.config.replicas).await?;
-        let events = EventPublisher::new(self.nats.client.clone(), &self.worker_id);
-        let specs = SpecStore::open(&self.nats.js)
-            .await
-            .map_err(|e| nats_err(&e))?;
-        let claims = ClaimStore::open(&self.nats.js, self.config.claim_ttl)
-            .await
-            .map_err(|e| nats_err(&e))?;
-        let workers = self
-            .nats
-            .js
-            .get_key_value(names::BUCKET_WORKERS)
-            .await
-            .map_err(|e| nats_err(&e))?;
+        let Worker {
+            nats,
+            config,
+            registry,
+            ops,
+            worker_id,
+        } = self;
+        let ops = match ops {
+            Some(ops) => ops,
+            None => Operations::open(&nats, registry.clone()).await?,
+        };
+        let events = EventPublisher::new(nats.client.clone(), &worker_id);
+        let claims = ClaimStore::open(&nats.js, config.claim_ttl).await?;
         let stats = Arc::new(WorkerStats::default());
         let mut membership = Membership::new(
-            self.nats.js.clone(),
-            &self.worker_id,
-            self.config.queue_names(),
-            self.registry.kinds(),
-            self.config.claim_ttl,
+            nats.js.clone(),
+            &worker_id,
+            config.queue_names(),
+            registry.kinds(),
+            config.claim_ttl,
             stats.clone(),
         );
-        membership.register().await.map_err(|e| nats_err(&e))?;
-        tracing::info!(worker_id = %self.worker_id, queues = ?self.config.queue_names(), concurrency = self.config.concurrency, "worker started");
+        membership.register().await?;
+        tracing::info!(worker_id = %worker_id, queues = ?config.queue_names(), concurrency = config.concurrency, "worker started");
 
         let tracker = TaskTracker::new();
         let membership_token = CancellationToken::new();
-        tracker.spawn(membership.run(self.config.heartbeat, membership_token.clone()));
-        let handler = CommandHandler::open(&self.nats, self.registry.clone())
-            .await
-            .map_err(|e| nats_err(&e))?;
-        let periodic = PeriodicStore::open(&self.nats.js)
-            .await
-            .map_err(|e| nats_err(&e))?;
-        if let Err(e) =
-            crate::periodic::reconcile(&periodic, self.registry.declared_periodic()).await
-        {
+        tracker.spawn(membership.run(config.heartbeat, membership_token.clone()));
+        let periodic = ops.periodic().store().clone();
+        if let Err(e) = crate::periodic::reconcile(&periodic, registry.declared_periodic()).await {
             tracing::error!(cause = %e, "declared periodic tasks not reconciled");
         }
-        let records = RecordStore::open(&self.nats.js)
-            .await
-            .map_err(|e| nats_err(&e))?;
         let async_runtime = AsyncRuntime {
-            nats: self.nats.clone(),
-            registry: self.registry.clone(),
-            records,
-            events: events.clone(),
-            queues: self.config.queues.clone(),
-            concurrency: self.config.concurrency,
-            backoff: Backoff {
-                base: self.config.async_retry_base,
-                max: self.config.async_retry_max,
+            env: AttemptEnv {
+                nats: nats.clone(),
+                handlers: registry.handlers().clone(),
+                records: ops.queue().records().clone(),
+                events: events.clone(),
+                backoff: Backoff {
+                    base: config.async_retry_base,
+                    max: config.async_retry_max,
+                },
+                ack_wait: config.async_ack_wait,
+                worker_id: worker_id.clone(),
+                stats: stats.clone(),
+                ticks: Some(Arc::new(periodic)),
             },
-            grace: self.config.grace,
-            ack_wait: self.config.async_ack_wait,
-            worker_id: self.worker_id.clone(),
-            stats: stats.clone(),
-            periodic: periodic.clone(),
+            queues: config.queues.clone(),
+            concurrency: config.concurrency,
+            grace: config.grace,
         };
-        let async_token = token.child_token();
-        tracker.spawn(async_runtime.run(async_token));
-        tracker.spawn(
-            CommandConsumer::new(self.nats.clone(), handler, events.clone())
-                .run(token.child_token()),
-        );
+        tracker.spawn(async_runtime.run(token.child_token()));
+        let handler = CommandHandler::new(ops.clone(), nats.client.clone(), events.clone());
+        tracker.spawn(CommandConsumer::new(nats.clone(), handler).run(token.child_token()));
         let runtime = DaemonRuntime {
-            registry: self.registry.clone(),
-            specs,
+            operators: registry.operators().clone(),
+            specs: ops.daemon().specs().clone(),
             claims: Arc::new(claims),
-            workers,
+            workers: ops.workers().clone(),
             events,
             settings: Arc::new(MaintainerSettings {
-                worker_id: self.worker_id.clone(),
-                heartbeat: self.config.heartbeat,
-                claim_ttl: self.config.claim_ttl,
-                grace: self.config.grace,
+                worker_id: worker_id.clone(),
+                heartbeat: config.heartbeat,
+                claim_ttl: config.claim_ttl,
+                grace: config.grace,
                 policy: RetryPolicy {
-                    base: self.config.retry_base,
-                    threshold: self.config.retry_threshold,
-                    max: self.config.retry_max,
+                    base: config.retry_base,
+                    threshold: config.retry_threshold,
+                    max: config.retry_max,
                 },
             }),
-            queues: self.config.queue_names(),
+            queues: config.queue_names(),
             stats,
         };
         runtime.run(token.child_token()).await;
@@ -151,10 +151,10 @@ impl Worker {
         tracker.close();
         tracker.wait().await;
         // Make sure the releases and removal reach the server before we go.
-        if let Err(e) = self.nats.client.flush().await {
+        if let Err(e) = nats.client.flush().await {
             tracing::warn!(cause = %e, "final flush failed");
         }
-        tracing::info!(worker_id = %self.worker_id, "worker stopped");
+        tracing::info!(worker_id = %worker_id, "worker stopped");
         Ok(())
     }
 }

@@ -191,7 +191,7 @@ async fn a_kind_only_a_worker_knows_is_accepted_by_the_bridge() {
     assert_eq!(status, 400);
 
     // An in-process worker built with the custom kind advertises it.
-    let mut registry = bmw::Registry::with_builtins();
+    let mut registry = bmw::builtin::registry();
     registry
         .register_daemon("daemon:custom:idle", || {
             Ok(Arc::new(Idle) as Arc<dyn bmw::daemon::Operator>)

@@ -20,7 +20,7 @@ async fn killing_a_cluster_node_keeps_tasks_running() {
     })
     .await;
     assert!(ready, "cluster did not become ready");
-    let registry = std::sync::Arc::new(bmw::Registry::with_builtins());
+    let registry = std::sync::Arc::new(bmw::builtin::registry());
     let client = bmw::client::TaskClient::new(nats.clone(), registry, Duration::from_secs(10))
         .await
         .unwrap();

@@ -31,10 +31,7 @@ fn ticks(events: &Arc<Mutex<Vec<Value>>>, kind: &str) -> Vec<DateTime<Utc>> {
         .collect()
 }
 
-async fn submit(
-    env: &TestEnv,
-    body: Value,
-) -> Result<bmw::command::Outcome, bmw::client::ClientError> {
+async fn submit(env: &TestEnv, body: Value) -> Result<bmw::task::Outcome, bmw::task::OpError> {
     match env
         .client
         .submit_json("bmw.task.create", body.to_string().as_bytes())
@@ -265,7 +262,7 @@ async fn time_zones_and_bad_input() {
 }
 
 fn declared_registry(counter: Arc<Mutex<u32>>) -> bmw::Registry {
-    let mut registry = bmw::Registry::with_builtins();
+    let mut registry = bmw::builtin::registry();
     let declaration = bmw::periodic::PeriodicDeclaration {
         schedule: bmw::periodic::Schedule::Every(Duration::from_secs(1)),
         timezone: None,

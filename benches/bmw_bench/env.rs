@@ -485,7 +485,7 @@ pub(crate) async fn verify_bindings(
     n: usize,
     live: &HashSet<String>,
 ) -> anyhow::Result<HashMap<String, usize>> {
-    let registry = Arc::new(bmw::Registry::with_builtins());
+    let registry = Arc::new(bmw::builtin::registry());
     let client = bmw::client::TaskClient::new(nats.clone(), registry, Duration::from_secs(5))
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -512,7 +512,7 @@ pub(crate) async fn verify_bindings(
 
 /// What bmw's own listing shows: tasks, how many bound, load per worker.
 pub(crate) async fn listing_summary(nats: &Nats) -> String {
-    let registry = Arc::new(bmw::Registry::with_builtins());
+    let registry = Arc::new(bmw::builtin::registry());
     let client =
         match bmw::client::TaskClient::new(nats.clone(), registry, Duration::from_secs(5)).await {
             Ok(c) => c,

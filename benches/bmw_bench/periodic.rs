@@ -53,7 +53,7 @@ pub(crate) async fn tick_lateness(server: &Server, ticks: usize) -> anyhow::Resu
     wait_workers(&nats, &mut procs).await?;
     let client = bmw::client::TaskClient::new(
         nats.clone(),
-        Arc::new(bmw::Registry::with_builtins()),
+        Arc::new(bmw::builtin::registry()),
         Duration::from_secs(5),
     )
     .await

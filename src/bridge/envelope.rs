@@ -1,44 +1,34 @@
 //! The BMW envelope `{"result", "code", "message", "data"}` every bridge
-//! response uses, and [`ApiError`], which turns any failure into one with the
-//! right HTTP status (so no handler lets a bare error out).
+//! response uses: the operations' own [`Outcome`], sent with the HTTP status
+//! its code names ([`Reply`]). [`ApiError`] turns any failure into one, so no
+//! handler lets a bare error out.
 
 use axum::Json;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use serde::Serialize;
-use serde_json::Value;
 
-use crate::client::ClientError;
-use crate::task::ValidationError;
-
-/// BMW's response body.
-#[derive(Debug, Clone, Serialize)]
-pub struct Envelope {
-    /// Success.
-    pub result: bool,
-    /// 0 on success, else the HTTP status.
-    pub code: u16,
-    /// `ok` or what went wrong.
-    pub message: String,
-    /// The answer.
-    pub data: Value,
-}
-
-impl Envelope {
-    /// A success.
-    pub fn ok(data: Value) -> Self {
-        Envelope {
-            result: true,
-            code: 0,
-            message: "ok".into(),
-            data,
-        }
-    }
-}
+pub use crate::task::Outcome as Envelope;
+use crate::task::{OpError, Outcome, ValidationError};
 
 /// A response: status plus envelope.
 #[derive(Debug)]
 pub struct Reply(pub StatusCode, pub Envelope);
+
+impl Reply {
+    /// 200 with data.
+    pub fn ok(data: serde_json::Value) -> Self {
+        Reply(StatusCode::OK, Outcome::ok(data))
+    }
+
+    /// An outcome, with the status its code names (200 for code 0).
+    pub fn from_outcome(outcome: Outcome) -> Self {
+        let status = match outcome.code {
+            0 => StatusCode::OK,
+            code => StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+        };
+        Reply(status, outcome)
+    }
+}
 
 impl IntoResponse for Reply {
     fn into_response(self) -> Response {
@@ -48,20 +38,17 @@ impl IntoResponse for Reply {
 
 /// A failed request, answered with the envelope.
 #[derive(Debug)]
-pub struct ApiError {
-    /// HTTP status.
-    pub status: StatusCode,
-    /// Message naming what was wrong.
-    pub message: String,
-}
+pub struct ApiError(Outcome);
 
 impl ApiError {
     /// 400 with a message.
     pub fn bad_request(message: impl Into<String>) -> Self {
-        ApiError {
-            status: StatusCode::BAD_REQUEST,
-            message: message.into(),
-        }
+        ApiError(Outcome::err(400, message))
+    }
+
+    /// 404 with a message.
+    pub fn not_found(message: impl Into<String>) -> Self {
+        ApiError(Outcome::err(404, message))
     }
 }
 
@@ -71,28 +58,14 @@ impl From<ValidationError> for ApiError {
     }
 }
 
-impl From<ClientError> for ApiError {
-    fn from(e: ClientError) -> Self {
-        let status = match &e {
-            ClientError::Invalid(_) => StatusCode::BAD_REQUEST,
-            ClientError::NotFound(_) => StatusCode::NOT_FOUND,
-            ClientError::Nats(_) => StatusCode::SERVICE_UNAVAILABLE,
-        };
-        ApiError {
-            status,
-            message: e.to_string(),
-        }
+impl From<OpError> for ApiError {
+    fn from(e: OpError) -> Self {
+        ApiError(e.into())
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let envelope = Envelope {
-            result: false,
-            code: self.status.as_u16(),
-            message: self.message,
-            data: Value::Null,
-        };
-        (self.status, Json(envelope)).into_response()
+        Reply::from_outcome(self.0).into_response()
     }
 }

@@ -1,7 +1,8 @@
 //! The HTTP bridge (design.md §6): REST routes under `/bmw/task/` turned into
-//! `bmw.task.*` commands, plus `/bmw/worker/`, `/metrics`, `/health` and
-//! `/ready`. Thin on purpose: validation and publishing live in
-//! [`crate::client`], the envelope in [`envelope`].
+//! commands, plus `/bmw/queue/`, `/bmw/worker/`, `/metrics`, `/health` and
+//! `/ready`. Thin on purpose: a command goes through [`crate::client`], which
+//! applies async and periodic ones directly and publishes daemon ones on
+//! `bmw.task.*` for a worker; the envelope is in [`envelope`].
 
 pub mod envelope;
 mod routes;
@@ -38,7 +39,7 @@ pub fn ops_router() -> Router {
         .route("/metrics", get(|| async { crate::metrics::render() }))
         .route(
             "/health",
-            get(|| async { axum::Json(envelope::Envelope::ok(serde_json::Value::Null)) }),
+            get(|| async { envelope::Reply::ok(serde_json::Value::Null) }),
         )
 }
 

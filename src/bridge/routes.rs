@@ -1,5 +1,6 @@
 //! The bridge's routes (design.md §6): each turns a REST call into a command
-//! through [`crate::client::TaskClient`] or reads a listing, and answers with the envelope.
+//! submitted through [`crate::client::TaskClient`] (applied directly or by a
+//! worker), or reads a listing, and answers with the envelope.
 
 use std::collections::HashMap;
 
@@ -30,13 +31,7 @@ async fn body(state: &BridgeState, body: Body) -> Result<Bytes, ApiError> {
 async fn submit(state: &BridgeState, subject: &str, raw: Body) -> Result<Reply, ApiError> {
     let bytes = body(state, raw).await?;
     match state.client.submit_json(subject, &bytes).await? {
-        Submitted::Done(outcome) => {
-            let status = match outcome.code {
-                0 => StatusCode::OK,
-                code => StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
-            };
-            Ok(Reply(status, Envelope { result: outcome.result, code: outcome.code, message: outcome.message, data: outcome.data }))
-        }
+        Submitted::Done(outcome) => Ok(Reply::from_outcome(outcome)),
         Submitted::Accepted { data } => Ok(Reply(
             StatusCode::ACCEPTED,
             Envelope {
@@ -81,12 +76,12 @@ pub(super) async fn list(
                 Some(kind) => rows.into_iter().filter(|r| &r.kind == kind).collect(),
                 None => rows,
             };
-            Ok(Reply(StatusCode::OK, Envelope::ok(json!(rows))))
+            Ok(Reply::ok(json!(rows)))
         }
         TaskType::Async => {
             if let Some(task_id) = query.get("task_id") {
                 let record = state.client.get_async(task_id).await?;
-                return Ok(Reply(StatusCode::OK, Envelope::ok(json!(record))));
+                return Ok(Reply::ok(json!(record)));
             }
             let number = |name: &str| -> Result<usize, ApiError> {
                 query.get(name).map_or(Ok(0), |v| {
@@ -108,11 +103,11 @@ pub(super) async fn list(
                 limit: number("limit")?,
             };
             let rows = state.client.list_async(&list_query).await?;
-            Ok(Reply(StatusCode::OK, Envelope::ok(json!(rows))))
+            Ok(Reply::ok(json!(rows)))
         }
         TaskType::Periodic => {
             let rows = state.client.list_periodic().await?;
-            Ok(Reply(StatusCode::OK, Envelope::ok(json!(rows))))
+            Ok(Reply::ok(json!(rows)))
         }
     }
 }
@@ -120,7 +115,7 @@ pub(super) async fn list(
 /// `GET /bmw/queue/`: per-queue stats of async tasks.
 pub(super) async fn queues(State(state): State<BridgeState>) -> Result<Reply, ApiError> {
     let stats = state.client.queue_stats().await?;
-    Ok(Reply(StatusCode::OK, Envelope::ok(json!(stats))))
+    Ok(Reply::ok(json!(stats)))
 }
 
 /// The non-empty string `field` of a JSON body, or 400 naming it.
@@ -143,14 +138,14 @@ pub(super) async fn requeue(
 ) -> Result<Reply, ApiError> {
     let task_id = required_field(&state, raw, "task_id").await?;
     let data = state.client.requeue(&task_id).await?;
-    Ok(Reply(StatusCode::OK, Envelope::ok(data)))
+    Ok(Reply::ok(data))
 }
 
 /// `POST /bmw/task/periodic/pause` (or `/resume`) with `{"kind"}`.
 async fn pause_or_resume(state: &BridgeState, raw: Body, paused: bool) -> Result<Reply, ApiError> {
     let kind = required_field(state, raw, "kind").await?;
     let data = state.client.pause_periodic(&kind, paused).await?;
-    Ok(Reply(StatusCode::OK, Envelope::ok(data)))
+    Ok(Reply::ok(data))
 }
 
 /// `POST /bmw/task/periodic/pause`: stop the ticks, keep the task.
@@ -166,7 +161,7 @@ pub(super) async fn resume(State(state): State<BridgeState>, raw: Body) -> Resul
 /// `GET /bmw/worker/`: live workers and their load.
 pub(super) async fn workers(State(state): State<BridgeState>) -> Result<Reply, ApiError> {
     let workers = state.client.list_workers().await?;
-    Ok(Reply(StatusCode::OK, Envelope::ok(json!(workers))))
+    Ok(Reply::ok(json!(workers)))
 }
 
 /// `GET /ready`: 200 while NATS is connected.
@@ -192,8 +187,5 @@ pub(super) async fn ready(State(state): State<BridgeState>) -> Reply {
 
 /// Any other path: 404 with the envelope.
 pub(super) async fn not_found() -> ApiError {
-    ApiError {
-        status: StatusCode::NOT_FOUND,
-        message: "no such route".into(),
-    }
+    ApiError::not_found("no such route")
 }

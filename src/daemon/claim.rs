@@ -17,7 +17,7 @@ use std::time::Duration;
 use async_nats::jetstream::{self, context::PublishErrorKind, kv, message::PublishMessage};
 use serde::{Deserialize, Serialize};
 
-use crate::nats::names;
+use crate::nats::{NatsError, names};
 use crate::task::UniId;
 
 /// A claim's value.
@@ -58,7 +58,7 @@ pub enum ClaimError {
     Lost(String),
     /// NATS did not answer or refused; the outcome is unknown.
     #[error("claim store: {0}")]
-    Nats(String),
+    Nats(#[from] NatsError),
 }
 
 /// The claims bucket of one worker.
@@ -75,7 +75,7 @@ impl ClaimStore {
         let kv = js
             .get_key_value(names::BUCKET_DAEMON_CLAIMS)
             .await
-            .map_err(|e| ClaimError::Nats(e.to_string()))?;
+            .map_err(NatsError::from)?;
         Ok(ClaimStore {
             js: js.clone(),
             kv,
@@ -90,11 +90,7 @@ impl ClaimStore {
 
     /// The current claim on `key` with its revision (`None` if free).
     pub async fn get(&self, key: &str) -> Result<Option<(Claim, u64)>, ClaimError> {
-        let entry = self
-            .kv
-            .entry(key)
-            .await
-            .map_err(|e| ClaimError::Nats(e.to_string()))?;
+        let entry = self.kv.entry(key).await.map_err(NatsError::from)?;
         Ok(entry.and_then(|e| {
             let claim = (e.operation == kv::Operation::Put)
                 .then(|| serde_json::from_slice::<Claim>(&e.value).ok())
@@ -112,11 +108,7 @@ impl ClaimStore {
         worker_id: &str,
         generation: u64,
     ) -> Result<(Claim, u64), ClaimError> {
-        let entry = self
-            .kv
-            .entry(key)
-            .await
-            .map_err(|e| ClaimError::Nats(e.to_string()))?;
+        let entry = self.kv.entry(key).await.map_err(NatsError::from)?;
         let (expected, previous) = match entry {
             None => (0, None),
             Some(e) if e.operation != kv::Operation::Put => (e.revision, None),
@@ -176,13 +168,13 @@ impl ClaimStore {
         self.kv
             .purge_expect_revision_with_ttl(key, revision, self.ttl)
             .await
-            .map_err(|e| ClaimError::Nats(e.to_string()))
+            .map_err(|e| ClaimError::Nats(e.into()))
     }
 
     async fn write(&self, key: &str, claim: &Claim, expected: u64) -> Result<u64, ClaimError> {
-        let body = serde_json::to_vec(claim).map_err(|e| ClaimError::Nats(e.to_string()))?;
+        let body = crate::nats::to_json_bytes(claim);
         let publish = PublishMessage::build()
-            .payload(body.into())
+            .payload(body)
             .expected_last_subject_sequence(expected)
             .ttl(self.ttl);
         let subject = names::kv_subject(names::BUCKET_DAEMON_CLAIMS, key);
@@ -192,7 +184,7 @@ impl ClaimStore {
         };
         result.map_err(|e| match e.kind() {
             PublishErrorKind::WrongLastSequence => ClaimError::Lost(claim.uni_id.to_string()),
-            _ => ClaimError::Nats(e.to_string()),
+            _ => ClaimError::Nats(e.into()),
         })
     }
 }

@@ -25,6 +25,7 @@ use super::seed_log;
 use super::spec::DaemonSpec;
 use crate::events::EventPublisher;
 use crate::metrics;
+use crate::nats::{NatsError, NatsErrorKind};
 
 /// What the runtime asks of a running maintainer.
 #[derive(Debug)]
@@ -208,7 +209,7 @@ impl Maintainer {
                 return Ok(());
             }
             Ok(Err(e)) => e,
-            Err(_) => ClaimError::Nats("renewal timed out".into()),
+            Err(elapsed) => ClaimError::Nats(NatsError::with_kind(NatsErrorKind::Timeout, elapsed)),
         };
         // A write that timed out may still have been stored: re-read before deciding.
         if let Ok(Some((current, rev))) = self.claims.get(&self.key).await

@@ -26,7 +26,6 @@ use super::maintainer::{Control, Exit, Maintainer, MaintainerSettings};
 use super::spec::{DaemonSpec, SpecStore};
 use crate::events::EventPublisher;
 use crate::membership::{WorkerEntry, WorkerStats};
-use crate::registry::Registry;
 
 /// Acquisitions in flight at once (each is one read and one write).
 const MAX_ACQUIRING: usize = 512;
@@ -38,7 +37,7 @@ const RESYNC_EVERY: Duration = Duration::from_secs(30);
 /// Everything the runtime needs, built by the worker.
 #[derive(Debug)]
 pub struct DaemonRuntime {
-    pub(crate) registry: Arc<Registry>,
+    pub(crate) operators: super::Operators,
     pub(crate) specs: SpecStore,
     pub(crate) claims: Arc<ClaimStore>,
     pub(crate) workers: kv::Store,
@@ -252,7 +251,7 @@ impl DaemonRuntime {
         let mut queue_of: HashMap<&str, &str> = HashMap::with_capacity(state.specs.len());
         for (key, spec) in &state.specs {
             if let Some(t) = tallies.get_mut(spec.options.queue())
-                && self.registry.is_registered(&spec.kind)
+                && self.operators.contains(&spec.kind)
             {
                 t.eligible += 1;
                 queue_of.insert(key.as_str(), spec.options.queue());
@@ -350,7 +349,7 @@ impl DaemonRuntime {
             let detail = json!({"uni_id": spec.uni_id, "from": from});
             tokio::spawn(async move { events.emit("daemon", &kind, "moved", detail).await });
         }
-        let operator = match self.registry.operator(&spec.kind) {
+        let operator = match self.operators.get(&spec.kind) {
             Some(Ok(op)) => op,
             Some(Err(e)) => {
                 return tracing::error!(kind = %spec.kind, cause = %e, "operator factory failed");

@@ -8,7 +8,7 @@ use async_nats::jetstream::{self, kv};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::nats::names;
+use crate::nats::{NatsError, NatsErrorKind, names};
 use crate::task::{Kind, Options, UniId};
 
 /// What should run: one daemon task instance.
@@ -39,7 +39,10 @@ pub enum SpecError {
     NotFound(String),
     /// NATS failed.
     #[error("daemon task store: {0}")]
-    Nats(String),
+    Nats(#[from] NatsError),
+    /// A stored spec is not valid JSON.
+    #[error("daemon task store: {0}")]
+    Json(#[from] serde_json::Error),
 }
 
 /// What a create did.
@@ -61,17 +64,17 @@ pub struct SpecStore {
 
 const CAS_ATTEMPTS: usize = 8;
 
-fn nats_err(e: impl std::fmt::Display) -> SpecError {
-    SpecError::Nats(e.to_string())
+fn contention(uni_id: &UniId) -> SpecError {
+    SpecError::Nats(NatsError::with_kind(
+        NatsErrorKind::Conflict,
+        format!("too much contention on `{uni_id}`"),
+    ))
 }
 
 impl SpecStore {
     /// Opens the (provisioned) bucket.
-    pub async fn open(js: &jetstream::Context) -> Result<SpecStore, SpecError> {
-        let kv = js
-            .get_key_value(names::BUCKET_DAEMON_TASKS)
-            .await
-            .map_err(nats_err)?;
+    pub async fn open(js: &jetstream::Context) -> Result<SpecStore, NatsError> {
+        let kv = js.get_key_value(names::BUCKET_DAEMON_TASKS).await?;
         Ok(SpecStore { kv })
     }
 
@@ -81,9 +84,9 @@ impl SpecStore {
     }
 
     async fn read(&self, key: &str) -> Result<Option<(DaemonSpec, u64)>, SpecError> {
-        match self.kv.entry(key).await.map_err(nats_err)? {
+        match self.kv.entry(key).await.map_err(NatsError::from)? {
             Some(e) if e.operation == kv::Operation::Put => {
-                let spec = serde_json::from_slice(&e.value).map_err(nats_err)?;
+                let spec = serde_json::from_slice(&e.value)?;
                 Ok(Some((spec, e.revision)))
             }
             _ => Ok(None),
@@ -101,30 +104,18 @@ impl SpecStore {
         spec: &DaemonSpec,
         revision: Option<u64>,
     ) -> Result<bool, SpecError> {
-        let body = serde_json::to_vec(spec).map_err(nats_err)?.into();
-        let result = match revision {
-            Some(rev) => self
-                .kv
-                .update(key, body, rev)
-                .await
-                .map(|_| ())
-                .map_err(|e| {
-                    (
-                        e.kind() == kv::UpdateErrorKind::WrongLastRevision,
-                        e.to_string(),
-                    )
-                }),
-            None => self.kv.create(key, body).await.map(|_| ()).map_err(|e| {
-                (
-                    e.kind() == kv::CreateErrorKind::AlreadyExists,
-                    e.to_string(),
-                )
-            }),
-        };
-        match result {
-            Ok(()) => Ok(true),
-            Err((true, _)) => Ok(false),
-            Err((false, message)) => Err(SpecError::Nats(message)),
+        let body = crate::nats::to_json_bytes(spec);
+        match revision {
+            Some(rev) => match self.kv.update(key, body, rev).await {
+                Ok(_) => Ok(true),
+                Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => Ok(false),
+                Err(e) => Err(NatsError::from(e).into()),
+            },
+            None => match self.kv.create(key, body).await {
+                Ok(_) => Ok(true),
+                Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Ok(false),
+                Err(e) => Err(NatsError::from(e).into()),
+            },
         }
     }
 
@@ -148,10 +139,7 @@ impl SpecStore {
                 return Ok(outcome);
             }
         }
-        Err(SpecError::Nats(format!(
-            "too much contention on `{}`",
-            spec.uni_id
-        )))
+        Err(contention(&spec.uni_id))
     }
 
     /// Bumps a task's generation: its owner restarts it with reload_count + 1.
@@ -166,9 +154,7 @@ impl SpecStore {
                 return Ok(spec);
             }
         }
-        Err(SpecError::Nats(format!(
-            "too much contention on `{uni_id}`"
-        )))
+        Err(contention(uni_id))
     }
 
     /// Deletes a task: its owner stops it and drops the claim.
@@ -180,15 +166,13 @@ impl SpecStore {
         self.kv
             .purge_expect_revision(&key, Some(rev))
             .await
-            .map_err(nats_err)?;
+            .map_err(NatsError::from)?;
         Ok(spec)
     }
 
     /// Every spec, sorted by uni_id.
     pub async fn list(&self) -> Result<Vec<DaemonSpec>, SpecError> {
-        let all = crate::nats::read_all::<DaemonSpec>(&self.kv)
-            .await
-            .map_err(SpecError::Nats)?;
+        let all = crate::nats::read_all::<DaemonSpec>(&self.kv).await?;
         let mut specs: Vec<DaemonSpec> = all.into_values().collect();
         specs.sort_by(|a, b| a.uni_id.cmp(&b.uni_id));
         Ok(specs)

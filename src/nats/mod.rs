@@ -2,9 +2,12 @@
 //! provisioning of streams and buckets ([`provision`]), and a local
 //! nats-server for `bmw run` ([`local`]).
 
+pub mod error;
 pub mod local;
 pub mod names;
 pub mod provision;
+
+pub use error::{NatsError, NatsErrorKind};
 
 use std::time::Duration;
 
@@ -74,23 +77,27 @@ impl Nats {
     }
 }
 
+/// The JSON bytes of a value bmw stores. Every stored type is a struct of
+/// strings, numbers and `serde_json::Value`s, whose encoding cannot fail, so
+/// this needs no error path.
+pub fn to_json_bytes<T: serde::Serialize>(value: &T) -> bytes::Bytes {
+    serde_json::to_vec(value).unwrap_or_default().into()
+}
+
 /// The current values of a bucket, decoded, by key: deleted, expired and
 /// undecodable entries are left out. One watch with history, so a bucket of
 /// many keys costs one round trip per batch rather than one per key.
 pub async fn read_all<T: serde::de::DeserializeOwned>(
     kv: &kv::Store,
-) -> Result<HashMap<String, T>, String> {
-    let mut watch = kv
-        .watch_with_history(">")
-        .await
-        .map_err(|e| e.to_string())?;
+) -> Result<HashMap<String, T>, NatsError> {
+    let mut watch = kv.watch_with_history(">").await?;
     let mut out = HashMap::new();
     // An empty bucket yields no entry at all, so look before waiting.
     if bucket_is_empty(kv).await? {
         return Ok(out);
     }
     while let Some(entry) = watch.next().await {
-        let entry = entry.map_err(|e| e.to_string())?;
+        let entry = entry?;
         let value = (entry.operation == kv::Operation::Put)
             .then(|| serde_json::from_slice::<T>(&entry.value).ok())
             .flatten();
@@ -107,8 +114,8 @@ pub async fn read_all<T: serde::de::DeserializeOwned>(
 
 /// Whether a bucket holds no message at all (fresh stream info: `Store::status`
 /// returns the info cached when the store was opened).
-pub async fn bucket_is_empty(kv: &kv::Store) -> Result<bool, String> {
-    let info = kv.stream.get_info().await.map_err(|e| e.to_string())?;
+pub async fn bucket_is_empty(kv: &kv::Store) -> Result<bool, NatsError> {
+    let info = kv.stream.get_info().await?;
     Ok(info.state.messages == 0)
 }
 
@@ -126,15 +133,14 @@ pub async fn put_with_ttl(
     key: &str,
     body: bytes::Bytes,
     ttl: std::time::Duration,
-) -> Result<(), String> {
+) -> Result<(), NatsError> {
     let publish = jetstream::message::PublishMessage::build()
         .payload(body)
         .ttl(whole_seconds(ttl));
-    let ack = js
-        .send_publish(names::kv_subject(bucket, key), publish)
-        .await
-        .map_err(|e| e.to_string())?;
-    ack.await.map(|_| ()).map_err(|e| e.to_string())
+    js.send_publish(names::kv_subject(bucket, key), publish)
+        .await?
+        .await?;
+    Ok(())
 }
 
 /// What [`create_with_ttl`] found.
@@ -156,11 +162,11 @@ pub async fn create_with_ttl(
     key: &str,
     body: bytes::Bytes,
     ttl: std::time::Duration,
-) -> Result<TtlCreate, String> {
+) -> Result<TtlCreate, NatsError> {
     use jetstream::context::PublishErrorKind;
     let ttl = whole_seconds(ttl);
     for _ in 0..3 {
-        let expected = match kv.entry(key).await.map_err(|e| e.to_string())? {
+        let expected = match kv.entry(key).await? {
             Some(e) if e.operation == kv::Operation::Put => return Ok(TtlCreate::Exists(e.value)),
             Some(e) => e.revision,
             None => 0,
@@ -177,8 +183,11 @@ pub async fn create_with_ttl(
         match result {
             Ok(ack) => return Ok(TtlCreate::Created(ack.sequence)),
             Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => continue,
-            Err(e) => return Err(e.to_string()),
+            Err(e) => return Err(e.into()),
         }
     }
-    Err(format!("too much contention on key `{key}`"))
+    Err(NatsError::with_kind(
+        NatsErrorKind::Conflict,
+        format!("too much contention on key `{key}`"),
+    ))
 }

@@ -66,28 +66,124 @@ pub fn kv_subject(bucket: &str, key: &str) -> String {
 /// broadcast to every worker.
 pub const SUBJECT_ASYNC_CANCEL: &str = "bmw.cancel.async";
 
+/// A subject token matching any one token, for filters built with the
+/// functions below (`async_subject(ANY, id)` finds a task in any queue).
+pub const ANY: &str = "*";
+
+const ASYNC_PREFIX: &str = "bmw.async.";
+const DELAYED_PREFIX: &str = "bmw.schedule.at.";
+const DEAD_PREFIX: &str = "bmw.dead.";
+const SCHEDULE_PREFIX: &str = "bmw.schedule.";
+const ASYNC_CONSUMER_PREFIX: &str = "bmw-async-";
+
 /// Subject of one async task enqueued by bmw: `bmw.async.<queue>.<task_id>`.
 /// (Producers may also publish on `bmw.async.<queue>` itself.)
 pub fn async_subject(queue: &str, task_id: &str) -> String {
-    format!("bmw.async.{queue}.{task_id}")
+    format!("{ASYNC_PREFIX}{queue}.{task_id}")
+}
+
+/// The queue of a task, dead letter or delayed task subject
+/// (`bmw.async.<queue>[.<id>]`, `bmw.schedule.at.<queue>.<id>`,
+/// `bmw.dead.<queue>.<id>`); `None` for any other subject.
+pub fn queue_of(subject: &str) -> Option<&str> {
+    [DELAYED_PREFIX, ASYNC_PREFIX, DEAD_PREFIX]
+        .iter()
+        .find_map(|prefix| subject.strip_prefix(prefix))
+        .and_then(|rest| rest.split('.').next())
+        .filter(|q| !q.is_empty())
+}
+
+/// The task id of a per-task subject: its last token.
+pub fn task_id_of(subject: &str) -> &str {
+    subject.rsplit('.').next().unwrap_or(subject)
+}
+
+/// The key of a periodic kind in `bmw_periodic`: `periodic:demo:tick` -> `periodic.demo.tick`.
+pub fn periodic_key(kind: &str) -> String {
+    kind.replace(':', ".")
+}
+
+/// The key of a periodic kind's run status in `bmw_periodic`.
+pub fn periodic_status_key(kind: &str) -> String {
+    format!("status.{}", periodic_key(kind))
+}
+
+/// The prefix of run-status keys in `bmw_periodic`.
+pub const PERIODIC_STATUS_PREFIX: &str = "status.";
+
+/// One subject token for a periodic kind: `periodic:demo:tick` -> `periodic_demo_tick`.
+fn periodic_token(kind: &str) -> String {
+    kind.replace(':', "_")
+}
+
+/// Subject of a periodic kind's schedule message: `bmw.schedule.<kind token>`.
+pub fn schedule_subject(kind: &str) -> String {
+    format!("{SCHEDULE_PREFIX}{}", periodic_token(kind))
+}
+
+/// Subject the ticks of a periodic kind land on: `bmw.async.<queue>.<kind token>`.
+pub fn tick_subject(queue: &str, kind: &str) -> String {
+    async_subject(queue, &periodic_token(kind))
+}
+
+/// The queue of an async consumer's name (`bmw-async-<queue>`).
+pub fn queue_of_consumer(name: &str) -> Option<&str> {
+    name.strip_prefix(ASYNC_CONSUMER_PREFIX)
 }
 
 /// The filters of a queue's consumer: the bare queue subject and per-task ones.
 pub fn async_queue_filters(queue: &str) -> Vec<String> {
-    vec![format!("bmw.async.{queue}"), format!("bmw.async.{queue}.>")]
+    vec![
+        format!("{ASYNC_PREFIX}{queue}"),
+        format!("{ASYNC_PREFIX}{queue}.>"),
+    ]
 }
 
 /// Subject of the one-shot schedule of a delayed task.
 pub fn delayed_subject(queue: &str, task_id: &str) -> String {
-    format!("bmw.schedule.at.{queue}.{task_id}")
+    format!("{DELAYED_PREFIX}{queue}.{task_id}")
 }
 
 /// Subject of a dead-lettered task: `bmw.dead.<queue>.<task_id>`.
 pub fn dead_subject(queue: &str, task_id: &str) -> String {
-    format!("bmw.dead.{queue}.{task_id}")
+    format!("{DEAD_PREFIX}{queue}.{task_id}")
 }
 
 /// The durable consumer shared by all workers of a queue.
 pub fn async_consumer(queue: &str) -> String {
-    format!("bmw-async-{queue}")
+    format!("{ASYNC_CONSUMER_PREFIX}{queue}")
+}
+
+/// Client names bmw's processes connect with (shown by `nats server report connections`).
+pub mod client_name {
+    /// `bmw run`.
+    pub const RUN: &str = "bmw-run";
+    /// `bmw worker`.
+    pub const WORKER: &str = "bmw-worker";
+    /// `bmw bridge`.
+    pub const BRIDGE: &str = "bmw-bridge";
+    /// `bmw task`.
+    pub const TASK: &str = "bmw-task";
+    /// `bmw provision`.
+    pub const PROVISION: &str = "bmw-provision";
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subjects_map_back_to_their_queue_and_id() {
+        assert_eq!(queue_of(&async_subject("q1", "t1")), Some("q1"));
+        assert_eq!(queue_of("bmw.async.q2"), Some("q2"));
+        assert_eq!(queue_of(&delayed_subject("q3", "t")), Some("q3"));
+        assert_eq!(queue_of(&dead_subject("q4", "t")), Some("q4"));
+        assert_eq!(queue_of(&schedule_subject("periodic:a:b")), None);
+        assert_eq!(task_id_of(&dead_subject("q", "abc")), "abc");
+        assert_eq!(queue_of_consumer(&async_consumer("q5")), Some("q5"));
+        assert_eq!(
+            tick_subject("q", "periodic:a:b"),
+            "bmw.async.q.periodic_a_b"
+        );
+    }
 }

@@ -4,19 +4,21 @@
 //! the periodic kind, run by the async machinery (retries, timeout, events).
 //!
 //! [`schedule`] parses and checks schedules; [`store`] keeps specs and
-//! schedule messages; [`PeriodicDeclaration`]s registered in code are
+//! schedule messages; [`ops`] is what callers use (create, delete, pause,
+//! resume, list); [`PeriodicDeclaration`]s registered in code are
 //! reconciled into the stream by every worker at start ([`reconcile`]).
 
+pub mod ops;
 pub mod schedule;
 pub mod store;
 
 use serde_json::Value;
 
+pub use ops::PeriodicOps;
 pub use schedule::{Schedule, parse_timezone};
 pub use store::{PeriodicError, PeriodicSpec, PeriodicStatus, PeriodicStore};
 
-use crate::command::CreateCommand;
-use crate::task::{Options, ValidationError};
+use crate::task::Options;
 
 /// A periodic task declared in code: what [`crate::Registry::register_periodic`] takes.
 #[derive(Debug, Clone)]
@@ -29,37 +31,6 @@ pub struct PeriodicDeclaration {
     pub payload: Value,
     /// Async options of every tick.
     pub options: Options,
-}
-
-/// Builds the spec of a run-time create (`options.cron` or `options.every`,
-/// `timezone`, and async options for each tick), refusing bad input.
-pub fn spec_from_create(create: &CreateCommand) -> Result<PeriodicSpec, ValidationError> {
-    let mut options = create.options.clone();
-    let schedule = Schedule::from_options(options.cron.as_deref(), options.every)?;
-    let timezone = options.timezone.take();
-    parse_timezone(timezone.as_deref())?;
-    if options.process_at.is_some()
-        || options.process_in.is_some()
-        || options.task_id.is_some()
-        || options.unique_ttl.is_some()
-    {
-        return Err(ValidationError::new(
-            "options",
-            "process_at, process_in, task_id and unique_ttl do not apply to periodic tasks",
-        ));
-    }
-    options.cron = None;
-    options.every = None;
-    Ok(PeriodicSpec {
-        kind: create.kind.clone(),
-        schedule,
-        timezone,
-        payload: create.payload.clone(),
-        options,
-        paused: false,
-        declared: false,
-        created_at: chrono::Utc::now().to_rfc3339(),
-    })
 }
 
 /// Writes the declared schedules: creates missing ones, updates changed ones,

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::schedule::{Schedule, parse_timezone};
-use crate::nats::names;
+use crate::nats::{NatsError, NatsErrorKind, names};
 use crate::queue::TaskMessage;
 use crate::task::{Kind, Options};
 
@@ -74,34 +74,16 @@ pub enum PeriodicError {
     /// No such periodic task (404).
     #[error("periodic task `{0}` does not exist")]
     NotFound(String),
-    /// The server refused the schedule (400).
-    #[error("invalid `options`: nats-server refused the schedule: {0}")]
-    Refused(String),
-    /// NATS failed (503).
+    /// The server refused the schedule: the caller's options (400).
+    #[error("nats-server refused the schedule: {0}")]
+    Refused(#[source] NatsError),
+    /// NATS failed (503 when transient).
     #[error("periodic tasks: {0}")]
-    Nats(String),
+    Nats(#[from] NatsError),
 }
 
-fn nats(e: impl std::fmt::Display) -> PeriodicError {
-    PeriodicError::Nats(e.to_string())
-}
-
-/// The key of a kind: `periodic:demo:tick` -> `periodic.demo.tick`.
-pub fn kind_key(kind: &str) -> String {
-    kind.replace(':', ".")
-}
-
-/// Subject of a kind's schedule message.
-pub fn schedule_subject(kind: &str) -> String {
-    format!("bmw.schedule.{}", kind_key(kind).replace('.', "_"))
-}
-
-/// Subject its ticks land on.
-pub fn tick_subject(spec: &PeriodicSpec) -> String {
-    names::async_subject(
-        spec.options.queue(),
-        &kind_key(spec.kind.as_str()).replace('.', "_"),
-    )
+fn nats(e: impl Into<NatsError>) -> PeriodicError {
+    PeriodicError::Nats(e.into())
 }
 
 /// Specs, schedules and statuses of periodic tasks.
@@ -114,23 +96,22 @@ pub struct PeriodicStore {
 
 impl PeriodicStore {
     /// Opens the (provisioned) bucket and stream.
-    pub async fn open(js: &jetstream::Context) -> Result<PeriodicStore, String> {
+    pub async fn open(js: &jetstream::Context) -> Result<PeriodicStore, NatsError> {
         Ok(PeriodicStore {
             js: js.clone(),
-            kv: js
-                .get_key_value(names::BUCKET_PERIODIC)
-                .await
-                .map_err(|e| e.to_string())?,
-            stream: js
-                .get_stream(names::STREAM_ASYNC)
-                .await
-                .map_err(|e| e.to_string())?,
+            kv: js.get_key_value(names::BUCKET_PERIODIC).await?,
+            stream: js.get_stream(names::STREAM_ASYNC).await?,
         })
     }
 
     /// The spec of a kind.
     pub async fn get(&self, kind: &str) -> Result<Option<PeriodicSpec>, PeriodicError> {
-        match self.kv.entry(kind_key(kind)).await.map_err(nats)? {
+        match self
+            .kv
+            .entry(names::periodic_key(kind))
+            .await
+            .map_err(nats)?
+        {
             Some(e) if e.operation == kv::Operation::Put => {
                 Ok(serde_json::from_slice(&e.value).ok())
             }
@@ -145,9 +126,11 @@ impl PeriodicStore {
         } else {
             self.purge_schedule(spec.kind.as_str()).await?;
         }
-        let body = serde_json::to_vec(spec).map_err(nats)?;
         self.kv
-            .put(kind_key(spec.kind.as_str()), body.into())
+            .put(
+                names::periodic_key(spec.kind.as_str()),
+                crate::nats::to_json_bytes(spec),
+            )
             .await
             .map_err(nats)?;
         Ok(())
@@ -169,30 +152,33 @@ impl PeriodicStore {
         );
         headers.insert(
             async_nats::header::NATS_SCHEDULE_TARGET,
-            tick_subject(spec).as_str(),
+            names::tick_subject(spec.options.queue(), spec.kind.as_str()).as_str(),
         );
         if let (Some(tz), Schedule::Cron(_)) = (&spec.timezone, &spec.schedule) {
             headers.insert(async_nats::header::NATS_SCHEDULE_TIME_ZONE, tz.as_str());
         }
         headers.insert(async_nats::header::NATS_ROLLUP, "sub");
-        let body = serde_json::to_vec(&tick).map_err(nats)?;
         let publish = PublishMessage::build()
-            .payload(body.into())
+            .payload(crate::nats::to_json_bytes(&tick))
             .headers(headers);
         let ack = self
             .js
-            .send_publish(schedule_subject(spec.kind.as_str()), publish)
+            .send_publish(names::schedule_subject(spec.kind.as_str()), publish)
             .await
             .map_err(nats)?;
-        ack.await
-            .map(|_| ())
-            .map_err(|e| PeriodicError::Refused(e.to_string()))
+        // Only an API error about the schedule itself is the caller's fault; a
+        // timeout or an outage is not.
+        match ack.await.map_err(NatsError::from) {
+            Ok(_) => Ok(()),
+            Err(e) if e.kind() == NatsErrorKind::Refused => Err(PeriodicError::Refused(e)),
+            Err(e) => Err(PeriodicError::Nats(e)),
+        }
     }
 
     async fn purge_schedule(&self, kind: &str) -> Result<(), PeriodicError> {
         self.stream
             .purge()
-            .filter(schedule_subject(kind))
+            .filter(names::schedule_subject(kind))
             .await
             .map(|_| ())
             .map_err(nats)
@@ -202,7 +188,7 @@ impl PeriodicStore {
     pub async fn has_schedule(&self, kind: &str) -> Result<bool, PeriodicError> {
         Ok(self
             .stream
-            .get_last_raw_message_by_subject(&schedule_subject(kind))
+            .get_last_raw_message_by_subject(&names::schedule_subject(kind))
             .await
             .is_ok())
     }
@@ -214,8 +200,13 @@ impl PeriodicStore {
             .await?
             .ok_or_else(|| PeriodicError::NotFound(kind.to_owned()))?;
         self.purge_schedule(kind).await?;
-        self.kv.purge(kind_key(kind)).await.map_err(nats)?;
-        let _ = self.kv.purge(format!("status.{}", kind_key(kind))).await;
+        self.kv
+            .purge(names::periodic_key(kind))
+            .await
+            .map_err(nats)?;
+        if let Err(e) = self.kv.purge(names::periodic_status_key(kind)).await {
+            tracing::debug!(kind, cause = %e, "periodic status not removed");
+        }
         Ok(spec)
     }
 
@@ -236,7 +227,7 @@ impl PeriodicStore {
 
     /// Records a tick's run.
     pub async fn record_run(&self, kind: &str, outcome: &str, next_run_at: Option<String>) {
-        let key = format!("status.{}", kind_key(kind));
+        let key = names::periodic_status_key(kind);
         let mut status: PeriodicStatus = match self.kv.get(&key).await {
             Ok(Some(v)) => serde_json::from_slice(&v).unwrap_or_default(),
             _ => PeriodicStatus::default(),
@@ -245,28 +236,24 @@ impl PeriodicStore {
         status.last_outcome = Some(outcome.to_owned());
         status.next_run_at = next_run_at.or(status.next_run_at);
         status.runs += 1;
-        if let Ok(body) = serde_json::to_vec(&status)
-            && let Err(e) = self.kv.put(&key, body.into()).await
-        {
+        if let Err(e) = self.kv.put(&key, crate::nats::to_json_bytes(&status)).await {
             tracing::warn!(kind, cause = %e, "periodic status not written");
         }
     }
 
     /// Every spec with its status and next run time.
     pub async fn list(&self) -> Result<Vec<Value>, PeriodicError> {
-        let all = crate::nats::read_all::<Value>(&self.kv)
-            .await
-            .map_err(PeriodicError::Nats)?;
+        let all = crate::nats::read_all::<Value>(&self.kv).await?;
         let mut rows = Vec::new();
         for (key, value) in &all {
-            if key.starts_with("status.") {
+            if key.starts_with(names::PERIODIC_STATUS_PREFIX) {
                 continue;
             }
             let Ok(spec) = serde_json::from_value::<PeriodicSpec>(value.clone()) else {
                 continue;
             };
             let status: PeriodicStatus = all
-                .get(&format!("status.{key}"))
+                .get(&format!("{}{key}", names::PERIODIC_STATUS_PREFIX))
                 .and_then(|v| serde_json::from_value(v.clone()).ok())
                 .unwrap_or_default();
             let tz = parse_timezone(spec.timezone.as_deref()).unwrap_or(chrono_tz::UTC);
@@ -283,7 +270,7 @@ impl PeriodicStore {
                     .filter(|n| n.as_str() > Utc::now().to_rfc3339().as_str())
                     .or(computed)
             };
-            let mut row = serde_json::to_value(&spec).map_err(nats)?;
+            let mut row = serde_json::to_value(&spec).unwrap_or_default();
             row["schedule_header"] = Value::String(spec.schedule.header());
             row["next_run_at"] = serde_json::json!(next);
             row["last_run_at"] = serde_json::json!(status.last_run_at);
@@ -293,5 +280,17 @@ impl PeriodicStore {
         }
         rows.sort_by(|a, b| a["kind"].as_str().cmp(&b["kind"].as_str()));
         Ok(rows)
+    }
+}
+
+/// The store records each tick's run (the async runtime tells it).
+impl crate::queue::TickObserver for PeriodicStore {
+    fn record_run<'a>(
+        &'a self,
+        kind: &'a str,
+        outcome: &'a str,
+        next_run_at: Option<String>,
+    ) -> futures::future::BoxFuture<'a, ()> {
+        Box::pin(PeriodicStore::record_run(self, kind, outcome, next_run_at))
     }
 }

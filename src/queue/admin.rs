@@ -12,21 +12,11 @@ use serde_json::{Value, json};
 use super::inspect::{Inspector, subjects};
 use super::message::TaskMessage;
 use super::record::TaskState;
-use crate::nats::names;
+use crate::nats::{NatsError, names};
+use crate::task::{OpError, ValidationError};
 
-/// Why an admin call failed.
-#[derive(Debug, thiserror::Error)]
-pub enum AdminError {
-    /// No such task (404).
-    #[error("{0}")]
-    NotFound(String),
-    /// NATS failed (503).
-    #[error("async tasks: {0}")]
-    Nats(String),
-}
-
-fn nats(e: impl std::fmt::Display) -> AdminError {
-    AdminError::Nats(e.to_string())
+fn nats(e: impl Into<NatsError>) -> OpError {
+    OpError::Nats(e.into())
 }
 
 /// Deletes and re-enqueues async tasks.
@@ -40,7 +30,7 @@ pub struct Admin {
 
 impl Admin {
     /// Opens the streams and records.
-    pub async fn open(nats: &crate::nats::Nats) -> Result<Admin, String> {
+    pub async fn open(nats: &crate::nats::Nats) -> Result<Admin, NatsError> {
         let js = &nats.js;
         Ok(Admin {
             js: js.clone(),
@@ -55,9 +45,9 @@ impl Admin {
     }
 
     /// Deletes a task in any state; running handlers are cancelled.
-    pub async fn delete(&self, task_id: &str) -> Result<Value, AdminError> {
-        let Some(record) = self.inspector.get(task_id).await.map_err(nats)? else {
-            return Err(AdminError::NotFound(format!(
+    pub async fn delete(&self, task_id: &str) -> Result<Value, OpError> {
+        let Some(record) = self.inspector.get(task_id).await? else {
+            return Err(OpError::NotFound(format!(
                 "async task `{task_id}` does not exist"
             )));
         };
@@ -89,11 +79,11 @@ impl Admin {
                 .await?;
             }
         }
-        self.inspector.records.remove(task_id).await.map_err(nats)?;
+        self.inspector.records.remove(task_id).await?;
         Ok(json!({"task_id": task_id, "state": record.state}))
     }
 
-    async fn purge(&self, stream: &Stream, subject: &str) -> Result<(), AdminError> {
+    async fn purge(&self, stream: &Stream, subject: &str) -> Result<(), OpError> {
         stream
             .purge()
             .filter(subject)
@@ -103,14 +93,10 @@ impl Admin {
     }
 
     /// Puts an archived task back in its queue with fresh attempts.
-    pub async fn requeue(&self, task_id: &str) -> Result<Value, AdminError> {
-        let filter = format!("bmw.dead.*.{task_id}");
-        let Some(subject) = subjects(&self.inspector.dead, &filter)
-            .await
-            .map_err(nats)?
-            .next()
-        else {
-            return Err(AdminError::NotFound(format!(
+    pub async fn requeue(&self, task_id: &str) -> Result<Value, OpError> {
+        let filter = names::dead_subject(names::ANY, task_id);
+        let Some(subject) = subjects(&self.inspector.dead, &filter).await?.next() else {
+            return Err(OpError::NotFound(format!(
                 "no archived async task `{task_id}`"
             )));
         };
@@ -120,19 +106,20 @@ impl Admin {
             .get_last_raw_message_by_subject(&subject)
             .await
             .map_err(nats)?;
-        let mut task: TaskMessage = serde_json::from_slice(&message.payload).map_err(nats)?;
+        let mut task: TaskMessage = serde_json::from_slice(&message.payload).map_err(|e| {
+            ValidationError::new(
+                "task_id",
+                format!("archived task `{task_id}` is not a task message: {e}"),
+            )
+        })?;
         task.errors.clear();
-        let queue = subject
-            .strip_prefix("bmw.dead.")
-            .and_then(|s| s.split('.').next())
-            .unwrap_or("default")
+        let queue = names::queue_of(&subject)
+            .unwrap_or(crate::task::DEFAULT_QUEUE)
             .to_owned();
-        let body = serde_json::to_vec(&task).map_err(nats)?;
+        let body = crate::nats::to_json_bytes(&task);
         // A fresh message id: the original one may still be in the dedup window.
         let msg_id = format!("{task_id}-requeue-{}", uuid::Uuid::new_v4().simple());
-        let publish = PublishMessage::build()
-            .payload(body.into())
-            .message_id(msg_id);
+        let publish = PublishMessage::build().payload(body).message_id(msg_id);
         self.js
             .send_publish(names::async_subject(&queue, task_id), publish)
             .await
@@ -140,7 +127,7 @@ impl Admin {
             .await
             .map_err(nats)?;
         self.purge(&self.inspector.dead, &subject).await?;
-        self.inspector.records.remove(task_id).await.map_err(nats)?;
+        self.inspector.records.remove(task_id).await?;
         tracing::info!(task_id, queue, "archived async task re-enqueued");
         Ok(json!({"task_id": task_id, "queue": queue, "state": "pending"}))
     }

@@ -15,11 +15,12 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::completer::Completion;
+use super::fetcher::Slot;
 use super::handler::{Handler, TaskContext, TaskError};
 use super::message::TaskMessage;
 use super::outcome;
 use super::record::{RECORD_TTL, TaskState};
-use super::runtime::{AsyncRuntime, Shared, Slot};
+use super::shared::{AttemptEnv, Shared};
 
 /// An attempt running longer than this gets an `active` record.
 const ACTIVE_RECORD_AFTER: Duration = Duration::from_secs(1);
@@ -46,10 +47,8 @@ fn task_id(task: &TaskMessage, message: &Message, seq: u64) -> String {
 }
 
 fn queue_of(subject: &str) -> String {
-    subject
-        .strip_prefix("bmw.async.")
-        .and_then(|s| s.split('.').next())
-        .unwrap_or("default")
+    crate::nats::names::queue_of(subject)
+        .unwrap_or(crate::task::DEFAULT_QUEUE)
         .to_owned()
 }
 
@@ -81,7 +80,7 @@ pub(super) async fn execute(shared: Arc<Shared>, message: Message, _slot: Slot) 
     task.id = task_id(&task, &message, seq);
     let handler = match crate::task::Kind::parse(&task.kind)
         .ok()
-        .and_then(|k| rt.registry.handler(&k))
+        .and_then(|k| rt.handlers.get(&k))
     {
         Some(h) => h,
         None => {
@@ -123,7 +122,9 @@ pub(super) async fn execute(shared: Arc<Shared>, message: Message, _slot: Slot) 
             Outcome::Deleted => "deleted",
             Outcome::Shutdown => "interrupted",
         };
-        Box::pin(rt.periodic.record_run(&task.kind, label, next)).await;
+        if let Some(ticks) = &rt.ticks {
+            Box::pin(ticks.record_run(&task.kind, label, next)).await;
+        }
     }
     // The hot path stays in this future; everything else is boxed, so the
     // future spawned per task stays small (it was 5 KiB, copied several
@@ -159,7 +160,7 @@ pub(super) async fn execute(shared: Arc<Shared>, message: Message, _slot: Slot) 
 
 /// After an attempt that did not succeed: delete, shutdown, retry or archive.
 async fn settle(
-    rt: &AsyncRuntime,
+    rt: &AttemptEnv,
     message: Message,
     task: TaskMessage,
     queue: &str,
@@ -247,7 +248,7 @@ async fn run_attempt(
     let result = loop {
         tokio::select! {
             biased;
-            r = &mut work => break r,
+            r = &mut work => break Ended::Handler(r),
             () = &mut timeout => {
                 token.cancel();
                 let finished = Box::pin(tokio::time::timeout(Duration::from_secs(1), &mut work)).await;
@@ -255,7 +256,7 @@ async fn run_attempt(
                     tracing::warn!(task_id = task.id, "handler ignored its cancellation; dropped");
                 }
                 let what = if task.options.timeout.is_some_and(|t| Some(t) == limit) { "timeout" } else { "deadline exceeded" };
-                break Ok(Err(TaskError::new(format!("{what} after {:?}", limit.unwrap_or_default()))));
+                break Ended::TimedOut(TaskError::new(format!("{what} after {:?}", limit.unwrap_or_default())));
             }
             () = &mut wake => {
                 if active_written {
@@ -277,20 +278,23 @@ async fn run_attempt(
         return Outcome::Deleted;
     }
     match result {
-        Ok(Ok(())) => Outcome::Done,
-        Ok(Err(e))
-            if token.is_cancelled()
-                && !e.to_string().starts_with("timeout")
-                && !e.to_string().starts_with("deadline") =>
-        {
-            Outcome::Shutdown
-        }
-        Ok(Err(e)) => Outcome::Failed(e),
-        Err(panic) => Outcome::Failed(TaskError::new(format!(
+        Ended::TimedOut(e) => Outcome::Failed(e),
+        Ended::Handler(Ok(Ok(()))) => Outcome::Done,
+        // Cancelled by shutdown (a timeout ends as `TimedOut`, a delete as `Deleted`).
+        Ended::Handler(Ok(Err(_))) if token.is_cancelled() => Outcome::Shutdown,
+        Ended::Handler(Ok(Err(e))) => Outcome::Failed(e),
+        Ended::Handler(Err(panic)) => Outcome::Failed(TaskError::new(format!(
             "handler panicked: {}",
             panic_text(panic)
         ))),
     }
+}
+
+/// How the handler's future ended: by itself (maybe by a panic), or cut off
+/// by the task's timeout or deadline.
+enum Ended {
+    Handler(std::thread::Result<Result<(), TaskError>>),
+    TimedOut(TaskError),
 }
 
 fn panic_text(p: Box<dyn std::any::Any + Send>) -> String {

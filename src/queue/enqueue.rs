@@ -16,28 +16,8 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
 use super::message::TaskMessage;
-use crate::command::CreateCommand;
-use crate::nats::{TtlCreate, create_with_ttl, names};
-use crate::task::{TaskType, ValidationError, canonical_payload, to_hex};
-
-/// Why a task was not enqueued.
-#[derive(Debug, thiserror::Error)]
-pub enum EnqueueError {
-    /// Bad input (400).
-    #[error(transparent)]
-    Invalid(#[from] ValidationError),
-    /// A duplicate: same unique key within its window, or a task id in use (409).
-    #[error("{message}")]
-    Conflict {
-        /// What conflicts.
-        message: String,
-        /// The existing task's id.
-        task_id: String,
-    },
-    /// NATS failed (503).
-    #[error("enqueue: {0}")]
-    Nats(String),
-}
+use crate::nats::{NatsError, TtlCreate, create_with_ttl, names};
+use crate::task::{CreateCommand, OpError, TaskType, ValidationError, canonical_payload, to_hex};
 
 /// Enqueues async tasks.
 #[derive(Debug, Clone)]
@@ -47,8 +27,8 @@ pub struct Enqueuer {
     stream: jetstream::stream::Stream,
 }
 
-fn nats(e: impl std::fmt::Display) -> EnqueueError {
-    EnqueueError::Nats(e.to_string())
+fn nats(e: impl Into<NatsError>) -> OpError {
+    OpError::Nats(e.into())
 }
 
 /// When a delayed task is due: `process_at`, or now + `process_in`.
@@ -122,15 +102,9 @@ pub fn validate(create: &CreateCommand) -> Result<(), ValidationError> {
 
 impl Enqueuer {
     /// An enqueuer over the (provisioned) stream and unique bucket.
-    pub async fn open(js: &jetstream::Context) -> Result<Enqueuer, String> {
-        let unique = js
-            .get_key_value(names::BUCKET_UNIQUE)
-            .await
-            .map_err(|e| e.to_string())?;
-        let stream = js
-            .get_stream(names::STREAM_ASYNC)
-            .await
-            .map_err(|e| e.to_string())?;
+    pub async fn open(js: &jetstream::Context) -> Result<Enqueuer, NatsError> {
+        let unique = js.get_key_value(names::BUCKET_UNIQUE).await?;
+        let stream = js.get_stream(names::STREAM_ASYNC).await?;
         Ok(Enqueuer {
             js: js.clone(),
             unique,
@@ -139,7 +113,7 @@ impl Enqueuer {
     }
 
     /// Validates and enqueues; returns `{task_id, queue, state, process_at}`.
-    pub async fn enqueue(&self, create: &CreateCommand) -> Result<Value, EnqueueError> {
+    pub async fn enqueue(&self, create: &CreateCommand) -> Result<Value, OpError> {
         validate(create)?;
         let queue = create.options.queue().to_owned();
         let task_id = create
@@ -148,7 +122,7 @@ impl Enqueuer {
             .clone()
             .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
         if create.options.task_id.is_some() && self.id_in_use(&task_id).await? {
-            return Err(EnqueueError::Conflict {
+            return Err(OpError::Conflict {
                 message: format!("task id `{task_id}` is in use"),
                 task_id,
             });
@@ -164,7 +138,7 @@ impl Enqueuer {
             enqueued_at: Some(Utc::now().to_rfc3339()),
             errors: Vec::new(),
         };
-        let body = serde_json::to_vec(&message).map_err(nats)?;
+        let body = crate::nats::to_json_bytes(&message);
         let due =
             due_time(create)?.filter(|at| *at > Utc::now() + chrono::Duration::milliseconds(500));
         let mut headers = HeaderMap::new();
@@ -184,7 +158,7 @@ impl Enqueuer {
             None => names::async_subject(&queue, &task_id),
         };
         let publish = PublishMessage::build()
-            .payload(body.into())
+            .payload(body)
             .headers(headers)
             .message_id(&task_id);
         let ack = self
@@ -195,7 +169,7 @@ impl Enqueuer {
             .await
             .map_err(nats)?;
         if ack.duplicate {
-            return Err(EnqueueError::Conflict {
+            return Err(OpError::Conflict {
                 message: format!("task id `{task_id}` was enqueued already"),
                 task_id,
             });
@@ -212,14 +186,13 @@ impl Enqueuer {
     }
 
     /// Whether a task id is pending, scheduled, or has a record.
-    async fn id_in_use(&self, task_id: &str) -> Result<bool, EnqueueError> {
+    async fn id_in_use(&self, task_id: &str) -> Result<bool, OpError> {
         for filter in [
-            format!("bmw.async.*.{task_id}"),
-            format!("bmw.schedule.at.*.{task_id}"),
+            names::async_subject(names::ANY, task_id),
+            names::delayed_subject(names::ANY, task_id),
         ] {
             if super::inspect::subjects(&self.stream, &filter)
-                .await
-                .map_err(nats)?
+                .await?
                 .next()
                 .is_some()
             {
@@ -242,7 +215,7 @@ impl Enqueuer {
         queue: &str,
         task_id: &str,
         window: Duration,
-    ) -> Result<(), EnqueueError> {
+    ) -> Result<(), OpError> {
         let mut hasher = Sha256::new();
         hasher.update(create.kind.as_str().as_bytes());
         hasher.update([0]);
@@ -257,13 +230,12 @@ impl Enqueuer {
             task_id.as_bytes().to_vec().into(),
             window,
         )
-        .await
-        .map_err(nats)?
+        .await?
         {
             TtlCreate::Created(_) => Ok(()),
             TtlCreate::Exists(existing) => {
                 let existing = String::from_utf8_lossy(&existing).into_owned();
-                Err(EnqueueError::Conflict {
+                Err(OpError::Conflict {
                     message: format!(
                         "a task of this kind, payload and queue exists within its unique window: `{existing}`"
                     ),

@@ -14,6 +14,7 @@
 //! lost on shutdown: [`Fetcher::close`] stops asking, and the caller returns
 //! what the open pulls still bring until [`Fetcher::is_idle`].
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -21,7 +22,8 @@ use async_nats::jetstream::Message;
 use async_nats::jetstream::consumer::PullConsumer;
 use futures::stream::{BoxStream, SelectAll};
 use futures::{StreamExt, stream};
-use tokio::sync::Notify;
+use tokio::sync::{Notify, OwnedSemaphorePermit};
+use tokio::time::Instant;
 
 /// How long one pull waits on the server for its messages.
 pub(super) const PULL_EXPIRES: Duration = Duration::from_secs(1);
@@ -210,6 +212,31 @@ fn pull(consumer: PullConsumer, n: usize) -> BoxStream<'static, Fetched> {
         }
     })
     .boxed()
+}
+
+/// A running task's permit; when the task ends, the permit goes back and
+/// its queue's [`Pace`] learns how long it was held.
+pub(super) struct Slot {
+    permit: Option<OwnedSemaphorePermit>,
+    pace: Arc<Pace>,
+    since: Instant,
+}
+
+impl Slot {
+    pub(super) fn new(permit: OwnedSemaphorePermit, pace: &Arc<Pace>) -> Self {
+        Slot {
+            permit: Some(permit),
+            pace: pace.clone(),
+            since: Instant::now(),
+        }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        drop(self.permit.take());
+        self.pace.record(self.since.elapsed());
+    }
 }
 
 #[cfg(test)]

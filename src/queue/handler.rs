@@ -5,12 +5,16 @@
 //! or a [`TaskError::skip_retry`] that archives the task at once. A timeout,
 //! a passed deadline or a panic fails the attempt like an error does.
 
+use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
+
+use crate::task::Kind;
 
 /// What one attempt of a task gets.
 #[derive(Debug, Clone)]
@@ -103,8 +107,8 @@ impl From<String> for TaskError {
 
 /// An async task implementation, shared by every task of its kind.
 ///
-/// Like [`crate::daemon::Operator`], `handle` returns a boxed future so that
-/// handlers can live in the registry as `Arc<dyn Handler>`.
+/// Like a daemon `Operator`, `handle` returns a boxed future so that
+/// handlers can live in [`Handlers`] as `Arc<dyn Handler>`.
 pub trait Handler: Send + Sync + 'static {
     /// Runs one attempt.
     fn handle<'a>(
@@ -126,5 +130,44 @@ where
         payload: &'a Value,
     ) -> BoxFuture<'a, Result<(), TaskError>> {
         Box::pin((self)(ctx, payload.clone()))
+    }
+}
+
+/// The async and periodic kinds this binary can run, with their handlers.
+/// Cheap to clone (the handlers are shared).
+#[derive(Clone, Default)]
+pub struct Handlers {
+    map: BTreeMap<Kind, Arc<dyn Handler>>,
+}
+
+impl fmt::Debug for Handlers {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(self.map.keys()).finish()
+    }
+}
+
+impl Handlers {
+    /// Adds the handler of `kind`; `false` (and no change) if it has one.
+    pub fn insert(&mut self, kind: Kind, handler: Arc<dyn Handler>) -> bool {
+        if self.map.contains_key(&kind) {
+            return false;
+        }
+        self.map.insert(kind, handler);
+        true
+    }
+
+    /// The handler of a kind.
+    pub fn get(&self, kind: &Kind) -> Option<Arc<dyn Handler>> {
+        self.map.get(kind).cloned()
+    }
+
+    /// Whether `kind` has a handler.
+    pub fn contains(&self, kind: &Kind) -> bool {
+        self.map.contains_key(kind)
+    }
+
+    /// The kinds, sorted.
+    pub fn kinds(&self) -> impl Iterator<Item = &Kind> {
+        self.map.keys()
     }
 }

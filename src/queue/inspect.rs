@@ -13,18 +13,15 @@ use serde_json::Value;
 
 use super::message::TaskMessage;
 use super::record::{RecordStore, TaskRecord, TaskState};
-use crate::nats::names;
+use crate::nats::{NatsError, names};
 
 /// The subjects of `stream` matching `filter` (wildcards allowed).
 pub(crate) async fn subjects(
     stream: &Stream,
     filter: &str,
-) -> Result<std::vec::IntoIter<String>, String> {
-    let info = stream
-        .info_with_subjects(filter)
-        .await
-        .map_err(|e| e.to_string())?;
-    let found: Vec<(String, usize)> = info.try_collect().await.map_err(|e| e.to_string())?;
+) -> Result<std::vec::IntoIter<String>, NatsError> {
+    let info = stream.info_with_subjects(filter).await?;
+    let found: Vec<(String, usize)> = info.try_collect().await?;
     let mut subjects: Vec<String> = found.into_iter().map(|(s, _)| s).collect();
     subjects.sort();
     Ok(subjects.into_iter())
@@ -74,30 +71,12 @@ pub struct QueueStats {
     pub failed: u64,
 }
 
-fn last_token(subject: &str) -> &str {
-    subject.rsplit('.').next().unwrap_or(subject)
-}
-
-fn queue_of(subject: &str, prefix: &str) -> String {
-    subject
-        .strip_prefix(prefix)
-        .and_then(|s| s.split('.').next())
-        .unwrap_or_default()
-        .to_owned()
-}
-
 impl Inspector {
     /// Opens the streams and records bucket.
-    pub async fn open(js: &jetstream::Context) -> Result<Inspector, String> {
+    pub async fn open(js: &jetstream::Context) -> Result<Inspector, NatsError> {
         Ok(Inspector {
-            stream: js
-                .get_stream(names::STREAM_ASYNC)
-                .await
-                .map_err(|e| e.to_string())?,
-            dead: js
-                .get_stream(names::STREAM_DEAD)
-                .await
-                .map_err(|e| e.to_string())?,
+            stream: js.get_stream(names::STREAM_ASYNC).await?,
+            dead: js.get_stream(names::STREAM_DEAD).await?,
             records: RecordStore::open(js).await?,
         })
     }
@@ -107,22 +86,19 @@ impl Inspector {
         stream: &Stream,
         subject: &str,
         state: TaskState,
-    ) -> Result<Option<TaskRecord>, String> {
+    ) -> Result<Option<TaskRecord>, NatsError> {
         let message = match stream.get_last_raw_message_by_subject(subject).await {
             Ok(m) => m,
             Err(_) => return Ok(None),
         };
-        let task: TaskMessage =
-            serde_json::from_slice(&message.payload).map_err(|e| e.to_string())?;
-        let prefix = if state == TaskState::Scheduled {
-            "bmw.schedule.at."
-        } else {
-            "bmw.async."
+        // A message that is not a task (a raw producer's mistake) is not listed.
+        let Ok(task) = serde_json::from_slice::<TaskMessage>(&message.payload) else {
+            return Ok(None);
         };
         Ok(Some(TaskRecord {
-            task_id: last_token(subject).to_owned(),
+            task_id: names::task_id_of(subject).to_owned(),
             kind: task.kind.clone(),
-            queue: queue_of(subject, prefix),
+            queue: names::queue_of(subject).unwrap_or_default().to_owned(),
             state,
             attempts: 0,
             max_retry: task.max_retry(),
@@ -138,13 +114,19 @@ impl Inspector {
     }
 
     /// One task by id.
-    pub async fn get(&self, task_id: &str) -> Result<Option<TaskRecord>, String> {
+    pub async fn get(&self, task_id: &str) -> Result<Option<TaskRecord>, NatsError> {
         if let Some(record) = self.records.get(task_id).await? {
             return Ok(Some(record));
         }
         for (filter, state) in [
-            (format!("bmw.async.*.{task_id}"), TaskState::Pending),
-            (format!("bmw.schedule.at.*.{task_id}"), TaskState::Scheduled),
+            (
+                names::async_subject(names::ANY, task_id),
+                TaskState::Pending,
+            ),
+            (
+                names::delayed_subject(names::ANY, task_id),
+                TaskState::Scheduled,
+            ),
         ] {
             if let Some(subject) = subjects(&self.stream, &filter).await?.next() {
                 return self.message_record(&self.stream, &subject, state).await;
@@ -154,7 +136,7 @@ impl Inspector {
     }
 
     /// Tasks matching `query`, newest records first, then pending and scheduled ones.
-    pub async fn list(&self, query: &ListQuery) -> Result<Vec<TaskRecord>, String> {
+    pub async fn list(&self, query: &ListQuery) -> Result<Vec<TaskRecord>, NatsError> {
         let limit = if query.limit == 0 {
             100
         } else {
@@ -177,10 +159,13 @@ impl Inspector {
             records.iter().map(|r| r.task_id.clone()).collect();
         let mut out: Vec<TaskRecord> = records.into_iter().skip(query.offset).take(limit).collect();
         let mut skip = query.offset.saturating_sub(recorded.len());
-        let queue = query.queue.as_deref().unwrap_or("*");
+        let queue = query.queue.as_deref().unwrap_or(names::ANY);
         for (filter, state) in [
-            (format!("bmw.async.{queue}.*"), TaskState::Pending),
-            (format!("bmw.schedule.at.{queue}.*"), TaskState::Scheduled),
+            (names::async_subject(queue, names::ANY), TaskState::Pending),
+            (
+                names::delayed_subject(queue, names::ANY),
+                TaskState::Scheduled,
+            ),
         ] {
             if query.state.is_some_and(|s| s != state) {
                 continue;
@@ -189,7 +174,7 @@ impl Inspector {
                 if out.len() >= limit {
                     return Ok(out);
                 }
-                if recorded.contains(last_token(&subject)) {
+                if recorded.contains(names::task_id_of(&subject)) {
                     continue;
                 }
                 if let Some(r) = self
@@ -212,11 +197,11 @@ impl Inspector {
     pub async fn stats(
         &self,
         workers: &[crate::membership::WorkerEntry],
-    ) -> Result<Vec<QueueStats>, String> {
+    ) -> Result<Vec<QueueStats>, NatsError> {
         let mut stats: BTreeMap<String, QueueStats> = BTreeMap::new();
         let mut names_stream = self.stream.consumer_names();
-        while let Some(name) = names_stream.try_next().await.map_err(|e| e.to_string())? {
-            if let Some(queue) = name.strip_prefix("bmw-async-") {
+        while let Some(name) = names_stream.try_next().await? {
+            if let Some(queue) = names::queue_of_consumer(&name) {
                 stats.entry(queue.to_owned()).or_insert_with(|| QueueStats {
                     queue: queue.to_owned(),
                     ..Default::default()
@@ -257,10 +242,10 @@ impl Inspector {
                 s.pending = info.num_pending;
                 s.active = info.num_ack_pending as u64;
             }
-            s.scheduled = subjects(&self.stream, &format!("bmw.schedule.at.{}.*", s.queue))
+            s.scheduled = subjects(&self.stream, &names::delayed_subject(&s.queue, names::ANY))
                 .await?
                 .len() as u64;
-            s.archived = subjects(&self.dead, &format!("bmw.dead.{}.*", s.queue))
+            s.archived = subjects(&self.dead, &names::dead_subject(&s.queue, names::ANY))
                 .await?
                 .len() as u64;
             s.retry = records

@@ -1,11 +1,13 @@
 //! Async tasks: one-shot background jobs on the `BMW_ASYNC` work-queue stream.
 //!
-//! Flow: [`enqueue`] validates a create and publishes the task (or its `@at`
-//! schedule); every worker's [`runtime`] fetches from the shared consumer of
-//! each queue it listens on (weighted, bounded concurrency), runs the
-//! [`handler`], and acks, `nak`s with a [`retry`] delay, or dead-letters the
-//! task. [`record`] keeps the inspectable state where it matters, and
-//! [`inspect`] reads tasks and queue stats back. Delivery is at least once.
+//! Flow: [`ops`] is what callers use: create ([`enqueue`] validates and
+//! publishes the task, or its `@at` schedule), delete and requeue
+//! ([`admin`]) and reads ([`inspect`]). Every worker's [`runtime`] fetches
+//! from the shared consumer of each queue it listens on (weighted, bounded
+//! concurrency), runs the [`handler`] of each task in an attempt, and acks,
+//! `nak`s with a [`retry`] delay, or dead-letters it; what attempts share is
+//! in [`shared`]. [`record`] keeps the inspectable state where it matters.
+//! Delivery is at least once.
 
 pub mod admin;
 mod attempt;
@@ -15,16 +17,20 @@ mod fetcher;
 pub mod handler;
 pub mod inspect;
 pub mod message;
+pub mod ops;
 mod outcome;
 pub mod record;
 pub mod retry;
 pub mod runtime;
+pub mod shared;
 
-pub use admin::{Admin, AdminError};
-pub use enqueue::{EnqueueError, Enqueuer};
-pub use handler::{Handler, TaskContext, TaskError};
+pub use admin::Admin;
+pub use enqueue::Enqueuer;
+pub use handler::{Handler, Handlers, TaskContext, TaskError};
 pub use inspect::{Inspector, ListQuery, QueueStats};
 pub use message::TaskMessage;
+pub use ops::AsyncOps;
 pub use record::{RecordStore, TaskRecord, TaskState};
 pub use retry::Backoff;
 pub use runtime::AsyncRuntime;
+pub use shared::{AttemptEnv, TickObserver};

@@ -10,7 +10,7 @@ use serde_json::json;
 use super::handler::TaskError;
 use super::message::TaskMessage;
 use super::record::{RECORD_TTL, TaskRecord, TaskState};
-use super::runtime::AsyncRuntime;
+use super::shared::AttemptEnv;
 use crate::nats::names;
 
 pub(super) fn record(
@@ -41,7 +41,7 @@ pub(super) fn record(
 /// After success: a `completed` record for the retention, or none at all
 /// (clearing one an earlier attempt or a long run left).
 pub(super) async fn finish_record(
-    rt: &AsyncRuntime,
+    rt: &AttemptEnv,
     task: &TaskMessage,
     queue: &str,
     attempt: u32,
@@ -59,7 +59,7 @@ pub(super) async fn finish_record(
 }
 
 pub(super) async fn retry(
-    rt: &AsyncRuntime,
+    rt: &AttemptEnv,
     message: &Message,
     task: &TaskMessage,
     queue: &str,
@@ -96,7 +96,7 @@ pub(super) async fn retry(
 /// Moves a task to `bmw.dead.<queue>.<id>` with its error history, records it
 /// as archived, and removes it from its queue.
 pub(super) async fn archive(
-    rt: &AsyncRuntime,
+    rt: &AttemptEnv,
     message: &Message,
     mut task: TaskMessage,
     queue: &str,
@@ -107,11 +107,11 @@ pub(super) async fn archive(
         task.errors = previous.errors;
     }
     task.errors.push(error.to_owned());
-    let body = serde_json::to_vec(&task).unwrap_or_default();
+    let body = crate::nats::to_json_bytes(&task);
     let subject = names::dead_subject(queue, &task.id);
-    let stored = match rt.nats.js.publish(subject, body.into()).await {
-        Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
-        Err(e) => Err(e.to_string()),
+    let stored = match rt.nats.js.publish(subject, body).await {
+        Ok(ack) => ack.await.map(|_| ()),
+        Err(e) => Err(e),
     };
     if let Err(e) = stored {
         // Not lost: leave it for redelivery and try again later.

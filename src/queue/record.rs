@@ -11,7 +11,7 @@ use async_nats::jetstream::{self, kv};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::nats::names;
+use crate::nats::{NatsError, names};
 
 /// Life of a record without a retention (retry, active, archived).
 pub const RECORD_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
@@ -89,30 +89,27 @@ pub struct RecordStore {
 
 impl RecordStore {
     /// Opens the (provisioned) bucket.
-    pub async fn open(js: &jetstream::Context) -> Result<RecordStore, String> {
-        let kv = js
-            .get_key_value(names::BUCKET_ASYNC_TASKS)
-            .await
-            .map_err(|e| e.to_string())?;
+    pub async fn open(js: &jetstream::Context) -> Result<RecordStore, NatsError> {
+        let kv = js.get_key_value(names::BUCKET_ASYNC_TASKS).await?;
         Ok(RecordStore { js: js.clone(), kv })
     }
 
     /// Writes a record that expires after `ttl` (whole seconds, at least 1 s).
-    pub async fn put(&self, record: &TaskRecord, ttl: Duration) -> Result<(), String> {
-        let body = serde_json::to_vec(record).map_err(|e| e.to_string())?;
+    pub async fn put(&self, record: &TaskRecord, ttl: Duration) -> Result<(), NatsError> {
+        let body = crate::nats::to_json_bytes(record);
         crate::nats::put_with_ttl(
             &self.js,
             names::BUCKET_ASYNC_TASKS,
             &record.task_id,
-            body.into(),
+            body,
             ttl,
         )
         .await
     }
 
     /// The record of a task, if any.
-    pub async fn get(&self, task_id: &str) -> Result<Option<TaskRecord>, String> {
-        match self.kv.entry(task_id).await.map_err(|e| e.to_string())? {
+    pub async fn get(&self, task_id: &str) -> Result<Option<TaskRecord>, NatsError> {
+        match self.kv.entry(task_id).await? {
             Some(e) if e.operation == kv::Operation::Put => {
                 Ok(serde_json::from_slice(&e.value).ok())
             }
@@ -121,15 +118,15 @@ impl RecordStore {
     }
 
     /// Removes a task's record (leaving a short-lived marker, no tombstone).
-    pub async fn remove(&self, task_id: &str) -> Result<(), String> {
+    pub async fn remove(&self, task_id: &str) -> Result<(), NatsError> {
         self.kv
             .purge_with_ttl(task_id, Duration::from_secs(60))
-            .await
-            .map_err(|e| e.to_string())
+            .await?;
+        Ok(())
     }
 
     /// Every record.
-    pub async fn all(&self) -> Result<Vec<TaskRecord>, String> {
+    pub async fn all(&self) -> Result<Vec<TaskRecord>, NatsError> {
         Ok(crate::nats::read_all::<TaskRecord>(&self.kv)
             .await?
             .into_values()

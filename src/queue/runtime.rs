@@ -11,7 +11,7 @@
 //! share of one `succeeded` event (the `completer` module); records are
 //! written only on failure, long runs or retention (see [`super::record`]).
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -25,55 +25,22 @@ use tokio_util::task::TaskTracker;
 
 use super::attempt;
 use super::completer::Completer;
-use super::fetcher::{Fetcher, Pace};
-use super::record::RecordStore;
-use super::retry::Backoff;
-use crate::events::EventPublisher;
-use crate::membership::WorkerStats;
-use crate::nats::{Nats, names};
-use crate::registry::Registry;
+use super::fetcher::{Fetcher, Pace, Slot};
+use super::shared::{AttemptEnv, Running, Shared};
+use crate::config::QueueWeight;
+use crate::nats::{NatsError, names};
 
-/// A queue and its weight.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct QueueWeight {
-    /// Queue name.
-    pub name: String,
-    /// Relative share under load.
-    pub weight: u32,
-}
-
-/// Everything the runtime needs, built by the worker.
+/// Runs the async tasks of a worker's queues: built by the worker.
 #[derive(Debug)]
 pub struct AsyncRuntime {
-    pub(crate) nats: Nats,
-    pub(crate) registry: Arc<Registry>,
-    pub(crate) records: RecordStore,
-    pub(crate) events: EventPublisher,
-    pub(crate) queues: Vec<QueueWeight>,
-    pub(crate) concurrency: usize,
-    pub(crate) backoff: Backoff,
-    pub(crate) grace: Duration,
-    pub(crate) ack_wait: Duration,
-    pub(crate) worker_id: String,
-    pub(crate) stats: Arc<WorkerStats>,
-    pub(crate) periodic: crate::periodic::PeriodicStore,
-}
-
-/// Tasks running on this worker, for deletes and shutdown.
-#[derive(Debug, Default)]
-pub(super) struct Running {
-    /// Task id -> its attempt's token.
-    pub(super) tokens: HashMap<String, CancellationToken>,
-    /// Tasks deleted while running: not retried.
-    pub(super) deleted: HashSet<String>,
-}
-
-/// What every task of the runtime shares.
-#[derive(Debug)]
-pub(super) struct Shared {
-    pub(super) rt: AsyncRuntime,
-    pub(super) running: Mutex<Running>,
-    pub(super) completer: Completer,
+    /// What every attempt needs.
+    pub env: AttemptEnv,
+    /// The queues and their weights.
+    pub queues: Vec<QueueWeight>,
+    /// Tasks run at once, over all queues.
+    pub concurrency: usize,
+    /// Time running tasks get to finish on shutdown.
+    pub grace: Duration,
 }
 
 /// Creates (or finds) the shared consumer of a queue. `ack_wait` applies
@@ -82,11 +49,8 @@ pub async fn queue_consumer(
     js: &jetstream::Context,
     queue: &str,
     ack_wait: Duration,
-) -> Result<jetstream::consumer::PullConsumer, String> {
-    let stream = js
-        .get_stream(names::STREAM_ASYNC)
-        .await
-        .map_err(|e| e.to_string())?;
+) -> Result<jetstream::consumer::PullConsumer, NatsError> {
+    let stream = js.get_stream(names::STREAM_ASYNC).await?;
     let name = names::async_consumer(queue);
     stream
         .get_or_create_consumer(
@@ -101,27 +65,31 @@ pub async fn queue_consumer(
             },
         )
         .await
-        .map_err(|e| e.to_string())
+        .map_err(NatsError::from)
 }
 
 impl AsyncRuntime {
     /// Runs until `token` fires; then stops fetching, lets running attempts
     /// finish for the grace period, and returns the rest to the queue.
     pub async fn run(self, token: CancellationToken) {
+        let AsyncRuntime {
+            env,
+            queues,
+            concurrency,
+            grace,
+        } = self;
         let shared = Arc::new(Shared {
-            completer: Completer::start(self.events.clone()),
-            rt: self,
+            completer: Completer::start(env.events.clone()),
+            rt: env,
             running: Mutex::new(Running::default()),
         });
-        let semaphore = Arc::new(Semaphore::new(shared.rt.concurrency.max(1)));
+        let semaphore = Arc::new(Semaphore::new(concurrency.max(1)));
         let tasks = TaskTracker::new();
         let loops = TaskTracker::new();
         loops.spawn(cancel_listener(shared.clone(), token.clone()));
-        let total: u32 = shared.rt.queues.iter().map(|q| q.weight.max(1)).sum();
-        for queue in shared.rt.queues.clone() {
-            let share = (shared.rt.concurrency * queue.weight.max(1) as usize
-                / total.max(1) as usize)
-                .max(1);
+        let total: u32 = queues.iter().map(|q| q.weight.max(1)).sum();
+        for queue in queues.clone() {
+            let share = (concurrency * queue.weight.max(1) as usize / total.max(1) as usize).max(1);
             loops.spawn(queue_loop(
                 shared.clone(),
                 queue,
@@ -131,15 +99,13 @@ impl AsyncRuntime {
                 token.clone(),
             ));
         }
-        loops.spawn(pending_gauge(shared.clone(), token.clone()));
+        let names: Vec<String> = queues.into_iter().map(|q| q.name).collect();
+        loops.spawn(pending_gauge(shared.clone(), names, token.clone()));
         token.cancelled().await;
         loops.close();
         loops.wait().await;
         tasks.close();
-        if tokio::time::timeout(shared.rt.grace, tasks.wait())
-            .await
-            .is_err()
-        {
+        if tokio::time::timeout(grace, tasks.wait()).await.is_err() {
             let running = shared.running.lock().map(|r| r.tokens.len()).unwrap_or(0);
             tracing::warn!(
                 running,
@@ -182,16 +148,16 @@ async fn cancel_listener(shared: Arc<Shared>, token: CancellationToken) {
 }
 
 /// Keeps `async_queue_pending{queue}` current.
-async fn pending_gauge(shared: Arc<Shared>, token: CancellationToken) {
+async fn pending_gauge(shared: Arc<Shared>, queues: Vec<String>, token: CancellationToken) {
     let mut tick = tokio::time::interval(Duration::from_secs(5));
     loop {
         tokio::select! {
             _ = tick.tick() => {
-                for q in &shared.rt.queues {
-                    if let Ok(mut c) = queue_consumer(&shared.rt.nats.js, &q.name, shared.rt.ack_wait).await
+                for q in &queues {
+                    if let Ok(mut c) = queue_consumer(&shared.rt.nats.js, q, shared.rt.ack_wait).await
                         && let Ok(info) = c.info().await
                     {
-                        crate::metrics::async_pending(&q.name, info.num_pending);
+                        crate::metrics::async_pending(q, info.num_pending);
                     }
                 }
             }
@@ -289,30 +255,5 @@ async fn queue_loop(
         if let Some(message) = fetcher.next().await {
             let _ = message.ack_with(AckKind::Nak(None)).await;
         }
-    }
-}
-
-/// A running task's permit; when the task ends, the permit goes back and
-/// its queue's [`Pace`] learns how long it was held.
-pub(super) struct Slot {
-    permit: Option<OwnedSemaphorePermit>,
-    pace: Arc<Pace>,
-    since: Instant,
-}
-
-impl Slot {
-    fn new(permit: OwnedSemaphorePermit, pace: &Arc<Pace>) -> Self {
-        Slot {
-            permit: Some(permit),
-            pace: pace.clone(),
-            since: Instant::now(),
-        }
-    }
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        drop(self.permit.take());
-        self.pace.record(self.since.elapsed());
     }
 }

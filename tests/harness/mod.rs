@@ -296,7 +296,7 @@ impl TestEnv {
         bmw::nats::provision::provision(&nats.js, 1)
             .await
             .expect("provision");
-        let registry = Arc::new(bmw::Registry::with_builtins());
+        let registry = Arc::new(bmw::builtin::registry());
         let client = TaskClient::new(nats.clone(), registry, Duration::from_secs(5))
             .await
             .expect("client");

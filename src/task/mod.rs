@@ -1,11 +1,21 @@
-//! Task vocabulary shared by every part of bmw: [`Kind`], [`TaskType`], the
-//! canonical payload form, daemon [`UniId`]s, KV key mapping and [`Options`].
+//! Task vocabulary shared by every part of bmw, at the bottom of the module
+//! layering: [`Kind`], [`TaskType`], the canonical payload form, daemon
+//! [`UniId`]s and their KV keys, [`Options`] ([`options`]), what a caller
+//! asks for ([`Command`], [`request`]) and what it gets back ([`Outcome`],
+//! [`OpError`], [`outcome`]).
 //!
-//! Everything here is pure (no I/O); the command and bridge modules use it to
-//! validate input before anything is written to NATS.
+//! Everything here is pure (no I/O): the operations validate input with it
+//! before anything is written to NATS.
+
+pub mod options;
+pub mod outcome;
+pub mod request;
+
+pub use options::{DEFAULT_QUEUE, Options, duration};
+pub use outcome::{OpError, Outcome};
+pub use request::{Command, CreateCommand, DeleteTarget};
 
 use std::fmt;
-use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -255,191 +265,6 @@ impl fmt::Display for UniId {
     }
 }
 
-/// The default queue of a task without `options.queue`.
-pub const DEFAULT_QUEUE: &str = "default";
-
-/// A task's options, validated. Unknown option names are refused so that a typo
-/// does not silently change nothing. Durations accept humantime strings
-/// (`"1h 30m"`) and integer seconds; times are RFC 3339.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Options {
-    /// Queue the task runs on; workers listen on a set of queues.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub queue: Option<String>,
-    /// Max retries (async).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub retry: Option<u32>,
-    /// Per-attempt timeout (async).
-    #[serde(
-        default,
-        skip_serializing_if = "Option::is_none",
-        with = "opt_duration"
-    )]
-    pub timeout: Option<Duration>,
-    /// Absolute deadline, RFC 3339 (async).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub deadline: Option<String>,
-    /// Unique window (async).
-    #[serde(
-        default,
-        skip_serializing_if = "Option::is_none",
-        with = "opt_duration"
-    )]
-    pub unique_ttl: Option<Duration>,
-    /// Delayed start at an RFC 3339 time (async).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub process_at: Option<String>,
-    /// Delayed start after a duration (async).
-    #[serde(
-        default,
-        skip_serializing_if = "Option::is_none",
-        with = "opt_duration"
-    )]
-    pub process_in: Option<Duration>,
-    /// How long a finished task stays inspectable (async).
-    #[serde(
-        default,
-        skip_serializing_if = "Option::is_none",
-        with = "opt_duration"
-    )]
-    pub retention: Option<Duration>,
-    /// Caller-chosen task id (async).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub task_id: Option<String>,
-    /// Cron schedule with seconds (periodic).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cron: Option<String>,
-    /// Interval schedule (periodic).
-    #[serde(
-        default,
-        skip_serializing_if = "Option::is_none",
-        with = "opt_duration"
-    )]
-    pub every: Option<Duration>,
-    /// Time zone of a cron schedule (periodic).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub timezone: Option<String>,
-}
-
-impl Options {
-    /// Validates the `options` object of a create, naming the field at fault.
-    pub fn from_json(value: Option<&Value>) -> Result<Options, ValidationError> {
-        let map = match value {
-            None | Some(Value::Null) => return Ok(Options::default()),
-            Some(Value::Object(map)) => map,
-            Some(_) => return Err(ValidationError::new("options", "must be a JSON object")),
-        };
-        let mut o = Options::default();
-        for (name, v) in map {
-            let field = format!("options.{name}");
-            match name.as_str() {
-                "queue" => o.queue = Some(queue_name(&field, v)?),
-                "retry" => o.retry = Some(non_negative_int(&field, v)?),
-                "timeout" => o.timeout = Some(duration(&field, v)?),
-                "deadline" => o.deadline = Some(rfc3339(&field, v)?),
-                "unique_ttl" => o.unique_ttl = Some(duration(&field, v)?),
-                "process_at" => o.process_at = Some(rfc3339(&field, v)?),
-                "process_in" => o.process_in = Some(duration(&field, v)?),
-                "retention" => o.retention = Some(duration(&field, v)?),
-                "task_id" => o.task_id = Some(string(&field, v)?),
-                "cron" => o.cron = Some(string(&field, v)?),
-                "every" => o.every = Some(duration(&field, v)?),
-                "timezone" => o.timezone = Some(string(&field, v)?),
-                _ => return Err(ValidationError::new(field, "unknown option")),
-            }
-        }
-        Ok(o)
-    }
-
-    /// The queue, or [`DEFAULT_QUEUE`].
-    pub fn queue(&self) -> &str {
-        self.queue.as_deref().unwrap_or(DEFAULT_QUEUE)
-    }
-}
-
-fn string(field: &str, v: &Value) -> Result<String, ValidationError> {
-    v.as_str()
-        .map(str::to_owned)
-        .ok_or_else(|| ValidationError::new(field, format!("must be a string, got {v}")))
-}
-
-fn queue_name(field: &str, v: &Value) -> Result<String, ValidationError> {
-    let s = string(field, v)?;
-    let ok = !s.is_empty()
-        && s.chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
-    if ok {
-        Ok(s)
-    } else {
-        Err(ValidationError::new(
-            field,
-            format!("{s:?}: a queue name uses only A-Z a-z 0-9 _ -"),
-        ))
-    }
-}
-
-fn non_negative_int(field: &str, v: &Value) -> Result<u32, ValidationError> {
-    v.as_u64()
-        .and_then(|n| u32::try_from(n).ok())
-        .ok_or_else(|| {
-            ValidationError::new(field, format!("must be a non-negative integer, got {v}"))
-        })
-}
-
-/// Parses a duration given as integer seconds or a humantime string.
-pub fn duration(field: &str, v: &Value) -> Result<Duration, ValidationError> {
-    match v {
-        Value::Number(n) => n.as_u64().map(Duration::from_secs).ok_or_else(|| {
-            ValidationError::new(
-                field,
-                format!("must be non-negative whole seconds, got {n}"),
-            )
-        }),
-        Value::String(s) => humantime::parse_duration(s.trim()).map_err(|e| {
-            ValidationError::new(
-                field,
-                format!("{s:?} is not a duration ({e}); use e.g. \"30s\" or \"1h 30m\""),
-            )
-        }),
-        other => Err(ValidationError::new(
-            field,
-            format!("must be a duration string or integer seconds, got {other}"),
-        )),
-    }
-}
-
-fn rfc3339(field: &str, v: &Value) -> Result<String, ValidationError> {
-    let s = string(field, v)?;
-    chrono::DateTime::parse_from_rfc3339(&s)
-        .map(|_| s.clone())
-        .map_err(|e| ValidationError::new(field, format!("{s:?} is not an RFC 3339 time ({e})")))
-}
-
-/// Serde for `Option<Duration>` as a humantime string, accepting integer seconds.
-mod opt_duration {
-    use serde::{Deserialize, Deserializer, Serializer};
-    use std::time::Duration;
-
-    pub(super) fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
-        match d {
-            Some(d) => s.serialize_str(&humantime::format_duration(*d).to_string()),
-            None => s.serialize_none(),
-        }
-    }
-
-    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
-        d: D,
-    ) -> Result<Option<Duration>, D::Error> {
-        let v = Option::<serde_json::Value>::deserialize(d)?;
-        match v {
-            None => Ok(None),
-            Some(v) => super::duration("duration", &v)
-                .map(Some)
-                .map_err(serde::de::Error::custom),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -505,45 +330,5 @@ mod tests {
             let err = Kind::parse(bad).unwrap_err();
             assert_eq!(err.field, "kind", "{bad}");
         }
-    }
-
-    #[test]
-    fn options_name_the_bad_field() {
-        let o = Options::from_json(Some(
-            &json!({"queue": "q1", "timeout": "1m 30s", "retention": 60}),
-        ))
-        .unwrap();
-        assert_eq!(o.queue(), "q1");
-        assert_eq!(o.timeout, Some(Duration::from_secs(90)));
-        assert_eq!(o.retention, Some(Duration::from_secs(60)));
-        let cases = [
-            (json!({"retry": "ten"}), "options.retry"),
-            (json!({"retry": -1}), "options.retry"),
-            (json!({"timeout": "soon"}), "options.timeout"),
-            (json!({"timeout": -5}), "options.timeout"),
-            (json!({"queue": 3}), "options.queue"),
-            (json!({"deadline": "tomorrow"}), "options.deadline"),
-            (json!({"queu": "x"}), "options.queu"),
-        ];
-        for (input, field) in cases {
-            assert_eq!(
-                Options::from_json(Some(&input)).unwrap_err().field,
-                field,
-                "{input}"
-            );
-        }
-        assert_eq!(
-            Options::from_json(Some(&json!([1]))).unwrap_err().field,
-            "options"
-        );
-    }
-
-    #[test]
-    fn options_round_trip_through_json() {
-        let o = Options::from_json(Some(&json!({"queue": "q", "timeout": 30}))).unwrap();
-        let text = serde_json::to_value(&o).unwrap();
-        assert_eq!(text, json!({"queue": "q", "timeout": "30s"}));
-        let back: Options = serde_json::from_value(text).unwrap();
-        assert_eq!(back, o);
     }
 }

@@ -1,0 +1,129 @@
+//! [`CommandConsumer`]: one worker's loop on the durable consumer all
+//! workers share on `BMW_TASKS`. Each message is parsed once and handed to
+//! one of [`LANES`] lanes by the task it names, so commands on one task keep
+//! their order while commands on different tasks run side by side; the
+//! [`CommandHandler`] applies and settles it.
+
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer::pull};
+use futures::StreamExt;
+use tokio_util::sync::CancellationToken;
+
+use super::handler::{CommandHandler, Parsed};
+use super::wire;
+use crate::nats::{Nats, NatsError, names};
+use crate::task::{Command, TaskType};
+
+/// Commands a worker applies at once (on different tasks).
+pub const LANES: usize = 64;
+/// Commands waiting per lane.
+const LANE_DEPTH: usize = 64;
+
+/// The consumer loop of one worker on the shared durable consumer.
+#[derive(Debug)]
+pub struct CommandConsumer {
+    nats: Nats,
+    handler: CommandHandler,
+}
+
+impl CommandConsumer {
+    /// A consumer applying commands with `handler`.
+    pub fn new(nats: Nats, handler: CommandHandler) -> Self {
+        CommandConsumer { nats, handler }
+    }
+
+    async fn consumer(&self) -> Result<jetstream::consumer::Consumer<pull::Config>, NatsError> {
+        let stream = self.nats.js.get_stream(names::STREAM_TASKS).await?;
+        let consumer = stream
+            .get_or_create_consumer(
+                names::CONSUMER_COMMANDS,
+                pull::Config {
+                    durable_name: Some(names::CONSUMER_COMMANDS.into()),
+                    ack_wait: Duration::from_secs(30),
+                    // Unlimited: a command left to another worker may be
+                    // delivered many times; failures are bounded by the
+                    // handler's own count of deliveries.
+                    max_deliver: -1,
+                    ..Default::default()
+                },
+            )
+            .await?;
+        Ok(consumer)
+    }
+
+    /// Consumes until `token` fires. Survives errors and server restarts.
+    pub async fn run(self, token: CancellationToken) {
+        let this = Arc::new(self);
+        let mut lanes = Vec::with_capacity(LANES);
+        let mut workers = tokio::task::JoinSet::new();
+        for _ in 0..LANES {
+            let (tx, mut rx) =
+                tokio::sync::mpsc::channel::<(jetstream::Message, Parsed)>(LANE_DEPTH);
+            lanes.push(tx);
+            let this = this.clone();
+            workers.spawn(async move {
+                while let Some((message, parsed)) = rx.recv().await {
+                    this.handler.handle(message, parsed).await;
+                }
+            });
+        }
+        'outer: loop {
+            let messages = match this.consumer().await {
+                Ok(c) => c.messages().await.map_err(NatsError::from),
+                Err(e) => Err(e),
+            };
+            match messages {
+                Ok(mut messages) => loop {
+                    tokio::select! {
+                        next = messages.next() => match next {
+                            Some(Ok(message)) => {
+                                // Parsed once here: the lane depends on it, and the lane uses it.
+                                let parsed = wire::parse(message.subject.as_str(), &message.payload);
+                                let lane = this.lane_of(&message, &parsed);
+                                if lanes[lane].send((message, parsed)).await.is_err() {
+                                    break 'outer;
+                                }
+                            }
+                            Some(Err(e)) => tracing::debug!(cause = %e, "command consumer hiccup"),
+                            None => break,
+                        },
+                        () = token.cancelled() => break 'outer,
+                    }
+                },
+                Err(e) => tracing::warn!(cause = %e, "command consumer unavailable, retrying"),
+            }
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                () = token.cancelled() => break,
+            }
+        }
+        // Let the lanes finish what they hold (each command is short).
+        drop(lanes);
+        while workers.join_next().await.is_some() {}
+    }
+
+    /// The lane of a message: by the uni_id of the daemon task it names (so a
+    /// create and a later delete of one task stay in order), else by its body.
+    fn lane_of(&self, message: &jetstream::Message, parsed: &Parsed) -> usize {
+        let key = match parsed {
+            Ok(Command::Create(create)) if create.kind.task_type() == TaskType::Daemon => self
+                .handler
+                .ops()
+                .daemon()
+                .spec_for(create)
+                .map(|spec| spec.uni_id.to_string())
+                .unwrap_or_default(),
+            Ok(command) => match command.daemon_uni_id() {
+                Some(uni_id) => uni_id.to_string(),
+                None => String::from_utf8_lossy(&message.payload).into_owned(),
+            },
+            Err(_) => String::from_utf8_lossy(&message.payload).into_owned(),
+        };
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        key.hash(&mut hasher);
+        (hasher.finish() % LANES as u64) as usize
+    }
+}

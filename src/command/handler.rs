@@ -1,0 +1,159 @@
+//! [`CommandHandler`]: what a worker does with one command message. It
+//! applies the command through the [`Operations`], then settles the message:
+//! acked when applied or refused for a reason of the task (404, 409), left
+//! to another worker when only they run its kind, redelivered after a NATS
+//! failure, and terminated as poison when it can never apply (bad input, a
+//! request the server refuses, or too many failed deliveries) — with an
+//! `error` event. The outcome goes to the `Bmw-Reply` subject once final.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{AckKind, Message};
+use serde_json::{Value, json};
+
+use crate::events::EventPublisher;
+use crate::nats::{NatsErrorKind, names};
+use crate::ops::Operations;
+use crate::task::{Command, OpError, Outcome, ValidationError};
+
+/// Deliveries of one command before it is given up as poison.
+const MAX_DELIVER: i64 = 20;
+
+/// A command as parsed from its message (or why it could not be).
+pub(super) type Parsed = Result<Command, ValidationError>;
+
+/// Applies command messages; shared by all lanes of a worker.
+#[derive(Debug)]
+pub struct CommandHandler {
+    ops: Operations,
+    client: async_nats::Client,
+    events: EventPublisher,
+}
+
+/// What to do with a message after applying its command.
+enum Settle {
+    /// Done: ack, and reply.
+    Ack(Outcome),
+    /// Never applicable: terminate, emit an error event, and reply.
+    Poison(Outcome),
+    /// Not now: redelivered later, no reply yet.
+    Later(String),
+    /// Not here: only other workers run its kind; redelivered at once, with
+    /// no limit on deliveries.
+    Elsewhere,
+}
+
+impl CommandHandler {
+    /// A handler applying commands with `ops`, replying on `client`.
+    pub fn new(ops: Operations, client: async_nats::Client, events: EventPublisher) -> Self {
+        CommandHandler {
+            ops,
+            client,
+            events,
+        }
+    }
+
+    /// The operations (the consumer uses them to pick a command's lane).
+    pub(super) fn ops(&self) -> &Operations {
+        &self.ops
+    }
+
+    /// Applies one command message and settles it.
+    pub(super) async fn handle(&self, message: Message, parsed: Parsed) {
+        let subject = message.subject.to_string();
+        let settle = match parsed {
+            Err(e) => Settle::Poison(OpError::Invalid(e).into()),
+            Ok(command) => self.apply(&command).await,
+        };
+        let outcome = match settle {
+            Settle::Ack(outcome) => {
+                let label = if outcome.result { "ok" } else { "refused" };
+                crate::metrics::command(&subject, label);
+                ack(&message, AckKind::Ack).await;
+                outcome
+            }
+            Settle::Poison(outcome) => {
+                self.poison(&message, &subject, &outcome.message).await;
+                outcome
+            }
+            Settle::Elsewhere => {
+                let delay = Duration::from_millis(100);
+                return ack(&message, AckKind::Nak(Some(delay))).await;
+            }
+            Settle::Later(cause) => {
+                let delivered = message.info().map(|i| i.delivered).unwrap_or(0);
+                if delivered < MAX_DELIVER {
+                    tracing::warn!(
+                        subject,
+                        cause,
+                        delivered,
+                        "command failed, will be redelivered"
+                    );
+                    let delay = Duration::from_secs(1);
+                    return ack(&message, AckKind::Nak(Some(delay))).await;
+                }
+                let gave_up = Outcome::err(
+                    503,
+                    format!("gave up after {delivered} deliveries: {cause}"),
+                );
+                self.poison(&message, &subject, &gave_up.message).await;
+                gave_up
+            }
+        };
+        self.reply(&message, &outcome).await;
+    }
+
+    async fn apply(&self, command: &Command) -> Settle {
+        match self.ops.apply(command).await {
+            Ok(Some(data)) => Settle::Ack(Outcome::ok(data)),
+            Ok(None) => {
+                tracing::debug!(
+                    id = command.id(),
+                    "command left to a worker that runs its kind"
+                );
+                Settle::Elsewhere
+            }
+            Err(e @ OpError::Invalid(_)) => Settle::Poison(e.into()),
+            Err(OpError::Nats(e)) if e.kind() == NatsErrorKind::Refused => {
+                Settle::Poison(OpError::Nats(e).into())
+            }
+            Err(OpError::Nats(e)) => Settle::Later(e.to_string()),
+            Err(e) => Settle::Ack(e.into()),
+        }
+    }
+
+    async fn reply(&self, message: &Message, outcome: &Outcome) {
+        let reply_to = message
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(names::HEADER_REPLY))
+            .map(|v| v.as_str().to_owned());
+        if let Some(reply_to) = reply_to
+            && let Err(e) = self
+                .client
+                .publish(reply_to, crate::nats::to_json_bytes(outcome))
+                .await
+        {
+            tracing::warn!(cause = %e, "command outcome not sent");
+        }
+    }
+
+    async fn poison(&self, message: &Message, subject: &str, cause: &str) {
+        tracing::error!(subject, cause, "command refused and terminated");
+        crate::metrics::command(subject, "poison");
+        ack(message, AckKind::Term).await;
+        let body = String::from_utf8_lossy(&message.payload);
+        let kind = serde_json::from_slice::<Value>(&message.payload)
+            .ok()
+            .and_then(|v| v.get("kind").and_then(Value::as_str).map(str::to_owned))
+            .unwrap_or_else(|| "unknown".into());
+        let detail = json!({"subject": subject, "error": cause, "body": body.chars().take(4096).collect::<String>()});
+        self.events.emit("command", &kind, "error", detail).await;
+    }
+}
+
+async fn ack(message: &Message, kind: AckKind) {
+    if let Err(e) = message.ack_with(kind).await {
+        tracing::warn!(cause = %e, "command ack failed; it will be redelivered");
+    }
+}

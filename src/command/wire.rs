@@ -1,0 +1,175 @@
+//! The wire form of commands on `bmw.task.*`: one JSON object per message,
+//! `{"id", "kind", "payload", "options"}` for a create, `{"id", "task_type",
+//! "task_uni_id" | "task_id" | "kind"}` for a delete, `{"id", "task_uni_id"}`
+//! for a reload. [`parse`] validates it into a [`Command`]; [`encode`] and
+//! [`subject`] are what a producer publishes.
+
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::nats::names;
+use crate::task::{
+    Command, CreateCommand, DeleteTarget, Kind, Options, TaskType, UniId, ValidationError,
+};
+
+/// Every field any command may carry.
+#[derive(Debug, Default, Deserialize)]
+struct Wire {
+    #[serde(default)]
+    id: Option<String>,
+    #[serde(default)]
+    kind: Option<Value>,
+    #[serde(default)]
+    payload: Value,
+    #[serde(default)]
+    options: Option<Value>,
+    #[serde(default)]
+    task_type: Option<String>,
+    #[serde(default)]
+    task_uni_id: Option<String>,
+    #[serde(default)]
+    task_id: Option<String>,
+}
+
+fn required(field: &str, v: Option<String>) -> Result<String, ValidationError> {
+    v.filter(|s| !s.is_empty())
+        .ok_or_else(|| ValidationError::new(field, "is required"))
+}
+
+/// Parses and validates a command published on `subject`. A missing `id`
+/// gets a fresh one.
+pub fn parse(subject: &str, body: &[u8]) -> Result<Command, ValidationError> {
+    let wire: Wire = serde_json::from_slice(body)
+        .map_err(|e| ValidationError::new("body", format!("not a JSON command object: {e}")))?;
+    let id = wire
+        .id
+        .clone()
+        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    match subject {
+        names::SUBJECT_CREATE => {
+            let kind = match wire.kind {
+                Some(Value::String(k)) => Kind::parse(&k)?,
+                Some(other) => {
+                    return Err(ValidationError::new(
+                        "kind",
+                        format!("must be a string, got {other}"),
+                    ));
+                }
+                None => return Err(ValidationError::new("kind", "is required")),
+            };
+            let options = Options::from_json(wire.options.as_ref())?;
+            Ok(Command::Create(Box::new(CreateCommand {
+                id,
+                kind,
+                payload: wire.payload,
+                options,
+            })))
+        }
+        names::SUBJECT_DELETE => {
+            let task_type = TaskType::parse(&required("task_type", wire.task_type)?)?;
+            let target = match task_type {
+                TaskType::Daemon => DeleteTarget::Daemon(UniId::from_raw(required(
+                    "task_uni_id",
+                    wire.task_uni_id,
+                )?)),
+                TaskType::Async => DeleteTarget::Async(required("task_id", wire.task_id)?),
+                TaskType::Periodic => DeleteTarget::Periodic(required(
+                    "kind",
+                    wire.kind.and_then(|k| k.as_str().map(str::to_owned)),
+                )?),
+            };
+            Ok(Command::Delete { id, target })
+        }
+        names::SUBJECT_RELOAD => Ok(Command::Reload {
+            id,
+            uni_id: UniId::from_raw(required("task_uni_id", wire.task_uni_id)?),
+        }),
+        other => Err(ValidationError::new(
+            "subject",
+            format!("{other} is not a command subject"),
+        )),
+    }
+}
+
+/// The subject a command is published on.
+pub fn subject(command: &Command) -> &'static str {
+    match command {
+        Command::Create(_) => names::SUBJECT_CREATE,
+        Command::Delete { .. } => names::SUBJECT_DELETE,
+        Command::Reload { .. } => names::SUBJECT_RELOAD,
+    }
+}
+
+/// The JSON a command is published as.
+pub fn encode(command: &Command) -> Value {
+    match command {
+        Command::Create(c) => {
+            json!({"id": c.id, "kind": c.kind, "payload": c.payload, "options": c.options})
+        }
+        Command::Delete { id, target } => match target {
+            DeleteTarget::Daemon(u) => json!({"id": id, "task_type": "daemon", "task_uni_id": u}),
+            DeleteTarget::Async(t) => json!({"id": id, "task_type": "async", "task_id": t}),
+            DeleteTarget::Periodic(k) => json!({"id": id, "task_type": "periodic", "kind": k}),
+        },
+        Command::Reload { id, uni_id } => json!({"id": id, "task_uni_id": uni_id}),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_seed_commands() {
+        let c = parse(names::SUBJECT_CREATE, br#"{"kind":"daemon:demo:demo","payload":{"content":"ok"},"options":{"queue":"default"}}"#).unwrap();
+        let Command::Create(c) = c else { panic!() };
+        assert_eq!(c.kind.as_str(), "daemon:demo:demo");
+        assert_eq!(c.options.queue(), "default");
+        let d = parse(
+            names::SUBJECT_DELETE,
+            br#"{"task_type":"daemon","task_uni_id":"x"}"#,
+        )
+        .unwrap();
+        assert!(matches!(
+            d,
+            Command::Delete {
+                target: DeleteTarget::Daemon(_),
+                ..
+            }
+        ));
+        let r = parse(names::SUBJECT_RELOAD, br#"{"id":"7","task_uni_id":"x"}"#).unwrap();
+        assert_eq!(r.id(), "7");
+        assert_eq!(
+            parse(subject(&r), encode(&r).to_string().as_bytes()).unwrap(),
+            r
+        );
+    }
+
+    #[test]
+    fn bad_commands_name_the_field() {
+        let cases: [(&str, &[u8], &str); 6] = [
+            (names::SUBJECT_CREATE, b"not json", "body"),
+            (names::SUBJECT_CREATE, br#"{"payload":{}}"#, "kind"),
+            (names::SUBJECT_CREATE, br#"{"kind":"cron:a:b"}"#, "kind"),
+            (
+                names::SUBJECT_CREATE,
+                br#"{"kind":"daemon:a:b","options":{"retry":"x"}}"#,
+                "options.retry",
+            ),
+            (
+                names::SUBJECT_DELETE,
+                br#"{"task_type":"daemon"}"#,
+                "task_uni_id",
+            ),
+            (names::SUBJECT_RELOAD, br#"{}"#, "task_uni_id"),
+        ];
+        for (subject, body, field) in cases {
+            assert_eq!(
+                parse(subject, body).unwrap_err().field,
+                field,
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+        }
+    }
+}

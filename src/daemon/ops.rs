@@ -1,0 +1,114 @@
+//! [`DaemonOps`]: the operations on daemon tasks, written once for every
+//! caller (the command consumer applies them; the bridge and `bmw task`
+//! check them first): create (or replace), delete, reload. A daemon spec is
+//! built in one place, [`DaemonOps::spec_for`].
+
+use serde_json::{Value, json};
+
+use super::operators::Operators;
+use super::spec::{CreateOutcome, DaemonSpec, SpecError, SpecStore};
+use crate::task::{CreateCommand, OpError, UniId, ValidationError};
+
+impl From<SpecError> for OpError {
+    fn from(e: SpecError) -> Self {
+        match e {
+            SpecError::NotFound(uni_id) => {
+                OpError::NotFound(format!("daemon task `{uni_id}` does not exist"))
+            }
+            SpecError::Nats(e) => OpError::Nats(e),
+            SpecError::Json(e) => OpError::Nats(crate::nats::NatsError::new(e)),
+        }
+    }
+}
+
+/// Creates, deletes and reloads daemon tasks.
+#[derive(Debug, Clone)]
+pub struct DaemonOps {
+    specs: SpecStore,
+    operators: Operators,
+}
+
+impl DaemonOps {
+    /// Operations over `specs`; `operators` give each kind's dimension.
+    pub fn new(specs: SpecStore, operators: Operators) -> Self {
+        DaemonOps { specs, operators }
+    }
+
+    /// The spec store (the worker's runtime watches it).
+    pub fn specs(&self) -> &SpecStore {
+        &self.specs
+    }
+
+    /// The spec a create asks for: its uni_id comes from the operator's
+    /// dimension, or from the canonical payload.
+    pub fn spec_for(&self, create: &CreateCommand) -> Result<DaemonSpec, ValidationError> {
+        let operator = match self.operators.get(&create.kind) {
+            Some(Ok(op)) => op,
+            Some(Err(e)) => {
+                return Err(ValidationError::new(
+                    "kind",
+                    format!("{} cannot be built: {e}", create.kind),
+                ));
+            }
+            None => {
+                return Err(ValidationError::new(
+                    "kind",
+                    format!("{} is not registered", create.kind),
+                ));
+            }
+        };
+        let dimension = operator.task_dimension(&create.payload);
+        let uni_id = UniId::new(&create.kind, &dimension, &create.payload);
+        Ok(DaemonSpec {
+            dimension: if dimension.is_empty() {
+                uni_id.to_string()
+            } else {
+                dimension
+            },
+            uni_id,
+            kind: create.kind.clone(),
+            payload: create.payload.clone(),
+            options: create.options.clone(),
+            created_at: chrono::Utc::now().to_rfc3339(),
+            generation: 0,
+        })
+    }
+
+    /// Creates a task, or replaces its payload and options (its instance
+    /// restarts); an identical create changes nothing.
+    pub async fn create(&self, create: &CreateCommand) -> Result<Value, OpError> {
+        let spec = self.spec_for(create)?;
+        let outcome = self.specs.create(spec.clone()).await?;
+        tracing::info!(uni_id = %spec.uni_id, ?outcome, "daemon task created");
+        Ok(json!({
+            "uni_id": spec.uni_id,
+            "kind": spec.kind,
+            "payload": spec.payload,
+            "options": spec.options,
+            "created": outcome == CreateOutcome::Created,
+            "replaced": outcome == CreateOutcome::Replaced,
+        }))
+    }
+
+    /// Deletes a task: its holder stops it and drops the claim.
+    pub async fn delete(&self, uni_id: &UniId) -> Result<Value, OpError> {
+        let spec = self.specs.delete(uni_id).await?;
+        tracing::info!(uni_id = %uni_id, "daemon task deleted");
+        Ok(json!({"uni_id": spec.uni_id}))
+    }
+
+    /// Restarts a task: its holder runs it again with reload_count + 1.
+    pub async fn reload(&self, uni_id: &UniId) -> Result<Value, OpError> {
+        let spec = self.specs.reload(uni_id).await?;
+        tracing::info!(uni_id = %uni_id, generation = spec.generation, "daemon task reload requested");
+        Ok(json!({"uni_id": spec.uni_id, "generation": spec.generation}))
+    }
+
+    /// Refuses a uni_id that names no task (404).
+    pub async fn check_exists(&self, uni_id: &UniId) -> Result<(), OpError> {
+        match self.specs.get(uni_id).await? {
+            Some(_) => Ok(()),
+            None => Err(SpecError::NotFound(uni_id.to_string()).into()),
+        }
+    }
+}

@@ -1,0 +1,311 @@
+//! [`Options`]: a task's options, validated where they enter, and which of
+//! them apply to which task type ([`Options::check_for`], the one place that
+//! says so).
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::{TaskType, ValidationError};
+
+/// The default queue of a task without `options.queue`.
+pub const DEFAULT_QUEUE: &str = "default";
+
+/// A task's options, validated. Unknown option names are refused so that a typo
+/// does not silently change nothing. Durations accept humantime strings
+/// (`"1h 30m"`) and integer seconds; times are RFC 3339.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Options {
+    /// Queue the task runs on; workers listen on a set of queues.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue: Option<String>,
+    /// Max retries (async).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<u32>,
+    /// Per-attempt timeout (async).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "opt_duration"
+    )]
+    pub timeout: Option<Duration>,
+    /// Absolute deadline, RFC 3339 (async).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline: Option<String>,
+    /// Unique window (async).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "opt_duration"
+    )]
+    pub unique_ttl: Option<Duration>,
+    /// Delayed start at an RFC 3339 time (async).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub process_at: Option<String>,
+    /// Delayed start after a duration (async).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "opt_duration"
+    )]
+    pub process_in: Option<Duration>,
+    /// How long a finished task stays inspectable (async).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "opt_duration"
+    )]
+    pub retention: Option<Duration>,
+    /// Caller-chosen task id (async).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task_id: Option<String>,
+    /// Cron schedule with seconds (periodic).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cron: Option<String>,
+    /// Interval schedule (periodic).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "opt_duration"
+    )]
+    pub every: Option<Duration>,
+    /// Time zone of a cron schedule (periodic).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timezone: Option<String>,
+}
+
+impl Options {
+    /// Validates the `options` object of a create, naming the field at fault.
+    pub fn from_json(value: Option<&Value>) -> Result<Options, ValidationError> {
+        let map = match value {
+            None | Some(Value::Null) => return Ok(Options::default()),
+            Some(Value::Object(map)) => map,
+            Some(_) => return Err(ValidationError::new("options", "must be a JSON object")),
+        };
+        let mut o = Options::default();
+        for (name, v) in map {
+            let field = format!("options.{name}");
+            match name.as_str() {
+                "queue" => o.queue = Some(queue_name(&field, v)?),
+                "retry" => o.retry = Some(non_negative_int(&field, v)?),
+                "timeout" => o.timeout = Some(duration(&field, v)?),
+                "deadline" => o.deadline = Some(rfc3339(&field, v)?),
+                "unique_ttl" => o.unique_ttl = Some(duration(&field, v)?),
+                "process_at" => o.process_at = Some(rfc3339(&field, v)?),
+                "process_in" => o.process_in = Some(duration(&field, v)?),
+                "retention" => o.retention = Some(duration(&field, v)?),
+                "task_id" => o.task_id = Some(string(&field, v)?),
+                "cron" => o.cron = Some(string(&field, v)?),
+                "every" => o.every = Some(duration(&field, v)?),
+                "timezone" => o.timezone = Some(string(&field, v)?),
+                _ => return Err(ValidationError::new(field, "unknown option")),
+            }
+        }
+        Ok(o)
+    }
+
+    /// The queue, or [`DEFAULT_QUEUE`].
+    pub fn queue(&self) -> &str {
+        self.queue.as_deref().unwrap_or(DEFAULT_QUEUE)
+    }
+
+    /// The names of the options that are set.
+    fn given(&self) -> impl Iterator<Item = &'static str> {
+        let set = [
+            ("queue", self.queue.is_some()),
+            ("retry", self.retry.is_some()),
+            ("timeout", self.timeout.is_some()),
+            ("deadline", self.deadline.is_some()),
+            ("unique_ttl", self.unique_ttl.is_some()),
+            ("process_at", self.process_at.is_some()),
+            ("process_in", self.process_in.is_some()),
+            ("retention", self.retention.is_some()),
+            ("task_id", self.task_id.is_some()),
+            ("cron", self.cron.is_some()),
+            ("every", self.every.is_some()),
+            ("timezone", self.timezone.is_some()),
+        ];
+        set.into_iter().filter(|(_, on)| *on).map(|(name, _)| name)
+    }
+
+    /// Refuses an option that does not apply to `task_type`, naming it.
+    ///
+    /// | option | daemon | async | periodic |
+    /// | --- | --- | --- | --- |
+    /// | `queue` | yes | yes | yes (of each tick) |
+    /// | `retry`, `timeout`, `deadline`, `retention` | kept, as BMW does | yes | yes (of each tick) |
+    /// | `unique_ttl`, `process_at`, `process_in`, `task_id` | kept, as BMW does | yes | no |
+    /// | `cron`, `every`, `timezone` | no | no | yes |
+    ///
+    /// Daemon specs keep asynq's options because BMW's clients send them with
+    /// daemon creates; only `queue` changes how a daemon task runs.
+    ///
+    /// ```
+    /// use bmw::task::{Options, TaskType};
+    /// let o = Options::from_json(Some(&serde_json::json!({"every": "30s"}))).unwrap();
+    /// assert!(o.check_for(TaskType::Periodic).is_ok());
+    /// assert_eq!(o.check_for(TaskType::Async).unwrap_err().field, "options.every");
+    /// ```
+    pub fn check_for(&self, task_type: TaskType) -> Result<(), ValidationError> {
+        for name in self.given() {
+            let applies = match name {
+                "cron" | "every" | "timezone" => task_type == TaskType::Periodic,
+                "unique_ttl" | "process_at" | "process_in" | "task_id" => {
+                    task_type != TaskType::Periodic
+                }
+                _ => true,
+            };
+            if !applies {
+                return Err(ValidationError::new(
+                    format!("options.{name}"),
+                    format!("does not apply to {task_type} tasks"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn string(field: &str, v: &Value) -> Result<String, ValidationError> {
+    v.as_str()
+        .map(str::to_owned)
+        .ok_or_else(|| ValidationError::new(field, format!("must be a string, got {v}")))
+}
+
+fn queue_name(field: &str, v: &Value) -> Result<String, ValidationError> {
+    let s = string(field, v)?;
+    let ok = !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+    if ok {
+        Ok(s)
+    } else {
+        Err(ValidationError::new(
+            field,
+            format!("{s:?}: a queue name uses only A-Z a-z 0-9 _ -"),
+        ))
+    }
+}
+
+fn non_negative_int(field: &str, v: &Value) -> Result<u32, ValidationError> {
+    v.as_u64()
+        .and_then(|n| u32::try_from(n).ok())
+        .ok_or_else(|| {
+            ValidationError::new(field, format!("must be a non-negative integer, got {v}"))
+        })
+}
+
+/// Parses a duration given as integer seconds or a humantime string.
+pub fn duration(field: &str, v: &Value) -> Result<Duration, ValidationError> {
+    match v {
+        Value::Number(n) => n.as_u64().map(Duration::from_secs).ok_or_else(|| {
+            ValidationError::new(
+                field,
+                format!("must be non-negative whole seconds, got {n}"),
+            )
+        }),
+        Value::String(s) => humantime::parse_duration(s.trim()).map_err(|e| {
+            ValidationError::new(
+                field,
+                format!("{s:?} is not a duration ({e}); use e.g. \"30s\" or \"1h 30m\""),
+            )
+        }),
+        other => Err(ValidationError::new(
+            field,
+            format!("must be a duration string or integer seconds, got {other}"),
+        )),
+    }
+}
+
+fn rfc3339(field: &str, v: &Value) -> Result<String, ValidationError> {
+    let s = string(field, v)?;
+    chrono::DateTime::parse_from_rfc3339(&s)
+        .map(|_| s.clone())
+        .map_err(|e| ValidationError::new(field, format!("{s:?} is not an RFC 3339 time ({e})")))
+}
+
+/// Serde for `Option<Duration>` as a humantime string, accepting integer seconds.
+mod opt_duration {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub(super) fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => s.serialize_str(&humantime::format_duration(*d).to_string()),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<Duration>, D::Error> {
+        let v = Option::<serde_json::Value>::deserialize(d)?;
+        match v {
+            None => Ok(None),
+            Some(v) => super::duration("duration", &v)
+                .map(Some)
+                .map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn options_name_the_bad_field() {
+        let o = Options::from_json(Some(
+            &json!({"queue": "q1", "timeout": "1m 30s", "retention": 60}),
+        ))
+        .unwrap();
+        assert_eq!(o.queue(), "q1");
+        assert_eq!(o.timeout, Some(Duration::from_secs(90)));
+        assert_eq!(o.retention, Some(Duration::from_secs(60)));
+        let cases = [
+            (json!({"retry": "ten"}), "options.retry"),
+            (json!({"retry": -1}), "options.retry"),
+            (json!({"timeout": "soon"}), "options.timeout"),
+            (json!({"timeout": -5}), "options.timeout"),
+            (json!({"queue": 3}), "options.queue"),
+            (json!({"deadline": "tomorrow"}), "options.deadline"),
+            (json!({"queu": "x"}), "options.queu"),
+        ];
+        for (input, field) in cases {
+            assert_eq!(
+                Options::from_json(Some(&input)).unwrap_err().field,
+                field,
+                "{input}"
+            );
+        }
+        assert_eq!(
+            Options::from_json(Some(&json!([1]))).unwrap_err().field,
+            "options"
+        );
+    }
+
+    #[test]
+    fn options_apply_to_their_task_types() {
+        let periodic_only = Options::from_json(Some(&json!({"cron": "* * * * * *"}))).unwrap();
+        assert!(periodic_only.check_for(TaskType::Periodic).is_ok());
+        assert!(periodic_only.check_for(TaskType::Daemon).is_err());
+        let one_shot = Options::from_json(Some(&json!({"process_in": 5, "queue": "q"}))).unwrap();
+        assert!(one_shot.check_for(TaskType::Async).is_ok());
+        assert!(one_shot.check_for(TaskType::Daemon).is_ok());
+        assert_eq!(
+            one_shot.check_for(TaskType::Periodic).unwrap_err().field,
+            "options.process_in"
+        );
+    }
+
+    #[test]
+    fn options_round_trip_through_json() {
+        let o = Options::from_json(Some(&json!({"queue": "q", "timeout": 30}))).unwrap();
+        let text = serde_json::to_value(&o).unwrap();
+        assert_eq!(text, json!({"queue": "q", "timeout": "30s"}));
+        let back: Options = serde_json::from_value(text).unwrap();
+        assert_eq!(back, o);
+    }
+}

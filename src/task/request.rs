@@ -1,0 +1,75 @@
+//! What a caller asks of bmw, as typed values: a [`Command`] (create, delete
+//! or reload) and its parts. The bridge, `bmw task` and the command consumer
+//! all build these; the operations apply them. Their JSON form on
+//! `bmw.task.*` is `crate::command::wire`'s business.
+
+use serde_json::Value;
+
+use super::{Kind, Options, UniId};
+
+/// A validated create.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CreateCommand {
+    /// Command id (also the `Nats-Msg-Id`).
+    pub id: String,
+    /// The task's kind.
+    pub kind: Kind,
+    /// Its payload.
+    pub payload: Value,
+    /// Its options.
+    pub options: Options,
+}
+
+/// What a delete names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeleteTarget {
+    /// A daemon task by uni_id.
+    Daemon(UniId),
+    /// An async task by id.
+    Async(String),
+    /// A periodic task by kind.
+    Periodic(String),
+}
+
+/// A parsed command.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Command {
+    /// `bmw.task.create`.
+    Create(Box<CreateCommand>),
+    /// `bmw.task.delete`.
+    Delete {
+        /// Command id.
+        id: String,
+        /// What to delete.
+        target: DeleteTarget,
+    },
+    /// `bmw.task.reload`.
+    Reload {
+        /// Command id.
+        id: String,
+        /// The daemon task.
+        uni_id: UniId,
+    },
+}
+
+impl Command {
+    /// The command id.
+    pub fn id(&self) -> &str {
+        match self {
+            Command::Create(c) => &c.id,
+            Command::Delete { id, .. } | Command::Reload { id, .. } => id,
+        }
+    }
+
+    /// The daemon task this command names, if it names one by uni_id.
+    pub fn daemon_uni_id(&self) -> Option<&UniId> {
+        match self {
+            Command::Delete {
+                target: DeleteTarget::Daemon(uni_id),
+                ..
+            }
+            | Command::Reload { uni_id, .. } => Some(uni_id),
+            _ => None,
+        }
+    }
+}
