@@ -1,7 +1,8 @@
 //! Several worker processes: each task runs on exactly one live worker;
 //! a joining worker gets its share; a killed worker's tasks move within the
-//! claim TTL plus a heartbeat; SIGTERM hands tasks over at once; queues limit
-//! where a task runs. Fail-over and rebalance times are printed.
+//! claim TTL plus a heartbeat; SIGTERM hands tasks over at once; every move
+//! is reported by one `moved` event; queues limit where a task runs.
+//! Fail-over and rebalance times are printed.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -10,7 +11,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use serde_json::{Value, json};
 
-use crate::harness::{BmwProcess, TestEnv};
+use crate::harness::{BmwProcess, TestEnv, wait_until};
 
 /// Claim TTL and heartbeat of `harness::FAST`.
 const TTL: Duration = Duration::from_secs(3);
@@ -70,6 +71,63 @@ fn assert_exactly_once(events: &[Value], killed: &[(String, String)]) {
             }
         }
     }
+}
+
+/// A task changing worker: (uni_id, from, to).
+type Move = (String, String, String);
+
+/// The moves the `started` events show: per task, a start on another worker
+/// than the start before it. A task's first start is not a move.
+fn moves_seen(events: &[Value]) -> Vec<Move> {
+    let field = |e: &Value, name: &str| e[name].as_str().unwrap_or_default().to_owned();
+    let mut starts: Vec<(String, String, String)> = events
+        .iter()
+        .filter(|e| e["what"] == "started")
+        .map(|e| (field(e, "uni_id"), field(e, "time"), field(e, "worker_id")))
+        .collect();
+    starts.sort();
+    let mut moves: Vec<Move> = starts
+        .windows(2)
+        .filter(|w| w[0].0 == w[1].0 && w[0].2 != w[1].2)
+        .map(|w| (w[1].0.clone(), w[0].2.clone(), w[1].2.clone()))
+        .collect();
+    moves.sort();
+    moves
+}
+
+/// The `moved` events, each checked to come from the worker that took the task.
+fn moves_reported(events: &[Value]) -> Vec<Move> {
+    let field = |e: &Value, name: &str| e[name].as_str().unwrap_or_default().to_owned();
+    let mut moves: Vec<Move> = events
+        .iter()
+        .filter(|e| e["what"] == "moved")
+        .map(|e| {
+            assert_eq!(e["to"], e["worker_id"], "sent by the new holder: {e}");
+            (field(e, "uni_id"), field(e, "from"), field(e, "to"))
+        })
+        .collect();
+    moves.sort();
+    moves
+}
+
+/// Waits until exactly `expected` moved events match `which`.
+async fn expect_moves(
+    events: &Mutex<Vec<Value>>,
+    what: &str,
+    expected: usize,
+    which: impl Fn(&Move) -> bool,
+) {
+    let count = || {
+        let reported = moves_reported(&events.lock().unwrap());
+        reported.iter().filter(|m| which(m)).count()
+    };
+    let ok = wait_until(Duration::from_secs(3), async || count() == expected).await;
+    let reported = moves_reported(&events.lock().unwrap());
+    assert!(
+        ok,
+        "{what}: {} moved events instead of {expected}; all: {reported:?}",
+        count()
+    );
 }
 
 fn now() -> String {
@@ -134,6 +192,9 @@ async fn ownership_rebalance_failover_and_handover() {
     .await;
     let rebalance = joined.elapsed();
     eprintln!("rebalance after a join: {rebalance:?} (2 tasks each on 3 workers)");
+    // Each task the newcomer took was running elsewhere: one moved event each.
+    let from_old = |m: &Move| m.2 == id3 && (m.1 == id1 || m.1 == id2);
+    expect_moves(&events, "rebalance", 2, from_old).await;
 
     // kill -9 the newcomer: its tasks run again on w1 and w2 within TTL + heartbeat (+1 s slack).
     let killed_at = now();
@@ -152,8 +213,15 @@ async fn ownership_rebalance_failover_and_handover() {
         failover <= TTL + HEARTBEAT + Duration::from_secs(1),
         "fail-over took {failover:?}"
     );
+    expect_moves(&events, "fail-over", 2, |m| m.1 == id3).await;
 
     // SIGTERM w2: its claims are released before it exits, not left to expire.
+    let handed_over = |m: &Move| m.1 == id2 && m.2 == id1;
+    let before = moves_reported(&events.lock().unwrap())
+        .iter()
+        .filter(|m| handed_over(m))
+        .count();
+    let on_w2 = env.loads().await.get(&id2).copied().unwrap_or_default();
     assert!(w2.sigterm(), "worker exits on SIGTERM");
     let bindings = env.bindings().await;
     assert!(
@@ -166,10 +234,24 @@ async fn ownership_rebalance_failover_and_handover() {
     .await;
     eprintln!("hand-over after SIGTERM: {handover:?} after exit");
     assert!(w2.sigterm());
+    expect_moves(&events, "hand-over", before + on_w2, handed_over).await;
+
+    // Every move (a start on another worker than the last) was reported
+    // once, with both workers, and nothing else was (a first claim is no move).
+    let same = wait_until(Duration::from_secs(3), async || {
+        let events = events.lock().unwrap();
+        moves_reported(&events) == moves_seen(&events)
+    })
+    .await;
+    let events = events.lock().unwrap().clone();
+    assert!(
+        same,
+        "moved events {:?}\n  differ from the moves seen {:?}",
+        moves_reported(&events),
+        moves_seen(&events)
+    );
 
     // The event history never shows a task on two workers at once.
-    tokio::time::sleep(Duration::from_millis(300)).await; // let in-flight events arrive
-    let events = events.lock().unwrap().clone();
     assert!(
         events.iter().filter(|e| e["what"] == "started").count() >= TASKS + 2,
         "events were collected"

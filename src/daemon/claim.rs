@@ -9,8 +9,9 @@
 //! holds the claim: [`ClaimError::Lost`] / [`ClaimError::AlreadyHeld`].
 //!
 //! A graceful hand-over ([`ClaimStore::release`]) writes a *released* value
-//! (empty `worker_id`, counts kept, same TTL), so the retry and reload counts
-//! move with the task; removal after a delete purges the key.
+//! (empty `worker_id`, the releasing worker in `released_by`, counts kept, same
+//! TTL), so the retry and reload counts move with the task and the next holder
+//! knows where it came from; removal after a delete purges the key.
 
 use std::time::Duration;
 
@@ -38,6 +39,9 @@ pub struct Claim {
     /// When the next retry is due (RFC 3339), if waiting.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_retry_at: Option<String>,
+    /// In a released claim, the worker that released it.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub released_by: String,
 }
 
 impl Claim {
@@ -100,14 +104,15 @@ impl ClaimStore {
     }
 
     /// Takes the task for `worker_id` if nobody holds it. Counts of a released
-    /// claim carry over. Returns the claim and its revision.
+    /// claim carry over. Returns the claim, its revision and, if the claim
+    /// replaced a released one, the worker that released it.
     pub async fn acquire(
         &self,
         key: &str,
         uni_id: &UniId,
         worker_id: &str,
         generation: u64,
-    ) -> Result<(Claim, u64), ClaimError> {
+    ) -> Result<(Claim, u64, Option<String>), ClaimError> {
         let entry = self.kv.entry(key).await.map_err(NatsError::from)?;
         let (expected, previous) = match entry {
             None => (0, None),
@@ -120,6 +125,10 @@ impl ClaimStore {
                 (e.revision, previous)
             }
         };
+        let released_by = previous
+            .as_ref()
+            .map(|p| p.released_by.clone())
+            .filter(|w| !w.is_empty());
         let (retry_count, reload_count, next_retry_at) = match previous {
             Some(p) if p.generation == generation => {
                 (p.retry_count, p.reload_count, p.next_retry_at)
@@ -135,9 +144,10 @@ impl ClaimStore {
             retry_count,
             reload_count,
             next_retry_at,
+            released_by: String::new(),
         };
         match self.write(key, &claim, expected).await {
-            Ok(rev) => Ok((claim, rev)),
+            Ok(rev) => Ok((claim, rev, released_by)),
             Err(ClaimError::Lost(id)) => Err(ClaimError::AlreadyHeld(id)),
             Err(e) => Err(e),
         }
@@ -157,6 +167,7 @@ impl ClaimStore {
     ) -> Result<u64, ClaimError> {
         let released = Claim {
             worker_id: String::new(),
+            released_by: claim.worker_id.clone(),
             next_retry_at: None,
             ..claim.clone()
         };

@@ -54,13 +54,30 @@ struct Held {
     releasing: bool,
 }
 
+/// A task nobody holds.
+struct Free {
+    since: Instant,
+    /// The last holder seen (the claim expired or was released), so that the
+    /// next holder can report the move; `None` if never held or not seen.
+    previous: Option<String>,
+}
+
+impl Free {
+    fn now() -> Free {
+        Free {
+            since: Instant::now(),
+            previous: None,
+        }
+    }
+}
+
 #[derive(Default)]
 struct State {
     specs: HashMap<String, DaemonSpec>,
     /// Held claims only, by key.
     claims: HashMap<String, Claim>,
-    /// Specs with no held claim, and since when.
-    free_since: HashMap<String, Instant>,
+    /// Specs with no held claim: since when, and who held them last.
+    free_since: HashMap<String, Free>,
     workers: HashMap<String, WorkerEntry>,
     held: HashMap<String, Held>,
     acquiring: HashSet<String>,
@@ -70,19 +87,33 @@ struct State {
 impl State {
     /// Forgets the claims before a full re-read: every spec counts as free
     /// until its claim is seen again (reconciling waits for the replay).
+    /// The holders are remembered in case a claim expires before the replay.
     fn resync_claims(&mut self) {
-        self.claims.clear();
+        let claims = std::mem::take(&mut self.claims);
         self.synced[1] = false;
-        let now = Instant::now();
+        let since = Instant::now();
         for key in self.specs.keys() {
             if !self.held.contains_key(key) {
-                self.free_since.entry(key.clone()).or_insert(now);
+                self.free_since.entry(key.clone()).or_insert(Free {
+                    since,
+                    previous: None,
+                });
+            }
+        }
+        for (key, claim) in claims {
+            if let Some(free) = self.free_since.get_mut(&key) {
+                free.previous = Some(claim.worker_id);
             }
         }
     }
 }
 
-type Acquired = (String, Option<String>, Result<(Claim, u64), ClaimError>);
+/// A key, its last holder known when the acquisition started, and the outcome.
+type Acquired = (
+    String,
+    Option<String>,
+    Result<(Claim, u64, Option<String>), ClaimError>,
+);
 
 impl DaemonRuntime {
     /// Runs until `token` fires, then releases every held task (waiting up to
@@ -184,7 +215,7 @@ impl DaemonRuntime {
                     state
                         .free_since
                         .entry(key.clone())
-                        .or_insert_with(Instant::now);
+                        .or_insert_with(Free::now);
                 }
                 state.specs.insert(key, spec);
             }
@@ -265,12 +296,12 @@ impl DaemonRuntime {
             }
         }
         let now = Instant::now();
-        for (key, since) in &state.free_since {
+        for (key, free) in &state.free_since {
             if state.held.contains_key(key) || state.acquiring.contains(key) {
                 continue;
             }
             if let Some(t) = queue_of.get(key.as_str()).and_then(|q| tallies.get_mut(q)) {
-                let list = if now.duration_since(*since) > self.settings.heartbeat {
+                let list = if now.duration_since(free.since) > self.settings.heartbeat {
                     &mut t.long
                 } else {
                     &mut t.fresh
@@ -317,7 +348,7 @@ impl DaemonRuntime {
         let (claims, uni_id, generation) =
             (self.claims.clone(), spec.uni_id.clone(), spec.generation);
         let worker_id = self.settings.worker_id.clone();
-        let previous = state.claims.get(&key).map(|c| c.worker_id.clone());
+        let previous = state.free_since.get(&key).and_then(|f| f.previous.clone());
         acquisitions.spawn(async move {
             let result = claims.acquire(&key, &uni_id, &worker_id, generation).await;
             (key, previous, result)
@@ -333,7 +364,7 @@ impl DaemonRuntime {
     ) {
         let (key, previous, result) = acquired;
         state.acquiring.remove(&key);
-        let (mut claim, revision) = match result {
+        let (mut claim, revision, released_by) = match result {
             Ok(won) => won,
             Err(ClaimError::AlreadyHeld(_)) => return,
             Err(e) => return tracing::warn!(key, cause = %e, "claim not acquired"),
@@ -344,9 +375,13 @@ impl DaemonRuntime {
             tokio::spawn(async move { claims.remove(&key, revision).await });
             return;
         };
-        if let Some(from) = previous.filter(|p| p != &self.settings.worker_id) {
+        // The releasing worker named in the claim we replaced, else the holder
+        // whose claim we saw expire.
+        let me = &self.settings.worker_id;
+        if let Some(from) = released_by.or(previous).filter(|p| p != me) {
+            tracing::debug!(uni_id = %spec.uni_id, from, "daemon task moved here");
             let (events, kind) = (self.events.clone(), spec.kind.to_string());
-            let detail = json!({"uni_id": spec.uni_id, "from": from});
+            let detail = json!({"uni_id": spec.uni_id, "from": from, "to": me});
             tokio::spawn(async move { events.emit("daemon", &kind, "moved", detail).await });
         }
         let operator = match self.operators.get(&spec.kind) {
@@ -397,12 +432,12 @@ fn on_claim(state: &mut State, entry: Option<Entry>) {
             state.claims.insert(entry.key, claim);
         }
         None => {
-            state.claims.remove(&entry.key);
+            let previous = state.claims.remove(&entry.key).map(|c| c.worker_id);
             if state.specs.contains_key(&entry.key) {
-                state
-                    .free_since
-                    .entry(entry.key)
-                    .or_insert_with(Instant::now);
+                let free = state.free_since.entry(entry.key).or_insert_with(Free::now);
+                if previous.is_some() {
+                    free.previous = previous;
+                }
             }
         }
     }
