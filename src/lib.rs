@@ -10,9 +10,10 @@
 //! ## Layout, in the order a command flows
 //!
 //! ```text
-//!  HTTP (bridge) ─┐                              ┌─► bmw_daemon_tasks (spec)
-//!  bmw task ──────┼─► client ─► bmw.task.* ─► command ─┘
-//!  any producer ──┘        (BMW_TASKS, one shared durable consumer)
+//!  HTTP (bridge) ─┐            ┌─ async, periodic ─► ops (applied at once)
+//!  bmw task ──────┴─► client ─┤
+//!                             └─ daemon ─► bmw.task.* ─► command ─► ops ─► bmw_daemon_tasks
+//!  any producer ─────────────────────────► (BMW_TASKS, one shared durable consumer)
 //!
 //!  every worker: daemon::runtime watches specs, claims, workers
 //!     └─► claim (bmw_daemon_claims, per-key TTL, CAS) ─► maintainer ─► Operator
@@ -24,16 +25,32 @@
 //!  periodic ─► Nats-Schedule on bmw.schedule.<kind> ─► the server enqueues each tick
 //! ```
 //!
-//! - [`task`]: kinds, payload canonical form, uni_ids, options.
-//! - [`nats`]: connection, every NATS name, provisioning, a local nats-server.
-//! - [`command`]: command messages, their validation and handling.
-//! - [`client`]: publishing commands and reading listings (bridge, CLI).
-//! - [`daemon`]: operators, specs, claims, maintainers, balancing.
+//! ## Layering
+//!
+//! Modules depend downward only, in this order (lowest first):
+//! [`nats`] (names, connection, typed errors), [`metrics`], [`shutdown`] →
+//! [`task`], [`config`], [`events`] → [`membership`] → [`daemon`], [`queue`]
+//! → [`periodic`] → [`registry`] → [`ops`] → [`command`], [`builtin`] →
+//! [`client`] → [`bridge`], [`worker`] → [`service`] → the binary.
+//! `tests/layering.rs` checks it from the sources.
+//!
+//! - [`nats`]: connection, every NATS name, provisioning, a local
+//!   nats-server, [`nats::NatsError`].
+//! - [`task`]: kinds, payload canonical form, uni_ids, options and which type
+//!   each applies to, commands as typed values, and [`task::Outcome`] /
+//!   [`task::OpError`], what every operation answers.
+//! - [`daemon`]: operators, specs, claims, maintainers, balancing, and
+//!   [`daemon::DaemonOps`] (create, delete, reload).
 //! - [`queue`]: async tasks: enqueue, the weighted and paced fetch loop, one
-//!   attempt, batched acks and events, retries, dead letters, records and
-//!   inspection.
-//! - [`periodic`]: schedules fired by nats-server, declared or created at run time.
+//!   attempt, batched acks and events, retries, dead letters, records,
+//!   inspection, and [`queue::AsyncOps`].
+//! - [`periodic`]: schedules fired by nats-server, declared or created at
+//!   run time, and [`periodic::PeriodicOps`].
 //! - [`registry`]: which kinds this binary can run; [`builtin`]: the demo kinds.
+//! - [`ops`]: the one place commands are applied, for every caller.
+//! - [`command`]: the wire form of `bmw.task.*`, the handler that applies and
+//!   settles one message, and the shared durable consumer.
+//! - [`client`]: what the bridge and `bmw task` submit and read through.
 //! - [`membership`]: the live-worker entries.
 //! - [`worker`], [`service`]: the process roles.
 //! - [`bridge`]: HTTP routes and the BMW envelope.

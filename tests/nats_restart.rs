@@ -48,3 +48,36 @@ async fn tasks_run_again_after_a_server_restart() {
         "a new task runs after the restart"
     );
 }
+
+/// While nats-server is down, a create is "try again later" (503), never a
+/// refusal of the caller's input (400): a schedule whose ack times out was
+/// answered 400 "invalid options" before NATS errors were typed.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_outage_answers_503_not_400() {
+    let mut env = TestEnv::start().await;
+    env.server.server.kill().await;
+    let creates = [
+        json!({"kind": "periodic:demo:tick", "options": {"every": "10s"}}),
+        json!({"kind": "async:demo:echo", "payload": {"n": 1}}),
+    ];
+    for body in &creates {
+        let err = env
+            .client
+            .submit_json("bmw.task.create", body.to_string().as_bytes())
+            .await
+            .expect_err("nothing can be stored while the server is down");
+        assert_eq!(err.status(), 503, "{body}: {err}");
+        assert!(err.is_transient(), "{body}: {err}");
+        let outcome = bmw::task::Outcome::from(err);
+        assert_eq!((outcome.result, outcome.code), (false, 503));
+    }
+    env.server.server.restart().await.expect("server restarts");
+    assert_eventually!(
+        Duration::from_secs(20),
+        env.client
+            .submit_json("bmw.task.create", creates[0].to_string().as_bytes())
+            .await
+            .is_ok(),
+        "the same create works once the server is back"
+    );
+}
