@@ -22,12 +22,23 @@ pub const JETSTREAM_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why connecting failed.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot connect to NATS at {url}: {message}")]
-pub struct ConnectError {
-    /// The URL(s) tried.
-    pub url: String,
-    /// What went wrong.
-    pub message: String,
+pub enum ConnectError {
+    /// A URL does not parse.
+    #[error("invalid NATS URL {url:?}: {source}")]
+    InvalidUrl {
+        /// The URL.
+        url: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The client could not be set up.
+    #[error("cannot connect to NATS at {url}: {source}")]
+    Connect {
+        /// The URL(s) tried.
+        url: String,
+        /// Why.
+        source: async_nats::ConnectError,
+    },
 }
 
 /// A connected client and its JetStream context.
@@ -44,15 +55,17 @@ impl Nats {
     /// retrying the first connection until it succeeds and reconnecting forever
     /// afterwards, and builds the JetStream context.
     pub async fn connect(url: &str, name: &str) -> Result<Nats, ConnectError> {
-        let err = |message: String| ConnectError {
-            url: url.to_owned(),
-            message,
-        };
         let addrs = url
             .split(',')
-            .map(|u| u.trim().parse::<async_nats::ServerAddr>())
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| err(format!("invalid URL: {e}")))?;
+            .map(|u| {
+                u.trim()
+                    .parse::<async_nats::ServerAddr>()
+                    .map_err(|source| ConnectError::InvalidUrl {
+                        url: u.trim().to_owned(),
+                        source,
+                    })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let client = async_nats::ConnectOptions::new()
             .name(name)
             .retry_on_initial_connect()
@@ -62,7 +75,10 @@ impl Nats {
             })
             .connect(addrs)
             .await;
-        let client = client.map_err(|e| err(e.to_string()))?;
+        let client = client.map_err(|source| ConnectError::Connect {
+            url: url.to_owned(),
+            source,
+        })?;
         // Wait (bounded) for the first connection, so callers fail fast on a wrong URL.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         while client.connection_state() != async_nats::connection::State::Connected
