@@ -58,9 +58,11 @@ impl Worker {
     /// A worker sharing the stores a process opened already (`bmw run`).
     pub fn with_operations(nats: Nats, config: Config, ops: Operations) -> Self {
         Worker {
+            nats,
+            config,
             registry: ops.registry().clone(),
             ops: Some(ops),
-            ..Worker::new(nats, config, Arc::new(Registry::new()))
+            worker_id: new_worker_id(),
         }
     }
 
