@@ -248,7 +248,9 @@ async fn time_zones_and_bad_input() {
     let stream = env.nats.js.get_stream("BMW_ASYNC").await.unwrap();
     assert!(
         stream
-            .get_last_raw_message_by_subject("bmw.schedule.periodic_demo_tick")
+            .get_last_raw_message_by_subject(&bmw::nats::names::schedule_subject(
+                "periodic:demo:tick"
+            ))
             .await
             .is_err()
     );
@@ -318,7 +320,10 @@ async fn declared_schedules_reconcile_to_one_and_survive_restarts() {
     let found = schedules().await;
     assert_eq!(
         found,
-        vec![("bmw.schedule.periodic_test_declared".to_owned(), 1)],
+        vec![(
+            bmw::nats::names::schedule_subject("periodic:test:declared"),
+            1
+        )],
         "one schedule message"
     );
     // A restart of every worker neither duplicates nor loses it.

@@ -7,6 +7,7 @@ mod async_tasks;
 mod async_workers;
 mod bridge_input;
 mod daemon_cluster;
+mod hostile_names;
 mod layering;
 mod nats_cluster;
 mod nats_restart;

@@ -111,19 +111,23 @@ pub fn periodic_status_key(kind: &str) -> String {
 /// The prefix of run-status keys in `bmw_periodic`.
 pub const PERIODIC_STATUS_PREFIX: &str = "status.";
 
-/// One subject token for a periodic kind: `periodic:demo:tick` -> `periodic_demo_tick`.
-fn periodic_token(kind: &str) -> String {
-    kind.replace(':', "_")
-}
-
-/// Subject of a periodic kind's schedule message: `bmw.schedule.<kind token>`.
+/// Subject of a periodic kind's schedule message: `bmw.schedule.<kind>`,
+/// the kind itself as one token (kinds are `[A-Za-z0-9_-]` parts joined by
+/// `:`), so each kind has its own subject.
 pub fn schedule_subject(kind: &str) -> String {
-    format!("{SCHEDULE_PREFIX}{}", periodic_token(kind))
+    format!("{SCHEDULE_PREFIX}{kind}")
 }
 
-/// Subject the ticks of a periodic kind land on: `bmw.async.<queue>.<kind token>`.
+/// The schedule subject of a kind before bmw 0.2 (`:` turned into `_`, so
+/// `periodic:a_b:c` and `periodic:a:b_c` shared it): purged whenever a
+/// kind's schedule is written or removed, so old schedules do not linger.
+pub fn legacy_schedule_subject(kind: &str) -> String {
+    format!("{SCHEDULE_PREFIX}{}", kind.replace(':', "_"))
+}
+
+/// Subject the ticks of a periodic kind land on: `bmw.async.<queue>.<kind>`.
 pub fn tick_subject(queue: &str, kind: &str) -> String {
-    async_subject(queue, &periodic_token(kind))
+    async_subject(queue, kind)
 }
 
 /// The queue of an async consumer's name (`bmw-async-<queue>`).

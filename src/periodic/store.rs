@@ -166,19 +166,26 @@ impl PeriodicStore {
             .send_publish(names::schedule_subject(spec.kind.as_str()), publish)
             .await
             .map_err(nats)?;
+        let legacy = names::legacy_schedule_subject(spec.kind.as_str());
         // Only an API error about the schedule itself is the caller's fault; a
         // timeout or an outage is not.
         match ack.await.map_err(NatsError::from) {
-            Ok(_) => Ok(()),
+            Ok(_) => self.purge_subject(&legacy).await,
             Err(e) if e.kind() == NatsErrorKind::Refused => Err(PeriodicError::Refused(e)),
             Err(e) => Err(PeriodicError::Nats(e)),
         }
     }
 
     async fn purge_schedule(&self, kind: &str) -> Result<(), PeriodicError> {
+        self.purge_subject(&names::schedule_subject(kind)).await?;
+        self.purge_subject(&names::legacy_schedule_subject(kind))
+            .await
+    }
+
+    async fn purge_subject(&self, subject: &str) -> Result<(), PeriodicError> {
         self.stream
             .purge()
-            .filter(names::schedule_subject(kind))
+            .filter(subject)
             .await
             .map(|_| ())
             .map_err(nats)

@@ -34,16 +34,37 @@ enum Outcome {
 }
 
 /// The task id: from the body, else `Nats-Msg-Id`, else the stream sequence.
+///
+/// An id a producer chose that cannot be a subject token or a key (spaces,
+/// wildcards, dots...) is replaced by `x-` and a digest of it, so the task
+/// can still be recorded, dead-lettered, found and deleted.
 fn task_id(task: &TaskMessage, message: &Message, seq: u64) -> String {
-    if !task.id.is_empty() {
-        return task.id.clone();
+    let given = if !task.id.is_empty() {
+        Some(task.id.clone())
+    } else {
+        message
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(async_nats::header::NATS_MESSAGE_ID))
+            .map(|v| v.as_str().to_owned())
+    };
+    match given {
+        None => format!("seq-{seq}"),
+        Some(id) if crate::task::check_task_id("task_id", &id).is_ok() => id,
+        Some(id) => {
+            use sha2::{Digest, Sha256};
+            let safe = format!(
+                "x-{}",
+                &crate::task::to_hex(&Sha256::digest(id.as_bytes()))[..32]
+            );
+            tracing::warn!(
+                given = id,
+                task_id = safe,
+                "a task id unfit for subjects and keys was replaced"
+            );
+            safe
+        }
     }
-    message
-        .headers
-        .as_ref()
-        .and_then(|h| h.get(async_nats::header::NATS_MESSAGE_ID))
-        .map(|v| v.as_str().to_owned())
-        .unwrap_or_else(|| format!("seq-{seq}"))
 }
 
 fn queue_of(subject: &str) -> String {

@@ -72,17 +72,7 @@ pub fn validate(create: &CreateCommand) -> Result<(), ValidationError> {
         ));
     }
     if let Some(id) = &o.task_id {
-        let ok = !id.is_empty()
-            && id.len() <= 128
-            && id
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "-_=".contains(c));
-        if !ok {
-            return Err(ValidationError::new(
-                "options.task_id",
-                "use 1-128 of A-Z a-z 0-9 - _ =",
-            ));
-        }
+        crate::task::check_task_id("options.task_id", id)?;
     }
     if o.unique_ttl.is_some_and(|d| d.is_zero()) {
         return Err(ValidationError::new(

@@ -1,6 +1,8 @@
 //! [`AsyncOps`]: the operations on async tasks, written once for every
 //! caller (bridge, `bmw task`, the command consumer): create (enqueue),
-//! delete and requeue, plus the reads behind listings.
+//! delete and requeue, plus the reads behind listings. Task ids and queue
+//! names are checked here, where they enter, before they reach a subject
+//! filter or a key.
 
 use serde_json::Value;
 
@@ -10,7 +12,7 @@ use super::inspect::{Inspector, ListQuery, QueueStats};
 use super::record::{RecordStore, TaskRecord};
 use crate::membership::WorkerEntry;
 use crate::nats::{Nats, NatsError};
-use crate::task::{CreateCommand, OpError};
+use crate::task::{CreateCommand, OpError, check_queue, check_task_id};
 
 /// Creates, deletes, requeues and reads async tasks.
 #[derive(Debug, Clone)]
@@ -35,16 +37,19 @@ impl AsyncOps {
 
     /// Deletes a task in any state; a running handler is cancelled.
     pub async fn delete(&self, task_id: &str) -> Result<Value, OpError> {
+        check_task_id("task_id", task_id)?;
         self.admin.delete(task_id).await
     }
 
     /// Puts an archived task back in its queue with fresh attempts.
     pub async fn requeue(&self, task_id: &str) -> Result<Value, OpError> {
+        check_task_id("task_id", task_id)?;
         self.admin.requeue(task_id).await
     }
 
     /// One task by id.
     pub async fn get(&self, task_id: &str) -> Result<TaskRecord, OpError> {
+        check_task_id("task_id", task_id)?;
         self.inspector()
             .get(task_id)
             .await?
@@ -53,6 +58,9 @@ impl AsyncOps {
 
     /// Tasks matching a query.
     pub async fn list(&self, query: &ListQuery) -> Result<Vec<TaskRecord>, OpError> {
+        if let Some(queue) = &query.queue {
+            check_queue("queue", queue)?;
+        }
         Ok(self.inspector().list(query).await?)
     }
 

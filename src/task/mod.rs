@@ -200,6 +200,50 @@ pub(crate) fn to_hex(bytes: &[u8]) -> String {
         })
 }
 
+/// The longest task id: it becomes a subject token and a KV key.
+pub const MAX_TASK_ID_LEN: usize = 128;
+/// The longest queue name: it becomes a subject token and a consumer name.
+pub const MAX_QUEUE_LEN: usize = 64;
+
+fn subject_safe(s: &str, extra: &str) -> bool {
+    s.chars()
+        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || extra.contains(c))
+}
+
+/// Checks a task id where it enters (options, deletes, lookups, requeues):
+/// 1 to [`MAX_TASK_ID_LEN`] of `A-Z a-z 0-9 - _ =`, so it can never be a
+/// wildcard, hold a separator or whitespace, or name something else in a
+/// subject filter.
+///
+/// ```
+/// assert!(bmw::task::check_task_id("task_id", "order-42").is_ok());
+/// assert!(bmw::task::check_task_id("task_id", "*").is_err());
+/// assert!(bmw::task::check_task_id("task_id", "a.b").is_err());
+/// ```
+pub fn check_task_id(field: &str, id: &str) -> Result<(), ValidationError> {
+    if !id.is_empty() && id.len() <= MAX_TASK_ID_LEN && subject_safe(id, "=") {
+        Ok(())
+    } else {
+        Err(ValidationError::new(
+            field,
+            format!("{id:?}: use 1-{MAX_TASK_ID_LEN} of A-Z a-z 0-9 - _ ="),
+        ))
+    }
+}
+
+/// Checks a queue name where it enters: 1 to [`MAX_QUEUE_LEN`] of
+/// `A-Z a-z 0-9 _ -`.
+pub fn check_queue(field: &str, queue: &str) -> Result<(), ValidationError> {
+    if !queue.is_empty() && queue.len() <= MAX_QUEUE_LEN && subject_safe(queue, "") {
+        Ok(())
+    } else {
+        Err(ValidationError::new(
+            field,
+            format!("{queue:?}: a queue name uses 1-{MAX_QUEUE_LEN} of A-Z a-z 0-9 _ -"),
+        ))
+    }
+}
+
 /// Identity of a daemon task instance: `kind-hex(dimension or canonical payload)`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(transparent)]

@@ -175,17 +175,8 @@ fn string(field: &str, v: &Value) -> Result<String, ValidationError> {
 
 fn queue_name(field: &str, v: &Value) -> Result<String, ValidationError> {
     let s = string(field, v)?;
-    let ok = !s.is_empty()
-        && s.chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
-    if ok {
-        Ok(s)
-    } else {
-        Err(ValidationError::new(
-            field,
-            format!("{s:?}: a queue name uses only A-Z a-z 0-9 _ -"),
-        ))
-    }
+    super::check_queue(field, &s)?;
+    Ok(s)
 }
 
 fn non_negative_int(field: &str, v: &Value) -> Result<u32, ValidationError> {
