@@ -20,11 +20,12 @@ use crate::nats::{Nats, NatsError, names};
 use crate::periodic::{PeriodicOps, PeriodicStore};
 use crate::queue::AsyncOps;
 use crate::registry::Registry;
-use crate::task::{Command, DeleteTarget, Kind, OpError, TaskType, ValidationError};
+use crate::task::{Command, CreateCommand, DeleteTarget, Kind, OpError, TaskType, ValidationError};
 
 /// The operations of one process over its stores. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Operations {
+    client: async_nats::Client,
     registry: Arc<Registry>,
     daemon: DaemonOps,
     queue: AsyncOps,
@@ -60,6 +61,7 @@ impl Operations {
         let js = &nats.js;
         let daemon = DaemonOps::new(SpecStore::open(js).await?, registry.operators().clone());
         Ok(Operations {
+            client: nats.client.clone(),
             daemon,
             queue: AsyncOps::open(nats).await?,
             periodic: PeriodicOps::new(PeriodicStore::open(js).await?),
@@ -128,13 +130,44 @@ impl Operations {
         .into())
     }
 
+    /// Refuses a create whose stored form would not fit in one NATS message
+    /// (the server's `max_payload`, less room for headers): refused before
+    /// anything is stored, never accepted and then dropped.
+    fn check_size(&self, create: &CreateCommand) -> Result<(), OpError> {
+        /// Room for the headers JetStream and bmw add to a stored message.
+        const HEADROOM: usize = 4096;
+        let limit = self.client.max_payload().saturating_sub(HEADROOM);
+        let (what, size) = match create.kind.task_type() {
+            // A daemon spec holds its uni_id, which may be the payload in hex.
+            // (Of a kind only other workers run, they measure it.)
+            TaskType::Daemon => match self.daemon.spec_for(create) {
+                Ok(spec) => ("daemon task", crate::nats::to_json_bytes(&spec).len()),
+                Err(_) => return Ok(()),
+            },
+            task_type => {
+                let what = if task_type == TaskType::Async {
+                    "async task"
+                } else {
+                    "periodic task"
+                };
+                let body = crate::nats::to_json_bytes(&(&create.payload, &create.options));
+                (what, body.len() + create.kind.as_str().len() + 256)
+            }
+        };
+        if size > limit {
+            return Err(OpError::TooLarge { what, size, limit });
+        }
+        Ok(())
+    }
+
     /// How a producer gets `command` applied, refusing first what a worker
-    /// would refuse (unknown kind, bad options, unknown uni_id).
+    /// would refuse (unknown kind, bad options, unknown uni_id, too large).
     pub async fn route(&self, command: &Command) -> Result<Route, OpError> {
         match command {
             Command::Create(create) => {
                 create.options.check_for(create.kind.task_type())?;
                 let home = self.home_of(&create.kind).await?;
+                self.check_size(create)?;
                 match (create.kind.task_type(), home) {
                     (TaskType::Daemon, Home::Here) => Ok(Route::Worker {
                         known: json!({"uni_id": self.daemon.spec_for(create)?.uni_id}),
@@ -167,6 +200,7 @@ impl Operations {
             Command::Create(create) => {
                 create.options.check_for(create.kind.task_type())?;
                 let home = self.home_of(&create.kind).await?;
+                self.check_size(create)?;
                 match create.kind.task_type() {
                     TaskType::Daemon if home == Home::Elsewhere => return Ok(None),
                     TaskType::Daemon => self.daemon.create(create).await?,

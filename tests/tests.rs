@@ -15,3 +15,4 @@ mod periodic_tasks;
 mod raw_commands;
 mod seed_walkthrough;
 mod service;
+mod sizes;

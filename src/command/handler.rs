@@ -114,6 +114,8 @@ impl CommandHandler {
                 Settle::Elsewhere
             }
             Err(e @ OpError::Invalid(_)) => Settle::Poison(e.into()),
+            // On a subject, too large is bad input like any other (400).
+            Err(e @ OpError::TooLarge { .. }) => Settle::Poison(Outcome::err(400, e.to_string())),
             Err(OpError::Nats(e)) if e.kind() == NatsErrorKind::Refused => {
                 Settle::Poison(OpError::Nats(e).into())
             }

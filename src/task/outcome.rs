@@ -63,6 +63,19 @@ pub enum OpError {
         /// The existing task's id.
         task_id: String,
     },
+    /// What would be stored does not fit in a NATS message (413; 400 when the
+    /// request came as a message on a subject).
+    #[error(
+        "the stored {what} would be {size} bytes, over the {limit} bytes nats-server takes in one message (its max_payload less room for headers); send a smaller payload"
+    )]
+    TooLarge {
+        /// What would be stored (`daemon task`, `async task`...).
+        what: &'static str,
+        /// Its size in bytes.
+        size: usize,
+        /// The most that fits.
+        limit: usize,
+    },
     /// NATS failed: 503 when it may work later (timeout, outage), 500 when not.
     #[error(transparent)]
     Nats(#[from] NatsError),
@@ -75,6 +88,7 @@ impl OpError {
             OpError::Invalid(_) => 400,
             OpError::NotFound(_) => 404,
             OpError::Conflict { .. } => 409,
+            OpError::TooLarge { .. } => 413,
             OpError::Nats(e) if e.is_transient() => 503,
             // The server refused what bmw sent, or something bmw did not expect.
             OpError::Nats(e) if e.kind() == NatsErrorKind::Refused => 500,

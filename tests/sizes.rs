@@ -1,0 +1,61 @@
+//! What is accepted always fits what will be stored: a daemon payload whose
+//! spec (payload, and its uni_id, the payload in hex) would exceed the
+//! server's max_payload is refused up front — 413 over HTTP, 400 on the
+//! subject — never answered 202 and then dropped.
+
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use futures::StreamExt;
+use reqwest::Method;
+use serde_json::{Value, json};
+
+use crate::harness::{BmwProcess, TestEnv, http};
+
+/// A payload of about 400 KB: under the bridge's 1 MiB body limit, but its
+/// spec (payload + hex uni_id) is about 1.2 MB.
+fn big_daemon_create() -> Value {
+    json!({"kind": "daemon:demo:demo", "payload": {"content": "ok", "blob": "x".repeat(400_000)}})
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_create_that_cannot_be_stored_is_refused_up_front() {
+    let env = TestEnv::start().await;
+    let bmw = BmwProcess::run(&env.url(), &[]).await;
+    let url = format!("{}/bmw/task/", bmw.base_url());
+    let (status, out) = http(Method::POST, &url, Some(&big_daemon_create().to_string())).await;
+    assert_eq!(status, 413, "{}", out["message"]);
+    assert!(
+        out["message"].as_str().unwrap().contains("max_payload"),
+        "{out}"
+    );
+
+    // On the subject: answered 400 on Bmw-Reply (and terminated, not retried).
+    let inbox = env.nats.client.new_inbox();
+    let mut replies = env.nats.client.subscribe(inbox.clone()).await.unwrap();
+    let mut headers = HeaderMap::new();
+    headers.insert(bmw::nats::names::HEADER_REPLY, inbox.as_str());
+    env.nats
+        .js
+        .publish_with_headers(
+            bmw::nats::names::SUBJECT_CREATE,
+            headers,
+            big_daemon_create().to_string().into(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let reply = tokio::time::timeout(Duration::from_secs(10), replies.next())
+        .await
+        .expect("answered")
+        .unwrap();
+    let outcome: Value = serde_json::from_slice(&reply.payload).unwrap();
+    assert_eq!(outcome["code"], 400, "{outcome}");
+
+    // A create that fits still works.
+    let ok =
+        json!({"kind": "daemon:demo:demo", "payload": {"content": "ok", "blob": "x".repeat(1000)}});
+    let (status, out) = http(Method::POST, &url, Some(&ok.to_string())).await;
+    assert_eq!(status, 200, "{out}");
+}
