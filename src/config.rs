@@ -47,6 +47,9 @@ pub const DEFAULT_ASYNC_RETRY_MAX: Duration = Duration::from_secs(3600);
 pub const DEFAULT_ASYNC_ACK_WAIT: Duration = Duration::from_secs(30);
 /// Default largest request body the bridge accepts.
 pub const DEFAULT_MAX_BODY: usize = 1024 * 1024;
+/// Default most tasks a queue may hold (waiting or running) before creates
+/// on it are refused with 429.
+pub const DEFAULT_MAX_QUEUE_PENDING: u64 = 1_000_000;
 
 /// Why a configuration was refused; names the setting.
 #[derive(Debug, thiserror::Error)]
@@ -101,6 +104,7 @@ pub struct ConfigOverrides {
     pub async_retry_base: Option<String>,
     pub async_retry_max: Option<String>,
     pub async_ack_wait: Option<String>,
+    pub max_queue_pending: Option<u64>,
 }
 
 impl ConfigOverrides {
@@ -137,6 +141,7 @@ impl ConfigOverrides {
             async_retry_base: self.async_retry_base.or(other.async_retry_base),
             async_retry_max: self.async_retry_max.or(other.async_retry_max),
             async_ack_wait: self.async_ack_wait.or(other.async_ack_wait),
+            max_queue_pending: self.max_queue_pending.or(other.max_queue_pending),
         }
     }
 }
@@ -181,6 +186,8 @@ pub struct Config {
     pub async_retry_max: Duration,
     /// How long a fetched async task may go unacknowledged before redelivery.
     pub async_ack_wait: Duration,
+    /// Most tasks a queue may hold before creates on it are refused (429).
+    pub max_queue_pending: u64,
 }
 
 impl Default for Config {
@@ -271,6 +278,7 @@ impl Config {
                 given.async_ack_wait,
                 DEFAULT_ASYNC_ACK_WAIT,
             )?,
+            max_queue_pending: given.max_queue_pending.unwrap_or(DEFAULT_MAX_QUEUE_PENDING),
         };
         config.validate()?;
         Ok(config)

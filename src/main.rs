@@ -81,6 +81,10 @@ struct Global {
     /// How long a fetched async task may go unacknowledged before another worker gets it [default: 30s].
     #[arg(long, global = true, env = "BMW_ASYNC_ACK_WAIT")]
     async_ack_wait: Option<String>,
+    /// Most tasks a queue may hold (waiting or running) before creates on it
+    /// are refused with 429 [default: 1000000].
+    #[arg(long, global = true, env = "BMW_MAX_QUEUE_PENDING")]
+    max_queue_pending: Option<u64>,
     /// Optional TOML config file; keys are the long flag names (`claim-ttl = "15s"`).
     #[arg(long, global = true, env = "BMW_CONFIG")]
     config: Option<PathBuf>,
@@ -181,6 +185,7 @@ impl Global {
             async_retry_base: self.async_retry_base.clone(),
             async_retry_max: self.async_retry_max.clone(),
             async_ack_wait: self.async_ack_wait.clone(),
+            max_queue_pending: self.max_queue_pending,
         }
     }
 

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use async_nats::jetstream::kv;
 use serde_json::{Value, json};
 
+use crate::config::Config;
 use crate::daemon::{DaemonOps, SpecStore};
 use crate::membership::WorkerEntry;
 use crate::nats::{Nats, NatsError, names};
@@ -56,14 +57,24 @@ pub enum Route {
 }
 
 impl Operations {
-    /// Opens the (provisioned) streams and buckets of every task type.
+    /// Opens the (provisioned) streams and buckets of every task type, with
+    /// the default limits.
     pub async fn open(nats: &Nats, registry: Arc<Registry>) -> Result<Operations, NatsError> {
+        Operations::open_with(nats, registry, &Config::default()).await
+    }
+
+    /// Opens them with the limits of `config` (`--max-queue-pending`...).
+    pub async fn open_with(
+        nats: &Nats,
+        registry: Arc<Registry>,
+        config: &Config,
+    ) -> Result<Operations, NatsError> {
         let js = &nats.js;
         let daemon = DaemonOps::new(SpecStore::open(js).await?, registry.operators().clone());
         Ok(Operations {
             client: nats.client.clone(),
             daemon,
-            queue: AsyncOps::open(nats).await?,
+            queue: AsyncOps::open(nats, config.max_queue_pending).await?,
             periodic: PeriodicOps::new(PeriodicStore::open(js).await?),
             workers: js.get_key_value(names::BUCKET_WORKERS).await?,
             registry,

@@ -120,6 +120,8 @@ impl CommandHandler {
                 Settle::Poison(OpError::Nats(e).into())
             }
             Err(OpError::Nats(e)) => Settle::Later(e.to_string()),
+            // A full queue may drain: the command waits in BMW_TASKS meanwhile.
+            Err(e @ OpError::QueueFull { .. }) => Settle::Later(e.to_string()),
             Err(e) => Settle::Ack(e.into()),
         }
     }

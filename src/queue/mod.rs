@@ -12,6 +12,7 @@
 pub mod admin;
 mod attempt;
 mod completer;
+mod depth;
 pub mod enqueue;
 mod fetcher;
 pub mod handler;

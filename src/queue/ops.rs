@@ -4,14 +4,17 @@
 //! names are checked here, where they enter, before they reach a subject
 //! filter or a key.
 
+use std::sync::Arc;
+
 use serde_json::Value;
 
 use super::admin::Admin;
+use super::depth::QueueDepth;
 use super::enqueue::Enqueuer;
 use super::inspect::{Inspector, ListQuery, QueueStats};
 use super::record::{RecordStore, TaskRecord};
 use crate::membership::WorkerEntry;
-use crate::nats::{Nats, NatsError};
+use crate::nats::{Nats, NatsError, names};
 use crate::task::{CreateCommand, OpError, check_queue, check_task_id};
 
 /// Creates, deletes, requeues and reads async tasks.
@@ -19,20 +22,30 @@ use crate::task::{CreateCommand, OpError, check_queue, check_task_id};
 pub struct AsyncOps {
     enqueuer: Enqueuer,
     admin: Admin,
+    depth: Arc<QueueDepth>,
 }
 
 impl AsyncOps {
     /// Opens the (provisioned) streams and buckets.
-    pub async fn open(nats: &Nats) -> Result<AsyncOps, NatsError> {
+    /// Opens the (provisioned) streams and buckets; a queue holding
+    /// `max_pending` tasks refuses creates (0: no limit).
+    pub async fn open(nats: &Nats, max_pending: u64) -> Result<AsyncOps, NatsError> {
+        let stream = nats.js.get_stream(names::STREAM_ASYNC).await?;
         Ok(AsyncOps {
             enqueuer: Enqueuer::open(&nats.js).await?,
             admin: Admin::open(nats).await?,
+            depth: Arc::new(QueueDepth::new(stream, max_pending)),
         })
     }
 
     /// Validates and enqueues; the data is `{task_id, kind, queue, state, process_at}`.
+    /// A full queue refuses it (429).
     pub async fn create(&self, create: &CreateCommand) -> Result<Value, OpError> {
-        self.enqueuer.enqueue(create).await
+        let queue = create.options.queue();
+        self.depth.check(queue).await?;
+        let data = self.enqueuer.enqueue(create).await?;
+        self.depth.added(queue);
+        Ok(data)
     }
 
     /// Deletes a task in any state; a running handler is cancelled.

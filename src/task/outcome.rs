@@ -76,6 +76,16 @@ pub enum OpError {
         /// The most that fits.
         limit: usize,
     },
+    /// The queue holds as many tasks as it may (429).
+    #[error(
+        "queue `{queue}` holds {limit} tasks or more (--max-queue-pending); try again when workers have caught up"
+    )]
+    QueueFull {
+        /// The queue.
+        queue: String,
+        /// Its limit.
+        limit: u64,
+    },
     /// NATS failed: 503 when it may work later (timeout, outage), 500 when not.
     #[error(transparent)]
     Nats(#[from] NatsError),
@@ -89,6 +99,7 @@ impl OpError {
             OpError::NotFound(_) => 404,
             OpError::Conflict { .. } => 409,
             OpError::TooLarge { .. } => 413,
+            OpError::QueueFull { .. } => 429,
             OpError::Nats(e) if e.is_transient() => 503,
             // The server refused what bmw sent, or something bmw did not expect.
             OpError::Nats(e) if e.kind() == NatsErrorKind::Refused => 500,
@@ -98,7 +109,8 @@ impl OpError {
 
     /// Whether trying the same operation later may succeed.
     pub fn is_transient(&self) -> bool {
-        matches!(self, OpError::Nats(e) if e.is_transient())
+        matches!(self, OpError::QueueFull { .. })
+            || matches!(self, OpError::Nats(e) if e.is_transient())
     }
 }
 

@@ -1,7 +1,8 @@
-//! What is accepted always fits what will be stored: a daemon payload whose
-//! spec (payload, and its uni_id, the payload in hex) would exceed the
-//! server's max_payload is refused up front — 413 over HTTP, 400 on the
-//! subject — never answered 202 and then dropped.
+//! Limits on what is accepted. What is accepted always fits what will be
+//! stored: a daemon payload whose spec (payload, and its uni_id, the payload
+//! in hex) would exceed the server's max_payload is refused up front — 413
+//! over HTTP, 400 on the subject — never answered 202 and then dropped. A
+//! queue holds at most `--max-queue-pending` tasks: creates beyond are 429.
 
 use std::time::Duration;
 
@@ -57,5 +58,37 @@ async fn a_create_that_cannot_be_stored_is_refused_up_front() {
     let ok =
         json!({"kind": "daemon:demo:demo", "payload": {"content": "ok", "blob": "x".repeat(1000)}});
     let (status, out) = http(Method::POST, &url, Some(&ok.to_string())).await;
+    assert_eq!(status, 200, "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_queue_refuses_creates_with_429() {
+    let env = TestEnv::start().await;
+    let bmw = BmwProcess::run(
+        &env.url(),
+        &["--max-queue-pending", "5", "--concurrency", "1"],
+    )
+    .await;
+    let url = format!("{}/bmw/task/", bmw.base_url());
+    // `held` has no worker: counted from the stream. `default` has one that
+    // runs one task at a time: counted from its consumer (running + waiting).
+    for (queue, kind, payload) in [
+        ("held", "async:demo:echo", json!({})),
+        ("default", "async:demo:sleep", json!({"seconds": 30})),
+    ] {
+        for n in 0..5 {
+            let body = json!({"kind": kind, "payload": payload, "options": {"queue": queue, "task_id": format!("{queue}-{n}")}});
+            let (status, out) = http(Method::POST, &url, Some(&body.to_string())).await;
+            assert_eq!(status, 200, "{queue} #{n}: {out}");
+        }
+        let body = json!({"kind": kind, "payload": payload, "options": {"queue": queue}});
+        let (status, out) = http(Method::POST, &url, Some(&body.to_string())).await;
+        assert_eq!(status, 429, "{queue}: {out}");
+        let message = out["message"].as_str().unwrap_or_default();
+        assert!(message.contains(&format!("`{queue}`")), "{out}");
+    }
+    // Another queue is not affected.
+    let body = json!({"kind": "async:demo:echo", "options": {"queue": "other"}});
+    let (status, out) = http(Method::POST, &url, Some(&body.to_string())).await;
     assert_eq!(status, 200, "{out}");
 }
