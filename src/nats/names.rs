@@ -187,7 +187,16 @@ mod tests {
         assert_eq!(queue_of_consumer(&async_consumer("q5")), Some("q5"));
         assert_eq!(
             tick_subject("q", "periodic:a:b"),
-            "bmw.async.q.periodic_a_b"
+            "bmw.async.q.periodic:a:b"
+        );
+        // One subject per kind: these two shared one before.
+        assert_ne!(
+            schedule_subject("periodic:a_b:c"),
+            schedule_subject("periodic:a:b_c")
+        );
+        assert_eq!(
+            legacy_schedule_subject("periodic:a_b:c"),
+            legacy_schedule_subject("periodic:a:b_c")
         );
     }
 }
