@@ -22,7 +22,7 @@ use crate::daemon::{Claim, DaemonSpec};
 use crate::membership::WorkerEntry;
 use crate::nats::{Nats, NatsError, names};
 use crate::ops::{Operations, Route};
-use crate::queue::{ListQuery, QueueStats, TaskRecord};
+use crate::queue::{ListQuery, Page, QueueStats, TaskRecord};
 use crate::registry::Registry;
 use crate::task::{Command, OpError, Outcome};
 
@@ -162,7 +162,7 @@ impl TaskClient {
     }
 
     /// Async tasks matching a query.
-    pub async fn list_async(&self, query: &ListQuery) -> Result<Vec<TaskRecord>, OpError> {
+    pub async fn list_async(&self, query: &ListQuery) -> Result<Page, OpError> {
         self.ops.queue().list(query).await
     }
 

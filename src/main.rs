@@ -269,7 +269,9 @@ async fn task(cmd: TaskCmd, config: Config, registry: Arc<Registry>) -> anyhow::
         TaskCmd::List { task_type } => {
             let rows = match task_type.as_str() {
                 "daemon" => serde_json::to_value(client.list_daemon().await?)?,
-                "async" => serde_json::to_value(client.list_async(&Default::default()).await?)?,
+                "async" => {
+                    serde_json::to_value(client.list_async(&Default::default()).await?.tasks)?
+                }
                 "periodic" => serde_json::to_value(client.list_periodic().await?)?,
                 other => anyhow::bail!("listing {other} tasks is not supported by this version"),
             };

@@ -6,7 +6,8 @@ use std::collections::HashMap;
 
 use axum::body::{Body, Bytes};
 use axum::extract::{Query, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
 use super::BridgeState;
@@ -59,12 +60,17 @@ pub(super) async fn reload(State(state): State<BridgeState>, raw: Body) -> Resul
     submit(&state, names::SUBJECT_RELOAD, raw).await
 }
 
-/// `GET /bmw/task/?task_type=daemon|async`: list tasks. Async filters:
-/// `task_id` (one task), `queue`, `state`, `kind`, `offset`, `limit`.
+/// The response header that carries where the next page of an async
+/// listing starts (absent on the last page): pass it back as `cursor`.
+pub(super) const NEXT_CURSOR_HEADER: &str = "bmw-next-cursor";
+
+/// `GET /bmw/task/?task_type=daemon|async|periodic`: list tasks. Async
+/// filters: `task_id` (one task), `queue`, `state`, `kind`; paging: `limit`,
+/// `cursor` (from the previous page's `Bmw-Next-Cursor` header), `offset`.
 pub(super) async fn list(
     State(state): State<BridgeState>,
     Query(query): Query<HashMap<String, String>>,
-) -> Result<Reply, ApiError> {
+) -> Result<Response, ApiError> {
     let task_type = query
         .get("task_type")
         .map(String::as_str)
@@ -76,12 +82,12 @@ pub(super) async fn list(
                 Some(kind) => rows.into_iter().filter(|r| &r.kind == kind).collect(),
                 None => rows,
             };
-            Ok(Reply::ok(json!(rows)))
+            Ok(Reply::ok(json!(rows)).into_response())
         }
         TaskType::Async => {
             if let Some(task_id) = query.get("task_id") {
                 let record = state.client.get_async(task_id).await?;
-                return Ok(Reply::ok(json!(record)));
+                return Ok(Reply::ok(json!(record)).into_response());
             }
             let number = |name: &str| -> Result<usize, ApiError> {
                 query.get(name).map_or(Ok(0), |v| {
@@ -101,13 +107,20 @@ pub(super) async fn list(
                 kind: query.get("kind").cloned(),
                 offset: number("offset")?,
                 limit: number("limit")?,
+                cursor: query.get("cursor").map(|c| c.parse()).transpose()?,
             };
-            let rows = state.client.list_async(&list_query).await?;
-            Ok(Reply::ok(json!(rows)))
+            let page = state.client.list_async(&list_query).await?;
+            let mut response = Reply::ok(json!(page.tasks)).into_response();
+            if let Some(next) = page.next
+                && let Ok(value) = HeaderValue::from_str(&next.to_string())
+            {
+                response.headers_mut().insert(NEXT_CURSOR_HEADER, value);
+            }
+            Ok(response)
         }
         TaskType::Periodic => {
             let rows = state.client.list_periodic().await?;
-            Ok(Reply::ok(json!(rows)))
+            Ok(Reply::ok(json!(rows)).into_response())
         }
     }
 }

@@ -6,11 +6,12 @@
 
 use std::collections::BTreeMap;
 
-use async_nats::jetstream::{self, stream::Stream};
+use async_nats::jetstream::{self, message::StreamMessage, stream::Stream};
 use futures::TryStreamExt;
 use serde::Serialize;
 use serde_json::Value;
 
+use super::listing::{Cursor, Page};
 use super::message::TaskMessage;
 use super::record::{RecordStore, TaskRecord, TaskState};
 use crate::nats::{NatsError, names};
@@ -25,6 +26,32 @@ pub(crate) async fn subjects(
     let mut subjects: Vec<String> = found.into_iter().map(|(s, _)| s).collect();
     subjects.sort();
     Ok(subjects.into_iter())
+}
+
+/// The record of a task still in the stream (pending or scheduled); `None`
+/// for a message that is not a task (a raw producer's mistake).
+pub(super) fn message_record(message: &StreamMessage, state: TaskState) -> Option<TaskRecord> {
+    let subject = message.subject.as_str();
+    // A message that is not a task (a raw producer's mistake) is not listed.
+    let Ok(task) = serde_json::from_slice::<TaskMessage>(&message.payload) else {
+        return None;
+    };
+    Some(TaskRecord {
+        task_id: names::task_id_of(subject).to_owned(),
+        kind: task.kind.clone(),
+        queue: names::queue_of(subject).unwrap_or_default().to_owned(),
+        state,
+        attempts: 0,
+        max_retry: task.max_retry(),
+        last_error: None,
+        errors: Vec::new(),
+        payload: task.payload,
+        options: serde_json::to_value(&task.options).unwrap_or(Value::Null),
+        enqueued_at: task.enqueued_at,
+        next_process_at: task.options.process_at.clone(),
+        completed_at: None,
+        updated_at: message.time.to_string(),
+    })
 }
 
 /// Reads tasks and stats.
@@ -44,10 +71,12 @@ pub struct ListQuery {
     pub state: Option<TaskState>,
     /// Only this kind.
     pub kind: Option<String>,
-    /// Skip this many.
+    /// Skip this many matches (after the cursor).
     pub offset: usize,
-    /// At most this many (default 100).
+    /// At most this many (default 100, at most 1,000).
     pub limit: usize,
+    /// Where the previous page ended.
+    pub cursor: Option<Cursor>,
 }
 
 /// One queue's numbers.
@@ -87,30 +116,10 @@ impl Inspector {
         subject: &str,
         state: TaskState,
     ) -> Result<Option<TaskRecord>, NatsError> {
-        let message = match stream.get_last_raw_message_by_subject(subject).await {
-            Ok(m) => m,
-            Err(_) => return Ok(None),
-        };
-        // A message that is not a task (a raw producer's mistake) is not listed.
-        let Ok(task) = serde_json::from_slice::<TaskMessage>(&message.payload) else {
-            return Ok(None);
-        };
-        Ok(Some(TaskRecord {
-            task_id: names::task_id_of(subject).to_owned(),
-            kind: task.kind.clone(),
-            queue: names::queue_of(subject).unwrap_or_default().to_owned(),
-            state,
-            attempts: 0,
-            max_retry: task.max_retry(),
-            last_error: None,
-            errors: Vec::new(),
-            payload: task.payload,
-            options: serde_json::to_value(&task.options).unwrap_or(Value::Null),
-            enqueued_at: task.enqueued_at,
-            next_process_at: task.options.process_at.clone(),
-            completed_at: None,
-            updated_at: message.time.to_string(),
-        }))
+        match stream.get_last_raw_message_by_subject(subject).await {
+            Ok(message) => Ok(message_record(&message, state)),
+            Err(_) => Ok(None),
+        }
     }
 
     /// One task by id.
@@ -135,62 +144,9 @@ impl Inspector {
         Ok(None)
     }
 
-    /// Tasks matching `query`, newest records first, then pending and scheduled ones.
-    pub async fn list(&self, query: &ListQuery) -> Result<Vec<TaskRecord>, NatsError> {
-        let limit = if query.limit == 0 {
-            100
-        } else {
-            query.limit.min(1000)
-        };
-        let wanted = |r: &TaskRecord| {
-            query.queue.as_ref().is_none_or(|q| &r.queue == q)
-                && query.state.is_none_or(|s| r.state == s)
-                && query.kind.as_ref().is_none_or(|k| &r.kind == k)
-        };
-        let mut records: Vec<TaskRecord> = self
-            .records
-            .all()
-            .await?
-            .into_iter()
-            .filter(|r| wanted(r))
-            .collect();
-        records.sort_by(|a, b| b.updated_at.cmp(&a.updated_at));
-        let recorded: std::collections::HashSet<String> =
-            records.iter().map(|r| r.task_id.clone()).collect();
-        let mut out: Vec<TaskRecord> = records.into_iter().skip(query.offset).take(limit).collect();
-        let mut skip = query.offset.saturating_sub(recorded.len());
-        let queue = query.queue.as_deref().unwrap_or(names::ANY);
-        for (filter, state) in [
-            (names::async_subject(queue, names::ANY), TaskState::Pending),
-            (
-                names::delayed_subject(queue, names::ANY),
-                TaskState::Scheduled,
-            ),
-        ] {
-            if query.state.is_some_and(|s| s != state) {
-                continue;
-            }
-            for subject in subjects(&self.stream, &filter).await? {
-                if out.len() >= limit {
-                    return Ok(out);
-                }
-                if recorded.contains(names::task_id_of(&subject)) {
-                    continue;
-                }
-                if let Some(r) = self
-                    .message_record(&self.stream, &subject, state)
-                    .await?
-                    .filter(|r| wanted(r))
-                {
-                    if skip > 0 {
-                        skip -= 1;
-                    } else {
-                        out.push(r);
-                    }
-                }
-            }
-        }
-        Ok(out)
+    /// One page of the tasks matching `query` (see [`super::listing`]).
+    pub async fn list(&self, query: &ListQuery) -> Result<Page, NatsError> {
+        super::listing::page(self, query).await
     }
 
     /// Stats of `queues`, plus any queue that has a consumer.

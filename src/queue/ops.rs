@@ -12,6 +12,7 @@ use super::admin::Admin;
 use super::depth::QueueDepth;
 use super::enqueue::Enqueuer;
 use super::inspect::{Inspector, ListQuery, QueueStats};
+use super::listing::Page;
 use super::record::{RecordStore, TaskRecord};
 use crate::membership::WorkerEntry;
 use crate::nats::{Nats, NatsError, names};
@@ -70,7 +71,7 @@ impl AsyncOps {
     }
 
     /// Tasks matching a query.
-    pub async fn list(&self, query: &ListQuery) -> Result<Vec<TaskRecord>, OpError> {
+    pub async fn list(&self, query: &ListQuery) -> Result<Page, OpError> {
         if let Some(queue) = &query.queue {
             check_queue("queue", queue)?;
         }

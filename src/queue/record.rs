@@ -125,6 +125,11 @@ impl RecordStore {
         Ok(())
     }
 
+    /// The bucket's stream (listings page through it).
+    pub(crate) fn stream(&self) -> &async_nats::jetstream::stream::Stream {
+        &self.kv.stream
+    }
+
     /// Every record.
     pub async fn all(&self) -> Result<Vec<TaskRecord>, NatsError> {
         Ok(crate::nats::read_all::<TaskRecord>(&self.kv)
@@ -132,4 +137,15 @@ impl RecordStore {
             .into_values()
             .collect())
     }
+}
+
+/// The record a message of the records bucket holds; `None` for a delete or
+/// purge marker, or anything that is not a record.
+pub(crate) fn from_message(
+    message: &async_nats::jetstream::message::StreamMessage,
+) -> Option<TaskRecord> {
+    if message.headers.get("KV-Operation").is_some() {
+        return None;
+    }
+    serde_json::from_slice(&message.payload).ok()
 }
