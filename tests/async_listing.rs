@@ -8,7 +8,7 @@ use std::time::Duration;
 use reqwest::Method;
 use serde_json::{Value, json};
 
-use crate::harness::{BmwProcess, TestEnv, http};
+use crate::harness::{BmwProcess, TestEnv, create_ok, http};
 
 /// One page: its task ids and the next cursor.
 async fn page(base: &str, query: &str) -> (Vec<String>, Option<String>) {
@@ -54,15 +54,7 @@ async fn listings_page_with_a_cursor() {
     let env = TestEnv::start().await;
     let bmw = BmwProcess::run(&env.url(), &[]).await;
     let base = bmw.base_url();
-    let create = async |body: Value| {
-        let (status, out) = http(
-            Method::POST,
-            &format!("{base}/bmw/task/"),
-            Some(&body.to_string()),
-        )
-        .await;
-        assert_eq!(status, 200, "{out}");
-    };
+    let create = async |body: Value| create_ok(&base, &body).await;
     for n in 0..7 {
         create(json!({"kind": "async:demo:fail", "payload": {"skip_retry": true}, "options": {"task_id": format!("a-{n}")}})).await;
     }

@@ -10,7 +10,7 @@ use async_nats::HeaderMap;
 use reqwest::Method;
 use serde_json::{Value, json};
 
-use crate::harness::{BmwProcess, TestEnv, collect_events, http};
+use crate::harness::{BmwProcess, TestEnv, collect_events, create_ok, http};
 
 fn archived(events: &Arc<std::sync::Mutex<Vec<Value>>>) -> Vec<String> {
     events
@@ -31,13 +31,7 @@ async fn wildcard_task_ids_are_refused_where_they_enter() {
     let base = bmw.base_url();
     for id in ["victim-1", "victim-2"] {
         let body = json!({"kind": "async:demo:fail", "payload": {"skip_retry": true}, "options": {"task_id": id}});
-        let (status, out) = http(
-            Method::POST,
-            &format!("{base}/bmw/task/"),
-            Some(&body.to_string()),
-        )
-        .await;
-        assert_eq!(status, 200, "{out}");
+        create_ok(&base, &body).await;
     }
     assert_eventually!(
         Duration::from_secs(10),

@@ -4,14 +4,10 @@
 //! over HTTP, 400 on the subject — never answered 202 and then dropped. A
 //! queue holds at most `--max-queue-pending` tasks: creates beyond are 429.
 
-use std::time::Duration;
-
-use async_nats::HeaderMap;
-use futures::StreamExt;
 use reqwest::Method;
 use serde_json::{Value, json};
 
-use crate::harness::{BmwProcess, TestEnv, http};
+use crate::harness::{BmwProcess, TestEnv, http, publish_command};
 
 /// A payload of about 400 KB: under the bridge's 1 MiB body limit, but its
 /// spec (payload + hex uni_id) is about 1.2 MB.
@@ -32,26 +28,8 @@ async fn a_create_that_cannot_be_stored_is_refused_up_front() {
     );
 
     // On the subject: answered 400 on Bmw-Reply (and terminated, not retried).
-    let inbox = env.nats.client.new_inbox();
-    let mut replies = env.nats.client.subscribe(inbox.clone()).await.unwrap();
-    let mut headers = HeaderMap::new();
-    headers.insert(bmw::nats::names::HEADER_REPLY, inbox.as_str());
-    env.nats
-        .js
-        .publish_with_headers(
-            bmw::nats::names::SUBJECT_CREATE,
-            headers,
-            big_daemon_create().to_string().into(),
-        )
-        .await
-        .unwrap()
-        .await
-        .unwrap();
-    let reply = tokio::time::timeout(Duration::from_secs(10), replies.next())
-        .await
-        .expect("answered")
-        .unwrap();
-    let outcome: Value = serde_json::from_slice(&reply.payload).unwrap();
+    let body = big_daemon_create().to_string();
+    let outcome = publish_command(&env, bmw::nats::names::SUBJECT_CREATE, body.as_bytes()).await;
     assert_eq!(outcome["code"], 400, "{outcome}");
 
     // A create that fits still works.

@@ -4,36 +4,13 @@
 
 use std::time::Duration;
 
-use async_nats::HeaderMap;
 use async_nats::jetstream::message::PublishMessage as Publish;
 use futures::StreamExt;
 use serde_json::{Value, json};
 
-use crate::harness::{BmwProcess, TestEnv};
+use crate::harness::{BmwProcess, TestEnv, publish_command as publish};
 
 /// Publishes `body` on `subject` with a reply inbox; returns the outcome.
-async fn publish(env: &TestEnv, subject: &str, body: &[u8]) -> Value {
-    let inbox = env.nats.client.new_inbox();
-    let mut replies = env.nats.client.subscribe(inbox.clone()).await.unwrap();
-    let mut headers = HeaderMap::new();
-    headers.insert("Bmw-Reply", inbox.as_str());
-    let publish = Publish::build()
-        .payload(body.to_vec().into())
-        .headers(headers);
-    env.nats
-        .js
-        .send_publish(subject.to_owned(), publish)
-        .await
-        .unwrap()
-        .await
-        .unwrap();
-    let reply = tokio::time::timeout(Duration::from_secs(10), replies.next())
-        .await
-        .expect("an outcome")
-        .unwrap();
-    serde_json::from_slice(&reply.payload).unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn walkthrough_over_raw_subjects() {
     let env = TestEnv::start().await;

@@ -369,6 +369,45 @@ pub async fn http(method: reqwest::Method, url: &str, body: Option<&str>) -> (u1
     (status, value)
 }
 
+/// `POST /bmw/task/` of `body`, asserting 200; returns the envelope's data.
+pub async fn create_ok(base_url: &str, body: &Value) -> Value {
+    let (status, envelope) = http(
+        reqwest::Method::POST,
+        &format!("{base_url}/bmw/task/"),
+        Some(&body.to_string()),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}: {envelope}");
+    envelope["data"].clone()
+}
+
+/// Publishes a command on `subject` (JetStream) with a `Bmw-Reply` inbox
+/// and returns the outcome a worker answers with.
+pub async fn publish_command(env: &TestEnv, subject: &str, body: &[u8]) -> Value {
+    let inbox = env.nats.client.new_inbox();
+    let mut replies = env.nats.client.subscribe(inbox.clone()).await.unwrap();
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(bmw::nats::names::HEADER_REPLY, inbox.as_str());
+    let publish = async_nats::jetstream::message::PublishMessage::build()
+        .payload(body.to_vec().into())
+        .headers(headers);
+    env.nats
+        .js
+        .send_publish(subject.to_owned(), publish)
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let reply = tokio::time::timeout(
+        Duration::from_secs(10),
+        futures::StreamExt::next(&mut replies),
+    )
+    .await
+    .expect("an outcome")
+    .unwrap();
+    serde_json::from_slice(&reply.payload).unwrap()
+}
+
 /// A 3-node JetStream cluster on loopback, each node with its own store.
 pub struct NatsCluster {
     pub nodes: Vec<LocalServer>,
