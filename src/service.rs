@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::bridge::{self, BridgeState};
+use crate::bridge::{self, BridgeState, Guards};
 use crate::client::TaskClient;
 use crate::config::Config;
 use crate::nats::local::{LocalServer, LocalServerOptions};
@@ -39,6 +39,10 @@ pub enum ServiceError {
         /// The error.
         source: std::io::Error,
     },
+    /// The settings do not allow this role to start (an exposed bridge
+    /// without a token).
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
     /// The streams or buckets could not be opened.
     #[error("cannot open the streams and buckets: {0}")]
     Stores(#[from] crate::nats::NatsError),
@@ -50,6 +54,8 @@ pub async fn run_all(
     registry: Arc<Registry>,
     token: CancellationToken,
 ) -> Result<(), ServiceError> {
+    // Before anything starts: a refused bridge stops the start.
+    config.check_bridge_exposure()?;
     let mut local = None;
     let url = match &config.nats_url {
         Some(url) => url.clone(),
@@ -111,7 +117,7 @@ pub async fn run_worker(
             .map_err(|source| ServiceError::Http { addr, source })?;
         tokio::spawn(bridge::serve_on(
             listener,
-            bridge::ops_router(),
+            bridge::ops_router(&Guards::from_config(&config)),
             token.clone(),
         ));
     }
@@ -124,6 +130,7 @@ pub async fn run_bridge(
     registry: Arc<Registry>,
     token: CancellationToken,
 ) -> Result<(), ServiceError> {
+    config.check_bridge_exposure()?;
     let nats = Nats::connect(
         config
             .nats_url
@@ -149,8 +156,17 @@ async fn serve_bridge(
         nats: nats.client.clone(),
         max_body: config.max_body,
     };
+    let guards = Guards::from_config(config);
     let addr = config.http_addr;
-    bridge::serve(addr, bridge::router(state), token)
+    if guards.tokens.is_empty() && !addr.ip().is_loopback() {
+        tracing::warn!(addr = %addr, "the bridge asks for no token on a non-loopback address (--insecure-no-auth)");
+    }
+    tracing::info!(
+        tokens = config.api_tokens.len(),
+        metrics_require_token = guards.metrics_require_token,
+        "bridge guards"
+    );
+    bridge::serve(addr, bridge::router(state, &guards), token)
         .await
         .map_err(|source| ServiceError::Http { addr, source })
 }

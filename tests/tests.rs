@@ -6,6 +6,7 @@ mod harness;
 mod async_tasks;
 mod async_workers;
 mod bridge_input;
+mod bridge_security;
 mod daemon_cluster;
 mod layering;
 mod nats_cluster;

@@ -3,7 +3,11 @@
 //! `/ready`. Thin on purpose: a command goes through [`crate::client`], which
 //! applies async and periodic ones directly and publishes daemon ones on
 //! `bmw.task.*` for a worker; the envelope is in [`envelope`].
+//!
+//! [`Guards`] decide who may call it: bearer tokens ([`auth`]) wrap the API
+//! routes; `/health` and `/ready` stay open (and `/metrics` unless configured).
 
+pub mod auth;
 pub mod envelope;
 mod routes;
 
@@ -18,7 +22,9 @@ use axum::response::Response;
 use axum::routing::{get, post};
 use tokio_util::sync::CancellationToken;
 
+pub use self::auth::ApiTokens;
 use crate::client::TaskClient;
+use crate::config::Config;
 
 /// What the routes share.
 #[derive(Debug, Clone)]
@@ -32,23 +38,51 @@ pub struct BridgeState {
     pub max_body: usize,
 }
 
-/// `/metrics`, `/health` and `/ready`: served by the bridge and by a lone
-/// worker on its metrics address.
-pub fn ops_router() -> Router {
+/// Who may call the bridge, from the configuration.
+#[derive(Debug, Clone)]
+pub struct Guards {
+    /// Tokens the API routes need (none: open).
+    pub tokens: ApiTokens,
+    /// Whether `/metrics` needs a token too.
+    pub metrics_require_token: bool,
+}
+
+impl Guards {
+    /// The guards `config` asks for.
+    pub fn from_config(config: &Config) -> Self {
+        Guards {
+            tokens: ApiTokens::new(&config.api_tokens),
+            metrics_require_token: config.metrics_require_token,
+        }
+    }
+}
+
+/// `/metrics` and `/health`: served by the bridge and by a lone worker on its
+/// metrics address; `/metrics` behind the tokens if the guards say so.
+pub fn ops_router(guards: &Guards) -> Router {
+    let metrics = Router::new().route("/metrics", get(|| async { crate::metrics::render() }));
+    let metrics = if guards.metrics_require_token {
+        metrics.layer(middleware::from_fn_with_state(
+            guards.tokens.clone(),
+            auth::require_token,
+        ))
+    } else {
+        metrics
+    };
     Router::new()
-        .route("/metrics", get(|| async { crate::metrics::render() }))
         .route(
             "/health",
             get(|| async { envelope::Reply::ok(serde_json::Value::Null) }),
         )
+        .merge(metrics)
 }
 
-/// The bridge's routes.
-pub fn router(state: BridgeState) -> Router {
+/// The bridge's routes: the API behind the token check, the health routes open.
+pub fn router(state: BridgeState, guards: &Guards) -> Router {
     let tasks = get(routes::list)
         .post(routes::create)
         .delete(routes::delete);
-    Router::new()
+    let api = Router::new()
         .route("/bmw/task/", tasks.clone())
         .route("/bmw/task", tasks)
         .route("/bmw/task/daemon/reload", post(routes::reload))
@@ -60,10 +94,17 @@ pub fn router(state: BridgeState) -> Router {
         .route("/bmw/queue", get(routes::queues))
         .route("/bmw/worker/", get(routes::workers))
         .route("/bmw/worker", get(routes::workers))
-        .route("/ready", get(routes::ready))
         .fallback(routes::not_found)
+        .with_state(state.clone());
+    let api = api.layer(middleware::from_fn_with_state(
+        guards.tokens.clone(),
+        auth::require_token,
+    ));
+    Router::new()
+        .route("/ready", get(routes::ready))
         .with_state(state)
-        .merge(ops_router())
+        .merge(ops_router(guards))
+        .merge(api)
         .layer(middleware::from_fn(record))
 }
 

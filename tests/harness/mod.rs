@@ -187,6 +187,21 @@ impl BmwProcess {
         p
     }
 
+    /// Waits up to `timeout` for the process to exit by itself; its status, or
+    /// `None` if it still runs.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let mut status = None;
+        wait_until(timeout, async || {
+            status = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten());
+            status.is_some()
+        })
+        .await;
+        status
+    }
+
     pub fn base_url(&self) -> String {
         format!(
             "http://127.0.0.1:{}",

@@ -1,0 +1,232 @@
+//! Who may call the bridge (issue 10): bearer tokens (none, wrong,
+//! read-only, read-write; from flags and from a file), open health routes,
+//! and no unauthenticated start on a non-loopback address.
+use std::time::Duration;
+
+use reqwest::Method;
+use reqwest::header::HeaderMap;
+use serde_json::Value;
+
+use crate::harness::{BmwProcess, TestEnv, free_port};
+
+const READER: &str = "reader-0123456789abcdef";
+const WRITER: &str = "writer-0123456789abcdef";
+const CREATE: &str = r#"{"kind": "daemon:demo:demo", "payload": {"content": "ok"}}"#;
+
+/// One request with the given token and headers, and no content type unless
+/// a header names one; returns (status, headers, envelope).
+async fn call(
+    method: Method,
+    url: &str,
+    token: Option<&str>,
+    headers: &[(&str, &str)],
+    body: Option<&str>,
+) -> (u16, HeaderMap, Value) {
+    let mut request = reqwest::Client::new().request(method, url);
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    if let Some(body) = body {
+        request = request.body(body.to_owned());
+    }
+    let response = request.send().await.expect("http request");
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    let text = response.text().await.unwrap_or_default();
+    let envelope =
+        serde_json::from_str(&text).unwrap_or_else(|_| panic!("not an envelope: {text}"));
+    (status, headers, envelope)
+}
+
+/// Asserts a refusal with the envelope: status, `code`, `result: false` and
+/// a message containing `needle`.
+fn assert_refusal(what: &str, got: &(u16, HeaderMap, Value), status: u16, needle: &str) {
+    let (got_status, _, envelope) = got;
+    assert_eq!(*got_status, status, "{what}: {envelope}");
+    assert_eq!(envelope["code"], status, "{what}: {envelope}");
+    assert_eq!(envelope["result"], false, "{what}: {envelope}");
+    let message = envelope["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains(needle),
+        "{what}: {message:?} should mention {needle:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tokens_decide_who_may_read_and_who_may_write() {
+    let env = TestEnv::start().await;
+    let ro = format!("ro:{READER}");
+    let rw = format!("rw:{WRITER}");
+    let bmw = BmwProcess::run(&env.url(), &["--api-token", &ro, "--api-token", &rw]).await;
+    let base = bmw.base_url();
+    let task = format!("{base}/bmw/task/");
+
+    // No token, a wrong one, another scheme: 401 with the envelope and the challenge.
+    for (what, token, headers) in [
+        ("no token", None, vec![]),
+        ("wrong token", Some("writer-0123456789abcdeX"), vec![]),
+        ("a prefix of a token", Some("writer-0123"), vec![]),
+        (
+            "basic auth",
+            None,
+            vec![("Authorization", "Basic d3JpdGVyOng=")],
+        ),
+    ] {
+        for method in [Method::GET, Method::POST] {
+            let body = (method == Method::POST).then_some(CREATE);
+            let got = call(method.clone(), &task, token, &headers, body).await;
+            assert_refusal(&format!("{what}, {method}"), &got, 401, "token");
+            let challenge = got
+                .1
+                .get("www-authenticate")
+                .map(|v| v.to_str().unwrap().to_owned());
+            assert!(
+                challenge
+                    .as_deref()
+                    .is_some_and(|c| c.starts_with("Bearer")),
+                "{what}: {challenge:?}"
+            );
+        }
+    }
+    // Unknown routes do not answer before the token is checked.
+    let got = call(Method::GET, &format!("{base}/bmw/nope"), None, &[], None).await;
+    assert_refusal("unknown route, no token", &got, 401, "token");
+
+    // A read-only token reads, and cannot write.
+    let (status, _, envelope) = call(Method::GET, &task, Some(READER), &[], None).await;
+    assert_eq!(status, 200, "{envelope}");
+    let (status, _, _) = call(
+        Method::GET,
+        &format!("{base}/bmw/worker/"),
+        Some(READER),
+        &[],
+        None,
+    )
+    .await;
+    assert_eq!(status, 200);
+    let got = call(Method::POST, &task, Some(READER), &[], Some(CREATE)).await;
+    assert_refusal("read-only create", &got, 403, "read-only");
+    let got = call(
+        Method::DELETE,
+        &task,
+        Some(READER),
+        &[],
+        Some(r#"{"task_type": "daemon", "task_uni_id": "daemon:demo:demo-00"}"#),
+    )
+    .await;
+    assert_refusal("read-only delete", &got, 403, "read-only");
+    assert!(env.bindings().await.is_empty(), "nothing was created");
+
+    // A read-write token writes.
+    let (status, _, envelope) = call(Method::POST, &task, Some(WRITER), &[], Some(CREATE)).await;
+    assert_eq!(status, 200, "{envelope}");
+    assert_eq!(
+        envelope["data"]["uni_id"],
+        "daemon:demo:demo-7b22636f6e74656e74223a226f6b227d"
+    );
+
+    // Liveness, readiness and (by default) metrics stay open.
+    for open in ["/health", "/ready", "/metrics"] {
+        let response = reqwest::get(format!("{base}{open}")).await.unwrap();
+        assert_eq!(response.status().as_u16(), 200, "{open} without a token");
+    }
+    // No log line carries a secret.
+    let logs = bmw.logs().join("\n");
+    assert!(
+        !logs.contains(READER) && !logs.contains(WRITER),
+        "a token was logged:\n{logs}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tokens_from_a_file_and_metrics_behind_them() {
+    let env = TestEnv::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("tokens");
+    std::fs::write(
+        &file,
+        format!("# bridge tokens\n\nro {READER}\n  rw   {WRITER}  \n"),
+    )
+    .unwrap();
+    let bmw = BmwProcess::run(
+        &env.url(),
+        &[
+            "--api-token-file",
+            file.to_str().unwrap(),
+            "--metrics-require-token",
+        ],
+    )
+    .await;
+    let base = bmw.base_url();
+    let metrics = format!("{base}/metrics");
+    let got = call(Method::GET, &format!("{base}/bmw/task/"), None, &[], None).await;
+    assert_refusal("no token", &got, 401, "token");
+    let got = call(
+        Method::POST,
+        &format!("{base}/bmw/task/"),
+        Some(READER),
+        &[],
+        Some(CREATE),
+    )
+    .await;
+    assert_refusal("read-only create", &got, 403, "read-only");
+    let (status, _, envelope) = call(
+        Method::POST,
+        &format!("{base}/bmw/task/"),
+        Some(WRITER),
+        &[],
+        Some(CREATE),
+    )
+    .await;
+    assert_eq!(status, 200, "{envelope}");
+
+    let response = reqwest::get(&metrics).await.unwrap();
+    assert_eq!(response.status().as_u16(), 401, "/metrics without a token");
+    let response = reqwest::Client::new()
+        .get(&metrics)
+        .bearer_auth(READER)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        response.status().as_u16(),
+        200,
+        "/metrics with a read-only token"
+    );
+    assert!(
+        response
+            .text()
+            .await
+            .unwrap()
+            .contains("bridge_requests_total")
+    );
+    let response = reqwest::get(format!("{base}/health")).await.unwrap();
+    assert_eq!(response.status().as_u16(), 200, "/health stays open");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_non_loopback_bind_without_a_token_refuses_to_start() {
+    let env = TestEnv::start().await;
+    // The check comes before anything binds: no non-loopback port is opened.
+    for role in ["run", "bridge"] {
+        let addr = format!("0.0.0.0:{}", free_port());
+        let mut bmw = BmwProcess::spawn(&env.url(), &[role, "--http-addr", &addr]);
+        let status = bmw.wait_exit(Duration::from_secs(20)).await;
+        assert!(
+            status.is_some_and(|s| !s.success()),
+            "{role}: {status:?}\n{}",
+            bmw.logs().join("\n")
+        );
+        let logs = bmw.logs().join("\n");
+        for needle in [
+            "--insecure-no-auth",
+            "--api-token",
+            "not a loopback address",
+        ] {
+            assert!(logs.contains(needle), "{role}: no {needle:?} in\n{logs}");
+        }
+    }
+}
