@@ -1,6 +1,7 @@
 //! Who may call the bridge (issue 10): bearer tokens (none, wrong,
 //! read-only, read-write; from flags and from a file), open health routes,
-//! and no unauthenticated start on a non-loopback address.
+//! cross-site browser writes refused while `curl -d` works, and no
+//! unauthenticated start on a non-loopback address.
 use std::time::Duration;
 
 use reqwest::Method;
@@ -205,6 +206,80 @@ async fn tokens_from_a_file_and_metrics_behind_them() {
     );
     let response = reqwest::get(format!("{base}/health")).await.unwrap();
     assert_eq!(response.status().as_u16(), 200, "/health stays open");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cross_site_write_is_refused_while_curl_without_a_content_type_works() {
+    let env = TestEnv::start().await;
+    let bmw = BmwProcess::run(&env.url(), &[]).await;
+    let base = bmw.base_url();
+    let task = format!("{base}/bmw/task/");
+    let host = base.trim_start_matches("http://").to_owned();
+    let same_origin = format!("http://{host}");
+    let form = ("Content-Type", "application/x-www-form-urlencoded");
+    for (what, headers) in [
+        (
+            "foreign Origin",
+            vec![("Origin", "http://evil.example"), form],
+        ),
+        (
+            "foreign Origin, same host other port",
+            vec![("Origin", "http://127.0.0.1:1")],
+        ),
+        ("opaque Origin", vec![("Origin", "null")]),
+        (
+            "Sec-Fetch-Site: cross-site",
+            vec![("Sec-Fetch-Site", "cross-site"), form],
+        ),
+        (
+            "Sec-Fetch-Site: same-site",
+            vec![("Sec-Fetch-Site", "same-site")],
+        ),
+    ] {
+        let got = call(Method::POST, &task, None, &headers, Some(CREATE)).await;
+        assert_refusal(what, &got, 403, "cross-site");
+    }
+    let got = call(
+        Method::DELETE,
+        &task,
+        None,
+        &[("Origin", "http://evil.example")],
+        Some(r#"{"task_type": "daemon", "task_uni_id": "daemon:demo:demo-00"}"#),
+    )
+    .await;
+    assert_refusal("cross-site delete", &got, 403, "cross-site");
+    assert!(env.bindings().await.is_empty(), "nothing was created");
+
+    // Reads are not state changes.
+    let (status, _, _) = call(
+        Method::GET,
+        &task,
+        None,
+        &[("Origin", "http://evil.example")],
+        None,
+    )
+    .await;
+    assert_eq!(status, 200);
+    // A same-origin page may write.
+    let (status, _, envelope) = call(
+        Method::POST,
+        &task,
+        None,
+        &[("Origin", &same_origin), ("Sec-Fetch-Site", "same-origin")],
+        Some(CREATE),
+    )
+    .await;
+    assert_eq!(status, 200, "same origin: {envelope}");
+    // `curl -d` with no content type at all, as BMW's clients send it.
+    let (status, _, envelope) = call(
+        Method::POST,
+        &task,
+        None,
+        &[],
+        Some(r#"{"kind": "async:demo:echo", "payload": {"from": "curl"}}"#),
+    )
+    .await;
+    assert_eq!(status, 200, "no content type: {envelope}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -4,10 +4,12 @@
 //! applies async and periodic ones directly and publishes daemon ones on
 //! `bmw.task.*` for a worker; the envelope is in [`envelope`].
 //!
-//! [`Guards`] decide who may call it: bearer tokens ([`auth`]) wrap the API
-//! routes; `/health` and `/ready` stay open (and `/metrics` unless configured).
+//! [`Guards`] decide who may call it: bearer tokens ([`auth`]) and the
+//! cross-site rule (`cross_site`) wrap the API routes; `/health` and `/ready`
+//! stay open (and `/metrics` unless configured).
 
 pub mod auth;
+mod cross_site;
 pub mod envelope;
 mod routes;
 
@@ -77,7 +79,8 @@ pub fn ops_router(guards: &Guards) -> Router {
         .merge(metrics)
 }
 
-/// The bridge's routes: the API behind the token check, the health routes open.
+/// The bridge's routes: the API behind the guards (outermost first: token,
+/// cross-site rule), the health routes open.
 pub fn router(state: BridgeState, guards: &Guards) -> Router {
     let tasks = get(routes::list)
         .post(routes::create)
@@ -96,10 +99,12 @@ pub fn router(state: BridgeState, guards: &Guards) -> Router {
         .route("/bmw/worker", get(routes::workers))
         .fallback(routes::not_found)
         .with_state(state.clone());
-    let api = api.layer(middleware::from_fn_with_state(
-        guards.tokens.clone(),
-        auth::require_token,
-    ));
+    let api = api
+        .layer(middleware::from_fn(cross_site::refuse_cross_site_writes))
+        .layer(middleware::from_fn_with_state(
+            guards.tokens.clone(),
+            auth::require_token,
+        ));
     Router::new()
         .route("/ready", get(routes::ready))
         .with_state(state)
