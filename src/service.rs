@@ -164,6 +164,8 @@ async fn serve_bridge(
     tracing::info!(
         tokens = config.api_tokens.len(),
         metrics_require_token = guards.metrics_require_token,
+        max_concurrent_requests = guards.limits.max_concurrent,
+        request_timeout = %humantime::format_duration(guards.limits.timeout),
         "bridge guards"
     );
     bridge::serve(addr, bridge::router(state, &guards), token)

@@ -1,14 +1,17 @@
-//! Who may call the bridge (issue 10): bearer tokens (none, wrong,
-//! read-only, read-write; from flags and from a file), open health routes,
-//! cross-site browser writes refused while `curl -d` works, and no
-//! unauthenticated start on a non-loopback address.
+//! Who may call the bridge and how much it takes (issue 10): bearer tokens
+//! (none, wrong, read-only, read-write; from flags and from a file), open
+//! health routes, cross-site browser writes refused while `curl -d` works, no
+//! unauthenticated start on a non-loopback address, 503 with `Retry-After`
+//! past the concurrency limit, 504 past the request timeout, and 413 for an
+//! oversized body.
 use std::time::Duration;
 
 use reqwest::Method;
 use reqwest::header::HeaderMap;
 use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::harness::{BmwProcess, TestEnv, free_port};
+use crate::harness::{BmwProcess, TestEnv, free_port, wait_until};
 
 const READER: &str = "reader-0123456789abcdef";
 const WRITER: &str = "writer-0123456789abcdef";
@@ -304,4 +307,109 @@ async fn a_non_loopback_bind_without_a_token_refuses_to_start() {
             assert!(logs.contains(needle), "{role}: no {needle:?} in\n{logs}");
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn past_the_concurrency_limit_requests_get_503_with_retry_after() {
+    let env = TestEnv::start().await;
+    // No worker: a daemon create holds its request for the reply timeout.
+    let bridge = BmwProcess::bridge(
+        &env.url(),
+        &["--max-concurrent-requests", "1", "--reply-timeout", "3s"],
+    )
+    .await;
+    let base = bridge.base_url();
+    let task = format!("{base}/bmw/task/");
+    let held =
+        tokio::spawn(async move { call(Method::POST, &task, None, &[], Some(CREATE)).await });
+    // A cheap route, so the probe itself holds the one slot for microseconds.
+    let probe = format!("{base}/bmw/nope");
+    let mut refused = None;
+    wait_until(Duration::from_secs(3), async || {
+        let got = call(Method::GET, &probe, None, &[], None).await;
+        let shed = got.0 == 503;
+        refused = shed.then_some(got);
+        shed
+    })
+    .await;
+    let refused = refused.expect("a request beyond the limit is refused while one is served");
+    assert_refusal("overloaded", &refused, 503, "max-concurrent-requests");
+    let retry_after = refused
+        .1
+        .get("retry-after")
+        .map(|v| v.to_str().unwrap().to_owned());
+    assert_eq!(retry_after.as_deref(), Some("1"));
+    // Health stays outside the limit.
+    let response = reqwest::get(format!("{base}/health")).await.unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+
+    let (status, _, envelope) = held.await.unwrap();
+    assert_eq!(status, 202, "the held request was served: {envelope}");
+    let (status, _, _) = call(Method::GET, &format!("{base}/bmw/worker/"), None, &[], None).await;
+    assert_eq!(status, 200, "the slot is free again");
+}
+
+/// Writes `head` (and nothing more) on a fresh connection and reads whatever
+/// comes back until the server closes it or `within` passes.
+async fn raw_exchange(port: u16, head: &str, within: Duration) -> Option<String> {
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(within, stream.read_to_end(&mut answer))
+        .await
+        .ok()
+        .map(|_| String::from_utf8_lossy(&answer).into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slow_request_gets_504() {
+    let env = TestEnv::start().await;
+    let bridge = BmwProcess::bridge(
+        &env.url(),
+        &["--reply-timeout", "1s", "--request-timeout", "2s"],
+    )
+    .await;
+    let port = bridge.http_port.unwrap();
+    // A body that never finishes.
+    let head = "POST /bmw/task/ HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\nConnection: close\r\n\r\n{\"kind\"";
+    let answer = raw_exchange(port, head, Duration::from_secs(15))
+        .await
+        .expect("an answer before the test's own deadline");
+    assert!(answer.starts_with("HTTP/1.1 504"), "{answer}");
+    assert!(answer.contains("request-timeout"), "{answer}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_oversized_body_is_413_naming_the_limit() {
+    let env = TestEnv::start().await;
+    let bridge = BmwProcess::bridge(&env.url(), &["--max-body", "2048"]).await;
+    let task = format!("{}/bmw/task/", bridge.base_url());
+    let big = format!(
+        r#"{{"kind": "daemon:demo:demo", "payload": {{"content": "{}"}}}}"#,
+        "x".repeat(4096)
+    );
+    let got = call(Method::POST, &task, None, &[], Some(&big)).await;
+    assert_refusal("Content-Length over the limit", &got, 413, "2048");
+    let got = call(
+        Method::POST,
+        &format!("{}/bmw/task/async/requeue", bridge.base_url()),
+        None,
+        &[],
+        Some(&big),
+    )
+    .await;
+    assert_refusal("requeue over the limit", &got, 413, "2048");
+    // Chunked, so the size is only known while reading.
+    let chunk = "x".repeat(3000);
+    let head = format!(
+        "POST /bmw/task/ HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n{:x}\r\n{chunk}\r\n0\r\n\r\n",
+        chunk.len()
+    );
+    let answer = raw_exchange(bridge.http_port.unwrap(), &head, Duration::from_secs(15))
+        .await
+        .expect("an answer");
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(answer.contains("2048"), "{answer}");
 }

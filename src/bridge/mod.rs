@@ -4,13 +4,15 @@
 //! applies async and periodic ones directly and publishes daemon ones on
 //! `bmw.task.*` for a worker; the envelope is in [`envelope`].
 //!
-//! [`Guards`] decide who may call it: bearer tokens ([`auth`]) and the
-//! cross-site rule (`cross_site`) wrap the API routes; `/health` and `/ready`
-//! stay open (and `/metrics` unless configured).
+//! [`Guards`] decide who may call it and how much it takes: bearer tokens
+//! ([`auth`]), the cross-site rule (`cross_site`) and the request limits
+//! ([`limits`]) wrap the API routes; `/health` and `/ready` stay open (and
+//! `/metrics` unless configured).
 
 pub mod auth;
 mod cross_site;
 pub mod envelope;
+pub mod limits;
 mod routes;
 
 use std::net::SocketAddr;
@@ -25,6 +27,7 @@ use axum::routing::{get, post};
 use tokio_util::sync::CancellationToken;
 
 pub use self::auth::ApiTokens;
+pub use self::limits::RequestLimits;
 use crate::client::TaskClient;
 use crate::config::Config;
 
@@ -40,13 +43,16 @@ pub struct BridgeState {
     pub max_body: usize,
 }
 
-/// Who may call the bridge, from the configuration.
+/// Who may call the bridge and how much it takes at once, from the
+/// configuration.
 #[derive(Debug, Clone)]
 pub struct Guards {
     /// Tokens the API routes need (none: open).
     pub tokens: ApiTokens,
     /// Whether `/metrics` needs a token too.
     pub metrics_require_token: bool,
+    /// Concurrency and time limits of the API routes.
+    pub limits: RequestLimits,
 }
 
 impl Guards {
@@ -55,6 +61,10 @@ impl Guards {
         Guards {
             tokens: ApiTokens::new(&config.api_tokens),
             metrics_require_token: config.metrics_require_token,
+            limits: RequestLimits {
+                max_concurrent: config.max_concurrent_requests,
+                timeout: config.request_timeout,
+            },
         }
     }
 }
@@ -80,7 +90,7 @@ pub fn ops_router(guards: &Guards) -> Router {
 }
 
 /// The bridge's routes: the API behind the guards (outermost first: token,
-/// cross-site rule), the health routes open.
+/// cross-site rule, limits), the health routes open.
 pub fn router(state: BridgeState, guards: &Guards) -> Router {
     let tasks = get(routes::list)
         .post(routes::create)
@@ -99,7 +109,9 @@ pub fn router(state: BridgeState, guards: &Guards) -> Router {
         .route("/bmw/worker", get(routes::workers))
         .fallback(routes::not_found)
         .with_state(state.clone());
-    let api = api
+    let api = guards
+        .limits
+        .apply(api)
         .layer(middleware::from_fn(cross_site::refuse_cross_site_writes))
         .layer(middleware::from_fn_with_state(
             guards.tokens.clone(),
