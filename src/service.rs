@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::bridge::{self, BridgeState, Guards};
+use crate::bridge::{self, BridgeState, Guards, ListenOptions};
 use crate::client::TaskClient;
 use crate::config::Config;
 use crate::nats::local::{LocalServer, LocalServerOptions};
@@ -43,6 +43,9 @@ pub enum ServiceError {
     /// without a token).
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
+    /// The bridge's certificate or key could not be loaded.
+    #[error(transparent)]
+    Tls(#[from] bridge::TlsError),
     /// The streams or buckets could not be opened.
     #[error("cannot open the streams and buckets: {0}")]
     Stores(#[from] crate::nats::NatsError),
@@ -54,8 +57,9 @@ pub async fn run_all(
     registry: Arc<Registry>,
     token: CancellationToken,
 ) -> Result<(), ServiceError> {
-    // Before anything starts: a refused bridge stops the start.
+    // Before anything starts: a refused or broken bridge stops the start.
     config.check_bridge_exposure()?;
+    let listen = ListenOptions::from_config(&config).await?;
     let mut local = None;
     let url = match &config.nats_url {
         Some(url) => url.clone(),
@@ -86,7 +90,7 @@ pub async fn run_all(
     let worker = Worker::with_operations(nats.clone(), config.clone(), ops.clone());
     let worker_token = token.child_token();
     let worker_task = tokio::spawn(worker.run(worker_token.clone()));
-    let served = serve_bridge(&config, nats, ops, token.clone()).await;
+    let served = serve_bridge(&config, listen, nats, ops, token.clone()).await;
     token.cancel();
     let worked = worker_task.await.unwrap_or(Ok(()));
     if let Some(mut server) = local {
@@ -118,6 +122,7 @@ pub async fn run_worker(
         tokio::spawn(bridge::serve_on(
             listener,
             bridge::ops_router(&Guards::from_config(&config)),
+            ListenOptions::plain(config.request_timeout),
             token.clone(),
         ));
     }
@@ -131,6 +136,7 @@ pub async fn run_bridge(
     token: CancellationToken,
 ) -> Result<(), ServiceError> {
     config.check_bridge_exposure()?;
+    let listen = ListenOptions::from_config(&config).await?;
     let nats = Nats::connect(
         config
             .nats_url
@@ -141,11 +147,12 @@ pub async fn run_bridge(
     .await?;
     provision::provision(&nats.js, config.replicas).await?;
     let ops = Operations::open(&nats, registry).await?;
-    serve_bridge(&config, nats, ops, token).await
+    serve_bridge(&config, listen, nats, ops, token).await
 }
 
 async fn serve_bridge(
     config: &Config,
+    listen: ListenOptions,
     nats: Nats,
     ops: Operations,
     token: CancellationToken,
@@ -168,7 +175,7 @@ async fn serve_bridge(
         request_timeout = %humantime::format_duration(guards.limits.timeout),
         "bridge guards"
     );
-    bridge::serve(addr, bridge::router(state, &guards), token)
+    bridge::serve(addr, bridge::router(state, &guards), listen, token)
         .await
         .map_err(|source| ServiceError::Http { addr, source })
 }

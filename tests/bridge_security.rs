@@ -2,8 +2,9 @@
 //! (none, wrong, read-only, read-write; from flags and from a file), open
 //! health routes, cross-site browser writes refused while `curl -d` works, no
 //! unauthenticated start on a non-loopback address, 503 with `Retry-After`
-//! past the concurrency limit, 504 past the request timeout, and 413 for an
-//! oversized body.
+//! past the concurrency limit, 504 past the request timeout, 413 for an
+//! oversized body, and HTTPS with a certificate made here.
+
 use std::time::Duration;
 
 use reqwest::Method;
@@ -364,7 +365,7 @@ async fn raw_exchange(port: u16, head: &str, within: Duration) -> Option<String>
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_slow_request_gets_504() {
+async fn a_slow_request_gets_504_and_a_slow_head_is_cut_off() {
     let env = TestEnv::start().await;
     let bridge = BmwProcess::bridge(
         &env.url(),
@@ -379,6 +380,15 @@ async fn a_slow_request_gets_504() {
         .expect("an answer before the test's own deadline");
     assert!(answer.starts_with("HTTP/1.1 504"), "{answer}");
     assert!(answer.contains("request-timeout"), "{answer}");
+    // A request head that never finishes: the connection is closed.
+    let answer = raw_exchange(
+        port,
+        "GET /bmw/worker/ HTTP/1.1\r\nHost: x\r\n",
+        Duration::from_secs(15),
+    )
+    .await;
+    assert!(answer.is_some(), "the connection was closed");
+    assert!(!answer.unwrap().contains("200 OK"));
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -412,4 +422,52 @@ async fn an_oversized_body_is_413_naming_the_limit() {
         .expect("an answer");
     assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
     assert!(answer.contains("2048"), "{answer}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn https_with_the_given_certificate() {
+    let env = TestEnv::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let made = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).unwrap();
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert, made.cert.pem()).unwrap();
+    std::fs::write(&key, made.signing_key.serialize_pem()).unwrap();
+
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let args = [
+        "run",
+        "--http-addr",
+        &addr,
+        "--tls-cert",
+        cert.to_str().unwrap(),
+        "--tls-key",
+        key.to_str().unwrap(),
+    ];
+    let bmw = BmwProcess::spawn(&env.url(), &args);
+    let client = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(made.cert.pem().as_bytes()).unwrap())
+        .build()
+        .unwrap();
+    let base = format!("https://{addr}");
+    let up = wait_until(Duration::from_secs(20), async || {
+        client.get(format!("{base}/health")).send().await.is_ok()
+    })
+    .await;
+    assert!(up, "https did not come up:\n{}", bmw.logs().join("\n"));
+    let response = client
+        .post(format!("{base}/bmw/task/"))
+        .body(CREATE)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    let envelope: Value = response.json().await.unwrap();
+    assert_eq!(envelope["result"], true, "{envelope}");
+    // Plain HTTP on the same port gets no answer from the bridge.
+    let plain = reqwest::get(format!("http://{addr}/health")).await;
+    assert!(
+        plain.is_err() || plain.unwrap().status() != 200,
+        "plain http served"
+    );
 }

@@ -2,7 +2,8 @@
 //! load shedding (a request past it is answered 503 with `Retry-After` at
 //! once, not queued) and a timeout on each request (504), both tower layers
 //! answered with the envelope. The body size limit is applied where bodies
-//! are read (`routes`).
+//! are read (`routes`); the time a client may take to send a request head is
+//! bounded where connections are served ([`super::serve`]).
 
 use std::time::Duration;
 

@@ -7,15 +7,15 @@
 //! [`Guards`] decide who may call it and how much it takes: bearer tokens
 //! ([`auth`]), the cross-site rule (`cross_site`) and the request limits
 //! ([`limits`]) wrap the API routes; `/health` and `/ready` stay open (and
-//! `/metrics` unless configured).
+//! `/metrics` unless configured). [`listen`] serves it, over TLS if asked.
 
 pub mod auth;
 mod cross_site;
 pub mod envelope;
 pub mod limits;
+pub mod listen;
 mod routes;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -24,10 +24,10 @@ use axum::extract::{MatchedPath, Request};
 use axum::middleware::{self, Next};
 use axum::response::Response;
 use axum::routing::{get, post};
-use tokio_util::sync::CancellationToken;
 
 pub use self::auth::ApiTokens;
 pub use self::limits::RequestLimits;
+pub use self::listen::{ListenOptions, TlsError, serve, serve_on};
 use crate::client::TaskClient;
 use crate::config::Config;
 
@@ -139,26 +139,4 @@ async fn record(request: Request, next: Next) -> Response {
         start.elapsed().as_secs_f64(),
     );
     response
-}
-
-/// Serves `router` on `addr` until `token` fires.
-pub async fn serve(
-    addr: SocketAddr,
-    router: Router,
-    token: CancellationToken,
-) -> std::io::Result<()> {
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    serve_on(listener, router, token).await
-}
-
-/// Serves on a bound listener (tests bind port 0 first).
-pub async fn serve_on(
-    listener: tokio::net::TcpListener,
-    router: Router,
-    token: CancellationToken,
-) -> std::io::Result<()> {
-    tracing::info!(addr = %listener.local_addr()?, "http listening");
-    axum::serve(listener, router)
-        .with_graceful_shutdown(token.cancelled_owned())
-        .await
 }
