@@ -470,4 +470,29 @@ async fn https_with_the_given_certificate() {
         plain.is_err() || plain.unwrap().status() != 200,
         "plain http served"
     );
+
+    // A key that is not one stops the start, naming the files, the cause once.
+    let not_pem = dir.path().join("not.pem");
+    std::fs::write(&not_pem, "not a key\n").unwrap();
+    let addr = format!("127.0.0.1:{}", free_port());
+    let not_pem = not_pem.to_str().unwrap();
+    let args = [
+        "bridge",
+        "--http-addr",
+        &addr,
+        "--tls-cert",
+        cert.to_str().unwrap(),
+        "--tls-key",
+        not_pem,
+    ];
+    let mut refused = BmwProcess::spawn(&env.url(), &args);
+    let status = refused.wait_exit(Duration::from_secs(20)).await;
+    assert!(status.is_some_and(|s| !s.success()), "{status:?}");
+    let line = refused
+        .wait_log(
+            Duration::from_secs(5),
+            &["bmw: cannot load the TLS certificate", not_pem],
+        )
+        .await;
+    assert_eq!(line.matches("no keys").count(), 1, "{line}");
 }

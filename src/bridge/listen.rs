@@ -16,7 +16,7 @@ use crate::config::{Config, TlsFiles};
 
 /// The certificate or key could not be loaded.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot load the TLS certificate {} and key {}: {source}", .files.cert.display(), .files.key.display())]
+#[error("cannot load the TLS certificate {} and key {}", .files.cert.display(), .files.key.display())]
 pub struct TlsError {
     /// The files given.
     pub files: TlsFiles,
