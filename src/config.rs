@@ -3,13 +3,18 @@
 //! The binary parses flags and environment variables (clap) into a
 //! [`ConfigOverrides`], reads an optional TOML file into another, and
 //! [`Config::resolve`] merges them over the defaults: flag/env > file > default.
-//! The rest of the crate only sees `Config`.
+//! The rest of the crate only sees `Config`. The bridge's tokens are read in
+//! `api_token` ([`ApiToken`]).
+
+mod api_token;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
+
+pub use api_token::{ApiToken, TokenAccess};
 
 /// A queue a worker takes async tasks from, and its weight.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -20,8 +25,8 @@ pub struct QueueWeight {
     pub weight: u32,
 }
 
-/// Default bridge address (BMW's port).
-pub const DEFAULT_HTTP_ADDR: &str = "0.0.0.0:10211";
+/// Default bridge address: BMW's port, on loopback only (as BMW binds).
+pub const DEFAULT_HTTP_ADDR: &str = "127.0.0.1:10211";
 /// Default claim TTL: a dead worker's daemon tasks move after this long.
 pub const DEFAULT_CLAIM_TTL: Duration = Duration::from_secs(15);
 /// Default heartbeat: claims and the worker entry are renewed this often.
@@ -50,6 +55,11 @@ pub const DEFAULT_MAX_BODY: usize = 1024 * 1024;
 /// Default most tasks a queue may hold (waiting or running) before creates
 /// on it are refused with 429.
 pub const DEFAULT_MAX_QUEUE_PENDING: u64 = 1_000_000;
+/// Default number of requests the bridge serves at once (more are answered 503).
+pub const DEFAULT_MAX_CONCURRENT_REQUESTS: usize = 1024;
+/// Default longest time a bridge request may take, from its first byte to its
+/// answer (longer than the reply timeout, so a create can answer 202 first).
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Why a configuration was refused; names the setting.
 #[derive(Debug, thiserror::Error)]
@@ -105,6 +115,15 @@ pub struct ConfigOverrides {
     pub async_retry_max: Option<String>,
     pub async_ack_wait: Option<String>,
     pub max_queue_pending: Option<u64>,
+    // The bridge's access and limits.
+    pub api_token: Option<Vec<String>>,
+    pub api_token_file: Option<PathBuf>,
+    pub metrics_require_token: Option<bool>,
+    pub insecure_no_auth: Option<bool>,
+    pub max_concurrent_requests: Option<usize>,
+    pub request_timeout: Option<String>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
 }
 
 impl ConfigOverrides {
@@ -142,6 +161,16 @@ impl ConfigOverrides {
             async_retry_max: self.async_retry_max.or(other.async_retry_max),
             async_ack_wait: self.async_ack_wait.or(other.async_ack_wait),
             max_queue_pending: self.max_queue_pending.or(other.max_queue_pending),
+            api_token: self.api_token.or(other.api_token),
+            api_token_file: self.api_token_file.or(other.api_token_file),
+            metrics_require_token: self.metrics_require_token.or(other.metrics_require_token),
+            insecure_no_auth: self.insecure_no_auth.or(other.insecure_no_auth),
+            max_concurrent_requests: self
+                .max_concurrent_requests
+                .or(other.max_concurrent_requests),
+            request_timeout: self.request_timeout.or(other.request_timeout),
+            tls_cert: self.tls_cert.or(other.tls_cert),
+            tls_key: self.tls_key.or(other.tls_key),
         }
     }
 }
@@ -188,6 +217,29 @@ pub struct Config {
     pub async_ack_wait: Duration,
     /// Most tasks a queue may hold before creates on it are refused (429).
     pub max_queue_pending: u64,
+    /// Bearer tokens the bridge accepts (`--api-token` and the
+    /// `--api-token-file`); none: the bridge asks for no token.
+    pub api_tokens: Vec<ApiToken>,
+    /// Whether `/metrics` needs a token too (any; read-only is enough).
+    pub metrics_require_token: bool,
+    /// The operator's explicit consent to serve the bridge on a non-loopback
+    /// address without tokens.
+    pub insecure_no_auth: bool,
+    /// Requests the bridge serves at once; more are answered 503.
+    pub max_concurrent_requests: usize,
+    /// Longest a bridge request may take, from its first byte to its answer.
+    pub request_timeout: Duration,
+    /// Certificate chain and key (PEM) for HTTPS on the bridge; `None`: plain HTTP.
+    pub tls: Option<TlsFiles>,
+}
+
+/// The PEM files the bridge serves HTTPS with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// Certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// Private key of the leaf certificate.
+    pub key: PathBuf,
 }
 
 impl Default for Config {
@@ -223,6 +275,25 @@ impl Config {
     /// The queue names, without weights.
     pub fn queue_names(&self) -> Vec<String> {
         self.queues.iter().map(|q| q.name.clone()).collect()
+    }
+
+    /// Refuses to serve the bridge on a non-loopback address without tokens,
+    /// unless the operator passed `--insecure-no-auth`. Checked by the roles
+    /// that serve the bridge (`run`, `bridge`) before they bind anything.
+    pub fn check_bridge_exposure(&self) -> Result<(), ConfigError> {
+        if self.http_addr.ip().is_loopback() || !self.api_tokens.is_empty() || self.insecure_no_auth
+        {
+            return Ok(());
+        }
+        Err(ConfigError::Invalid {
+            name: "http-addr",
+            message: format!(
+                "{} is not a loopback address and no --api-token or --api-token-file is set: \
+                 anyone who can reach it could create, delete, reload and requeue tasks. \
+                 Set a token, or pass --insecure-no-auth to serve it without authentication anyway",
+                self.http_addr
+            ),
+        })
     }
 
     /// Merges `given` over the defaults and validates the result.
@@ -279,6 +350,37 @@ impl Config {
                 DEFAULT_ASYNC_ACK_WAIT,
             )?,
             max_queue_pending: given.max_queue_pending.unwrap_or(DEFAULT_MAX_QUEUE_PENDING),
+            api_tokens: {
+                let mut tokens = api_token::parse_items(given.api_token.as_deref().unwrap_or(&[]))?;
+                if let Some(path) = &given.api_token_file {
+                    tokens.extend(api_token::read_file(path)?);
+                }
+                tokens
+            },
+            metrics_require_token: given.metrics_require_token.unwrap_or(false),
+            insecure_no_auth: given.insecure_no_auth.unwrap_or(false),
+            max_concurrent_requests: given
+                .max_concurrent_requests
+                .unwrap_or(DEFAULT_MAX_CONCURRENT_REQUESTS),
+            request_timeout: dur(
+                "request-timeout",
+                given.request_timeout,
+                DEFAULT_REQUEST_TIMEOUT,
+            )?,
+            tls: match (given.tls_cert, given.tls_key) {
+                (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
+                (None, None) => None,
+                (cert, _) => {
+                    return Err(ConfigError::Invalid {
+                        name: if cert.is_some() {
+                            "tls-key"
+                        } else {
+                            "tls-cert"
+                        },
+                        message: "--tls-cert and --tls-key go together".into(),
+                    });
+                }
+            },
         };
         config.validate()?;
         Ok(config)
@@ -308,6 +410,21 @@ impl Config {
         }
         if self.concurrency == 0 {
             return invalid("concurrency", "must be at least 1");
+        }
+        if self.max_concurrent_requests == 0 {
+            return invalid("max-concurrent-requests", "must be at least 1");
+        }
+        if self.request_timeout <= self.reply_timeout {
+            return invalid(
+                "request-timeout",
+                "must be longer than reply-timeout (a create waits that long for a worker before answering 202)",
+            );
+        }
+        if self.metrics_require_token && self.api_tokens.is_empty() {
+            return invalid(
+                "metrics-require-token",
+                "needs a token: set --api-token or --api-token-file",
+            );
         }
         if self.queues.is_empty()
             || self.queues.iter().any(|q| {
@@ -386,5 +503,112 @@ mod tests {
             }
         }
         assert!(toml::from_str::<ConfigOverrides>("no-such-key = 1").is_err());
+    }
+
+    #[test]
+    fn bridge_settings_are_checked_together() {
+        let c = Config::default();
+        assert!(c.http_addr.ip().is_loopback(), "{}", c.http_addr);
+        assert_eq!(c.request_timeout, DEFAULT_REQUEST_TIMEOUT);
+        assert!(c.api_tokens.is_empty() && c.tls.is_none());
+        let cases = [
+            (
+                ConfigOverrides {
+                    reply_timeout: Some("30s".into()),
+                    ..Default::default()
+                },
+                "request-timeout",
+            ),
+            (
+                ConfigOverrides {
+                    max_concurrent_requests: Some(0),
+                    ..Default::default()
+                },
+                "max-concurrent-requests",
+            ),
+            (
+                ConfigOverrides {
+                    tls_cert: Some("cert.pem".into()),
+                    ..Default::default()
+                },
+                "tls-key",
+            ),
+            (
+                ConfigOverrides {
+                    tls_key: Some("key.pem".into()),
+                    ..Default::default()
+                },
+                "tls-cert",
+            ),
+            (
+                ConfigOverrides {
+                    metrics_require_token: Some(true),
+                    ..Default::default()
+                },
+                "metrics-require-token",
+            ),
+            (
+                ConfigOverrides {
+                    api_token: Some(vec!["ro:".into()]),
+                    ..Default::default()
+                },
+                "api-token",
+            ),
+        ];
+        for (given, name) in cases {
+            match Config::resolve(given) {
+                Err(ConfigError::Invalid { name: got, .. }) => assert_eq!(got, name),
+                other => panic!("{name}: {other:?}"),
+            }
+        }
+        let file: ConfigOverrides =
+            toml::from_str("api-token = [\"ro:a\", \"b\"]\nrequest-timeout = \"10s\"").unwrap();
+        let c = Config::resolve(file).unwrap();
+        let access: Vec<_> = c.api_tokens.iter().map(ApiToken::access).collect();
+        assert_eq!(access, [TokenAccess::ReadOnly, TokenAccess::ReadWrite]);
+        assert_eq!(c.request_timeout, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn an_exposed_bridge_needs_a_token_or_the_insecure_flag() {
+        let exposed = |extra: ConfigOverrides| {
+            Config::resolve(ConfigOverrides {
+                http_addr: Some("0.0.0.0:10211".into()),
+                ..extra
+            })
+            .unwrap()
+            .check_bridge_exposure()
+        };
+        let err = exposed(ConfigOverrides::default()).unwrap_err().to_string();
+        for needle in [
+            "http-addr",
+            "--insecure-no-auth",
+            "--api-token",
+            "not a loopback",
+        ] {
+            assert!(err.contains(needle), "{err}");
+        }
+        assert!(
+            exposed(ConfigOverrides {
+                api_token: Some(vec!["rw:secret".into()]),
+                ..Default::default()
+            })
+            .is_ok()
+        );
+        assert!(
+            exposed(ConfigOverrides {
+                insecure_no_auth: Some(true),
+                ..Default::default()
+            })
+            .is_ok()
+        );
+        for loopback in ["127.0.0.1:1", "127.9.9.9:1", "[::1]:1"] {
+            let c = Config::resolve(ConfigOverrides {
+                http_addr: Some(loopback.into()),
+                ..Default::default()
+            })
+            .unwrap();
+            assert!(c.check_bridge_exposure().is_ok(), "{loopback}");
+        }
     }
 }

@@ -53,7 +53,8 @@
 //! - [`client`]: what the bridge and `bmw task` submit and read through.
 //! - [`membership`]: the live-worker entries.
 //! - [`worker`], [`service`]: the process roles.
-//! - [`bridge`]: HTTP routes and the BMW envelope.
+//! - [`bridge`]: HTTP routes, the BMW envelope, and the guards: bearer tokens,
+//!   the cross-site rule, request limits, TLS.
 //! - [`events`], [`metrics`]: what operators observe.
 //! - [`config`], [`shutdown`]: settings and signals.
 

@@ -29,7 +29,8 @@ struct Global {
     /// NATS server URL(s), comma-separated. `bmw run` without it starts a local nats-server.
     #[arg(long, global = true, env = "BMW_NATS_URL")]
     nats_url: Option<String>,
-    /// Bridge listen address (`bmw run`, `bmw bridge`); also serves /metrics, /health, /ready.
+    /// Bridge listen address (`bmw run`, `bmw bridge`); also serves /metrics, /health, /ready
+    /// [default: 127.0.0.1:10211; another host needs a token or --insecure-no-auth].
     #[arg(long, global = true, env = "BMW_HTTP_ADDR")]
     http_addr: Option<String>,
     /// Where `bmw worker` serves /metrics and /health (off when unset).
@@ -85,6 +86,39 @@ struct Global {
     /// are refused with 429 [default: 1000000].
     #[arg(long, global = true, env = "BMW_MAX_QUEUE_PENDING")]
     max_queue_pending: Option<u64>,
+    /// A bearer token the bridge accepts: `rw:<secret>`, `ro:<secret>` (reads only) or a
+    /// bare secret (read-write). Repeat the flag, or comma-separate in BMW_API_TOKEN.
+    #[arg(
+        long,
+        global = true,
+        env = "BMW_API_TOKEN",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    api_token: Option<Vec<String>>,
+    /// A file of bridge tokens, one `rw <secret>` or `ro <secret>` per line (`#` comments).
+    #[arg(long, global = true, env = "BMW_API_TOKEN_FILE")]
+    api_token_file: Option<PathBuf>,
+    /// Put /metrics behind the tokens too (any token; read-only is enough).
+    #[arg(long, global = true, env = "BMW_METRICS_REQUIRE_TOKEN")]
+    metrics_require_token: bool,
+    /// Serve the bridge on a non-loopback address with no token: anyone who can
+    /// reach it can create, delete and reload tasks.
+    #[arg(long, global = true, env = "BMW_INSECURE_NO_AUTH")]
+    insecure_no_auth: bool,
+    /// Requests the bridge serves at once; more are answered 503 with Retry-After [default: 1024].
+    #[arg(long, global = true, env = "BMW_MAX_CONCURRENT_REQUESTS")]
+    max_concurrent_requests: Option<usize>,
+    /// Longest a bridge request may take, from its first byte to its answer
+    /// (504 after); longer than --reply-timeout [default: 30s].
+    #[arg(long, global = true, env = "BMW_REQUEST_TIMEOUT")]
+    request_timeout: Option<String>,
+    /// PEM certificate chain: the bridge serves HTTPS (with --tls-key).
+    #[arg(long, global = true, env = "BMW_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, global = true, env = "BMW_TLS_KEY")]
+    tls_key: Option<PathBuf>,
     /// Optional TOML config file; keys are the long flag names (`claim-ttl = "15s"`).
     #[arg(long, global = true, env = "BMW_CONFIG")]
     config: Option<PathBuf>,
@@ -186,6 +220,14 @@ impl Global {
             async_retry_max: self.async_retry_max.clone(),
             async_ack_wait: self.async_ack_wait.clone(),
             max_queue_pending: self.max_queue_pending,
+            api_token: self.api_token.clone(),
+            api_token_file: self.api_token_file.clone(),
+            metrics_require_token: self.metrics_require_token.then_some(true),
+            insecure_no_auth: self.insecure_no_auth.then_some(true),
+            max_concurrent_requests: self.max_concurrent_requests,
+            request_timeout: self.request_timeout.clone(),
+            tls_cert: self.tls_cert.clone(),
+            tls_key: self.tls_key.clone(),
         }
     }
 

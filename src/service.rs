@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::bridge::{self, BridgeState};
+use crate::bridge::{self, BridgeState, Guards, ListenOptions};
 use crate::client::TaskClient;
 use crate::config::Config;
 use crate::nats::local::{LocalServer, LocalServerOptions};
@@ -39,6 +39,13 @@ pub enum ServiceError {
         /// The error.
         source: std::io::Error,
     },
+    /// The settings do not allow this role to start (an exposed bridge
+    /// without a token).
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// The bridge's certificate or key could not be loaded.
+    #[error(transparent)]
+    Tls(#[from] bridge::TlsError),
     /// The streams or buckets could not be opened.
     #[error("cannot open the streams and buckets: {0}")]
     Stores(#[from] crate::nats::NatsError),
@@ -50,6 +57,9 @@ pub async fn run_all(
     registry: Arc<Registry>,
     token: CancellationToken,
 ) -> Result<(), ServiceError> {
+    // Before anything starts: a refused or broken bridge stops the start.
+    config.check_bridge_exposure()?;
+    let listen = ListenOptions::from_config(&config).await?;
     let mut local = None;
     let url = match &config.nats_url {
         Some(url) => url.clone(),
@@ -80,7 +90,7 @@ pub async fn run_all(
     let worker = Worker::with_operations(nats.clone(), config.clone(), ops.clone());
     let worker_token = token.child_token();
     let worker_task = tokio::spawn(worker.run(worker_token.clone()));
-    let served = serve_bridge(&config, nats, ops, token.clone()).await;
+    let served = serve_bridge(&config, listen, nats, ops, token.clone()).await;
     token.cancel();
     let worked = worker_task.await.unwrap_or(Ok(()));
     if let Some(mut server) = local {
@@ -111,7 +121,8 @@ pub async fn run_worker(
             .map_err(|source| ServiceError::Http { addr, source })?;
         tokio::spawn(bridge::serve_on(
             listener,
-            bridge::ops_router(),
+            bridge::ops_router(&Guards::from_config(&config)),
+            ListenOptions::plain(config.request_timeout),
             token.clone(),
         ));
     }
@@ -124,6 +135,8 @@ pub async fn run_bridge(
     registry: Arc<Registry>,
     token: CancellationToken,
 ) -> Result<(), ServiceError> {
+    config.check_bridge_exposure()?;
+    let listen = ListenOptions::from_config(&config).await?;
     let nats = Nats::connect(
         config
             .nats_url
@@ -134,11 +147,12 @@ pub async fn run_bridge(
     .await?;
     provision::provision(&nats.js, config.replicas).await?;
     let ops = Operations::open_with(&nats, registry, &config).await?;
-    serve_bridge(&config, nats, ops, token).await
+    serve_bridge(&config, listen, nats, ops, token).await
 }
 
 async fn serve_bridge(
     config: &Config,
+    listen: ListenOptions,
     nats: Nats,
     ops: Operations,
     token: CancellationToken,
@@ -149,8 +163,19 @@ async fn serve_bridge(
         nats: nats.client.clone(),
         max_body: config.max_body,
     };
+    let guards = Guards::from_config(config);
     let addr = config.http_addr;
-    bridge::serve(addr, bridge::router(state), token)
+    if guards.tokens.is_empty() && !addr.ip().is_loopback() {
+        tracing::warn!(addr = %addr, "the bridge asks for no token on a non-loopback address (--insecure-no-auth)");
+    }
+    tracing::info!(
+        tokens = config.api_tokens.len(),
+        metrics_require_token = guards.metrics_require_token,
+        max_concurrent_requests = guards.limits.max_concurrent,
+        request_timeout = %humantime::format_duration(guards.limits.timeout),
+        "bridge guards"
+    );
+    bridge::serve(addr, bridge::router(state, &guards), listen, token)
         .await
         .map_err(|source| ServiceError::Http { addr, source })
 }

@@ -8,13 +8,9 @@ use crate::harness::{BmwProcess, TestEnv, http};
 #[tokio::test(flavor = "multi_thread")]
 async fn bad_input_gets_400_naming_the_field() {
     let env = TestEnv::start().await;
-    let bmw = BmwProcess::run(&env.url(), &["--max-body", "2048"]).await;
+    let bmw = BmwProcess::run(&env.url(), &[]).await;
     let base = bmw.base_url();
     let task = format!("{base}/bmw/task/");
-    let big = format!(
-        r#"{{"kind": "daemon:demo:demo", "payload": {{"content": "{}"}}}}"#,
-        "x".repeat(4096)
-    );
     let cases: Vec<(&str, String, &str)> = vec![
         ("not json", "{not json".into(), "`body`"),
         ("missing kind", r#"{"payload": {}}"#.into(), "`kind`"),
@@ -49,7 +45,6 @@ async fn bad_input_gets_400_naming_the_field() {
             r#"{"kind": "daemon:demo:demo", "options": []}"#.into(),
             "`options`",
         ),
-        ("body too large", big, "`body`"),
     ];
     for (name, body, needle) in cases {
         let (status, envelope) = http(Method::POST, &task, Some(&body)).await;

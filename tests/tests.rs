@@ -7,6 +7,7 @@ mod async_listing;
 mod async_tasks;
 mod async_workers;
 mod bridge_input;
+mod bridge_security;
 mod daemon_cluster;
 mod hostile_names;
 mod layering;

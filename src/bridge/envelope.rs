@@ -52,6 +52,11 @@ impl IntoResponse for Reply {
 pub struct ApiError(Outcome);
 
 impl ApiError {
+    /// `status` with a message.
+    pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        ApiError(Outcome::err(status.as_u16(), message))
+    }
+
     /// 400 with a message.
     pub fn bad_request(message: impl Into<String>) -> Self {
         ApiError(Outcome::err(400, message))

@@ -3,11 +3,19 @@
 //! `/ready`. Thin on purpose: a command goes through [`crate::client`], which
 //! applies async and periodic ones directly and publishes daemon ones on
 //! `bmw.task.*` for a worker; the envelope is in [`envelope`].
+//!
+//! [`Guards`] decide who may call it and how much it takes: bearer tokens
+//! ([`auth`]), the cross-site rule (`cross_site`) and the request limits
+//! ([`limits`]) wrap the API routes; `/health` and `/ready` stay open (and
+//! `/metrics` unless configured). [`listen`] serves it, over TLS if asked.
 
+pub mod auth;
+mod cross_site;
 pub mod envelope;
+pub mod limits;
+pub mod listen;
 mod routes;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -16,9 +24,12 @@ use axum::extract::{MatchedPath, Request};
 use axum::middleware::{self, Next};
 use axum::response::Response;
 use axum::routing::{get, post};
-use tokio_util::sync::CancellationToken;
 
+pub use self::auth::ApiTokens;
+pub use self::limits::RequestLimits;
+pub use self::listen::{ListenOptions, TlsError, serve, serve_on};
 use crate::client::TaskClient;
+use crate::config::Config;
 
 /// What the routes share.
 #[derive(Debug, Clone)]
@@ -32,23 +43,59 @@ pub struct BridgeState {
     pub max_body: usize,
 }
 
-/// `/metrics`, `/health` and `/ready`: served by the bridge and by a lone
-/// worker on its metrics address.
-pub fn ops_router() -> Router {
+/// Who may call the bridge and how much it takes at once, from the
+/// configuration.
+#[derive(Debug, Clone)]
+pub struct Guards {
+    /// Tokens the API routes need (none: open).
+    pub tokens: ApiTokens,
+    /// Whether `/metrics` needs a token too.
+    pub metrics_require_token: bool,
+    /// Concurrency and time limits of the API routes.
+    pub limits: RequestLimits,
+}
+
+impl Guards {
+    /// The guards `config` asks for.
+    pub fn from_config(config: &Config) -> Self {
+        Guards {
+            tokens: ApiTokens::new(&config.api_tokens),
+            metrics_require_token: config.metrics_require_token,
+            limits: RequestLimits {
+                max_concurrent: config.max_concurrent_requests,
+                timeout: config.request_timeout,
+            },
+        }
+    }
+}
+
+/// `/metrics` and `/health`: served by the bridge and by a lone worker on its
+/// metrics address; `/metrics` behind the tokens if the guards say so.
+pub fn ops_router(guards: &Guards) -> Router {
+    let metrics = Router::new().route("/metrics", get(|| async { crate::metrics::render() }));
+    let metrics = if guards.metrics_require_token {
+        metrics.layer(middleware::from_fn_with_state(
+            guards.tokens.clone(),
+            auth::require_token,
+        ))
+    } else {
+        metrics
+    };
     Router::new()
-        .route("/metrics", get(|| async { crate::metrics::render() }))
         .route(
             "/health",
             get(|| async { envelope::Reply::ok(serde_json::Value::Null) }),
         )
+        .merge(metrics)
 }
 
-/// The bridge's routes.
-pub fn router(state: BridgeState) -> Router {
+/// The bridge's routes: the API behind the guards (outermost first: token,
+/// cross-site rule, limits), the health routes open.
+pub fn router(state: BridgeState, guards: &Guards) -> Router {
     let tasks = get(routes::list)
         .post(routes::create)
         .delete(routes::delete);
-    Router::new()
+    let api = Router::new()
         .route("/bmw/task/", tasks.clone())
         .route("/bmw/task", tasks)
         .route("/bmw/task/daemon/reload", post(routes::reload))
@@ -60,10 +107,21 @@ pub fn router(state: BridgeState) -> Router {
         .route("/bmw/queue", get(routes::queues))
         .route("/bmw/worker/", get(routes::workers))
         .route("/bmw/worker", get(routes::workers))
-        .route("/ready", get(routes::ready))
         .fallback(routes::not_found)
+        .with_state(state.clone());
+    let api = guards
+        .limits
+        .apply(api)
+        .layer(middleware::from_fn(cross_site::refuse_cross_site_writes))
+        .layer(middleware::from_fn_with_state(
+            guards.tokens.clone(),
+            auth::require_token,
+        ));
+    Router::new()
+        .route("/ready", get(routes::ready))
         .with_state(state)
-        .merge(ops_router())
+        .merge(ops_router(guards))
+        .merge(api)
         .layer(middleware::from_fn(record))
 }
 
@@ -81,26 +139,4 @@ async fn record(request: Request, next: Next) -> Response {
         start.elapsed().as_secs_f64(),
     );
     response
-}
-
-/// Serves `router` on `addr` until `token` fires.
-pub async fn serve(
-    addr: SocketAddr,
-    router: Router,
-    token: CancellationToken,
-) -> std::io::Result<()> {
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    serve_on(listener, router, token).await
-}
-
-/// Serves on a bound listener (tests bind port 0 first).
-pub async fn serve_on(
-    listener: tokio::net::TcpListener,
-    router: Router,
-    token: CancellationToken,
-) -> std::io::Result<()> {
-    tracing::info!(addr = %listener.local_addr()?, "http listening");
-    axum::serve(listener, router)
-        .with_graceful_shutdown(token.cancelled_owned())
-        .await
 }

@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 
-use axum::body::{Body, Bytes};
+use axum::body::{Body, Bytes, HttpBody};
 use axum::extract::{Query, State};
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -17,16 +17,28 @@ use crate::nats::names;
 use crate::queue::{ListQuery, TaskState};
 use crate::task::TaskType;
 
-/// Reads the body up to the configured limit; larger bodies are refused with 400.
+/// Reads the body up to `--max-body`: a larger one is refused with 413
+/// naming the limit, before any of it is read when the client announced its
+/// length, else as soon as the limit is passed.
 async fn body(state: &BridgeState, body: Body) -> Result<Bytes, ApiError> {
-    axum::body::to_bytes(body, state.max_body)
-        .await
-        .map_err(|_| {
-            ApiError::bad_request(format!(
-                "invalid `body`: larger than {} bytes, or unreadable",
-                state.max_body
-            ))
-        })
+    let limit = state.max_body;
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("invalid `body`: larger than the limit of {limit} bytes (--max-body)"),
+        )
+    };
+    if body.size_hint().lower() > limit as u64 {
+        return Err(too_large());
+    }
+    axum::body::to_bytes(body, limit).await.map_err(|e| {
+        let error = e.into_inner();
+        if error.is::<http_body_util::LengthLimitError>() {
+            too_large()
+        } else {
+            ApiError::bad_request(format!("invalid `body`: unreadable ({error})"))
+        }
+    })
 }
 
 async fn submit(state: &BridgeState, subject: &str, raw: Body) -> Result<Reply, ApiError> {

@@ -11,7 +11,6 @@ use futures::TryStreamExt;
 use serde::Serialize;
 use serde_json::Value;
 
-use super::listing::{Cursor, Page};
 use super::message::TaskMessage;
 use super::record::{RecordStore, TaskRecord, TaskState};
 use crate::nats::{NatsError, names};
@@ -60,23 +59,6 @@ pub struct Inspector {
     pub(crate) stream: Stream,
     pub(crate) dead: Stream,
     pub(crate) records: RecordStore,
-}
-
-/// Filters and paging of a list.
-#[derive(Debug, Clone, Default)]
-pub struct ListQuery {
-    /// Only this queue.
-    pub queue: Option<String>,
-    /// Only this state.
-    pub state: Option<TaskState>,
-    /// Only this kind.
-    pub kind: Option<String>,
-    /// Skip this many matches (after the cursor).
-    pub offset: usize,
-    /// At most this many (default 100, at most 1,000).
-    pub limit: usize,
-    /// Where the previous page ended.
-    pub cursor: Option<Cursor>,
 }
 
 /// One queue's numbers.
@@ -142,11 +124,6 @@ impl Inspector {
             }
         }
         Ok(None)
-    }
-
-    /// One page of the tasks matching `query` (see [`super::listing`]).
-    pub async fn list(&self, query: &ListQuery) -> Result<Page, NatsError> {
-        super::listing::page(self, query).await
     }
 
     /// Stats of `queues`, plus any queue that has a consumer.

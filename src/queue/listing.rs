@@ -14,7 +14,7 @@ use std::str::FromStr;
 use async_nats::jetstream::message::StreamMessage;
 use async_nats::jetstream::stream::{LastRawMessageErrorKind, Stream};
 
-use super::inspect::{Inspector, ListQuery, message_record};
+use super::inspect::{Inspector, message_record};
 use super::record::{TaskRecord, TaskState};
 use crate::nats::{NatsError, names};
 use crate::task::ValidationError;
@@ -97,6 +97,23 @@ pub struct Page {
     pub tasks: Vec<TaskRecord>,
     /// Where the next page starts; `None` when this is the last one.
     pub next: Option<Cursor>,
+}
+
+/// Filters and paging of a list.
+#[derive(Debug, Clone, Default)]
+pub struct ListQuery {
+    /// Only this queue.
+    pub queue: Option<String>,
+    /// Only this state.
+    pub state: Option<TaskState>,
+    /// Only this kind.
+    pub kind: Option<String>,
+    /// Skip this many matches (after the cursor).
+    pub offset: usize,
+    /// At most this many (default 100, at most 1,000).
+    pub limit: usize,
+    /// Where the previous page ended.
+    pub cursor: Option<Cursor>,
 }
 
 /// Reads one page of the tasks matching `query`.

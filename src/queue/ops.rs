@@ -11,8 +11,8 @@ use serde_json::Value;
 use super::admin::Admin;
 use super::depth::QueueDepth;
 use super::enqueue::Enqueuer;
-use super::inspect::{Inspector, ListQuery, QueueStats};
-use super::listing::Page;
+use super::inspect::{Inspector, QueueStats};
+use super::listing::{ListQuery, Page};
 use super::record::{RecordStore, TaskRecord};
 use crate::membership::WorkerEntry;
 use crate::nats::{Nats, NatsError, names};
@@ -75,7 +75,7 @@ impl AsyncOps {
         if let Some(queue) = &query.queue {
             check_queue("queue", queue)?;
         }
-        Ok(self.inspector().list(query).await?)
+        Ok(super::listing::page(self.inspector(), query).await?)
     }
 
     /// Stats of every queue; `workers` give the processed and failed counts.

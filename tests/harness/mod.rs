@@ -187,6 +187,40 @@ impl BmwProcess {
         p
     }
 
+    /// `bmw bridge` (no worker) on a free port with `extra`, up once `/health` answers.
+    pub async fn bridge(url: &str, extra: &[&str]) -> BmwProcess {
+        let port = free_port();
+        let addr = format!("127.0.0.1:{port}");
+        let args: Vec<&str> = ["bridge", "--http-addr", &addr]
+            .iter()
+            .copied()
+            .chain(extra.iter().copied())
+            .collect();
+        let mut p = BmwProcess::spawn(url, &args);
+        p.http_port = Some(port);
+        let up = wait_until(Duration::from_secs(20), async || {
+            reqwest::get(format!("http://{addr}/health")).await.is_ok()
+        })
+        .await;
+        assert!(up, "bridge did not come up; logs:\n{}", p.logs().join("\n"));
+        p
+    }
+
+    /// Waits up to `timeout` for the process to exit by itself; its status, or
+    /// `None` if it still runs.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let mut status = None;
+        wait_until(timeout, async || {
+            status = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten());
+            status.is_some()
+        })
+        .await;
+        status
+    }
+
     pub fn base_url(&self) -> String {
         format!(
             "http://127.0.0.1:{}",

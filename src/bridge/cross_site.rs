@@ -1,0 +1,117 @@
+//! Refusal of cross-site browser requests that change state: a web page in
+//! an operator's browser must not create, delete or reload tasks on a bridge
+//! it can reach (bodies are accepted whatever their content type, so a plain
+//! HTML form could otherwise post one). A write is refused with 403 and the
+//! envelope when the browser says it is cross-site or same-site
+//! (`Sec-Fetch-Site`), or when its `Origin` is not the host it was sent to.
+//! Requests without those headers (curl, BMW's own clients) pass; reads pass.
+
+use axum::extract::Request;
+use axum::http::header::{HOST, ORIGIN};
+use axum::http::uri::{Authority, Scheme};
+use axum::http::{StatusCode, Uri};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+
+use super::envelope::ApiError;
+
+/// Answers 403 to a state-changing request a browser sent from another site.
+pub(crate) async fn refuse_cross_site_writes(request: Request, next: Next) -> Response {
+    if !request.method().is_safe()
+        && let Some(reason) = cross_site(&request)
+    {
+        return ApiError::new(
+            StatusCode::FORBIDDEN,
+            format!(
+                "forbidden: cross-site request refused ({reason}); a web page cannot change tasks"
+            ),
+        )
+        .into_response();
+    }
+    next.run(request).await
+}
+
+/// Why `request` comes from another site, if it does.
+fn cross_site(request: &Request) -> Option<String> {
+    let headers = request.headers();
+    if let Some(site) = headers.get("sec-fetch-site") {
+        let site = site.to_str().unwrap_or("");
+        if site.eq_ignore_ascii_case("cross-site") || site.eq_ignore_ascii_case("same-site") {
+            return Some(format!("Sec-Fetch-Site: {site}"));
+        }
+    }
+    let origin = headers.get(ORIGIN)?;
+    let origin_text = origin.to_str().unwrap_or("?");
+    let target = request
+        .uri()
+        .authority()
+        .cloned()
+        .or_else(|| headers.get(HOST)?.to_str().ok()?.parse().ok());
+    match (origin_text.parse::<Uri>(), target) {
+        (Ok(origin), Some(target)) if same_host_and_port(&origin, &target) => None,
+        (_, Some(target)) => Some(format!("Origin {origin_text} is not http(s)://{target}")),
+        (_, None) => Some(format!("Origin {origin_text} and no Host")),
+    }
+}
+
+/// Whether `origin` (`scheme://host[:port]`) names the host and port of
+/// `target` (a request's `Host`); a missing port is the scheme's default.
+fn same_host_and_port(origin: &Uri, target: &Authority) -> bool {
+    let Some(host) = origin.host() else {
+        return false;
+    };
+    let default_port = match origin.scheme() {
+        Some(s) if *s == Scheme::HTTP => 80,
+        Some(s) if *s == Scheme::HTTPS => 443,
+        _ => return false,
+    };
+    host.eq_ignore_ascii_case(target.host())
+        && origin.port_u16().unwrap_or(default_port) == target.port_u16().unwrap_or(default_port)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn post(headers: &[(&str, &str)]) -> Request {
+        let mut builder = Request::post("/bmw/task/");
+        for (name, value) in headers {
+            builder = builder.header(*name, *value);
+        }
+        builder.body(axum::body::Body::empty()).unwrap()
+    }
+
+    #[test]
+    fn only_requests_from_another_site_are_cross_site() {
+        let host = ("Host", "127.0.0.1:10211");
+        let refused: &[&[(&str, &str)]] = &[
+            &[host, ("Origin", "http://evil.example")],
+            &[host, ("Origin", "http://127.0.0.1:10212")],
+            &[host, ("Origin", "https://127.0.0.1")],
+            &[host, ("Origin", "null")],
+            &[host, ("Origin", "not a url")],
+            &[("Origin", "http://127.0.0.1:10211")],
+            &[host, ("Sec-Fetch-Site", "cross-site")],
+            &[host, ("Sec-Fetch-Site", "same-site")],
+        ];
+        for headers in refused {
+            assert!(cross_site(&post(headers)).is_some(), "{headers:?}");
+        }
+        let allowed: &[&[(&str, &str)]] = &[
+            &[host],
+            &[],
+            &[host, ("Origin", "http://127.0.0.1:10211")],
+            &[host, ("Origin", "HTTP://127.0.0.1:10211")],
+            &[("Host", "bmw.example"), ("Origin", "http://BMW.example:80")],
+            &[
+                ("Host", "bmw.example:443"),
+                ("Origin", "https://bmw.example"),
+            ],
+            &[host, ("Sec-Fetch-Site", "same-origin")],
+            &[host, ("Sec-Fetch-Site", "none")],
+        ];
+        for headers in allowed {
+            assert_eq!(cross_site(&post(headers)), None, "{headers:?}");
+        }
+    }
+}
