@@ -229,3 +229,62 @@ async fn a_kind_only_a_worker_knows_is_accepted_by_the_bridge() {
     token.cancel();
     handle.await.unwrap().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_panic_while_handling_a_request_answers_500_and_the_bridge_keeps_serving() {
+    use std::sync::Arc;
+    let env = TestEnv::start().await;
+    let explosive = Arc::new(crate::harness::Explosive::default());
+    let mut registry = bmw::Registry::new();
+    registry
+        .register_daemon("daemon:custom:explosive", move || {
+            Ok(explosive.clone() as Arc<dyn bmw::daemon::Operator>)
+        })
+        .unwrap();
+    let ops = bmw::ops::Operations::open(&env.nats, Arc::new(registry))
+        .await
+        .unwrap();
+    let client = bmw::client::TaskClient::with_operations(
+        env.nats.clone(),
+        ops,
+        std::time::Duration::from_secs(1),
+    );
+    let state = bmw::bridge::BridgeState {
+        client: Arc::new(client),
+        nats: env.nats.client.clone(),
+        max_body: 4096,
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let token = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(bmw::bridge::serve_on(
+        listener,
+        bmw::bridge::router(state),
+        token.clone(),
+    ));
+    let task = format!("http://{addr}/bmw/task/");
+    // The bridge computes a daemon task's uni_id: the operator's code runs here.
+    let (status, envelope) = http(
+        Method::POST,
+        &task,
+        Some(r#"{"kind": "daemon:custom:explosive", "payload": {"explode": "routing"}}"#),
+    )
+    .await;
+    assert_eq!((status, &envelope["code"]), (500, &serde_json::json!(500)));
+    assert!(
+        envelope["message"]
+            .as_str()
+            .unwrap()
+            .contains("told to explode while routing"),
+        "{envelope}"
+    );
+    // The next request is served (stored for a worker: none runs, so 202).
+    let (status, envelope) = http(
+        Method::POST,
+        &task,
+        Some(r#"{"kind": "daemon:custom:explosive", "payload": {"n": 1}}"#),
+    )
+    .await;
+    assert_eq!(status, 202, "{envelope}");
+    token.cancel();
+}

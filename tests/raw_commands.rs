@@ -223,3 +223,67 @@ async fn poison_messages_are_terminated_and_reported() {
     .await;
     assert_eq!(outcome["result"], true, "{outcome}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_panic_in_command_handling_fails_that_command_only() {
+    use std::sync::Arc;
+    let env = TestEnv::start().await;
+    let explosive = Arc::new(crate::harness::Explosive::default());
+    let mut registry = bmw::Registry::new();
+    registry
+        .register_daemon("daemon:custom:explosive", move || {
+            Ok(explosive.clone() as Arc<dyn bmw::daemon::Operator>)
+        })
+        .unwrap();
+    let config = bmw::Config {
+        nats_url: Some(env.url()),
+        ..bmw::Config::default()
+    };
+    let token = tokio_util::sync::CancellationToken::new();
+    let worker = bmw::worker::Worker::new(env.nats.clone(), config, Arc::new(registry));
+    let handle = tokio::spawn(worker.run(token.clone()));
+    let mut errors = env
+        .nats
+        .client
+        .subscribe("bmw.event.command.>")
+        .await
+        .unwrap();
+    env.nats.client.flush().await.unwrap();
+    // Several, so that more than one lane meets a panic.
+    for (n, when) in ["routing", "applying", "routing", "applying"]
+        .into_iter()
+        .enumerate()
+    {
+        let body = json!({"kind": "daemon:custom:explosive", "payload": {"explode": when, "n": n}});
+        let outcome = publish(&env, "bmw.task.create", body.to_string().as_bytes()).await;
+        assert_eq!(
+            (outcome["result"].as_bool(), outcome["code"].as_u64()),
+            (Some(false), Some(500)),
+            "{outcome}"
+        );
+        assert!(
+            outcome["message"]
+                .as_str()
+                .unwrap()
+                .contains(&format!("told to explode while {when}")),
+            "{outcome}"
+        );
+        let event = tokio::time::timeout(Duration::from_secs(5), errors.next())
+            .await
+            .expect("an error event")
+            .unwrap();
+        assert!(
+            event.subject.as_str().ends_with(".error"),
+            "{}",
+            event.subject
+        );
+    }
+    // Terminated, not redelivered, and the next commands are applied.
+    for n in 0..3 {
+        let body = json!({"kind": "daemon:custom:explosive", "payload": {"n": n}});
+        let outcome = publish(&env, "bmw.task.create", body.to_string().as_bytes()).await;
+        assert_eq!(outcome["result"], true, "{outcome}");
+    }
+    token.cancel();
+    handle.await.unwrap().unwrap();
+}

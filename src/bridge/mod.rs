@@ -2,7 +2,8 @@
 //! commands, plus `/bmw/queue/`, `/bmw/worker/`, `/metrics`, `/health` and
 //! `/ready`. Thin on purpose: a command goes through [`crate::client`], which
 //! applies async and periodic ones directly and publishes daemon ones on
-//! `bmw.task.*` for a worker; the envelope is in [`envelope`].
+//! `bmw.task.*` for a worker; the envelope is in [`envelope`]. A panic while
+//! handling a request answers 500 with the envelope.
 
 pub mod envelope;
 mod routes;
@@ -14,9 +15,10 @@ use std::time::Instant;
 use axum::Router;
 use axum::extract::{MatchedPath, Request};
 use axum::middleware::{self, Next};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use tokio_util::sync::CancellationToken;
+use tower_http::catch_panic::CatchPanicLayer;
 
 use crate::client::TaskClient;
 
@@ -64,7 +66,20 @@ pub fn router(state: BridgeState) -> Router {
         .fallback(routes::not_found)
         .with_state(state)
         .merge(ops_router())
+        .layer(CatchPanicLayer::custom(panicked))
         .layer(middleware::from_fn(record))
+}
+
+/// A request whose handling panicked (a bug): 500 with the envelope, instead
+/// of a dropped connection.
+fn panicked(panic: Box<dyn std::any::Any + Send + 'static>) -> Response {
+    let message = crate::queue::panic_message(panic.as_ref());
+    tracing::error!(panic = message, "request handling panicked");
+    envelope::Reply::from_outcome(crate::task::Outcome::err(
+        500,
+        format!("request handling panicked: {message}"),
+    ))
+    .into_response()
 }
 
 async fn record(request: Request, next: Next) -> Response {

@@ -285,7 +285,7 @@ async fn run_attempt(
         Ended::Handler(Ok(Err(e))) => Outcome::Failed(e),
         Ended::Handler(Err(panic)) => Outcome::Failed(TaskError::new(format!(
             "handler panicked: {}",
-            panic_text(panic)
+            super::handler::panic_message(panic.as_ref())
         ))),
     }
 }
@@ -295,11 +295,4 @@ async fn run_attempt(
 enum Ended {
     Handler(std::thread::Result<Result<(), TaskError>>),
     TimedOut(TaskError),
-}
-
-fn panic_text(p: Box<dyn std::any::Any + Send>) -> String {
-    p.downcast_ref::<&str>()
-        .map(|s| (*s).to_owned())
-        .or_else(|| p.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "unknown panic".into())
 }

@@ -105,6 +105,17 @@ impl From<String> for TaskError {
     }
 }
 
+/// The text of a caught panic (`panic!("...")` carries a `&str` or a
+/// `String`); used wherever bmw catches one: a handler's, a command's, a
+/// request's.
+pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into())
+}
+
 /// An async task implementation, shared by every task of its kind.
 ///
 /// Like a daemon `Operator`, `handle` returns a boxed future so that

@@ -493,3 +493,34 @@ pub async fn list_tasks(base_url: &str, task_type: &str) -> Vec<Value> {
     assert_eq!(status, 200, "{body}");
     body["data"].as_array().cloned().unwrap_or_default()
 }
+
+/// A daemon operator whose `task_dimension` (user code that runs inside
+/// command handling, once to pick the command's lane and once to apply it)
+/// panics: on `{"explode": "routing"}` the first time, on `{"explode":
+/// "applying"}` the second time it sees a payload.
+#[derive(Default)]
+pub struct Explosive {
+    seen: std::sync::Mutex<std::collections::HashSet<String>>,
+}
+
+impl bmw::daemon::Operator for Explosive {
+    fn start<'a>(
+        &'a self,
+        ctx: bmw::daemon::OperatorContext,
+        _payload: &'a serde_json::Value,
+    ) -> futures::future::BoxFuture<'a, Result<(), bmw::daemon::OperatorError>> {
+        Box::pin(async move {
+            ctx.cancelled().await;
+            Ok(())
+        })
+    }
+
+    fn task_dimension(&self, payload: &serde_json::Value) -> String {
+        let again = !self.seen.lock().unwrap().insert(payload.to_string());
+        match payload["explode"].as_str() {
+            Some("routing") => panic!("told to explode while routing"),
+            Some("applying") if again => panic!("told to explode while applying"),
+            _ => String::new(),
+        }
+    }
+}
