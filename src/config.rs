@@ -48,6 +48,62 @@ pub const DEFAULT_ASYNC_ACK_WAIT: Duration = Duration::from_secs(30);
 /// Default largest request body the bridge accepts.
 pub const DEFAULT_MAX_BODY: usize = 1024 * 1024;
 
+// Bounds: what the settings may be (refused at start otherwise), and the
+// defaults of the bounds on task options.
+
+/// A humantime year (365.25 days), so that bounds print as `1year`.
+const YEAR: Duration = Duration::from_secs(31_557_600);
+/// A day.
+const DAY: Duration = Duration::from_secs(24 * 3600);
+/// Default of `--max-task-delay`: how far ahead `process_at`, `process_in`
+/// and `deadline` may be.
+pub const DEFAULT_MAX_TASK_DELAY: Duration = YEAR;
+/// Default of `--max-task-timeout`: the longest per-attempt `timeout`.
+pub const DEFAULT_MAX_TASK_TIMEOUT: Duration = DAY;
+/// Default of `--max-retention`: the longest `retention`.
+pub const DEFAULT_MAX_RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
+/// Default of `--max-unique-ttl`: the longest `unique_ttl`.
+pub const DEFAULT_MAX_UNIQUE_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
+/// The most any `--max-*` bound of task options may be (the most any
+/// duration option may be, `crate::task::options::MAX_DURATION`).
+const MAX_TASK_BOUND: Duration = Duration::from_secs(100 * 31_557_600);
+/// The most `--claim-ttl`, `--grace` and `--async-ack-wait` may be.
+const MAX_WAIT_SETTING: Duration = DAY;
+/// The most `--retry-max` and `--async-retry-max` may be.
+const MAX_RETRY_DELAY: Duration = Duration::from_secs(30 * 24 * 3600);
+/// The most `--reply-timeout` may be.
+const MAX_REPLY_TIMEOUT: Duration = Duration::from_secs(3600);
+/// The most `--concurrency` may be.
+const MAX_CONCURRENCY: usize = 100_000;
+/// The most a queue's weight may be.
+const MAX_QUEUE_WEIGHT: u32 = 1000;
+
+/// Upper bounds of task options, set by the operator and checked on every
+/// async and periodic create (by `crate::ops`); a duration option is never
+/// more than 100 years in any case.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TaskLimits {
+    /// How far ahead `process_at`, `process_in` and `deadline` may be.
+    pub max_task_delay: Duration,
+    /// The longest per-attempt `timeout`.
+    pub max_task_timeout: Duration,
+    /// The longest `retention`.
+    pub max_retention: Duration,
+    /// The longest `unique_ttl`.
+    pub max_unique_ttl: Duration,
+}
+
+impl Default for TaskLimits {
+    fn default() -> Self {
+        TaskLimits {
+            max_task_delay: DEFAULT_MAX_TASK_DELAY,
+            max_task_timeout: DEFAULT_MAX_TASK_TIMEOUT,
+            max_retention: DEFAULT_MAX_RETENTION,
+            max_unique_ttl: DEFAULT_MAX_UNIQUE_TTL,
+        }
+    }
+}
+
 /// Why a configuration was refused; names the setting.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -101,6 +157,11 @@ pub struct ConfigOverrides {
     pub async_retry_base: Option<String>,
     pub async_retry_max: Option<String>,
     pub async_ack_wait: Option<String>,
+    // Bounds of task options.
+    pub max_task_delay: Option<String>,
+    pub max_task_timeout: Option<String>,
+    pub max_retention: Option<String>,
+    pub max_unique_ttl: Option<String>,
 }
 
 impl ConfigOverrides {
@@ -137,6 +198,10 @@ impl ConfigOverrides {
             async_retry_base: self.async_retry_base.or(other.async_retry_base),
             async_retry_max: self.async_retry_max.or(other.async_retry_max),
             async_ack_wait: self.async_ack_wait.or(other.async_ack_wait),
+            max_task_delay: self.max_task_delay.or(other.max_task_delay),
+            max_task_timeout: self.max_task_timeout.or(other.max_task_timeout),
+            max_retention: self.max_retention.or(other.max_retention),
+            max_unique_ttl: self.max_unique_ttl.or(other.max_unique_ttl),
         }
     }
 }
@@ -181,6 +246,8 @@ pub struct Config {
     pub async_retry_max: Duration,
     /// How long a fetched async task may go unacknowledged before redelivery.
     pub async_ack_wait: Duration,
+    /// Upper bounds of task options.
+    pub limits: TaskLimits,
 }
 
 impl Default for Config {
@@ -271,6 +338,24 @@ impl Config {
                 given.async_ack_wait,
                 DEFAULT_ASYNC_ACK_WAIT,
             )?,
+            limits: TaskLimits {
+                max_task_delay: dur(
+                    "max-task-delay",
+                    given.max_task_delay,
+                    DEFAULT_MAX_TASK_DELAY,
+                )?,
+                max_task_timeout: dur(
+                    "max-task-timeout",
+                    given.max_task_timeout,
+                    DEFAULT_MAX_TASK_TIMEOUT,
+                )?,
+                max_retention: dur("max-retention", given.max_retention, DEFAULT_MAX_RETENTION)?,
+                max_unique_ttl: dur(
+                    "max-unique-ttl",
+                    given.max_unique_ttl,
+                    DEFAULT_MAX_UNIQUE_TTL,
+                )?,
+            },
         };
         config.validate()?;
         Ok(config)
@@ -283,28 +368,61 @@ impl Config {
                 message: message.to_owned(),
             })
         };
-        if self.claim_ttl < Duration::from_secs(1) || self.claim_ttl.subsec_nanos() != 0 {
+        if self.claim_ttl < Duration::from_secs(1)
+            || self.claim_ttl.subsec_nanos() != 0
+            || self.claim_ttl > MAX_WAIT_SETTING
+        {
             return invalid(
                 "claim-ttl",
-                "must be whole seconds, at least 1s (a NATS per-key TTL)",
+                "must be whole seconds, from 1s to 1day (a NATS per-key TTL)",
             );
         }
         if self.heartbeat.is_zero() || self.heartbeat >= self.claim_ttl {
             return invalid("heartbeat", "must be above zero and shorter than claim-ttl");
         }
+        if self.retry_max > MAX_RETRY_DELAY {
+            return invalid("retry-max", "must be at most 30days");
+        }
         if self.retry_base.is_zero() || self.retry_max < self.retry_base {
             return invalid("retry-base", "must be above zero and at most retry-max");
+        }
+        if self.async_retry_max > MAX_RETRY_DELAY {
+            return invalid("async-retry-max", "must be at most 30days");
+        }
+        if self.async_retry_max < self.async_retry_base {
+            return invalid("async-retry-base", "must be at most async-retry-max");
+        }
+        if self.async_ack_wait < Duration::from_secs(1) || self.async_ack_wait > MAX_WAIT_SETTING {
+            return invalid("async-ack-wait", "must be from 1s to 1day");
+        }
+        if self.grace > MAX_WAIT_SETTING {
+            return invalid("grace", "must be at most 1day");
+        }
+        if self.reply_timeout > MAX_REPLY_TIMEOUT {
+            return invalid("reply-timeout", "must be at most 1h");
+        }
+        let bounds = [
+            ("max-task-delay", self.limits.max_task_delay),
+            ("max-task-timeout", self.limits.max_task_timeout),
+            ("max-retention", self.limits.max_retention),
+            ("max-unique-ttl", self.limits.max_unique_ttl),
+        ];
+        for (name, bound) in bounds {
+            if bound < Duration::from_secs(1) || bound > MAX_TASK_BOUND {
+                return invalid(name, "must be from 1s to 100years");
+            }
         }
         if !(1..=5).contains(&self.replicas) {
             return invalid("replicas", "must be between 1 and 5");
         }
-        if self.concurrency == 0 {
-            return invalid("concurrency", "must be at least 1");
+        if self.concurrency == 0 || self.concurrency > MAX_CONCURRENCY {
+            return invalid("concurrency", "must be from 1 to 100000");
         }
         if self.queues.is_empty()
             || self.queues.iter().any(|q| {
                 q.name.is_empty()
                     || q.weight == 0
+                    || q.weight > MAX_QUEUE_WEIGHT
                     || !q
                         .name
                         .chars()
@@ -313,7 +431,7 @@ impl Config {
         {
             return invalid(
                 "queues",
-                "must be a non-empty list of `name` or `name=weight` (A-Z a-z 0-9 _ -, weight >= 1)",
+                "must be a non-empty list of `name` or `name=weight` (A-Z a-z 0-9 _ -, weight 1 to 1000)",
             );
         }
         Ok(())
@@ -378,5 +496,61 @@ mod tests {
             }
         }
         assert!(toml::from_str::<ConfigOverrides>("no-such-key = 1").is_err());
+    }
+
+    #[test]
+    fn settings_out_of_range_are_refused() {
+        let cases = [
+            (
+                ConfigOverrides {
+                    async_ack_wait: Some("0s".into()),
+                    ..Default::default()
+                },
+                "async-ack-wait",
+            ),
+            (
+                ConfigOverrides {
+                    retry_max: Some("100000000years".into()),
+                    ..Default::default()
+                },
+                "retry-max",
+            ),
+            (
+                ConfigOverrides {
+                    async_retry_max: Some("31days".into()),
+                    ..Default::default()
+                },
+                "async-retry-max",
+            ),
+            (
+                ConfigOverrides {
+                    concurrency: Some(usize::MAX),
+                    ..Default::default()
+                },
+                "concurrency",
+            ),
+            (
+                ConfigOverrides {
+                    queues: Some(vec!["a=4294967295".into()]),
+                    ..Default::default()
+                },
+                "queues",
+            ),
+            (
+                ConfigOverrides {
+                    max_task_delay: Some("101years".into()),
+                    ..Default::default()
+                },
+                "max-task-delay",
+            ),
+        ];
+        for (given, name) in cases {
+            match Config::resolve(given) {
+                Err(ConfigError::Invalid { name: got, .. }) => assert_eq!(got, name),
+                other => panic!("{name}: {other:?}"),
+            }
+        }
+        let defaults = Config::default();
+        assert_eq!(defaults.limits, TaskLimits::default());
     }
 }

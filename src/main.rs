@@ -81,6 +81,18 @@ struct Global {
     /// How long a fetched async task may go unacknowledged before another worker gets it [default: 30s].
     #[arg(long, global = true, env = "BMW_ASYNC_ACK_WAIT")]
     async_ack_wait: Option<String>,
+    /// How far ahead a task's `process_at`, `process_in` and `deadline` may be [default: 1year].
+    #[arg(long, global = true, env = "BMW_MAX_TASK_DELAY")]
+    max_task_delay: Option<String>,
+    /// The longest per-attempt `timeout` of a task [default: 1day].
+    #[arg(long, global = true, env = "BMW_MAX_TASK_TIMEOUT")]
+    max_task_timeout: Option<String>,
+    /// The longest `retention` of a task [default: 30days].
+    #[arg(long, global = true, env = "BMW_MAX_RETENTION")]
+    max_retention: Option<String>,
+    /// The longest `unique_ttl` of a task [default: 30days].
+    #[arg(long, global = true, env = "BMW_MAX_UNIQUE_TTL")]
+    max_unique_ttl: Option<String>,
     /// Optional TOML config file; keys are the long flag names (`claim-ttl = "15s"`).
     #[arg(long, global = true, env = "BMW_CONFIG")]
     config: Option<PathBuf>,
@@ -181,6 +193,10 @@ impl Global {
             async_retry_base: self.async_retry_base.clone(),
             async_retry_max: self.async_retry_max.clone(),
             async_ack_wait: self.async_ack_wait.clone(),
+            max_task_delay: self.max_task_delay.clone(),
+            max_task_timeout: self.max_task_timeout.clone(),
+            max_retention: self.max_retention.clone(),
+            max_unique_ttl: self.max_unique_ttl.clone(),
         }
     }
 
@@ -258,7 +274,10 @@ async fn connect(config: &Config, name: &str) -> anyhow::Result<Nats> {
 async fn task(cmd: TaskCmd, config: Config, registry: Arc<Registry>) -> anyhow::Result<ExitCode> {
     let nats = connect(&config, names::client_name::TASK).await?;
     bmw::nats::provision::provision(&nats.js, config.replicas).await?;
-    let client = TaskClient::new(nats, registry, config.reply_timeout).await?;
+    let ops = bmw::ops::Operations::open(&nats, registry)
+        .await?
+        .with_limits(config.limits);
+    let client = TaskClient::with_operations(nats, ops, config.reply_timeout);
     let id = uuid::Uuid::new_v4().to_string();
     let command = match cmd {
         TaskCmd::List { task_type } => {

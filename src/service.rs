@@ -76,7 +76,9 @@ pub async fn run_all(
     let nats = Nats::connect(&url, names::client_name::RUN).await?;
     // One provisioning and one set of stores for the worker and the bridge.
     provision::provision(&nats.js, config.replicas).await?;
-    let ops = Operations::open(&nats, registry).await?;
+    let ops = Operations::open(&nats, registry)
+        .await?
+        .with_limits(config.limits);
     let worker = Worker::with_operations(nats.clone(), config.clone(), ops.clone());
     let worker_token = token.child_token();
     let worker_task = tokio::spawn(worker.run(worker_token.clone()));
@@ -133,7 +135,9 @@ pub async fn run_bridge(
     )
     .await?;
     provision::provision(&nats.js, config.replicas).await?;
-    let ops = Operations::open(&nats, registry).await?;
+    let ops = Operations::open(&nats, registry)
+        .await?
+        .with_limits(config.limits);
     serve_bridge(&config, nats, ops, token).await
 }
 

@@ -83,7 +83,9 @@ impl Worker {
         } = self;
         let ops = match ops {
             Some(ops) => ops,
-            None => Operations::open(&nats, registry.clone()).await?,
+            None => Operations::open(&nats, registry.clone())
+                .await?
+                .with_limits(config.limits),
         };
         let events = EventPublisher::new(nats.client.clone(), &worker_id);
         let claims = ClaimStore::open(&nats.js, config.claim_ttl).await?;

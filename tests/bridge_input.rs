@@ -230,6 +230,144 @@ async fn a_kind_only_a_worker_knows_is_accepted_by_the_bridge() {
     handle.await.unwrap().unwrap();
 }
 
+/// Seconds that overflow a date when added to now (about 317,000 years).
+const OVERFLOWING_SECONDS: u64 = 10_000_000_000_000;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn out_of_range_durations_and_times_are_400_and_the_bridge_keeps_serving() {
+    use serde_json::json;
+    let env = TestEnv::start().await;
+    let bmw = BmwProcess::run(&env.url(), &[]).await;
+    let base = bmw.base_url();
+    let huge = OVERFLOWING_SECONDS;
+    let far = "9999-12-31T23:59:59Z";
+    crate::harness::assert_refused(
+        &base,
+        &[
+            // The body: this request's task panicked (an empty reply).
+            (
+                json!({"kind": "async:demo:echo", "options": {"process_in": huge}}),
+                "`options.process_in`",
+            ),
+            (
+                json!({"kind": "async:demo:echo", "options": {"process_in": "400000years"}}),
+                "`options.process_in`",
+            ),
+            (
+                json!({"kind": "async:demo:echo", "options": {"process_at": far}}),
+                "`options.process_at`",
+            ),
+            (
+                json!({"kind": "async:demo:echo", "options": {"deadline": far}}),
+                "`options.deadline`",
+            ),
+            (
+                json!({"kind": "async:demo:echo", "options": {"timeout": huge}}),
+                "`options.timeout`",
+            ),
+            (
+                json!({"kind": "async:demo:echo", "options": {"retention": huge}}),
+                "`options.retention`",
+            ),
+            (
+                json!({"kind": "async:demo:echo", "options": {"unique_ttl": huge}}),
+                "`options.unique_ttl`",
+            ),
+            (
+                json!({"kind": "periodic:demo:tick", "options": {"every": huge}}),
+                "`options.every`",
+            ),
+            (
+                json!({"kind": "daemon:demo:demo", "options": {"timeout": huge}}),
+                "`options.timeout`",
+            ),
+        ],
+    )
+    .await;
+    // Then ordinary creates of every type still answer 200.
+    for body in [
+        json!({"kind": "async:demo:echo", "payload": {"n": 1}, "options": {"process_in": "1h"}}),
+        json!({"kind": "periodic:demo:tick", "options": {"every": "1h"}}),
+        json!({"kind": "daemon:demo:demo", "payload": {"content": "ok"}}),
+    ] {
+        let (status, envelope) = http(
+            Method::POST,
+            &format!("{base}/bmw/task/"),
+            Some(&body.to_string()),
+        )
+        .await;
+        assert_eq!(status, 200, "{body}: {envelope}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_configured_bounds_of_task_options_are_enforced() {
+    use serde_json::json;
+    let env = TestEnv::start().await;
+    let bmw = BmwProcess::run(
+        &env.url(),
+        &[
+            "--max-task-delay",
+            "1h",
+            "--max-task-timeout",
+            "1m",
+            "--max-retention",
+            "1h",
+            "--max-unique-ttl",
+            "1h",
+        ],
+    )
+    .await;
+    let base = bmw.base_url();
+    let in_two_hours = (chrono::Utc::now() + chrono::Duration::hours(2)).to_rfc3339();
+    crate::harness::assert_refused(
+        &base,
+        &[
+            (
+                json!({"kind": "async:demo:echo", "options": {"process_in": "2h"}}),
+                "`options.process_in`: 2h is over the limit of 1h (--max-task-delay)",
+            ),
+            (
+                json!({"kind": "async:demo:echo", "options": {"process_at": in_two_hours}}),
+                "`options.process_at`",
+            ),
+            (
+                json!({"kind": "async:demo:echo", "options": {"deadline": in_two_hours}}),
+                "`options.deadline`",
+            ),
+            (
+                json!({"kind": "async:demo:echo", "options": {"timeout": "2m"}}),
+                "--max-task-timeout",
+            ),
+            (
+                json!({"kind": "async:demo:echo", "options": {"retention": "2h"}}),
+                "--max-retention",
+            ),
+            (
+                json!({"kind": "async:demo:echo", "options": {"unique_ttl": "2h"}}),
+                "--max-unique-ttl",
+            ),
+            (
+                json!({"kind": "periodic:demo:tick", "options": {"every": "1m", "timeout": "2m"}}),
+                "`options.timeout`",
+            ),
+        ],
+    )
+    .await;
+    // Within the bounds: accepted.
+    let (status, envelope) = http(
+        Method::POST,
+        &format!("{base}/bmw/task/"),
+        Some(
+            &json!({"kind": "async:demo:echo", "options": {
+                "process_in": "59m", "timeout": "1m", "retention": "1h", "unique_ttl": "1h"}})
+            .to_string(),
+        ),
+    )
+    .await;
+    assert_eq!(status, 200, "{envelope}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_panic_while_handling_a_request_answers_500_and_the_bridge_keeps_serving() {
     use std::sync::Arc;

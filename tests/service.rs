@@ -100,3 +100,38 @@ async fn provisioning_is_idempotent_and_names_an_incompatible_stream() {
         .await;
     assert!(anchor.is_ok(), "anchor rewritten: {anchor:?}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn settings_out_of_range_are_refused_at_start_naming_the_setting() {
+    let server = crate::harness::NatsServer::start().await;
+    let cases: &[(&[&str], &str)] = &[
+        (&["--async-ack-wait", "0s"], "async-ack-wait"),
+        (&["--async-ack-wait", "100000years"], "async-ack-wait"),
+        (&["--retry-max", "100000000years"], "retry-max"),
+        (&["--async-retry-max", "100000000years"], "async-retry-max"),
+        (&["--claim-ttl", "100000000years"], "claim-ttl"),
+        (&["--grace", "100000000years"], "grace"),
+        (&["--concurrency", "18446744073709551615"], "concurrency"),
+        (&["--queues", "a=4294967295,b=4294967295"], "queues"),
+        (&["--max-task-delay", "0s"], "max-task-delay"),
+        (&["--max-retention", "100000000years"], "max-retention"),
+    ];
+    for (args, setting) in cases {
+        let args: Vec<&str> = ["worker"].iter().chain(args.iter()).copied().collect();
+        let mut bmw = BmwProcess::spawn(&server.url(), &args);
+        let status = bmw.wait_exit(Duration::from_secs(20)).await;
+        let logs = bmw.logs().join("\n");
+        assert!(
+            status.is_some_and(|s| !s.success()),
+            "{args:?}: should exit with an error, got {status:?}; logs:\n{logs}"
+        );
+        assert!(
+            logs.contains(&format!("invalid setting `{setting}`")),
+            "{args:?}: the message names {setting}; logs:\n{logs}"
+        );
+        assert!(
+            !logs.contains("panicked"),
+            "{args:?}: a panic; logs:\n{logs}"
+        );
+    }
+}

@@ -109,7 +109,7 @@ impl Schedule {
     /// fixed phase, so this is `after + every`).
     pub fn next_after(&self, after: DateTime<Utc>, tz: chrono_tz::Tz) -> Option<DateTime<Utc>> {
         match self {
-            Schedule::Every(d) => Some(after + chrono::Duration::from_std(*d).ok()?),
+            Schedule::Every(d) => after.checked_add_signed(chrono::TimeDelta::from_std(*d).ok()?),
             Schedule::Cron(expr) => {
                 let cron = Self::parse_cron(expr).ok()?;
                 let next = cron

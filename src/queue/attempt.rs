@@ -25,6 +25,28 @@ use super::shared::{AttemptEnv, Shared};
 /// An attempt running longer than this gets an `active` record.
 const ACTIVE_RECORD_AFTER: Duration = Duration::from_secs(1);
 
+/// How long an attempt may run at `now`: the task's `timeout`, cut to what is
+/// left until its `deadline`; an error (not retried) once the deadline has
+/// passed. A deadline that is not RFC 3339 is ignored (options are checked
+/// when decoded, so only a bug could make one).
+fn attempt_limit(
+    options: &crate::task::Options,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Result<Option<Duration>, TaskError> {
+    let deadline = options
+        .deadline
+        .as_deref()
+        .and_then(|d| chrono::DateTime::parse_from_rfc3339(d).ok());
+    let Some(deadline) = deadline else {
+        return Ok(options.timeout);
+    };
+    // Both ends are dates chrono holds, so the difference cannot overflow.
+    match (deadline.with_timezone(&chrono::Utc) - now).to_std() {
+        Ok(left) => Ok(Some(options.timeout.map_or(left, |t| t.min(left)))),
+        Err(_) => Err(TaskError::skip_retry("deadline exceeded")),
+    }
+}
+
 /// How an attempt ended.
 enum Outcome {
     Done,
@@ -62,14 +84,22 @@ pub(super) async fn execute(shared: Arc<Shared>, message: Message, _slot: Slot) 
     let mut task: TaskMessage = match serde_json::from_slice(&message.payload) {
         Ok(t) => t,
         Err(e) => {
-            let task = TaskMessage {
-                id: format!("seq-{seq}"),
-                kind: "unknown".into(),
-                payload: json!(String::from_utf8_lossy(&message.payload)),
+            // Dead-lettered under its `Nats-Msg-Id` (else its sequence), with
+            // the kind it names, if any, and the body as it came.
+            let body = serde_json::from_slice::<serde_json::Value>(&message.payload).ok();
+            let text = |field: &str| {
+                body.as_ref()
+                    .and_then(|b| b.get(field)?.as_str().map(str::to_owned))
+            };
+            let mut task = TaskMessage {
+                id: String::new(),
+                kind: text("kind").unwrap_or_else(|| "unknown".into()),
+                payload: body.unwrap_or_else(|| json!(String::from_utf8_lossy(&message.payload))),
                 options: Default::default(),
                 enqueued_at: None,
                 errors: vec![],
             };
+            task.id = task_id(&task, &message, seq);
             let error = format!("not a task message: {e}");
             return Box::pin(outcome::archive(
                 rt, &message, task, &queue, attempt, &error,
@@ -201,18 +231,10 @@ async fn run_attempt(
     handler: Arc<dyn Handler>,
 ) -> Outcome {
     let rt = &shared.rt;
-    let mut limit = task.options.timeout;
-    if let Some(deadline) = task
-        .options
-        .deadline
-        .as_deref()
-        .and_then(|d| chrono::DateTime::parse_from_rfc3339(d).ok())
-    {
-        match (deadline.with_timezone(&chrono::Utc) - chrono::Utc::now()).to_std() {
-            Ok(left) => limit = Some(limit.map_or(left, |l| l.min(left))),
-            Err(_) => return Outcome::Failed(TaskError::skip_retry("deadline exceeded")),
-        }
-    }
+    let limit = match attempt_limit(&task.options, chrono::Utc::now()) {
+        Ok(limit) => limit,
+        Err(e) => return Outcome::Failed(e),
+    };
     let token = CancellationToken::new();
     if let Ok(mut r) = shared.running.lock() {
         if r.deleted.remove(&task.id) {
@@ -295,4 +317,26 @@ async fn run_attempt(
 enum Ended {
     Handler(std::thread::Result<Result<(), TaskError>>),
     TimedOut(TaskError),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::{DateTime, Utc};
+
+    #[test]
+    fn a_passed_deadline_ends_the_task_and_a_near_one_cuts_the_timeout() {
+        let now = Utc::now();
+        let options = |deadline: DateTime<Utc>, timeout: u64| crate::task::Options {
+            deadline: Some(deadline.to_rfc3339()),
+            timeout: Some(Duration::from_secs(timeout)),
+            ..Default::default()
+        };
+        let passed = attempt_limit(&options(now - chrono::Duration::seconds(1), 60), now);
+        assert!(passed.unwrap_err().skips_retry());
+        let near = attempt_limit(&options(now + chrono::Duration::seconds(10), 60), now);
+        assert_eq!(near.unwrap(), Some(Duration::from_secs(10)));
+        let far = attempt_limit(&options(now + chrono::Duration::days(3650), 60), now);
+        assert_eq!(far.unwrap(), Some(Duration::from_secs(60)));
+    }
 }

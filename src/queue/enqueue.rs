@@ -40,9 +40,11 @@ fn due_time(create: &CreateCommand) -> Result<Option<DateTime<Utc>>, ValidationE
             "give process_at or process_in, not both",
         )),
         (Some(at), None) => Ok(Some(parse_time("options.process_at", at)?)),
-        (None, Some(d)) => Ok(Some(
-            Utc::now() + chrono::Duration::from_std(d).unwrap_or_default(),
-        )),
+        (None, Some(d)) => chrono::TimeDelta::from_std(d)
+            .ok()
+            .and_then(|d| Utc::now().checked_add_signed(d))
+            .map(Some)
+            .ok_or_else(|| ValidationError::new("options.process_in", "is too far in the future")),
         (None, None) => Ok(None),
     }
 }
@@ -243,5 +245,25 @@ impl Enqueuer {
                 })
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::task::{Kind, Options};
+
+    #[test]
+    fn the_longest_delay_is_a_date() {
+        let create = CreateCommand {
+            id: "c".into(),
+            kind: Kind::parse("async:a:b").unwrap(),
+            payload: Value::Null,
+            options: Options {
+                process_in: Some(crate::task::options::MAX_DURATION),
+                ..Options::default()
+            },
+        };
+        assert!(due_time(&create).unwrap().unwrap() > Utc::now());
     }
 }

@@ -66,7 +66,8 @@ impl TaskError {
         }
     }
 
-    /// A failure retried after `delay` instead of the default back-off.
+    /// A failure retried after `delay` instead of the default back-off (at
+    /// most the worker's `--async-retry-max`).
     pub fn retry_after(message: impl Into<String>, delay: Duration) -> Self {
         TaskError {
             retry_after: Some(delay),

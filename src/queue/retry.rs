@@ -21,7 +21,16 @@ impl Backoff {
         let exp = attempt.saturating_sub(1).min(30);
         let raw = self.base.saturating_mul(1u32 << exp).min(self.max);
         let jitter = rand::rng().random_range(0.75..=1.25);
-        raw.mul_f64(jitter).min(self.max)
+        // Not `mul_f64`, which panics past `Duration::MAX`.
+        Duration::try_from_secs_f64(raw.as_secs_f64() * jitter)
+            .unwrap_or(self.max)
+            .min(self.max)
+    }
+
+    /// A delay a handler chose ([`super::TaskError::retry_after`]), held to
+    /// the ceiling like the back-off's own.
+    pub fn capped(&self, delay: Duration) -> Duration {
+        delay.min(self.max)
     }
 }
 

@@ -254,6 +254,20 @@ impl BmwProcess {
         }
     }
 
+    /// Waits (bounded) for the process to exit by itself; its status, or
+    /// `None` if it is still running.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let child = self.child.as_mut()?;
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Some(status);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        None
+    }
+
     /// SIGTERM, then wait (bounded) for the exit; returns whether it exited.
     pub fn sigterm(&mut self) -> bool {
         let Some(mut child) = self.child.take() else {
