@@ -426,3 +426,78 @@ async fn a_panic_while_handling_a_request_answers_500_and_the_bridge_keeps_servi
     assert_eq!(status, 202, "{envelope}");
     token.cancel();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ids_and_kinds_no_task_can_have_are_refused_or_not_found() {
+    let env = TestEnv::start().await;
+    let bmw = BmwProcess::run(&env.url(), &[]).await;
+    let base = bmw.base_url();
+    let task = format!("{base}/bmw/task/");
+    // Each once reached a KV key or subject as given: a NATS error, 503.
+    let cases: Vec<(Method, String, Option<&str>, u16, &str)> = vec![
+        (
+            Method::GET,
+            format!("{task}?task_type=async&task_id=a%20b"),
+            None,
+            400,
+            "`task_id`",
+        ),
+        (
+            Method::GET,
+            format!("{task}?task_type=async&queue=%3E"),
+            None,
+            400,
+            "`queue`",
+        ),
+        (
+            Method::DELETE,
+            task.clone(),
+            Some(r#"{"task_type": "async", "task_id": "*"}"#),
+            400,
+            "`task_id`",
+        ),
+        (
+            Method::POST,
+            format!("{base}/bmw/task/async/requeue"),
+            Some(r#"{"task_id": "a..b"}"#),
+            400,
+            "`task_id`",
+        ),
+        (
+            Method::DELETE,
+            task.clone(),
+            Some(r#"{"task_type": "periodic", "kind": "periodic:a:b c"}"#),
+            400,
+            "`kind`",
+        ),
+        (
+            Method::POST,
+            format!("{base}/bmw/task/periodic/pause"),
+            Some(r#"{"kind": "daemon:demo:demo"}"#),
+            400,
+            "`kind`",
+        ),
+        (
+            Method::DELETE,
+            task.clone(),
+            Some(r#"{"task_type": "daemon", "task_uni_id": "."}"#),
+            404,
+            "",
+        ),
+        (
+            Method::POST,
+            format!("{base}/bmw/task/daemon/reload"),
+            Some(r#"{"task_uni_id": "daemon:demo:demo-..x"}"#),
+            404,
+            "",
+        ),
+    ];
+    for (method, url, body, want, needle) in cases {
+        let (status, envelope) = http(method.clone(), &url, body).await;
+        assert_eq!(status, want, "{method} {url} {body:?}: {envelope}");
+        assert!(
+            envelope["message"].as_str().unwrap().contains(needle),
+            "{method} {url} {body:?}: {envelope}"
+        );
+    }
+}

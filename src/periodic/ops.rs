@@ -6,7 +6,7 @@ use serde_json::{Value, json};
 
 use super::schedule::{Schedule, parse_timezone};
 use super::store::{PeriodicError, PeriodicSpec, PeriodicStore};
-use crate::task::{CreateCommand, OpError, TaskType, ValidationError};
+use crate::task::{CreateCommand, Kind, OpError, TaskType, ValidationError};
 
 impl From<PeriodicError> for OpError {
     fn from(e: PeriodicError) -> Self {
@@ -54,6 +54,18 @@ pub fn periodic_data(spec: &PeriodicSpec) -> Value {
            "queue": spec.options.queue(), "paused": spec.paused, "next_run_at": next.map(|t| t.to_rfc3339())})
 }
 
+/// Refuses a kind that no periodic task can have (before it becomes a key).
+fn periodic_kind(kind: &str) -> Result<Kind, ValidationError> {
+    let parsed = Kind::parse(kind)?;
+    if parsed.task_type() != TaskType::Periodic {
+        return Err(ValidationError::new(
+            "kind",
+            format!("{kind:?} is not a periodic kind"),
+        ));
+    }
+    Ok(parsed)
+}
+
 /// Creates, deletes, pauses, resumes and lists periodic tasks.
 #[derive(Debug, Clone)]
 pub struct PeriodicOps {
@@ -80,12 +92,14 @@ impl PeriodicOps {
 
     /// Deletes a periodic task: no more ticks.
     pub async fn delete(&self, kind: &str) -> Result<Value, OpError> {
+        periodic_kind(kind)?;
         let spec = self.store.delete(kind).await?;
         Ok(json!({"kind": spec.kind}))
     }
 
     /// Pauses (`true`) or resumes (`false`) a periodic task.
     pub async fn set_paused(&self, kind: &str, paused: bool) -> Result<Value, OpError> {
+        periodic_kind(kind)?;
         let spec = self.store.set_paused(kind, paused).await?;
         Ok(periodic_data(&spec))
     }

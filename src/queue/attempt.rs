@@ -56,16 +56,19 @@ enum Outcome {
 }
 
 /// The task id: from the body, else `Nats-Msg-Id`, else the stream sequence.
+/// An id that cannot be a task id (it names the dead letter's subject and
+/// the record's key) is passed over.
 fn task_id(task: &TaskMessage, message: &Message, seq: u64) -> String {
-    if !task.id.is_empty() {
-        return task.id.clone();
-    }
-    message
+    let header = message
         .headers
         .as_ref()
         .and_then(|h| h.get(async_nats::header::NATS_MESSAGE_ID))
-        .map(|v| v.as_str().to_owned())
-        .unwrap_or_else(|| format!("seq-{seq}"))
+        .map(|v| v.as_str());
+    [Some(task.id.as_str()), header]
+        .into_iter()
+        .flatten()
+        .find(|id| crate::task::check_task_id(id).is_ok())
+        .map_or_else(|| format!("seq-{seq}"), str::to_owned)
 }
 
 fn queue_of(subject: &str) -> String {

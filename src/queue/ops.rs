@@ -1,6 +1,7 @@
 //! [`AsyncOps`]: the operations on async tasks, written once for every
 //! caller (bridge, `bmw task`, the command consumer): create (enqueue),
-//! delete and requeue, plus the reads behind listings.
+//! delete and requeue, plus the reads behind listings. A task id that no
+//! task can have is refused here (400), before it reaches a subject or key.
 
 use serde_json::Value;
 
@@ -10,7 +11,7 @@ use super::inspect::{Inspector, ListQuery, QueueStats};
 use super::record::{RecordStore, TaskRecord};
 use crate::membership::WorkerEntry;
 use crate::nats::{Nats, NatsError};
-use crate::task::{CreateCommand, OpError};
+use crate::task::{CreateCommand, OpError, check_task_id};
 
 /// Creates, deletes, requeues and reads async tasks.
 #[derive(Debug, Clone)]
@@ -35,16 +36,19 @@ impl AsyncOps {
 
     /// Deletes a task in any state; a running handler is cancelled.
     pub async fn delete(&self, task_id: &str) -> Result<Value, OpError> {
+        check_task_id(task_id)?;
         self.admin.delete(task_id).await
     }
 
     /// Puts an archived task back in its queue with fresh attempts.
     pub async fn requeue(&self, task_id: &str) -> Result<Value, OpError> {
+        check_task_id(task_id)?;
         self.admin.requeue(task_id).await
     }
 
     /// One task by id.
     pub async fn get(&self, task_id: &str) -> Result<TaskRecord, OpError> {
+        check_task_id(task_id)?;
         self.inspector()
             .get(task_id)
             .await?
@@ -53,6 +57,9 @@ impl AsyncOps {
 
     /// Tasks matching a query.
     pub async fn list(&self, query: &ListQuery) -> Result<Vec<TaskRecord>, OpError> {
+        if let Some(queue) = &query.queue {
+            crate::task::options::check_queue("queue", queue)?;
+        }
         Ok(self.inspector().list(query).await?)
     }
 

@@ -243,7 +243,7 @@ impl UniId {
         const MAX_KEY: usize = 200;
         let dotted = self.0.replace(':', ".");
         let allowed = |c: char| c.is_ascii_alphanumeric() || "-/_=.".contains(c);
-        if dotted.len() <= MAX_KEY && dotted.chars().all(allowed) && !dotted.ends_with('.') {
+        if dotted.len() <= MAX_KEY && dotted.chars().all(allowed) && dots_separate_tokens(&dotted) {
             return dotted;
         }
         let kind_part: String = dotted
@@ -254,8 +254,46 @@ impl UniId {
             .filter(|c| allowed(*c))
             .take(100)
             .collect();
+        // Only whole tokens: no empty one between, before or after dots.
+        let kind_part: Vec<&str> = kind_part.split('.').filter(|t| !t.is_empty()).collect();
+        let kind_part = match kind_part.join(".") {
+            joined if joined.is_empty() => "uni".to_owned(),
+            joined => joined,
+        };
         let digest = Sha256::digest(self.0.as_bytes());
         format!("{kind_part}.h-{}", to_hex(&digest))
+    }
+}
+
+/// Whether `s` is non-empty dot-separated tokens, none of them empty (what a
+/// KV key and a subject need).
+fn dots_separate_tokens(s: &str) -> bool {
+    !s.is_empty() && s.split('.').all(|t| !t.is_empty())
+}
+
+/// Checks an async task id a caller looks up (get, delete, requeue): 1-255 of
+/// `A-Z a-z 0-9 - _ =` in tokens separated by single dots, which any task id
+/// bmw gives or takes is (a task id is a KV key and a subject token). Task ids
+/// a caller chooses at create are stricter (no dots; `crate::queue::enqueue`).
+///
+/// ```
+/// assert!(bmw::task::check_task_id("order-17.retry").is_ok());
+/// assert_eq!(bmw::task::check_task_id("a b").unwrap_err().field, "task_id");
+/// ```
+pub fn check_task_id(id: &str) -> Result<(), ValidationError> {
+    let chars_ok = id
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || "-_=.".contains(c));
+    if id.len() <= 255 && chars_ok && dots_separate_tokens(id) {
+        Ok(())
+    } else {
+        Err(ValidationError::new(
+            "task_id",
+            format!(
+                "{:?} is not a task id (1-255 of A-Z a-z 0-9 - _ = and single dots between)",
+                id.chars().take(300).collect::<String>()
+            ),
+        ))
     }
 }
 
@@ -330,5 +368,20 @@ mod tests {
             let err = Kind::parse(bad).unwrap_err();
             assert_eq!(err.field, "kind", "{bad}");
         }
+    }
+
+    #[test]
+    fn odd_uni_ids_still_have_a_key_and_odd_task_ids_are_refused() {
+        for raw in ["", ".", "a..b", "daemon:demo:demo-..x", "x.", "a b", "*"] {
+            let key = UniId::from_raw(raw).key();
+            assert!(
+                !key.is_empty() && key.split('.').all(|t| !t.is_empty()),
+                "{raw:?} -> {key:?}"
+            );
+        }
+        for bad in ["", "a b", "*", ">", "a..b", ".a", "a."] {
+            assert_eq!(check_task_id(bad).unwrap_err().field, "task_id", "{bad:?}");
+        }
+        assert!(check_task_id("550e8400-e29b-41d4-a716-446655440000").is_ok());
     }
 }

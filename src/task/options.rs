@@ -189,15 +189,26 @@ fn string(field: &str, v: &Value) -> Result<String, ValidationError> {
 
 fn queue_name(field: &str, v: &Value) -> Result<String, ValidationError> {
     let s = string(field, v)?;
-    let ok = !s.is_empty()
-        && s.chars()
+    check_queue(field, &s)?;
+    Ok(s)
+}
+
+/// Refuses `name` (given as `field`) unless it is a queue name: `A-Z a-z
+/// 0-9 _ -`, at least one (a subject token).
+pub fn check_queue(field: &str, name: &str) -> Result<(), ValidationError> {
+    let ok = !name.is_empty()
+        && name
+            .chars()
             .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
     if ok {
-        Ok(s)
+        Ok(())
     } else {
         Err(ValidationError::new(
             field,
-            format!("{s:?}: a queue name uses only A-Z a-z 0-9 _ -"),
+            format!(
+                "{:?}: a queue name uses only A-Z a-z 0-9 _ -",
+                name.chars().take(200).collect::<String>()
+            ),
         ))
     }
 }
