@@ -157,11 +157,12 @@ pub struct ConfigOverrides {
     pub async_retry_base: Option<String>,
     pub async_retry_max: Option<String>,
     pub async_ack_wait: Option<String>,
-    // Bounds of task options.
+    // Bounds of task options, and the demo kinds.
     pub max_task_delay: Option<String>,
     pub max_task_timeout: Option<String>,
     pub max_retention: Option<String>,
     pub max_unique_ttl: Option<String>,
+    pub demo_kinds: Option<bool>,
 }
 
 impl ConfigOverrides {
@@ -202,6 +203,7 @@ impl ConfigOverrides {
             max_task_timeout: self.max_task_timeout.or(other.max_task_timeout),
             max_retention: self.max_retention.or(other.max_retention),
             max_unique_ttl: self.max_unique_ttl.or(other.max_unique_ttl),
+            demo_kinds: self.demo_kinds.or(other.demo_kinds),
         }
     }
 }
@@ -248,6 +250,9 @@ pub struct Config {
     pub async_ack_wait: Duration,
     /// Upper bounds of task options.
     pub limits: TaskLimits,
+    /// Whether the demo kinds are registered; `None`: the role decides (on
+    /// for `bmw run` only).
+    pub demo_kinds: Option<bool>,
 }
 
 impl Default for Config {
@@ -356,6 +361,7 @@ impl Config {
                     DEFAULT_MAX_UNIQUE_TTL,
                 )?,
             },
+            demo_kinds: given.demo_kinds,
         };
         config.validate()?;
         Ok(config)
@@ -552,5 +558,6 @@ mod tests {
         }
         let defaults = Config::default();
         assert_eq!(defaults.limits, TaskLimits::default());
+        assert_eq!(defaults.demo_kinds, None);
     }
 }

@@ -93,6 +93,18 @@ struct Global {
     /// The longest `unique_ttl` of a task [default: 30days].
     #[arg(long, global = true, env = "BMW_MAX_UNIQUE_TTL")]
     max_unique_ttl: Option<String>,
+    /// Register the demo kinds (`daemon:demo:demo`, `async:demo:*`, `periodic:demo:tick`)
+    /// [default: true for `bmw run`, false for `bmw worker` and `bmw bridge`].
+    #[arg(
+        long,
+        global = true,
+        env = "BMW_DEMO_KINDS",
+        num_args = 0..=1,
+        default_missing_value = "true",
+        require_equals = true,
+        overrides_with = "demo_kinds"
+    )]
+    demo_kinds: Option<bool>,
     /// Optional TOML config file; keys are the long flag names (`claim-ttl = "15s"`).
     #[arg(long, global = true, env = "BMW_CONFIG")]
     config: Option<PathBuf>,
@@ -197,6 +209,7 @@ impl Global {
             max_task_timeout: self.max_task_timeout.clone(),
             max_retention: self.max_retention.clone(),
             max_unique_ttl: self.max_unique_ttl.clone(),
+            demo_kinds: self.demo_kinds,
         }
     }
 
@@ -240,7 +253,16 @@ async fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let config = cli.global.config()?;
-    let registry = Arc::new(bmw::builtin::registry());
+    // The demo kinds: on by default only where the README's walkthrough
+    // needs them (`bmw run`); `bmw task` only validates kinds with them.
+    let demo_kinds = config
+        .demo_kinds
+        .unwrap_or(matches!(cli.command, Role::Run | Role::Task(_)));
+    let registry = Arc::new(if demo_kinds {
+        bmw::builtin::registry()
+    } else {
+        Registry::new()
+    });
     bmw::metrics::install();
     let token = CancellationToken::new();
     let on_signal = token.clone();

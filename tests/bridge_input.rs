@@ -120,7 +120,14 @@ async fn without_a_worker_a_create_is_stored_and_answered_202() {
         let addr = format!("127.0.0.1:{port}");
         let mut p = BmwProcess::spawn(
             &env.url(),
-            &["bridge", "--http-addr", &addr, "--reply-timeout", "1s"],
+            &[
+                "bridge",
+                "--demo-kinds",
+                "--http-addr",
+                &addr,
+                "--reply-timeout",
+                "1s",
+            ],
         );
         p.http_port = Some(port);
         assert_eventually!(

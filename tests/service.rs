@@ -135,3 +135,60 @@ async fn settings_out_of_range_are_refused_at_start_naming_the_setting() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn demo_kinds_are_opt_in_outside_bmw_run() {
+    let env = crate::harness::TestEnv::start().await;
+    let plain = BmwProcess::spawn(&env.url(), &["worker"]);
+    let plain_id = plain.worker_id().await;
+    let by_flag = BmwProcess::spawn(&env.url(), &["worker", "--demo-kinds"]);
+    let by_flag_id = by_flag.worker_id().await;
+    let by_env = BmwProcess::spawn_with_env(
+        &["worker", "--nats-url", &env.url()],
+        &[("BMW_DEMO_KINDS", "true")],
+    );
+    let by_env_id = by_env.worker_id().await;
+    let kinds = |id: String| {
+        let client = env.client.clone();
+        async move {
+            client
+                .list_workers()
+                .await
+                .unwrap()
+                .into_iter()
+                .find(|w| w.worker_id == id)
+                .map(|w| w.kinds)
+        }
+    };
+    assert_eq!(
+        kinds(plain_id).await,
+        Some(vec![]),
+        "no demo kinds by default"
+    );
+    for id in [by_flag_id, by_env_id] {
+        let kinds = kinds(id).await.expect("a live worker");
+        assert!(kinds.iter().any(|k| k == "daemon:demo:demo"), "{kinds:?}");
+        assert!(kinds.iter().any(|k| k == "async:demo:sleep"), "{kinds:?}");
+    }
+    // Gone for good (their entries removed), so no one advertises the demo.
+    for mut worker in [plain, by_flag, by_env] {
+        assert!(worker.sigterm(), "the worker stops on SIGTERM");
+    }
+
+    // `bmw run` has them unless told not to; without them the demo is unknown.
+    let run = BmwProcess::run(&env.url(), &["--demo-kinds=false"]).await;
+    let (status, envelope) = http(
+        Method::POST,
+        &format!("{}/bmw/task/", run.base_url()),
+        Some(r#"{"kind": "async:demo:sleep", "payload": {"seconds": 1}}"#),
+    )
+    .await;
+    assert_eq!(status, 400, "{envelope}");
+    assert!(
+        envelope["message"]
+            .as_str()
+            .unwrap()
+            .contains("not registered"),
+        "{envelope}"
+    );
+}

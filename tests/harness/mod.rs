@@ -124,9 +124,15 @@ impl BmwProcess {
 
     /// Starts `bmw <args>` as given.
     pub fn spawn_raw(args: &[&str]) -> BmwProcess {
+        BmwProcess::spawn_with_env(args, &[])
+    }
+
+    /// Starts `bmw <args>` with extra environment variables.
+    pub fn spawn_with_env(args: &[&str], env: &[(&str, &str)]) -> BmwProcess {
         let mut child = Command::new(env!("CARGO_BIN_EXE_bmw"))
             .args(args)
             .env("BMW_LOG", "info,async_nats=warn")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -156,9 +162,9 @@ impl BmwProcess {
         }
     }
 
-    /// A worker with the fast settings plus `extra`.
+    /// A worker with the fast settings and the demo kinds, plus `extra`.
     pub fn worker(url: &str, extra: &[&str]) -> BmwProcess {
-        let args: Vec<&str> = ["worker"]
+        let args: Vec<&str> = ["worker", "--demo-kinds"]
             .iter()
             .chain(FAST)
             .chain(extra)
@@ -167,7 +173,8 @@ impl BmwProcess {
         BmwProcess::spawn(url, &args)
     }
 
-    /// `bmw run` (bridge + worker) on a free port with the fast settings plus `extra`.
+    /// `bmw run` (bridge + worker, with the demo kinds) on a free port with
+    /// the fast settings plus `extra`.
     pub async fn run(url: &str, extra: &[&str]) -> BmwProcess {
         let port = free_port();
         let addr = format!("127.0.0.1:{port}");
