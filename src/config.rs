@@ -560,4 +560,77 @@ mod tests {
         assert_eq!(defaults.limits, TaskLimits::default());
         assert_eq!(defaults.demo_kinds, None);
     }
+
+    mod properties {
+        use super::*;
+        use crate::task::arbitrary;
+        use proptest::prelude::*;
+
+        fn setting() -> impl Strategy<Value = Option<String>> {
+            prop::option::of(prop_oneof![
+                arbitrary::duration_text(),
+                any::<String>(),
+                Just("0s".to_owned())
+            ])
+        }
+
+        prop_compose! {
+            fn overrides()(
+                durations in prop::array::uniform12(setting()),
+                numbers in (prop::option::of(any::<u32>()), prop::option::of(any::<usize>()),
+                            prop::option::of(any::<usize>()), prop::option::of(any::<usize>())),
+                queues in prop::option::of(prop::collection::vec("[a-z=0-9 ]{0,12}", 0..4)),
+                addr in prop::option::of(prop_oneof!["127.0.0.1:[0-9]{1,6}", any::<String>()]),
+            ) -> ConfigOverrides {
+                let [claim_ttl, heartbeat, retry_base, retry_max, grace, reply_timeout,
+                     async_retry_base, async_retry_max, async_ack_wait, max_task_delay,
+                     max_task_timeout, max_retention] = durations;
+                let (retry_threshold, replicas, max_body, concurrency) = numbers;
+                ConfigOverrides {
+                    http_addr: addr.clone(),
+                    metrics_addr: addr,
+                    queues,
+                    claim_ttl,
+                    heartbeat,
+                    retry_base,
+                    retry_threshold,
+                    retry_max,
+                    grace,
+                    reply_timeout,
+                    replicas,
+                    max_body,
+                    concurrency,
+                    async_retry_base,
+                    async_retry_max,
+                    async_ack_wait,
+                    max_task_delay,
+                    max_task_timeout,
+                    max_retention,
+                    ..Default::default()
+                }
+            }
+        }
+
+        proptest! {
+            #![proptest_config(arbitrary::config())]
+
+            #[test]
+            fn any_settings_resolve_within_bounds_or_are_refused_by_name(given in overrides()) {
+                match Config::resolve(given) {
+                    Ok(c) => {
+                        prop_assert!(c.async_ack_wait >= Duration::from_secs(1));
+                        prop_assert!(c.async_ack_wait <= MAX_WAIT_SETTING);
+                        prop_assert!(c.heartbeat < c.claim_ttl && c.claim_ttl <= MAX_WAIT_SETTING);
+                        prop_assert!(c.retry_max <= MAX_RETRY_DELAY && c.async_retry_max <= MAX_RETRY_DELAY);
+                        prop_assert!((1..=MAX_CONCURRENCY).contains(&c.concurrency));
+                        prop_assert!(c.queues.iter().all(|q| (1..=MAX_QUEUE_WEIGHT).contains(&q.weight)));
+                    }
+                    Err(ConfigError::Invalid { name, message }) => {
+                        prop_assert!(!name.is_empty() && !message.is_empty());
+                    }
+                    Err(other) => prop_assert!(false, "not a setting's error: {other}"),
+                }
+            }
+        }
+    }
 }

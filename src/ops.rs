@@ -287,6 +287,8 @@ pub fn check_limits(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::task::arbitrary;
+    use proptest::prelude::*;
 
     fn limits() -> TaskLimits {
         TaskLimits {
@@ -343,5 +345,32 @@ mod tests {
                             "unique_ttl": "1h", "deadline": "2000-01-01T00:00:00Z"});
         let options = Options::from_json(Some(&within)).unwrap();
         assert_eq!(check_limits(&limits(), &options, now), Ok(()));
+    }
+
+    proptest! {
+        #![proptest_config(arbitrary::config())]
+
+        #[test]
+        fn any_options_are_within_limits_or_refused_by_name(
+            options in arbitrary::options_object(),
+            seconds in prop::array::uniform4(1u64..=crate::task::options::MAX_DURATION.as_secs()),
+        ) {
+            let Ok(options) = Options::from_json(Some(&options)) else {
+                return Ok(());
+            };
+            let limits = TaskLimits {
+                max_task_delay: Duration::from_secs(seconds[0]),
+                max_task_timeout: Duration::from_secs(seconds[1]),
+                max_retention: Duration::from_secs(seconds[2]),
+                max_unique_ttl: Duration::from_secs(seconds[3]),
+            };
+            match check_limits(&limits, &options, Utc::now()) {
+                Ok(()) => {
+                    prop_assert!(options.timeout.is_none_or(|t| t <= limits.max_task_timeout));
+                    prop_assert!(options.retention.is_none_or(|t| t <= limits.max_retention));
+                }
+                Err(e) => prop_assert!(e.field.starts_with("options.") && e.message.contains("--max-"), "{}", e),
+            }
+        }
     }
 }

@@ -325,7 +325,59 @@ enum Ended {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::task::arbitrary;
     use chrono::{DateTime, Utc};
+    use proptest::prelude::*;
+    use serde_json::Value;
+
+    /// A task-message-shaped body: the fields a producer sends, with any values.
+    fn task_body() -> impl Strategy<Value = Value> {
+        let options = arbitrary::options_object();
+        (
+            arbitrary::id_text(),
+            arbitrary::kind_text(),
+            arbitrary::json(),
+            prop_oneof![options, arbitrary::json()],
+        )
+            .prop_map(|(id, kind, payload, options)| {
+                json!({"id": id, "kind": kind, "payload": payload, "options": options})
+            })
+    }
+
+    fn instant() -> impl Strategy<Value = DateTime<Utc>> {
+        prop_oneof![
+            (0i64..=253_402_300_799).prop_map(|s| DateTime::from_timestamp(s, 0).unwrap()),
+            Just(Utc::now()),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(arbitrary::config())]
+
+        #[test]
+        fn any_body_decodes_or_is_refused(body in prop::collection::vec(any::<u8>(), 0..256)) {
+            let _ = serde_json::from_slice::<TaskMessage>(&body);
+        }
+
+        #[test]
+        fn decoded_tasks_get_a_limit_and_a_record(body in task_body(), now in instant()) {
+            let Ok(task) = serde_json::from_value::<TaskMessage>(body) else {
+                return Ok(());
+            };
+            let _ = task.max_retry();
+            match attempt_limit(&task.options, now) {
+                Ok(Some(limit)) => {
+                    prop_assert!(task.options.timeout.is_none_or(|t| limit <= t));
+                    prop_assert!(task.options.deadline.is_some() || task.options.timeout == Some(limit));
+                }
+                Ok(None) => prop_assert!(task.options.timeout.is_none()),
+                Err(e) => prop_assert!(e.skips_retry() && task.options.deadline.is_some()),
+            }
+            // The record of any attempt can be written.
+            let r = outcome::record(&task, "default", TaskState::Retry, 1, Some("x"));
+            prop_assert!(serde_json::to_vec(&r).is_ok());
+        }
+    }
 
     #[test]
     fn a_passed_deadline_ends_the_task_and_a_near_one_cuts_the_timeout() {

@@ -251,7 +251,27 @@ impl Enqueuer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::task::{Kind, Options};
+    use crate::task::{Kind, Options, arbitrary};
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(arbitrary::config())]
+
+        #[test]
+        fn creates_validate_or_are_refused_by_name((kind, payload, options) in arbitrary::create_parts()) {
+            let (Ok(kind), Ok(options)) = (Kind::parse(&kind), Options::from_json(Some(&options))) else {
+                return Ok(());
+            };
+            let create = CreateCommand { id: "c".into(), kind, payload, options };
+            match validate(&create) {
+                Ok(()) => {
+                    let due = due_time(&create);
+                    prop_assert!(due.is_ok(), "{:?}", due);
+                }
+                Err(e) => prop_assert!(e.field == "kind" || e.field.starts_with("options."), "{}", e),
+            }
+        }
+    }
 
     #[test]
     fn the_longest_delay_is_a_date() {

@@ -57,4 +57,25 @@ mod tests {
             (0..20).map(|_| b.delay(3).as_micros()).collect();
         assert!(spread.len() > 1, "jitter varies the delay");
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(crate::task::arbitrary::config())]
+
+            #[test]
+            fn delays_stay_under_the_ceiling(
+                base in any::<u64>().prop_map(Duration::from_nanos),
+                max in prop_oneof![any::<u64>().prop_map(Duration::from_secs), Just(Duration::MAX)],
+                attempt in any::<u32>(),
+                chosen in prop_oneof![any::<u64>().prop_map(Duration::from_secs), Just(Duration::MAX)],
+            ) {
+                let b = Backoff { base, max };
+                prop_assert!(b.delay(attempt) <= max);
+                prop_assert!(b.capped(chosen) <= max);
+            }
+        }
+    }
 }

@@ -304,6 +304,9 @@ impl fmt::Display for UniId {
 }
 
 #[cfg(test)]
+pub(crate) mod arbitrary;
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
@@ -383,5 +386,72 @@ mod tests {
             assert_eq!(check_task_id(bad).unwrap_err().field, "task_id", "{bad:?}");
         }
         assert!(check_task_id("550e8400-e29b-41d4-a716-446655440000").is_ok());
+    }
+
+    /// What NATS takes as a KV key (and as subject tokens after `$KV.<bucket>.`).
+    fn is_kv_key(key: &str) -> bool {
+        !key.is_empty()
+            && key.split('.').all(|t| !t.is_empty())
+            && key
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-/_=.".contains(c))
+    }
+
+    mod properties {
+        use super::*;
+        use crate::task::arbitrary;
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(arbitrary::config())]
+
+            #[test]
+            fn kinds_parse_or_are_refused_by_name(s in prop_oneof![arbitrary::kind_text(), any::<String>()]) {
+                match Kind::parse(&s) {
+                    Ok(kind) => {
+                        prop_assert_eq!(kind.as_str(), s.as_str());
+                        prop_assert!(s.starts_with(kind.task_type().as_str()));
+                        // A kind is a subject token once `:` becomes `.`.
+                        prop_assert!(is_kv_key(&s.replace(':', ".")));
+                    }
+                    Err(e) => prop_assert_eq!(e.field, "kind"),
+                }
+            }
+
+            #[test]
+            fn any_uni_id_has_a_valid_key(s in prop_oneof![arbitrary::id_text(), any::<String>()]) {
+                let key = UniId::from_raw(s.clone()).key();
+                prop_assert!(is_kv_key(&key), "{:?} -> {:?}", s, key);
+                prop_assert!(key.len() <= 200 + 64 + 3, "{}", key.len());
+            }
+
+            #[test]
+            fn uni_ids_of_any_payload_have_valid_keys(
+                kind in arbitrary::kind_text(),
+                dimension in arbitrary::text(),
+                payload in arbitrary::json(),
+            ) {
+                if let Ok(kind) = Kind::parse(&kind) {
+                    let id = UniId::new(&kind, &dimension, &payload);
+                    prop_assert!(id.as_str().starts_with(kind.as_str()));
+                    prop_assert!(is_kv_key(&id.key()), "{:?}", id.key());
+                }
+            }
+
+            #[test]
+            fn task_ids_pass_only_as_keys(s in prop_oneof![arbitrary::id_text(), any::<String>()]) {
+                match check_task_id(&s) {
+                    Ok(()) => prop_assert!(is_kv_key(&s) && !s.contains('/'), "{:?}", s),
+                    Err(e) => prop_assert_eq!(e.field, "task_id"),
+                }
+            }
+
+            #[test]
+            fn task_types_parse_or_are_refused_by_name(s in any::<String>()) {
+                if let Err(e) = TaskType::parse(&s) {
+                    prop_assert_eq!(e.field, "task_type");
+                }
+            }
+        }
     }
 }

@@ -376,4 +376,74 @@ mod tests {
             Options::default()
         );
     }
+
+    mod properties {
+        use super::*;
+        use crate::task::arbitrary;
+        use proptest::prelude::*;
+
+        const NAMES: [&str; 13] = arbitrary::OPTION_NAMES;
+        use arbitrary::option_value;
+
+        proptest! {
+            #![proptest_config(arbitrary::config())]
+
+            #[test]
+            fn any_options_value_is_taken_or_refused_by_name(v in arbitrary::json()) {
+                match Options::from_json(Some(&v)) {
+                    Ok(o) => prop_assert_eq!(serde_json::from_value::<Options>(serde_json::to_value(&o).unwrap()).unwrap(), o),
+                    Err(e) => prop_assert!(e.field.starts_with("options"), "{}", e),
+                }
+            }
+
+            #[test]
+            fn each_option_takes_or_refuses_any_value_by_its_name(
+                options in prop::collection::btree_map(prop::sample::select(NAMES.to_vec()), option_value(), 1..4),
+            ) {
+                let object: serde_json::Map<String, Value> =
+                    options.iter().map(|(k, v)| ((*k).to_owned(), v.clone())).collect();
+                match Options::from_json(Some(&Value::Object(object))) {
+                    Ok(o) => {
+                        for d in [o.timeout, o.unique_ttl, o.process_in, o.retention, o.every].into_iter().flatten() {
+                            prop_assert!(d <= MAX_DURATION);
+                        }
+                        for t in [&o.deadline, &o.process_at].into_iter().flatten() {
+                            prop_assert!(chrono::DateTime::parse_from_rfc3339(t).is_ok());
+                        }
+                        // What is stored reads back the same.
+                        let back: Options = serde_json::from_value(serde_json::to_value(&o).unwrap()).unwrap();
+                        prop_assert_eq!(back, o);
+                    }
+                    Err(e) => {
+                        let name = e.field.strip_prefix("options.").unwrap_or_default();
+                        prop_assert!(options.contains_key(name), "{} not among {:?}", e, options.keys());
+                        prop_assert!(!e.message.is_empty());
+                    }
+                }
+            }
+
+            #[test]
+            fn durations_parse_within_bounds_or_are_refused_by_name(v in option_value()) {
+                match duration("options.x", &v) {
+                    Ok(d) => prop_assert!(d <= MAX_DURATION),
+                    Err(e) => prop_assert_eq!(e.field, "options.x"),
+                }
+            }
+
+            #[test]
+            fn options_apply_or_are_refused_by_name(
+                options in prop::collection::btree_map(prop::sample::select(NAMES[..12].to_vec()), option_value(), 1..4),
+                task_type in prop::sample::select(vec![TaskType::Daemon, TaskType::Async, TaskType::Periodic]),
+            ) {
+                let object: serde_json::Map<String, Value> =
+                    options.iter().map(|(k, v)| ((*k).to_owned(), v.clone())).collect();
+                if let Ok(o) = Options::from_json(Some(&Value::Object(object)))
+                    && let Err(e) = o.check_for(task_type)
+                {
+                    let name = e.field.strip_prefix("options.").unwrap_or_default();
+                    prop_assert!(options.contains_key(name), "{}", e);
+                }
+            }
+        }
+    }
 }
