@@ -53,8 +53,13 @@ pub fn register(registry: &mut Registry) -> Result<(), RegistryError> {
                 .and_then(Value::as_f64)
                 .unwrap_or(1.0)
                 .max(0.0);
+            let Ok(duration) = Duration::try_from_secs_f64(seconds) else {
+                return Err(TaskError::skip_retry(format!(
+                    "`seconds` is out of range: {seconds}"
+                )));
+            };
             tokio::select! {
-                () = tokio::time::sleep(Duration::from_secs_f64(seconds)) => Ok(()),
+                () = tokio::time::sleep(duration) => Ok(()),
                 () = ctx.cancelled() => Err(TaskError::new("cancelled")),
             }
         },

@@ -61,6 +61,62 @@ pub const DEFAULT_MAX_CONCURRENT_REQUESTS: usize = 1024;
 /// answer (longer than the reply timeout, so a create can answer 202 first).
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
+// Bounds: what the settings may be (refused at start otherwise), and the
+// defaults of the bounds on task options.
+
+/// A humantime year (365.25 days), so that bounds print as `1year`.
+const YEAR: Duration = Duration::from_secs(31_557_600);
+/// A day.
+const DAY: Duration = Duration::from_secs(24 * 3600);
+/// Default of `--max-task-delay`: how far ahead `process_at`, `process_in`
+/// and `deadline` may be.
+pub const DEFAULT_MAX_TASK_DELAY: Duration = YEAR;
+/// Default of `--max-task-timeout`: the longest per-attempt `timeout`.
+pub const DEFAULT_MAX_TASK_TIMEOUT: Duration = DAY;
+/// Default of `--max-retention`: the longest `retention`.
+pub const DEFAULT_MAX_RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
+/// Default of `--max-unique-ttl`: the longest `unique_ttl`.
+pub const DEFAULT_MAX_UNIQUE_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
+/// The most any `--max-*` bound of task options may be (the most any
+/// duration option may be, `crate::task::options::MAX_DURATION`).
+const MAX_TASK_BOUND: Duration = Duration::from_secs(100 * 31_557_600);
+/// The most `--claim-ttl`, `--grace` and `--async-ack-wait` may be.
+const MAX_WAIT_SETTING: Duration = DAY;
+/// The most `--retry-max` and `--async-retry-max` may be.
+const MAX_RETRY_DELAY: Duration = Duration::from_secs(30 * 24 * 3600);
+/// The most `--reply-timeout` may be.
+const MAX_REPLY_TIMEOUT: Duration = Duration::from_secs(3600);
+/// The most `--concurrency` may be.
+const MAX_CONCURRENCY: usize = 100_000;
+/// The most a queue's weight may be.
+const MAX_QUEUE_WEIGHT: u32 = 1000;
+
+/// Upper bounds of task options, set by the operator and checked on every
+/// async and periodic create (by `crate::ops`); a duration option is never
+/// more than 100 years in any case.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TaskLimits {
+    /// How far ahead `process_at`, `process_in` and `deadline` may be.
+    pub max_task_delay: Duration,
+    /// The longest per-attempt `timeout`.
+    pub max_task_timeout: Duration,
+    /// The longest `retention`.
+    pub max_retention: Duration,
+    /// The longest `unique_ttl`.
+    pub max_unique_ttl: Duration,
+}
+
+impl Default for TaskLimits {
+    fn default() -> Self {
+        TaskLimits {
+            max_task_delay: DEFAULT_MAX_TASK_DELAY,
+            max_task_timeout: DEFAULT_MAX_TASK_TIMEOUT,
+            max_retention: DEFAULT_MAX_RETENTION,
+            max_unique_ttl: DEFAULT_MAX_UNIQUE_TTL,
+        }
+    }
+}
+
 /// Why a configuration was refused; names the setting.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -124,6 +180,12 @@ pub struct ConfigOverrides {
     pub request_timeout: Option<String>,
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
+    // Bounds of task options, and the demo kinds.
+    pub max_task_delay: Option<String>,
+    pub max_task_timeout: Option<String>,
+    pub max_retention: Option<String>,
+    pub max_unique_ttl: Option<String>,
+    pub demo_kinds: Option<bool>,
 }
 
 impl ConfigOverrides {
@@ -171,6 +233,11 @@ impl ConfigOverrides {
             request_timeout: self.request_timeout.or(other.request_timeout),
             tls_cert: self.tls_cert.or(other.tls_cert),
             tls_key: self.tls_key.or(other.tls_key),
+            max_task_delay: self.max_task_delay.or(other.max_task_delay),
+            max_task_timeout: self.max_task_timeout.or(other.max_task_timeout),
+            max_retention: self.max_retention.or(other.max_retention),
+            max_unique_ttl: self.max_unique_ttl.or(other.max_unique_ttl),
+            demo_kinds: self.demo_kinds.or(other.demo_kinds),
         }
     }
 }
@@ -215,6 +282,11 @@ pub struct Config {
     pub async_retry_max: Duration,
     /// How long a fetched async task may go unacknowledged before redelivery.
     pub async_ack_wait: Duration,
+    /// Upper bounds of task options.
+    pub limits: TaskLimits,
+    /// Whether the demo kinds are registered; `None`: the role decides (on
+    /// for `bmw run` only).
+    pub demo_kinds: Option<bool>,
     /// Most tasks a queue may hold before creates on it are refused (429).
     pub max_queue_pending: u64,
     /// Bearer tokens the bridge accepts (`--api-token` and the
@@ -381,6 +453,25 @@ impl Config {
                     });
                 }
             },
+            limits: TaskLimits {
+                max_task_delay: dur(
+                    "max-task-delay",
+                    given.max_task_delay,
+                    DEFAULT_MAX_TASK_DELAY,
+                )?,
+                max_task_timeout: dur(
+                    "max-task-timeout",
+                    given.max_task_timeout,
+                    DEFAULT_MAX_TASK_TIMEOUT,
+                )?,
+                max_retention: dur("max-retention", given.max_retention, DEFAULT_MAX_RETENTION)?,
+                max_unique_ttl: dur(
+                    "max-unique-ttl",
+                    given.max_unique_ttl,
+                    DEFAULT_MAX_UNIQUE_TTL,
+                )?,
+            },
+            demo_kinds: given.demo_kinds,
         };
         config.validate()?;
         Ok(config)
@@ -393,23 +484,55 @@ impl Config {
                 message: message.to_owned(),
             })
         };
-        if self.claim_ttl < Duration::from_secs(1) || self.claim_ttl.subsec_nanos() != 0 {
+        if self.claim_ttl < Duration::from_secs(1)
+            || self.claim_ttl.subsec_nanos() != 0
+            || self.claim_ttl > MAX_WAIT_SETTING
+        {
             return invalid(
                 "claim-ttl",
-                "must be whole seconds, at least 1s (a NATS per-key TTL)",
+                "must be whole seconds, from 1s to 1day (a NATS per-key TTL)",
             );
         }
         if self.heartbeat.is_zero() || self.heartbeat >= self.claim_ttl {
             return invalid("heartbeat", "must be above zero and shorter than claim-ttl");
         }
+        if self.retry_max > MAX_RETRY_DELAY {
+            return invalid("retry-max", "must be at most 30days");
+        }
         if self.retry_base.is_zero() || self.retry_max < self.retry_base {
             return invalid("retry-base", "must be above zero and at most retry-max");
+        }
+        if self.async_retry_max > MAX_RETRY_DELAY {
+            return invalid("async-retry-max", "must be at most 30days");
+        }
+        if self.async_retry_max < self.async_retry_base {
+            return invalid("async-retry-base", "must be at most async-retry-max");
+        }
+        if self.async_ack_wait < Duration::from_secs(1) || self.async_ack_wait > MAX_WAIT_SETTING {
+            return invalid("async-ack-wait", "must be from 1s to 1day");
+        }
+        if self.grace > MAX_WAIT_SETTING {
+            return invalid("grace", "must be at most 1day");
+        }
+        if self.reply_timeout > MAX_REPLY_TIMEOUT {
+            return invalid("reply-timeout", "must be at most 1h");
+        }
+        let bounds = [
+            ("max-task-delay", self.limits.max_task_delay),
+            ("max-task-timeout", self.limits.max_task_timeout),
+            ("max-retention", self.limits.max_retention),
+            ("max-unique-ttl", self.limits.max_unique_ttl),
+        ];
+        for (name, bound) in bounds {
+            if bound < Duration::from_secs(1) || bound > MAX_TASK_BOUND {
+                return invalid(name, "must be from 1s to 100years");
+            }
         }
         if !(1..=5).contains(&self.replicas) {
             return invalid("replicas", "must be between 1 and 5");
         }
-        if self.concurrency == 0 {
-            return invalid("concurrency", "must be at least 1");
+        if self.concurrency == 0 || self.concurrency > MAX_CONCURRENCY {
+            return invalid("concurrency", "must be from 1 to 100000");
         }
         if self.max_concurrent_requests == 0 {
             return invalid("max-concurrent-requests", "must be at least 1");
@@ -430,6 +553,7 @@ impl Config {
             || self.queues.iter().any(|q| {
                 q.name.is_empty()
                     || q.weight == 0
+                    || q.weight > MAX_QUEUE_WEIGHT
                     || !q
                         .name
                         .chars()
@@ -438,7 +562,7 @@ impl Config {
         {
             return invalid(
                 "queues",
-                "must be a non-empty list of `name` or `name=weight` (A-Z a-z 0-9 _ -, weight >= 1)",
+                "must be a non-empty list of `name` or `name=weight` (A-Z a-z 0-9 _ -, weight 1 to 1000)",
             );
         }
         Ok(())
@@ -609,6 +733,136 @@ mod tests {
             })
             .unwrap();
             assert!(c.check_bridge_exposure().is_ok(), "{loopback}");
+        }
+    }
+
+    #[test]
+    fn settings_out_of_range_are_refused() {
+        let cases = [
+            (
+                ConfigOverrides {
+                    async_ack_wait: Some("0s".into()),
+                    ..Default::default()
+                },
+                "async-ack-wait",
+            ),
+            (
+                ConfigOverrides {
+                    retry_max: Some("100000000years".into()),
+                    ..Default::default()
+                },
+                "retry-max",
+            ),
+            (
+                ConfigOverrides {
+                    async_retry_max: Some("31days".into()),
+                    ..Default::default()
+                },
+                "async-retry-max",
+            ),
+            (
+                ConfigOverrides {
+                    concurrency: Some(usize::MAX),
+                    ..Default::default()
+                },
+                "concurrency",
+            ),
+            (
+                ConfigOverrides {
+                    queues: Some(vec!["a=4294967295".into()]),
+                    ..Default::default()
+                },
+                "queues",
+            ),
+            (
+                ConfigOverrides {
+                    max_task_delay: Some("101years".into()),
+                    ..Default::default()
+                },
+                "max-task-delay",
+            ),
+        ];
+        for (given, name) in cases {
+            match Config::resolve(given) {
+                Err(ConfigError::Invalid { name: got, .. }) => assert_eq!(got, name),
+                other => panic!("{name}: {other:?}"),
+            }
+        }
+        let defaults = Config::default();
+        assert_eq!(defaults.limits, TaskLimits::default());
+        assert_eq!(defaults.demo_kinds, None);
+    }
+
+    mod properties {
+        use super::*;
+        use crate::task::arbitrary;
+        use proptest::prelude::*;
+
+        fn setting() -> impl Strategy<Value = Option<String>> {
+            prop::option::of(prop_oneof![
+                arbitrary::duration_text(),
+                any::<String>(),
+                Just("0s".to_owned())
+            ])
+        }
+
+        prop_compose! {
+            fn overrides()(
+                durations in prop::array::uniform12(setting()),
+                numbers in (prop::option::of(any::<u32>()), prop::option::of(any::<usize>()),
+                            prop::option::of(any::<usize>()), prop::option::of(any::<usize>())),
+                queues in prop::option::of(prop::collection::vec("[a-z=0-9 ]{0,12}", 0..4)),
+                addr in prop::option::of(prop_oneof!["127.0.0.1:[0-9]{1,6}", any::<String>()]),
+            ) -> ConfigOverrides {
+                let [claim_ttl, heartbeat, retry_base, retry_max, grace, reply_timeout,
+                     async_retry_base, async_retry_max, async_ack_wait, max_task_delay,
+                     max_task_timeout, max_retention] = durations;
+                let (retry_threshold, replicas, max_body, concurrency) = numbers;
+                ConfigOverrides {
+                    http_addr: addr.clone(),
+                    metrics_addr: addr,
+                    queues,
+                    claim_ttl,
+                    heartbeat,
+                    retry_base,
+                    retry_threshold,
+                    retry_max,
+                    grace,
+                    reply_timeout,
+                    replicas,
+                    max_body,
+                    concurrency,
+                    async_retry_base,
+                    async_retry_max,
+                    async_ack_wait,
+                    max_task_delay,
+                    max_task_timeout,
+                    max_retention,
+                    ..Default::default()
+                }
+            }
+        }
+
+        proptest! {
+            #![proptest_config(arbitrary::config())]
+
+            #[test]
+            fn any_settings_resolve_within_bounds_or_are_refused_by_name(given in overrides()) {
+                match Config::resolve(given) {
+                    Ok(c) => {
+                        prop_assert!(c.async_ack_wait >= Duration::from_secs(1));
+                        prop_assert!(c.async_ack_wait <= MAX_WAIT_SETTING);
+                        prop_assert!(c.heartbeat < c.claim_ttl && c.claim_ttl <= MAX_WAIT_SETTING);
+                        prop_assert!(c.retry_max <= MAX_RETRY_DELAY && c.async_retry_max <= MAX_RETRY_DELAY);
+                        prop_assert!((1..=MAX_CONCURRENCY).contains(&c.concurrency));
+                        prop_assert!(c.queues.iter().all(|q| (1..=MAX_QUEUE_WEIGHT).contains(&q.weight)));
+                    }
+                    Err(ConfigError::Invalid { name, message }) => {
+                        prop_assert!(!name.is_empty() && !message.is_empty());
+                    }
+                    Err(other) => prop_assert!(false, "not a setting's error: {other}"),
+                }
+            }
         }
     }
 }

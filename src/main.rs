@@ -119,6 +119,30 @@ struct Global {
     /// PEM private key of --tls-cert.
     #[arg(long, global = true, env = "BMW_TLS_KEY")]
     tls_key: Option<PathBuf>,
+    /// How far ahead a task's `process_at`, `process_in` and `deadline` may be [default: 1year].
+    #[arg(long, global = true, env = "BMW_MAX_TASK_DELAY")]
+    max_task_delay: Option<String>,
+    /// The longest per-attempt `timeout` of a task [default: 1day].
+    #[arg(long, global = true, env = "BMW_MAX_TASK_TIMEOUT")]
+    max_task_timeout: Option<String>,
+    /// The longest `retention` of a task [default: 30days].
+    #[arg(long, global = true, env = "BMW_MAX_RETENTION")]
+    max_retention: Option<String>,
+    /// The longest `unique_ttl` of a task [default: 30days].
+    #[arg(long, global = true, env = "BMW_MAX_UNIQUE_TTL")]
+    max_unique_ttl: Option<String>,
+    /// Register the demo kinds (`daemon:demo:demo`, `async:demo:*`, `periodic:demo:tick`)
+    /// [default: true for `bmw run`, false for `bmw worker` and `bmw bridge`].
+    #[arg(
+        long,
+        global = true,
+        env = "BMW_DEMO_KINDS",
+        num_args = 0..=1,
+        default_missing_value = "true",
+        require_equals = true,
+        overrides_with = "demo_kinds"
+    )]
+    demo_kinds: Option<bool>,
     /// Optional TOML config file; keys are the long flag names (`claim-ttl = "15s"`).
     #[arg(long, global = true, env = "BMW_CONFIG")]
     config: Option<PathBuf>,
@@ -228,6 +252,11 @@ impl Global {
             request_timeout: self.request_timeout.clone(),
             tls_cert: self.tls_cert.clone(),
             tls_key: self.tls_key.clone(),
+            max_task_delay: self.max_task_delay.clone(),
+            max_task_timeout: self.max_task_timeout.clone(),
+            max_retention: self.max_retention.clone(),
+            max_unique_ttl: self.max_unique_ttl.clone(),
+            demo_kinds: self.demo_kinds,
         }
     }
 
@@ -271,7 +300,16 @@ async fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let config = cli.global.config()?;
-    let registry = Arc::new(bmw::builtin::registry());
+    // The demo kinds: on by default only where the README's walkthrough
+    // needs them (`bmw run`); `bmw task` only validates kinds with them.
+    let demo_kinds = config
+        .demo_kinds
+        .unwrap_or(matches!(cli.command, Role::Run | Role::Task(_)));
+    let registry = Arc::new(if demo_kinds {
+        bmw::builtin::registry()
+    } else {
+        Registry::new()
+    });
     bmw::metrics::install();
     let token = CancellationToken::new();
     let on_signal = token.clone();
@@ -305,7 +343,8 @@ async fn connect(config: &Config, name: &str) -> anyhow::Result<Nats> {
 async fn task(cmd: TaskCmd, config: Config, registry: Arc<Registry>) -> anyhow::Result<ExitCode> {
     let nats = connect(&config, names::client_name::TASK).await?;
     bmw::nats::provision::provision(&nats.js, config.replicas).await?;
-    let client = TaskClient::new(nats, registry, config.reply_timeout).await?;
+    let ops = bmw::ops::Operations::open_with(&nats, registry, &config).await?;
+    let client = TaskClient::with_operations(nats, ops, config.reply_timeout);
     let id = uuid::Uuid::new_v4().to_string();
     let command = match cmd {
         TaskCmd::List { task_type } => {

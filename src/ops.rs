@@ -6,22 +6,27 @@
 //!
 //! Each task type owns its operations ([`DaemonOps`], [`AsyncOps`],
 //! [`PeriodicOps`]); this module checks what they share (the kind is known
-//! here or to a live worker, the options apply to the type) and dispatches.
+//! here or to a live worker, the options apply to the type and are within the
+//! operator's [`TaskLimits`]) and dispatches.
 //! The stores behind them are opened once per process, here.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_nats::jetstream::kv;
+use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
 
-use crate::config::Config;
+use crate::config::{Config, TaskLimits};
 use crate::daemon::{DaemonOps, SpecStore};
 use crate::membership::WorkerEntry;
 use crate::nats::{Nats, NatsError, names};
 use crate::periodic::{PeriodicOps, PeriodicStore};
 use crate::queue::AsyncOps;
 use crate::registry::Registry;
-use crate::task::{Command, CreateCommand, DeleteTarget, Kind, OpError, TaskType, ValidationError};
+use crate::task::{
+    Command, CreateCommand, DeleteTarget, Kind, OpError, Options, TaskType, ValidationError,
+};
 
 /// The operations of one process over its stores. Cheap to clone.
 #[derive(Debug, Clone)]
@@ -32,6 +37,7 @@ pub struct Operations {
     queue: AsyncOps,
     periodic: PeriodicOps,
     workers: kv::Store,
+    limits: TaskLimits,
 }
 
 /// Where a kind runs.
@@ -63,7 +69,8 @@ impl Operations {
         Operations::open_with(nats, registry, &Config::default()).await
     }
 
-    /// Opens them with the limits of `config` (`--max-queue-pending`...).
+    /// Opens them with the limits of `config` (`--max-queue-pending`,
+    /// `--max-task-delay`...).
     pub async fn open_with(
         nats: &Nats,
         registry: Arc<Registry>,
@@ -78,6 +85,7 @@ impl Operations {
             periodic: PeriodicOps::new(PeriodicStore::open(js).await?),
             workers: js.get_key_value(names::BUCKET_WORKERS).await?,
             registry,
+            limits: config.limits,
         })
     }
 
@@ -171,12 +179,23 @@ impl Operations {
         Ok(())
     }
 
+    /// Refuses options that do not apply to the task's type, and, for the
+    /// types that use them (async, periodic), options over the limits.
+    fn check_options(&self, create: &CreateCommand) -> Result<(), ValidationError> {
+        let task_type = create.kind.task_type();
+        create.options.check_for(task_type)?;
+        if task_type != TaskType::Daemon {
+            check_limits(&self.limits, &create.options, Utc::now())?;
+        }
+        Ok(())
+    }
+
     /// How a producer gets `command` applied, refusing first what a worker
     /// would refuse (unknown kind, bad options, unknown uni_id, too large).
     pub async fn route(&self, command: &Command) -> Result<Route, OpError> {
         match command {
             Command::Create(create) => {
-                create.options.check_for(create.kind.task_type())?;
+                self.check_options(create)?;
                 let home = self.home_of(&create.kind).await?;
                 self.check_size(create)?;
                 match (create.kind.task_type(), home) {
@@ -209,7 +228,7 @@ impl Operations {
     pub async fn apply(&self, command: &Command) -> Result<Option<Value>, OpError> {
         let data = match command {
             Command::Create(create) => {
-                create.options.check_for(create.kind.task_type())?;
+                self.check_options(create)?;
                 let home = self.home_of(&create.kind).await?;
                 self.check_size(create)?;
                 match create.kind.task_type() {
@@ -227,5 +246,170 @@ impl Operations {
             Command::Reload { uni_id, .. } => self.daemon.reload(uni_id).await?,
         };
         Ok(Some(data))
+    }
+}
+
+/// Refuses an option over its bound in `limits`, naming the option and the
+/// setting that bounds it. Times are measured from `now`.
+pub fn check_limits(
+    limits: &TaskLimits,
+    options: &Options,
+    now: DateTime<Utc>,
+) -> Result<(), ValidationError> {
+    let over = |field: &str, what: String, limit: Duration, setting: &str| {
+        ValidationError::new(
+            format!("options.{field}"),
+            format!(
+                "{what} is over the limit of {} (--{setting})",
+                humantime::format_duration(limit)
+            ),
+        )
+    };
+    let durations = [
+        (
+            "process_in",
+            options.process_in,
+            limits.max_task_delay,
+            "max-task-delay",
+        ),
+        (
+            "timeout",
+            options.timeout,
+            limits.max_task_timeout,
+            "max-task-timeout",
+        ),
+        (
+            "retention",
+            options.retention,
+            limits.max_retention,
+            "max-retention",
+        ),
+        (
+            "unique_ttl",
+            options.unique_ttl,
+            limits.max_unique_ttl,
+            "max-unique-ttl",
+        ),
+    ];
+    for (field, value, limit, setting) in durations {
+        if let Some(d) = value.filter(|d| *d > limit) {
+            let what = humantime::format_duration(d).to_string();
+            return Err(over(field, what, limit, setting));
+        }
+    }
+    let times = [
+        ("process_at", options.process_at.as_deref()),
+        ("deadline", options.deadline.as_deref()),
+    ];
+    for (field, value) in times {
+        let Some(text) = value else { continue };
+        let at = DateTime::parse_from_rfc3339(text).map_err(|e| {
+            ValidationError::new(
+                format!("options.{field}"),
+                format!("{text:?} is not an RFC 3339 time ({e})"),
+            )
+        })?;
+        // In the past is fine here (and a past deadline is refused elsewhere);
+        // the future is bounded.
+        let ahead = (at.with_timezone(&Utc) - now).to_std().unwrap_or_default();
+        if ahead > limits.max_task_delay {
+            let what = format!(
+                "{text} ({} from now)",
+                humantime::format_duration(Duration::from_secs(ahead.as_secs()))
+            );
+            return Err(over(field, what, limits.max_task_delay, "max-task-delay"));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::task::arbitrary;
+    use proptest::prelude::*;
+
+    fn limits() -> TaskLimits {
+        TaskLimits {
+            max_task_delay: Duration::from_secs(3600),
+            max_task_timeout: Duration::from_secs(60),
+            max_retention: Duration::from_secs(3600),
+            max_unique_ttl: Duration::from_secs(3600),
+        }
+    }
+
+    #[test]
+    fn options_over_their_limits_are_refused_naming_option_and_setting() {
+        let now = Utc::now();
+        let in_2h = (now + chrono::Duration::hours(2)).to_rfc3339();
+        let cases = [
+            (
+                json!({"process_in": "2h"}),
+                "options.process_in",
+                "--max-task-delay",
+            ),
+            (
+                json!({"process_at": in_2h}),
+                "options.process_at",
+                "--max-task-delay",
+            ),
+            (
+                json!({"deadline": in_2h}),
+                "options.deadline",
+                "--max-task-delay",
+            ),
+            (
+                json!({"timeout": "61s"}),
+                "options.timeout",
+                "--max-task-timeout",
+            ),
+            (
+                json!({"retention": "2h"}),
+                "options.retention",
+                "--max-retention",
+            ),
+            (
+                json!({"unique_ttl": "2h"}),
+                "options.unique_ttl",
+                "--max-unique-ttl",
+            ),
+        ];
+        for (given, field, setting) in cases {
+            let options = Options::from_json(Some(&given)).unwrap();
+            let e = check_limits(&limits(), &options, now).unwrap_err();
+            assert_eq!(e.field, field, "{given}");
+            assert!(e.message.contains(setting), "{e}");
+        }
+        let within = json!({"process_in": "1h", "timeout": "1m", "retention": "1h",
+                            "unique_ttl": "1h", "deadline": "2000-01-01T00:00:00Z"});
+        let options = Options::from_json(Some(&within)).unwrap();
+        assert_eq!(check_limits(&limits(), &options, now), Ok(()));
+    }
+
+    proptest! {
+        #![proptest_config(arbitrary::config())]
+
+        #[test]
+        fn any_options_are_within_limits_or_refused_by_name(
+            options in arbitrary::options_object(),
+            seconds in prop::array::uniform4(1u64..=crate::task::options::MAX_DURATION.as_secs()),
+        ) {
+            let Ok(options) = Options::from_json(Some(&options)) else {
+                return Ok(());
+            };
+            let limits = TaskLimits {
+                max_task_delay: Duration::from_secs(seconds[0]),
+                max_task_timeout: Duration::from_secs(seconds[1]),
+                max_retention: Duration::from_secs(seconds[2]),
+                max_unique_ttl: Duration::from_secs(seconds[3]),
+            };
+            match check_limits(&limits, &options, Utc::now()) {
+                Ok(()) => {
+                    prop_assert!(options.timeout.is_none_or(|t| t <= limits.max_task_timeout));
+                    prop_assert!(options.retention.is_none_or(|t| t <= limits.max_retention));
+                }
+                Err(e) => prop_assert!(e.field.starts_with("options.") && e.message.contains("--max-"), "{}", e),
+            }
+        }
     }
 }

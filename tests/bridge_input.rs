@@ -115,7 +115,14 @@ async fn without_a_worker_a_create_is_stored_and_answered_202() {
         let addr = format!("127.0.0.1:{port}");
         let mut p = BmwProcess::spawn(
             &env.url(),
-            &["bridge", "--http-addr", &addr, "--reply-timeout", "1s"],
+            &[
+                "bridge",
+                "--demo-kinds",
+                "--http-addr",
+                &addr,
+                "--reply-timeout",
+                "1s",
+            ],
         );
         p.http_port = Some(port);
         assert_eventually!(
@@ -223,4 +230,278 @@ async fn a_kind_only_a_worker_knows_is_accepted_by_the_bridge() {
     );
     token.cancel();
     handle.await.unwrap().unwrap();
+}
+
+/// Seconds that overflow a date when added to now (about 317,000 years).
+const OVERFLOWING_SECONDS: u64 = 10_000_000_000_000;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn out_of_range_durations_and_times_are_400_and_the_bridge_keeps_serving() {
+    use serde_json::json;
+    let env = TestEnv::start().await;
+    let bmw = BmwProcess::run(&env.url(), &[]).await;
+    let base = bmw.base_url();
+    let huge = OVERFLOWING_SECONDS;
+    let far = "9999-12-31T23:59:59Z";
+    crate::harness::assert_refused(
+        &base,
+        &[
+            // The issue's body: this request's task panicked (an empty reply).
+            (
+                json!({"kind": "async:demo:echo", "options": {"process_in": huge}}),
+                "`options.process_in`",
+            ),
+            (
+                json!({"kind": "async:demo:echo", "options": {"process_in": "400000years"}}),
+                "`options.process_in`",
+            ),
+            (
+                json!({"kind": "async:demo:echo", "options": {"process_at": far}}),
+                "`options.process_at`",
+            ),
+            (
+                json!({"kind": "async:demo:echo", "options": {"deadline": far}}),
+                "`options.deadline`",
+            ),
+            (
+                json!({"kind": "async:demo:echo", "options": {"timeout": huge}}),
+                "`options.timeout`",
+            ),
+            (
+                json!({"kind": "async:demo:echo", "options": {"retention": huge}}),
+                "`options.retention`",
+            ),
+            (
+                json!({"kind": "async:demo:echo", "options": {"unique_ttl": huge}}),
+                "`options.unique_ttl`",
+            ),
+            (
+                json!({"kind": "periodic:demo:tick", "options": {"every": huge}}),
+                "`options.every`",
+            ),
+            (
+                json!({"kind": "daemon:demo:demo", "options": {"timeout": huge}}),
+                "`options.timeout`",
+            ),
+        ],
+    )
+    .await;
+    // Then ordinary creates of every type still answer 200.
+    for body in [
+        json!({"kind": "async:demo:echo", "payload": {"n": 1}, "options": {"process_in": "1h"}}),
+        json!({"kind": "periodic:demo:tick", "options": {"every": "1h"}}),
+        json!({"kind": "daemon:demo:demo", "payload": {"content": "ok"}}),
+    ] {
+        let (status, envelope) = http(
+            Method::POST,
+            &format!("{base}/bmw/task/"),
+            Some(&body.to_string()),
+        )
+        .await;
+        assert_eq!(status, 200, "{body}: {envelope}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_configured_bounds_of_task_options_are_enforced() {
+    use serde_json::json;
+    let env = TestEnv::start().await;
+    let bmw = BmwProcess::run(
+        &env.url(),
+        &[
+            "--max-task-delay",
+            "1h",
+            "--max-task-timeout",
+            "1m",
+            "--max-retention",
+            "1h",
+            "--max-unique-ttl",
+            "1h",
+        ],
+    )
+    .await;
+    let base = bmw.base_url();
+    let in_two_hours = (chrono::Utc::now() + chrono::Duration::hours(2)).to_rfc3339();
+    crate::harness::assert_refused(
+        &base,
+        &[
+            (
+                json!({"kind": "async:demo:echo", "options": {"process_in": "2h"}}),
+                "`options.process_in`: 2h is over the limit of 1h (--max-task-delay)",
+            ),
+            (
+                json!({"kind": "async:demo:echo", "options": {"process_at": in_two_hours}}),
+                "`options.process_at`",
+            ),
+            (
+                json!({"kind": "async:demo:echo", "options": {"deadline": in_two_hours}}),
+                "`options.deadline`",
+            ),
+            (
+                json!({"kind": "async:demo:echo", "options": {"timeout": "2m"}}),
+                "--max-task-timeout",
+            ),
+            (
+                json!({"kind": "async:demo:echo", "options": {"retention": "2h"}}),
+                "--max-retention",
+            ),
+            (
+                json!({"kind": "async:demo:echo", "options": {"unique_ttl": "2h"}}),
+                "--max-unique-ttl",
+            ),
+            (
+                json!({"kind": "periodic:demo:tick", "options": {"every": "1m", "timeout": "2m"}}),
+                "`options.timeout`",
+            ),
+        ],
+    )
+    .await;
+    // Within the bounds: accepted.
+    let (status, envelope) = http(
+        Method::POST,
+        &format!("{base}/bmw/task/"),
+        Some(
+            &json!({"kind": "async:demo:echo", "options": {
+                "process_in": "59m", "timeout": "1m", "retention": "1h", "unique_ttl": "1h"}})
+            .to_string(),
+        ),
+    )
+    .await;
+    assert_eq!(status, 200, "{envelope}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_panic_while_handling_a_request_answers_500_and_the_bridge_keeps_serving() {
+    use std::sync::Arc;
+    let env = TestEnv::start().await;
+    let explosive = Arc::new(crate::harness::Explosive::default());
+    let mut registry = bmw::Registry::new();
+    registry
+        .register_daemon("daemon:custom:explosive", move || {
+            Ok(explosive.clone() as Arc<dyn bmw::daemon::Operator>)
+        })
+        .unwrap();
+    let ops = bmw::ops::Operations::open(&env.nats, Arc::new(registry))
+        .await
+        .unwrap();
+    let client = bmw::client::TaskClient::with_operations(
+        env.nats.clone(),
+        ops,
+        std::time::Duration::from_secs(1),
+    );
+    let state = bmw::bridge::BridgeState {
+        client: Arc::new(client),
+        nats: env.nats.client.clone(),
+        max_body: 4096,
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let token = tokio_util::sync::CancellationToken::new();
+    let config = bmw::Config::default();
+    tokio::spawn(bmw::bridge::serve_on(
+        listener,
+        bmw::bridge::router(state, &bmw::bridge::Guards::from_config(&config)),
+        bmw::bridge::ListenOptions::plain(config.request_timeout),
+        token.clone(),
+    ));
+    let task = format!("http://{addr}/bmw/task/");
+    // The bridge computes a daemon task's uni_id: the operator's code runs here.
+    let (status, envelope) = http(
+        Method::POST,
+        &task,
+        Some(r#"{"kind": "daemon:custom:explosive", "payload": {"explode": "routing"}}"#),
+    )
+    .await;
+    assert_eq!((status, &envelope["code"]), (500, &serde_json::json!(500)));
+    assert!(
+        envelope["message"]
+            .as_str()
+            .unwrap()
+            .contains("told to explode while routing"),
+        "{envelope}"
+    );
+    // The next request is served (stored for a worker: none runs, so 202).
+    let (status, envelope) = http(
+        Method::POST,
+        &task,
+        Some(r#"{"kind": "daemon:custom:explosive", "payload": {"n": 1}}"#),
+    )
+    .await;
+    assert_eq!(status, 202, "{envelope}");
+    token.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ids_and_kinds_no_task_can_have_are_refused_or_not_found() {
+    let env = TestEnv::start().await;
+    let bmw = BmwProcess::run(&env.url(), &[]).await;
+    let base = bmw.base_url();
+    let task = format!("{base}/bmw/task/");
+    // Each once reached a KV key or subject as given: a NATS error, 503.
+    let cases: Vec<(Method, String, Option<&str>, u16, &str)> = vec![
+        (
+            Method::GET,
+            format!("{task}?task_type=async&task_id=a%20b"),
+            None,
+            400,
+            "`task_id`",
+        ),
+        (
+            Method::GET,
+            format!("{task}?task_type=async&queue=%3E"),
+            None,
+            400,
+            "`queue`",
+        ),
+        (
+            Method::DELETE,
+            task.clone(),
+            Some(r#"{"task_type": "async", "task_id": "*"}"#),
+            400,
+            "`task_id`",
+        ),
+        (
+            Method::POST,
+            format!("{base}/bmw/task/async/requeue"),
+            Some(r#"{"task_id": "a..b"}"#),
+            400,
+            "`task_id`",
+        ),
+        (
+            Method::DELETE,
+            task.clone(),
+            Some(r#"{"task_type": "periodic", "kind": "periodic:a:b c"}"#),
+            400,
+            "`kind`",
+        ),
+        (
+            Method::POST,
+            format!("{base}/bmw/task/periodic/pause"),
+            Some(r#"{"kind": "daemon:demo:demo"}"#),
+            400,
+            "`kind`",
+        ),
+        (
+            Method::DELETE,
+            task.clone(),
+            Some(r#"{"task_type": "daemon", "task_uni_id": "."}"#),
+            404,
+            "",
+        ),
+        (
+            Method::POST,
+            format!("{base}/bmw/task/daemon/reload"),
+            Some(r#"{"task_uni_id": "daemon:demo:demo-..x"}"#),
+            404,
+            "",
+        ),
+    ];
+    for (method, url, body, want, needle) in cases {
+        let (status, envelope) = http(method.clone(), &url, body).await;
+        assert_eq!(status, want, "{method} {url} {body:?}: {envelope}");
+        assert!(
+            envelope["message"].as_str().unwrap().contains(needle),
+            "{method} {url} {body:?}: {envelope}"
+        );
+    }
 }

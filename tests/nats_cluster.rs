@@ -28,6 +28,7 @@ async fn killing_a_cluster_node_keeps_tasks_running() {
     // must be ridden out by retried renewals, not by moving tasks.
     let args = [
         "worker",
+        "--demo-kinds",
         "--replicas",
         "3",
         "--claim-ttl",

@@ -200,3 +200,247 @@ async fn poison_messages_are_terminated_and_reported() {
     .await;
     assert_eq!(outcome["result"], true, "{outcome}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_out_of_range_command_fails_alone_and_commands_keep_working() {
+    let env = TestEnv::start().await;
+    let bmw = BmwProcess::run(&env.url(), &[]).await;
+    let mut errors = env
+        .nats
+        .client
+        .subscribe("bmw.event.command.>")
+        .await
+        .unwrap();
+    env.nats.client.flush().await.unwrap();
+    // The issue's body on the raw subject: the worker's command handling
+    // panicked, and from then on no command was applied.
+    let body = json!({"kind": "async:demo:echo", "options": {"process_in": 10_000_000_000_000u64}});
+    let outcome = publish(&env, "bmw.task.create", body.to_string().as_bytes()).await;
+    assert_eq!(
+        (outcome["result"].as_bool(), outcome["code"].as_u64()),
+        (Some(false), Some(400)),
+        "{outcome}"
+    );
+    assert!(
+        outcome["message"]
+            .as_str()
+            .unwrap()
+            .contains("`options.process_in`"),
+        "{outcome}"
+    );
+    let event = tokio::time::timeout(Duration::from_secs(5), errors.next())
+        .await
+        .expect("an error event")
+        .unwrap();
+    let event: Value = serde_json::from_slice(&event.payload).unwrap();
+    assert!(
+        event["error"]
+            .as_str()
+            .unwrap()
+            .contains("options.process_in"),
+        "{event}"
+    );
+    // A daemon create through the bridge is applied by the worker: 200, not 202.
+    let (status, envelope) = crate::harness::http(
+        reqwest::Method::POST,
+        &format!("{}/bmw/task/", bmw.base_url()),
+        Some(r#"{"kind": "daemon:demo:demo", "payload": {"content": "ok"}}"#),
+    )
+    .await;
+    assert_eq!(status, 200, "{envelope}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_panic_in_command_handling_fails_that_command_only() {
+    use std::sync::Arc;
+    let env = TestEnv::start().await;
+    let explosive = Arc::new(crate::harness::Explosive::default());
+    let mut registry = bmw::Registry::new();
+    registry
+        .register_daemon("daemon:custom:explosive", move || {
+            Ok(explosive.clone() as Arc<dyn bmw::daemon::Operator>)
+        })
+        .unwrap();
+    let config = bmw::Config {
+        nats_url: Some(env.url()),
+        ..bmw::Config::default()
+    };
+    let token = tokio_util::sync::CancellationToken::new();
+    let worker = bmw::worker::Worker::new(env.nats.clone(), config, Arc::new(registry));
+    let handle = tokio::spawn(worker.run(token.clone()));
+    let mut errors = env
+        .nats
+        .client
+        .subscribe("bmw.event.command.>")
+        .await
+        .unwrap();
+    env.nats.client.flush().await.unwrap();
+    // Several, so that more than one lane meets a panic.
+    for (n, when) in ["routing", "applying", "routing", "applying"]
+        .into_iter()
+        .enumerate()
+    {
+        let body = json!({"kind": "daemon:custom:explosive", "payload": {"explode": when, "n": n}});
+        let outcome = publish(&env, "bmw.task.create", body.to_string().as_bytes()).await;
+        assert_eq!(
+            (outcome["result"].as_bool(), outcome["code"].as_u64()),
+            (Some(false), Some(500)),
+            "{outcome}"
+        );
+        assert!(
+            outcome["message"]
+                .as_str()
+                .unwrap()
+                .contains(&format!("told to explode while {when}")),
+            "{outcome}"
+        );
+        let event = tokio::time::timeout(Duration::from_secs(5), errors.next())
+            .await
+            .expect("an error event")
+            .unwrap();
+        assert!(
+            event.subject.as_str().ends_with(".error"),
+            "{}",
+            event.subject
+        );
+    }
+    // Terminated, not redelivered, and the next commands are applied.
+    for n in 0..3 {
+        let body = json!({"kind": "daemon:custom:explosive", "payload": {"n": n}});
+        let outcome = publish(&env, "bmw.task.create", body.to_string().as_bytes()).await;
+        assert_eq!(outcome["result"], true, "{outcome}");
+    }
+    token.cancel();
+    handle.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_raw_task_message_with_absurd_options_is_archived_and_the_worker_goes_on() {
+    let env = TestEnv::start().await;
+    let worker = BmwProcess::worker(&env.url(), crate::async_tasks::ASYNC_FAST);
+    worker.worker_id().await;
+    let events = crate::async_tasks::collect_events(&env);
+    env.nats.client.flush().await.unwrap();
+    let raw = |id: &str, body: Value| {
+        let publish = Publish::build()
+            .payload(body.to_string().into_bytes().into())
+            .message_id(id);
+        let js = env.nats.js.clone();
+        async move {
+            js.send_publish("bmw.async.default", publish)
+                .await
+                .unwrap()
+                .await
+                .unwrap();
+        }
+    };
+    let huge = 10_000_000_000_000u64;
+    raw(
+        "absurd-1",
+        json!({"kind": "async:demo:fail", "payload": {"fail_times": 1},
+               "options": {"timeout": huge, "retention": huge, "deadline": "9999-12-31T23:59:59Z"}}),
+    )
+    .await;
+    raw("fine-1", json!({"kind": "async:demo:echo"})).await;
+    let seen = |id: &'static str, what: &'static str| {
+        let events = events.clone();
+        move || {
+            events
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|e| e["task_id"] == id && e["what"] == what)
+                .cloned()
+        }
+    };
+    let archived = seen("absurd-1", "archived");
+    assert_eventually!(
+        Duration::from_secs(10),
+        archived().is_some(),
+        "the absurd task is archived; events: {:?}",
+        events.lock().unwrap()
+    );
+    let archived = archived().unwrap();
+    let error = archived["error"].as_str().unwrap();
+    assert!(error.contains("`options.retention`"), "{archived}");
+    assert_eq!(archived["kind"], "async:demo:fail", "{archived}");
+    let done = seen("fine-1", "succeeded");
+    assert_eventually!(
+        Duration::from_secs(10),
+        done().is_some(),
+        "the next task runs; events: {:?}",
+        events.lock().unwrap()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_huge_retry_after_from_a_handler_is_capped() {
+    use std::sync::Arc;
+    let env = TestEnv::start().await;
+    let mut registry = bmw::Registry::new();
+    registry
+        .register_async(
+            "async:custom:later",
+            |ctx: bmw::queue::TaskContext, _: Value| async move {
+                if ctx.attempt == 1 {
+                    // About 317,000 years: a date past chrono's range.
+                    return Err(bmw::queue::TaskError::retry_after(
+                        "later",
+                        Duration::from_secs(10_000_000_000_000),
+                    ));
+                }
+                Ok(())
+            },
+        )
+        .unwrap();
+    let config = bmw::Config {
+        nats_url: Some(env.url()),
+        async_retry_base: Duration::from_millis(100),
+        async_retry_max: Duration::from_secs(1),
+        ..bmw::Config::default()
+    };
+    let token = tokio_util::sync::CancellationToken::new();
+    let worker = bmw::worker::Worker::new(env.nats.clone(), config, Arc::new(registry));
+    let handle = tokio::spawn(worker.run(token.clone()));
+    let events = crate::async_tasks::collect_events(&env);
+    env.nats.client.flush().await.unwrap();
+    let publish = Publish::build()
+        .payload(
+            json!({"kind": "async:custom:later"})
+                .to_string()
+                .into_bytes()
+                .into(),
+        )
+        .message_id("later-1");
+    env.nats
+        .js
+        .send_publish("bmw.async.default", publish)
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let find = |what: &str| {
+        events
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|e| e["task_id"] == "later-1" && e["what"] == what)
+            .cloned()
+    };
+    assert_eventually!(
+        Duration::from_secs(10),
+        find("retry").is_some(),
+        "a retry event; events: {:?}",
+        events.lock().unwrap()
+    );
+    let delay = find("retry").unwrap()["delay_seconds"].as_f64().unwrap();
+    assert!(delay <= 1.0, "capped at --async-retry-max: {delay}");
+    assert_eventually!(
+        Duration::from_secs(10),
+        find("succeeded").is_some(),
+        "the second attempt runs; events: {:?}",
+        events.lock().unwrap()
+    );
+    token.cancel();
+    handle.await.unwrap().unwrap();
+}

@@ -100,3 +100,95 @@ async fn provisioning_is_idempotent_and_names_an_incompatible_stream() {
         .await;
     assert!(anchor.is_ok(), "anchor rewritten: {anchor:?}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn settings_out_of_range_are_refused_at_start_naming_the_setting() {
+    let server = crate::harness::NatsServer::start().await;
+    let cases: &[(&[&str], &str)] = &[
+        (&["--async-ack-wait", "0s"], "async-ack-wait"),
+        (&["--async-ack-wait", "100000years"], "async-ack-wait"),
+        (&["--retry-max", "100000000years"], "retry-max"),
+        (&["--async-retry-max", "100000000years"], "async-retry-max"),
+        (&["--claim-ttl", "100000000years"], "claim-ttl"),
+        (&["--grace", "100000000years"], "grace"),
+        (&["--concurrency", "18446744073709551615"], "concurrency"),
+        (&["--queues", "a=4294967295,b=4294967295"], "queues"),
+        (&["--max-task-delay", "0s"], "max-task-delay"),
+        (&["--max-retention", "100000000years"], "max-retention"),
+    ];
+    for (args, setting) in cases {
+        let args: Vec<&str> = ["worker"].iter().chain(args.iter()).copied().collect();
+        let mut bmw = BmwProcess::spawn(&server.url(), &args);
+        let status = bmw.wait_exit(Duration::from_secs(20)).await;
+        let logs = bmw.logs().join("\n");
+        assert!(
+            status.is_some_and(|s| !s.success()),
+            "{args:?}: should exit with an error, got {status:?}; logs:\n{logs}"
+        );
+        assert!(
+            logs.contains(&format!("invalid setting `{setting}`")),
+            "{args:?}: the message names {setting}; logs:\n{logs}"
+        );
+        assert!(
+            !logs.contains("panicked"),
+            "{args:?}: a panic; logs:\n{logs}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn demo_kinds_are_opt_in_outside_bmw_run() {
+    let env = crate::harness::TestEnv::start().await;
+    let plain = BmwProcess::spawn(&env.url(), &["worker"]);
+    let plain_id = plain.worker_id().await;
+    let by_flag = BmwProcess::spawn(&env.url(), &["worker", "--demo-kinds"]);
+    let by_flag_id = by_flag.worker_id().await;
+    let by_env = BmwProcess::spawn_with_env(
+        &["worker", "--nats-url", &env.url()],
+        &[("BMW_DEMO_KINDS", "true")],
+    );
+    let by_env_id = by_env.worker_id().await;
+    let kinds = |id: String| {
+        let client = env.client.clone();
+        async move {
+            client
+                .list_workers()
+                .await
+                .unwrap()
+                .into_iter()
+                .find(|w| w.worker_id == id)
+                .map(|w| w.kinds)
+        }
+    };
+    assert_eq!(
+        kinds(plain_id).await,
+        Some(vec![]),
+        "no demo kinds by default"
+    );
+    for id in [by_flag_id, by_env_id] {
+        let kinds = kinds(id).await.expect("a live worker");
+        assert!(kinds.iter().any(|k| k == "daemon:demo:demo"), "{kinds:?}");
+        assert!(kinds.iter().any(|k| k == "async:demo:sleep"), "{kinds:?}");
+    }
+    // Gone for good (their entries removed), so no one advertises the demo.
+    for mut worker in [plain, by_flag, by_env] {
+        assert!(worker.sigterm(), "the worker stops on SIGTERM");
+    }
+
+    // `bmw run` has them unless told not to; without them the demo is unknown.
+    let run = BmwProcess::run(&env.url(), &["--demo-kinds=false"]).await;
+    let (status, envelope) = http(
+        Method::POST,
+        &format!("{}/bmw/task/", run.base_url()),
+        Some(r#"{"kind": "async:demo:sleep", "payload": {"seconds": 1}}"#),
+    )
+    .await;
+    assert_eq!(status, 400, "{envelope}");
+    assert!(
+        envelope["message"]
+            .as_str()
+            .unwrap()
+            .contains("not registered"),
+        "{envelope}"
+    );
+}

@@ -132,7 +132,7 @@ pub(crate) struct BmwProc {
 }
 
 impl BmwProc {
-    /// Starts `bmw <role> --nats-url <url> <args>`.
+    /// Starts `bmw <role> --demo-kinds --nats-url <url> <args>`.
     pub(crate) fn spawn(
         role: &str,
         url: &str,
@@ -167,8 +167,10 @@ impl BmwProc {
                 Ok(())
             });
         }
+        // Every figure runs the demo kinds (`async:demo:noop`, `daemon:demo:demo`).
         let child = command
             .arg(role)
+            .arg("--demo-kinds")
             .args(["--nats-url", url])
             .args(args)
             .current_dir(dir)

@@ -8,6 +8,7 @@
 //! ([`auth`]), the cross-site rule (`cross_site`) and the request limits
 //! ([`limits`]) wrap the API routes; `/health` and `/ready` stay open (and
 //! `/metrics` unless configured). [`listen`] serves it, over TLS if asked.
+//! A panic while handling a request answers 500 with the envelope.
 
 pub mod auth;
 mod cross_site;
@@ -22,8 +23,9 @@ use std::time::Instant;
 use axum::Router;
 use axum::extract::{MatchedPath, Request};
 use axum::middleware::{self, Next};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use tower_http::catch_panic::CatchPanicLayer;
 
 pub use self::auth::ApiTokens;
 pub use self::limits::RequestLimits;
@@ -122,7 +124,20 @@ pub fn router(state: BridgeState, guards: &Guards) -> Router {
         .with_state(state)
         .merge(ops_router(guards))
         .merge(api)
+        .layer(CatchPanicLayer::custom(panicked))
         .layer(middleware::from_fn(record))
+}
+
+/// A request whose handling panicked (a bug): 500 with the envelope, instead
+/// of a dropped connection.
+fn panicked(panic: Box<dyn std::any::Any + Send + 'static>) -> Response {
+    let message = crate::queue::panic_message(panic.as_ref());
+    tracing::error!(panic = message, "request handling panicked");
+    envelope::Reply::from_outcome(crate::task::Outcome::err(
+        500,
+        format!("request handling panicked: {message}"),
+    ))
+    .into_response()
 }
 
 async fn record(request: Request, next: Next) -> Response {

@@ -5,6 +5,7 @@
 //! [`CommandHandler`] applies and settles it.
 
 use std::hash::{Hash, Hasher};
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use super::handler::{CommandHandler, Parsed};
 use super::wire;
 use crate::nats::{Nats, NatsError, names};
+use crate::queue::panic_message;
 use crate::task::{Command, TaskType};
 
 /// Commands a worker applies at once (on different tasks).
@@ -81,8 +83,20 @@ impl CommandConsumer {
                         next = messages.next() => match next {
                             Some(Ok(message)) => {
                                 // Parsed once here: the lane depends on it, and the lane uses it.
-                                let parsed = wire::parse(message.subject.as_str(), &message.payload);
-                                let lane = this.lane_of(&message, &parsed);
+                                // The lane may run user code (a daemon kind's dimension): a
+                                // panic there fails this command, not the consumer.
+                                let routed = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                                    let parsed = wire::parse(message.subject.as_str(), &message.payload);
+                                    let lane = this.lane_of(&message, &parsed);
+                                    (parsed, lane)
+                                }));
+                                let (parsed, lane) = match routed {
+                                    Ok(routed) => routed,
+                                    Err(panic) => {
+                                        this.handler.fail_panicked(&message, &panic_message(panic.as_ref())).await;
+                                        continue;
+                                    }
+                                };
                                 if lanes[lane].send((message, parsed)).await.is_err() {
                                     break 'outer;
                                 }

@@ -4,16 +4,21 @@
 //! to another worker when only they run its kind, redelivered after a NATS
 //! failure, and terminated as poison when it can never apply (bad input, a
 //! request the server refuses, or too many failed deliveries) — with an
-//! `error` event. The outcome goes to the `Bmw-Reply` subject once final.
+//! `error` event. The outcome goes to the `Bmw-Reply` subject once final. A
+//! panic while handling one command (a bug, or user code such as an
+//! operator's `task_dimension`) fails that command alone, with a 500.
 
+use std::panic::AssertUnwindSafe;
 use std::time::Duration;
 
 use async_nats::jetstream::{AckKind, Message};
+use futures::FutureExt;
 use serde_json::{Value, json};
 
 use crate::events::EventPublisher;
 use crate::nats::{NatsErrorKind, names};
 use crate::ops::Operations;
+use crate::queue::panic_message;
 use crate::task::{Command, OpError, Outcome, ValidationError};
 
 /// Deliveries of one command before it is given up as poison.
@@ -58,8 +63,29 @@ impl CommandHandler {
         &self.ops
     }
 
-    /// Applies one command message and settles it.
+    /// Applies one command message and settles it. A panic while doing so
+    /// fails this command alone ([`CommandHandler::fail_panicked`]).
     pub(super) async fn handle(&self, message: Message, parsed: Parsed) {
+        let handled = AssertUnwindSafe(self.apply_and_settle(&message, parsed))
+            .catch_unwind()
+            .await;
+        if let Err(panic) = handled {
+            self.fail_panicked(&message, &panic_message(panic.as_ref()))
+                .await;
+        }
+    }
+
+    /// Settles a command whose handling panicked: terminated as poison with
+    /// an `error` event, and answered 500 (never retried: it would panic
+    /// again, on every worker).
+    pub(super) async fn fail_panicked(&self, message: &Message, panic: &str) {
+        let outcome = Outcome::err(500, format!("command handling panicked: {panic}"));
+        self.poison(message, message.subject.as_str(), &outcome.message)
+            .await;
+        self.reply(message, &outcome).await;
+    }
+
+    async fn apply_and_settle(&self, message: &Message, parsed: Parsed) {
         let subject = message.subject.to_string();
         let settle = match parsed {
             Err(e) => Settle::Poison(OpError::Invalid(e).into()),
@@ -69,16 +95,16 @@ impl CommandHandler {
             Settle::Ack(outcome) => {
                 let label = if outcome.result { "ok" } else { "refused" };
                 crate::metrics::command(&subject, label);
-                ack(&message, AckKind::Ack).await;
+                ack(message, AckKind::Ack).await;
                 outcome
             }
             Settle::Poison(outcome) => {
-                self.poison(&message, &subject, &outcome.message).await;
+                self.poison(message, &subject, &outcome.message).await;
                 outcome
             }
             Settle::Elsewhere => {
                 let delay = Duration::from_millis(100);
-                return ack(&message, AckKind::Nak(Some(delay))).await;
+                return ack(message, AckKind::Nak(Some(delay))).await;
             }
             Settle::Later(cause) => {
                 let delivered = message.info().map(|i| i.delivered).unwrap_or(0);
@@ -90,17 +116,17 @@ impl CommandHandler {
                         "command failed, will be redelivered"
                     );
                     let delay = Duration::from_secs(1);
-                    return ack(&message, AckKind::Nak(Some(delay))).await;
+                    return ack(message, AckKind::Nak(Some(delay))).await;
                 }
                 let gave_up = Outcome::err(
                     503,
                     format!("gave up after {delivered} deliveries: {cause}"),
                 );
-                self.poison(&message, &subject, &gave_up.message).await;
+                self.poison(message, &subject, &gave_up.message).await;
                 gave_up
             }
         };
-        self.reply(&message, &outcome).await;
+        self.reply(message, &outcome).await;
     }
 
     async fn apply(&self, command: &Command) -> Settle {

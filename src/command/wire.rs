@@ -172,4 +172,78 @@ mod tests {
             );
         }
     }
+
+    mod properties {
+        use super::*;
+        use crate::task::arbitrary;
+        use proptest::prelude::*;
+
+        fn subject() -> impl Strategy<Value = String> {
+            prop_oneof![
+                Just(names::SUBJECT_CREATE.to_owned()),
+                Just(names::SUBJECT_DELETE.to_owned()),
+                Just(names::SUBJECT_RELOAD.to_owned()),
+                arbitrary::text(),
+            ]
+        }
+
+        /// A command-shaped object: the fields commands have, with any values.
+        fn command_object() -> impl Strategy<Value = Value> {
+            let field = prop::sample::select(vec![
+                "id",
+                "kind",
+                "payload",
+                "options",
+                "task_type",
+                "task_uni_id",
+                "task_id",
+            ]);
+            let value = prop_oneof![
+                arbitrary::json(),
+                arbitrary::kind_text().prop_map(Value::from),
+                arbitrary::id_text().prop_map(Value::from),
+                prop::sample::select(vec!["daemon", "async", "periodic"]).prop_map(Value::from),
+            ];
+            prop::collection::btree_map(field, value, 0..6).prop_map(|m| {
+                Value::Object(m.into_iter().map(|(k, v)| (k.to_owned(), v)).collect())
+            })
+        }
+
+        fn check(subject: &str, body: &[u8]) -> Result<(), TestCaseError> {
+            match parse(subject, body) {
+                Ok(command) => {
+                    prop_assert_eq!(wire::subject(&command), subject);
+                    // What a producer publishes parses back to the same command.
+                    let again = parse(subject, encode(&command).to_string().as_bytes());
+                    prop_assert_eq!(again.as_ref().ok(), Some(&command), "{:?}", again);
+                }
+                Err(e) => {
+                    prop_assert!(!e.field.is_empty());
+                    prop_assert!(!e.message.is_empty());
+                }
+            }
+            Ok(())
+        }
+
+        use crate::command::wire;
+
+        proptest! {
+            #![proptest_config(arbitrary::config())]
+
+            #[test]
+            fn any_bytes_parse_or_are_refused_by_name(subject in subject(), body in prop::collection::vec(any::<u8>(), 0..256)) {
+                check(&subject, &body)?;
+            }
+
+            #[test]
+            fn any_json_parses_or_is_refused_by_name(subject in subject(), body in arbitrary::json()) {
+                check(&subject, body.to_string().as_bytes())?;
+            }
+
+            #[test]
+            fn command_shaped_json_parses_or_is_refused_by_name(subject in subject(), body in command_object()) {
+                check(&subject, body.to_string().as_bytes())?;
+            }
+        }
+    }
 }

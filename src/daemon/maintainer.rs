@@ -138,7 +138,8 @@ impl Maintainer {
         let wait = (at.with_timezone(&chrono::Utc) - chrono::Utc::now())
             .to_std()
             .ok()?;
-        Some(Instant::now() + wait)
+        // The claim is read from the bucket: a time too far ahead is ignored.
+        Instant::now().checked_add(wait)
     }
 
     async fn start_run(&mut self) -> (Run, CancellationToken) {
@@ -165,9 +166,15 @@ impl Maintainer {
     }
 
     async fn schedule_retry(&mut self, error: &OperatorError) -> Instant {
-        self.claim.retry_count += 1;
+        self.claim.retry_count = self.claim.retry_count.saturating_add(1);
         let delay = self.settings.policy.delay(self.claim.retry_count);
-        let at = chrono::Local::now() + chrono::Duration::from_std(delay).unwrap_or_default();
+        // The delay is at most `--retry-max` (30 days at most), so the sum
+        // is a date; now is the fallback, never reached.
+        let now = chrono::Local::now();
+        let at = chrono::TimeDelta::from_std(delay)
+            .ok()
+            .and_then(|d| now.checked_add_signed(d))
+            .unwrap_or(now);
         self.claim.next_retry_at = Some(at.with_timezone(&chrono::Utc).to_rfc3339());
         seed_log::retry(
             &self.spec.uni_id,
@@ -185,7 +192,7 @@ impl Maintainer {
     }
 
     fn apply_reload(&mut self, spec: DaemonSpec) {
-        self.claim.reload_count += 1;
+        self.claim.reload_count = self.claim.reload_count.saturating_add(1);
         self.claim.retry_count = 0;
         self.claim.next_retry_at = None;
         self.claim.generation = spec.generation;

@@ -52,4 +52,24 @@ mod tests {
         assert_eq!(delays, [10, 10, 20, 40, 60, 60, 60]);
         assert_eq!(p.delay(u32::MAX), Duration::from_secs(60));
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(crate::task::arbitrary::config())]
+
+            #[test]
+            fn delays_stay_under_the_ceiling(
+                base in any::<u64>().prop_map(Duration::from_nanos),
+                max in prop_oneof![any::<u64>().prop_map(Duration::from_secs), Just(Duration::MAX)],
+                threshold in any::<u32>(),
+                retry in any::<u32>(),
+            ) {
+                let p = RetryPolicy { base, threshold, max };
+                prop_assert!(p.delay(retry) <= max);
+            }
+        }
+    }
 }

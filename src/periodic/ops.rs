@@ -110,3 +110,37 @@ impl PeriodicOps {
         Ok(self.store.list().await?)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::task::{Options, arbitrary};
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(arbitrary::config())]
+
+        #[test]
+        fn periodic_creates_build_a_spec_or_are_refused_by_name((kind, payload, options) in arbitrary::create_parts()) {
+            let (Ok(kind), Ok(options)) = (Kind::parse(&kind), Options::from_json(Some(&options))) else {
+                return Ok(());
+            };
+            let create = CreateCommand { id: "c".into(), kind, payload, options };
+            match spec_from_create(&create) {
+                Ok(spec) => {
+                    let data = periodic_data(&spec);
+                    prop_assert_eq!(&data["kind"], &serde_json::json!(spec.kind));
+                }
+                Err(e) => prop_assert!(e.field.starts_with("options."), "{}", e),
+            }
+        }
+
+        #[test]
+        fn kinds_to_delete_or_pause_are_periodic_kinds_or_refused(kind in arbitrary::kind_text()) {
+            match periodic_kind(&kind) {
+                Ok(k) => prop_assert_eq!(k.task_type(), TaskType::Periodic),
+                Err(e) => prop_assert_eq!(e.field, "kind"),
+            }
+        }
+    }
+}

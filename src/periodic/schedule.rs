@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, Datelike, Utc};
 use croner::Cron;
 use serde::{Deserialize, Serialize};
 
@@ -106,10 +106,14 @@ impl Schedule {
     }
 
     /// The next fire time after `after` (`tz` for cron; intervals have no
-    /// fixed phase, so this is `after + every`).
+    /// fixed phase, so this is `after + every`). `None` past year 9999, the
+    /// last one RFC 3339 writes (chrono's own end is not a time every zone holds).
     pub fn next_after(&self, after: DateTime<Utc>, tz: chrono_tz::Tz) -> Option<DateTime<Utc>> {
+        if !(0..=9999).contains(&after.year()) {
+            return None;
+        }
         match self {
-            Schedule::Every(d) => Some(after + chrono::Duration::from_std(*d).ok()?),
+            Schedule::Every(d) => after.checked_add_signed(chrono::TimeDelta::from_std(*d).ok()?),
             Schedule::Cron(expr) => {
                 let cron = Self::parse_cron(expr).ok()?;
                 let next = cron
@@ -192,5 +196,77 @@ mod tests {
             .with_timezone(&Utc);
         let next = s.next_after(after, tz).unwrap();
         assert_eq!(next.to_rfc3339(), "2026-11-25T01:00:00+00:00");
+    }
+
+    mod properties {
+        use super::*;
+        use crate::task::arbitrary;
+        use proptest::prelude::*;
+
+        /// Any instant chrono holds.
+        fn instant() -> impl Strategy<Value = DateTime<Utc>> {
+            prop_oneof![
+                (DateTime::<Utc>::MIN_UTC.timestamp()..=DateTime::<Utc>::MAX_UTC.timestamp())
+                    .prop_map(|s| DateTime::from_timestamp(s, 0).unwrap()),
+                // Around now, where schedules usually are.
+                (0i64..=10_000_000_000).prop_map(|s| DateTime::from_timestamp(s, 0).unwrap()),
+                Just(DateTime::<Utc>::MAX_UTC),
+                Just(DateTime::<Utc>::MIN_UTC),
+                Just(Utc::now()),
+            ]
+        }
+
+        fn timezone() -> impl Strategy<Value = String> {
+            prop_oneof![
+                prop::sample::select(chrono_tz::TZ_VARIANTS.to_vec())
+                    .prop_map(|tz| tz.name().to_owned()),
+                any::<String>(),
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(arbitrary::config())]
+
+            #[test]
+            fn schedules_parse_or_are_refused_by_name_and_never_panic_ahead(
+                cron in prop::option::of(arbitrary::cron_text()),
+                every in prop::option::of(prop_oneof![
+                    (0u64..=crate::task::options::MAX_DURATION.as_secs()).prop_map(Duration::from_secs),
+                    any::<u64>().prop_map(Duration::from_millis),
+                ]),
+                tz in timezone(),
+                after in instant(),
+            ) {
+                let schedule = match Schedule::from_options(cron.as_deref(), every) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        prop_assert!(e.field == "options.cron" || e.field == "options.every", "{}", e);
+                        return Ok(());
+                    }
+                };
+                prop_assert!(!schedule.header().is_empty());
+                match parse_timezone(Some(&tz)) {
+                    Ok(tz) => {
+                        // Past the end of time there is no next run, but no panic either.
+                        if let Some(next) = schedule.next_after(after, tz) {
+                            prop_assert!(next > after);
+                        }
+                    }
+                    Err(e) => prop_assert_eq!(e.field, "options.timezone"),
+                }
+            }
+
+            #[test]
+            fn the_generated_crons_are_often_valid(crons in prop::collection::vec(arbitrary::cron_text(), 64)) {
+                // So that the property above reaches `next_after` with crons.
+                let valid = crons.iter().filter(|c| Schedule::parse_cron(c).is_ok()).count();
+                prop_assert!(valid > 0, "none of {:?}", crons);
+            }
+
+            #[test]
+            fn stored_schedules_decode_or_fail_without_panic(v in arbitrary::json()) {
+                let _ = serde_json::from_value::<Schedule>(v);
+            }
+        }
     }
 }

@@ -25,6 +25,28 @@ use super::shared::{AttemptEnv, Shared};
 /// An attempt running longer than this gets an `active` record.
 const ACTIVE_RECORD_AFTER: Duration = Duration::from_secs(1);
 
+/// How long an attempt may run at `now`: the task's `timeout`, cut to what is
+/// left until its `deadline`; an error (not retried) once the deadline has
+/// passed. A deadline that is not RFC 3339 is ignored (options are checked
+/// when decoded, so only a bug could make one).
+fn attempt_limit(
+    options: &crate::task::Options,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Result<Option<Duration>, TaskError> {
+    let deadline = options
+        .deadline
+        .as_deref()
+        .and_then(|d| chrono::DateTime::parse_from_rfc3339(d).ok());
+    let Some(deadline) = deadline else {
+        return Ok(options.timeout);
+    };
+    // Both ends are dates chrono holds, so the difference cannot overflow.
+    match (deadline.with_timezone(&chrono::Utc) - now).to_std() {
+        Ok(left) => Ok(Some(options.timeout.map_or(left, |t| t.min(left)))),
+        Err(_) => Err(TaskError::skip_retry("deadline exceeded")),
+    }
+}
+
 /// How an attempt ended.
 enum Outcome {
     Done,
@@ -83,14 +105,22 @@ pub(super) async fn execute(shared: Arc<Shared>, message: Message, _slot: Slot) 
     let mut task: TaskMessage = match serde_json::from_slice(&message.payload) {
         Ok(t) => t,
         Err(e) => {
-            let task = TaskMessage {
-                id: format!("seq-{seq}"),
-                kind: "unknown".into(),
-                payload: json!(String::from_utf8_lossy(&message.payload)),
+            // Dead-lettered under its `Nats-Msg-Id` (else its sequence), with
+            // the kind it names, if any, and the body as it came.
+            let body = serde_json::from_slice::<serde_json::Value>(&message.payload).ok();
+            let text = |field: &str| {
+                body.as_ref()
+                    .and_then(|b| b.get(field)?.as_str().map(str::to_owned))
+            };
+            let mut task = TaskMessage {
+                id: String::new(),
+                kind: text("kind").unwrap_or_else(|| "unknown".into()),
+                payload: body.unwrap_or_else(|| json!(String::from_utf8_lossy(&message.payload))),
                 options: Default::default(),
                 enqueued_at: None,
                 errors: vec![],
             };
+            task.id = task_id(&task, &message, seq);
             let error = format!("not a task message: {e}");
             return Box::pin(outcome::archive(
                 rt, &message, task, &queue, attempt, &error,
@@ -222,18 +252,10 @@ async fn run_attempt(
     handler: Arc<dyn Handler>,
 ) -> Outcome {
     let rt = &shared.rt;
-    let mut limit = task.options.timeout;
-    if let Some(deadline) = task
-        .options
-        .deadline
-        .as_deref()
-        .and_then(|d| chrono::DateTime::parse_from_rfc3339(d).ok())
-    {
-        match (deadline.with_timezone(&chrono::Utc) - chrono::Utc::now()).to_std() {
-            Ok(left) => limit = Some(limit.map_or(left, |l| l.min(left))),
-            Err(_) => return Outcome::Failed(TaskError::skip_retry("deadline exceeded")),
-        }
-    }
+    let limit = match attempt_limit(&task.options, chrono::Utc::now()) {
+        Ok(limit) => limit,
+        Err(e) => return Outcome::Failed(e),
+    };
     let token = CancellationToken::new();
     if let Ok(mut r) = shared.running.lock() {
         if r.deleted.remove(&task.id) {
@@ -306,7 +328,7 @@ async fn run_attempt(
         Ended::Handler(Ok(Err(e))) => Outcome::Failed(e),
         Ended::Handler(Err(panic)) => Outcome::Failed(TaskError::new(format!(
             "handler panicked: {}",
-            panic_text(panic)
+            super::handler::panic_message(panic.as_ref())
         ))),
     }
 }
@@ -318,9 +340,76 @@ enum Ended {
     TimedOut(TaskError),
 }
 
-fn panic_text(p: Box<dyn std::any::Any + Send>) -> String {
-    p.downcast_ref::<&str>()
-        .map(|s| (*s).to_owned())
-        .or_else(|| p.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "unknown panic".into())
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::task::arbitrary;
+    use chrono::{DateTime, Utc};
+    use proptest::prelude::*;
+    use serde_json::Value;
+
+    /// A task-message-shaped body: the fields a producer sends, with any values.
+    fn task_body() -> impl Strategy<Value = Value> {
+        let options = arbitrary::options_object();
+        (
+            arbitrary::id_text(),
+            arbitrary::kind_text(),
+            arbitrary::json(),
+            prop_oneof![options, arbitrary::json()],
+        )
+            .prop_map(|(id, kind, payload, options)| {
+                json!({"id": id, "kind": kind, "payload": payload, "options": options})
+            })
+    }
+
+    fn instant() -> impl Strategy<Value = DateTime<Utc>> {
+        prop_oneof![
+            (0i64..=253_402_300_799).prop_map(|s| DateTime::from_timestamp(s, 0).unwrap()),
+            Just(Utc::now()),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(arbitrary::config())]
+
+        #[test]
+        fn any_body_decodes_or_is_refused(body in prop::collection::vec(any::<u8>(), 0..256)) {
+            let _ = serde_json::from_slice::<TaskMessage>(&body);
+        }
+
+        #[test]
+        fn decoded_tasks_get_a_limit_and_a_record(body in task_body(), now in instant()) {
+            let Ok(task) = serde_json::from_value::<TaskMessage>(body) else {
+                return Ok(());
+            };
+            let _ = task.max_retry();
+            match attempt_limit(&task.options, now) {
+                Ok(Some(limit)) => {
+                    prop_assert!(task.options.timeout.is_none_or(|t| limit <= t));
+                    prop_assert!(task.options.deadline.is_some() || task.options.timeout == Some(limit));
+                }
+                Ok(None) => prop_assert!(task.options.timeout.is_none()),
+                Err(e) => prop_assert!(e.skips_retry() && task.options.deadline.is_some()),
+            }
+            // The record of any attempt can be written.
+            let r = outcome::record(&task, "default", TaskState::Retry, 1, Some("x"));
+            prop_assert!(serde_json::to_vec(&r).is_ok());
+        }
+    }
+
+    #[test]
+    fn a_passed_deadline_ends_the_task_and_a_near_one_cuts_the_timeout() {
+        let now = Utc::now();
+        let options = |deadline: DateTime<Utc>, timeout: u64| crate::task::Options {
+            deadline: Some(deadline.to_rfc3339()),
+            timeout: Some(Duration::from_secs(timeout)),
+            ..Default::default()
+        };
+        let passed = attempt_limit(&options(now - chrono::Duration::seconds(1), 60), now);
+        assert!(passed.unwrap_err().skips_retry());
+        let near = attempt_limit(&options(now + chrono::Duration::seconds(10), 60), now);
+        assert_eq!(near.unwrap(), Some(Duration::from_secs(10)));
+        let far = attempt_limit(&options(now + chrono::Duration::days(3650), 60), now);
+        assert_eq!(far.unwrap(), Some(Duration::from_secs(60)));
+    }
 }

@@ -40,9 +40,11 @@ fn due_time(create: &CreateCommand) -> Result<Option<DateTime<Utc>>, ValidationE
             "give process_at or process_in, not both",
         )),
         (Some(at), None) => Ok(Some(parse_time("options.process_at", at)?)),
-        (None, Some(d)) => Ok(Some(
-            Utc::now() + chrono::Duration::from_std(d).unwrap_or_default(),
-        )),
+        (None, Some(d)) => chrono::TimeDelta::from_std(d)
+            .ok()
+            .and_then(|d| Utc::now().checked_add_signed(d))
+            .map(Some)
+            .ok_or_else(|| ValidationError::new("options.process_in", "is too far in the future")),
         (None, None) => Ok(None),
     }
 }
@@ -233,5 +235,45 @@ impl Enqueuer {
                 })
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::task::{Kind, Options, arbitrary};
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(arbitrary::config())]
+
+        #[test]
+        fn creates_validate_or_are_refused_by_name((kind, payload, options) in arbitrary::create_parts()) {
+            let (Ok(kind), Ok(options)) = (Kind::parse(&kind), Options::from_json(Some(&options))) else {
+                return Ok(());
+            };
+            let create = CreateCommand { id: "c".into(), kind, payload, options };
+            match validate(&create) {
+                Ok(()) => {
+                    let due = due_time(&create);
+                    prop_assert!(due.is_ok(), "{:?}", due);
+                }
+                Err(e) => prop_assert!(e.field == "kind" || e.field.starts_with("options."), "{}", e),
+            }
+        }
+    }
+
+    #[test]
+    fn the_longest_delay_is_a_date() {
+        let create = CreateCommand {
+            id: "c".into(),
+            kind: Kind::parse("async:a:b").unwrap(),
+            payload: Value::Null,
+            options: Options {
+                process_in: Some(crate::task::options::MAX_DURATION),
+                ..Options::default()
+            },
+        };
+        assert!(due_time(&create).unwrap().unwrap() > Utc::now());
     }
 }

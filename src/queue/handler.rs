@@ -66,7 +66,8 @@ impl TaskError {
         }
     }
 
-    /// A failure retried after `delay` instead of the default back-off.
+    /// A failure retried after `delay` instead of the default back-off (at
+    /// most the worker's `--async-retry-max`).
     pub fn retry_after(message: impl Into<String>, delay: Duration) -> Self {
         TaskError {
             retry_after: Some(delay),
@@ -103,6 +104,17 @@ impl From<String> for TaskError {
     fn from(message: String) -> Self {
         TaskError::new(message)
     }
+}
+
+/// The text of a caught panic (`panic!("...")` carries a `&str` or a
+/// `String`); used wherever bmw catches one: a handler's, a command's, a
+/// request's.
+pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into())
 }
 
 /// An async task implementation, shared by every task of its kind.

@@ -28,6 +28,7 @@ pub mod shared;
 
 pub use admin::Admin;
 pub use enqueue::Enqueuer;
+pub(crate) use handler::panic_message;
 pub use handler::{Handler, Handlers, TaskContext, TaskError};
 pub use inspect::{Inspector, QueueStats};
 pub use listing::{Cursor, ListQuery, Page};

@@ -66,7 +66,10 @@ pub(super) async fn retry(
     attempt: u32,
     error: &TaskError,
 ) {
-    let delay = error.delay().unwrap_or_else(|| rt.backoff.delay(attempt));
+    let delay = match error.delay() {
+        Some(chosen) => rt.backoff.capped(chosen),
+        None => rt.backoff.delay(attempt),
+    };
     let mut errors = match rt.records.get(&task.id).await {
         Ok(Some(r)) => r.errors,
         _ => Vec::new(),
@@ -82,9 +85,10 @@ pub(super) async fn retry(
         Some(&error.to_string()),
     );
     r.errors = errors;
-    r.next_process_at = Some(
-        (chrono::Utc::now() + chrono::Duration::from_std(delay).unwrap_or_default()).to_rfc3339(),
-    );
+    r.next_process_at = chrono::TimeDelta::from_std(delay)
+        .ok()
+        .and_then(|d| chrono::Utc::now().checked_add_signed(d))
+        .map(|at| at.to_rfc3339());
     if let Err(e) = rt.records.put(&r, RECORD_TTL).await {
         tracing::warn!(task_id = task.id, cause = %e, "retry record not written");
     }

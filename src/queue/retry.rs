@@ -21,7 +21,16 @@ impl Backoff {
         let exp = attempt.saturating_sub(1).min(30);
         let raw = self.base.saturating_mul(1u32 << exp).min(self.max);
         let jitter = rand::rng().random_range(0.75..=1.25);
-        raw.mul_f64(jitter).min(self.max)
+        // Not `mul_f64`, which panics past `Duration::MAX`.
+        Duration::try_from_secs_f64(raw.as_secs_f64() * jitter)
+            .unwrap_or(self.max)
+            .min(self.max)
+    }
+
+    /// A delay a handler chose ([`super::TaskError::retry_after`]), held to
+    /// the ceiling like the back-off's own.
+    pub fn capped(&self, delay: Duration) -> Duration {
+        delay.min(self.max)
     }
 }
 
@@ -47,5 +56,26 @@ mod tests {
         let spread: std::collections::HashSet<u128> =
             (0..20).map(|_| b.delay(3).as_micros()).collect();
         assert!(spread.len() > 1, "jitter varies the delay");
+    }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(crate::task::arbitrary::config())]
+
+            #[test]
+            fn delays_stay_under_the_ceiling(
+                base in any::<u64>().prop_map(Duration::from_nanos),
+                max in prop_oneof![any::<u64>().prop_map(Duration::from_secs), Just(Duration::MAX)],
+                attempt in any::<u32>(),
+                chosen in prop_oneof![any::<u64>().prop_map(Duration::from_secs), Just(Duration::MAX)],
+            ) {
+                let b = Backoff { base, max };
+                prop_assert!(b.delay(attempt) <= max);
+                prop_assert!(b.capped(chosen) <= max);
+            }
+        }
     }
 }

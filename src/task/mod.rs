@@ -287,7 +287,7 @@ impl UniId {
         const MAX_KEY: usize = 200;
         let dotted = self.0.replace(':', ".");
         let allowed = |c: char| c.is_ascii_alphanumeric() || "-/_=.".contains(c);
-        if dotted.len() <= MAX_KEY && dotted.chars().all(allowed) && !dotted.ends_with('.') {
+        if dotted.len() <= MAX_KEY && dotted.chars().all(allowed) && dots_separate_tokens(&dotted) {
             return dotted;
         }
         let kind_part: String = dotted
@@ -298,9 +298,21 @@ impl UniId {
             .filter(|c| allowed(*c))
             .take(100)
             .collect();
+        // Only whole tokens: no empty one between, before or after dots.
+        let kind_part: Vec<&str> = kind_part.split('.').filter(|t| !t.is_empty()).collect();
+        let kind_part = match kind_part.join(".") {
+            joined if joined.is_empty() => "uni".to_owned(),
+            joined => joined,
+        };
         let digest = Sha256::digest(self.0.as_bytes());
         format!("{kind_part}.h-{}", to_hex(&digest))
     }
+}
+
+/// Whether `s` is non-empty dot-separated tokens, none of them empty (what a
+/// KV key and a subject need).
+fn dots_separate_tokens(s: &str) -> bool {
+    !s.is_empty() && s.split('.').all(|t| !t.is_empty())
 }
 
 impl fmt::Display for UniId {
@@ -308,6 +320,9 @@ impl fmt::Display for UniId {
         f.write_str(&self.0)
     }
 }
+
+#[cfg(test)]
+pub(crate) mod arbitrary;
 
 #[cfg(test)]
 mod tests {
@@ -373,6 +388,92 @@ mod tests {
         ] {
             let err = Kind::parse(bad).unwrap_err();
             assert_eq!(err.field, "kind", "{bad}");
+        }
+    }
+
+    #[test]
+    fn odd_uni_ids_still_have_a_key_and_odd_task_ids_are_refused() {
+        for raw in ["", ".", "a..b", "daemon:demo:demo-..x", "x.", "a b", "*"] {
+            let key = UniId::from_raw(raw).key();
+            assert!(
+                !key.is_empty() && key.split('.').all(|t| !t.is_empty()),
+                "{raw:?} -> {key:?}"
+            );
+        }
+        for bad in ["", "a b", "*", ">", "a..b", ".a", "a."] {
+            assert_eq!(
+                check_task_id("task_id", bad).unwrap_err().field,
+                "task_id",
+                "{bad:?}"
+            );
+        }
+        assert!(check_task_id("task_id", "550e8400-e29b-41d4-a716-446655440000").is_ok());
+    }
+
+    /// What NATS takes as a KV key (and as subject tokens after `$KV.<bucket>.`).
+    fn is_kv_key(key: &str) -> bool {
+        !key.is_empty()
+            && key.split('.').all(|t| !t.is_empty())
+            && key
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-/_=.".contains(c))
+    }
+
+    mod properties {
+        use super::*;
+        use crate::task::arbitrary;
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(arbitrary::config())]
+
+            #[test]
+            fn kinds_parse_or_are_refused_by_name(s in prop_oneof![arbitrary::kind_text(), any::<String>()]) {
+                match Kind::parse(&s) {
+                    Ok(kind) => {
+                        prop_assert_eq!(kind.as_str(), s.as_str());
+                        prop_assert!(s.starts_with(kind.task_type().as_str()));
+                        // A kind is a subject token once `:` becomes `.`.
+                        prop_assert!(is_kv_key(&s.replace(':', ".")));
+                    }
+                    Err(e) => prop_assert_eq!(e.field, "kind"),
+                }
+            }
+
+            #[test]
+            fn any_uni_id_has_a_valid_key(s in prop_oneof![arbitrary::id_text(), any::<String>()]) {
+                let key = UniId::from_raw(s.clone()).key();
+                prop_assert!(is_kv_key(&key), "{:?} -> {:?}", s, key);
+                prop_assert!(key.len() <= 200 + 64 + 3, "{}", key.len());
+            }
+
+            #[test]
+            fn uni_ids_of_any_payload_have_valid_keys(
+                kind in arbitrary::kind_text(),
+                dimension in arbitrary::text(),
+                payload in arbitrary::json(),
+            ) {
+                if let Ok(kind) = Kind::parse(&kind) {
+                    let id = UniId::new(&kind, &dimension, &payload);
+                    prop_assert!(id.as_str().starts_with(kind.as_str()));
+                    prop_assert!(is_kv_key(&id.key()), "{:?}", id.key());
+                }
+            }
+
+            #[test]
+            fn task_ids_pass_only_as_keys(s in prop_oneof![arbitrary::id_text(), any::<String>()]) {
+                match check_task_id("task_id", &s) {
+                    Ok(()) => prop_assert!(is_kv_key(&s) && !s.contains('/'), "{:?}", s),
+                    Err(e) => prop_assert_eq!(e.field, "task_id"),
+                }
+            }
+
+            #[test]
+            fn task_types_parse_or_are_refused_by_name(s in any::<String>()) {
+                if let Err(e) = TaskType::parse(&s) {
+                    prop_assert_eq!(e.field, "task_type");
+                }
+            }
         }
     }
 }

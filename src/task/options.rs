@@ -1,6 +1,12 @@
 //! [`Options`]: a task's options, validated where they enter, and which of
 //! them apply to which task type ([`Options::check_for`], the one place that
 //! says so).
+//!
+//! Every way options come in (a command, a raw task message, a stored spec)
+//! goes through [`Options::from_json`]: a duration is at most
+//! [`MAX_DURATION`] and a time is a year from 0 to 9999, so the time
+//! arithmetic done with them elsewhere cannot overflow. The bounds an operator
+//! sets (`--max-task-delay`...) are checked by the operations, on creates.
 
 use std::time::Duration;
 
@@ -12,10 +18,18 @@ use super::{TaskType, ValidationError};
 /// The default queue of a task without `options.queue`.
 pub const DEFAULT_QUEUE: &str = "default";
 
+/// The longest duration an option may hold: 100 years (of 365.25 days, as
+/// humantime counts them, so it prints as `100years`). Now plus this is far
+/// inside the range of dates (chrono's, and RFC 3339's year 9999).
+pub const MAX_DURATION: Duration = Duration::from_secs(100 * 31_557_600);
+
 /// A task's options, validated. Unknown option names are refused so that a typo
-/// does not silently change nothing. Durations accept humantime strings
-/// (`"1h 30m"`) and integer seconds; times are RFC 3339.
+/// does not silently change nothing; a `null` option is one not given.
+/// Durations accept humantime strings (`"1h 30m"`) and integer seconds, up to
+/// [`MAX_DURATION`]; times are RFC 3339. Deserializing validates the same way
+/// ([`Options::from_json`]), so a raw task message gets the same refusals.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "Value")]
 pub struct Options {
     /// Queue the task runs on; workers listen on a set of queues.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -27,7 +41,7 @@ pub struct Options {
     #[serde(
         default,
         skip_serializing_if = "Option::is_none",
-        with = "opt_duration"
+        serialize_with = "serialize_duration"
     )]
     pub timeout: Option<Duration>,
     /// Absolute deadline, RFC 3339 (async).
@@ -37,7 +51,7 @@ pub struct Options {
     #[serde(
         default,
         skip_serializing_if = "Option::is_none",
-        with = "opt_duration"
+        serialize_with = "serialize_duration"
     )]
     pub unique_ttl: Option<Duration>,
     /// Delayed start at an RFC 3339 time (async).
@@ -47,14 +61,14 @@ pub struct Options {
     #[serde(
         default,
         skip_serializing_if = "Option::is_none",
-        with = "opt_duration"
+        serialize_with = "serialize_duration"
     )]
     pub process_in: Option<Duration>,
     /// How long a finished task stays inspectable (async).
     #[serde(
         default,
         skip_serializing_if = "Option::is_none",
-        with = "opt_duration"
+        serialize_with = "serialize_duration"
     )]
     pub retention: Option<Duration>,
     /// Caller-chosen task id (async).
@@ -67,7 +81,7 @@ pub struct Options {
     #[serde(
         default,
         skip_serializing_if = "Option::is_none",
-        with = "opt_duration"
+        serialize_with = "serialize_duration"
     )]
     pub every: Option<Duration>,
     /// Time zone of a cron schedule (periodic).
@@ -84,7 +98,7 @@ impl Options {
             Some(_) => return Err(ValidationError::new("options", "must be a JSON object")),
         };
         let mut o = Options::default();
-        for (name, v) in map {
+        for (name, v) in map.iter().filter(|(_, v)| !v.is_null()) {
             let field = format!("options.{name}");
             match name.as_str() {
                 "queue" => o.queue = Some(queue_name(&field, v)?),
@@ -187,8 +201,24 @@ fn non_negative_int(field: &str, v: &Value) -> Result<u32, ValidationError> {
         })
 }
 
-/// Parses a duration given as integer seconds or a humantime string.
+/// Parses a duration given as integer seconds or a humantime string, at
+/// most [`MAX_DURATION`].
 pub fn duration(field: &str, v: &Value) -> Result<Duration, ValidationError> {
+    let d = unbounded_duration(field, v)?;
+    if d > MAX_DURATION {
+        return Err(ValidationError::new(
+            field,
+            format!(
+                "{} is longer than {} (the most any duration may be)",
+                humantime::format_duration(d),
+                humantime::format_duration(MAX_DURATION)
+            ),
+        ));
+    }
+    Ok(d)
+}
+
+fn unbounded_duration(field: &str, v: &Value) -> Result<Duration, ValidationError> {
     match v {
         Value::Number(n) => n.as_u64().map(Duration::from_secs).ok_or_else(|| {
             ValidationError::new(
@@ -216,28 +246,18 @@ fn rfc3339(field: &str, v: &Value) -> Result<String, ValidationError> {
         .map_err(|e| ValidationError::new(field, format!("{s:?} is not an RFC 3339 time ({e})")))
 }
 
-/// Serde for `Option<Duration>` as a humantime string, accepting integer seconds.
-mod opt_duration {
-    use serde::{Deserialize, Deserializer, Serializer};
-    use std::time::Duration;
-
-    pub(super) fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
-        match d {
-            Some(d) => s.serialize_str(&humantime::format_duration(*d).to_string()),
-            None => s.serialize_none(),
-        }
+impl TryFrom<Value> for Options {
+    type Error = ValidationError;
+    fn try_from(value: Value) -> Result<Self, Self::Error> {
+        Options::from_json(Some(&value))
     }
+}
 
-    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
-        d: D,
-    ) -> Result<Option<Duration>, D::Error> {
-        let v = Option::<serde_json::Value>::deserialize(d)?;
-        match v {
-            None => Ok(None),
-            Some(v) => super::duration("duration", &v)
-                .map(Some)
-                .map_err(serde::de::Error::custom),
-        }
+/// An `Option<Duration>` as a humantime string (which [`duration`] reads back).
+fn serialize_duration<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+    match d {
+        Some(d) => s.serialize_str(&humantime::format_duration(*d).to_string()),
+        None => s.serialize_none(),
     }
 }
 
@@ -298,5 +318,112 @@ mod tests {
         assert_eq!(text, json!({"queue": "q", "timeout": "30s"}));
         let back: Options = serde_json::from_value(text).unwrap();
         assert_eq!(back, o);
+    }
+
+    #[test]
+    fn durations_are_bounded_and_nulls_are_not_given() {
+        let max = MAX_DURATION.as_secs();
+        assert_eq!(
+            Options::from_json(Some(&json!({"timeout": max})))
+                .unwrap()
+                .timeout,
+            Some(MAX_DURATION)
+        );
+        for field in ["timeout", "unique_ttl", "process_in", "retention", "every"] {
+            for v in [
+                json!(max + 1),
+                json!(10_000_000_000_000u64),
+                json!("101years"),
+            ] {
+                let err = Options::from_json(Some(&json!({ field: v }))).unwrap_err();
+                assert_eq!(err.field, format!("options.{field}"), "{v}");
+                assert!(err.message.contains("100years"), "{err}");
+            }
+        }
+        let o = Options::from_json(Some(&json!({"queue": null, "retry": null}))).unwrap();
+        assert_eq!(o, Options::default());
+    }
+
+    #[test]
+    fn deserializing_validates_like_from_json() {
+        let err = serde_json::from_value::<Options>(json!({"retention": 10_000_000_000_000u64}))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("`options.retention`"), "{err}");
+        assert!(serde_json::from_value::<Options>(json!({"nope": 1})).is_err());
+        assert_eq!(
+            serde_json::from_value::<Options>(Value::Null).unwrap(),
+            Options::default()
+        );
+    }
+
+    mod properties {
+        use super::*;
+        use crate::task::arbitrary;
+        use proptest::prelude::*;
+
+        const NAMES: [&str; 13] = arbitrary::OPTION_NAMES;
+        use arbitrary::option_value;
+
+        proptest! {
+            #![proptest_config(arbitrary::config())]
+
+            #[test]
+            fn any_options_value_is_taken_or_refused_by_name(v in arbitrary::json()) {
+                match Options::from_json(Some(&v)) {
+                    Ok(o) => prop_assert_eq!(serde_json::from_value::<Options>(serde_json::to_value(&o).unwrap()).unwrap(), o),
+                    Err(e) => prop_assert!(e.field.starts_with("options"), "{}", e),
+                }
+            }
+
+            #[test]
+            fn each_option_takes_or_refuses_any_value_by_its_name(
+                options in prop::collection::btree_map(prop::sample::select(NAMES.to_vec()), option_value(), 1..4),
+            ) {
+                let object: serde_json::Map<String, Value> =
+                    options.iter().map(|(k, v)| ((*k).to_owned(), v.clone())).collect();
+                match Options::from_json(Some(&Value::Object(object))) {
+                    Ok(o) => {
+                        for d in [o.timeout, o.unique_ttl, o.process_in, o.retention, o.every].into_iter().flatten() {
+                            prop_assert!(d <= MAX_DURATION);
+                        }
+                        for t in [&o.deadline, &o.process_at].into_iter().flatten() {
+                            prop_assert!(chrono::DateTime::parse_from_rfc3339(t).is_ok());
+                        }
+                        // What is stored reads back the same.
+                        let back: Options = serde_json::from_value(serde_json::to_value(&o).unwrap()).unwrap();
+                        prop_assert_eq!(back, o);
+                    }
+                    Err(e) => {
+                        let name = e.field.strip_prefix("options.").unwrap_or_default();
+                        prop_assert!(options.contains_key(name), "{} not among {:?}", e, options.keys());
+                        prop_assert!(!e.message.is_empty());
+                    }
+                }
+            }
+
+            #[test]
+            fn durations_parse_within_bounds_or_are_refused_by_name(v in option_value()) {
+                match duration("options.x", &v) {
+                    Ok(d) => prop_assert!(d <= MAX_DURATION),
+                    Err(e) => prop_assert_eq!(e.field, "options.x"),
+                }
+            }
+
+            #[test]
+            fn options_apply_or_are_refused_by_name(
+                options in prop::collection::btree_map(prop::sample::select(NAMES[..12].to_vec()), option_value(), 1..4),
+                task_type in prop::sample::select(vec![TaskType::Daemon, TaskType::Async, TaskType::Periodic]),
+            ) {
+                let object: serde_json::Map<String, Value> =
+                    options.iter().map(|(k, v)| ((*k).to_owned(), v.clone())).collect();
+                if let Ok(o) = Options::from_json(Some(&Value::Object(object)))
+                    && let Err(e) = o.check_for(task_type)
+                {
+                    let name = e.field.strip_prefix("options.").unwrap_or_default();
+                    prop_assert!(options.contains_key(name), "{}", e);
+                }
+            }
+        }
     }
 }

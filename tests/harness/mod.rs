@@ -124,9 +124,15 @@ impl BmwProcess {
 
     /// Starts `bmw <args>` as given.
     pub fn spawn_raw(args: &[&str]) -> BmwProcess {
+        BmwProcess::spawn_with_env(args, &[])
+    }
+
+    /// Starts `bmw <args>` with extra environment variables.
+    pub fn spawn_with_env(args: &[&str], env: &[(&str, &str)]) -> BmwProcess {
         let mut child = Command::new(env!("CARGO_BIN_EXE_bmw"))
             .args(args)
             .env("BMW_LOG", "info,async_nats=warn")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -156,9 +162,9 @@ impl BmwProcess {
         }
     }
 
-    /// A worker with the fast settings plus `extra`.
+    /// A worker with the fast settings and the demo kinds, plus `extra`.
     pub fn worker(url: &str, extra: &[&str]) -> BmwProcess {
-        let args: Vec<&str> = ["worker"]
+        let args: Vec<&str> = ["worker", "--demo-kinds"]
             .iter()
             .chain(FAST)
             .chain(extra)
@@ -167,7 +173,8 @@ impl BmwProcess {
         BmwProcess::spawn(url, &args)
     }
 
-    /// `bmw run` (bridge + worker) on a free port with the fast settings plus `extra`.
+    /// `bmw run` (bridge + worker, with the demo kinds) on a free port with
+    /// the fast settings plus `extra`.
     pub async fn run(url: &str, extra: &[&str]) -> BmwProcess {
         let port = free_port();
         let addr = format!("127.0.0.1:{port}");
@@ -191,7 +198,8 @@ impl BmwProcess {
     pub async fn bridge(url: &str, extra: &[&str]) -> BmwProcess {
         let port = free_port();
         let addr = format!("127.0.0.1:{port}");
-        let args: Vec<&str> = ["bridge", "--http-addr", &addr]
+        // The demo kinds, as the harness's workers have them.
+        let args: Vec<&str> = ["bridge", "--demo-kinds", "--http-addr", &addr]
             .iter()
             .copied()
             .chain(extra.iter().copied())
@@ -565,4 +573,35 @@ pub async fn list_tasks(base_url: &str, task_type: &str) -> Vec<Value> {
     .await;
     assert_eq!(status, 200, "{body}");
     body["data"].as_array().cloned().unwrap_or_default()
+}
+
+/// A daemon operator whose `task_dimension` (user code that runs inside
+/// command handling, once to pick the command's lane and once to apply it)
+/// panics: on `{"explode": "routing"}` the first time, on `{"explode":
+/// "applying"}` the second time it sees a payload.
+#[derive(Default)]
+pub struct Explosive {
+    seen: std::sync::Mutex<std::collections::HashSet<String>>,
+}
+
+impl bmw::daemon::Operator for Explosive {
+    fn start<'a>(
+        &'a self,
+        ctx: bmw::daemon::OperatorContext,
+        _payload: &'a serde_json::Value,
+    ) -> futures::future::BoxFuture<'a, Result<(), bmw::daemon::OperatorError>> {
+        Box::pin(async move {
+            ctx.cancelled().await;
+            Ok(())
+        })
+    }
+
+    fn task_dimension(&self, payload: &serde_json::Value) -> String {
+        let again = !self.seen.lock().unwrap().insert(payload.to_string());
+        match payload["explode"].as_str() {
+            Some("routing") => panic!("told to explode while routing"),
+            Some("applying") if again => panic!("told to explode while applying"),
+            _ => String::new(),
+        }
+    }
 }
