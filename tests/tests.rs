@@ -10,6 +10,7 @@ mod daemon_cluster;
 mod layering;
 mod nats_cluster;
 mod nats_restart;
+mod nats_security;
 mod periodic_tasks;
 mod raw_commands;
 mod seed_walkthrough;
