@@ -12,8 +12,10 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
+use crate::nats::{ClientCert, ConnectSettings, NatsAuth, NatsTls};
 pub use api_token::{ApiToken, TokenAccess};
 
 /// A queue a worker takes async tasks from, and its weight.
@@ -25,6 +27,8 @@ pub struct QueueWeight {
     pub weight: u32,
 }
 
+/// NATS URL of every role but `bmw run` when none is given.
+pub const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
 /// Default bridge address: BMW's port, on loopback only (as BMW binds).
 pub const DEFAULT_HTTP_ADDR: &str = "127.0.0.1:10211";
 /// Default claim TTL: a dead worker's daemon tasks move after this long.
@@ -186,6 +190,16 @@ pub struct ConfigOverrides {
     pub max_retention: Option<String>,
     pub max_unique_ttl: Option<String>,
     pub demo_kinds: Option<bool>,
+    // NATS credentials and TLS (secrets are `SecretString`: `Debug` prints none).
+    pub nats_creds: Option<PathBuf>,
+    pub nats_nkey: Option<SecretString>,
+    pub nats_user: Option<String>,
+    pub nats_password: Option<SecretString>,
+    pub nats_token: Option<SecretString>,
+    pub nats_ca: Option<PathBuf>,
+    pub nats_cert: Option<PathBuf>,
+    pub nats_key: Option<PathBuf>,
+    pub nats_require_tls: Option<bool>,
 }
 
 impl ConfigOverrides {
@@ -238,6 +252,15 @@ impl ConfigOverrides {
             max_retention: self.max_retention.or(other.max_retention),
             max_unique_ttl: self.max_unique_ttl.or(other.max_unique_ttl),
             demo_kinds: self.demo_kinds.or(other.demo_kinds),
+            nats_creds: self.nats_creds.or(other.nats_creds),
+            nats_nkey: self.nats_nkey.or(other.nats_nkey),
+            nats_user: self.nats_user.or(other.nats_user),
+            nats_password: self.nats_password.or(other.nats_password),
+            nats_token: self.nats_token.or(other.nats_token),
+            nats_ca: self.nats_ca.or(other.nats_ca),
+            nats_cert: self.nats_cert.or(other.nats_cert),
+            nats_key: self.nats_key.or(other.nats_key),
+            nats_require_tls: self.nats_require_tls.or(other.nats_require_tls),
         }
     }
 }
@@ -282,6 +305,10 @@ pub struct Config {
     pub async_retry_max: Duration,
     /// How long a fetched async task may go unacknowledged before redelivery.
     pub async_ack_wait: Duration,
+    /// How bmw authenticates to NATS (at most one way).
+    pub nats_auth: NatsAuth,
+    /// TLS towards NATS.
+    pub nats_tls: NatsTls,
     /// Upper bounds of task options.
     pub limits: TaskLimits,
     /// Whether the demo kinds are registered; `None`: the role decides (on
@@ -343,7 +370,137 @@ fn parse_queues(items: Vec<String>) -> Result<Vec<QueueWeight>, ConfigError> {
         .collect()
 }
 
+/// A file setting must name a readable file.
+fn readable_file(
+    name: &'static str,
+    path: Option<PathBuf>,
+) -> Result<Option<PathBuf>, ConfigError> {
+    match path {
+        Some(path) => match std::fs::metadata(&path) {
+            Ok(m) if m.is_file() => Ok(Some(path)),
+            Ok(_) => Err(ConfigError::Invalid {
+                name,
+                message: format!("{} is not a file", path.display()),
+            }),
+            Err(e) => Err(ConfigError::Invalid {
+                name,
+                message: format!("cannot read {}: {e}", path.display()),
+            }),
+        },
+        None => Ok(None),
+    }
+}
+
+/// The nkey setting: a user seed (`SU...`) or a file holding one. The
+/// messages never repeat the value (it may be the seed).
+fn nkey_seed(given: SecretString) -> Result<SecretString, ConfigError> {
+    let invalid = |message: &str| ConfigError::Invalid {
+        name: "nats-nkey",
+        message: message.to_owned(),
+    };
+    let value = given.expose_secret().trim();
+    let seed: SecretString = if value.starts_with("SU") {
+        value.into()
+    } else {
+        let text = std::fs::read_to_string(value).map_err(|_| {
+            invalid("is neither a user nkey seed (SU...) nor a readable file holding one")
+        })?;
+        text.trim().into()
+    };
+    nkeys::KeyPair::from_seed(seed.expose_secret())
+        .map_err(|_| invalid("is not a valid user nkey seed (SU...)"))?;
+    Ok(seed)
+}
+
+/// The one way of authenticating the settings give, or why they do not fit.
+fn nats_auth(given: &mut ConfigOverrides) -> Result<NatsAuth, ConfigError> {
+    let creds = readable_file("nats-creds", given.nats_creds.take())?;
+    let nkey = given.nats_nkey.take().map(nkey_seed).transpose()?;
+    let user = given.nats_user.take().filter(|u| !u.is_empty());
+    let password = given.nats_password.take();
+    let token = given.nats_token.take();
+    let user_password = match (user, password) {
+        (Some(user), Some(password)) => Some(NatsAuth::UserPassword { user, password }),
+        (Some(_), None) => {
+            return Err(ConfigError::Invalid {
+                name: "nats-password",
+                message: "--nats-user needs --nats-password".into(),
+            });
+        }
+        (None, Some(_)) => {
+            return Err(ConfigError::Invalid {
+                name: "nats-user",
+                message: "--nats-password needs --nats-user".into(),
+            });
+        }
+        (None, None) => None,
+    };
+    let mut ways = [
+        ("nats-creds", creds.map(NatsAuth::CredsFile)),
+        ("nats-nkey", nkey.map(NatsAuth::Nkey)),
+        ("nats-user", user_password),
+        ("nats-token", token.map(NatsAuth::Token)),
+    ]
+    .into_iter()
+    .filter_map(|(name, auth)| auth.map(|a| (name, a)));
+    let first = ways.next();
+    if let Some((name, _)) = ways.next() {
+        return Err(ConfigError::Invalid {
+            name,
+            message: format!(
+                "give one of --nats-creds, --nats-nkey, --nats-user/--nats-password and \
+                 --nats-token (--{} is given too)",
+                first.map_or("", |(n, _)| n)
+            ),
+        });
+    }
+    Ok(first.map_or(NatsAuth::None, |(_, auth)| auth))
+}
+
+/// TLS settings: a certificate needs its key and the other way round.
+fn nats_tls(given: &mut ConfigOverrides) -> Result<NatsTls, ConfigError> {
+    let ca = readable_file("nats-ca", given.nats_ca.take())?;
+    let cert = readable_file("nats-cert", given.nats_cert.take())?;
+    let key = readable_file("nats-key", given.nats_key.take())?;
+    let client_cert = match (cert, key) {
+        (Some(cert), Some(key)) => Some(ClientCert { cert, key }),
+        (None, None) => None,
+        (Some(_), None) => {
+            return Err(ConfigError::Invalid {
+                name: "nats-key",
+                message: "--nats-cert needs --nats-key (the certificate's private key)".into(),
+            });
+        }
+        (None, Some(_)) => {
+            return Err(ConfigError::Invalid {
+                name: "nats-cert",
+                message: "--nats-key needs --nats-cert".into(),
+            });
+        }
+    };
+    Ok(NatsTls {
+        ca,
+        client_cert,
+        require: given.nats_require_tls.take().unwrap_or(false),
+    })
+}
+
 impl Config {
+    /// The NATS URL(s) to connect to: the given ones, else [`DEFAULT_NATS_URL`].
+    pub fn nats_url_or_default(&self) -> &str {
+        self.nats_url.as_deref().unwrap_or(DEFAULT_NATS_URL)
+    }
+
+    /// What connecting to `urls` takes: these URLs with this config's
+    /// credentials and TLS.
+    pub fn connect_settings(&self, urls: &str) -> ConnectSettings {
+        ConnectSettings {
+            urls: urls.to_owned(),
+            auth: self.nats_auth.clone(),
+            tls: self.nats_tls.clone(),
+        }
+    }
+
     /// The queue names, without weights.
     pub fn queue_names(&self) -> Vec<String> {
         self.queues.iter().map(|q| q.name.clone()).collect()
@@ -369,7 +526,9 @@ impl Config {
     }
 
     /// Merges `given` over the defaults and validates the result.
-    pub fn resolve(given: ConfigOverrides) -> Result<Config, ConfigError> {
+    pub fn resolve(mut given: ConfigOverrides) -> Result<Config, ConfigError> {
+        let nats_auth = nats_auth(&mut given)?;
+        let nats_tls = nats_tls(&mut given)?;
         let dur = |name: &'static str, v: Option<String>, default: Duration| match v {
             None => Ok(default),
             Some(s) => humantime::parse_duration(s.trim()).map_err(|e| ConfigError::Invalid {
@@ -472,6 +631,8 @@ impl Config {
                 )?,
             },
             demo_kinds: given.demo_kinds,
+            nats_auth,
+            nats_tls,
         };
         config.validate()?;
         Ok(config)
@@ -862,6 +1023,71 @@ mod tests {
                     }
                     Err(other) => prop_assert!(false, "not a setting's error: {other}"),
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn nats_credentials_are_one_way_and_complete() {
+        let secret = |s: &str| Some(SecretString::from(s));
+        let c = Config::resolve(ConfigOverrides {
+            nats_user: Some("bmw".into()),
+            nats_password: secret("pw"),
+            nats_require_tls: Some(true),
+            ..Default::default()
+        })
+        .unwrap();
+        assert!(matches!(c.nats_auth, NatsAuth::UserPassword { ref user, .. } if user == "bmw"));
+        assert!(c.nats_tls.require);
+        assert!(!format!("{c:?}").contains("pw\""), "{c:?}");
+        let file: ConfigOverrides = toml::from_str("nats-token = \"t0k\"").unwrap();
+        let c = Config::resolve(file).unwrap();
+        assert!(matches!(c.nats_auth, NatsAuth::Token(ref t) if t.expose_secret() == "t0k"));
+        let seed = nkeys::KeyPair::new_user().seed().unwrap();
+        let c = Config::resolve(ConfigOverrides {
+            nats_nkey: secret(&seed),
+            ..Default::default()
+        })
+        .unwrap();
+        assert!(matches!(c.nats_auth, NatsAuth::Nkey(_)));
+        let refused = [
+            (
+                ConfigOverrides {
+                    nats_password: secret("pw"),
+                    ..Default::default()
+                },
+                "nats-user",
+            ),
+            (
+                ConfigOverrides {
+                    nats_token: secret("t"),
+                    nats_nkey: secret(&seed),
+                    ..Default::default()
+                },
+                "nats-token",
+            ),
+            (
+                ConfigOverrides {
+                    nats_key: Some("Cargo.toml".into()),
+                    ..Default::default()
+                },
+                "nats-cert",
+            ),
+            (
+                ConfigOverrides {
+                    nats_nkey: secret("SUnot-a-seed"),
+                    ..Default::default()
+                },
+                "nats-nkey",
+            ),
+        ];
+        for (given, name) in refused {
+            match Config::resolve(given) {
+                Err(e @ ConfigError::Invalid { name: got, .. }) => {
+                    assert_eq!(got, name, "{e}");
+                    assert!(!e.to_string().contains("not-a-seed"), "{e}");
+                }
+                other => panic!("{name}: {other:?}"),
             }
         }
     }

@@ -27,7 +27,7 @@ struct Cli {
 #[derive(Debug, Args)]
 struct Global {
     /// NATS server URL(s), comma-separated. `bmw run` without it starts a local nats-server.
-    #[arg(long, global = true, env = "BMW_NATS_URL")]
+    #[arg(long, global = true, env = "BMW_NATS_URL", hide_env_values = true)]
     nats_url: Option<String>,
     /// Bridge listen address (`bmw run`, `bmw bridge`); also serves /metrics, /health, /ready
     /// [default: 127.0.0.1:10211; another host needs a token or --insecure-no-auth].
@@ -149,6 +149,34 @@ struct Global {
     /// Log as JSON lines instead of human-readable text.
     #[arg(long, global = true, env = "BMW_LOG_JSON")]
     log_json: bool,
+    // NATS credentials and TLS: secrets' values never show in --help.
+    /// NATS credentials file (user JWT and nkey seed, as `nsc` writes it).
+    #[arg(long, global = true, env = "BMW_NATS_CREDS")]
+    nats_creds: Option<PathBuf>,
+    /// NATS user nkey: the seed (SU...) or a file holding it.
+    #[arg(long, global = true, env = "BMW_NATS_NKEY", hide_env_values = true)]
+    nats_nkey: Option<String>,
+    /// NATS user (with --nats-password).
+    #[arg(long, global = true, env = "BMW_NATS_USER")]
+    nats_user: Option<String>,
+    /// NATS password (prefer the environment variable: a flag shows in `ps`).
+    #[arg(long, global = true, env = "BMW_NATS_PASSWORD", hide_env_values = true)]
+    nats_password: Option<String>,
+    /// NATS token (prefer the environment variable: a flag shows in `ps`).
+    #[arg(long, global = true, env = "BMW_NATS_TOKEN", hide_env_values = true)]
+    nats_token: Option<String>,
+    /// CA certificate (PEM) that signed nats-server's certificate [default: system roots].
+    #[arg(long, global = true, env = "BMW_NATS_CA")]
+    nats_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for a nats-server that verifies clients (with --nats-key).
+    #[arg(long, global = true, env = "BMW_NATS_CERT")]
+    nats_cert: Option<PathBuf>,
+    /// Private key (PEM) of --nats-cert.
+    #[arg(long, global = true, env = "BMW_NATS_KEY")]
+    nats_key: Option<PathBuf>,
+    /// Refuse to connect to NATS without TLS.
+    #[arg(long, global = true, env = "BMW_NATS_REQUIRE_TLS")]
+    nats_require_tls: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -257,6 +285,15 @@ impl Global {
             max_retention: self.max_retention.clone(),
             max_unique_ttl: self.max_unique_ttl.clone(),
             demo_kinds: self.demo_kinds,
+            nats_creds: self.nats_creds.clone(),
+            nats_nkey: self.nats_nkey.clone().map(Into::into),
+            nats_user: self.nats_user.clone(),
+            nats_password: self.nats_password.clone().map(Into::into),
+            nats_token: self.nats_token.clone().map(Into::into),
+            nats_ca: self.nats_ca.clone(),
+            nats_cert: self.nats_cert.clone(),
+            nats_key: self.nats_key.clone(),
+            nats_require_tls: self.nats_require_tls.then_some(true),
         }
     }
 
@@ -291,11 +328,29 @@ async fn main() -> ExitCode {
     match run(cli).await {
         Ok(code) => code,
         Err(e) => {
-            tracing::error!("{e:#}");
-            eprintln!("bmw: {e:#}");
+            let message = error_chain(&e);
+            tracing::error!("{message}");
+            eprintln!("bmw: {message}");
             ExitCode::FAILURE
         }
     }
+}
+
+/// An error and its causes on one line, leaving out a cause whose text the
+/// line already ends with (async-nats's errors print their source too).
+fn error_chain(error: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in error.chain() {
+        let text = cause.to_string();
+        if line.ends_with(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
 }
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -332,11 +387,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 }
 
 async fn connect(config: &Config, name: &str) -> anyhow::Result<Nats> {
-    let url = config
-        .nats_url
-        .as_deref()
-        .unwrap_or("nats://127.0.0.1:4222");
-    Ok(Nats::connect(url, name).await?)
+    let settings = config.connect_settings(config.nats_url_or_default());
+    Ok(Nats::connect_with(&settings, name).await?)
 }
 
 #[allow(clippy::print_stdout)]

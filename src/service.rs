@@ -83,7 +83,7 @@ pub async fn run_all(
             url
         }
     };
-    let nats = Nats::connect(&url, names::client_name::RUN).await?;
+    let nats = Nats::connect_with(&config.connect_settings(&url), names::client_name::RUN).await?;
     // One provisioning and one set of stores for the worker and the bridge.
     provision::provision(&nats.js, config.replicas).await?;
     let ops = Operations::open_with(&nats, registry, &config).await?;
@@ -106,14 +106,8 @@ pub async fn run_worker(
     registry: Arc<Registry>,
     token: CancellationToken,
 ) -> Result<(), ServiceError> {
-    let nats = Nats::connect(
-        config
-            .nats_url
-            .as_deref()
-            .unwrap_or("nats://127.0.0.1:4222"),
-        names::client_name::WORKER,
-    )
-    .await?;
+    let settings = config.connect_settings(config.nats_url_or_default());
+    let nats = Nats::connect_with(&settings, names::client_name::WORKER).await?;
     provision::provision(&nats.js, config.replicas).await?;
     if let Some(addr) = config.metrics_addr {
         let listener = tokio::net::TcpListener::bind(addr)
@@ -137,14 +131,8 @@ pub async fn run_bridge(
 ) -> Result<(), ServiceError> {
     config.check_bridge_exposure()?;
     let listen = ListenOptions::from_config(&config).await?;
-    let nats = Nats::connect(
-        config
-            .nats_url
-            .as_deref()
-            .unwrap_or("nats://127.0.0.1:4222"),
-        names::client_name::BRIDGE,
-    )
-    .await?;
+    let settings = config.connect_settings(config.nats_url_or_default());
+    let nats = Nats::connect_with(&settings, names::client_name::BRIDGE).await?;
     provision::provision(&nats.js, config.replicas).await?;
     let ops = Operations::open_with(&nats, registry, &config).await?;
     serve_bridge(&config, listen, nats, ops, token).await

@@ -14,6 +14,7 @@ mod layering;
 mod limits;
 mod nats_cluster;
 mod nats_restart;
+mod nats_security;
 mod periodic_tasks;
 mod raw_commands;
 mod seed_walkthrough;

@@ -1,12 +1,14 @@
-//! The NATS side of bmw: connecting, every name ([`names`]), idempotent
+//! The NATS side of bmw: connecting with credentials and TLS ([`connect`]), every name ([`names`]), idempotent
 //! provisioning of streams and buckets ([`provision`]), and a local
 //! nats-server for `bmw run` ([`local`]).
 
+pub mod connect;
 pub mod error;
 pub mod local;
 pub mod names;
 pub mod provision;
 
+pub use connect::{ClientCert, ConnectError, ConnectSettings, NatsAuth, NatsTls, redact_url};
 pub use error::{NatsError, NatsErrorKind};
 
 use std::time::Duration;
@@ -20,27 +22,6 @@ use futures::StreamExt;
 /// (about 4-5 s, design.md §10).
 pub const JETSTREAM_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Why connecting failed.
-#[derive(Debug, thiserror::Error)]
-pub enum ConnectError {
-    /// A URL does not parse.
-    #[error("invalid NATS URL {url:?}: {source}")]
-    InvalidUrl {
-        /// The URL.
-        url: String,
-        /// Why.
-        source: std::io::Error,
-    },
-    /// The client could not be set up.
-    #[error("cannot connect to NATS at {url}: {source}")]
-    Connect {
-        /// The URL(s) tried.
-        url: String,
-        /// Why.
-        source: async_nats::ConnectError,
-    },
-}
-
 /// A connected client and its JetStream context.
 #[derive(Debug, Clone)]
 pub struct Nats {
@@ -51,41 +32,21 @@ pub struct Nats {
 }
 
 impl Nats {
-    /// Connects to `url` (one URL, or several comma-separated for a cluster),
-    /// retrying the first connection until it succeeds and reconnecting forever
-    /// afterwards, and builds the JetStream context.
+    /// Connects to `url` (one URL, or several comma-separated for a cluster)
+    /// with no credentials but what the URL carries; see [`Nats::connect_with`].
     pub async fn connect(url: &str, name: &str) -> Result<Nats, ConnectError> {
-        let addrs = url
-            .split(',')
-            .map(|u| {
-                u.trim()
-                    .parse::<async_nats::ServerAddr>()
-                    .map_err(|source| ConnectError::InvalidUrl {
-                        url: u.trim().to_owned(),
-                        source,
-                    })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        let client = async_nats::ConnectOptions::new()
-            .name(name)
-            .retry_on_initial_connect()
-            .connection_timeout(Duration::from_secs(5))
-            .event_callback(|event| async move {
-                tracing::info!(%event, "nats connection event");
-            })
-            .connect(addrs)
-            .await;
-        let client = client.map_err(|source| ConnectError::Connect {
-            url: url.to_owned(),
-            source,
-        })?;
-        // Wait (bounded) for the first connection, so callers fail fast on a wrong URL.
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        while client.connection_state() != async_nats::connection::State::Connected
-            && tokio::time::Instant::now() < deadline
-        {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        Nats::connect_with(&ConnectSettings::new(url), name).await
+    }
+
+    /// Connects with `settings` (credentials, TLS), retrying the first
+    /// connection while no server answers (up to [`connect::FIRST_CONNECT_WAIT`])
+    /// and failing at once on refused credentials or TLS, then reconnecting
+    /// forever; and builds the JetStream context.
+    pub async fn connect_with(
+        settings: &ConnectSettings,
+        name: &str,
+    ) -> Result<Nats, ConnectError> {
+        let client = connect::connect_client(settings, name).await?;
         let js = jetstream::ContextBuilder::new()
             .timeout(JETSTREAM_TIMEOUT)
             .build(client.clone());

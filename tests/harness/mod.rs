@@ -60,6 +60,28 @@ impl NatsServer {
         NatsServer { server, _dir: dir }
     }
 
+    /// A server that also reads `conf`, the text of a nats-server config file
+    /// (authorization, TLS...); the port and store still come from the
+    /// command line, which wins over the file.
+    pub async fn start_with_config(conf: &str) -> NatsServer {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let conf_path = dir.path().join("server.conf");
+        std::fs::write(&conf_path, conf).expect("write the server config");
+        let binary = tokio::task::spawn_blocking(nats_server_binary)
+            .await
+            .unwrap();
+        let options = LocalServerOptions {
+            store_dir: dir.path().join("store"),
+            port: 0,
+            extra_args: vec!["-c".into(), conf_path.display().to_string()],
+            binary: Some(binary),
+        };
+        let server = LocalServer::start(options, dir.path())
+            .await
+            .expect("nats-server starts");
+        NatsServer { server, _dir: dir }
+    }
+
     pub fn url(&self) -> String {
         self.server.url().to_owned()
     }
@@ -176,15 +198,28 @@ impl BmwProcess {
     /// `bmw run` (bridge + worker, with the demo kinds) on a free port with
     /// the fast settings plus `extra`.
     pub async fn run(url: &str, extra: &[&str]) -> BmwProcess {
+        BmwProcess::serve("run", url, extra, &[]).await
+    }
+
+    /// `bmw <role>` (`run` or `bridge`) on a free port with the fast settings
+    /// plus `extra` and the environment `env`, once its bridge answers.
+    pub async fn serve(role: &str, url: &str, extra: &[&str], env: &[(&str, &str)]) -> BmwProcess {
         let port = free_port();
         let addr = format!("127.0.0.1:{port}");
-        let args: Vec<&str> = ["run", "--http-addr", &addr]
-            .iter()
-            .copied()
-            .chain(FAST.iter().copied())
-            .chain(extra.iter().copied())
-            .collect();
-        let mut p = BmwProcess::spawn(url, &args);
+        let args: Vec<&str> = [
+            role,
+            "--demo-kinds",
+            "--http-addr",
+            &addr,
+            "--nats-url",
+            url,
+        ]
+        .iter()
+        .copied()
+        .chain(FAST.iter().copied())
+        .chain(extra.iter().copied())
+        .collect();
+        let mut p = BmwProcess::spawn_with_env(&args, env);
         p.http_port = Some(port);
         let up = wait_until(Duration::from_secs(20), async || {
             reqwest::get(format!("http://{addr}/health")).await.is_ok()
