@@ -374,13 +374,7 @@ async fn the_configured_bounds_of_task_options_are_enforced() {
 async fn a_panic_while_handling_a_request_answers_500_and_the_bridge_keeps_serving() {
     use std::sync::Arc;
     let env = TestEnv::start().await;
-    let explosive = Arc::new(crate::harness::Explosive::default());
-    let mut registry = bmw::Registry::new();
-    registry
-        .register_daemon("daemon:custom:explosive", move || {
-            Ok(explosive.clone() as Arc<dyn bmw::daemon::Operator>)
-        })
-        .unwrap();
+    let registry = crate::harness::explosive_registry();
     let ops = bmw::ops::Operations::open(&env.nats, Arc::new(registry))
         .await
         .unwrap();

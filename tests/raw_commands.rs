@@ -8,7 +8,7 @@ use async_nats::jetstream::message::PublishMessage as Publish;
 use futures::StreamExt;
 use serde_json::{Value, json};
 
-use crate::harness::{BmwProcess, TestEnv, publish_command as publish};
+use crate::harness::{BmwProcess, TestEnv, assert_refused_outcome, publish_command as publish};
 
 /// Publishes `body` on `subject` with a reply inbox; returns the outcome.
 #[tokio::test(flavor = "multi_thread")]
@@ -157,15 +157,7 @@ async fn poison_messages_are_terminated_and_reported() {
     ];
     for (body, needle) in poison {
         let outcome = publish(&env, "bmw.task.create", body).await;
-        assert_eq!(
-            (outcome["result"].as_bool(), outcome["code"].as_u64()),
-            (Some(false), Some(400)),
-            "{outcome}"
-        );
-        assert!(
-            outcome["message"].as_str().unwrap().contains(needle),
-            "{outcome}"
-        );
+        assert_refused_outcome(&outcome, 400, needle);
         let event = tokio::time::timeout(Duration::from_secs(5), errors.next())
             .await
             .expect("an error event")
@@ -216,18 +208,7 @@ async fn an_out_of_range_command_fails_alone_and_commands_keep_working() {
     // panicked, and from then on no command was applied.
     let body = json!({"kind": "async:demo:echo", "options": {"process_in": 10_000_000_000_000u64}});
     let outcome = publish(&env, "bmw.task.create", body.to_string().as_bytes()).await;
-    assert_eq!(
-        (outcome["result"].as_bool(), outcome["code"].as_u64()),
-        (Some(false), Some(400)),
-        "{outcome}"
-    );
-    assert!(
-        outcome["message"]
-            .as_str()
-            .unwrap()
-            .contains("`options.process_in`"),
-        "{outcome}"
-    );
+    assert_refused_outcome(&outcome, 400, "`options.process_in`");
     let event = tokio::time::timeout(Duration::from_secs(5), errors.next())
         .await
         .expect("an error event")
@@ -254,13 +235,7 @@ async fn an_out_of_range_command_fails_alone_and_commands_keep_working() {
 async fn a_panic_in_command_handling_fails_that_command_only() {
     use std::sync::Arc;
     let env = TestEnv::start().await;
-    let explosive = Arc::new(crate::harness::Explosive::default());
-    let mut registry = bmw::Registry::new();
-    registry
-        .register_daemon("daemon:custom:explosive", move || {
-            Ok(explosive.clone() as Arc<dyn bmw::daemon::Operator>)
-        })
-        .unwrap();
+    let registry = crate::harness::explosive_registry();
     let config = bmw::Config {
         nats_url: Some(env.url()),
         ..bmw::Config::default()
@@ -282,18 +257,7 @@ async fn a_panic_in_command_handling_fails_that_command_only() {
     {
         let body = json!({"kind": "daemon:custom:explosive", "payload": {"explode": when, "n": n}});
         let outcome = publish(&env, "bmw.task.create", body.to_string().as_bytes()).await;
-        assert_eq!(
-            (outcome["result"].as_bool(), outcome["code"].as_u64()),
-            (Some(false), Some(500)),
-            "{outcome}"
-        );
-        assert!(
-            outcome["message"]
-                .as_str()
-                .unwrap()
-                .contains(&format!("told to explode while {when}")),
-            "{outcome}"
-        );
+        assert_refused_outcome(&outcome, 500, &format!("told to explode while {when}"));
         let event = tokio::time::timeout(Duration::from_secs(5), errors.next())
             .await
             .expect("an error event")

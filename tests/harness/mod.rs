@@ -485,6 +485,30 @@ pub async fn publish_command(env: &TestEnv, subject: &str, body: &[u8]) -> Value
     serde_json::from_slice(&reply.payload).unwrap()
 }
 
+/// Asserts a command's outcome is a refusal with `code` whose message
+/// contains `needle`.
+pub fn assert_refused_outcome(outcome: &Value, code: u64, needle: &str) {
+    assert_eq!(
+        (outcome["result"].as_bool(), outcome["code"].as_u64()),
+        (Some(false), Some(code)),
+        "{outcome}"
+    );
+    let message = outcome["message"].as_str().unwrap_or_default();
+    assert!(message.contains(needle), "{outcome}");
+}
+
+/// A registry with one kind, `daemon:custom:explosive`, run by [`Explosive`].
+pub fn explosive_registry() -> bmw::Registry {
+    let explosive = Arc::new(Explosive::default());
+    let mut registry = bmw::Registry::new();
+    registry
+        .register_daemon("daemon:custom:explosive", move || {
+            Ok(explosive.clone() as Arc<dyn bmw::daemon::Operator>)
+        })
+        .unwrap();
+    registry
+}
+
 /// A 3-node JetStream cluster on loopback, each node with its own store.
 pub struct NatsCluster {
     pub nodes: Vec<LocalServer>,
