@@ -127,11 +127,8 @@ impl TaskClient {
             .payload(crate::nats::to_json_bytes(&wire::encode(command)))
             .headers(headers)
             .message_id(command.id());
-        self.nats
-            .js
-            .send_publish(wire::subject(command), publish)
-            .await?
-            .await?;
+        // Retried through an election or a reconnect; the command id keeps it single.
+        crate::nats::publish_with_retries(&self.nats.js, wire::subject(command), publish).await?;
         match tokio::time::timeout(self.reply_timeout, replies.next()).await {
             Ok(Some(reply)) => match serde_json::from_slice(&reply.payload) {
                 Ok(outcome) => Ok(Submitted::Done(outcome)),

@@ -105,3 +105,102 @@ async fn killing_a_cluster_node_keeps_tasks_running() {
         "a task created after the kill runs"
     );
 }
+
+/// The leader of `BMW_ASYNC` is killed while creates arrive at 20/s: the
+/// election (about 5 s) must not reach the caller. Each create is retried
+/// inside its request with the same `Nats-Msg-Id`, so none fails and none is
+/// stored twice.
+#[tokio::test(flavor = "multi_thread")]
+async fn creates_ride_out_a_stream_leader_election() {
+    let mut cluster = NatsCluster::start(3).await;
+    let url = cluster.url();
+    let nats = bmw::nats::Nats::connect(&url, "bmw-test").await.unwrap();
+    let ready = wait_until(Duration::from_secs(20), async || {
+        bmw::nats::provision::provision(&nats.js, 3).await.is_ok()
+    })
+    .await;
+    assert!(ready, "cluster did not become ready");
+    let registry = std::sync::Arc::new(bmw::builtin::registry());
+    let client = std::sync::Arc::new(
+        bmw::client::TaskClient::new(nats.clone(), registry, Duration::from_secs(10))
+            .await
+            .unwrap(),
+    );
+    let mut stream = nats.js.get_stream("BMW_ASYNC").await.unwrap();
+    let leader = stream
+        .info()
+        .await
+        .unwrap()
+        .cluster
+        .clone()
+        .and_then(|c| c.leader);
+    let leader: usize = leader
+        .as_deref()
+        .and_then(|l| l.strip_prefix('n'))
+        .and_then(|n| n.parse().ok())
+        .expect("the stream has a leader n<i>");
+
+    // 20 creates a second for 12 s on a queue no worker takes; the leader dies at 2 s.
+    let sender = {
+        let client = client.clone();
+        tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(Duration::from_millis(50));
+            let mut sends = Vec::new();
+            for n in 0..240 {
+                ticker.tick().await;
+                let client = client.clone();
+                sends.push(tokio::spawn(async move {
+                    let body = json!({"kind": "async:demo:echo", "payload": {"n": n},
+                                      "options": {"queue": "held", "task_id": format!("t-{n}")}});
+                    let started = tokio::time::Instant::now();
+                    let result = client
+                        .submit_json("bmw.task.create", body.to_string().as_bytes())
+                        .await;
+                    (
+                        n,
+                        result.map(|_| ()).map_err(|e| e.to_string()),
+                        started.elapsed(),
+                    )
+                }));
+            }
+            futures::future::join_all(sends).await
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(2)).await; // the load runs before the kill
+    cluster.nodes[leader].kill().await;
+    let results: Vec<_> = sender
+        .await
+        .unwrap()
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    let failed: Vec<_> = results.iter().filter(|(_, r, _)| r.is_err()).collect();
+    let slowest = results.iter().map(|(_, _, t)| *t).max().unwrap_or_default();
+    eprintln!(
+        "leader n{leader} killed: {} creates, {} failed, slowest answered in {slowest:?}",
+        results.len(),
+        failed.len()
+    );
+    assert!(
+        failed.is_empty(),
+        "creates failed during the election: {failed:?}"
+    );
+    // Every task is stored once.
+    let info = stream.info().await.unwrap();
+    let held = wait_until(Duration::from_secs(10), async || {
+        client
+            .list_async(&bmw::queue::ListQuery {
+                queue: Some("held".into()),
+                limit: 1000,
+                ..Default::default()
+            })
+            .await
+            .is_ok_and(|page| page.tasks.len() == 240)
+    })
+    .await;
+    assert!(
+        held,
+        "240 tasks pending once each (stream: {:?})",
+        info.state
+    );
+}

@@ -54,6 +54,73 @@ impl Nats {
     }
 }
 
+/// How long a create may keep retrying a NATS step that failed for a passing
+/// reason (a stream leader election takes about 5 s, a reconnect to another
+/// node of a cluster about as long).
+pub const RETRY_BUDGET: Duration = Duration::from_secs(15);
+/// The longest one attempt of a retried step may take: a request sent on a
+/// connection that just died is never answered, so waiting the full
+/// JetStream timeout for it wastes the budget.
+pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Runs a NATS step that is safe to repeat until it succeeds, fails for a
+/// reason that will not pass, or `budget` is spent. Each attempt is bounded by
+/// [`ATTEMPT_TIMEOUT`]; timeouts, outages and "no stream" (a stream without
+/// a leader yet) are retried after 100 ms, doubling to 1 s. `step` gets the
+/// attempt number (from 1), so a publish can tell its own earlier success
+/// (a duplicate ack) from someone else's.
+pub async fn with_retries<T, F, Fut>(budget: Duration, mut step: F) -> Result<T, NatsError>
+where
+    F: FnMut(u32) -> Fut,
+    Fut: std::future::Future<Output = Result<T, NatsError>>,
+{
+    let deadline = tokio::time::Instant::now() + budget;
+    let mut pause = Duration::from_millis(100);
+    for attempt in 1.. {
+        let result = match tokio::time::timeout(ATTEMPT_TIMEOUT, step(attempt)).await {
+            Ok(result) => result,
+            Err(elapsed) => Err(NatsError::with_kind(NatsErrorKind::Timeout, elapsed)),
+        };
+        match result {
+            Ok(value) => return Ok(value),
+            Err(e)
+                if (e.is_transient() || e.kind() == NatsErrorKind::NotFound)
+                    && tokio::time::Instant::now() + pause < deadline =>
+            {
+                tracing::debug!(attempt, cause = %e, "nats step failed, retrying");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(1));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    unreachable!("the loop returns")
+}
+
+/// Publishes durably, retrying within [`RETRY_BUDGET`] (see [`with_retries`]).
+/// The message must carry a `Nats-Msg-Id` (or be otherwise idempotent, like
+/// a rollup) so a retry after a lost ack is not stored twice. Returns the ack
+/// and whether the message had been stored by this call's earlier attempt
+/// (a duplicate ack on a retry).
+pub async fn publish_with_retries(
+    js: &jetstream::Context,
+    subject: &str,
+    message: jetstream::message::PublishMessage,
+) -> Result<jetstream::publish::PublishAck, NatsError> {
+    with_retries(RETRY_BUDGET, |attempt| {
+        let message = message.clone();
+        async move {
+            let mut ack = js.send_publish(subject.to_owned(), message).await?.await?;
+            // Stored by an earlier attempt whose ack was lost: ours, not a duplicate.
+            if attempt > 1 {
+                ack.duplicate = false;
+            }
+            Ok(ack)
+        }
+    })
+    .await
+}
+
 /// The JSON bytes of a value bmw stores. Every stored type is a struct of
 /// strings, numbers and `serde_json::Value`s, whose encoding cannot fail, so
 /// this needs no error path.

@@ -161,15 +161,12 @@ impl PeriodicStore {
         let publish = PublishMessage::build()
             .payload(crate::nats::to_json_bytes(&tick))
             .headers(headers);
-        let ack = self
-            .js
-            .send_publish(names::schedule_subject(spec.kind.as_str()), publish)
-            .await
-            .map_err(nats)?;
+        let subject = names::schedule_subject(spec.kind.as_str());
         let legacy = names::legacy_schedule_subject(spec.kind.as_str());
-        // Only an API error about the schedule itself is the caller's fault; a
+        // Retried through an election (a rollup: repeating it is harmless). Only
+        // an API error about the schedule itself is the caller's fault; a
         // timeout or an outage is not.
-        match ack.await.map_err(NatsError::from) {
+        match crate::nats::publish_with_retries(&self.js, &subject, publish).await {
             Ok(_) => self.purge_subject(&legacy).await,
             Err(e) if e.kind() == NatsErrorKind::Refused => Err(PeriodicError::Refused(e)),
             Err(e) => Err(PeriodicError::Nats(e)),

@@ -59,7 +59,9 @@ impl QueueDepth {
         let depth = match known {
             Some(m) => m.depth,
             None => {
-                let depth = self.measure(queue).await?;
+                let depth =
+                    crate::nats::with_retries(crate::nats::RETRY_BUDGET, |_| self.measure(queue))
+                        .await?;
                 // A queue near its limit is measured less often: counting
                 // an unconsumed queue reads its messages' subjects.
                 let rest = Duration::from_millis(depth.saturating_mul(1000) / self.limit.max(1));

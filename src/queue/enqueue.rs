@@ -16,7 +16,9 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
 use super::message::TaskMessage;
-use crate::nats::{NatsError, TtlCreate, create_with_ttl, names};
+use crate::nats::{
+    NatsError, RETRY_BUDGET, TtlCreate, create_with_ttl, names, publish_with_retries, with_retries,
+};
 use crate::task::{CreateCommand, OpError, TaskType, ValidationError, canonical_payload, to_hex};
 
 /// Enqueues async tasks.
@@ -25,10 +27,6 @@ pub struct Enqueuer {
     js: jetstream::Context,
     unique: kv::Store,
     stream: jetstream::stream::Stream,
-}
-
-fn nats(e: impl Into<NatsError>) -> OpError {
-    OpError::Nats(e.into())
 }
 
 /// When a delayed task is due: `process_at`, or now + `process_in`.
@@ -113,7 +111,9 @@ impl Enqueuer {
             .task_id
             .clone()
             .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
-        if create.options.task_id.is_some() && self.id_in_use(&task_id).await? {
+        if create.options.task_id.is_some()
+            && with_retries(RETRY_BUDGET, |_| self.id_in_use(&task_id)).await?
+        {
             return Err(OpError::Conflict {
                 message: format!("task id `{task_id}` is in use"),
                 task_id,
@@ -153,13 +153,8 @@ impl Enqueuer {
             .payload(body)
             .headers(headers)
             .message_id(&task_id);
-        let ack = self
-            .js
-            .send_publish(subject, publish)
-            .await
-            .map_err(nats)?
-            .await
-            .map_err(nats)?;
+        // Retried through an election or a reconnect; the message id keeps it single.
+        let ack = publish_with_retries(&self.js, &subject, publish).await?;
         if ack.duplicate {
             return Err(OpError::Conflict {
                 message: format!("task id `{task_id}` was enqueued already"),
@@ -178,7 +173,7 @@ impl Enqueuer {
     }
 
     /// Whether a task id is pending, scheduled, or has a record.
-    async fn id_in_use(&self, task_id: &str) -> Result<bool, OpError> {
+    async fn id_in_use(&self, task_id: &str) -> Result<bool, NatsError> {
         for filter in [
             names::async_subject(names::ANY, task_id),
             names::delayed_subject(names::ANY, task_id),
@@ -191,14 +186,8 @@ impl Enqueuer {
                 return Ok(true);
             }
         }
-        let records = self
-            .js
-            .get_key_value(names::BUCKET_ASYNC_TASKS)
-            .await
-            .map_err(nats)?;
-        Ok(
-            matches!(records.entry(task_id).await.map_err(nats)?, Some(e) if e.operation == kv::Operation::Put),
-        )
+        let records = self.js.get_key_value(names::BUCKET_ASYNC_TASKS).await?;
+        Ok(matches!(records.entry(task_id).await?, Some(e) if e.operation == kv::Operation::Put))
     }
 
     async fn lock_unique(
@@ -215,16 +204,20 @@ impl Enqueuer {
         hasher.update([0]);
         hasher.update(queue.as_bytes());
         let key = to_hex(&hasher.finalize());
-        match create_with_ttl(
-            &self.js,
-            &self.unique,
-            &key,
-            task_id.as_bytes().to_vec().into(),
-            window,
-        )
-        .await?
-        {
+        let lock = with_retries(RETRY_BUDGET, |_| {
+            create_with_ttl(
+                &self.js,
+                &self.unique,
+                &key,
+                task_id.as_bytes().to_vec().into(),
+                window,
+            )
+        })
+        .await?;
+        match lock {
             TtlCreate::Created(_) => Ok(()),
+            // Taken by an earlier attempt of this very create.
+            TtlCreate::Exists(existing) if existing.as_ref() == task_id.as_bytes() => Ok(()),
             TtlCreate::Exists(existing) => {
                 let existing = String::from_utf8_lossy(&existing).into_owned();
                 Err(OpError::Conflict {
