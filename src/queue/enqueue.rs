@@ -17,7 +17,9 @@ use sha2::{Digest, Sha256};
 
 use super::message::TaskMessage;
 use crate::nats::{NatsError, TtlCreate, create_with_ttl, names};
-use crate::task::{CreateCommand, OpError, TaskType, ValidationError, canonical_payload, to_hex};
+use crate::task::{
+    CreateCommand, OpError, Origin, TaskType, ValidationError, canonical_payload, to_hex,
+};
 
 /// Enqueues async tasks.
 #[derive(Debug, Clone)]
@@ -105,23 +107,45 @@ impl Enqueuer {
     }
 
     /// Validates and enqueues; returns `{task_id, queue, state, process_at}`.
+    /// A create from a command message that was applied already (a
+    /// redelivery) answers the task of the first apply, with `"duplicate":
+    /// true`, and enqueues nothing.
     pub async fn enqueue(&self, create: &CreateCommand) -> Result<Value, OpError> {
         validate(create)?;
         let queue = create.options.queue().to_owned();
-        let task_id = create
-            .options
-            .task_id
-            .clone()
-            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
-        if create.options.task_id.is_some() && self.id_in_use(&task_id).await? {
+        let due =
+            due_time(create)?.filter(|at| *at > Utc::now() + chrono::Duration::milliseconds(500));
+        let answer = |task_id: &str, duplicate: bool| {
+            let state = if due.is_some() {
+                "scheduled"
+            } else {
+                "pending"
+            };
+            let mut data = json!({"task_id": task_id, "kind": create.kind, "queue": queue,
+                                  "state": state, "process_at": due.map(|d| d.to_rfc3339())});
+            if duplicate {
+                data["duplicate"] = json!(true);
+            }
+            data
+        };
+        let (task_id, derived) = match (&create.options.task_id, create.origin) {
+            (Some(id), _) => (id.clone(), false),
+            (None, Origin::Message) => (task_id_of_command(&create.id), true),
+            (None, Origin::Direct) => (uuid::Uuid::new_v4().to_string(), false),
+        };
+        if (derived || create.options.task_id.is_some()) && self.id_in_use(&task_id).await? {
+            if derived {
+                return Ok(answer(&task_id, true));
+            }
             return Err(OpError::Conflict {
                 message: format!("task id `{task_id}` is in use"),
                 task_id,
             });
         }
-        if let Some(window) = create.options.unique_ttl {
-            self.lock_unique(create, &queue, &task_id, window).await?;
-        }
+        let lock = match create.options.unique_ttl {
+            Some(window) => self.lock_unique(create, &queue, &task_id, window).await?,
+            None => None,
+        };
         let message = TaskMessage {
             id: task_id.clone(),
             kind: create.kind.to_string(),
@@ -131,8 +155,6 @@ impl Enqueuer {
             errors: Vec::new(),
         };
         let body = crate::nats::to_json_bytes(&message);
-        let due =
-            due_time(create)?.filter(|at| *at > Utc::now() + chrono::Duration::milliseconds(500));
         let mut headers = HeaderMap::new();
         let subject = match due {
             Some(at) => {
@@ -153,28 +175,29 @@ impl Enqueuer {
             .payload(body)
             .headers(headers)
             .message_id(&task_id);
-        let ack = self
-            .js
-            .send_publish(subject, publish)
-            .await
-            .map_err(nats)?
-            .await
-            .map_err(nats)?;
+        let published = match self.js.send_publish(subject, publish).await {
+            Ok(ack) => ack.await.map_err(nats),
+            Err(e) => Err(nats(e)),
+        };
+        let ack = match published {
+            Ok(ack) => ack,
+            Err(e) => {
+                if let Some(lock) = lock {
+                    self.unlock_unique(&lock).await;
+                }
+                return Err(e);
+            }
+        };
         if ack.duplicate {
+            if derived {
+                return Ok(answer(&task_id, true));
+            }
             return Err(OpError::Conflict {
                 message: format!("task id `{task_id}` was enqueued already"),
                 task_id,
             });
         }
-        let state = if due.is_some() {
-            "scheduled"
-        } else {
-            "pending"
-        };
-        Ok(
-            json!({"task_id": task_id, "kind": create.kind, "queue": queue, "state": state,
-                  "process_at": due.map(|d| d.to_rfc3339())}),
-        )
+        Ok(answer(&task_id, false))
     }
 
     /// Whether a task id is pending, scheduled, or has a record.
@@ -201,13 +224,16 @@ impl Enqueuer {
         )
     }
 
+    /// Takes the unique lock of this kind, payload and queue for `window`,
+    /// holding `task_id`. `Some(lock)`: taken now; `None`: this task holds it
+    /// already (a redelivered command's second apply).
     async fn lock_unique(
         &self,
         create: &CreateCommand,
         queue: &str,
         task_id: &str,
         window: Duration,
-    ) -> Result<(), OpError> {
+    ) -> Result<Option<UniqueLock>, OpError> {
         let mut hasher = Sha256::new();
         hasher.update(create.kind.as_str().as_bytes());
         hasher.update([0]);
@@ -224,7 +250,8 @@ impl Enqueuer {
         )
         .await?
         {
-            TtlCreate::Created(_) => Ok(()),
+            TtlCreate::Created(revision) => Ok(Some(UniqueLock { key, revision })),
+            TtlCreate::Exists(existing) if existing.as_ref() == task_id.as_bytes() => Ok(None),
             TtlCreate::Exists(existing) => {
                 let existing = String::from_utf8_lossy(&existing).into_owned();
                 Err(OpError::Conflict {
@@ -236,6 +263,40 @@ impl Enqueuer {
             }
         }
     }
+
+    /// Releases a unique lock whose task was not enqueued, unless a newer
+    /// lock replaced it. A failure is logged: the lock then lasts its window.
+    async fn unlock_unique(&self, lock: &UniqueLock) {
+        if let Err(e) = self
+            .unique
+            .delete_expect_revision(&lock.key, Some(lock.revision))
+            .await
+        {
+            tracing::warn!(key = lock.key, cause = %e, "unique lock of a task not enqueued not released");
+        }
+    }
+}
+
+/// A unique lock this create took: its key and the revision it wrote.
+#[derive(Debug)]
+struct UniqueLock {
+    key: String,
+    revision: u64,
+}
+
+/// The async task id of a create command: the same for every delivery of
+/// one command, so a redelivery's publish is deduplicated by its
+/// `Nats-Msg-Id`; a UUID (version 8) from a digest of the command id.
+pub fn task_id_of_command(command_id: &str) -> String {
+    let digest = Sha256::new()
+        .chain_update(b"bmw.task.create\0")
+        .chain_update(command_id.as_bytes())
+        .finalize();
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&digest[..16]);
+    uuid::Builder::from_custom_bytes(bytes)
+        .into_uuid()
+        .to_string()
 }
 
 #[cfg(test)]
@@ -252,7 +313,7 @@ mod tests {
             let (Ok(kind), Ok(options)) = (Kind::parse(&kind), Options::from_json(Some(&options))) else {
                 return Ok(());
             };
-            let create = CreateCommand { id: "c".into(), kind, payload, options };
+            let create = CreateCommand { id: "c".into(), kind, payload, options, origin: Default::default() };
             match validate(&create) {
                 Ok(()) => {
                     let due = due_time(&create);
@@ -261,6 +322,15 @@ mod tests {
                 Err(e) => prop_assert!(e.field == "kind" || e.field.starts_with("options."), "{}", e),
             }
         }
+    }
+
+    #[test]
+    fn a_command_s_task_id_is_stable_distinct_and_a_valid_task_id() {
+        let a = task_id_of_command("cmd-1");
+        assert_eq!(a, task_id_of_command("cmd-1"));
+        assert_ne!(a, task_id_of_command("cmd-2"));
+        assert!(uuid::Uuid::parse_str(&a).is_ok(), "{a}");
+        assert_eq!(crate::task::check_task_id("task_id", &a), Ok(()));
     }
 
     #[test]
@@ -273,6 +343,7 @@ mod tests {
                 process_in: Some(crate::task::options::MAX_DURATION),
                 ..Options::default()
             },
+            origin: Default::default(),
         };
         assert!(due_time(&create).unwrap().unwrap() > Utc::now());
     }

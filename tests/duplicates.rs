@@ -1,0 +1,144 @@
+//! Nothing enqueued twice, nothing locked for nothing (issue 11, item 6): a
+//! redelivered create command enqueues its task once, and a unique lock is
+//! released when its task could not be published.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, AckKind, consumer::pull};
+use bmw::nats::names;
+use futures::{StreamExt, TryStreamExt};
+use serde_json::{Value, json};
+
+use crate::harness::TestEnv;
+
+/// How many messages `BMW_<stream>` holds on subjects matching `filter`.
+async fn count_on(env: &TestEnv, stream: &str, filter: &str) -> usize {
+    let stream = env.nats.js.get_stream(stream).await.unwrap();
+    let found: Vec<(String, usize)> = stream
+        .info_with_subjects(filter)
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    found.into_iter().map(|(_, n)| n).sum()
+}
+
+async fn submit(env: &TestEnv, subject: &str, body: &Value) -> Result<Value, bmw::task::OpError> {
+    match env
+        .client
+        .submit_json(subject, body.to_string().as_bytes())
+        .await?
+    {
+        bmw::client::Submitted::Done(o) => {
+            assert!(o.result, "{o:?}");
+            Ok(o.data)
+        }
+        bmw::client::Submitted::Accepted { .. } => panic!("applied directly"),
+    }
+}
+
+#[tokio::test]
+async fn a_redelivered_create_command_enqueues_its_task_once() {
+    let env = TestEnv::start().await;
+    let ops = bmw::ops::Operations::open(&env.nats, Arc::new(bmw::builtin::registry()))
+        .await
+        .unwrap();
+    // The workers' shared consumer (no worker runs): this test is the worker.
+    let consumer = env
+        .nats
+        .js
+        .get_stream(names::STREAM_TASKS)
+        .await
+        .unwrap()
+        .get_or_create_consumer(
+            names::CONSUMER_COMMANDS,
+            pull::Config {
+                durable_name: Some(names::CONSUMER_COMMANDS.into()),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    // No `id` and no `Nats-Msg-Id`: only the delivery itself is stable.
+    let body = json!({"kind": "async:demo:noop", "payload": {"n": 1},
+                      "options": {"queue": "redelivered", "unique_ttl": "1h"}});
+    let body = bmw::nats::to_json_bytes(&body);
+    env.nats
+        .js
+        .publish(names::SUBJECT_CREATE, body)
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let mut answers = Vec::new();
+    for _ in 0..3 {
+        let message: jetstream::Message = consumer
+            .fetch()
+            .max_messages(1)
+            .expires(Duration::from_secs(5))
+            .messages()
+            .await
+            .unwrap()
+            .next()
+            .await
+            .expect("the command, delivered again")
+            .unwrap();
+        let command = bmw::command::wire::parse_delivered(&message).unwrap();
+        // Applied, and its ack lost: delivered again.
+        answers.push(ops.apply(&command).await.unwrap().unwrap());
+        message.ack_with(AckKind::Nak(None)).await.unwrap();
+    }
+    let task_id = &answers[0]["task_id"];
+    for again in &answers[1..] {
+        assert_eq!(&again["task_id"], task_id, "{answers:?}");
+        assert_eq!(again["duplicate"], true, "{again}");
+    }
+    assert_eq!(
+        count_on(&env, names::STREAM_ASYNC, "bmw.async.redelivered.>").await,
+        1,
+        "{answers:?}"
+    );
+}
+
+#[tokio::test]
+async fn creates_through_the_bridge_path_keep_a_fresh_id_each() {
+    let env = TestEnv::start().await;
+    // The same body, with the same command id, twice: two tasks.
+    let body = json!({"id": "same", "kind": "async:demo:noop", "options": {"queue": "direct"}});
+    let first = submit(&env, names::SUBJECT_CREATE, &body).await.unwrap();
+    let second = submit(&env, names::SUBJECT_CREATE, &body).await.unwrap();
+    assert_ne!(first["task_id"], second["task_id"]);
+    assert_eq!(
+        count_on(&env, names::STREAM_ASYNC, "bmw.async.direct.>").await,
+        2
+    );
+}
+
+#[tokio::test]
+async fn a_unique_lock_is_released_when_its_task_is_not_published() {
+    let env = TestEnv::start().await;
+    let body = json!({"kind": "async:demo:noop", "payload": {"n": 2},
+                      "options": {"unique_ttl": "1h"}});
+    // The stream refuses every task (too large for it) after the lock is taken.
+    let mut stream = env.nats.js.get_stream(names::STREAM_ASYNC).await.unwrap();
+    let mut config = stream.info().await.unwrap().config.clone();
+    let original = config.max_message_size;
+    config.max_message_size = 16;
+    env.nats.js.update_stream(&config).await.unwrap();
+    let refused = submit(&env, names::SUBJECT_CREATE, &body).await;
+    assert!(
+        matches!(refused, Err(bmw::task::OpError::Nats(_))),
+        "{refused:?}"
+    );
+    config.max_message_size = original;
+    env.nats.js.update_stream(&config).await.unwrap();
+    // Not held for the hour: the same create is taken now, and holds it.
+    let created = submit(&env, names::SUBJECT_CREATE, &body).await.unwrap();
+    let again = submit(&env, names::SUBJECT_CREATE, &body).await;
+    assert!(
+        matches!(&again, Err(bmw::task::OpError::Conflict { task_id, .. }) if *task_id == created["task_id"]),
+        "{again:?}"
+    );
+}
