@@ -1,6 +1,7 @@
 //! Nothing enqueued twice, nothing locked for nothing (issue 11, item 6): a
-//! redelivered create command enqueues its task once, and a unique lock is
-//! released when its task could not be published.
+//! redelivered create command enqueues its task once, a unique lock is
+//! released when its task could not be published, a dead letter stored twice
+//! is stored once, and two requeues at once make one copy.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -140,5 +141,55 @@ async fn a_unique_lock_is_released_when_its_task_is_not_published() {
     assert!(
         matches!(&again, Err(bmw::task::OpError::Conflict { task_id, .. }) if *task_id == created["task_id"]),
         "{again:?}"
+    );
+}
+
+fn task(id: &str) -> bmw::queue::TaskMessage {
+    bmw::queue::TaskMessage {
+        id: id.into(),
+        kind: "async:demo:noop".into(),
+        payload: json!({}),
+        options: bmw::task::Options::default(),
+        enqueued_at: None,
+        errors: vec!["failed".into()],
+    }
+}
+
+#[tokio::test]
+async fn a_dead_letter_stored_twice_is_stored_once() {
+    let env = TestEnv::start().await;
+    let js = &env.nats.js;
+    // The same delivery archived twice (its ack lost): one dead letter.
+    bmw::queue::dead_letter::store(js, "q", &task("t1"), 7)
+        .await
+        .unwrap();
+    bmw::queue::dead_letter::store(js, "q", &task("t1"), 7)
+        .await
+        .unwrap();
+    assert_eq!(count_on(&env, names::STREAM_DEAD, "bmw.dead.q.t1").await, 1);
+    // A requeued copy (another message) archived again is another one.
+    bmw::queue::dead_letter::store(js, "q", &task("t1"), 9)
+        .await
+        .unwrap();
+    assert_eq!(count_on(&env, names::STREAM_DEAD, "bmw.dead.q.t1").await, 2);
+}
+
+#[tokio::test]
+async fn two_requeues_at_once_enqueue_one_copy() {
+    let env = TestEnv::start().await;
+    bmw::queue::dead_letter::store(&env.nats.js, "requeued", &task("t2"), 1)
+        .await
+        .unwrap();
+    let (a, b) = tokio::join!(env.client.requeue("t2"), env.client.requeue("t2"));
+    // Both may answer (one of them may find it gone: 404); one copy either way.
+    assert!(a.is_ok() || b.is_ok(), "{a:?} {b:?}");
+    assert_eq!(
+        count_on(&env, names::STREAM_ASYNC, "bmw.async.requeued.t2").await,
+        1,
+        "{a:?} {b:?}"
+    );
+    assert_eq!(
+        count_on(&env, names::STREAM_DEAD, "bmw.dead.requeued.t2").await,
+        0
     );
 }

@@ -117,15 +117,22 @@ impl Admin {
             .unwrap_or(crate::task::DEFAULT_QUEUE)
             .to_owned();
         let body = crate::nats::to_json_bytes(&task);
-        // A fresh message id: the original one may still be in the dedup window.
-        let msg_id = format!("{task_id}-requeue-{}", uuid::Uuid::new_v4().simple());
+        // Not the original message id (it may still be in the dedup window),
+        // but one per dead letter: a concurrent requeue of it is a duplicate.
+        let msg_id = super::dead_letter::requeue_message_id(task_id, message.sequence);
         let publish = PublishMessage::build().payload(body).message_id(msg_id);
-        self.js
+        let ack = self
+            .js
             .send_publish(names::async_subject(&queue, task_id), publish)
             .await
             .map_err(nats)?
             .await
             .map_err(nats)?;
+        if ack.duplicate {
+            // Another requeue did it (and clears the dead letter and record;
+            // the record may already be the new run's).
+            return Ok(json!({"task_id": task_id, "queue": queue, "state": "pending"}));
+        }
         self.purge(&self.inspector.dead, &subject).await?;
         self.inspector.records.remove(task_id).await?;
         tracing::info!(task_id, queue, "archived async task re-enqueued");
