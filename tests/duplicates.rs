@@ -1,7 +1,8 @@
 //! Nothing enqueued twice, nothing locked for nothing (issue 11, item 6): a
 //! redelivered create command enqueues its task once, a unique lock is
 //! released when its task could not be published, a dead letter stored twice
-//! is stored once, and two requeues at once make one copy.
+//! is stored once, two requeues at once make one copy, and a deleted or
+//! paused periodic task leaves none of its queued ticks to run.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,7 +12,7 @@ use bmw::nats::names;
 use futures::{StreamExt, TryStreamExt};
 use serde_json::{Value, json};
 
-use crate::harness::TestEnv;
+use crate::harness::{TestEnv, wait_until};
 
 /// How many messages `BMW_<stream>` holds on subjects matching `filter`.
 async fn count_on(env: &TestEnv, stream: &str, filter: &str) -> usize {
@@ -192,4 +193,37 @@ async fn two_requeues_at_once_enqueue_one_copy() {
         count_on(&env, names::STREAM_DEAD, "bmw.dead.requeued.t2").await,
         0
     );
+}
+
+#[tokio::test]
+async fn a_deleted_or_paused_periodic_task_leaves_no_queued_ticks() {
+    let env = TestEnv::start().await;
+    let ticks = names::tick_subject("nobody", "periodic:demo:tick");
+    let create = json!({"kind": "periodic:demo:tick",
+                        "options": {"every": "1s", "queue": "nobody"}});
+    for stop in ["delete", "pause"] {
+        submit(&env, names::SUBJECT_CREATE, &create).await.unwrap();
+        // No worker runs the queue: the ticks wait in it.
+        assert!(
+            wait_until(Duration::from_secs(10), async || {
+                count_on(&env, names::STREAM_ASYNC, &ticks).await >= 2
+            })
+            .await,
+            "ticks queued"
+        );
+        if stop == "delete" {
+            let body = json!({"task_type": "periodic", "kind": "periodic:demo:tick"});
+            submit(&env, names::SUBJECT_DELETE, &body).await.unwrap();
+        } else {
+            env.client
+                .pause_periodic("periodic:demo:tick", true)
+                .await
+                .unwrap();
+        }
+        assert_eq!(
+            count_on(&env, names::STREAM_ASYNC, &ticks).await,
+            0,
+            "after {stop}"
+        );
+    }
 }
