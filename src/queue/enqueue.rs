@@ -133,10 +133,10 @@ impl Enqueuer {
             (None, Origin::Message) => (task_id_of_command(&create.id), true),
             (None, Origin::Direct) => (uuid::Uuid::new_v4().to_string(), false),
         };
-        if (derived || create.options.task_id.is_some()) && self.id_in_use(&task_id).await? {
-            if derived {
-                return Ok(answer(&task_id, true));
-            }
+        // A derived id is not looked up (three reads on every command): a
+        // redelivery comes within the duplicate window, and its publish is
+        // answered as a duplicate.
+        if create.options.task_id.is_some() && self.id_in_use(&task_id).await? {
             return Err(OpError::Conflict {
                 message: format!("task id `{task_id}` is in use"),
                 task_id,

@@ -32,8 +32,8 @@ pub enum Origin {
     Direct,
     /// Applied from a `bmw.task.create` message, which may be delivered more
     /// than once: an async task's id is derived from the command's `id`, so
-    /// a second apply finds the task of the first instead of enqueueing
-    /// another.
+    /// a second apply's publish is a duplicate of the first's instead of
+    /// another task.
     Message,
 }
 
