@@ -3,9 +3,11 @@
 //!
 //! Events are for operators and other programs (alerting, audits); bmw's own
 //! state never depends on them. They are plain NATS publishes that the
-//! `BMW_EVENTS` stream captures: no ack round trip on the hot path, and on one
-//! connection they reach the server in order with the acks that follow them
-//! (a task's `succeeded` event is never lost while its ack gets through).
+//! `BMW_EVENTS` stream captures, at most once: no ack round trip on the hot
+//! path, and on one connection they reach the server in order with the acks
+//! that follow them (on one server, a task's `succeeded` event is not lost
+//! while its ack gets through). In a cluster an event sent while `BMW_EVENTS`
+//! elects a leader is dropped, whatever happens to the ack (design note 38).
 
 use std::sync::Arc;
 

@@ -458,6 +458,7 @@ async fn task(cmd: TaskCmd, config: Config, registry: Arc<Registry>) -> anyhow::
                 kind: bmw::task::Kind::parse(&kind)?,
                 payload,
                 options: bmw::task::Options::from_json(Some(&options))?,
+                origin: bmw::task::Origin::Direct,
             }))
         }
         TaskCmd::Delete {

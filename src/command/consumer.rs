@@ -86,7 +86,7 @@ impl CommandConsumer {
                                 // The lane may run user code (a daemon kind's dimension): a
                                 // panic there fails this command, not the consumer.
                                 let routed = std::panic::catch_unwind(AssertUnwindSafe(|| {
-                                    let parsed = wire::parse(message.subject.as_str(), &message.payload);
+                                    let parsed = wire::parse_delivered(&message);
                                     let lane = this.lane_of(&message, &parsed);
                                     (parsed, lane)
                                 }));

@@ -1,15 +1,17 @@
 //! The wire form of commands on `bmw.task.*`: one JSON object per message,
 //! `{"id", "kind", "payload", "options"}` for a create, `{"id", "task_type",
 //! "task_uni_id" | "task_id" | "kind"}` for a delete, `{"id", "task_uni_id"}`
-//! for a reload. [`parse`] validates it into a [`Command`]; [`encode`] and
-//! [`subject`] are what a producer publishes.
+//! for a reload. [`parse`] validates it into a [`Command`] ([`parse_delivered`]
+//! as it arrived on the command stream); [`encode`] and [`subject`] are what
+//! a producer publishes.
 
+use async_nats::jetstream;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::nats::names;
 use crate::task::{
-    Command, CreateCommand, DeleteTarget, Kind, Options, TaskType, UniId, ValidationError,
+    Command, CreateCommand, DeleteTarget, Kind, Options, Origin, TaskType, UniId, ValidationError,
 };
 
 /// Every field any command may carry.
@@ -39,12 +41,43 @@ fn required(field: &str, v: Option<String>) -> Result<String, ValidationError> {
 /// Parses and validates a command published on `subject`. A missing `id`
 /// gets a fresh one.
 pub fn parse(subject: &str, body: &[u8]) -> Result<Command, ValidationError> {
+    parse_with(subject, body, || uuid::Uuid::new_v4().to_string())
+}
+
+/// Parses a command as it arrived on the command stream, which may deliver
+/// one message more than once: a missing `id` is the message's
+/// `Nats-Msg-Id`, else its stream and sequence, so every delivery parses to
+/// the same command; a create is marked [`Origin::Message`] (its async task
+/// id is derived from the command id).
+pub fn parse_delivered(message: &jetstream::Message) -> Result<Command, ValidationError> {
+    let message_id = message
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(async_nats::header::NATS_MESSAGE_ID))
+        .map(|v| v.as_str().to_owned())
+        .filter(|id| !id.is_empty());
+    let sequence = || match message.info() {
+        Ok(info) => format!("{}-{}", info.stream, info.stream_sequence),
+        // Not from a stream (never on the command consumer): nothing stable.
+        Err(_) => uuid::Uuid::new_v4().to_string(),
+    };
+    let mut command = parse_with(message.subject.as_str(), &message.payload, || {
+        message_id.unwrap_or_else(sequence)
+    })?;
+    if let Command::Create(create) = &mut command {
+        create.origin = Origin::Message;
+    }
+    Ok(command)
+}
+
+fn parse_with(
+    subject: &str,
+    body: &[u8],
+    missing_id: impl FnOnce() -> String,
+) -> Result<Command, ValidationError> {
     let wire: Wire = serde_json::from_slice(body)
         .map_err(|e| ValidationError::new("body", format!("not a JSON command object: {e}")))?;
-    let id = wire
-        .id
-        .clone()
-        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    let id = wire.id.clone().unwrap_or_else(missing_id);
     match subject {
         names::SUBJECT_CREATE => {
             let kind = match wire.kind {
@@ -63,6 +96,7 @@ pub fn parse(subject: &str, body: &[u8]) -> Result<Command, ValidationError> {
                 kind,
                 payload: wire.payload,
                 options,
+                origin: Origin::Direct,
             })))
         }
         names::SUBJECT_DELETE => {

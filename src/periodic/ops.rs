@@ -125,7 +125,7 @@ mod tests {
             let (Ok(kind), Ok(options)) = (Kind::parse(&kind), Options::from_json(Some(&options))) else {
                 return Ok(());
             };
-            let create = CreateCommand { id: "c".into(), kind, payload, options };
+            let create = CreateCommand { id: "c".into(), kind, payload, options, origin: Default::default() };
             match spec_from_create(&create) {
                 Ok(spec) => {
                     let data = periodic_data(&spec);

@@ -4,7 +4,8 @@
 //! `bmw.async.<queue>.<kind key>`, however many workers run. No leader.
 //!
 //! A schedule is replaced by publishing a new one with `Nats-Rollup: sub`,
-//! deleted (or paused) by purging its subject. The spec is written after the
+//! deleted (or paused) by purging its subject, and the ticks it queued and
+//! no worker took yet with it. The spec is written after the
 //! schedule, so a refused schedule leaves nothing behind. Each tick's run
 //! writes a small status (`status.<kind key>`): last run, outcome, next run.
 
@@ -179,6 +180,16 @@ impl PeriodicStore {
             .await
     }
 
+    /// Drops the ticks already queued and not yet running (a deleted or
+    /// paused task runs no more, however long its queue).
+    async fn purge_ticks(&self, spec: &PeriodicSpec) -> Result<(), PeriodicError> {
+        self.purge_subject(&names::tick_subject(
+            spec.options.queue(),
+            spec.kind.as_str(),
+        ))
+        .await
+    }
+
     async fn purge_subject(&self, subject: &str) -> Result<(), PeriodicError> {
         self.stream
             .purge()
@@ -204,6 +215,7 @@ impl PeriodicStore {
             .await?
             .ok_or_else(|| PeriodicError::NotFound(kind.to_owned()))?;
         self.purge_schedule(kind).await?;
+        self.purge_ticks(&spec).await?;
         self.kv
             .purge(names::periodic_key(kind))
             .await
@@ -226,6 +238,9 @@ impl PeriodicStore {
             .ok_or_else(|| PeriodicError::NotFound(kind.to_owned()))?;
         spec.paused = paused;
         self.apply(&spec).await?;
+        if paused {
+            self.purge_ticks(&spec).await?;
+        }
         Ok(spec)
     }
 

@@ -6,7 +6,11 @@
 //! the task. Re-enqueue takes an archived task out of `bmw.dead.<queue>` and
 //! puts it back in its queue with fresh attempts.
 
-use async_nats::jetstream::{self, message::PublishMessage, stream::Stream};
+use async_nats::jetstream::{
+    self,
+    message::PublishMessage,
+    stream::{LastRawMessageErrorKind, Stream},
+};
 use serde_json::{Value, json};
 
 use super::inspect::{Inspector, subjects};
@@ -95,17 +99,23 @@ impl Admin {
     /// Puts an archived task back in its queue with fresh attempts.
     pub async fn requeue(&self, task_id: &str) -> Result<Value, OpError> {
         let filter = names::dead_subject(names::ANY, task_id);
+        let not_found = || OpError::NotFound(format!("no archived async task `{task_id}`"));
         let Some(subject) = subjects(&self.inspector.dead, &filter).await?.next() else {
-            return Err(OpError::NotFound(format!(
-                "no archived async task `{task_id}`"
-            )));
+            return Err(not_found());
         };
-        let message = self
+        let message = match self
             .inspector
             .dead
             .get_last_raw_message_by_subject(&subject)
             .await
-            .map_err(nats)?;
+        {
+            Ok(message) => message,
+            // Gone since it was listed: a concurrent requeue or delete took it.
+            Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => {
+                return Err(not_found());
+            }
+            Err(e) => return Err(nats(e)),
+        };
         let mut task: TaskMessage = serde_json::from_slice(&message.payload).map_err(|e| {
             ValidationError::new(
                 "task_id",
@@ -117,15 +127,22 @@ impl Admin {
             .unwrap_or(crate::task::DEFAULT_QUEUE)
             .to_owned();
         let body = crate::nats::to_json_bytes(&task);
-        // A fresh message id: the original one may still be in the dedup window.
-        let msg_id = format!("{task_id}-requeue-{}", uuid::Uuid::new_v4().simple());
+        // Not the original message id (it may still be in the dedup window),
+        // but one per dead letter: a concurrent requeue of it is a duplicate.
+        let msg_id = super::dead_letter::requeue_message_id(task_id, message.sequence);
         let publish = PublishMessage::build().payload(body).message_id(msg_id);
-        self.js
+        let ack = self
+            .js
             .send_publish(names::async_subject(&queue, task_id), publish)
             .await
             .map_err(nats)?
             .await
             .map_err(nats)?;
+        if ack.duplicate {
+            // Another requeue did it (and clears the dead letter and record;
+            // the record may already be the new run's).
+            return Ok(json!({"task_id": task_id, "queue": queue, "state": "pending"}));
+        }
         self.purge(&self.inspector.dead, &subject).await?;
         self.inspector.records.remove(task_id).await?;
         tracing::info!(task_id, queue, "archived async task re-enqueued");

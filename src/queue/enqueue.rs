@@ -19,7 +19,9 @@ use super::message::TaskMessage;
 use crate::nats::{
     NatsError, RETRY_BUDGET, TtlCreate, create_with_ttl, names, publish_with_retries, with_retries,
 };
-use crate::task::{CreateCommand, OpError, TaskType, ValidationError, canonical_payload, to_hex};
+use crate::task::{
+    CreateCommand, OpError, Origin, TaskType, ValidationError, canonical_payload, to_hex,
+};
 
 /// Enqueues async tasks.
 #[derive(Debug, Clone)]
@@ -103,14 +105,35 @@ impl Enqueuer {
     }
 
     /// Validates and enqueues; returns `{task_id, queue, state, process_at}`.
+    /// A create from a command message that was applied already (a
+    /// redelivery) answers the task of the first apply, with `"duplicate":
+    /// true`, and enqueues nothing.
     pub async fn enqueue(&self, create: &CreateCommand) -> Result<Value, OpError> {
         validate(create)?;
         let queue = create.options.queue().to_owned();
-        let task_id = create
-            .options
-            .task_id
-            .clone()
-            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+        let due =
+            due_time(create)?.filter(|at| *at > Utc::now() + chrono::Duration::milliseconds(500));
+        let answer = |task_id: &str, duplicate: bool| {
+            let state = if due.is_some() {
+                "scheduled"
+            } else {
+                "pending"
+            };
+            let mut data = json!({"task_id": task_id, "kind": create.kind, "queue": queue,
+                                  "state": state, "process_at": due.map(|d| d.to_rfc3339())});
+            if duplicate {
+                data["duplicate"] = json!(true);
+            }
+            data
+        };
+        let (task_id, derived) = match (&create.options.task_id, create.origin) {
+            (Some(id), _) => (id.clone(), false),
+            (None, Origin::Message) => (task_id_of_command(&create.id), true),
+            (None, Origin::Direct) => (uuid::Uuid::new_v4().to_string(), false),
+        };
+        // A derived id is not looked up (three reads on every command): a
+        // redelivery comes within the duplicate window, and its publish is
+        // answered as a duplicate.
         if create.options.task_id.is_some()
             && with_retries(RETRY_BUDGET, |_| self.id_in_use(&task_id)).await?
         {
@@ -119,9 +142,10 @@ impl Enqueuer {
                 task_id,
             });
         }
-        if let Some(window) = create.options.unique_ttl {
-            self.lock_unique(create, &queue, &task_id, window).await?;
-        }
+        let lock = match create.options.unique_ttl {
+            Some(window) => self.lock_unique(create, &queue, &task_id, window).await?,
+            None => None,
+        };
         let message = TaskMessage {
             id: task_id.clone(),
             kind: create.kind.to_string(),
@@ -131,8 +155,6 @@ impl Enqueuer {
             errors: Vec::new(),
         };
         let body = crate::nats::to_json_bytes(&message);
-        let due =
-            due_time(create)?.filter(|at| *at > Utc::now() + chrono::Duration::milliseconds(500));
         let mut headers = HeaderMap::new();
         let subject = match due {
             Some(at) => {
@@ -154,22 +176,25 @@ impl Enqueuer {
             .headers(headers)
             .message_id(&task_id);
         // Retried through an election or a reconnect; the message id keeps it single.
-        let ack = publish_with_retries(&self.js, &subject, publish).await?;
+        let ack = match publish_with_retries(&self.js, &subject, publish).await {
+            Ok(ack) => ack,
+            Err(e) => {
+                if let Some(lock) = lock {
+                    self.unlock_unique(&lock).await;
+                }
+                return Err(e.into());
+            }
+        };
         if ack.duplicate {
+            if derived {
+                return Ok(answer(&task_id, true));
+            }
             return Err(OpError::Conflict {
                 message: format!("task id `{task_id}` was enqueued already"),
                 task_id,
             });
         }
-        let state = if due.is_some() {
-            "scheduled"
-        } else {
-            "pending"
-        };
-        Ok(
-            json!({"task_id": task_id, "kind": create.kind, "queue": queue, "state": state,
-                  "process_at": due.map(|d| d.to_rfc3339())}),
-        )
+        Ok(answer(&task_id, false))
     }
 
     /// Whether a task id is pending, scheduled, or has a record.
@@ -190,13 +215,16 @@ impl Enqueuer {
         Ok(matches!(records.entry(task_id).await?, Some(e) if e.operation == kv::Operation::Put))
     }
 
+    /// Takes the unique lock of this kind, payload and queue for `window`,
+    /// holding `task_id`. `Some(lock)`: taken now; `None`: this task holds it
+    /// already (a redelivered command's second apply).
     async fn lock_unique(
         &self,
         create: &CreateCommand,
         queue: &str,
         task_id: &str,
         window: Duration,
-    ) -> Result<(), OpError> {
+    ) -> Result<Option<UniqueLock>, OpError> {
         let mut hasher = Sha256::new();
         hasher.update(create.kind.as_str().as_bytes());
         hasher.update([0]);
@@ -215,9 +243,9 @@ impl Enqueuer {
         })
         .await?;
         match lock {
-            TtlCreate::Created(_) => Ok(()),
-            // Taken by an earlier attempt of this very create.
-            TtlCreate::Exists(existing) if existing.as_ref() == task_id.as_bytes() => Ok(()),
+            TtlCreate::Created(revision) => Ok(Some(UniqueLock { key, revision })),
+            // Taken by an earlier apply or attempt of this very create.
+            TtlCreate::Exists(existing) if existing.as_ref() == task_id.as_bytes() => Ok(None),
             TtlCreate::Exists(existing) => {
                 let existing = String::from_utf8_lossy(&existing).into_owned();
                 Err(OpError::Conflict {
@@ -229,6 +257,40 @@ impl Enqueuer {
             }
         }
     }
+
+    /// Releases a unique lock whose task was not enqueued, unless a newer
+    /// lock replaced it. A failure is logged: the lock then lasts its window.
+    async fn unlock_unique(&self, lock: &UniqueLock) {
+        if let Err(e) = self
+            .unique
+            .delete_expect_revision(&lock.key, Some(lock.revision))
+            .await
+        {
+            tracing::warn!(key = lock.key, cause = %e, "unique lock of a task not enqueued not released");
+        }
+    }
+}
+
+/// A unique lock this create took: its key and the revision it wrote.
+#[derive(Debug)]
+struct UniqueLock {
+    key: String,
+    revision: u64,
+}
+
+/// The async task id of a create command: the same for every delivery of
+/// one command, so a redelivery's publish is deduplicated by its
+/// `Nats-Msg-Id`; a UUID (version 8) from a digest of the command id.
+pub fn task_id_of_command(command_id: &str) -> String {
+    let digest = Sha256::new()
+        .chain_update(b"bmw.task.create\0")
+        .chain_update(command_id.as_bytes())
+        .finalize();
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&digest[..16]);
+    uuid::Builder::from_custom_bytes(bytes)
+        .into_uuid()
+        .to_string()
 }
 
 #[cfg(test)]
@@ -245,7 +307,7 @@ mod tests {
             let (Ok(kind), Ok(options)) = (Kind::parse(&kind), Options::from_json(Some(&options))) else {
                 return Ok(());
             };
-            let create = CreateCommand { id: "c".into(), kind, payload, options };
+            let create = CreateCommand { id: "c".into(), kind, payload, options, origin: Default::default() };
             match validate(&create) {
                 Ok(()) => {
                     let due = due_time(&create);
@@ -254,6 +316,15 @@ mod tests {
                 Err(e) => prop_assert!(e.field == "kind" || e.field.starts_with("options."), "{}", e),
             }
         }
+    }
+
+    #[test]
+    fn a_command_s_task_id_is_stable_distinct_and_a_valid_task_id() {
+        let a = task_id_of_command("cmd-1");
+        assert_eq!(a, task_id_of_command("cmd-1"));
+        assert_ne!(a, task_id_of_command("cmd-2"));
+        assert!(uuid::Uuid::parse_str(&a).is_ok(), "{a}");
+        assert_eq!(crate::task::check_task_id("task_id", &a), Ok(()));
     }
 
     #[test]
@@ -266,6 +337,7 @@ mod tests {
                 process_in: Some(crate::task::options::MAX_DURATION),
                 ..Options::default()
             },
+            origin: Default::default(),
         };
         assert!(due_time(&create).unwrap().unwrap() > Utc::now());
     }

@@ -5,13 +5,14 @@
 //! ([`admin`]) and reads ([`inspect`]). Every worker's [`runtime`] fetches
 //! from the shared consumer of each queue it listens on (weighted, bounded
 //! concurrency), runs the [`handler`] of each task in an attempt, and acks,
-//! `nak`s with a [`retry`] delay, or dead-letters it; what attempts share is
+//! `nak`s with a [`retry`] delay, or dead-letters it ([`dead_letter`]); what attempts share is
 //! in [`shared`]. [`record`] keeps the inspectable state where it matters.
 //! Delivery is at least once.
 
 pub mod admin;
 mod attempt;
 mod completer;
+pub mod dead_letter;
 mod depth;
 pub mod enqueue;
 mod fetcher;

@@ -11,7 +11,6 @@ use super::handler::TaskError;
 use super::message::TaskMessage;
 use super::record::{RECORD_TTL, TaskRecord, TaskState};
 use super::shared::AttemptEnv;
-use crate::nats::names;
 
 pub(super) fn record(
     task: &TaskMessage,
@@ -111,13 +110,10 @@ pub(super) async fn archive(
         task.errors = previous.errors;
     }
     task.errors.push(error.to_owned());
-    let body = crate::nats::to_json_bytes(&task);
-    let subject = names::dead_subject(queue, &task.id);
-    let stored = match rt.nats.js.publish(subject, body).await {
-        Ok(ack) => ack.await.map(|_| ()),
-        Err(e) => Err(e),
-    };
-    if let Err(e) = stored {
+    // The same delivery archived again (the ack of the first lost) is the
+    // same dead letter; a message without stream info cannot be.
+    let sequence = message.info().map(|i| i.stream_sequence).unwrap_or(0);
+    if let Err(e) = super::dead_letter::store(&rt.nats.js, queue, &task, sequence).await {
         // Not lost: leave it for redelivery and try again later.
         tracing::error!(task_id = task.id, cause = %e, "dead letter not stored; task returned to its queue");
         let _ = message

@@ -13,7 +13,7 @@ pub mod request;
 
 pub use options::{DEFAULT_QUEUE, Options, duration};
 pub use outcome::{OpError, Outcome};
-pub use request::{Command, CreateCommand, DeleteTarget};
+pub use request::{Command, CreateCommand, DeleteTarget, Origin};
 
 use std::fmt;
 

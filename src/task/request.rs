@@ -18,6 +18,23 @@ pub struct CreateCommand {
     pub payload: Value,
     /// Its options.
     pub options: Options,
+    /// Where it came from, which decides an async task's id when
+    /// `options.task_id` is not given.
+    pub origin: Origin,
+}
+
+/// Where a create came from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Origin {
+    /// Applied once, where it was asked (the bridge, `bmw task`): an async
+    /// task gets a fresh id.
+    #[default]
+    Direct,
+    /// Applied from a `bmw.task.create` message, which may be delivered more
+    /// than once: an async task's id is derived from the command's `id`, so
+    /// a second apply's publish is a duplicate of the first's instead of
+    /// another task.
+    Message,
 }
 
 /// What a delete names.

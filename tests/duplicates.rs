@@ -1,0 +1,236 @@
+//! Nothing enqueued twice, nothing locked for nothing (issue 11, item 6): a
+//! redelivered create command enqueues its task once, a unique lock is
+//! released when its task could not be published, a dead letter stored twice
+//! is stored once, two requeues at once make one copy, and a deleted or
+//! paused periodic task leaves none of its queued ticks to run.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, AckKind, consumer::pull};
+use bmw::nats::names;
+use futures::{StreamExt, TryStreamExt};
+use serde_json::{Value, json};
+
+use crate::harness::{TestEnv, wait_until};
+
+/// How many messages `BMW_<stream>` holds on subjects matching `filter`.
+async fn count_on(env: &TestEnv, stream: &str, filter: &str) -> usize {
+    let stream = env.nats.js.get_stream(stream).await.unwrap();
+    let found: Vec<(String, usize)> = stream
+        .info_with_subjects(filter)
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    found.into_iter().map(|(_, n)| n).sum()
+}
+
+async fn submit(env: &TestEnv, subject: &str, body: &Value) -> Result<Value, bmw::task::OpError> {
+    match env
+        .client
+        .submit_json(subject, body.to_string().as_bytes())
+        .await?
+    {
+        bmw::client::Submitted::Done(o) => {
+            assert!(o.result, "{o:?}");
+            Ok(o.data)
+        }
+        bmw::client::Submitted::Accepted { .. } => panic!("applied directly"),
+    }
+}
+
+#[tokio::test]
+async fn a_redelivered_create_command_enqueues_its_task_once() {
+    let env = TestEnv::start().await;
+    let ops = bmw::ops::Operations::open(&env.nats, Arc::new(bmw::builtin::registry()))
+        .await
+        .unwrap();
+    // The workers' shared consumer (no worker runs): this test is the worker.
+    let consumer = env
+        .nats
+        .js
+        .get_stream(names::STREAM_TASKS)
+        .await
+        .unwrap()
+        .get_or_create_consumer(
+            names::CONSUMER_COMMANDS,
+            pull::Config {
+                durable_name: Some(names::CONSUMER_COMMANDS.into()),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    // No `id` and no `Nats-Msg-Id`: only the delivery itself is stable.
+    let body = json!({"kind": "async:demo:noop", "payload": {"n": 1},
+                      "options": {"queue": "redelivered", "unique_ttl": "1h"}});
+    let body = bmw::nats::to_json_bytes(&body);
+    env.nats
+        .js
+        .publish(names::SUBJECT_CREATE, body)
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let mut answers = Vec::new();
+    for _ in 0..3 {
+        let message: jetstream::Message = consumer
+            .fetch()
+            .max_messages(1)
+            .expires(Duration::from_secs(5))
+            .messages()
+            .await
+            .unwrap()
+            .next()
+            .await
+            .expect("the command, delivered again")
+            .unwrap();
+        let command = bmw::command::wire::parse_delivered(&message).unwrap();
+        // Applied, and its ack lost: delivered again.
+        answers.push(ops.apply(&command).await.unwrap().unwrap());
+        message.ack_with(AckKind::Nak(None)).await.unwrap();
+    }
+    let task_id = &answers[0]["task_id"];
+    for again in &answers[1..] {
+        assert_eq!(&again["task_id"], task_id, "{answers:?}");
+        assert_eq!(again["duplicate"], true, "{again}");
+    }
+    assert_eq!(
+        count_on(&env, names::STREAM_ASYNC, "bmw.async.redelivered.>").await,
+        1,
+        "{answers:?}"
+    );
+}
+
+#[tokio::test]
+async fn creates_through_the_bridge_path_keep_a_fresh_id_each() {
+    let env = TestEnv::start().await;
+    // The same body, with the same command id, twice: two tasks.
+    let body = json!({"id": "same", "kind": "async:demo:noop", "options": {"queue": "direct"}});
+    let first = submit(&env, names::SUBJECT_CREATE, &body).await.unwrap();
+    let second = submit(&env, names::SUBJECT_CREATE, &body).await.unwrap();
+    assert_ne!(first["task_id"], second["task_id"]);
+    assert_eq!(
+        count_on(&env, names::STREAM_ASYNC, "bmw.async.direct.>").await,
+        2
+    );
+}
+
+#[tokio::test]
+async fn a_unique_lock_is_released_when_its_task_is_not_published() {
+    let env = TestEnv::start().await;
+    let body = json!({"kind": "async:demo:noop", "payload": {"n": 2},
+                      "options": {"unique_ttl": "1h"}});
+    // The stream refuses every task (too large for it) after the lock is taken.
+    let mut stream = env.nats.js.get_stream(names::STREAM_ASYNC).await.unwrap();
+    let mut config = stream.info().await.unwrap().config.clone();
+    let original = config.max_message_size;
+    config.max_message_size = 16;
+    env.nats.js.update_stream(&config).await.unwrap();
+    let refused = submit(&env, names::SUBJECT_CREATE, &body).await;
+    assert!(
+        matches!(refused, Err(bmw::task::OpError::Nats(_))),
+        "{refused:?}"
+    );
+    config.max_message_size = original;
+    env.nats.js.update_stream(&config).await.unwrap();
+    // Not held for the hour: the same create is taken now, and holds it.
+    let created = submit(&env, names::SUBJECT_CREATE, &body).await.unwrap();
+    let again = submit(&env, names::SUBJECT_CREATE, &body).await;
+    assert!(
+        matches!(&again, Err(bmw::task::OpError::Conflict { task_id, .. }) if *task_id == created["task_id"]),
+        "{again:?}"
+    );
+}
+
+fn task(id: &str) -> bmw::queue::TaskMessage {
+    bmw::queue::TaskMessage {
+        id: id.into(),
+        kind: "async:demo:noop".into(),
+        payload: json!({}),
+        options: bmw::task::Options::default(),
+        enqueued_at: None,
+        errors: vec!["failed".into()],
+    }
+}
+
+#[tokio::test]
+async fn a_dead_letter_stored_twice_is_stored_once() {
+    let env = TestEnv::start().await;
+    let js = &env.nats.js;
+    // The same delivery archived twice (its ack lost): one dead letter.
+    bmw::queue::dead_letter::store(js, "q", &task("t1"), 7)
+        .await
+        .unwrap();
+    bmw::queue::dead_letter::store(js, "q", &task("t1"), 7)
+        .await
+        .unwrap();
+    assert_eq!(count_on(&env, names::STREAM_DEAD, "bmw.dead.q.t1").await, 1);
+    // A requeued copy (another message) archived again is another one.
+    bmw::queue::dead_letter::store(js, "q", &task("t1"), 9)
+        .await
+        .unwrap();
+    assert_eq!(count_on(&env, names::STREAM_DEAD, "bmw.dead.q.t1").await, 2);
+}
+
+#[tokio::test]
+async fn requeues_at_once_enqueue_one_copy() {
+    let env = TestEnv::start().await;
+    bmw::queue::dead_letter::store(&env.nats.js, "requeued", &task("t2"), 1)
+        .await
+        .unwrap();
+    let requeues = (0..8).map(|_| env.client.requeue("t2"));
+    let answers = futures::future::join_all(requeues).await;
+    // Each answers 200, or 404 once another took the dead letter; never a NATS error.
+    assert!(answers.iter().any(Result::is_ok), "{answers:?}");
+    for answer in &answers {
+        assert!(
+            matches!(answer, Ok(_) | Err(bmw::task::OpError::NotFound(_))),
+            "{answers:?}"
+        );
+    }
+    assert_eq!(
+        count_on(&env, names::STREAM_ASYNC, "bmw.async.requeued.t2").await,
+        1,
+        "{answers:?}"
+    );
+    assert_eq!(
+        count_on(&env, names::STREAM_DEAD, "bmw.dead.requeued.t2").await,
+        0
+    );
+}
+
+#[tokio::test]
+async fn a_deleted_or_paused_periodic_task_leaves_no_queued_ticks() {
+    let env = TestEnv::start().await;
+    let ticks = names::tick_subject("nobody", "periodic:demo:tick");
+    let create = json!({"kind": "periodic:demo:tick",
+                        "options": {"every": "1s", "queue": "nobody"}});
+    for stop in ["delete", "pause"] {
+        submit(&env, names::SUBJECT_CREATE, &create).await.unwrap();
+        // No worker runs the queue: the ticks wait in it.
+        assert!(
+            wait_until(Duration::from_secs(10), async || {
+                count_on(&env, names::STREAM_ASYNC, &ticks).await >= 2
+            })
+            .await,
+            "ticks queued"
+        );
+        if stop == "delete" {
+            let body = json!({"task_type": "periodic", "kind": "periodic:demo:tick"});
+            submit(&env, names::SUBJECT_DELETE, &body).await.unwrap();
+        } else {
+            env.client
+                .pause_periodic("periodic:demo:tick", true)
+                .await
+                .unwrap();
+        }
+        assert_eq!(
+            count_on(&env, names::STREAM_ASYNC, &ticks).await,
+            0,
+            "after {stop}"
+        );
+    }
+}
