@@ -234,3 +234,55 @@ async fn a_deleted_or_paused_periodic_task_leaves_no_queued_ticks() {
         );
     }
 }
+
+/// The consumer of a queue keeps the ack wait of the worker that created it;
+/// a worker configured with a longer one used to send its progress acks too
+/// late, so a long task was redelivered and ran twice at once.
+#[tokio::test(flavor = "multi_thread")]
+async fn long_tasks_are_kept_alive_at_the_consumers_ack_wait() {
+    let env = TestEnv::start().await;
+    let events = crate::harness::collect_events(&env, "bmw.event.async.>");
+    env.nats.client.flush().await.unwrap();
+    let mut first = crate::harness::BmwProcess::worker(
+        &env.url(),
+        &["--queues", "slow", "--async-ack-wait", "2s"],
+    );
+    first.worker_id().await;
+    let stream = env.nats.js.get_stream("BMW_ASYNC").await.unwrap();
+    let created = wait_until(Duration::from_secs(10), async || {
+        stream
+            .consumer_info(names::async_consumer("slow"))
+            .await
+            .is_ok()
+    })
+    .await;
+    assert!(created, "the first worker creates the queue's consumer");
+    assert!(first.sigterm());
+    let _second = crate::harness::BmwProcess::worker(
+        &env.url(),
+        &["--queues", "slow", "--async-ack-wait", "60s"],
+    );
+    _second.worker_id().await;
+    let body = json!({"kind": "async:demo:sleep", "payload": {"seconds": 5},
+                      "options": {"queue": "slow", "task_id": "long-1"}});
+    submit(&env, names::SUBJECT_CREATE, &body).await.unwrap();
+    let runs = || {
+        events
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|e| e["task_id"] == "long-1" && e["what"] == "succeeded")
+            .count()
+    };
+    assert!(
+        wait_until(Duration::from_secs(15), async || runs() >= 1).await,
+        "the task ran"
+    );
+    // A second run, had it been redelivered at 2 s, ends within 2-3 s of the first.
+    let twice = wait_until(Duration::from_secs(4), async || runs() >= 2).await;
+    assert!(
+        !twice,
+        "the 5 s task ran twice: {:?}",
+        events.lock().unwrap()
+    );
+}

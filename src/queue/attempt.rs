@@ -95,7 +95,7 @@ fn queue_of(subject: &str) -> String {
         .to_owned()
 }
 
-pub(super) async fn execute(shared: Arc<Shared>, message: Message, _slot: Slot) {
+pub(super) async fn execute(shared: Arc<Shared>, message: Message, slot: Slot) {
     let rt = &shared.rt;
     let (attempt, seq) = match message.info() {
         Ok(info) => (info.delivered.max(1) as u32, info.stream_sequence),
@@ -158,7 +158,16 @@ pub(super) async fn execute(shared: Arc<Shared>, message: Message, _slot: Slot) 
         Box::pin(rt.events.emit("periodic", &task.kind, "enqueued", detail)).await;
     }
     let started = Instant::now();
-    let outcome = run_attempt(&shared, &message, &task, &queue, attempt, handler).await;
+    let outcome = run_attempt(
+        &shared,
+        &message,
+        &task,
+        &queue,
+        attempt,
+        handler,
+        slot.keep_alive,
+    )
+    .await;
     let seconds = started.elapsed().as_secs_f64();
     if periodic {
         let next = message
@@ -250,6 +259,7 @@ async fn run_attempt(
     queue: &str,
     attempt: u32,
     handler: Arc<dyn Handler>,
+    keep_alive: Duration,
 ) -> Outcome {
     let rt = &shared.rt;
     let limit = match attempt_limit(&task.options, chrono::Utc::now()) {
@@ -283,8 +293,8 @@ async fn run_attempt(
         }
     };
     tokio::pin!(timeout);
-    // One timer: the `active` record after a while, then progress acks.
-    let keep_alive = rt.ack_wait / 3;
+    // One timer: the `active` record after a while, then progress acks (a
+    // third of the consumer's ack wait apart).
     let wake = tokio::time::sleep(ACTIVE_RECORD_AFTER.min(keep_alive));
     tokio::pin!(wake);
     let mut active_written = false;

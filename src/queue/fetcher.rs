@@ -220,14 +220,22 @@ pub(super) struct Slot {
     permit: Option<OwnedSemaphorePermit>,
     pace: Arc<Pace>,
     since: Instant,
+    /// How often the running task's message must be kept alive: a third of
+    /// its consumer's ack wait.
+    pub(super) keep_alive: Duration,
 }
 
 impl Slot {
-    pub(super) fn new(permit: OwnedSemaphorePermit, pace: &Arc<Pace>) -> Self {
+    pub(super) fn new(
+        permit: OwnedSemaphorePermit,
+        pace: &Arc<Pace>,
+        keep_alive: Duration,
+    ) -> Self {
         Slot {
             permit: Some(permit),
             pace: pace.clone(),
             since: Instant::now(),
+            keep_alive,
         }
     }
 }

@@ -186,12 +186,14 @@ async fn queue_loop(
             () = token.cancelled() => return,
         }
     };
+    // The consumer keeps the ack wait of the worker that created it, which may
+    // not be ours: messages are kept alive at a third of the consumer's own.
+    let keep_alive = (consumer.cached_info().config.ack_wait / 3).max(Duration::from_millis(100));
     let mut fetcher = Fetcher::new(consumer);
     // Messages in hand, waiting for permits, with when they came (or were
     // last kept alive).
     let mut held: VecDeque<(Message, Instant)> = VecDeque::new();
     let mut acquire: Option<BoxFuture<'static, Result<OwnedSemaphorePermit, AcquireError>>> = None;
-    let keep_alive = shared.rt.ack_wait / 3;
     let mut aging = tokio::time::interval_at(Instant::now() + keep_alive, keep_alive);
     aging.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let chunk = queue.weight.max(1) as usize;
@@ -233,7 +235,7 @@ async fn queue_loop(
                 }
                 while let Some(permit) = permits.split(1) {
                     let Some((message, _)) = held.pop_front() else { break };
-                    tasks.spawn(Box::pin(attempt::execute(shared.clone(), message, Slot::new(permit, &pace))));
+                    tasks.spawn(Box::pin(attempt::execute(shared.clone(), message, Slot::new(permit, &pace, keep_alive))));
                 }
             }
             _ = aging.tick() => {
