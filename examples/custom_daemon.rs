@@ -42,7 +42,8 @@ impl Operator for Counter {
     }
 
     fn task_dimension(&self, payload: &Value) -> String {
-        payload["data_id"].to_string()
+        // `"1573001"` and `1573001` both give `1573001`, the label bk-monitor queries.
+        bmw::daemon::operator::field_text(payload, "data_id")
     }
 }
 

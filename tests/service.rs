@@ -192,3 +192,34 @@ async fn demo_kinds_are_opt_in_outside_bmw_run() {
         "{envelope}"
     );
 }
+
+/// BMW drains on SIGINT, SIGTERM and SIGQUIT; so does bmw (SIGQUIT used to
+/// kill the process with a core dump, claims left to expire).
+#[tokio::test(flavor = "multi_thread")]
+async fn sigquit_drains_like_sigterm() {
+    let env = crate::harness::TestEnv::start().await;
+    let mut worker = BmwProcess::worker(&env.url(), &[]);
+    let id = worker.worker_id().await;
+    env.create_demo("ok").await;
+    assert_eventually!(
+        std::time::Duration::from_secs(10),
+        env.loads().await.get(&id) == Some(&1),
+        "the worker holds the task"
+    );
+    // SAFETY: kill(2) on our own child's pid has no memory effects.
+    let sent = unsafe { libc::kill(worker.pid() as i32, libc::SIGQUIT) };
+    assert_eq!(sent, 0);
+    let status = worker.wait_exit(std::time::Duration::from_secs(15)).await;
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "exited cleanly: {status:?}; logs:\n{}",
+        worker.logs().join("\n")
+    );
+    assert!(worker.has_log("received SIGQUIT"));
+    // Released on the way out, not left to expire: nobody holds it at once.
+    assert_eventually!(
+        std::time::Duration::from_secs(2),
+        env.bindings().await.values().all(String::is_empty),
+        "the claim was released"
+    );
+}

@@ -121,3 +121,23 @@ pub trait Operator: Send + Sync + 'static {
         String::new()
     }
 }
+
+/// A payload field as the text a `task_dimension` wants: a JSON string as its
+/// plain text (`"1573001"` gives `1573001`, as BMW's Go code does), anything
+/// else as its JSON (`7` gives `7`), a missing field as empty (the uni_id then
+/// comes from the whole payload).
+///
+/// ```
+/// use serde_json::json;
+/// let payload = json!({"data_id": "1573001", "n": 7});
+/// assert_eq!(bmw::daemon::operator::field_text(&payload, "data_id"), "1573001");
+/// assert_eq!(bmw::daemon::operator::field_text(&payload, "n"), "7");
+/// assert_eq!(bmw::daemon::operator::field_text(&payload, "missing"), "");
+/// ```
+pub fn field_text(payload: &Value, field: &str) -> String {
+    match payload.get(field) {
+        None | Some(Value::Null) => String::new(),
+        Some(Value::String(s)) => s.clone(),
+        Some(other) => other.to_string(),
+    }
+}
