@@ -193,10 +193,37 @@ impl TaskClient {
     }
 }
 
+/// asynq's default `Retry`, which BMW lists for a task that gave none.
+const BMW_DEFAULT_RETRY: u32 = 10;
+/// Go's zero `time.Time`, which BMW lists for a task with no deadline.
+const GO_ZERO_TIME: &str = "0001-01-01T00:00:00Z";
+
 fn row(spec: DaemonSpec, claims: &HashMap<String, Claim>, live: &HashSet<&str>) -> DaemonRow {
     let claim = claims.get(&spec.uni_id.key()).filter(|c| c.is_held());
     let mut options = serde_json::to_value(&spec.options).unwrap_or(Value::Null);
     options["queue"] = json!(spec.options.queue());
+    // BMW lists asynq's options with Go's field names and zero values; clients
+    // written for it read them (`options["Queue"]`). Durations in nanoseconds.
+    let nanos = |d: Option<std::time::Duration>| d.map_or(0, |d| d.as_nanos() as u64);
+    let o = &spec.options;
+    for (name, value) in [
+        ("Retry", json!(o.retry.unwrap_or(BMW_DEFAULT_RETRY))),
+        ("Queue", json!(o.queue())),
+        ("TaskID", json!(o.task_id.clone().unwrap_or_default())),
+        ("Timeout", json!(nanos(o.timeout))),
+        (
+            "Deadline",
+            json!(o.deadline.as_deref().unwrap_or(GO_ZERO_TIME)),
+        ),
+        ("UniqueTTL", json!(nanos(o.unique_ttl))),
+        (
+            "ProcessAt",
+            json!(o.process_at.as_deref().unwrap_or(&spec.created_at)),
+        ),
+        ("Retention", json!(nanos(o.retention))),
+    ] {
+        options[name] = value;
+    }
     DaemonRow {
         uni_id: spec.uni_id.to_string(),
         kind: spec.kind.to_string(),

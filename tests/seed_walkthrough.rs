@@ -77,6 +77,11 @@ async fn seed_walkthrough_through_the_bridge() {
     for row in &rows {
         assert_eq!(row["kind"], "daemon:demo:demo");
         assert_eq!(row["options"]["queue"], "default");
+        // BMW lists asynq's options with Go field names; older clients read `Queue`.
+        assert_eq!(row["options"]["Queue"], "default", "{row}");
+        assert_eq!(row["options"]["Retry"], 10, "{row}");
+        assert_eq!(row["options"]["Timeout"], 0, "{row}");
+        assert_eq!(row["options"]["Deadline"], "0001-01-01T00:00:00Z", "{row}");
         assert_eq!(row["binding"]["worker_id"], worker_id.as_str(), "{row}");
         assert_eq!(row["binding"]["worker_is_normal"], true);
     }
