@@ -54,6 +54,9 @@ pub const DEFAULT_ASYNC_RETRY_MAX: Duration = Duration::from_secs(3600);
 /// Default time a fetched async task may go without an ack before another
 /// worker gets it (long handlers send `in_progress` every third of it).
 pub const DEFAULT_ASYNC_ACK_WAIT: Duration = Duration::from_secs(30);
+/// Default time limit of an async attempt whose task gives neither `timeout`
+/// nor `deadline` (asynq's, which BMW inherits).
+pub const DEFAULT_ASYNC_DEFAULT_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 /// Default largest request body the bridge accepts.
 pub const DEFAULT_MAX_BODY: usize = 1024 * 1024;
 /// Default most tasks a queue may hold (waiting or running) before creates
@@ -175,6 +178,7 @@ pub struct ConfigOverrides {
     pub async_retry_max: Option<String>,
     pub async_ack_wait: Option<String>,
     pub max_queue_pending: Option<u64>,
+    pub async_default_timeout: Option<String>,
     // The bridge's access and limits.
     pub api_token: Option<Vec<String>>,
     pub api_token_file: Option<PathBuf>,
@@ -237,6 +241,7 @@ impl ConfigOverrides {
             async_retry_max: self.async_retry_max.or(other.async_retry_max),
             async_ack_wait: self.async_ack_wait.or(other.async_ack_wait),
             max_queue_pending: self.max_queue_pending.or(other.max_queue_pending),
+            async_default_timeout: self.async_default_timeout.or(other.async_default_timeout),
             api_token: self.api_token.or(other.api_token),
             api_token_file: self.api_token_file.or(other.api_token_file),
             metrics_require_token: self.metrics_require_token.or(other.metrics_require_token),
@@ -316,6 +321,9 @@ pub struct Config {
     pub demo_kinds: Option<bool>,
     /// Most tasks a queue may hold before creates on it are refused (429).
     pub max_queue_pending: u64,
+    /// Time limit of an async attempt whose task gives no `timeout` or
+    /// `deadline`; zero: none.
+    pub async_default_timeout: Duration,
     /// Bearer tokens the bridge accepts (`--api-token` and the
     /// `--api-token-file`); none: the bridge asks for no token.
     pub api_tokens: Vec<ApiToken>,
@@ -581,6 +589,11 @@ impl Config {
                 DEFAULT_ASYNC_ACK_WAIT,
             )?,
             max_queue_pending: given.max_queue_pending.unwrap_or(DEFAULT_MAX_QUEUE_PENDING),
+            async_default_timeout: dur(
+                "async-default-timeout",
+                given.async_default_timeout,
+                DEFAULT_ASYNC_DEFAULT_TIMEOUT,
+            )?,
             api_tokens: {
                 let mut tokens = api_token::parse_items(given.api_token.as_deref().unwrap_or(&[]))?;
                 if let Some(path) = &given.api_token_file {
@@ -674,6 +687,9 @@ impl Config {
         }
         if self.grace > MAX_WAIT_SETTING {
             return invalid("grace", "must be at most 1day");
+        }
+        if self.async_default_timeout > MAX_WAIT_SETTING {
+            return invalid("async-default-timeout", "must be at most 1day (0s: none)");
         }
         if self.reply_timeout > MAX_REPLY_TIMEOUT {
             return invalid("reply-timeout", "must be at most 1h");

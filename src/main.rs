@@ -86,6 +86,10 @@ struct Global {
     /// are refused with 429 [default: 1000000].
     #[arg(long, global = true, env = "BMW_MAX_QUEUE_PENDING")]
     max_queue_pending: Option<u64>,
+    /// Time limit of an async attempt whose task gives neither `timeout` nor
+    /// `deadline`; 0s for none [default: 30m].
+    #[arg(long, global = true, env = "BMW_ASYNC_DEFAULT_TIMEOUT")]
+    async_default_timeout: Option<String>,
     /// A bearer token the bridge accepts: `rw:<secret>`, `ro:<secret>` (reads only) or a
     /// bare secret (read-write). Repeat the flag, or comma-separate in BMW_API_TOKEN.
     #[arg(
@@ -272,6 +276,7 @@ impl Global {
             async_retry_max: self.async_retry_max.clone(),
             async_ack_wait: self.async_ack_wait.clone(),
             max_queue_pending: self.max_queue_pending,
+            async_default_timeout: self.async_default_timeout.clone(),
             api_token: self.api_token.clone(),
             api_token_file: self.api_token_file.clone(),
             metrics_require_token: self.metrics_require_token.then_some(true),

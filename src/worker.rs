@@ -120,6 +120,8 @@ impl Worker {
                 worker_id: worker_id.clone(),
                 stats: stats.clone(),
                 ticks: Some(Arc::new(periodic)),
+                default_timeout: (!config.async_default_timeout.is_zero())
+                    .then_some(config.async_default_timeout),
             },
             queues: config.queues.clone(),
             concurrency: config.concurrency,

@@ -457,3 +457,38 @@ async fn raw_publishes_and_commands_enqueue_too() {
         "processed count reaches 2: {default}"
     );
 }
+
+/// A task with neither `timeout` nor `deadline` is held to the worker's
+/// default limit (asynq's 30 minutes; here 1 s), so a hung handler does not
+/// hold its slot for ever.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_task_without_limits_is_held_to_the_default_timeout() {
+    let env = TestEnv::start().await;
+    let events = collect_events(&env);
+    env.nats.client.flush().await.unwrap();
+    let _worker = BmwProcess::worker(&env.url(), &["--async-default-timeout", "1s"]);
+    let body = json!({"kind": "async:demo:sleep", "payload": {"seconds": 30},
+                      "options": {"task_id": "hung-1", "retry": 0}});
+    env.client
+        .submit_json("bmw.task.create", body.to_string().as_bytes())
+        .await
+        .unwrap();
+    let failed = || {
+        events
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|e| e["task_id"] == "hung-1" && e["what"] == "failed")
+            .cloned()
+    };
+    assert_eventually!(
+        Duration::from_secs(10),
+        failed().is_some(),
+        "the attempt is cut off"
+    );
+    let error = failed().unwrap()["error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(error.starts_with("timeout after 1s"), "{error}");
+}

@@ -263,7 +263,9 @@ async fn run_attempt(
 ) -> Outcome {
     let rt = &shared.rt;
     let limit = match attempt_limit(&task.options, chrono::Utc::now()) {
-        Ok(limit) => limit,
+        // A task with no limit of its own is held to the worker's default (as
+        // asynq caps such runs at 30 minutes), so a hung handler frees its slot.
+        Ok(limit) => limit.or(rt.default_timeout),
         Err(e) => return Outcome::Failed(e),
     };
     let token = CancellationToken::new();
@@ -308,7 +310,7 @@ async fn run_attempt(
                 if finished.is_err() {
                     tracing::warn!(task_id = task.id, "handler ignored its cancellation; dropped");
                 }
-                let what = if task.options.timeout.is_some_and(|t| Some(t) == limit) { "timeout" } else { "deadline exceeded" };
+                let what = if task.options.deadline.is_some() && task.options.timeout.is_none_or(|t| Some(t) != limit) { "deadline exceeded" } else { "timeout" };
                 break Ended::TimedOut(TaskError::new(format!("{what} after {:?}", limit.unwrap_or_default())));
             }
             () = &mut wake => {

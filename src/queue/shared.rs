@@ -54,6 +54,9 @@ pub struct AttemptEnv {
     pub stats: Arc<WorkerStats>,
     /// Told about periodic ticks.
     pub ticks: Option<Arc<dyn TickObserver>>,
+    /// The time limit of an attempt whose task gives neither `timeout` nor
+    /// `deadline` (`None`: unlimited).
+    pub default_timeout: Option<Duration>,
 }
 
 /// Tasks running on this worker, for deletes and shutdown.
