@@ -1,7 +1,9 @@
-//! Network faults made with a [`FaultProxy`]: a cut-off daemon holder stops
-//! its instances before its claims can expire (so two runs of one task
-//! overlap by less than one heartbeat). The measured overlaps are printed
-//! (`-- --nocapture`).
+//! Network faults made with a [`FaultProxy`] or by killing the nats-server:
+//! a cut-off daemon holder stops its instances before its claims can expire
+//! (so two runs of one task overlap by less than one heartbeat), and a
+//! worker or `bmw run` that cannot reach NATS still stops within its grace
+//! period plus a few seconds. The measured overlaps and exit times are
+//! printed (`-- --nocapture`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -17,6 +19,8 @@ use crate::harness::{BmwProcess, TestEnv, wait_until};
 /// Claim TTL and heartbeat of `harness::FAST`.
 const TTL: Duration = Duration::from_secs(3);
 const HEARTBEAT: Duration = Duration::from_secs(1);
+/// `--grace` of `harness::FAST`.
+const GRACE: Duration = Duration::from_secs(2);
 /// Daemon tasks in the partition tests (about ten per worker).
 const TASKS: usize = 20;
 
@@ -184,4 +188,127 @@ async fn a_black_holed_holder_stops_before_its_claims_expire() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_refused_holder_stops_before_its_claims_expire() {
     a_cut_off_holder_stops_before_its_claims_expire(Mode::Refuse).await;
+}
+
+/// SIGTERM 2 s after the nats-server died: the process exits within its
+/// grace period plus a few seconds.
+async fn stops_within_grace_without_nats(mut process: BmwProcess, mut env: TestEnv, role: &str) {
+    let id = process.worker_id().await;
+    for n in 0..3 {
+        let body = json!({"kind": "daemon:demo:demo", "payload": {"content": "ok", "n": n}});
+        env.client
+            .submit_json("bmw.task.create", body.to_string().as_bytes())
+            .await
+            .unwrap();
+    }
+    assert_eventually!(
+        Duration::from_secs(15),
+        env.loads().await.get(&id) == Some(&3),
+        "three tasks running"
+    );
+    env.server.server.kill().await;
+    // The scenario of the issue: the signal comes 2 s into the outage.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let signalled = Instant::now();
+    process.send_sigterm();
+    let limit = GRACE + Duration::from_secs(5);
+    let status = process.wait_exit(limit + Duration::from_secs(5)).await;
+    let took = signalled.elapsed();
+    match status {
+        Some(_) => {
+            eprintln!("{role}: exited {took:.2?} after SIGTERM with NATS gone (limit {limit:?})")
+        }
+        None => eprintln!(
+            "{role}: still running {took:.2?} after SIGTERM with NATS gone (limit {limit:?})"
+        ),
+    }
+    assert!(
+        status.is_some_and(|s| s.success()) && took <= limit,
+        "{role} still running {took:.2?} after SIGTERM; logs:\n{}",
+        process.logs().join("\n")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_stops_within_grace_without_nats() {
+    let env = TestEnv::start().await;
+    let worker = BmwProcess::worker(&env.url(), &[]);
+    stops_within_grace_without_nats(worker, env, "bmw worker").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bmw_run_stops_within_grace_without_nats() {
+    let env = TestEnv::start().await;
+    let run = BmwProcess::run(&env.url(), &[]).await;
+    stops_within_grace_without_nats(run, env, "bmw run").await;
+}
+
+/// `bmw run` with a request in flight when NATS is gone: the bridge's
+/// graceful stop waits for it no longer than the grace period.
+#[tokio::test(flavor = "multi_thread")]
+async fn bmw_run_with_a_request_in_flight_stops_within_grace_without_nats() {
+    let mut env = TestEnv::start().await;
+    let port = crate::harness::free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let url = env.url();
+    // FAST, but with long request and reply timeouts: only the grace period
+    // may bound the stop.
+    let mut run = BmwProcess::spawn_raw(&[
+        "run",
+        "--demo-kinds",
+        "--http-addr",
+        &addr,
+        "--nats-url",
+        &url,
+        "--claim-ttl",
+        "3s",
+        "--heartbeat",
+        "1s",
+        "--grace",
+        "2s",
+        "--reply-timeout",
+        "30s",
+        "--request-timeout",
+        "60s",
+    ]);
+    assert_eventually!(
+        Duration::from_secs(20),
+        reqwest::get(format!("http://{addr}/health")).await.is_ok(),
+        "bridge up; logs:\n{}",
+        run.logs().join("\n")
+    );
+    run.worker_id().await;
+    env.server.server.kill().await;
+    let body = json!({"kind": "daemon:demo:demo", "payload": {"content": "ok"}});
+    let request = tokio::spawn(async move {
+        let started = Instant::now();
+        let answer = reqwest::Client::new()
+            .post(format!("http://{addr}/bmw/task/"))
+            .header("Content-Type", "application/json")
+            .body(body.to_string())
+            .send()
+            .await;
+        (started.elapsed(), answer.map(|r| r.status().as_u16()))
+    });
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(!request.is_finished(), "the request is still in flight");
+    let signalled = Instant::now();
+    run.send_sigterm();
+    let limit = GRACE + Duration::from_secs(5);
+    let status = run.wait_exit(limit + Duration::from_secs(5)).await;
+    let took = signalled.elapsed();
+    let answered = tokio::time::timeout(Duration::from_secs(1), request).await;
+    eprintln!(
+        "bmw run with a request in flight: {} {took:.2?} after SIGTERM with NATS gone (limit {limit:?}); request: {answered:?}",
+        if status.is_some() {
+            "exited"
+        } else {
+            "still running"
+        }
+    );
+    assert!(
+        status.is_some_and(|s| s.success()) && took <= limit,
+        "bmw run still running {took:.2?} after SIGTERM; logs:\n{}",
+        run.logs().join("\n")
+    );
 }

@@ -27,6 +27,10 @@ use crate::events::EventPublisher;
 use crate::metrics;
 use crate::nats::{NatsError, NatsErrorKind};
 
+/// The longest a release or removal at exit may take (less if the heartbeat
+/// is shorter); past it the claim is left to expire with its TTL.
+pub(crate) const HANDOVER_WAIT: Duration = Duration::from_secs(1);
+
 /// What the runtime asks of a running maintainer.
 #[derive(Debug)]
 pub(crate) enum Control {
@@ -310,7 +314,7 @@ impl Maintainer {
         )
         .await;
         // Bounded: with NATS gone, the claim expires with its TTL instead.
-        let bound = self.settings.heartbeat;
+        let bound = self.settings.heartbeat.min(HANDOVER_WAIT);
         let result = match exit {
             Exit::Released => tokio::time::timeout(
                 bound,
