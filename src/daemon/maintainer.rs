@@ -7,7 +7,10 @@
 //! thousands of these, so their futures are kept small: the rarely taken
 //! steps are boxed, and the claim store is shared. A renewal refused for a wrong
 //! revision means another worker owns the task now: the run is cancelled at
-//! once (fencing). The runtime (`runtime.rs`) decides which tasks to claim.
+//! once (fencing). Without a successful renewal, the run is cancelled by a
+//! deadline before the claim can expire, however slow or unreachable NATS is
+//! (`Maintainer::deadline`). The runtime (`runtime.rs`) decides which tasks
+//! to claim.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -216,7 +219,7 @@ impl Maintainer {
     /// The moment by which the instance must have stopped: the claim may
     /// expire at the server `claim_ttl` after the last successful write was
     /// sent, and the stop itself (cancelling, the operator noticing it) needs
-    /// a margin of `min(heartbeat, claim_ttl / 3)` before that (design note 24).
+    /// a margin of `min(heartbeat, claim_ttl / 3)` before that (docs/design-notes.md, 33).
     fn deadline(&self, last_renewed: Instant) -> Instant {
         last_renewed + self.settings.claim_ttl - self.margin()
     }
