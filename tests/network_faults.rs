@@ -178,6 +178,28 @@ async fn a_cut_off_holder_stops_before_its_claims_expire(mode: Mode) {
     );
     // The claim TTL bounds the take-over.
     assert!(moved_after < TTL + HEARTBEAT * 4, "{moved_after:?}");
+
+    // Healed: the cut-off worker takes its share again, every task runs.
+    proxy.set(Mode::Pass);
+    let healed = Instant::now();
+    assert_eventually!(
+        Duration::from_secs(20),
+        {
+            let loads = env.loads().await;
+            loads.get(&cut_off_id).is_some_and(|n| *n >= TASKS / 2 - 1)
+                && loads
+                    .get(&reachable_id)
+                    .is_some_and(|n| *n >= TASKS / 2 - 1)
+                && !loads.contains_key("")
+        },
+        "{mode:?}: shared again after the cut heals; loads {:?}; logs:\n{}",
+        env.loads().await,
+        cut_off.logs().join("\n")
+    );
+    eprintln!(
+        "{mode:?}: shared again {:.2?} after the cut healed",
+        healed.elapsed()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
