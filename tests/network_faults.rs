@@ -214,7 +214,11 @@ async fn a_refused_holder_stops_before_its_claims_expire() {
 
 /// SIGTERM 2 s after the nats-server died: the process exits within its
 /// grace period plus a few seconds.
-async fn stops_within_grace_without_nats(mut process: BmwProcess, mut env: TestEnv, role: &str) {
+async fn stops_within_grace_without_nats(
+    mut process: BmwProcess,
+    mut env: TestEnv,
+    role: &str,
+) -> Vec<String> {
     let id = process.worker_id().await;
     for n in 0..3 {
         let body = json!({"kind": "daemon:demo:demo", "payload": {"content": "ok", "n": n}});
@@ -249,6 +253,7 @@ async fn stops_within_grace_without_nats(mut process: BmwProcess, mut env: TestE
         "{role} still running {took:.2?} after SIGTERM; logs:\n{}",
         process.logs().join("\n")
     );
+    process.logs()
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -256,6 +261,33 @@ async fn a_worker_stops_within_grace_without_nats() {
     let env = TestEnv::start().await;
     let worker = BmwProcess::worker(&env.url(), &[]);
     stops_within_grace_without_nats(worker, env, "bmw worker").await;
+}
+
+/// The same with the default claim TTL and heartbeat: the instances still run
+/// at the signal, and their releases cannot reach the server.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_holding_its_claims_stops_within_grace_without_nats() {
+    let env = TestEnv::start().await;
+    let worker = BmwProcess::spawn(
+        &env.url(),
+        &[
+            "worker",
+            "--demo-kinds",
+            "--claim-ttl",
+            "15s",
+            "--heartbeat",
+            "5s",
+            "--grace",
+            "2s",
+        ],
+    );
+    let logs = stops_within_grace_without_nats(worker, env, "bmw worker (claim TTL 15 s)").await;
+    assert!(
+        logs.iter()
+            .any(|l| l.contains("claim not handed over; it expires after its TTL")),
+        "the releases were tried and given up; logs:\n{}",
+        logs.join("\n")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
