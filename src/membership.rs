@@ -17,6 +17,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::nats::{NatsError, names};
 
+/// The longest the entry's removal at shutdown may take.
+const REMOVE_WAIT: Duration = Duration::from_secs(1);
+
 /// A worker as seen by everyone.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WorkerEntry {
@@ -159,20 +162,28 @@ impl Membership {
         let mut tick = tokio::time::interval(heartbeat);
         loop {
             tokio::select! {
-                _ = tick.tick() => {
-                    if let Err(e) = self.register().await {
+                _ = tick.tick() => tokio::select! {
+                    renewed = self.register() => if let Err(e) = renewed {
                         tracing::warn!(cause = %e, "worker entry not renewed");
-                    }
-                }
+                    },
+                    () = token.cancelled() => break,
+                },
                 () = token.cancelled() => break,
             }
         }
-        if let Ok(kv) = self.js.get_key_value(names::BUCKET_WORKERS).await
-            && let Err(e) = kv
-                .purge_with_ttl(worker_key(&self.entry.worker_id), self.ttl)
+        // Bounded: with NATS gone the entry expires with its TTL instead.
+        let remove = async {
+            let kv = self.js.get_key_value(names::BUCKET_WORKERS).await?;
+            kv.purge_with_ttl(worker_key(&self.entry.worker_id), self.ttl)
                 .await
-        {
-            tracing::warn!(cause = %e, "worker entry not removed; it expires after its TTL");
+                .map_err(NatsError::from)
+        };
+        match tokio::time::timeout(REMOVE_WAIT, remove).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(cause = %e, "worker entry not removed; it expires after its TTL");
+            }
+            Err(_) => tracing::warn!("worker entry not removed in time; it expires after its TTL"),
         }
     }
 }

@@ -6,7 +6,9 @@
 //! process roles in `crate::service` do it once per process).
 
 use std::sync::Arc;
+use std::time::Duration;
 
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -21,6 +23,13 @@ use crate::nats::{Nats, NatsError};
 use crate::ops::Operations;
 use crate::queue::{AsyncRuntime, AttemptEnv, Backoff};
 use crate::registry::Registry;
+
+/// Time a stop may take beyond `--grace` for the daemon runtime, the worker
+/// entry's removal and the async and command loops together: releasing the
+/// claims is bounded by `maintainer::HANDOVER_WAIT` and the rest by this.
+const STOP_SLACK: Duration = Duration::from_secs(3);
+/// The last flush of the connection, after everything else stopped.
+const FINAL_FLUSH_WAIT: Duration = Duration::from_secs(1);
 
 /// Why a worker could not run.
 #[derive(Debug, thiserror::Error)]
@@ -150,13 +159,33 @@ impl Worker {
             queues: config.queue_names(),
             stats,
         };
-        runtime.run(token.child_token()).await;
+        // Every step of the stop is bounded by one deadline, taken when the
+        // token fires: with NATS gone, what cannot be released or removed
+        // expires with its TTL, and unacknowledged async tasks are
+        // redelivered after their ack wait.
+        let daemons = runtime.run(token.child_token());
+        tokio::pin!(daemons);
+        let daemons_done = tokio::select! {
+            () = &mut daemons => true,
+            () = token.cancelled() => false,
+        };
+        let stop_by = Instant::now() + config.grace + STOP_SLACK;
+        if !daemons_done && tokio::time::timeout_at(stop_by, daemons).await.is_err() {
+            tracing::warn!("daemon runtime not stopped in time; its claims expire with their TTL");
+        }
         membership_token.cancel();
         tracker.close();
-        tracker.wait().await;
+        if tokio::time::timeout_at(stop_by, tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("worker tasks not stopped in time (NATS unreachable?); leaving them");
+        }
         // Make sure the releases and removal reach the server before we go.
-        if let Err(e) = nats.client.flush().await {
-            tracing::warn!(cause = %e, "final flush failed");
+        match tokio::time::timeout(FINAL_FLUSH_WAIT, nats.client.flush()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(cause = %e, "final flush failed"),
+            Err(_) => tracing::warn!("final flush timed out; NATS unreachable"),
         }
         tracing::info!(worker_id = %worker_id, "worker stopped");
         Ok(())

@@ -16,6 +16,7 @@ mod limits;
 mod nats_cluster;
 mod nats_restart;
 mod nats_security;
+mod network_faults;
 mod periodic_tasks;
 mod raw_commands;
 mod seed_walkthrough;

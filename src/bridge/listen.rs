@@ -29,9 +29,10 @@ pub struct TlsError {
 pub struct ListenOptions {
     /// The server's certificate and key; `None` serves plain HTTP.
     tls: Option<RustlsConfig>,
-    /// Longest a client may take to send a request head; also the grace
-    /// requests in flight get when the server stops.
+    /// Longest a client may take to send a request head.
     request_timeout: Duration,
+    /// The grace requests in flight get when the server stops.
+    drain: Duration,
 }
 
 impl ListenOptions {
@@ -40,6 +41,7 @@ impl ListenOptions {
         ListenOptions {
             tls: None,
             request_timeout,
+            drain: request_timeout,
         }
     }
 
@@ -65,6 +67,9 @@ impl ListenOptions {
         Ok(ListenOptions {
             tls,
             request_timeout: config.request_timeout,
+            // A stop takes `--grace` (plus a few seconds), even when requests
+            // wait on an unreachable NATS.
+            drain: config.request_timeout.min(config.grace),
         })
     }
 
@@ -118,7 +123,7 @@ pub async fn serve_on(
     tokio::pin!(serving);
     tokio::select! {
         done = &mut serving => return done,
-        () = token.cancelled() => handle.graceful_shutdown(Some(options.request_timeout)),
+        () = token.cancelled() => handle.graceful_shutdown(Some(options.drain)),
     }
     serving.await
 }

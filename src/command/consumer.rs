@@ -73,9 +73,15 @@ impl CommandConsumer {
             });
         }
         'outer: loop {
-            let messages = match this.consumer().await {
-                Ok(c) => c.messages().await.map_err(NatsError::from),
-                Err(e) => Err(e),
+            let opened = async {
+                match this.consumer().await {
+                    Ok(c) => c.messages().await.map_err(NatsError::from),
+                    Err(e) => Err(e),
+                }
+            };
+            let messages = tokio::select! {
+                messages = opened => messages,
+                () = token.cancelled() => break 'outer,
             };
             match messages {
                 Ok(mut messages) => loop {

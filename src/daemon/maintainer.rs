@@ -7,7 +7,10 @@
 //! thousands of these, so their futures are kept small: the rarely taken
 //! steps are boxed, and the claim store is shared. A renewal refused for a wrong
 //! revision means another worker owns the task now: the run is cancelled at
-//! once (fencing). The runtime (`runtime.rs`) decides which tasks to claim.
+//! once (fencing). Without a successful renewal, the run is cancelled by a
+//! deadline before the claim can expire, however slow or unreachable NATS is
+//! (`Maintainer::deadline`). The runtime (`runtime.rs`) decides which tasks
+//! to claim.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,6 +29,10 @@ use super::spec::DaemonSpec;
 use crate::events::EventPublisher;
 use crate::metrics;
 use crate::nats::{NatsError, NatsErrorKind};
+
+/// The longest a release or removal at exit may take (less if the heartbeat
+/// is shorter); past it the claim is left to expire with its TTL.
+pub(crate) const HANDOVER_WAIT: Duration = Duration::from_secs(1);
 
 /// What the runtime asks of a running maintainer.
 #[derive(Debug)]
@@ -67,6 +74,9 @@ pub(crate) struct Maintainer {
     pub(crate) claims: Arc<ClaimStore>,
     pub(crate) claim: Claim,
     pub(crate) revision: u64,
+    /// When the write that acquired the claim was sent: its TTL runs from a
+    /// moment after this one.
+    pub(crate) acquired_at: Instant,
     pub(crate) settings: Arc<MaintainerSettings>,
     pub(crate) events: EventPublisher,
     pub(crate) control: mpsc::UnboundedReceiver<Control>,
@@ -83,11 +93,12 @@ impl Maintainer {
             self.settings.heartbeat,
         );
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut last_renewed = Instant::now();
+        let mut last_renewed = self.acquired_at;
         let mut retry_at = self.pending_retry();
         let mut run: Option<(Run, CancellationToken)> = None;
         loop {
-            if run.is_none() && retry_at.is_none() {
+            // Never start past the deadline: the branch below ends the claim.
+            if run.is_none() && retry_at.is_none() && Instant::now() < self.deadline(last_renewed) {
                 run = Some(Box::pin(self.start_run()).await);
             }
             tokio::select! {
@@ -114,9 +125,13 @@ impl Maintainer {
                         return Box::pin(self.exit(Exit::Lost, run)).await;
                     }
                 }
+                () = tokio::time::sleep_until(self.deadline(last_renewed)) => {
+                    tracing::warn!(uni_id = %self.spec.uni_id, "claim deadline passed without a renewal, stopping the instance");
+                    return Box::pin(self.exit(Exit::Lost, run)).await;
+                }
                 control = self.control.recv() => match control {
                     Some(Control::Reload(spec)) => {
-                        Box::pin(self.stop_run(run.take())).await;
+                        Box::pin(self.stop_run(run.take(), self.settings.grace)).await;
                         self.apply_reload(*spec);
                         retry_at = None;
                         if Box::pin(self.renew(&mut last_renewed)).await.is_err() {
@@ -201,39 +216,66 @@ impl Maintainer {
         tracing::info!(uni_id = %self.spec.uni_id, reload_count = self.claim.reload_count, "daemon task reloaded");
     }
 
-    /// Writes the claim (renewal or new counts). A wrong revision, or no answer
-    /// for longer than the claim TTL, means the claim is gone: `Err`.
+    /// The moment by which the instance must have stopped: the claim may
+    /// expire at the server `claim_ttl` after the last successful write was
+    /// sent, and the stop itself (cancelling, the operator noticing it) needs
+    /// a margin of `min(heartbeat, claim_ttl / 3)` before that (docs/design-notes.md, 33).
+    fn deadline(&self, last_renewed: Instant) -> Instant {
+        last_renewed + self.settings.claim_ttl - self.margin()
+    }
+
+    /// Time kept between the deadline and the claim's earliest expiry.
+    fn margin(&self) -> Duration {
+        self.settings.heartbeat.min(self.settings.claim_ttl / 3)
+    }
+
+    /// Writes the claim (renewal or new counts). A wrong revision, or no
+    /// successful write before the deadline (`Maintainer::deadline`), means
+    /// the claim is gone: `Err`. Every NATS call here is bounded by what is
+    /// left of the deadline, so a slow or cut-off server cannot keep an
+    /// instance running past it.
     async fn renew(&mut self, last_renewed: &mut Instant) -> Result<(), ()> {
-        let attempt = tokio::time::timeout(
-            self.settings.heartbeat,
+        let deadline = self.deadline(*last_renewed);
+        let sent = Instant::now();
+        let attempt = tokio::time::timeout_at(
+            deadline.min(sent + self.settings.heartbeat),
             self.claims.renew(&self.key, &self.claim, self.revision),
         )
         .await;
         let error = match attempt {
             Ok(Ok(rev)) => {
                 self.revision = rev;
-                *last_renewed = Instant::now();
+                *last_renewed = sent;
                 return Ok(());
             }
             Ok(Err(e)) => e,
             Err(elapsed) => ClaimError::Nats(NatsError::with_kind(NatsErrorKind::Timeout, elapsed)),
         };
         // A write that timed out may still have been stored: re-read before deciding.
-        if let Ok(Some((current, rev))) = self.claims.get(&self.key).await
+        if let Ok(Ok(Some((current, rev)))) =
+            tokio::time::timeout_at(deadline, self.claims.get(&self.key)).await
             && current.worker_id == self.claim.worker_id
             && current.since == self.claim.since
         {
             self.revision = rev;
-            if let Ok(rev) = self.claims.renew(&self.key, &self.claim, rev).await {
+            let sent = Instant::now();
+            if let Ok(Ok(rev)) =
+                tokio::time::timeout_at(deadline, self.claims.renew(&self.key, &self.claim, rev))
+                    .await
+            {
                 self.revision = rev;
-                *last_renewed = Instant::now();
+                *last_renewed = sent;
                 return Ok(());
             }
         }
         match error {
-            ClaimError::Nats(_) if last_renewed.elapsed() < self.settings.claim_ttl => {
+            ClaimError::Nats(_) if Instant::now() < deadline => {
                 tracing::warn!(uni_id = %self.spec.uni_id, cause = %error, "claim renewal failed, will retry");
                 Ok(())
+            }
+            ClaimError::Nats(_) => {
+                tracing::warn!(uni_id = %self.spec.uni_id, cause = %error, "claim deadline passed without a renewal, stopping the instance");
+                Err(())
             }
             _ => {
                 tracing::warn!(uni_id = %self.spec.uni_id, cause = %error, "claim lost, stopping the instance");
@@ -242,37 +284,58 @@ impl Maintainer {
         }
     }
 
-    async fn stop_run(&self, run: Option<(Run, CancellationToken)>) {
+    /// Cancels the run and waits up to `patience` for the operator to end,
+    /// then aborts it.
+    async fn stop_run(&self, run: Option<(Run, CancellationToken)>, patience: Duration) {
         let Some((mut handle, token)) = run else {
             return;
         };
         token.cancel();
-        if tokio::time::timeout(self.settings.grace, &mut handle)
-            .await
-            .is_err()
-        {
-            tracing::warn!(uni_id = %self.spec.uni_id, "operator ignored cancellation for the grace period; aborting it");
+        if tokio::time::timeout(patience, &mut handle).await.is_err() {
+            tracing::warn!(uni_id = %self.spec.uni_id, waited = ?patience, "operator ignored cancellation; aborting it");
             handle.abort();
         }
         self.stopped_running();
     }
 
     async fn exit(mut self, exit: Exit, run: Option<(Run, CancellationToken)>) -> (String, Exit) {
-        self.stop_run(run).await;
+        let was_running = run.is_some();
+        // A lost claim may be another worker's already: no grace period,
+        // only the margin kept before the claim's expiry.
+        let patience = match exit {
+            Exit::Lost => self.margin(),
+            Exit::Released | Exit::Removed => self.settings.grace,
+        };
+        self.stop_run(run, patience).await;
+        if was_running {
+            let reason = format!("{exit:?}").to_lowercase();
+            tracing::info!(uni_id = %self.spec.uni_id, reason, "daemon instance stopped");
+        }
         self.publish(
             "stopped",
             json!({"reason": format!("{exit:?}").to_lowercase()}),
         )
         .await;
+        // Bounded: with NATS gone, the claim expires with its TTL instead.
+        let bound = self.settings.heartbeat.min(HANDOVER_WAIT);
         let result = match exit {
-            Exit::Released => self
-                .claims
-                .release(&self.key, &self.claim, self.revision)
-                .await
-                .map(|_| ()),
-            Exit::Removed => self.claims.remove(&self.key, self.revision).await,
-            Exit::Lost => Ok(()),
+            Exit::Released => tokio::time::timeout(
+                bound,
+                self.claims.release(&self.key, &self.claim, self.revision),
+            )
+            .await
+            .map(|r| r.map(|_| ())),
+            Exit::Removed => {
+                tokio::time::timeout(bound, self.claims.remove(&self.key, self.revision)).await
+            }
+            Exit::Lost => Ok(Ok(())),
         };
+        let result = result.unwrap_or_else(|elapsed| {
+            Err(ClaimError::Nats(NatsError::with_kind(
+                NatsErrorKind::Timeout,
+                elapsed,
+            )))
+        });
         if let Err(e) = result {
             tracing::warn!(uni_id = %self.spec.uni_id, cause = %e, "claim not handed over; it expires after its TTL");
         }
@@ -284,9 +347,14 @@ impl Maintainer {
         detail["uni_id"] = json!(self.spec.uni_id);
         detail["retry_count"] = json!(self.claim.retry_count);
         detail["reload_count"] = json!(self.claim.reload_count);
-        self.events
-            .emit("daemon", self.spec.kind.as_str(), what, detail)
-            .await;
+        // Events are best effort: a stuck connection must not hold the
+        // maintainer past its deadline.
+        let emit = self
+            .events
+            .emit("daemon", self.spec.kind.as_str(), what, detail);
+        if tokio::time::timeout(self.margin(), emit).await.is_err() {
+            tracing::warn!(uni_id = %self.spec.uni_id, what, "daemon event not queued in time");
+        }
     }
 }
 

@@ -108,10 +108,12 @@ impl State {
     }
 }
 
-/// A key, its last holder known when the acquisition started, and the outcome.
+/// A key, its last holder known when the acquisition started, when the
+/// claim's write was sent (its TTL runs from a later moment), and the outcome.
 type Acquired = (
     String,
     Option<String>,
+    Instant,
     Result<(Claim, u64, Option<String>), ClaimError>,
 );
 
@@ -350,8 +352,9 @@ impl DaemonRuntime {
         let worker_id = self.settings.worker_id.clone();
         let previous = state.free_since.get(&key).and_then(|f| f.previous.clone());
         acquisitions.spawn(async move {
+            let sent = Instant::now();
             let result = claims.acquire(&key, &uni_id, &worker_id, generation).await;
-            (key, previous, result)
+            (key, previous, sent, result)
         });
     }
 
@@ -362,7 +365,7 @@ impl DaemonRuntime {
         maintainers: &mut JoinSet<(String, Exit)>,
         token: &CancellationToken,
     ) {
-        let (key, previous, result) = acquired;
+        let (key, previous, acquired_at, result) = acquired;
         state.acquiring.remove(&key);
         let (mut claim, revision, released_by) = match result {
             Ok(won) => won,
@@ -412,6 +415,7 @@ impl DaemonRuntime {
             claims: self.claims.clone(),
             claim,
             revision,
+            acquired_at,
             settings: self.settings.clone(),
             events: self.events.clone(),
             control: rx,

@@ -30,6 +30,10 @@ use super::shared::{AttemptEnv, Running, Shared};
 use crate::config::QueueWeight;
 use crate::nats::{NatsError, names};
 
+/// At shutdown, after the grace period: how long cancelled attempts get to
+/// end, and then how long the last completions get to be sent.
+const AFTER_GRACE: Duration = Duration::from_secs(2);
+
 /// Runs the async tasks of a worker's queues: built by the worker.
 #[derive(Debug)]
 pub struct AsyncRuntime {
@@ -102,10 +106,24 @@ impl AsyncRuntime {
         let names: Vec<String> = queues.into_iter().map(|q| q.name).collect();
         loops.spawn(pending_gauge(shared.clone(), names, token.clone()));
         token.cancelled().await;
+        // The grace period runs from the signal and bounds every wait below
+        // (plus `AFTER_GRACE`), NATS reachable or not: what is not handed
+        // back is redelivered after its ack wait.
+        let stop_by = Instant::now() + grace;
         loops.close();
-        loops.wait().await;
+        if tokio::time::timeout_at(stop_by, loops.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "queue loops still returning messages after the grace period; the rest are redelivered after their ack wait"
+            );
+        }
         tasks.close();
-        if tokio::time::timeout(grace, tasks.wait()).await.is_err() {
+        if tokio::time::timeout_at(stop_by, tasks.wait())
+            .await
+            .is_err()
+        {
             let running = shared.running.lock().map(|r| r.tokens.len()).unwrap_or(0);
             tracing::warn!(
                 running,
@@ -114,9 +132,14 @@ impl AsyncRuntime {
             if let Ok(r) = shared.running.lock() {
                 r.tokens.values().for_each(CancellationToken::cancel);
             }
-            let _ = tokio::time::timeout(Duration::from_secs(2), tasks.wait()).await;
+            let _ = tokio::time::timeout(AFTER_GRACE, tasks.wait()).await;
         }
-        shared.completer.flush().await;
+        if tokio::time::timeout(AFTER_GRACE, shared.completer.flush())
+            .await
+            .is_err()
+        {
+            tracing::warn!("async completions not flushed in time (NATS unreachable?)");
+        }
     }
 }
 
@@ -153,12 +176,18 @@ async fn pending_gauge(shared: Arc<Shared>, queues: Vec<String>, token: Cancella
     loop {
         tokio::select! {
             _ = tick.tick() => {
-                for q in &queues {
-                    if let Ok(mut c) = queue_consumer(&shared.rt.nats.js, q, shared.rt.ack_wait).await
-                        && let Ok(info) = c.info().await
-                    {
-                        crate::metrics::async_pending(q, info.num_pending);
+                let update = async {
+                    for q in &queues {
+                        if let Ok(mut c) = queue_consumer(&shared.rt.nats.js, q, shared.rt.ack_wait).await
+                            && let Ok(info) = c.info().await
+                        {
+                            crate::metrics::async_pending(q, info.num_pending);
+                        }
                     }
+                };
+                tokio::select! {
+                    () = update => {}
+                    () = token.cancelled() => return,
                 }
             }
             () = token.cancelled() => return,

@@ -1,9 +1,12 @@
 //! The one harness every integration test uses: a real nats-server per test
 //! (free loopback port, temporary store, killed on drop), `bmw` worker and
 //! bridge processes with captured logs, an in-process task client, and
-//! waiting with deadlines instead of sleeps.
+//! waiting with deadlines instead of sleeps. `BMW_TEST_ECHO=1` echoes the
+//! processes' output; `BMW_TEST_LOG` sets their log filter (`BMW_LOG`).
 
 #![allow(dead_code, unreachable_pub)]
+
+pub mod proxy;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -153,7 +156,10 @@ impl BmwProcess {
     pub fn spawn_with_env(args: &[&str], env: &[(&str, &str)]) -> BmwProcess {
         let mut child = Command::new(env!("CARGO_BIN_EXE_bmw"))
             .args(args)
-            .env("BMW_LOG", "info,async_nats=warn")
+            .env(
+                "BMW_LOG",
+                std::env::var("BMW_TEST_LOG").unwrap_or("info,async_nats=warn".into()),
+            )
             .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -328,6 +334,15 @@ impl BmwProcess {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
+        }
+    }
+
+    /// Sends SIGTERM and returns at once (see [`BmwProcess::wait_exit`]).
+    pub fn send_sigterm(&self) {
+        if let Some(child) = &self.child {
+            let _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
         }
     }
 
