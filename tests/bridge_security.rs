@@ -323,6 +323,14 @@ async fn past_the_concurrency_limit_requests_get_503_with_retry_after() {
     let task = format!("{base}/bmw/task/");
     let held =
         tokio::spawn(async move { call(Method::POST, &task, None, &[], Some(CREATE)).await });
+    // The held request is inside its handler once its command is stored (it
+    // then waits up to the reply timeout): probe only from then on.
+    let mut commands = env.nats.js.get_stream("BMW_TASKS").await.unwrap();
+    let in_flight = wait_until(Duration::from_secs(5), async || {
+        commands.info().await.is_ok_and(|i| i.state.messages >= 1)
+    })
+    .await;
+    assert!(in_flight, "the held create published its command");
     // A cheap route, so the probe itself holds the one slot for microseconds.
     let probe = format!("{base}/bmw/nope");
     let mut refused = None;

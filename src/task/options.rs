@@ -28,8 +28,7 @@ pub const MAX_DURATION: Duration = Duration::from_secs(100 * 31_557_600);
 /// Durations accept humantime strings (`"1h 30m"`) and integer seconds, up to
 /// [`MAX_DURATION`]; times are RFC 3339. Deserializing validates the same way
 /// ([`Options::from_json`]), so a raw task message gets the same refusals.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(try_from = "Value")]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct Options {
     /// Queue the task runs on; workers listen on a set of queues.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -98,25 +97,38 @@ impl Options {
             Some(_) => return Err(ValidationError::new("options", "must be a JSON object")),
         };
         let mut o = Options::default();
-        for (name, v) in map.iter().filter(|(_, v)| !v.is_null()) {
-            let field = format!("options.{name}");
-            match name.as_str() {
-                "queue" => o.queue = Some(queue_name(&field, v)?),
-                "retry" => o.retry = Some(non_negative_int(&field, v)?),
-                "timeout" => o.timeout = Some(duration(&field, v)?),
-                "deadline" => o.deadline = Some(rfc3339(&field, v)?),
-                "unique_ttl" => o.unique_ttl = Some(duration(&field, v)?),
-                "process_at" => o.process_at = Some(rfc3339(&field, v)?),
-                "process_in" => o.process_in = Some(duration(&field, v)?),
-                "retention" => o.retention = Some(duration(&field, v)?),
-                "task_id" => o.task_id = Some(string(&field, v)?),
-                "cron" => o.cron = Some(string(&field, v)?),
-                "every" => o.every = Some(duration(&field, v)?),
-                "timezone" => o.timezone = Some(string(&field, v)?),
-                _ => return Err(ValidationError::new(field, "unknown option")),
-            }
+        for (name, v) in map {
+            o.set(name, v)?;
         }
         Ok(o)
+    }
+
+    /// Sets one option from its JSON (`null`: not given), validating it. The
+    /// field's name is only built for an error: this runs for every task a
+    /// worker decodes.
+    fn set(&mut self, name: &str, v: &Value) -> Result<(), ValidationError> {
+        if v.is_null() {
+            return Ok(());
+        }
+        let set = match name {
+            "queue" => queue_name("", v).map(|x| self.queue = Some(x)),
+            "retry" => non_negative_int("", v).map(|x| self.retry = Some(x)),
+            "timeout" => duration("", v).map(|x| self.timeout = Some(x)),
+            "deadline" => rfc3339("", v).map(|x| self.deadline = Some(x)),
+            "unique_ttl" => duration("", v).map(|x| self.unique_ttl = Some(x)),
+            "process_at" => rfc3339("", v).map(|x| self.process_at = Some(x)),
+            "process_in" => duration("", v).map(|x| self.process_in = Some(x)),
+            "retention" => duration("", v).map(|x| self.retention = Some(x)),
+            "task_id" => string("", v).map(|x| self.task_id = Some(x)),
+            "cron" => string("", v).map(|x| self.cron = Some(x)),
+            "every" => duration("", v).map(|x| self.every = Some(x)),
+            "timezone" => string("", v).map(|x| self.timezone = Some(x)),
+            _ => Err(ValidationError::new("", "unknown option")),
+        };
+        set.map_err(|mut e| {
+            e.field = format!("options.{name}");
+            e
+        })
     }
 
     /// The queue, or [`DEFAULT_QUEUE`].
@@ -246,10 +258,39 @@ fn rfc3339(field: &str, v: &Value) -> Result<String, ValidationError> {
         .map_err(|e| ValidationError::new(field, format!("{s:?} is not an RFC 3339 time ({e})")))
 }
 
-impl TryFrom<Value> for Options {
-    type Error = ValidationError;
-    fn try_from(value: Value) -> Result<Self, Self::Error> {
-        Options::from_json(Some(&value))
+/// Decoding validates as [`Options::from_json`] does, one entry at a time
+/// (no intermediate map: a worker decodes the options of every task).
+impl<'de> Deserialize<'de> for Options {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct OptionsVisitor;
+        impl<'de> serde::de::Visitor<'de> for OptionsVisitor {
+            type Value = Options;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an options object")
+            }
+
+            fn visit_unit<E: serde::de::Error>(self) -> Result<Options, E> {
+                Ok(Options::default())
+            }
+
+            fn visit_none<E: serde::de::Error>(self) -> Result<Options, E> {
+                Ok(Options::default())
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Options, A::Error> {
+                let mut o = Options::default();
+                while let Some(name) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+                    let v: Value = map.next_value()?;
+                    o.set(&name, &v).map_err(serde::de::Error::custom)?;
+                }
+                Ok(o)
+            }
+        }
+        d.deserialize_any(OptionsVisitor)
     }
 }
 
