@@ -26,6 +26,7 @@ use crate::queue::AsyncOps;
 use crate::registry::Registry;
 use crate::task::{
     Command, CreateCommand, DeleteTarget, Kind, OpError, Options, TaskType, ValidationError,
+    check_fits,
 };
 
 /// The operations of one process over its stores. Cheap to clone.
@@ -77,7 +78,11 @@ impl Operations {
         config: &Config,
     ) -> Result<Operations, NatsError> {
         let js = &nats.js;
-        let daemon = DaemonOps::new(SpecStore::open(js).await?, registry.operators().clone());
+        let daemon = DaemonOps::new(
+            SpecStore::open(js).await?,
+            registry.operators().clone(),
+            nats.client.clone(),
+        );
         Ok(Operations {
             client: nats.client.clone(),
             daemon,
@@ -149,34 +154,15 @@ impl Operations {
         .into())
     }
 
-    /// Refuses a create whose stored form would not fit in one NATS message
-    /// (the server's `max_payload`, less room for headers): refused before
-    /// anything is stored, never accepted and then dropped.
-    fn check_size(&self, create: &CreateCommand) -> Result<(), OpError> {
-        /// Room for the headers JetStream and bmw add to a stored message.
-        const HEADROOM: usize = 4096;
-        let limit = self.client.max_payload().saturating_sub(HEADROOM);
-        let (what, size) = match create.kind.task_type() {
-            // A daemon spec holds its uni_id, which may be the payload in hex.
-            // (Of a kind only other workers run, they measure it.)
-            TaskType::Daemon => match self.daemon.spec_for(create) {
-                Ok(spec) => ("daemon task", crate::nats::to_json_bytes(&spec).len()),
-                Err(_) => return Ok(()),
-            },
-            task_type => {
-                let what = if task_type == TaskType::Async {
-                    "async task"
-                } else {
-                    "periodic task"
-                };
-                let body = crate::nats::to_json_bytes(&(&create.payload, &create.options));
-                (what, body.len() + create.kind.as_str().len() + 256)
-            }
-        };
-        if size > limit {
-            return Err(OpError::TooLarge { what, size, limit });
-        }
-        Ok(())
+    /// Refuses a periodic create whose stored form would not fit in one NATS
+    /// message: its schedule message carries the payload and options of every
+    /// tick. (An async task is measured as it is built, in the enqueue; a
+    /// daemon spec where it is built, in [`Operations::route`] and the daemon
+    /// create.)
+    fn check_periodic_size(&self, create: &CreateCommand) -> Result<(), OpError> {
+        let body = crate::nats::to_json_bytes(&(&create.payload, &create.options));
+        let size = body.len() + create.kind.as_str().len() + 256;
+        check_fits("periodic task", size, self.client.max_payload())
     }
 
     /// Refuses options that do not apply to the task's type, and, for the
@@ -194,19 +180,25 @@ impl Operations {
     /// would refuse (unknown kind, bad options, unknown uni_id, too large).
     pub async fn route(&self, command: &Command) -> Result<Route, OpError> {
         match command {
+            // Applied here, where `apply` checks it.
+            Command::Create(create) if create.kind.task_type() != TaskType::Daemon => {
+                Ok(Route::Direct)
+            }
             Command::Create(create) => {
                 self.check_options(create)?;
-                let home = self.home_of(&create.kind).await?;
-                self.check_size(create)?;
-                match (create.kind.task_type(), home) {
-                    (TaskType::Daemon, Home::Here) => Ok(Route::Worker {
-                        known: json!({"uni_id": self.daemon.spec_for(create)?.uni_id}),
-                    }),
-                    // Built with more kinds than this binary: the worker computes the uni_id.
-                    (TaskType::Daemon, Home::Elsewhere) => Ok(Route::Worker {
+                match self.home_of(&create.kind).await? {
+                    Home::Here => {
+                        let spec = self.daemon.spec_for(create)?;
+                        self.daemon.check_size(&spec)?;
+                        Ok(Route::Worker {
+                            known: json!({"uni_id": spec.uni_id}),
+                        })
+                    }
+                    // Built with more kinds than this binary: the worker computes
+                    // the uni_id (and measures the spec).
+                    Home::Elsewhere => Ok(Route::Worker {
                         known: json!({"uni_id": null}),
                     }),
-                    _ => Ok(Route::Direct),
                 }
             }
             Command::Delete {
@@ -230,12 +222,14 @@ impl Operations {
             Command::Create(create) => {
                 self.check_options(create)?;
                 let home = self.home_of(&create.kind).await?;
-                self.check_size(create)?;
                 match create.kind.task_type() {
                     TaskType::Daemon if home == Home::Elsewhere => return Ok(None),
                     TaskType::Daemon => self.daemon.create(create).await?,
                     TaskType::Async => self.queue.create(create).await?,
-                    TaskType::Periodic => self.periodic.create(create).await?,
+                    TaskType::Periodic => {
+                        self.check_periodic_size(create)?;
+                        self.periodic.create(create).await?
+                    }
                 }
             }
             Command::Delete { target, .. } => match target {

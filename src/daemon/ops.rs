@@ -7,7 +7,7 @@ use serde_json::{Value, json};
 
 use super::operators::Operators;
 use super::spec::{CreateOutcome, DaemonSpec, SpecError, SpecStore};
-use crate::task::{CreateCommand, OpError, UniId, ValidationError};
+use crate::task::{CreateCommand, OpError, UniId, ValidationError, check_fits};
 
 impl From<SpecError> for OpError {
     fn from(e: SpecError) -> Self {
@@ -26,12 +26,19 @@ impl From<SpecError> for OpError {
 pub struct DaemonOps {
     specs: SpecStore,
     operators: Operators,
+    /// Tells the server's max payload.
+    client: async_nats::Client,
 }
 
 impl DaemonOps {
-    /// Operations over `specs`; `operators` give each kind's dimension.
-    pub fn new(specs: SpecStore, operators: Operators) -> Self {
-        DaemonOps { specs, operators }
+    /// Operations over `specs`; `operators` give each kind's dimension,
+    /// `client` the server's max payload.
+    pub fn new(specs: SpecStore, operators: Operators, client: async_nats::Client) -> Self {
+        DaemonOps {
+            specs,
+            operators,
+            client,
+        }
     }
 
     /// The spec store (the worker's runtime watches it).
@@ -78,6 +85,7 @@ impl DaemonOps {
     /// restarts); an identical create changes nothing.
     pub async fn create(&self, create: &CreateCommand) -> Result<Value, OpError> {
         let spec = self.spec_for(create)?;
+        self.check_size(&spec)?;
         let outcome = self.specs.create(spec.clone()).await?;
         tracing::info!(uni_id = %spec.uni_id, ?outcome, "daemon task created");
         Ok(json!({
@@ -102,6 +110,14 @@ impl DaemonOps {
         let spec = self.specs.reload(uni_id).await?;
         tracing::info!(uni_id = %uni_id, generation = spec.generation, "daemon task reload requested");
         Ok(json!({"uni_id": spec.uni_id, "generation": spec.generation}))
+    }
+
+    /// Refuses a spec that would not fit in one NATS message: it holds its
+    /// uni_id, which may be the payload in hex (a 400 KB payload makes a
+    /// 1.2 MB spec).
+    pub fn check_size(&self, spec: &DaemonSpec) -> Result<(), OpError> {
+        let size = crate::nats::to_json_bytes(spec).len();
+        check_fits("daemon task", size, self.client.max_payload())
     }
 
     /// Refuses a uni_id that names no task (404).

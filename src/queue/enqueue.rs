@@ -20,7 +20,8 @@ use crate::nats::{
     NatsError, RETRY_BUDGET, TtlCreate, create_with_ttl, names, publish_with_retries, with_retries,
 };
 use crate::task::{
-    CreateCommand, OpError, Origin, TaskType, ValidationError, canonical_payload, to_hex,
+    CreateCommand, OpError, Origin, TaskType, ValidationError, canonical_payload, check_fits,
+    to_hex,
 };
 
 /// Enqueues async tasks.
@@ -131,6 +132,17 @@ impl Enqueuer {
             (None, Origin::Message) => (task_id_of_command(&create.id), true),
             (None, Origin::Direct) => (uuid::Uuid::new_v4().to_string(), false),
         };
+        // Measured as it will be stored, before anything is looked up or locked.
+        let message = TaskMessage {
+            id: task_id.clone(),
+            kind: create.kind.to_string(),
+            payload: create.payload.clone(),
+            options: create.options.clone(),
+            enqueued_at: Some(Utc::now().to_rfc3339()),
+            errors: Vec::new(),
+        };
+        let body = crate::nats::to_json_bytes(&message);
+        check_fits("async task", body.len(), self.js.client().max_payload())?;
         // A derived id is not looked up (three reads on every command): a
         // redelivery comes within the duplicate window, and its publish is
         // answered as a duplicate.
@@ -146,15 +158,6 @@ impl Enqueuer {
             Some(window) => self.lock_unique(create, &queue, &task_id, window).await?,
             None => None,
         };
-        let message = TaskMessage {
-            id: task_id.clone(),
-            kind: create.kind.to_string(),
-            payload: create.payload.clone(),
-            options: create.options.clone(),
-            enqueued_at: Some(Utc::now().to_rfc3339()),
-            errors: Vec::new(),
-        };
-        let body = crate::nats::to_json_bytes(&message);
         let mut headers = HeaderMap::new();
         let subject = match due {
             Some(at) => {

@@ -12,7 +12,7 @@ pub mod outcome;
 pub mod request;
 
 pub use options::{DEFAULT_QUEUE, Options, duration};
-pub use outcome::{OpError, Outcome};
+pub use outcome::{OpError, Outcome, check_fits};
 pub use request::{Command, CreateCommand, DeleteTarget, Origin};
 
 use std::fmt;

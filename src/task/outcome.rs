@@ -91,6 +91,19 @@ pub enum OpError {
     Nats(#[from] NatsError),
 }
 
+/// Room for the headers JetStream and bmw add to a stored message.
+const HEADER_ROOM: usize = 4096;
+
+/// Refuses a stored form of `size` bytes that would not fit in one NATS
+/// message of at most `max_payload` bytes (the server's), headers included.
+pub fn check_fits(what: &'static str, size: usize, max_payload: usize) -> Result<(), OpError> {
+    let limit = max_payload.saturating_sub(HEADER_ROOM);
+    if size > limit {
+        return Err(OpError::TooLarge { what, size, limit });
+    }
+    Ok(())
+}
+
 impl OpError {
     /// The HTTP status of this error.
     pub fn status(&self) -> u16 {
