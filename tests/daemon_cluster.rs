@@ -161,13 +161,7 @@ async fn ownership_rebalance_failover_and_handover() {
     let mut w2 = BmwProcess::worker(&env.url(), &[]);
     let (id1, id2) = (w1.worker_id().await, w2.worker_id().await);
     const TASKS: usize = 6;
-    for n in 0..TASKS {
-        let body = json!({"kind": "daemon:demo:demo", "payload": {"content": "ok", "n": n}});
-        env.client
-            .submit_json("bmw.task.create", body.to_string().as_bytes())
-            .await
-            .unwrap();
-    }
+    crate::harness::create_demos(&env.client, TASKS).await;
     let settle = time_until(
         &env,
         Duration::from_secs(15),

@@ -13,17 +13,7 @@ use crate::harness::{BmwProcess, NatsCluster, wait_until};
 async fn killing_a_cluster_node_keeps_tasks_running() {
     let mut cluster = NatsCluster::start(3).await;
     let url = cluster.url();
-    let nats = bmw::nats::Nats::connect(&url, "bmw-test").await.unwrap();
-    // JetStream needs its meta leader before streams can be created.
-    let ready = wait_until(Duration::from_secs(20), async || {
-        bmw::nats::provision::provision(&nats.js, 3).await.is_ok()
-    })
-    .await;
-    assert!(ready, "cluster did not become ready");
-    let registry = std::sync::Arc::new(bmw::builtin::registry());
-    let client = bmw::client::TaskClient::new(nats.clone(), registry, Duration::from_secs(10))
-        .await
-        .unwrap();
+    let (nats, client) = cluster.client().await;
     // Default claim TTL (15 s) and heartbeat (5 s): a leader election (about 5 s)
     // must be ridden out by retried renewals, not by moving tasks.
     let args = [
@@ -45,13 +35,7 @@ async fn killing_a_cluster_node_keeps_tasks_running() {
         .subscribe("bmw.event.daemon.*.started")
         .await
         .unwrap();
-    for n in 0..4 {
-        let body = json!({"kind": "daemon:demo:demo", "payload": {"content": "ok", "n": n}});
-        client
-            .submit_json("bmw.task.create", body.to_string().as_bytes())
-            .await
-            .unwrap();
-    }
+    crate::harness::create_demos(&client, 4).await;
     let all_bound = async || {
         let rows = client.list_daemon().await.unwrap_or_default();
         rows.len() == 4 && rows.iter().all(|r| r.binding.worker_is_normal)
@@ -113,19 +97,8 @@ async fn killing_a_cluster_node_keeps_tasks_running() {
 #[tokio::test(flavor = "multi_thread")]
 async fn creates_ride_out_a_stream_leader_election() {
     let mut cluster = NatsCluster::start(3).await;
-    let url = cluster.url();
-    let nats = bmw::nats::Nats::connect(&url, "bmw-test").await.unwrap();
-    let ready = wait_until(Duration::from_secs(20), async || {
-        bmw::nats::provision::provision(&nats.js, 3).await.is_ok()
-    })
-    .await;
-    assert!(ready, "cluster did not become ready");
-    let registry = std::sync::Arc::new(bmw::builtin::registry());
-    let client = std::sync::Arc::new(
-        bmw::client::TaskClient::new(nats.clone(), registry, Duration::from_secs(10))
-            .await
-            .unwrap(),
-    );
+    let (nats, client) = cluster.client().await;
+    let client = std::sync::Arc::new(client);
     let mut stream = nats.js.get_stream("BMW_ASYNC").await.unwrap();
     let leader = stream
         .info()
@@ -140,15 +113,17 @@ async fn creates_ride_out_a_stream_leader_election() {
         .and_then(|n| n.parse().ok())
         .expect("the stream has a leader n<i>");
 
-    // 20 creates a second for 12 s on a queue no worker takes; the leader dies at 2 s.
+    // 20 creates a second for 12 s on a queue no worker takes; the leader dies
+    // once 40 have been answered.
+    let answered = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let sender = {
-        let client = client.clone();
+        let (client, answered) = (client.clone(), answered.clone());
         tokio::spawn(async move {
             let mut ticker = tokio::time::interval(Duration::from_millis(50));
             let mut sends = Vec::new();
             for n in 0..240 {
                 ticker.tick().await;
-                let client = client.clone();
+                let (client, answered) = (client.clone(), answered.clone());
                 sends.push(tokio::spawn(async move {
                     let body = json!({"kind": "async:demo:echo", "payload": {"n": n},
                                       "options": {"queue": "held", "task_id": format!("t-{n}")}});
@@ -156,6 +131,7 @@ async fn creates_ride_out_a_stream_leader_election() {
                     let result = client
                         .submit_json("bmw.task.create", body.to_string().as_bytes())
                         .await;
+                    answered.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     (
                         n,
                         result.map(|_| ()).map_err(|e| e.to_string()),
@@ -166,7 +142,11 @@ async fn creates_ride_out_a_stream_leader_election() {
             futures::future::join_all(sends).await
         })
     };
-    tokio::time::sleep(Duration::from_secs(2)).await; // the load runs before the kill
+    let loaded = wait_until(Duration::from_secs(10), async || {
+        answered.load(std::sync::atomic::Ordering::Relaxed) >= 40
+    })
+    .await;
+    assert!(loaded, "creates are answered before the kill");
     cluster.nodes[leader].kill().await;
     let results: Vec<_> = sender
         .await

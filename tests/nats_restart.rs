@@ -12,13 +12,7 @@ async fn tasks_run_again_after_a_server_restart() {
     let mut env = TestEnv::start().await;
     let worker = BmwProcess::worker(&env.url(), &[]);
     let id = worker.worker_id().await;
-    for n in 0..3 {
-        let body = json!({"kind": "daemon:demo:demo", "payload": {"content": "ok", "n": n}});
-        env.client
-            .submit_json("bmw.task.create", body.to_string().as_bytes())
-            .await
-            .unwrap();
-    }
+    crate::harness::create_demos(&env.client, 3).await;
     assert_eventually!(
         Duration::from_secs(10),
         env.loads().await.get(&id) == Some(&3),

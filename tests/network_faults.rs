@@ -84,13 +84,7 @@ async fn a_cut_off_holder_stops_before_its_claims_expire(mode: Mode) {
     let reachable_id = reachable.worker_id().await;
     let cut_off = BmwProcess::worker(&proxy.url(), &[]);
     let cut_off_id = cut_off.worker_id().await;
-    for n in 0..TASKS {
-        let body = json!({"kind": "daemon:demo:demo", "payload": {"content": "ok", "n": n}});
-        env.client
-            .submit_json("bmw.task.create", body.to_string().as_bytes())
-            .await
-            .unwrap();
-    }
+    crate::harness::create_demos(&env.client, TASKS).await;
     assert_eventually!(
         Duration::from_secs(20),
         {
@@ -220,13 +214,7 @@ async fn stops_within_grace_without_nats(
     role: &str,
 ) -> Vec<String> {
     let id = process.worker_id().await;
-    for n in 0..3 {
-        let body = json!({"kind": "daemon:demo:demo", "payload": {"content": "ok", "n": n}});
-        env.client
-            .submit_json("bmw.task.create", body.to_string().as_bytes())
-            .await
-            .unwrap();
-    }
+    crate::harness::create_demos(&env.client, 3).await;
     assert_eventually!(
         Duration::from_secs(15),
         env.loads().await.get(&id) == Some(&3),

@@ -11,6 +11,20 @@ use serde_json::{Value, json};
 use crate::harness::{BmwProcess, TestEnv, assert_refused_outcome, publish_command as publish};
 
 /// Publishes `body` on `subject` with a reply inbox; returns the outcome.
+/// The next command error event (`bmw.event.command.<kind>.error`), within 5 s.
+async fn next_error(errors: &mut async_nats::Subscriber) -> async_nats::Message {
+    let event = tokio::time::timeout(Duration::from_secs(5), errors.next())
+        .await
+        .expect("an error event")
+        .unwrap();
+    assert!(
+        event.subject.as_str().ends_with(".error"),
+        "{}",
+        event.subject
+    );
+    event
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn walkthrough_over_raw_subjects() {
     let env = TestEnv::start().await;
@@ -158,15 +172,7 @@ async fn poison_messages_are_terminated_and_reported() {
     for (body, needle) in poison {
         let outcome = publish(&env, "bmw.task.create", body).await;
         assert_refused_outcome(&outcome, 400, needle);
-        let event = tokio::time::timeout(Duration::from_secs(5), errors.next())
-            .await
-            .expect("an error event")
-            .unwrap();
-        assert!(
-            event.subject.as_str().ends_with(".error"),
-            "{}",
-            event.subject
-        );
+        let event = next_error(&mut errors).await;
         let event: Value = serde_json::from_slice(&event.payload).unwrap();
         assert!(event["error"].as_str().unwrap().contains(needle), "{event}");
     }
@@ -209,10 +215,7 @@ async fn an_out_of_range_command_fails_alone_and_commands_keep_working() {
     let body = json!({"kind": "async:demo:echo", "options": {"process_in": 10_000_000_000_000u64}});
     let outcome = publish(&env, "bmw.task.create", body.to_string().as_bytes()).await;
     assert_refused_outcome(&outcome, 400, "`options.process_in`");
-    let event = tokio::time::timeout(Duration::from_secs(5), errors.next())
-        .await
-        .expect("an error event")
-        .unwrap();
+    let event = next_error(&mut errors).await;
     let event: Value = serde_json::from_slice(&event.payload).unwrap();
     assert!(
         event["error"]
@@ -258,15 +261,7 @@ async fn a_panic_in_command_handling_fails_that_command_only() {
         let body = json!({"kind": "daemon:custom:explosive", "payload": {"explode": when, "n": n}});
         let outcome = publish(&env, "bmw.task.create", body.to_string().as_bytes()).await;
         assert_refused_outcome(&outcome, 500, &format!("told to explode while {when}"));
-        let event = tokio::time::timeout(Duration::from_secs(5), errors.next())
-            .await
-            .expect("an error event")
-            .unwrap();
-        assert!(
-            event.subject.as_str().ends_with(".error"),
-            "{}",
-            event.subject
-        );
+        next_error(&mut errors).await;
     }
     // Terminated, not redelivered, and the next commands are applied.
     for n in 0..3 {

@@ -500,6 +500,21 @@ pub async fn publish_command(env: &TestEnv, subject: &str, body: &[u8]) -> Value
     serde_json::from_slice(&reply.payload).unwrap()
 }
 
+/// Creates `count` `daemon:demo:demo` tasks that run (`{"content": "ok", "n": n}`).
+pub async fn create_demos(client: &TaskClient, count: usize) {
+    for n in 0..count {
+        let body =
+            serde_json::json!({"kind": "daemon:demo:demo", "payload": {"content": "ok", "n": n}});
+        client
+            .submit_json(
+                bmw::nats::names::SUBJECT_CREATE,
+                body.to_string().as_bytes(),
+            )
+            .await
+            .expect("create");
+    }
+}
+
 /// Asserts a command's outcome is a refusal with `code` whose message
 /// contains `needle`.
 pub fn assert_refused_outcome(outcome: &Value, code: u64, needle: &str) {
@@ -567,6 +582,22 @@ impl NatsCluster {
         });
         let nodes = futures::future::join_all(starts).await;
         NatsCluster { nodes, _dir: dir }
+    }
+
+    /// A connection once JetStream has a meta leader and bmw's streams and
+    /// buckets are provisioned with 3 replicas, and a task client on it.
+    pub async fn client(&self) -> (Nats, TaskClient) {
+        let nats = Nats::connect(&self.url(), "bmw-test").await.unwrap();
+        let ready = wait_until(Duration::from_secs(20), async || {
+            bmw::nats::provision::provision(&nats.js, 3).await.is_ok()
+        })
+        .await;
+        assert!(ready, "cluster did not become ready");
+        let registry = Arc::new(bmw::builtin::registry());
+        let client = TaskClient::new(nats.clone(), registry, Duration::from_secs(10))
+            .await
+            .unwrap();
+        (nats, client)
     }
 
     /// All client URLs, comma-separated.
