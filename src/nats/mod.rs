@@ -76,7 +76,9 @@ where
 {
     let deadline = tokio::time::Instant::now() + budget;
     let mut pause = Duration::from_millis(100);
-    for attempt in 1.. {
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
         let result = match tokio::time::timeout(ATTEMPT_TIMEOUT, step(attempt)).await {
             Ok(result) => result,
             Err(elapsed) => Err(NatsError::with_kind(NatsErrorKind::Timeout, elapsed)),
@@ -94,7 +96,6 @@ where
             Err(e) => return Err(e),
         }
     }
-    unreachable!("the loop returns")
 }
 
 /// Publishes durably, retrying within [`RETRY_BUDGET`] (see [`with_retries`]).
