@@ -121,6 +121,8 @@ pub async fn run_worker(
     registry: Arc<Registry>,
     token: CancellationToken,
 ) -> Result<(), ServiceError> {
+    // Before anything is recorded (a program embedding bmw may not have).
+    crate::metrics::install();
     let metrics = match config.metrics_addr {
         Some(addr) => Some(
             tokio::net::TcpListener::bind(addr)
