@@ -563,17 +563,13 @@ impl Config {
             )?,
             metrics_addr: match given.metrics_addr.as_deref().map(str::trim) {
                 Some(off) if off.eq_ignore_ascii_case(METRICS_ADDR_OFF) => None,
-                given => Some(
-                    addr("metrics-addr", given.unwrap_or(DEFAULT_METRICS_ADDR)).map_err(
-                        |e| match e {
-                            ConfigError::Invalid { name, message } => ConfigError::Invalid {
-                                name,
-                                message: format!("{message}; `{METRICS_ADDR_OFF}` serves none"),
-                            },
-                            other => other,
-                        },
-                    )?,
-                ),
+                Some(s) => Some(s.parse::<SocketAddr>().map_err(|e| ConfigError::Invalid {
+                    name: "metrics-addr",
+                    message: format!(
+                        "{s:?} is not a socket address ({e}); `{METRICS_ADDR_OFF}` serves none"
+                    ),
+                })?),
+                None => Some(addr("metrics-addr", DEFAULT_METRICS_ADDR)?),
             },
             queues: parse_queues(given.queues.unwrap_or_else(|| vec!["default".to_owned()]))?,
             claim_ttl: dur("claim-ttl", given.claim_ttl, DEFAULT_CLAIM_TTL)?,
