@@ -302,3 +302,62 @@ async fn the_log_level_changes_at_run_time_and_a_bad_level_is_refused() {
     assert_eq!(set_level(&base, "debug", Some("reader")).await.0, 403);
     assert_eq!(set_level(&base, "debug", Some("writer")).await.0, 200);
 }
+
+/// Creates a `daemon:demo:dimension` task for `data_id` through the client.
+async fn create_by_data_id(env: &TestEnv, data_id: &str) {
+    let body = json!({"kind": DIMENSION_KIND, "payload": {"data_id": data_id}});
+    match env
+        .client
+        .submit_json(
+            bmw::nats::names::SUBJECT_CREATE,
+            body.to_string().as_bytes(),
+        )
+        .await
+        .expect("create")
+    {
+        bmw::client::Submitted::Done(o) => assert!(o.result, "create refused: {o:?}"),
+        bmw::client::Submitted::Accepted { .. } => {}
+    }
+}
+
+#[tokio::test]
+async fn a_series_moves_with_its_instance_when_a_worker_joins() {
+    let env = TestEnv::start().await;
+    let (_a, a) = worker_with_metrics(&env);
+    for data_id in ["11", "22"] {
+        create_by_data_id(&env, data_id).await;
+    }
+    let running = async |base: &str| -> Vec<&'static str> {
+        let text = scrape(&format!("{base}/bmw/metrics"))
+            .await
+            .unwrap_or_default();
+        ["11", "22"]
+            .into_iter()
+            .filter(|d| {
+                has_series(
+                    &text,
+                    "daemon_running_task_count",
+                    &format!(r#"task_dimension="{d}""#),
+                )
+            })
+            .collect()
+    };
+    assert!(
+        wait_until(Duration::from_secs(20), async || running(&a).await
+            == ["11", "22"])
+        .await,
+        "the lone worker runs both"
+    );
+    // A second worker joins: the first hands one task over (ceil(2 / 2) each).
+    let (_b, b) = worker_with_metrics(&env);
+    assert!(
+        wait_until(Duration::from_secs(20), async || {
+            let (on_a, on_b) = (running(&a).await, running(&b).await);
+            on_a.len() == 1 && on_b.len() == 1 && on_a != on_b
+        })
+        .await,
+        "one series each, none on both: a {:?}, b {:?}",
+        running(&a).await,
+        running(&b).await
+    );
+}
