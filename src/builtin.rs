@@ -1,6 +1,9 @@
 //! Built-in kinds, registered through the same public API users call:
 //! `daemon:demo:demo`, exactly BMW's demo (prints the start line, then the
-//! current time every 5 s; any `content` other than `ok` fails), and the async
+//! current time every 5 s; any `content` other than `ok` fails),
+//! `daemon:demo:dimension` (waits quietly; its `task_dimension` is
+//! `payload.data_id`, as APM's pre-calculation has it; `{"fail": true}` fails
+//! at once), and the async
 //! demos `async:demo:echo` (logs the payload), `async:demo:sleep`
 //! (`{"seconds": n}`), `async:demo:fail` (`{"fail_times": n}` fails the first n
 //! attempts; `{"skip_retry": true}` fails for good) and `async:demo:noop`, and
@@ -34,6 +37,9 @@ pub fn registry() -> Registry {
 pub fn register(registry: &mut Registry) -> Result<(), RegistryError> {
     registry.register_daemon("daemon:demo:demo", || {
         Ok(Arc::new(Demo) as Arc<dyn Operator>)
+    })?;
+    registry.register_daemon("daemon:demo:dimension", || {
+        Ok(Arc::new(ByDataId) as Arc<dyn Operator>)
     })?;
     registry.register_async(
         "async:demo:echo",
@@ -147,6 +153,31 @@ impl Operator for Demo {
                 }
             }
         })
+    }
+}
+
+/// A daemon keyed by `payload.data_id`: one instance per data id, whose
+/// `daemon_running_task_count` series carries `task_dimension="<data_id>"`.
+#[derive(Debug, Clone, Copy)]
+pub struct ByDataId;
+
+impl Operator for ByDataId {
+    fn start<'a>(
+        &'a self,
+        ctx: OperatorContext,
+        payload: &'a Value,
+    ) -> BoxFuture<'a, Result<(), OperatorError>> {
+        Box::pin(async move {
+            if payload.get("fail").and_then(Value::as_bool) == Some(true) {
+                return Err(OperatorError::new("told to fail"));
+            }
+            ctx.cancelled().await;
+            Ok(())
+        })
+    }
+
+    fn task_dimension(&self, payload: &Value) -> String {
+        crate::daemon::operator::field_text(payload, "data_id")
     }
 }
 

@@ -31,6 +31,10 @@ pub struct QueueWeight {
 pub const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
 /// Default bridge address: BMW's port, on loopback only (as BMW binds).
 pub const DEFAULT_HTTP_ADDR: &str = "127.0.0.1:10211";
+/// Where `bmw worker` serves its metrics unless told (BMW's worker port).
+pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:10213";
+/// The `--metrics-addr` value that serves no metrics.
+pub const METRICS_ADDR_OFF: &str = "off";
 /// Default claim TTL: a dead worker's daemon tasks move after this long.
 pub const DEFAULT_CLAIM_TTL: Duration = Duration::from_secs(15);
 /// Default heartbeat: claims and the worker entry are renewed this often.
@@ -277,7 +281,8 @@ pub struct Config {
     pub nats_url: Option<String>,
     /// Where the bridge (and, for `bmw run`, `/metrics`) listens.
     pub http_addr: SocketAddr,
-    /// Where `bmw worker` serves `/metrics` and `/health`; `None` serves nothing.
+    /// Where `bmw worker` serves `/bmw/metrics`, `/metrics` and `/health`
+    /// ([`DEFAULT_METRICS_ADDR`] unless given); `None` (`off`) serves nothing.
     pub metrics_addr: Option<SocketAddr>,
     /// Queues this worker takes tasks from, with their weights
     /// (`critical=6,default=3,low=1`; a bare name weighs 1).
@@ -556,11 +561,16 @@ impl Config {
                 "http-addr",
                 given.http_addr.as_deref().unwrap_or(DEFAULT_HTTP_ADDR),
             )?,
-            metrics_addr: given
-                .metrics_addr
-                .as_deref()
-                .map(|s| addr("metrics-addr", s))
-                .transpose()?,
+            metrics_addr: match given.metrics_addr.as_deref().map(str::trim) {
+                Some(off) if off.eq_ignore_ascii_case(METRICS_ADDR_OFF) => None,
+                Some(s) => Some(s.parse::<SocketAddr>().map_err(|e| ConfigError::Invalid {
+                    name: "metrics-addr",
+                    message: format!(
+                        "{s:?} is not a socket address ({e}); `{METRICS_ADDR_OFF}` serves none"
+                    ),
+                })?),
+                None => Some(addr("metrics-addr", DEFAULT_METRICS_ADDR)?),
+            },
             queues: parse_queues(given.queues.unwrap_or_else(|| vec!["default".to_owned()]))?,
             claim_ttl: dur("claim-ttl", given.claim_ttl, DEFAULT_CLAIM_TTL)?,
             heartbeat: dur("heartbeat", given.heartbeat, DEFAULT_HEARTBEAT)?,
@@ -763,6 +773,25 @@ mod tests {
         assert_eq!(c.claim_ttl, Duration::from_secs(6));
         assert_eq!(c.retry_base, DEFAULT_RETRY_BASE);
         assert_eq!(c.http_addr.port(), 10211);
+        assert_eq!(c.metrics_addr, Some(DEFAULT_METRICS_ADDR.parse().unwrap()));
+    }
+
+    #[test]
+    fn metrics_addr_is_an_address_or_off() {
+        let with = |v: &str| {
+            Config::resolve(ConfigOverrides {
+                metrics_addr: Some(v.into()),
+                ..Default::default()
+            })
+        };
+        assert_eq!(with("off").unwrap().metrics_addr, None);
+        assert_eq!(with(" OFF ").unwrap().metrics_addr, None);
+        assert_eq!(
+            with("127.0.0.1:9100").unwrap().metrics_addr,
+            Some("127.0.0.1:9100".parse().unwrap())
+        );
+        let e = with("nowhere").unwrap_err().to_string();
+        assert!(e.contains("metrics-addr") && e.contains("`off`"), "{e}");
     }
 
     #[test]

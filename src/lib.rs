@@ -28,7 +28,8 @@
 //! ## Layering
 //!
 //! Modules depend downward only, in this order (lowest first):
-//! [`nats`] (names, connection, typed errors), [`metrics`], [`shutdown`] →
+//! [`nats`] (names, connection, typed errors), [`metrics`], [`shutdown`],
+//! [`logging`] →
 //! [`task`], [`config`], [`events`] → [`membership`] → [`daemon`], [`queue`]
 //! → [`periodic`] → [`registry`] → [`ops`] → [`command`], [`builtin`] →
 //! [`client`] → [`bridge`], [`worker`] → [`service`] → the binary.
@@ -55,7 +56,7 @@
 //! - [`worker`], [`service`]: the process roles.
 //! - [`bridge`]: HTTP routes, the BMW envelope, and the guards: bearer tokens,
 //!   the cross-site rule, request limits, TLS.
-//! - [`events`], [`metrics`]: what operators observe.
+//! - [`events`], [`metrics`], [`logging`]: what operators observe.
 //! - [`config`], [`shutdown`]: settings and signals.
 
 pub mod bridge;
@@ -65,6 +66,7 @@ pub mod command;
 pub mod config;
 pub mod daemon;
 pub mod events;
+pub mod logging;
 pub mod membership;
 pub mod metrics;
 pub mod nats;

@@ -29,11 +29,12 @@ struct Global {
     /// NATS server URL(s), comma-separated. `bmw run` without it starts a local nats-server.
     #[arg(long, global = true, env = "BMW_NATS_URL", hide_env_values = true)]
     nats_url: Option<String>,
-    /// Bridge listen address (`bmw run`, `bmw bridge`); also serves /metrics, /health, /ready
+    /// Bridge listen address (`bmw run`, `bmw bridge`); also serves /bmw/metrics, /metrics, /health, /ready
     /// [default: 127.0.0.1:10211; another host needs a token or --insecure-no-auth].
     #[arg(long, global = true, env = "BMW_HTTP_ADDR")]
     http_addr: Option<String>,
-    /// Where `bmw worker` serves /metrics and /health (off when unset).
+    /// Where `bmw worker` serves /bmw/metrics, /metrics and /health; `off` serves none;
+    /// each worker on a host needs its own [default: 127.0.0.1:10213].
     #[arg(long, global = true, env = "BMW_METRICS_ADDR")]
     metrics_addr: Option<String>,
     /// Queues this worker takes tasks from, comma-separated, with optional weights:
@@ -311,25 +312,10 @@ impl Global {
     }
 }
 
-fn init_tracing(json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("BMW_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,async_nats=warn"));
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(ansi);
-    if json {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
-}
-
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing(cli.global.log_json);
+    bmw::logging::init(cli.global.log_json);
     match run(cli).await {
         Ok(code) => code,
         Err(e) => {

@@ -31,6 +31,18 @@ pub enum ServiceError {
     /// The worker failed.
     #[error(transparent)]
     Worker(#[from] crate::worker::WorkerError),
+    /// The worker's metrics address could not be bound (taken by another
+    /// process, e.g. a second worker on this host).
+    #[error(
+        "cannot serve metrics on {addr} (--metrics-addr): {source}; each worker on a host needs \
+         its own --metrics-addr (or `off`)"
+    )]
+    MetricsAddr {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// The error.
+        source: std::io::Error,
+    },
     /// The HTTP listener failed.
     #[error("http server on {addr}: {source}")]
     Http {
@@ -100,19 +112,30 @@ pub async fn run_all(
     Ok(worked?)
 }
 
-/// `bmw worker`: the worker, plus `/metrics` and `/health` on the metrics address.
+/// `bmw worker`: the worker, plus `/bmw/metrics`, `/metrics` and `/health`
+/// on the metrics address (`127.0.0.1:10213` unless told; none when `off`).
+/// The address is bound first: a taken port stops the start before anything
+/// else happens.
 pub async fn run_worker(
     config: Config,
     registry: Arc<Registry>,
     token: CancellationToken,
 ) -> Result<(), ServiceError> {
+    // Before anything is recorded (a program embedding bmw may not have).
+    crate::metrics::install();
+    let metrics = match config.metrics_addr {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| ServiceError::MetricsAddr { addr, source })?,
+        ),
+        None => None,
+    };
     let settings = config.connect_settings(config.nats_url_or_default());
     let nats = Nats::connect_with(&settings, names::client_name::WORKER).await?;
     provision::provision(&nats.js, config.replicas).await?;
-    if let Some(addr) = config.metrics_addr {
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .map_err(|source| ServiceError::Http { addr, source })?;
+    if let Some(listener) = metrics {
+        tracing::info!(addr = ?listener.local_addr().ok(), "serving /bmw/metrics and /metrics");
         tokio::spawn(bridge::serve_on(
             listener,
             bridge::ops_router(&Guards::from_config(&config)),

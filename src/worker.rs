@@ -107,6 +107,9 @@ impl Worker {
         );
         membership.register().await?;
         tracing::info!(worker_id = %worker_id, queues = ?config.queue_names(), concurrency = config.concurrency, "worker started");
+        for kind in registry.kinds() {
+            crate::metrics::task_registered(&kind);
+        }
 
         let tracker = TaskTracker::new();
         let membership_token = CancellationToken::new();

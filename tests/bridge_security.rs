@@ -134,7 +134,7 @@ async fn tokens_decide_who_may_read_and_who_may_write() {
     );
 
     // Liveness, readiness and (by default) metrics stay open.
-    for open in ["/health", "/ready", "/metrics"] {
+    for open in ["/health", "/ready", "/metrics", "/bmw/metrics"] {
         let response = reqwest::get(format!("{base}{open}")).await.unwrap();
         assert_eq!(response.status().as_u16(), 200, "{open} without a token");
     }
@@ -190,6 +190,12 @@ async fn tokens_from_a_file_and_metrics_behind_them() {
 
     let response = reqwest::get(&metrics).await.unwrap();
     assert_eq!(response.status().as_u16(), 401, "/metrics without a token");
+    let response = reqwest::get(format!("{base}/bmw/metrics")).await.unwrap();
+    assert_eq!(
+        response.status().as_u16(),
+        401,
+        "/bmw/metrics without a token"
+    );
     let response = reqwest::Client::new()
         .get(&metrics)
         .bearer_auth(READER)

@@ -175,6 +175,8 @@ impl BmwProc {
             .args(args)
             .current_dir(dir)
             .env("BMW_LOG", "info,async_nats=warn")
+            // Several workers on this host: none takes the default metrics port.
+            .env("BMW_METRICS_ADDR", "off")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr)

@@ -1,13 +1,14 @@
 //! The HTTP bridge (design.md §6): REST routes under `/bmw/task/` turned into
-//! commands, plus `/bmw/queue/`, `/bmw/worker/`, `/metrics`, `/health` and
-//! `/ready`. Thin on purpose: a command goes through [`crate::client`], which
+//! commands, plus `/bmw/queue/`, `/bmw/worker/`, `/bmw/log/level`, `/metrics`
+//! and `/bmw/metrics`, `/health` and `/ready`. Thin on purpose: a command goes through [`crate::client`], which
 //! applies async and periodic ones directly and publishes daemon ones on
 //! `bmw.task.*` for a worker; the envelope is in [`envelope`].
 //!
 //! [`Guards`] decide who may call it and how much it takes: bearer tokens
 //! ([`auth`]), the cross-site rule (`cross_site`) and the request limits
-//! ([`limits`]) wrap the API routes; `/health` and `/ready` stay open (and
-//! `/metrics` unless configured). [`listen`] serves it, over TLS if asked.
+//! ([`limits`]) wrap the API routes (`POST /bmw/log/level` among them: it
+//! needs a read-write token when tokens are set); `/health` and `/ready` stay
+//! open (and `/metrics`, `/bmw/metrics` unless configured). [`listen`] serves it, over TLS if asked.
 //! A panic while handling a request answers 500 with the envelope.
 
 pub mod auth;
@@ -71,10 +72,14 @@ impl Guards {
     }
 }
 
-/// `/metrics` and `/health`: served by the bridge and by a lone worker on its
-/// metrics address; `/metrics` behind the tokens if the guards say so.
+/// `/metrics`, `/bmw/metrics` (BMW's path) and `/health`: served by the
+/// bridge and by a worker on its metrics address; the metrics behind the
+/// tokens if the guards say so.
 pub fn ops_router(guards: &Guards) -> Router {
-    let metrics = Router::new().route("/metrics", get(|| async { crate::metrics::render() }));
+    let render = get(|| async { crate::metrics::render() });
+    let metrics = Router::new()
+        .route("/metrics", render.clone())
+        .route("/bmw/metrics", render);
     let metrics = if guards.metrics_require_token {
         metrics.layer(middleware::from_fn_with_state(
             guards.tokens.clone(),
@@ -109,6 +114,8 @@ pub fn router(state: BridgeState, guards: &Guards) -> Router {
         .route("/bmw/queue", get(routes::queues))
         .route("/bmw/worker/", get(routes::workers))
         .route("/bmw/worker", get(routes::workers))
+        .route("/bmw/log/level", post(routes::log_level))
+        .route("/bmw/log/level/", post(routes::log_level))
         .fallback(routes::not_found)
         .with_state(state.clone());
     let api = guards
@@ -140,18 +147,20 @@ fn panicked(panic: Box<dyn std::any::Any + Send + 'static>) -> Response {
     .into_response()
 }
 
+/// Counts and times every request by method and route (`other` for a path
+/// no route matched, so unknown paths add no series), and logs it at debug.
 async fn record(request: Request, next: Next) -> Response {
     let route = request
         .extensions()
         .get::<MatchedPath>()
         .map(|p| p.as_str().to_owned())
         .unwrap_or_else(|| "other".into());
+    let method = request.method().clone();
     let start = Instant::now();
     let response = next.run(request).await;
-    crate::metrics::bridge_request(
-        &route,
-        response.status().as_u16(),
-        start.elapsed().as_secs_f64(),
-    );
+    let seconds = start.elapsed().as_secs_f64();
+    let status = response.status().as_u16();
+    crate::metrics::bridge_request(method.as_str(), &route, status, seconds);
+    tracing::debug!(method = %method, route, status, seconds, "request served");
     response
 }

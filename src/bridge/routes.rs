@@ -210,6 +210,29 @@ pub(super) async fn ready(State(state): State<BridgeState>) -> Reply {
     Reply(status, envelope)
 }
 
+/// `POST /bmw/log/level?log_level=debug`: this process's log level, at once
+/// (BMW's route); 400 for a missing or unknown level.
+pub(super) async fn log_level(
+    Query(query): Query<HashMap<String, String>>,
+) -> Result<Reply, ApiError> {
+    let given = query.get("log_level").ok_or_else(|| {
+        ApiError::bad_request(format!(
+            "missing query parameter `log_level` (one of {})",
+            crate::logging::LEVELS
+        ))
+    })?;
+    match crate::logging::set_level(given) {
+        Ok(level) => {
+            tracing::info!(log_level = level, "log level changed");
+            Ok(Reply::ok(json!({"log_level": level})))
+        }
+        Err(e @ crate::logging::LogLevelError::Unknown { .. }) => {
+            Err(ApiError::bad_request(e.to_string()))
+        }
+        Err(e) => Err(ApiError::new(StatusCode::NOT_IMPLEMENTED, e.to_string())),
+    }
+}
+
 /// Any other path: 404 with the envelope.
 pub(super) async fn not_found() -> ApiError {
     ApiError::not_found("no such route")

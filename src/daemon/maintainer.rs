@@ -199,7 +199,7 @@ impl Maintainer {
             at,
             delay,
         );
-        metrics::daemon_retry(self.spec.kind.as_str());
+        metrics::daemon_retry(self.spec.kind.as_str(), &self.spec.dimension);
         self.publish("error", json!({"error": error.to_string()}))
             .await;
         self.publish("retry", json!({"error": error.to_string(), "delay_seconds": delay.as_secs_f64(), "next_retry_at": self.claim.next_retry_at})).await;

@@ -157,6 +157,7 @@ pub(super) async fn execute(shared: Arc<Shared>, message: Message, slot: Slot) {
         let detail = json!({"task_id": task.id, "queue": queue, "fired_at": fired_at.flatten()});
         Box::pin(rt.events.emit("periodic", &task.kind, "enqueued", detail)).await;
     }
+    crate::metrics::task_received(&task.kind);
     let started = Instant::now();
     let outcome = run_attempt(
         &shared,

@@ -197,6 +197,7 @@ impl Enqueuer {
                 task_id,
             });
         }
+        crate::metrics::task_enqueued(create.kind.as_str());
         Ok(answer(&task_id, false))
     }
 

@@ -3,6 +3,8 @@
 //! bridge processes with captured logs, an in-process task client, and
 //! waiting with deadlines instead of sleeps. `BMW_TEST_ECHO=1` echoes the
 //! processes' output; `BMW_TEST_LOG` sets their log filter (`BMW_LOG`).
+//! Processes serve no metrics address unless a test passes `--metrics-addr`
+//! (`BMW_METRICS_ADDR=off`), so workers never compete for the default port.
 
 #![allow(dead_code, unreachable_pub)]
 
@@ -160,6 +162,9 @@ impl BmwProcess {
                 "BMW_LOG",
                 std::env::var("BMW_TEST_LOG").unwrap_or("info,async_nats=warn".into()),
             )
+            // Many workers run on this host at once: none serves metrics on
+            // the default 127.0.0.1:10213 unless a test gives it an address.
+            .env("BMW_METRICS_ADDR", "off")
             .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
