@@ -481,6 +481,7 @@ async fn task(cmd: TaskCmd, config: Config, registry: Arc<Registry>) -> anyhow::
         TaskCmd::Reload { uni_id } => TaskCommand::Reload {
             id,
             uni_id: bmw::task::UniId::from_raw(uni_id),
+            payload: None,
         },
     };
     let submitted = match client.submit(command).await {

@@ -204,9 +204,16 @@ impl Operations {
             Command::Delete {
                 target: DeleteTarget::Daemon(uni_id),
                 ..
-            }
-            | Command::Reload { uni_id, .. } => {
+            } => {
                 self.daemon.check_exists(uni_id).await?;
+                Ok(Route::Worker {
+                    known: json!({"uni_id": uni_id}),
+                })
+            }
+            Command::Reload {
+                uni_id, payload, ..
+            } => {
+                self.daemon.check_reload(uni_id, payload.as_ref()).await?;
                 Ok(Route::Worker {
                     known: json!({"uni_id": uni_id}),
                 })
@@ -237,7 +244,12 @@ impl Operations {
                 DeleteTarget::Async(task_id) => self.queue.delete(task_id).await?,
                 DeleteTarget::Periodic(kind) => self.periodic.delete(kind).await?,
             },
-            Command::Reload { uni_id, .. } => self.daemon.reload(uni_id).await?,
+            Command::Reload {
+                uni_id, payload, ..
+            } => match self.daemon.reload(uni_id, payload.as_ref()).await? {
+                Some(data) => data,
+                None => return Ok(None),
+            },
         };
         Ok(Some(data))
     }

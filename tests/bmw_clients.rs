@@ -151,6 +151,15 @@ async fn delete(base: &str, body: Value) -> (u16, Value) {
     .await
 }
 
+async fn reload(base: &str, body: Value) -> (u16, Value) {
+    http(
+        Method::POST,
+        &format!("{base}/bmw/task/daemon/reload"),
+        Some(&body.to_string()),
+    )
+    .await
+}
+
 /// The daemon row of `uni_id` in the listing, once `condition` holds for it.
 async fn wait_row(base: &str, uni_id: &str, condition: impl Fn(&Value) -> bool) -> Value {
     let mut last = Value::Null;
@@ -222,4 +231,81 @@ async fn kinds_with_one_name_part_work_everywhere() {
     .await;
     assert_eq!(status, 200, "{envelope}");
     drop(kinds.recorder);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn reload_with_a_payload_restarts_the_instance_with_the_merged_payload() {
+    let env = TestEnv::start().await;
+    let (registry, kinds) = registry();
+    let bmw = in_process(&env, registry, &["apm-q1"]).await;
+    let base = &bmw.base;
+    let create = json!({"kind": "daemon:apm:pre_calculate",
+        "payload": {"data_id": "1573001", "token": "a", "keep": 1},
+        "options": {"queue": "apm-q1"}});
+    let uni_id = create_ok(base, &create).await["uni_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    wait_row(base, &uni_id, |r| r["binding"]["worker_is_normal"] == true).await;
+
+    // bk-monitor's reload: the payload without data_id, merged key by key.
+    let (status, envelope) = reload(
+        base,
+        json!({"task_uni_id": uni_id, "payload": {"token": "b", "extra": [1]}}),
+    )
+    .await;
+    assert_eq!(status, 200, "{envelope}");
+    let merged = json!({"data_id": "1573001", "token": "b", "keep": 1, "extra": [1]});
+    let row = wait_row(base, &uni_id, |r| r["binding"]["reload_count"] == 1).await;
+    assert_eq!(row["payload"], merged, "{row}");
+    let restarted = wait_until(Duration::from_secs(10), async || {
+        kinds.recorder.starts.lock().unwrap().last() == Some(&merged)
+    })
+    .await;
+    assert!(
+        restarted,
+        "the instance was not restarted with the merged payload: {:?}",
+        kinds.recorder.starts.lock().unwrap()
+    );
+
+    // A merge that changes the dimension (so the uni_id) is refused; nothing changes.
+    let (status, envelope) = reload(
+        base,
+        json!({"task_uni_id": uni_id, "payload": {"data_id": "999"}}),
+    )
+    .await;
+    assert_eq!(status, 400, "{envelope}");
+    let message = envelope["message"].as_str().unwrap_or_default();
+    assert!(message.contains("uni_id"), "{envelope}");
+    // A payload that is not an object is refused too.
+    let (status, envelope) = reload(base, json!({"task_uni_id": uni_id, "payload": [1, 2]})).await;
+    assert_eq!(status, 400, "{envelope}");
+    assert!(
+        envelope["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("payload"),
+        "{envelope}"
+    );
+    let row = wait_row(base, &uni_id, |_| true).await;
+    assert_eq!(row["payload"], merged, "{row}");
+    assert_eq!(row["binding"]["reload_count"], 1, "{row}");
+
+    // The same over the command subject.
+    let body = json!({"task_uni_id": uni_id, "payload": {"token": "c"}});
+    let outcome =
+        crate::harness::publish_command(&env, "bmw.task.reload", body.to_string().as_bytes()).await;
+    assert_eq!(outcome["result"], true, "{outcome}");
+    let row = wait_row(base, &uni_id, |r| r["binding"]["reload_count"] == 2).await;
+    assert_eq!(row["payload"]["token"], "c", "{row}");
+    let body = json!({"task_uni_id": uni_id, "payload": {"data_id": 1}});
+    let outcome =
+        crate::harness::publish_command(&env, "bmw.task.reload", body.to_string().as_bytes()).await;
+    crate::harness::assert_refused_outcome(&outcome, 400, "uni_id");
+
+    // A reload without a payload still just restarts it.
+    let (status, envelope) = reload(base, json!({"task_uni_id": uni_id})).await;
+    assert_eq!(status, 200, "{envelope}");
+    let row = wait_row(base, &uni_id, |r| r["binding"]["reload_count"] == 3).await;
+    assert_eq!(row["payload"]["token"], "c", "{row}");
 }

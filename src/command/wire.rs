@@ -1,7 +1,8 @@
 //! The wire form of commands on `bmw.task.*`: one JSON object per message,
 //! `{"id", "kind", "payload", "options"}` for a create, `{"id", "task_type",
-//! "task_uni_id" | "task_id" | "kind"}` for a delete, `{"id", "task_uni_id"}`
-//! for a reload. [`parse`] validates it into a [`Command`] ([`parse_delivered`]
+//! "task_uni_id" | "task_id" | "kind"}` for a delete, `{"id", "task_uni_id",
+//! "payload"?}` for a reload (the payload's keys are merged into the stored
+//! one). [`parse`] validates it into a [`Command`] ([`parse_delivered`]
 //! as it arrived on the command stream); [`encode`] and [`subject`] are what
 //! a producer publishes.
 
@@ -117,6 +118,18 @@ fn parse_with(
         names::SUBJECT_RELOAD => Ok(Command::Reload {
             id,
             uni_id: UniId::from_raw(required("task_uni_id", wire.task_uni_id)?),
+            payload: match wire.payload {
+                Value::Null => None,
+                Value::Object(keys) => Some(keys),
+                other => {
+                    return Err(ValidationError::new(
+                        "payload",
+                        format!(
+                            "a reload's payload is an object of the keys to change, got {other}"
+                        ),
+                    ));
+                }
+            },
         }),
         other => Err(ValidationError::new(
             "subject",
@@ -145,7 +158,16 @@ pub fn encode(command: &Command) -> Value {
             DeleteTarget::Async(t) => json!({"id": id, "task_type": "async", "task_id": t}),
             DeleteTarget::Periodic(k) => json!({"id": id, "task_type": "periodic", "kind": k}),
         },
-        Command::Reload { id, uni_id } => json!({"id": id, "task_uni_id": uni_id}),
+        Command::Reload {
+            id,
+            uni_id,
+            payload: None,
+        } => json!({"id": id, "task_uni_id": uni_id}),
+        Command::Reload {
+            id,
+            uni_id,
+            payload: Some(keys),
+        } => json!({"id": id, "task_uni_id": uni_id, "payload": keys}),
     }
 }
 
@@ -181,7 +203,7 @@ mod tests {
 
     #[test]
     fn bad_commands_name_the_field() {
-        let cases: [(&str, &[u8], &str); 6] = [
+        let cases: [(&str, &[u8], &str); 7] = [
             (names::SUBJECT_CREATE, b"not json", "body"),
             (names::SUBJECT_CREATE, br#"{"payload":{}}"#, "kind"),
             (names::SUBJECT_CREATE, br#"{"kind":"cron:a:b"}"#, "kind"),
@@ -196,6 +218,11 @@ mod tests {
                 "task_uni_id",
             ),
             (names::SUBJECT_RELOAD, br#"{}"#, "task_uni_id"),
+            (
+                names::SUBJECT_RELOAD,
+                br#"{"task_uni_id":"x","payload":"token"}"#,
+                "payload",
+            ),
         ];
         for (subject, body, field) in cases {
             assert_eq!(

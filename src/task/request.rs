@@ -3,7 +3,7 @@
 //! all build these; the operations apply them. Their JSON form on
 //! `bmw.task.*` is `crate::command::wire`'s business.
 
-use serde_json::Value;
+use serde_json::{Map, Value};
 
 use super::{Kind, Options, UniId};
 
@@ -66,6 +66,9 @@ pub enum Command {
         id: String,
         /// The daemon task.
         uni_id: UniId,
+        /// Keys to merge into the stored payload (BMW's map merge: each
+        /// top-level key replaces the stored one); `None` restarts as it is.
+        payload: Option<Map<String, Value>>,
     },
 }
 
