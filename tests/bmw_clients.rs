@@ -15,7 +15,7 @@ use reqwest::Method;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
-use crate::harness::{TestEnv, create_ok, http, list_tasks, wait_until};
+use crate::harness::{BmwProcess, TestEnv, create_ok, http, list_tasks, wait_until};
 
 /// A daemon operator like bk-monitor's `daemon:apm:pre_calculate`: its
 /// dimension is the payload's `data_id`; it records the payload of every
@@ -308,4 +308,38 @@ async fn reload_with_a_payload_restarts_the_instance_with_the_merged_payload() {
     assert_eq!(status, 200, "{envelope}");
     let row = wait_row(base, &uni_id, |r| r["binding"]["reload_count"] == 3).await;
     assert_eq!(row["payload"]["token"], "c", "{row}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn recreating_a_task_on_another_queue_moves_it_to_a_worker_of_that_queue() {
+    let env = TestEnv::start().await;
+    let q1 = BmwProcess::worker(&env.url(), &["--queues", "apm-q1"]);
+    let q2 = BmwProcess::worker(&env.url(), &["--queues", "apm-q2"]);
+    let (w1, w2) = (q1.worker_id().await, q2.worker_id().await);
+    let bridge = BmwProcess::bridge(&env.url(), &[]).await;
+    let base = bridge.base_url();
+    let body = |queue: &str| json!({"kind": "daemon:demo:demo", "payload": {"content": "ok"}, "options": {"queue": queue}});
+    let uni_id = create_ok(&base, &body("apm-q1")).await["uni_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    wait_row(&base, &uni_id, |r| r["binding"]["worker_id"] == w1).await;
+
+    // bk-monitor's rebalance: the same task created again with another queue.
+    create_ok(&base, &body("apm-q2")).await;
+    let row = wait_row(&base, &uni_id, |r| {
+        r["binding"]["worker_id"] == w2 && r["binding"]["worker_is_normal"] == true
+    })
+    .await;
+    assert_eq!(row["options"]["queue"], "apm-q2", "{row}");
+    assert_eq!(row["options"]["Queue"], "apm-q2", "{row}");
+    q1.wait_log(Duration::from_secs(10), &["releasing", "apm-q2"])
+        .await;
+
+    // And back.
+    create_ok(&base, &body("apm-q1")).await;
+    wait_row(&base, &uni_id, |r| {
+        r["binding"]["worker_id"] == w1 && r["binding"]["worker_is_normal"] == true
+    })
+    .await;
 }
