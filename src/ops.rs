@@ -210,6 +210,12 @@ impl Operations {
                     known: json!({"uni_id": uni_id}),
                 })
             }
+            Command::Delete {
+                target: DeleteTarget::All(TaskType::Daemon),
+                ..
+            } => Ok(Route::Worker {
+                known: json!({"task_type": TaskType::Daemon}),
+            }),
             Command::Reload {
                 uni_id, payload, ..
             } => {
@@ -243,6 +249,15 @@ impl Operations {
                 DeleteTarget::Daemon(uni_id) => self.daemon.delete(uni_id).await?,
                 DeleteTarget::Async(task_id) => self.queue.delete(task_id).await?,
                 DeleteTarget::Periodic(kind) => self.periodic.delete(kind).await?,
+                DeleteTarget::All(task_type) => {
+                    let deleted = match task_type {
+                        TaskType::Daemon => self.daemon.delete_all().await?,
+                        TaskType::Async => self.queue.delete_all().await?,
+                        TaskType::Periodic => self.periodic.delete_all().await?,
+                    };
+                    tracing::info!(%task_type, deleted, "every task of a type deleted");
+                    json!({"task_type": task_type, "deleted": deleted})
+                }
             },
             Command::Reload {
                 uni_id, payload, ..

@@ -343,3 +343,93 @@ async fn recreating_a_task_on_another_queue_moves_it_to_a_worker_of_that_queue()
     })
     .await;
 }
+
+async fn delete_all(base: &str, body: Value) -> (u16, Value) {
+    http(
+        Method::DELETE,
+        &format!("{base}/bmw/task/all"),
+        Some(&body.to_string()),
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn delete_all_removes_every_task_of_a_type() {
+    let env = TestEnv::start().await;
+    let (registry, _kinds) = registry();
+    let bmw = in_process(&env, registry, &["default"]).await;
+    let base = &bmw.base;
+    for n in 0..3 {
+        create_ok(
+            base,
+            &json!({"kind": "daemon:apm:pre_calculate", "payload": {"data_id": n}}),
+        )
+        .await;
+    }
+    create_ok(
+        base,
+        &json!({"kind": "periodic:refresh_es", "options": {"every": "1h"}}),
+    )
+    .await;
+    for n in 0..2 {
+        create_ok(
+            base,
+            &json!({"kind": "async:collect_es_task", "payload": {"n": n},
+                    "options": {"process_in": "1h"}}),
+        )
+        .await;
+    }
+
+    // Daemon tasks only: the periodic and async ones stay.
+    let (status, envelope) = delete_all(base, json!({"task_type": "daemon"})).await;
+    assert_eq!(status, 200, "{envelope}");
+    assert_eq!(envelope["data"]["deleted"], 3, "{envelope}");
+    assert!(list_tasks(base, "daemon").await.is_empty());
+    assert_eq!(list_tasks(base, "periodic").await.len(), 1);
+    assert_eq!(list_tasks(base, "async").await.len(), 2);
+    // Nothing left: 0, not an error.
+    let (status, envelope) = delete_all(base, json!({"task_type": "daemon"})).await;
+    assert_eq!((status, &envelope["data"]["deleted"]), (200, &json!(0)));
+
+    let (status, envelope) = delete_all(base, json!({"task_type": "async"})).await;
+    assert_eq!(status, 200, "{envelope}");
+    assert_eq!(envelope["data"]["deleted"], 2, "{envelope}");
+    assert!(list_tasks(base, "async").await.is_empty());
+    assert_eq!(list_tasks(base, "periodic").await.len(), 1);
+
+    // The type in the query works too.
+    let (status, envelope) = http(
+        Method::DELETE,
+        &format!("{base}/bmw/task/all?task_type=periodic"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{envelope}");
+    assert_eq!(envelope["data"]["deleted"], 1, "{envelope}");
+    assert!(list_tasks(base, "periodic").await.is_empty());
+
+    // Bad input: 400 naming the field.
+    for body in [json!({}), json!({"task_type": "cron"})] {
+        let (status, envelope) = delete_all(base, body.clone()).await;
+        assert_eq!(status, 400, "{body}: {envelope}");
+        assert!(
+            envelope["message"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("task_type"),
+            "{envelope}"
+        );
+    }
+
+    // The same over the command subject.
+    create_ok(
+        base,
+        &json!({"kind": "daemon:apm:pre_calculate", "payload": {"data_id": 9}}),
+    )
+    .await;
+    let body = json!({"task_type": "daemon", "all": true});
+    let outcome =
+        crate::harness::publish_command(&env, "bmw.task.delete", body.to_string().as_bytes()).await;
+    assert_eq!(outcome["data"]["deleted"], 1, "{outcome}");
+    assert!(list_tasks(base, "daemon").await.is_empty());
+}

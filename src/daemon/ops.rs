@@ -106,6 +106,20 @@ impl DaemonOps {
         Ok(json!({"uni_id": spec.uni_id}))
     }
 
+    /// Deletes every daemon task (their holders stop them); how many were
+    /// deleted (one deleted meanwhile by another caller is not counted).
+    pub async fn delete_all(&self) -> Result<usize, OpError> {
+        let mut deleted = 0;
+        for spec in self.specs.list().await? {
+            match self.specs.delete(&spec.uni_id).await {
+                Ok(_) => deleted += 1,
+                Err(SpecError::NotFound(_)) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(deleted)
+    }
+
     /// Restarts a task: its holder runs it again with reload_count + 1, with
     /// `keys` (if any) merged into its payload: each top-level key replaces
     /// the stored one, and a merge that changes the uni_id is refused.

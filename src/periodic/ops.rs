@@ -98,6 +98,22 @@ impl PeriodicOps {
         Ok(json!({"kind": spec.kind}))
     }
 
+    /// Deletes every periodic task; how many were deleted.
+    pub async fn delete_all(&self) -> Result<usize, OpError> {
+        let mut deleted = 0;
+        for row in self.store.list().await? {
+            let Some(kind) = row["kind"].as_str() else {
+                continue;
+            };
+            match self.store.delete(kind).await {
+                Ok(_) => deleted += 1,
+                Err(PeriodicError::NotFound(_)) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(deleted)
+    }
+
     /// Pauses (`true`) or resumes (`false`) a periodic task.
     pub async fn set_paused(&self, kind: &str, paused: bool) -> Result<Value, OpError> {
         let kind = periodic_kind(kind)?;

@@ -5,7 +5,7 @@
 
 use serde_json::{Map, Value};
 
-use super::{Kind, Options, UniId};
+use super::{Kind, Options, TaskType, UniId};
 
 /// A validated create.
 #[derive(Debug, Clone, PartialEq)]
@@ -46,6 +46,8 @@ pub enum DeleteTarget {
     Async(String),
     /// A periodic task by kind.
     Periodic(String),
+    /// Every task of a type (`DELETE /bmw/task/all`).
+    All(TaskType),
 }
 
 /// A parsed command.
