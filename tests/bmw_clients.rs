@@ -433,3 +433,35 @@ async fn delete_all_removes_every_task_of_a_type() {
     assert_eq!(outcome["data"]["deleted"], 1, "{outcome}");
     assert!(list_tasks(base, "daemon").await.is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn periodic_tasks_take_standard_five_field_cron() {
+    let env = TestEnv::start().await;
+    let (registry, _kinds) = registry();
+    let bmw = in_process(&env, registry, &["default"]).await;
+    let base = &bmw.base;
+    let data = create_ok(
+        base,
+        &json!({"kind": "periodic:refresh_es", "options": {"cron": "*/5 * * * *"}}),
+    )
+    .await;
+    assert_eq!(data["schedule"], "*/5 * * * *", "{data}");
+    // Minute-hour-day-month-weekday: on a minute divisible by 5, at second 0.
+    let next = chrono::DateTime::parse_from_rfc3339(data["next_run_at"].as_str().unwrap()).unwrap();
+    use chrono::Timelike;
+    assert_eq!((next.minute() % 5, next.second()), (0, 0), "{data}");
+    // Six fields (seconds first) still work; seven do not.
+    create_ok(
+        base,
+        &json!({"kind": "periodic:refresh_es", "options": {"cron": "*/5 * * * * *"}}),
+    )
+    .await;
+    crate::harness::assert_refused(
+        base,
+        &[(
+            json!({"kind": "periodic:refresh_es", "options": {"cron": "0 * * * * * 2030"}}),
+            "options.cron",
+        )],
+    )
+    .await;
+}

@@ -50,7 +50,7 @@ pub fn periodic_data(spec: &PeriodicSpec) -> Value {
     let next = (!spec.paused)
         .then(|| spec.schedule.next_after(chrono::Utc::now(), tz))
         .flatten();
-    json!({"kind": spec.kind, "schedule": spec.schedule.header(), "timezone": spec.timezone,
+    json!({"kind": spec.kind, "schedule": spec.schedule.text(), "timezone": spec.timezone,
            "queue": spec.options.queue(), "paused": spec.paused, "next_run_at": next.map(|t| t.to_rfc3339())})
 }
 
