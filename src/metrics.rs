@@ -90,3 +90,11 @@ pub fn async_pending(queue: &str, pending: u64) {
 pub fn periodic_enqueued(kind: &str) {
     metrics::counter!(PERIODIC_TASK_ENQUEUED_TOTAL, "kind" => kind.to_owned()).increment(1);
 }
+
+/// Periodic ticks skipped because the previous run of their task was still active.
+pub const PERIODIC_TASK_SKIPPED_TOTAL: &str = "periodic_task_skipped_total";
+
+/// A periodic tick was skipped (`overlap: skip`).
+pub fn periodic_skipped(kind: &str) {
+    metrics::counter!(PERIODIC_TASK_SKIPPED_TOTAL, "kind" => kind.to_owned()).increment(1);
+}

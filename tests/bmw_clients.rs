@@ -465,3 +465,107 @@ async fn periodic_tasks_take_standard_five_field_cron() {
     )
     .await;
 }
+
+/// How many runs of a kind are going at once, and the most there were.
+#[derive(Default)]
+struct Overlaps {
+    now: std::sync::atomic::AtomicUsize,
+    most: std::sync::atomic::AtomicUsize,
+    runs: std::sync::atomic::AtomicUsize,
+}
+
+fn register_slow(registry: &mut bmw::Registry, kind: &str) -> Arc<Overlaps> {
+    use std::sync::atomic::Ordering::SeqCst;
+    let overlaps = Arc::new(Overlaps::default());
+    let o = overlaps.clone();
+    registry
+        .register_periodic(kind, None, move |_: bmw::queue::TaskContext, _: Value| {
+            let o = o.clone();
+            async move {
+                let now = o.now.fetch_add(1, SeqCst) + 1;
+                o.most.fetch_max(now, SeqCst);
+                tokio::time::sleep(Duration::from_millis(2500)).await;
+                o.now.fetch_sub(1, SeqCst);
+                o.runs.fetch_add(1, SeqCst);
+                Ok(())
+            }
+        })
+        .unwrap();
+    overlaps
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_periodic_tick_does_not_start_while_the_previous_run_is_active_unless_allowed() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let env = TestEnv::start().await;
+    let (mut registry, _kinds) = registry();
+    let skip = register_slow(&mut registry, "periodic:slow_skip");
+    let allow = register_slow(&mut registry, "periodic:slow_allow");
+    let bmw = in_process(&env, registry, &["default"]).await;
+    let base = &bmw.base;
+    let events = crate::harness::collect_events(&env, "bmw.event.periodic.>");
+    env.nats.client.flush().await.unwrap();
+
+    // Bad values are refused by name; the option is for periodic tasks only.
+    crate::harness::assert_refused(
+        base,
+        &[
+            (
+                json!({"kind": "periodic:slow_skip", "options": {"every": "1s", "overlap": "sometimes"}}),
+                "options.overlap",
+            ),
+            (
+                json!({"kind": "async:collect_es_task", "options": {"overlap": "allow"}}),
+                "options.overlap",
+            ),
+        ],
+    )
+    .await;
+
+    // Every second, each run 2.5 s: skip is the default.
+    create_ok(
+        base,
+        &json!({"kind": "periodic:slow_skip", "options": {"every": "1s"}}),
+    )
+    .await;
+    create_ok(
+        base,
+        &json!({"kind": "periodic:slow_allow", "options": {"every": "1s", "overlap": "allow"}}),
+    )
+    .await;
+    let enough = wait_until(Duration::from_secs(20), async || {
+        skip.runs.load(SeqCst) >= 2 && allow.most.load(SeqCst) >= 2
+    })
+    .await;
+    assert!(
+        enough,
+        "skip ran {} times, allow had at most {} at once",
+        skip.runs.load(SeqCst),
+        allow.most.load(SeqCst)
+    );
+    assert_eq!(
+        skip.most.load(SeqCst),
+        1,
+        "runs of periodic:slow_skip overlapped"
+    );
+    // The ticks skipped meanwhile are told.
+    let skipped: Vec<Value> = events
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|e| e["kind"] == "periodic:slow_skip" && e["what"] == "skipped")
+        .cloned()
+        .collect();
+    assert!(
+        !skipped.is_empty(),
+        "no skipped event: {:?}",
+        events.lock().unwrap()
+    );
+    assert!(skipped[0]["running"].is_string(), "{}", skipped[0]);
+    let listed = list_tasks(base, "periodic").await;
+    let row = listed
+        .iter()
+        .find(|r| r["kind"] == "periodic:slow_allow")
+        .expect("listed");
+    assert_eq!(row["options"]["overlap"], "allow", "{row}");
+}

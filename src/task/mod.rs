@@ -11,7 +11,7 @@ pub mod options;
 pub mod outcome;
 pub mod request;
 
-pub use options::{DEFAULT_QUEUE, Options, duration};
+pub use options::{DEFAULT_QUEUE, Options, Overlap, duration};
 pub use outcome::{OpError, Outcome, check_fits};
 pub use request::{Command, CreateCommand, DeleteTarget, Origin};
 
