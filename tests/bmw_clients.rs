@@ -308,6 +308,19 @@ async fn reload_with_a_payload_restarts_the_instance_with_the_merged_payload() {
     assert_eq!(status, 200, "{envelope}");
     let row = wait_row(base, &uni_id, |r| r["binding"]["reload_count"] == 3).await;
     assert_eq!(row["payload"]["token"], "c", "{row}");
+
+    // And from `bmw task reload <uni_id> <keys>` (a binary without the kind:
+    // the worker here merges).
+    let url = env.url();
+    let mut cli = BmwProcess::spawn(&url, &["task", "reload", &uni_id, r#"{"token": "d"}"#]);
+    let status = cli.wait_exit(Duration::from_secs(30)).await;
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "{status:?}: {}",
+        cli.logs().join("\n")
+    );
+    let row = wait_row(base, &uni_id, |r| r["binding"]["reload_count"] == 4).await;
+    assert_eq!(row["payload"]["token"], "d", "{row}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
