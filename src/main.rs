@@ -252,6 +252,8 @@ enum TaskCmd {
     Reload {
         /// The task's uni_id.
         uni_id: String,
+        /// Keys to merge into its payload (a JSON object), as BMW's reload.
+        payload: Option<String>,
     },
 }
 
@@ -464,9 +466,15 @@ async fn task(cmd: TaskCmd, config: Config, registry: Arc<Registry>) -> anyhow::
                 other => anyhow::bail!("deleting {other} tasks is not supported by this version"),
             },
         },
-        TaskCmd::Reload { uni_id } => TaskCommand::Reload {
+        TaskCmd::Reload { uni_id, payload } => TaskCommand::Reload {
             id,
             uni_id: bmw::task::UniId::from_raw(uni_id),
+            payload: match payload {
+                Some(text) => {
+                    Some(serde_json::from_str(&text).context("payload is not a JSON object")?)
+                }
+                None => None,
+            },
         },
     };
     let submitted = match client.submit(command).await {

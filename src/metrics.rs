@@ -58,6 +58,8 @@ pub const ASYNC_TASK_DURATION_SECONDS: &str = "async_task_duration_seconds";
 pub const ASYNC_QUEUE_PENDING: &str = "async_queue_pending";
 /// Periodic ticks received.
 pub const PERIODIC_TASK_ENQUEUED_TOTAL: &str = "periodic_task_enqueued_total";
+/// Periodic ticks skipped because the previous run of their task was still active.
+pub const PERIODIC_TASK_SKIPPED_TOTAL: &str = "periodic_task_skipped_total";
 /// Commands handled by outcome.
 pub const COMMANDS_TOTAL: &str = "bmw_commands_total";
 
@@ -211,6 +213,11 @@ pub fn async_pending(queue: &str, pending: u64) {
 pub fn periodic_enqueued(kind: &str) {
     metrics::counter!(PERIODIC_TASK_ENQUEUED_TOTAL, "kind" => kind.to_owned()).increment(1);
     task_enqueued(kind);
+}
+
+/// A periodic tick was skipped (`overlap: skip`).
+pub fn periodic_skipped(kind: &str) {
+    metrics::counter!(PERIODIC_TASK_SKIPPED_TOTAL, "kind" => kind.to_owned()).increment(1);
 }
 
 #[cfg(test)]

@@ -204,9 +204,22 @@ impl Operations {
             Command::Delete {
                 target: DeleteTarget::Daemon(uni_id),
                 ..
-            }
-            | Command::Reload { uni_id, .. } => {
+            } => {
                 self.daemon.check_exists(uni_id).await?;
+                Ok(Route::Worker {
+                    known: json!({"uni_id": uni_id}),
+                })
+            }
+            Command::Delete {
+                target: DeleteTarget::All(TaskType::Daemon),
+                ..
+            } => Ok(Route::Worker {
+                known: json!({"task_type": TaskType::Daemon}),
+            }),
+            Command::Reload {
+                uni_id, payload, ..
+            } => {
+                self.daemon.check_reload(uni_id, payload.as_ref()).await?;
                 Ok(Route::Worker {
                     known: json!({"uni_id": uni_id}),
                 })
@@ -236,8 +249,22 @@ impl Operations {
                 DeleteTarget::Daemon(uni_id) => self.daemon.delete(uni_id).await?,
                 DeleteTarget::Async(task_id) => self.queue.delete(task_id).await?,
                 DeleteTarget::Periodic(kind) => self.periodic.delete(kind).await?,
+                DeleteTarget::All(task_type) => {
+                    let deleted = match task_type {
+                        TaskType::Daemon => self.daemon.delete_all().await?,
+                        TaskType::Async => self.queue.delete_all().await?,
+                        TaskType::Periodic => self.periodic.delete_all().await?,
+                    };
+                    tracing::info!(%task_type, deleted, "every task of a type deleted");
+                    json!({"task_type": task_type, "deleted": deleted})
+                }
             },
-            Command::Reload { uni_id, .. } => self.daemon.reload(uni_id).await?,
+            Command::Reload {
+                uni_id, payload, ..
+            } => match self.daemon.reload(uni_id, payload.as_ref()).await? {
+                Some(data) => data,
+                None => return Ok(None),
+            },
         };
         Ok(Some(data))
     }

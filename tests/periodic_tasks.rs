@@ -217,7 +217,7 @@ async fn time_zones_and_bad_input() {
             "`options.cron`",
         ),
         (
-            json!({"kind": "periodic:demo:tick", "options": {"cron": "* * * * *"}}),
+            json!({"kind": "periodic:demo:tick", "options": {"cron": "* * * *"}}),
             "`options.cron`",
         ),
         (

@@ -25,7 +25,7 @@ use axum::Router;
 use axum::extract::{MatchedPath, Request};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use tower_http::catch_panic::CatchPanicLayer;
 
 pub use self::auth::ApiTokens;
@@ -105,6 +105,8 @@ pub fn router(state: BridgeState, guards: &Guards) -> Router {
     let api = Router::new()
         .route("/bmw/task/", tasks.clone())
         .route("/bmw/task", tasks)
+        .route("/bmw/task/all", delete(routes::delete_all))
+        .route("/bmw/task/all/", delete(routes::delete_all))
         .route("/bmw/task/daemon/reload", post(routes::reload))
         .route("/bmw/task/daemon/reload/", post(routes::reload))
         .route("/bmw/task/async/requeue", post(routes::requeue))

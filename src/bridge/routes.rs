@@ -67,6 +67,39 @@ pub(super) async fn delete(State(state): State<BridgeState>, raw: Body) -> Resul
     submit(&state, names::SUBJECT_DELETE, raw).await
 }
 
+/// `DELETE /bmw/task/all` with `{"task_type"}` (or `?task_type=`): delete
+/// every task of that type; answers how many.
+pub(super) async fn delete_all(
+    State(state): State<BridgeState>,
+    Query(query): Query<HashMap<String, String>>,
+    raw: Body,
+) -> Result<Reply, ApiError> {
+    let bytes = body(&state, raw).await?;
+    let mut command = if bytes.iter().all(u8::is_ascii_whitespace) {
+        serde_json::Map::new()
+    } else {
+        match serde_json::from_slice::<Value>(&bytes) {
+            Ok(Value::Object(fields)) => fields,
+            Ok(other) => {
+                return Err(ApiError::bad_request(format!(
+                    "invalid `body`: expected an object like {{\"task_type\": \"daemon\"}}, got {other}"
+                )));
+            }
+            Err(e) => return Err(ApiError::bad_request(format!("invalid `body`: {e}"))),
+        }
+    };
+    if let Some(task_type) = query.get("task_type") {
+        command
+            .entry("task_type")
+            .or_insert_with(|| Value::String(task_type.clone()));
+    }
+    // A fresh command id, whatever the body says: this is one request.
+    command.remove("id");
+    command.insert("all".into(), Value::Bool(true));
+    let body = Body::from(serde_json::to_vec(&command).unwrap_or_default());
+    submit(&state, names::SUBJECT_DELETE, body).await
+}
+
 /// `POST /bmw/task/daemon/reload`: restart a daemon task.
 pub(super) async fn reload(State(state): State<BridgeState>, raw: Body) -> Result<Reply, ApiError> {
     submit(&state, names::SUBJECT_RELOAD, raw).await

@@ -1,7 +1,9 @@
 //! The wire form of commands on `bmw.task.*`: one JSON object per message,
 //! `{"id", "kind", "payload", "options"}` for a create, `{"id", "task_type",
-//! "task_uni_id" | "task_id" | "kind"}` for a delete, `{"id", "task_uni_id"}`
-//! for a reload. [`parse`] validates it into a [`Command`] ([`parse_delivered`]
+//! "task_uni_id" | "task_id" | "kind"}` for a delete (`{"id", "task_type",
+//! "all": true}` deletes every task of the type), `{"id", "task_uni_id",
+//! "payload"?}` for a reload (the payload's keys are merged into the stored
+//! one). [`parse`] validates it into a [`Command`] ([`parse_delivered`]
 //! as it arrived on the command stream); [`encode`] and [`subject`] are what
 //! a producer publishes.
 
@@ -31,6 +33,8 @@ struct Wire {
     task_uni_id: Option<String>,
     #[serde(default)]
     task_id: Option<String>,
+    #[serde(default)]
+    all: Option<bool>,
 }
 
 fn required(field: &str, v: Option<String>) -> Result<String, ValidationError> {
@@ -102,6 +106,7 @@ fn parse_with(
         names::SUBJECT_DELETE => {
             let task_type = TaskType::parse(&required("task_type", wire.task_type)?)?;
             let target = match task_type {
+                _ if wire.all == Some(true) => DeleteTarget::All(task_type),
                 TaskType::Daemon => DeleteTarget::Daemon(UniId::from_raw(required(
                     "task_uni_id",
                     wire.task_uni_id,
@@ -117,6 +122,18 @@ fn parse_with(
         names::SUBJECT_RELOAD => Ok(Command::Reload {
             id,
             uni_id: UniId::from_raw(required("task_uni_id", wire.task_uni_id)?),
+            payload: match wire.payload {
+                Value::Null => None,
+                Value::Object(keys) => Some(keys),
+                other => {
+                    return Err(ValidationError::new(
+                        "payload",
+                        format!(
+                            "a reload's payload is an object of the keys to change, got {other}"
+                        ),
+                    ));
+                }
+            },
         }),
         other => Err(ValidationError::new(
             "subject",
@@ -144,8 +161,18 @@ pub fn encode(command: &Command) -> Value {
             DeleteTarget::Daemon(u) => json!({"id": id, "task_type": "daemon", "task_uni_id": u}),
             DeleteTarget::Async(t) => json!({"id": id, "task_type": "async", "task_id": t}),
             DeleteTarget::Periodic(k) => json!({"id": id, "task_type": "periodic", "kind": k}),
+            DeleteTarget::All(t) => json!({"id": id, "task_type": t, "all": true}),
         },
-        Command::Reload { id, uni_id } => json!({"id": id, "task_uni_id": uni_id}),
+        Command::Reload {
+            id,
+            uni_id,
+            payload: None,
+        } => json!({"id": id, "task_uni_id": uni_id}),
+        Command::Reload {
+            id,
+            uni_id,
+            payload: Some(keys),
+        } => json!({"id": id, "task_uni_id": uni_id, "payload": keys}),
     }
 }
 
@@ -181,7 +208,7 @@ mod tests {
 
     #[test]
     fn bad_commands_name_the_field() {
-        let cases: [(&str, &[u8], &str); 6] = [
+        let cases: [(&str, &[u8], &str); 7] = [
             (names::SUBJECT_CREATE, b"not json", "body"),
             (names::SUBJECT_CREATE, br#"{"payload":{}}"#, "kind"),
             (names::SUBJECT_CREATE, br#"{"kind":"cron:a:b"}"#, "kind"),
@@ -196,6 +223,11 @@ mod tests {
                 "task_uni_id",
             ),
             (names::SUBJECT_RELOAD, br#"{}"#, "task_uni_id"),
+            (
+                names::SUBJECT_RELOAD,
+                br#"{"task_uni_id":"x","payload":"token"}"#,
+                "payload",
+            ),
         ];
         for (subject, body, field) in cases {
             assert_eq!(
@@ -231,12 +263,14 @@ mod tests {
                 "task_type",
                 "task_uni_id",
                 "task_id",
+                "all",
             ]);
             let value = prop_oneof![
                 arbitrary::json(),
                 arbitrary::kind_text().prop_map(Value::from),
                 arbitrary::id_text().prop_map(Value::from),
                 prop::sample::select(vec!["daemon", "async", "periodic"]).prop_map(Value::from),
+                any::<bool>().prop_map(Value::from),
             ];
             prop::collection::btree_map(field, value, 0..6).prop_map(|m| {
                 Value::Object(m.into_iter().map(|(k, v)| (k.to_owned(), v)).collect())

@@ -1,13 +1,14 @@
 //! [`DaemonOps`]: the operations on daemon tasks, written once for every
 //! caller (the command consumer applies them; the bridge and `bmw task`
-//! check them first): create (or replace), delete, reload. A daemon spec is
-//! built in one place, [`DaemonOps::spec_for`].
+//! check them first): create (or replace), delete, reload (with a payload to
+//! merge, or not). A daemon spec is built in one place,
+//! [`DaemonOps::spec_for`].
 
-use serde_json::{Value, json};
+use serde_json::{Map, Value, json};
 
 use super::operators::Operators;
 use super::spec::{CreateOutcome, DaemonSpec, SpecError, SpecStore};
-use crate::task::{CreateCommand, OpError, UniId, ValidationError, check_fits};
+use crate::task::{CreateCommand, OpError, Origin, UniId, ValidationError, check_fits};
 
 impl From<SpecError> for OpError {
     fn from(e: SpecError) -> Self {
@@ -105,11 +106,111 @@ impl DaemonOps {
         Ok(json!({"uni_id": spec.uni_id}))
     }
 
-    /// Restarts a task: its holder runs it again with reload_count + 1.
-    pub async fn reload(&self, uni_id: &UniId) -> Result<Value, OpError> {
+    /// Deletes every daemon task (their holders stop them); how many were
+    /// deleted (one deleted meanwhile by another caller is not counted).
+    pub async fn delete_all(&self) -> Result<usize, OpError> {
+        let mut deleted = 0;
+        for spec in self.specs.list().await? {
+            match self.specs.delete(&spec.uni_id).await {
+                Ok(_) => deleted += 1,
+                Err(SpecError::NotFound(_)) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(deleted)
+    }
+
+    /// Restarts a task: its holder runs it again with reload_count + 1, with
+    /// `keys` (if any) merged into its payload: each top-level key replaces
+    /// the stored one, and a merge that changes the uni_id is refused.
+    /// `Ok(None)`: a merge needs the kind's operator, which only other
+    /// workers have.
+    pub async fn reload(
+        &self,
+        uni_id: &UniId,
+        keys: Option<&Map<String, Value>>,
+    ) -> Result<Option<Value>, OpError> {
+        if let Some(keys) = keys {
+            let Some(spec) = self.specs.get(uni_id).await? else {
+                return Err(SpecError::NotFound(uni_id.to_string()).into());
+            };
+            if !self.operators.contains(&spec.kind) {
+                return Ok(None);
+            }
+            let spec = self
+                .specs
+                .update(uni_id, |spec| {
+                    self.merge(spec, keys)?;
+                    spec.generation += 1;
+                    Ok::<_, OpError>(())
+                })
+                .await?;
+            tracing::info!(uni_id = %uni_id, generation = spec.generation, keys = ?keys.keys().collect::<Vec<_>>(), "daemon task reload with a new payload requested");
+            return Ok(Some(
+                json!({"uni_id": spec.uni_id, "generation": spec.generation, "payload": spec.payload}),
+            ));
+        }
         let spec = self.specs.reload(uni_id).await?;
         tracing::info!(uni_id = %uni_id, generation = spec.generation, "daemon task reload requested");
-        Ok(json!({"uni_id": spec.uni_id, "generation": spec.generation}))
+        Ok(Some(
+            json!({"uni_id": spec.uni_id, "generation": spec.generation}),
+        ))
+    }
+
+    /// Merges `keys` into `spec`'s payload as BMW does (each top-level key
+    /// replaces the stored one), refusing a stored payload that is not an
+    /// object, a merged payload that would give the task another uni_id (its
+    /// dimension changed: that is another task), or one too large to store.
+    fn merge(&self, spec: &mut DaemonSpec, keys: &Map<String, Value>) -> Result<(), OpError> {
+        let mut merged = match &spec.payload {
+            Value::Object(stored) => stored.clone(),
+            Value::Null => Map::new(),
+            other => {
+                return Err(ValidationError::new(
+                    "payload",
+                    format!("the stored payload is {other}, not an object: keys cannot be merged into it"),
+                )
+                .into());
+            }
+        };
+        merged.extend(keys.iter().map(|(k, v)| (k.clone(), v.clone())));
+        let create = CreateCommand {
+            id: String::new(),
+            kind: spec.kind.clone(),
+            payload: Value::Object(merged),
+            options: spec.options.clone(),
+            origin: Origin::Direct,
+        };
+        let merged = self.spec_for(&create)?;
+        if merged.uni_id != spec.uni_id {
+            return Err(ValidationError::new(
+                "payload",
+                format!(
+                    "the merged payload would change the task's uni_id (its dimension) from `{}` to `{}`: create that task instead",
+                    spec.uni_id, merged.uni_id
+                ),
+            )
+            .into());
+        }
+        spec.payload = merged.payload;
+        self.check_size(spec)
+    }
+
+    /// Refuses a reload a worker would refuse: an unknown uni_id (404) or,
+    /// when this process has the kind's operator, a payload that cannot be
+    /// merged (400).
+    pub async fn check_reload(
+        &self,
+        uni_id: &UniId,
+        keys: Option<&Map<String, Value>>,
+    ) -> Result<(), OpError> {
+        let Some(mut spec) = self.specs.get(uni_id).await? else {
+            return Err(SpecError::NotFound(uni_id.to_string()).into());
+        };
+        match keys {
+            Some(keys) if self.operators.contains(&spec.kind) => self.merge(&mut spec, keys),
+            _ => Ok(()),
+        }
     }
 
     /// Refuses a spec that would not fit in one NATS message: it holds its

@@ -211,7 +211,15 @@ impl DaemonRuntime {
                     && !held.releasing
                 {
                     held.generation = spec.generation;
-                    let _ = held.control.send(Control::Reload(Box::new(spec.clone())));
+                    if self.listens_on(spec.options.queue()) {
+                        let _ = held.control.send(Control::Reload(Box::new(spec.clone())));
+                    } else {
+                        // Moved to a queue this worker does not listen on: a
+                        // worker of that queue takes it (no restart here first).
+                        tracing::info!(uni_id = %spec.uni_id, queue = spec.options.queue(), "releasing a daemon task moved to a queue this worker does not listen on");
+                        held.releasing = true;
+                        let _ = held.control.send(Control::Release);
+                    }
                 }
                 if !state.claims.contains_key(&key) {
                     state
@@ -230,6 +238,10 @@ impl DaemonRuntime {
                 }
             }
         }
+    }
+
+    fn listens_on(&self, queue: &str) -> bool {
+        self.queues.iter().any(|q| q == queue)
     }
 
     fn reconcile(&self, state: &mut State, acquisitions: &mut JoinSet<Acquired>) {
@@ -311,12 +323,20 @@ impl DaemonRuntime {
                 list.push(key);
             }
         }
+        let (mut claim, mut release) = (Vec::new(), Vec::new());
         for (key, held) in &state.held {
-            if let Some(t) = queue_of.get(key.as_str()).and_then(|q| tallies.get_mut(q))
-                && !held.releasing
-            {
-                t.mine += 1;
-                t.held.push(key);
+            if held.releasing {
+                continue;
+            }
+            match queue_of.get(key.as_str()).and_then(|q| tallies.get_mut(q)) {
+                Some(t) => {
+                    t.mine += 1;
+                    t.held.push(key);
+                }
+                // Its spec moved to a queue this worker does not listen on (or
+                // to a kind it cannot run): released, so that one that does takes it.
+                None if state.specs.contains_key(key) => release.push(key.clone()),
+                None => {}
             }
         }
         for key in &state.acquiring {
@@ -324,7 +344,6 @@ impl DaemonRuntime {
                 t.mine += 1;
             }
         }
-        let (mut claim, mut release) = (Vec::new(), Vec::new());
         for t in tallies.into_values().filter(|t| t.eligible > 0) {
             let peer_loads: Vec<usize> = t.loads.values().copied().collect();
             let plan = balancer::plan(&View {

@@ -144,17 +144,32 @@ impl SpecStore {
 
     /// Bumps a task's generation: its owner restarts it with reload_count + 1.
     pub async fn reload(&self, uni_id: &UniId) -> Result<DaemonSpec, SpecError> {
+        self.update(uni_id, |spec| {
+            spec.generation += 1;
+            Ok::<_, SpecError>(())
+        })
+        .await
+    }
+
+    /// Changes a task's spec with `change` (compare-and-set: `change` runs
+    /// again on a fresh read when another write came first); an error from
+    /// `change` leaves the spec as it was.
+    pub async fn update<E: From<SpecError>>(
+        &self,
+        uni_id: &UniId,
+        mut change: impl FnMut(&mut DaemonSpec) -> Result<(), E>,
+    ) -> Result<DaemonSpec, E> {
         let key = uni_id.key();
         for _ in 0..CAS_ATTEMPTS {
             let Some((mut spec, rev)) = self.read(&key).await? else {
-                return Err(SpecError::NotFound(uni_id.to_string()));
+                return Err(SpecError::NotFound(uni_id.to_string()).into());
             };
-            spec.generation += 1;
+            change(&mut spec)?;
             if self.write(&key, &spec, Some(rev)).await? {
                 return Ok(spec);
             }
         }
-        Err(contention(uni_id))
+        Err(contention(uni_id).into())
     }
 
     /// Deletes a task: its owner stops it and drops the claim.

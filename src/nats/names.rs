@@ -108,6 +108,12 @@ pub fn periodic_status_key(kind: &str) -> String {
     format!("status.{}", periodic_key(kind))
 }
 
+/// The key of a periodic kind's run lock in `bmw_unique` (`run.<kind key>`;
+/// the unique windows' keys are single hex tokens, so never this).
+pub fn periodic_run_lock_key(kind: &str) -> String {
+    format!("run.{}", periodic_key(kind))
+}
+
 /// The prefix of run-status keys in `bmw_periodic`.
 pub const PERIODIC_STATUS_PREFIX: &str = "status.";
 

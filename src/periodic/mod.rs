@@ -63,11 +63,11 @@ pub async fn reconcile(
                     created_at: current.created_at,
                     ..wanted
                 };
-                tracing::info!(kind = %kind, schedule = updated.schedule.header(), "declared periodic task updated");
+                tracing::info!(kind = %kind, schedule = updated.schedule.text(), "declared periodic task updated");
                 store.apply(&updated).await?;
             }
             None => {
-                tracing::info!(kind = %kind, schedule = wanted.schedule.header(), "declared periodic task created");
+                tracing::info!(kind = %kind, schedule = wanted.schedule.text(), "declared periodic task created");
                 store.apply(&wanted).await?;
             }
         }

@@ -50,7 +50,7 @@ pub fn periodic_data(spec: &PeriodicSpec) -> Value {
     let next = (!spec.paused)
         .then(|| spec.schedule.next_after(chrono::Utc::now(), tz))
         .flatten();
-    json!({"kind": spec.kind, "schedule": spec.schedule.header(), "timezone": spec.timezone,
+    json!({"kind": spec.kind, "schedule": spec.schedule.text(), "timezone": spec.timezone,
            "queue": spec.options.queue(), "paused": spec.paused, "next_run_at": next.map(|t| t.to_rfc3339())})
 }
 
@@ -96,6 +96,22 @@ impl PeriodicOps {
         let kind = periodic_kind(kind)?;
         let spec = self.store.delete(kind.as_str()).await?;
         Ok(json!({"kind": spec.kind}))
+    }
+
+    /// Deletes every periodic task; how many were deleted.
+    pub async fn delete_all(&self) -> Result<usize, OpError> {
+        let mut deleted = 0;
+        for row in self.store.list().await? {
+            let Some(kind) = row["kind"].as_str() else {
+                continue;
+            };
+            match self.store.delete(kind).await {
+                Ok(_) => deleted += 1,
+                Err(PeriodicError::NotFound(_)) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(deleted)
     }
 
     /// Pauses (`true`) or resumes (`false`) a periodic task.

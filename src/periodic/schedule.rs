@@ -1,8 +1,11 @@
-//! [`Schedule`]: when a periodic task fires: a cron expression with seconds
-//! (six fields, or a predefined `@hourly`, `@daily`...) in a time zone, or an
-//! interval of at least one second. Parsed and checked here (croner,
-//! chrono-tz) so bad input is refused before anything is written; the same
-//! text goes into the `Nats-Schedule` header that nats-server fires on.
+//! [`Schedule`]: when a periodic task fires: a cron expression in a time
+//! zone, or an interval of at least one second. Cron is told apart by its
+//! number of fields: five is standard cron as BMW takes it (minute, hour,
+//! day of month, month, day of week; it fires at second 0), six has seconds
+//! first; or a predefined `@hourly`, `@daily`.... Parsed and checked here
+//! (croner, chrono-tz) so bad input is refused before anything is written;
+//! the `Nats-Schedule` header that nats-server fires on always has six
+//! fields (a five-field expression gets `0 ` in front).
 
 use std::time::Duration;
 
@@ -16,7 +19,8 @@ use crate::task::ValidationError;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Schedule {
-    /// Cron with seconds (`*/5 * * * * *`) or a predefined `@daily` etc.
+    /// Cron as given: five fields (`*/5 * * * *`), six with seconds first
+    /// (`*/5 * * * * *`), or a predefined `@daily` etc.
     Cron(String),
     /// A fixed interval (whole seconds, at least 1 s).
     #[serde(with = "humantime_serde_secs")]
@@ -79,29 +83,52 @@ impl Schedule {
         }
     }
 
+    /// The six-field form of a cron expression (seconds first): a
+    /// five-field one fires at second 0; a predefined one is spelled out.
+    fn six_fields(expr: &str) -> Option<String> {
+        if let Some((_, six)) = PREDEFINED.iter().find(|(name, _)| *name == expr) {
+            return Some((*six).to_owned());
+        }
+        match expr.split_whitespace().count() {
+            5 => Some(format!("0 {expr}")),
+            6 => Some(expr.to_owned()),
+            _ => None,
+        }
+    }
+
     fn parse_cron(expr: &str) -> Result<Cron, ValidationError> {
-        let six = PREDEFINED
-            .iter()
-            .find(|(name, _)| *name == expr)
-            .map_or(expr, |(_, six)| six);
-        if six.split_whitespace().count() != 6 {
+        let Some(six) = Self::six_fields(expr) else {
             return Err(ValidationError::new(
                 "options.cron",
                 format!(
-                    "{expr:?}: use six fields with seconds (`*/5 * * * * *`) or @yearly, @monthly, @weekly, @daily, @hourly"
+                    "{expr:?}: use five fields (`*/5 * * * *`: minute, hour, day of month, month, day of week), six with seconds first (`*/5 * * * * *`) or @yearly, @monthly, @weekly, @daily, @hourly"
                 ),
             ));
-        }
-        Cron::new(six).with_seconds_required().parse().map_err(|e| {
-            ValidationError::new("options.cron", format!("{expr:?} does not parse: {e}"))
-        })
+        };
+        Cron::new(&six)
+            .with_seconds_required()
+            .parse()
+            .map_err(|e| {
+                ValidationError::new("options.cron", format!("{expr:?} does not parse: {e}"))
+            })
     }
 
-    /// The `Nats-Schedule` header value.
+    /// The `Nats-Schedule` header value: a cron expression with six fields
+    /// as nats-server reads them (a predefined one as given), or `@every`.
     pub fn header(&self) -> String {
         match self {
-            Schedule::Cron(expr) => expr.clone(),
+            Schedule::Cron(expr) if expr.starts_with('@') => expr.clone(),
+            Schedule::Cron(expr) => Self::six_fields(expr).unwrap_or_else(|| expr.clone()),
             Schedule::Every(d) => format!("@every {}s", d.as_secs()),
+        }
+    }
+
+    /// The schedule as the caller wrote it: the cron expression as given,
+    /// or `@every <n>s`.
+    pub fn text(&self) -> String {
+        match self {
+            Schedule::Cron(expr) => expr.clone(),
+            every @ Schedule::Every(_) => every.header(),
         }
     }
 
@@ -162,8 +189,21 @@ mod tests {
                 .header(),
             "@hourly"
         );
+        // Five fields: standard cron, at second 0.
+        let five = Schedule::from_options(Some("*/5 * * * *"), None).unwrap();
+        assert_eq!(five.header(), "0 */5 * * * *");
+        assert_eq!(five.text(), "*/5 * * * *");
+        let after = DateTime::parse_from_rfc3339("2026-11-24T12:01:30Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        assert_eq!(
+            five.next_after(after, chrono_tz::UTC).unwrap().to_rfc3339(),
+            "2026-11-24T12:05:00+00:00"
+        );
         for (cron, every, field) in [
-            (Some("* * * * *"), None, "options.cron"),
+            (Some("* * * *"), None, "options.cron"),
+            (Some("0 * * * * * 2030"), None, "options.cron"),
+            (Some("60 * * * *"), None, "options.cron"),
             (Some("61 * * * * *"), None, "options.cron"),
             (Some("whenever"), None, "options.cron"),
             (None, Some(Duration::from_millis(500)), "options.every"),

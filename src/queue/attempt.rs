@@ -19,8 +19,10 @@ use super::fetcher::Slot;
 use super::handler::{Handler, TaskContext, TaskError};
 use super::message::TaskMessage;
 use super::outcome;
+use super::overlap::{self, Taken};
 use super::record::{RECORD_TTL, TaskState};
 use super::shared::{AttemptEnv, Shared};
+use crate::task::Overlap;
 
 /// An attempt running longer than this gets an `active` record.
 const ACTIVE_RECORD_AFTER: Duration = Duration::from_secs(1);
@@ -157,6 +159,22 @@ pub(super) async fn execute(shared: Arc<Shared>, message: Message, slot: Slot) {
         let detail = json!({"task_id": task.id, "queue": queue, "fired_at": fired_at.flatten()});
         Box::pin(rt.events.emit("periodic", &task.kind, "enqueued", detail)).await;
     }
+    let run_lock = if periodic && task.options.overlap.unwrap_or_default() == Overlap::Skip {
+        let limit = attempt_limit(&task.options, chrono::Utc::now())
+            .ok()
+            .flatten()
+            .or(rt.default_timeout);
+        match Box::pin(overlap::take(rt, &task, limit)).await {
+            Taken::Held(lock) => Some(lock),
+            Taken::Busy(running) => {
+                return Box::pin(overlap::skip(rt, message, &task, &queue, attempt, &running))
+                    .await;
+            }
+            Taken::Unchecked => None,
+        }
+    } else {
+        None
+    };
     crate::metrics::task_received(&task.kind);
     let started = Instant::now();
     let outcome = run_attempt(
@@ -170,6 +188,9 @@ pub(super) async fn execute(shared: Arc<Shared>, message: Message, slot: Slot) {
     )
     .await;
     let seconds = started.elapsed().as_secs_f64();
+    if let Some(lock) = run_lock {
+        Box::pin(overlap::release(rt, lock)).await;
+    }
     if periodic {
         let next = message
             .headers

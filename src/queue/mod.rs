@@ -22,6 +22,7 @@ pub mod listing;
 pub mod message;
 pub mod ops;
 mod outcome;
+mod overlap;
 pub mod record;
 pub mod retry;
 pub mod runtime;

@@ -55,6 +55,42 @@ impl AsyncOps {
         self.admin.delete(task_id).await
     }
 
+    /// Deletes every async task, in any state (the ticks of periodic tasks
+    /// are theirs: left alone); how many were deleted. The tasks are listed
+    /// first, page by page, then deleted one by one as [`AsyncOps::delete`]
+    /// does.
+    pub async fn delete_all(&self) -> Result<usize, OpError> {
+        let mut ids = Vec::new();
+        let mut query = ListQuery {
+            limit: super::listing::MAX_LIMIT,
+            ..ListQuery::default()
+        };
+        loop {
+            let page = super::listing::page(self.inspector(), &query).await?;
+            ids.extend(
+                page.tasks
+                    .into_iter()
+                    .filter(|t| t.kind.starts_with("async:"))
+                    .map(|t| t.task_id),
+            );
+            match page.next {
+                Some(next) => query.cursor = Some(next),
+                None => break,
+            }
+        }
+        ids.sort();
+        ids.dedup();
+        let mut deleted = 0;
+        for task_id in ids {
+            match self.admin.delete(&task_id).await {
+                Ok(_) => deleted += 1,
+                Err(OpError::NotFound(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(deleted)
+    }
+
     /// Puts an archived task back in its queue with fresh attempts.
     pub async fn requeue(&self, task_id: &str) -> Result<Value, OpError> {
         check_task_id("task_id", task_id)?;

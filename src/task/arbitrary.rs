@@ -112,7 +112,7 @@ pub(crate) fn cron_text() -> impl Strategy<Value = String> {
 }
 
 /// Every option name, and one that is not.
-pub(crate) const OPTION_NAMES: [&str; 13] = [
+pub(crate) const OPTION_NAMES: [&str; 14] = [
     "queue",
     "retry",
     "timeout",
@@ -125,6 +125,7 @@ pub(crate) const OPTION_NAMES: [&str; 13] = [
     "cron",
     "every",
     "timezone",
+    "overlap",
     "nope",
 ];
 
@@ -137,6 +138,7 @@ pub(crate) fn option_value() -> impl Strategy<Value = Value> {
         time_text().prop_map(Value::from),
         id_text().prop_map(Value::from),
         cron_text().prop_map(Value::from),
+        prop::sample::select(vec!["skip", "allow", "Skip"]).prop_map(Value::from),
     ]
 }
 

@@ -11,7 +11,7 @@ pub mod options;
 pub mod outcome;
 pub mod request;
 
-pub use options::{DEFAULT_QUEUE, Options, duration};
+pub use options::{DEFAULT_QUEUE, Options, Overlap, duration};
 pub use outcome::{OpError, Outcome, check_fits};
 pub use request::{Command, CreateCommand, DeleteTarget, Origin};
 
@@ -84,7 +84,9 @@ impl fmt::Display for TaskType {
     }
 }
 
-/// A task's registered name: `type:group:name`, e.g. `daemon:demo:demo`.
+/// A task's registered name: its type, then a name of one or more parts, all
+/// separated by `:`: `daemon:demo:demo`, or `async:collect_es_task` as BMW's
+/// clients name theirs (BMW dispatches on the type prefix alone).
 ///
 /// Each part is non-empty and made of `[A-Za-z0-9_-]`, so a kind is a valid NATS
 /// subject token and maps to a KV key by turning `:` into `.`.
@@ -101,14 +103,18 @@ impl Kind {
     /// ```
     /// let kind = bmw::task::Kind::parse("daemon:demo:demo").unwrap();
     /// assert_eq!(kind.task_type(), bmw::task::TaskType::Daemon);
+    /// assert!(bmw::task::Kind::parse("async:collect_es_task").is_ok());
     /// assert!(bmw::task::Kind::parse("cron:demo:demo").is_err());
+    /// assert!(bmw::task::Kind::parse("daemon").is_err());
     /// ```
     pub fn parse(s: &str) -> Result<Self, ValidationError> {
         let parts: Vec<&str> = s.split(':').collect();
-        if parts.len() != 3 {
+        if parts.len() < 2 {
             return Err(ValidationError::new(
                 "kind",
-                format!("{s:?} must have three colon-separated parts, e.g. daemon:demo:demo"),
+                format!(
+                    "{s:?} must be a type and a name separated by `:`, e.g. daemon:demo:demo or async:collect_es_task"
+                ),
             ));
         }
         let valid = |p: &str| {
@@ -379,8 +385,16 @@ mod tests {
             Kind::parse("async:a:b").unwrap().task_type(),
             TaskType::Async
         );
+        // BMW's clients name kinds with one part after the type, or more.
+        for good in ["async:collect_es_task", "daemon:foo", "periodic:a:b:c"] {
+            assert!(Kind::parse(good).is_ok(), "{good}");
+        }
         for bad in [
-            "daemon:demo",
+            "daemon",
+            "daemon:",
+            ":demo",
+            "daemon:demo:",
+            "cron:a",
             "cron:a:b",
             "daemon::x",
             "daemon:a b:c",

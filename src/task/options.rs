@@ -86,6 +86,34 @@ pub struct Options {
     /// Time zone of a cron schedule (periodic).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timezone: Option<String>,
+    /// Whether a tick may start while the previous run of its periodic task
+    /// is still active (periodic; `None`: [`Overlap::Skip`], as BMW).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub overlap: Option<Overlap>,
+}
+
+/// What a periodic tick does when the previous run of its task is still
+/// active.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Overlap {
+    /// It is skipped (BMW's behaviour: a tick's task id is its kind, unique
+    /// while a run is active).
+    #[default]
+    Skip,
+    /// It starts anyway: runs of one periodic task may overlap.
+    Allow,
+}
+
+fn overlap(field: &str, v: &Value) -> Result<Overlap, ValidationError> {
+    match v.as_str() {
+        Some("skip") => Ok(Overlap::Skip),
+        Some("allow") => Ok(Overlap::Allow),
+        _ => Err(ValidationError::new(
+            field,
+            format!("must be \"skip\" (the default) or \"allow\", got {v}"),
+        )),
+    }
 }
 
 impl Options {
@@ -123,6 +151,7 @@ impl Options {
             "cron" => string("", v).map(|x| self.cron = Some(x)),
             "every" => duration("", v).map(|x| self.every = Some(x)),
             "timezone" => string("", v).map(|x| self.timezone = Some(x)),
+            "overlap" => overlap("", v).map(|x| self.overlap = Some(x)),
             _ => Err(ValidationError::new("", "unknown option")),
         };
         set.map_err(|mut e| {
@@ -151,6 +180,7 @@ impl Options {
             ("cron", self.cron.is_some()),
             ("every", self.every.is_some()),
             ("timezone", self.timezone.is_some()),
+            ("overlap", self.overlap.is_some()),
         ];
         set.into_iter().filter(|(_, on)| *on).map(|(name, _)| name)
     }
@@ -162,7 +192,7 @@ impl Options {
     /// | `queue` | yes | yes | yes (of each tick) |
     /// | `retry`, `timeout`, `deadline`, `retention` | kept, as BMW does | yes | yes (of each tick) |
     /// | `unique_ttl`, `process_at`, `process_in`, `task_id` | kept, as BMW does | yes | no |
-    /// | `cron`, `every`, `timezone` | no | no | yes |
+    /// | `cron`, `every`, `timezone`, `overlap` | no | no | yes |
     ///
     /// Daemon specs keep asynq's options because BMW's clients send them with
     /// daemon creates; only `queue` changes how a daemon task runs.
@@ -176,7 +206,7 @@ impl Options {
     pub fn check_for(&self, task_type: TaskType) -> Result<(), ValidationError> {
         for name in self.given() {
             let applies = match name {
-                "cron" | "every" | "timezone" => task_type == TaskType::Periodic,
+                "cron" | "every" | "timezone" | "overlap" => task_type == TaskType::Periodic,
                 "unique_ttl" | "process_at" | "process_in" | "task_id" => {
                     task_type != TaskType::Periodic
                 }
@@ -324,6 +354,8 @@ mod tests {
             (json!({"queue": 3}), "options.queue"),
             (json!({"deadline": "tomorrow"}), "options.deadline"),
             (json!({"queu": "x"}), "options.queu"),
+            (json!({"overlap": "never"}), "options.overlap"),
+            (json!({"overlap": true}), "options.overlap"),
         ];
         for (input, field) in cases {
             assert_eq!(
@@ -403,7 +435,7 @@ mod tests {
         use crate::task::arbitrary;
         use proptest::prelude::*;
 
-        const NAMES: [&str; 13] = arbitrary::OPTION_NAMES;
+        const NAMES: [&str; 14] = arbitrary::OPTION_NAMES;
         use arbitrary::option_value;
 
         proptest! {

@@ -3,9 +3,9 @@
 //! all build these; the operations apply them. Their JSON form on
 //! `bmw.task.*` is `crate::command::wire`'s business.
 
-use serde_json::Value;
+use serde_json::{Map, Value};
 
-use super::{Kind, Options, UniId};
+use super::{Kind, Options, TaskType, UniId};
 
 /// A validated create.
 #[derive(Debug, Clone, PartialEq)]
@@ -46,6 +46,8 @@ pub enum DeleteTarget {
     Async(String),
     /// A periodic task by kind.
     Periodic(String),
+    /// Every task of a type (`DELETE /bmw/task/all`).
+    All(TaskType),
 }
 
 /// A parsed command.
@@ -66,6 +68,9 @@ pub enum Command {
         id: String,
         /// The daemon task.
         uni_id: UniId,
+        /// Keys to merge into the stored payload (BMW's map merge: each
+        /// top-level key replaces the stored one); `None` restarts as it is.
+        payload: Option<Map<String, Value>>,
     },
 }
 
