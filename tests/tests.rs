@@ -6,6 +6,7 @@ mod harness;
 mod async_listing;
 mod async_tasks;
 mod async_workers;
+mod bk_monitor_flow;
 mod bmw_clients;
 mod bmw_metrics;
 mod bridge_input;

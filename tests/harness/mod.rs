@@ -156,7 +156,29 @@ impl BmwProcess {
 
     /// Starts `bmw <args>` with extra environment variables.
     pub fn spawn_with_env(args: &[&str], env: &[(&str, &str)]) -> BmwProcess {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_bmw"))
+        BmwProcess::spawn_program(std::path::Path::new(env!("CARGO_BIN_EXE_bmw")), args, env)
+    }
+
+    /// Starts the example program `name` (built by `cargo test` next to the
+    /// `bmw` binary, under `examples/`) with `args`.
+    pub fn spawn_example(name: &str, args: &[&str]) -> BmwProcess {
+        let bmw = std::path::Path::new(env!("CARGO_BIN_EXE_bmw"));
+        let program = bmw.with_file_name("examples").join(name);
+        assert!(
+            program.exists(),
+            "{} is built by `cargo test`",
+            program.display()
+        );
+        BmwProcess::spawn_program(&program, args, &[])
+    }
+
+    /// Starts `program <args>` with extra environment variables.
+    pub fn spawn_program(
+        program: &std::path::Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> BmwProcess {
+        let mut child = Command::new(program)
             .args(args)
             .env(
                 "BMW_LOG",
