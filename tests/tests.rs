@@ -9,6 +9,7 @@ mod async_workers;
 mod bridge_input;
 mod bridge_security;
 mod daemon_cluster;
+mod daemon_watches;
 mod duplicates;
 mod hostile_names;
 mod layering;

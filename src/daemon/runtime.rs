@@ -5,7 +5,11 @@
 //! asks the `balancer` what to claim or release. Claims are
 //! acquired concurrently (compare-and-set, so exactly one worker wins); each
 //! won claim gets a `Maintainer`. Expired claims arrive as `Purge` entries,
-//! so take-over after a crash is driven by events, not by polling.
+//! so take-over after a crash is driven by events, not by polling. Each watch
+//! is restarted from its bucket on every reconnect, every resync period, and
+//! when it errs (`watch.rs`); nothing is reconciled until all three have
+//! replayed, and what the replay no longer has is dropped (a deleted spec
+//! stops its instance here).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -13,9 +17,8 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use async_nats::jetstream::kv::{self, Entry, Operation};
-use futures::StreamExt;
 use serde_json::json;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -24,6 +27,7 @@ use super::balancer::{self, View};
 use super::claim::{Claim, ClaimError, ClaimStore};
 use super::maintainer::{Control, Exit, Maintainer, MaintainerSettings};
 use super::spec::{DaemonSpec, SpecStore};
+use super::watch::Watcher;
 use crate::events::EventPublisher;
 use crate::membership::{WorkerEntry, WorkerStats};
 
@@ -31,8 +35,9 @@ use crate::membership::{WorkerEntry, WorkerStats};
 const MAX_ACQUIRING: usize = 512;
 /// How often a pending change is acted on, at least.
 const DEBOUNCE: Duration = Duration::from_millis(50);
-/// How often the claims are re-read in full.
-const RESYNC_EVERY: Duration = Duration::from_secs(30);
+/// How often every watched bucket is re-read in full (a safety net: watches
+/// are also restarted on every reconnect and when they err).
+pub(crate) const RESYNC_EVERY: Duration = Duration::from_secs(30);
 
 /// Everything the runtime needs, built by the worker.
 #[derive(Debug)]
@@ -46,6 +51,11 @@ pub struct DaemonRuntime {
     pub(crate) queues: Vec<String>,
     /// Live numbers (held instances), read by the membership heartbeat.
     pub(crate) stats: Arc<WorkerStats>,
+    /// The client's connection count: each change (a reconnect) restarts
+    /// every watch from its bucket.
+    pub(crate) connections: watch::Receiver<u64>,
+    /// How often every watch is restarted from its bucket anyway.
+    pub(crate) resync_every: Duration,
 }
 
 struct Held {
@@ -81,31 +91,6 @@ struct State {
     workers: HashMap<String, WorkerEntry>,
     held: HashMap<String, Held>,
     acquiring: HashSet<String>,
-    synced: [bool; 3],
-}
-
-impl State {
-    /// Forgets the claims before a full re-read: every spec counts as free
-    /// until its claim is seen again (reconciling waits for the replay).
-    /// The holders are remembered in case a claim expires before the replay.
-    fn resync_claims(&mut self) {
-        let claims = std::mem::take(&mut self.claims);
-        self.synced[1] = false;
-        let since = Instant::now();
-        for key in self.specs.keys() {
-            if !self.held.contains_key(key) {
-                self.free_since.entry(key.clone()).or_insert(Free {
-                    since,
-                    previous: None,
-                });
-            }
-        }
-        for (key, claim) in claims {
-            if let Some(free) = self.free_since.get_mut(&key) {
-                free.previous = Some(claim.worker_id);
-            }
-        }
-    }
 }
 
 /// A key, its last holder known when the acquisition started, when the
@@ -122,34 +107,55 @@ impl DaemonRuntime {
     /// the grace period for the operators to stop).
     pub async fn run(self, token: CancellationToken) {
         let mut state = State::default();
-        let mut watches = [
-            Watcher::new(self.specs.kv().clone()),
-            Watcher::new(self.claims.kv().clone()),
-            Watcher::new(self.workers.clone()),
-        ];
-        for (i, w) in watches.iter_mut().enumerate() {
-            state.synced[i] = w.start().await;
-        }
+        let mut specs_w = Watcher::new(self.specs.kv().clone());
+        let mut claims_w = Watcher::new(self.claims.kv().clone());
+        let mut workers_w = Watcher::new(self.workers.clone());
         let mut maintainers: JoinSet<(String, Exit)> = JoinSet::new();
         let mut acquisitions: JoinSet<Acquired> = JoinSet::new();
         let mut forced = tokio::time::interval(self.settings.heartbeat);
         forced.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        // A full re-read of the claims, in case a watch dropped entries when
-        // this worker fell behind (a slow consumer).
-        let mut resync = tokio::time::interval_at(Instant::now() + RESYNC_EVERY, RESYNC_EVERY);
+        // A full re-read of every bucket, in case a watch missed entries
+        // without erring (design-notes: how watches resync).
+        let mut resync =
+            tokio::time::interval_at(Instant::now() + self.resync_every, self.resync_every);
         resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut connections = self.connections.clone();
+        connections.mark_unchanged();
         let mut dirty = true;
         // Reconciling costs O(tasks): it runs at most every `pace`, which grows
         // with its own cost, so a burst of events is absorbed first.
         let mut next_reconcile = Instant::now();
-        let [specs_w, claims_w, workers_w] = &mut watches;
         loop {
             tokio::select! {
                 biased;
                 () = token.cancelled() => break,
-                entry = specs_w.next() => { dirty = true; self.on_spec(&mut state, entry) }
-                entry = claims_w.next() => { dirty = true; on_claim(&mut state, entry) }
-                entry = workers_w.next() => { dirty = true; on_worker(&mut state, entry) }
+                () = reconnected(&mut connections) => {
+                    tracing::info!("reconnected to NATS; re-reading the specs, claims and workers");
+                    for w in [&mut specs_w, &mut claims_w, &mut workers_w] {
+                        w.restart();
+                    }
+                }
+                entry = specs_w.next() => {
+                    dirty = true;
+                    self.on_spec(&mut state, entry);
+                    if let Some(present) = specs_w.take_replayed() {
+                        self.prune_specs(&mut state, &present);
+                    }
+                }
+                entry = claims_w.next() => {
+                    dirty = true;
+                    on_claim(&mut state, entry);
+                    if let Some(present) = claims_w.take_replayed() {
+                        prune_claims(&mut state, &present);
+                    }
+                }
+                entry = workers_w.next() => {
+                    dirty = true;
+                    on_worker(&mut state, entry);
+                    if let Some(present) = workers_w.take_replayed() {
+                        state.workers.retain(|key, _| present.contains(key));
+                    }
+                }
                 Some(done) = acquisitions.join_next(), if !acquisitions.is_empty() => {
                     dirty = true;
                     if let Ok(acquired) = done {
@@ -167,14 +173,13 @@ impl DaemonRuntime {
                 () = tokio::time::sleep_until(next_reconcile), if dirty => {}
                 _ = forced.tick() => dirty = true,
                 _ = resync.tick() => {
-                    claims_w.restart().await;
-                    state.resync_claims();
+                    for w in [&mut specs_w, &mut claims_w, &mut workers_w] {
+                        w.restart();
+                    }
                 }
             }
-            for (i, w) in [&*specs_w, &*claims_w, &*workers_w].iter().enumerate() {
-                state.synced[i] = w.synced;
-            }
-            if dirty && Instant::now() >= next_reconcile {
+            let synced = specs_w.synced() && claims_w.synced() && workers_w.synced();
+            if synced && dirty && Instant::now() >= next_reconcile {
                 dirty = false;
                 let started = Instant::now();
                 self.reconcile(&mut state, &mut acquisitions);
@@ -221,21 +226,26 @@ impl DaemonRuntime {
                 }
                 state.specs.insert(key, spec);
             }
-            None => {
-                state.specs.remove(&key);
-                state.free_since.remove(&key);
-                if let Some(held) = state.held.get_mut(&key) {
-                    held.releasing = true;
-                    let _ = held.control.send(Control::Remove);
-                }
-            }
+            None => spec_gone(state, &key),
+        }
+    }
+
+    /// After a replay of the specs: a spec this worker still knows but the
+    /// bucket no longer has was deleted while the watch could not see it.
+    fn prune_specs(&self, state: &mut State, present: &HashSet<String>) {
+        let gone: Vec<String> = state
+            .specs
+            .keys()
+            .filter(|key| !present.contains(*key))
+            .cloned()
+            .collect();
+        for key in gone {
+            tracing::info!(key, "daemon task deleted while the specs watch was stalled");
+            spec_gone(state, &key);
         }
     }
 
     fn reconcile(&self, state: &mut State, acquisitions: &mut JoinSet<Acquired>) {
-        if !state.synced.iter().all(|s| *s) {
-            return;
-        }
         let (to_claim, to_release) = self.plan(state);
         let budget = MAX_ACQUIRING.saturating_sub(state.acquiring.len());
         for key in to_claim.into_iter().take(budget) {
@@ -424,6 +434,43 @@ impl DaemonRuntime {
     }
 }
 
+/// A spec was deleted: stop its instance here if it runs here.
+fn spec_gone(state: &mut State, key: &str) {
+    state.specs.remove(key);
+    state.free_since.remove(key);
+    if let Some(held) = state.held.get_mut(key) {
+        held.releasing = true;
+        let _ = held.control.send(Control::Remove);
+    }
+}
+
+/// After a replay of the claims: a claim this worker still knows but the
+/// bucket no longer has expired (or was released) while the watch could not
+/// see it.
+fn prune_claims(state: &mut State, present: &HashSet<String>) {
+    let gone: Vec<String> = state
+        .claims
+        .keys()
+        .filter(|key| !present.contains(*key))
+        .cloned()
+        .collect();
+    for key in gone {
+        claim_gone(state, key);
+    }
+}
+
+/// A claim was released or expired: its task is free (if it still exists),
+/// and its last holder is remembered for the `moved` event.
+fn claim_gone(state: &mut State, key: String) {
+    let previous = state.claims.remove(&key).map(|c| c.worker_id);
+    if state.specs.contains_key(&key) {
+        let free = state.free_since.entry(key).or_insert_with(Free::now);
+        if previous.is_some() {
+            free.previous = previous;
+        }
+    }
+}
+
 fn on_claim(state: &mut State, entry: Option<Entry>) {
     let Some(entry) = entry else { return };
     let claim = (entry.operation == Operation::Put)
@@ -435,15 +482,7 @@ fn on_claim(state: &mut State, entry: Option<Entry>) {
             state.free_since.remove(&entry.key);
             state.claims.insert(entry.key, claim);
         }
-        None => {
-            let previous = state.claims.remove(&entry.key).map(|c| c.worker_id);
-            if state.specs.contains_key(&entry.key) {
-                let free = state.free_since.entry(entry.key).or_insert_with(Free::now);
-                if previous.is_some() {
-                    free.previous = previous;
-                }
-            }
-        }
+        None => claim_gone(state, entry.key),
     }
 }
 
@@ -458,63 +497,10 @@ fn on_worker(state: &mut State, entry: Option<Entry>) {
     };
 }
 
-/// A `watch_with_history` that survives errors and re-creates itself if the
-/// stream ends (e.g. after a server restart).
-struct Watcher {
-    kv: kv::Store,
-    watch: Option<kv::Watch>,
-    synced: bool,
-}
-
-impl Watcher {
-    fn new(kv: kv::Store) -> Self {
-        Watcher {
-            kv,
-            watch: None,
-            synced: false,
-        }
-    }
-
-    /// Opens the watch; returns whether the bucket was empty (already synced).
-    async fn start(&mut self) -> bool {
-        match self.kv.watch_with_history(">").await {
-            Ok(w) => self.watch = Some(w),
-            Err(e) => tracing::warn!(cause = %e, "cannot watch bucket, will retry"),
-        }
-        self.synced = matches!(crate::nats::bucket_is_empty(&self.kv).await, Ok(true));
-        self.synced
-    }
-
-    /// Re-creates the watch, replaying the bucket's current state.
-    async fn restart(&mut self) {
-        self.watch = None;
-        self.synced = false;
-        self.start().await;
-    }
-
-    /// The next entry; `None` after an error (the caller just loops).
-    async fn next(&mut self) -> Option<Entry> {
-        let Some(watch) = self.watch.as_mut() else {
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            self.start().await;
-            return None;
-        };
-        match watch.next().await {
-            Some(Ok(entry)) => {
-                if entry.delta == 0 {
-                    self.synced = true;
-                }
-                Some(entry)
-            }
-            Some(Err(e)) => {
-                tracing::warn!(cause = %e, "bucket watch error");
-                None
-            }
-            None => {
-                tracing::warn!("bucket watch ended; re-creating it");
-                self.watch = None;
-                None
-            }
-        }
+/// Resolves when the client has reconnected since last time; never if the
+/// connection count is gone (the client was dropped).
+async fn reconnected(connections: &mut watch::Receiver<u64>) {
+    if connections.changed().await.is_err() {
+        std::future::pending::<()>().await;
     }
 }
