@@ -2,7 +2,9 @@
 //! (cut off behind a [`FaultProxy`]) catches up with every change made
 //! meanwhile once it can reach NATS again: a deleted task is not run again, a
 //! created one starts, a reloaded one runs its new generation, and nothing
-//! runs on a stale view while the watches replay.
+//! runs on a stale view while the watches replay. A panic in a maintainer's
+//! path (here: a daemon kind whose operator factory panics) costs that task
+//! alone, never the worker's other daemon tasks.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -175,4 +177,195 @@ async fn a_black_holed_worker_catches_up_with_changes_made_meanwhile() {
         Duration::from_secs(25),
     )
     .await;
+}
+
+/// A daemon kind that idles until cancelled.
+struct Idle;
+
+impl bmw::daemon::Operator for Idle {
+    fn start<'a>(
+        &'a self,
+        ctx: bmw::daemon::OperatorContext,
+        _payload: &'a Value,
+    ) -> futures::future::BoxFuture<'a, Result<(), bmw::daemon::OperatorError>> {
+        Box::pin(async move {
+            ctx.cancelled().await;
+            Ok(())
+        })
+    }
+
+    fn task_dimension(&self, _payload: &Value) -> String {
+        String::new()
+    }
+}
+
+const FRAGILE: &str = "daemon:custom:fragile";
+
+/// The worker's operator for a kind cannot be built (its factory panics, as
+/// user code may): that task is given up here, its claim released at once
+/// with an `error` event, and the worker's other daemon tasks go on. (An
+/// operator that panics in `start` or in its loop is already a failure that
+/// is retried, inside the maintainer: the factory is the one piece of user
+/// code the runtime itself calls.)
+#[tokio::test(flavor = "multi_thread")]
+async fn a_panicking_operator_factory_costs_its_task_alone() {
+    let env = TestEnv::start().await;
+    // Where the task is created its operator builds; on the worker it panics.
+    let mut here = bmw::builtin::registry();
+    here.register_daemon(FRAGILE, || {
+        Ok(Arc::new(Idle) as Arc<dyn bmw::daemon::Operator>)
+    })
+    .unwrap();
+    let ops = bmw::ops::Operations::open(&env.nats, Arc::new(here))
+        .await
+        .unwrap();
+    let mut there = bmw::builtin::registry();
+    there
+        .register_daemon(FRAGILE, || panic!("the operator cannot be built"))
+        .unwrap();
+    let config = bmw::Config {
+        nats_url: Some(env.url()),
+        claim_ttl: Duration::from_secs(3),
+        heartbeat: Duration::from_secs(1),
+        grace: Duration::from_secs(2),
+        ..bmw::Config::default()
+    };
+    let events = collect_events(&env, "bmw.event.daemon.>");
+    env.nats.client.flush().await.unwrap();
+    let token = tokio_util::sync::CancellationToken::new();
+    let worker = bmw::worker::Worker::new(env.nats.clone(), config, Arc::new(there));
+    let handle = tokio::spawn(worker.run(token.clone()));
+
+    let demo = create(&ops, 0).await;
+    assert_eventually!(
+        Duration::from_secs(10),
+        live_claims(&env).await.contains_key(&key(&demo)),
+        "the demo task runs"
+    );
+    let fragile = apply(
+        &ops,
+        bmw::nats::names::SUBJECT_CREATE,
+        json!({"kind": FRAGILE, "payload": {"n": 1}}),
+    )
+    .await["uni_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eventually!(
+        Duration::from_secs(10),
+        events
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|e| e["what"] == "error" && e["uni_id"] == fragile.as_str()),
+        "an error event for the task whose operator cannot be built; events {:?}",
+        events.lock().unwrap()
+    );
+    // Past a claim TTL: the demo task still runs (its claim renewed), the
+    // fragile one is not held, and the worker and its daemon runtime go on.
+    let demo_claim = live_claims(&env).await.get(&key(&demo)).cloned();
+    assert!(
+        !wait_until(Duration::from_secs(5), async || {
+            let claims = live_claims(&env).await;
+            claims.get(&key(&demo)) != demo_claim.as_ref()
+                || claims.contains_key(&key(&fragile))
+                || handle.is_finished()
+        })
+        .await,
+        "the demo task keeps running and the fragile one is not held; claims {:?}, worker ended: {}",
+        live_claims(&env).await,
+        handle.is_finished()
+    );
+    let later = create(&ops, 1).await;
+    assert_eventually!(
+        Duration::from_secs(10),
+        live_claims(&env).await.contains_key(&key(&later)),
+        "a task created afterwards runs too"
+    );
+    token.cancel();
+    handle.await.unwrap().unwrap();
+}
+
+/// A daemon kind whose operator panics: on `{"when": "call"}` in `start`
+/// itself, otherwise inside the run.
+struct Panicky;
+
+impl bmw::daemon::Operator for Panicky {
+    fn start<'a>(
+        &'a self,
+        _ctx: bmw::daemon::OperatorContext,
+        payload: &'a Value,
+    ) -> futures::future::BoxFuture<'a, Result<(), bmw::daemon::OperatorError>> {
+        if payload["when"] == "call" {
+            panic!("panicked when called");
+        }
+        Box::pin(async move { panic!("panicked while running") })
+    }
+
+    fn task_dimension(&self, _payload: &Value) -> String {
+        String::new()
+    }
+}
+
+/// An operator that panics, when called or while running, is a failure of
+/// that run, caught inside the maintainer: an `error` event, a retry, the
+/// claim kept here, and the worker goes on. No operator panic reaches the
+/// runtime (this is the guard of that).
+#[tokio::test(flavor = "multi_thread")]
+async fn an_operator_that_panics_is_retried_and_the_worker_goes_on() {
+    const PANICKY: &str = "daemon:custom:panicky";
+    let env = TestEnv::start().await;
+    let mut registry = bmw::builtin::registry();
+    registry
+        .register_daemon(PANICKY, || {
+            Ok(Arc::new(Panicky) as Arc<dyn bmw::daemon::Operator>)
+        })
+        .unwrap();
+    let registry = Arc::new(registry);
+    let ops = bmw::ops::Operations::open(&env.nats, registry.clone())
+        .await
+        .unwrap();
+    let config = bmw::Config {
+        nats_url: Some(env.url()),
+        claim_ttl: Duration::from_secs(3),
+        heartbeat: Duration::from_secs(1),
+        grace: Duration::from_secs(2),
+        ..bmw::Config::default()
+    };
+    let events = collect_events(&env, "bmw.event.daemon.>");
+    env.nats.client.flush().await.unwrap();
+    let token = tokio_util::sync::CancellationToken::new();
+    let worker = bmw::worker::Worker::new(env.nats.clone(), config, registry);
+    let handle = tokio::spawn(worker.run(token.clone()));
+    let mut panicky = Vec::new();
+    for when in ["call", "run"] {
+        let body = json!({"kind": PANICKY, "payload": {"when": when}});
+        let data = apply(&ops, bmw::nats::names::SUBJECT_CREATE, body).await;
+        panicky.push(data["uni_id"].as_str().unwrap().to_owned());
+    }
+    let demo = create(&ops, 0).await;
+    assert_eventually!(
+        Duration::from_secs(10),
+        panicky.iter().all(
+            |u| events.lock().unwrap().iter().any(|e| e["what"] == "retry"
+                && e["uni_id"] == u.as_str()
+                && e["error"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .contains("operator panicked"))
+        ),
+        "each panic is a retried failure; events {:?}",
+        events.lock().unwrap()
+    );
+    let claims = live_claims(&env).await;
+    assert!(
+        panicky
+            .iter()
+            .chain([&demo])
+            .all(|u| claims.contains_key(&key(u))),
+        "every task is still held here; claims {claims:?}"
+    );
+    assert!(!handle.is_finished(), "the worker goes on");
+    token.cancel();
+    handle.await.unwrap().unwrap();
 }

@@ -9,7 +9,8 @@
 //! is restarted from its bucket on every reconnect, every resync period, and
 //! when it errs (`watch.rs`); nothing is reconciled until all three have
 //! replayed, and what the replay no longer has is dropped (a deleted spec
-//! stops its instance here).
+//! stops its instance here). A maintainer task that panics is forgotten and
+//! its claim freed.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -90,6 +91,9 @@ struct State {
     free_since: HashMap<String, Free>,
     workers: HashMap<String, WorkerEntry>,
     held: HashMap<String, Held>,
+    /// The key of each running maintainer task, to clean up after one that
+    /// panicked.
+    maintained: HashMap<tokio::task::Id, String>,
     acquiring: HashSet<String>,
 }
 
@@ -162,11 +166,15 @@ impl DaemonRuntime {
                         self.on_acquired(&mut state, acquired, &mut maintainers, &token);
                     }
                 }
-                Some(done) = maintainers.join_next(), if !maintainers.is_empty() => {
+                Some(done) = maintainers.join_next_with_id(), if !maintainers.is_empty() => {
                     dirty = true;
-                    if let Ok((key, exit)) = done {
-                        state.held.remove(&key);
-                        tracing::debug!(key, ?exit, "maintainer ended");
+                    match done {
+                        Ok((id, (key, exit))) => {
+                            state.maintained.remove(&id);
+                            state.held.remove(&key);
+                            tracing::debug!(key, ?exit, "maintainer ended");
+                        }
+                        Err(e) => self.on_maintainer_failed(&mut state, e),
                     }
                     self.stats.daemon_running.store(state.held.len(), Ordering::Relaxed);
                 }
@@ -201,6 +209,90 @@ impl DaemonRuntime {
         }
         acquisitions.abort_all();
         self.stats.daemon_running.store(0, Ordering::Relaxed);
+    }
+
+    /// A claim won for a kind whose operator cannot be built here (its
+    /// factory failed or panicked): handed back at once with an `error`
+    /// event, and not claimed here again (`Operators::can_run`), so a worker
+    /// that can run it takes it.
+    fn cannot_run(
+        &self,
+        spec: DaemonSpec,
+        key: String,
+        claim: Claim,
+        revision: u64,
+        error: &super::OperatorError,
+    ) {
+        tracing::error!(kind = %spec.kind, uni_id = %spec.uni_id, cause = %error, "operator cannot be built; handing the task back");
+        let (claims, events) = (self.claims.clone(), self.events.clone());
+        let detail =
+            json!({"uni_id": spec.uni_id, "error": format!("operator cannot be built: {error}")});
+        let bound = self
+            .settings
+            .heartbeat
+            .min(super::maintainer::HANDOVER_WAIT);
+        tokio::spawn(async move {
+            events
+                .emit("daemon", spec.kind.as_str(), "error", detail)
+                .await;
+            if !matches!(
+                tokio::time::timeout(bound, claims.release(&key, &claim, revision)).await,
+                Ok(Ok(_))
+            ) {
+                tracing::warn!(key, "claim not handed back; it expires after its TTL");
+            }
+        });
+    }
+
+    /// A maintainer task that panicked (or was aborted): its instance is no
+    /// longer run here, so forget it, free its claim for the next holder
+    /// (else it expires with its TTL), and say so.
+    fn on_maintainer_failed(&self, state: &mut State, error: tokio::task::JoinError) {
+        let Some(key) = state.maintained.remove(&error.id()) else {
+            return tracing::error!(cause = %error, "a daemon maintainer failed");
+        };
+        state.held.remove(&key);
+        if state.specs.contains_key(&key) {
+            state
+                .free_since
+                .entry(key.clone())
+                .or_insert_with(Free::now);
+        }
+        let spec = state.specs.get(&key);
+        tracing::error!(key, uni_id = spec.map(|s| s.uni_id.as_str()), cause = %error, "daemon maintainer failed; freeing its claim");
+        let Some(spec) = spec else { return };
+        crate::metrics::daemon_running(spec.kind.as_str(), &spec.dimension, false);
+        let (claims, events, me) = (
+            self.claims.clone(),
+            self.events.clone(),
+            self.settings.worker_id.clone(),
+        );
+        let (kind, detail) = (
+            spec.kind.to_string(),
+            json!({"uni_id": spec.uni_id, "error": format!("maintainer failed: {error}")}),
+        );
+        let bound = self
+            .settings
+            .heartbeat
+            .min(super::maintainer::HANDOVER_WAIT);
+        tokio::spawn(async move {
+            events.emit("daemon", &kind, "error", detail).await;
+            let release = async {
+                if let Ok(Some((claim, revision))) = claims.get(&key).await
+                    && claim.worker_id == me
+                {
+                    claims.release(&key, &claim, revision).await.map(|_| ())
+                } else {
+                    Ok(())
+                }
+            };
+            if !matches!(tokio::time::timeout(bound, release).await, Ok(Ok(()))) {
+                tracing::warn!(
+                    key,
+                    "claim of a failed maintainer not released; it expires after its TTL"
+                );
+            }
+        });
     }
 
     fn on_spec(&self, state: &mut State, entry: Option<Entry>) {
@@ -294,7 +386,7 @@ impl DaemonRuntime {
         let mut queue_of: HashMap<&str, &str> = HashMap::with_capacity(state.specs.len());
         for (key, spec) in &state.specs {
             if let Some(t) = tallies.get_mut(spec.options.queue())
-                && self.operators.contains(&spec.kind)
+                && self.operators.can_run(&spec.kind)
             {
                 t.eligible += 1;
                 queue_of.insert(key.as_str(), spec.options.queue());
@@ -399,9 +491,7 @@ impl DaemonRuntime {
         }
         let operator = match self.operators.get(&spec.kind) {
             Some(Ok(op)) => op,
-            Some(Err(e)) => {
-                return tracing::error!(kind = %spec.kind, cause = %e, "operator factory failed");
-            }
+            Some(Err(e)) => return self.cannot_run(spec, key, claim, revision, &e),
             None => return,
         };
         claim.generation = spec.generation;
@@ -418,6 +508,7 @@ impl DaemonRuntime {
         self.stats
             .daemon_running
             .store(state.held.len(), Ordering::Relaxed);
+        let key_of_task = key.clone();
         let maintainer = Maintainer {
             key,
             spec,
@@ -430,7 +521,8 @@ impl DaemonRuntime {
             events: self.events.clone(),
             control: rx,
         };
-        maintainers.spawn(maintainer.run(token.child_token()));
+        let task = maintainers.spawn(maintainer.run(token.child_token()));
+        state.maintained.insert(task.id(), key_of_task);
     }
 }
 
