@@ -179,6 +179,90 @@ async fn a_black_holed_worker_catches_up_with_changes_made_meanwhile() {
     .await;
 }
 
+/// nats-server killed (as a crash would) and restarted on the same store;
+/// the changes are made as soon as the server answers again, while the
+/// worker is reconnecting: it ends up running exactly the tasks that exist,
+/// and never starts the deleted one after the restart. A guard: the server
+/// is back within milliseconds, and async-nats's ordered consumers already
+/// resumed from their last sequence before the watches were restarted on
+/// reconnects (this passed before that change too).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_catches_up_with_changes_made_right_after_a_server_restart() {
+    let mut env = TestEnv::start().await;
+    let ops = bmw::ops::Operations::open(&env.nats, Arc::new(bmw::builtin::registry()))
+        .await
+        .unwrap();
+    let worker = BmwProcess::worker(&env.url(), &[]);
+    let id = worker.worker_id().await;
+    let (deleted, reloaded, kept) = (
+        create(&ops, 0).await,
+        create(&ops, 1).await,
+        create(&ops, 2).await,
+    );
+    assert_eventually!(
+        Duration::from_secs(10),
+        live_claims(&env)
+            .await
+            .values()
+            .filter(|(w, _)| *w == id)
+            .count()
+            == 3,
+        "the worker holds the three tasks"
+    );
+    let events = collect_events(&env, "bmw.event.daemon.>");
+    env.nats.client.flush().await.unwrap();
+
+    env.server.server.kill().await;
+    env.server.server.restart().await.expect("server restarts");
+    let restarted = Instant::now();
+    let delete = bmw::command::wire::parse(
+        bmw::nats::names::SUBJECT_DELETE,
+        json!({"task_type": "daemon", "task_uni_id": deleted})
+            .to_string()
+            .as_bytes(),
+    )
+    .unwrap();
+    assert_eventually!(
+        Duration::from_secs(20),
+        ops.apply(&delete).await.is_ok(),
+        "the delete is stored once the server is back"
+    );
+    apply(
+        &ops,
+        bmw::nats::names::SUBJECT_RELOAD,
+        json!({"task_uni_id": reloaded}),
+    )
+    .await;
+    let created = create(&ops, 3).await;
+    let changed = restarted.elapsed();
+
+    let expected: BTreeMap<String, (String, u64)> = [
+        (key(&reloaded), (id.clone(), 1)),
+        (key(&kept), (id.clone(), 0)),
+        (key(&created), (id.clone(), 0)),
+    ]
+    .into_iter()
+    .collect();
+    assert_eventually!(
+        Duration::from_secs(30),
+        live_claims(&env).await == expected,
+        "the worker runs exactly the tasks that exist; claims {:?}; logs:\n{}",
+        live_claims(&env).await,
+        worker.logs().join("\n")
+    );
+    eprintln!(
+        "changes stored {changed:?} after the restart, caught up {:?} after it",
+        restarted.elapsed()
+    );
+    let started_deleted = events
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|e| e["what"] == "started" && e["uni_id"] == deleted.as_str())
+        .count();
+    assert_eq!(started_deleted, 0, "the deleted task is not started again");
+}
+
 /// A daemon kind that idles until cancelled.
 struct Idle;
 
