@@ -161,6 +161,8 @@ impl Worker {
             }),
             queues: config.queue_names(),
             stats,
+            connections: nats.connections.clone(),
+            resync_every: crate::daemon::runtime::RESYNC_EVERY,
         };
         // Every step of the stop is bounded by one deadline, taken when the
         // token fires: with NATS gone, what cannot be released or removed

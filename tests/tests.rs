@@ -12,6 +12,7 @@ mod bmw_metrics;
 mod bridge_input;
 mod bridge_security;
 mod daemon_cluster;
+mod daemon_watches;
 mod duplicates;
 mod hostile_names;
 mod layering;

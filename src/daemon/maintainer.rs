@@ -17,9 +17,9 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
 
 use super::claim::{Claim, ClaimError, ClaimStore};
 use super::operator::{Operator, OperatorContext, OperatorError};
@@ -82,7 +82,10 @@ pub(crate) struct Maintainer {
     pub(crate) control: mpsc::UnboundedReceiver<Control>,
 }
 
-type Run = JoinHandle<Result<(), OperatorError>>;
+/// The operator's run; aborted if dropped, so that a maintainer that
+/// ends abnormally (a panic, an abort) never leaves its operator running
+/// without a claim.
+type Run = AbortOnDropHandle<Result<(), OperatorError>>;
 
 impl Maintainer {
     /// Runs until told to stop, the claim is lost, or `shutdown` fires (then
@@ -172,7 +175,10 @@ impl Maintainer {
         metrics::daemon_running(self.spec.kind.as_str(), &self.spec.dimension, true);
         self.publish("started", json!({})).await;
         let operator = self.operator.clone();
-        let handle = tokio::spawn(async move { operator.start(ctx, &payload).await });
+        let handle =
+            AbortOnDropHandle::new(tokio::spawn(
+                async move { operator.start(ctx, &payload).await },
+            ));
         (handle, token)
     }
 

@@ -18,6 +18,7 @@ pub mod retry;
 pub mod runtime;
 mod seed_log;
 pub mod spec;
+mod watch;
 
 pub use claim::{Claim, ClaimError, ClaimStore};
 pub use operator::{Operator, OperatorContext, OperatorError};

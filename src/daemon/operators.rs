@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, OnceLock};
 
 use super::operator::{Operator, OperatorError};
@@ -45,10 +46,21 @@ impl Operators {
     }
 
     /// The operator of a kind, built on first call. `None` if the kind is not
-    /// registered; `Some(Err)` if its factory failed.
+    /// registered; `Some(Err)` if its factory failed or panicked (a panic is
+    /// user code failing, kept like an error: the factory is not called again).
     pub fn get(&self, kind: &Kind) -> Option<Result<Arc<dyn Operator>, OperatorError>> {
         let entry = self.map.get(kind)?;
-        Some(entry.operator.get_or_init(|| (entry.factory)()).clone())
+        let built = entry.operator.get_or_init(|| {
+            std::panic::catch_unwind(AssertUnwindSafe(|| (entry.factory)())).unwrap_or_else(
+                |panic| {
+                    Err(OperatorError::new(format!(
+                        "operator factory panicked: {}",
+                        panic_text(panic.as_ref())
+                    )))
+                },
+            )
+        });
+        Some(built.clone())
     }
 
     /// Whether `kind` is registered.
@@ -56,8 +68,25 @@ impl Operators {
         self.map.contains_key(kind)
     }
 
+    /// Whether this process can run `kind`: registered, and its operator
+    /// built or not tried yet (not failed).
+    pub fn can_run(&self, kind: &Kind) -> bool {
+        self.map
+            .get(kind)
+            .is_some_and(|entry| entry.operator.get().is_none_or(Result::is_ok))
+    }
+
     /// The kinds, sorted.
     pub fn kinds(&self) -> impl Iterator<Item = &Kind> {
         self.map.keys()
     }
+}
+
+/// A panic's message, if it carried one.
+fn panic_text(panic: &(dyn std::any::Any + Send)) -> &str {
+    panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("unknown panic")
 }

@@ -5,7 +5,12 @@
 //! asks the `balancer` what to claim or release. Claims are
 //! acquired concurrently (compare-and-set, so exactly one worker wins); each
 //! won claim gets a `Maintainer`. Expired claims arrive as `Purge` entries,
-//! so take-over after a crash is driven by events, not by polling.
+//! so take-over after a crash is driven by events, not by polling. Each watch
+//! is restarted from its bucket on every reconnect, every resync period, and
+//! when it errs (`watch.rs`); nothing is reconciled until all three have
+//! replayed, and what the replay no longer has is dropped (a deleted spec
+//! stops its instance here). A maintainer task that panics is forgotten and
+//! its claim freed.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -13,9 +18,8 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use async_nats::jetstream::kv::{self, Entry, Operation};
-use futures::StreamExt;
 use serde_json::json;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -24,6 +28,7 @@ use super::balancer::{self, View};
 use super::claim::{Claim, ClaimError, ClaimStore};
 use super::maintainer::{Control, Exit, Maintainer, MaintainerSettings};
 use super::spec::{DaemonSpec, SpecStore};
+use super::watch::Watcher;
 use crate::events::EventPublisher;
 use crate::membership::{WorkerEntry, WorkerStats};
 
@@ -31,8 +36,9 @@ use crate::membership::{WorkerEntry, WorkerStats};
 const MAX_ACQUIRING: usize = 512;
 /// How often a pending change is acted on, at least.
 const DEBOUNCE: Duration = Duration::from_millis(50);
-/// How often the claims are re-read in full.
-const RESYNC_EVERY: Duration = Duration::from_secs(30);
+/// How often every watched bucket is re-read in full (a safety net: watches
+/// are also restarted on every reconnect and when they err).
+pub(crate) const RESYNC_EVERY: Duration = Duration::from_secs(30);
 
 /// Everything the runtime needs, built by the worker.
 #[derive(Debug)]
@@ -46,6 +52,11 @@ pub struct DaemonRuntime {
     pub(crate) queues: Vec<String>,
     /// Live numbers (held instances), read by the membership heartbeat.
     pub(crate) stats: Arc<WorkerStats>,
+    /// The client's connection count: each change (a reconnect) restarts
+    /// every watch from its bucket.
+    pub(crate) connections: watch::Receiver<u64>,
+    /// How often every watch is restarted from its bucket anyway.
+    pub(crate) resync_every: Duration,
 }
 
 struct Held {
@@ -80,32 +91,10 @@ struct State {
     free_since: HashMap<String, Free>,
     workers: HashMap<String, WorkerEntry>,
     held: HashMap<String, Held>,
+    /// The key of each running maintainer task, to clean up after one that
+    /// panicked.
+    maintained: HashMap<tokio::task::Id, String>,
     acquiring: HashSet<String>,
-    synced: [bool; 3],
-}
-
-impl State {
-    /// Forgets the claims before a full re-read: every spec counts as free
-    /// until its claim is seen again (reconciling waits for the replay).
-    /// The holders are remembered in case a claim expires before the replay.
-    fn resync_claims(&mut self) {
-        let claims = std::mem::take(&mut self.claims);
-        self.synced[1] = false;
-        let since = Instant::now();
-        for key in self.specs.keys() {
-            if !self.held.contains_key(key) {
-                self.free_since.entry(key.clone()).or_insert(Free {
-                    since,
-                    previous: None,
-                });
-            }
-        }
-        for (key, claim) in claims {
-            if let Some(free) = self.free_since.get_mut(&key) {
-                free.previous = Some(claim.worker_id);
-            }
-        }
-    }
 }
 
 /// A key, its last holder known when the acquisition started, when the
@@ -122,59 +111,83 @@ impl DaemonRuntime {
     /// the grace period for the operators to stop).
     pub async fn run(self, token: CancellationToken) {
         let mut state = State::default();
-        let mut watches = [
-            Watcher::new(self.specs.kv().clone()),
-            Watcher::new(self.claims.kv().clone()),
-            Watcher::new(self.workers.clone()),
-        ];
-        for (i, w) in watches.iter_mut().enumerate() {
-            state.synced[i] = w.start().await;
-        }
+        let mut specs_w = Watcher::new(self.specs.kv().clone());
+        let mut claims_w = Watcher::new(self.claims.kv().clone());
+        let mut workers_w = Watcher::new(self.workers.clone());
         let mut maintainers: JoinSet<(String, Exit)> = JoinSet::new();
         let mut acquisitions: JoinSet<Acquired> = JoinSet::new();
         let mut forced = tokio::time::interval(self.settings.heartbeat);
         forced.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        // A full re-read of the claims, in case a watch dropped entries when
-        // this worker fell behind (a slow consumer).
-        let mut resync = tokio::time::interval_at(Instant::now() + RESYNC_EVERY, RESYNC_EVERY);
+        // A full re-read of every bucket, in case a watch missed entries
+        // without erring (design-notes: how watches resync).
+        let mut resync =
+            tokio::time::interval_at(Instant::now() + self.resync_every, self.resync_every);
         resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut connections = self.connections.clone();
+        connections.mark_unchanged();
         let mut dirty = true;
         // Reconciling costs O(tasks): it runs at most every `pace`, which grows
         // with its own cost, so a burst of events is absorbed first.
         let mut next_reconcile = Instant::now();
-        let [specs_w, claims_w, workers_w] = &mut watches;
         loop {
             tokio::select! {
                 biased;
                 () = token.cancelled() => break,
-                entry = specs_w.next() => { dirty = true; self.on_spec(&mut state, entry) }
-                entry = claims_w.next() => { dirty = true; on_claim(&mut state, entry) }
-                entry = workers_w.next() => { dirty = true; on_worker(&mut state, entry) }
+                () = reconnected(&mut connections) => {
+                    tracing::info!("reconnected to NATS; re-reading the specs, claims and workers");
+                    for w in [&mut specs_w, &mut claims_w, &mut workers_w] {
+                        w.restart();
+                    }
+                }
+                entry = specs_w.next() => {
+                    dirty = true;
+                    self.on_spec(&mut state, entry);
+                    if let Some(present) = specs_w.take_replayed() {
+                        self.prune_specs(&mut state, &present);
+                    }
+                }
+                entry = claims_w.next() => {
+                    dirty = true;
+                    on_claim(&mut state, entry);
+                    if let Some(present) = claims_w.take_replayed() {
+                        prune_claims(&mut state, &present);
+                    }
+                }
+                entry = workers_w.next() => {
+                    dirty = true;
+                    on_worker(&mut state, entry);
+                    if let Some(present) = workers_w.take_replayed() {
+                        state.workers.retain(|key, _| present.contains(key));
+                    }
+                }
                 Some(done) = acquisitions.join_next(), if !acquisitions.is_empty() => {
                     dirty = true;
                     if let Ok(acquired) = done {
                         self.on_acquired(&mut state, acquired, &mut maintainers, &token);
                     }
                 }
-                Some(done) = maintainers.join_next(), if !maintainers.is_empty() => {
+                Some(done) = maintainers.join_next_with_id(), if !maintainers.is_empty() => {
                     dirty = true;
-                    if let Ok((key, exit)) = done {
-                        state.held.remove(&key);
-                        tracing::debug!(key, ?exit, "maintainer ended");
+                    match done {
+                        Ok((id, (key, exit))) => {
+                            state.maintained.remove(&id);
+                            state.held.remove(&key);
+                            tracing::debug!(key, ?exit, "maintainer ended");
+                        }
+                        Err(e) => self.on_maintainer_failed(&mut state, e),
                     }
                     self.stats.daemon_running.store(state.held.len(), Ordering::Relaxed);
                 }
                 () = tokio::time::sleep_until(next_reconcile), if dirty => {}
                 _ = forced.tick() => dirty = true,
                 _ = resync.tick() => {
-                    claims_w.restart().await;
-                    state.resync_claims();
+                    for w in [&mut specs_w, &mut claims_w, &mut workers_w] {
+                        w.restart();
+                    }
                 }
             }
-            for (i, w) in [&*specs_w, &*claims_w, &*workers_w].iter().enumerate() {
-                state.synced[i] = w.synced;
-            }
-            if dirty && Instant::now() >= next_reconcile {
+            let synced = specs_w.synced() && claims_w.synced() && workers_w.synced();
+            if synced && dirty && Instant::now() >= next_reconcile {
                 dirty = false;
                 let started = Instant::now();
                 self.reconcile(&mut state, &mut acquisitions);
@@ -196,6 +209,90 @@ impl DaemonRuntime {
         }
         acquisitions.abort_all();
         self.stats.daemon_running.store(0, Ordering::Relaxed);
+    }
+
+    /// A claim won for a kind whose operator cannot be built here (its
+    /// factory failed or panicked): handed back at once with an `error`
+    /// event, and not claimed here again (`Operators::can_run`), so a worker
+    /// that can run it takes it.
+    fn cannot_run(
+        &self,
+        spec: DaemonSpec,
+        key: String,
+        claim: Claim,
+        revision: u64,
+        error: &super::OperatorError,
+    ) {
+        tracing::error!(kind = %spec.kind, uni_id = %spec.uni_id, cause = %error, "operator cannot be built; handing the task back");
+        let (claims, events) = (self.claims.clone(), self.events.clone());
+        let detail =
+            json!({"uni_id": spec.uni_id, "error": format!("operator cannot be built: {error}")});
+        let bound = self
+            .settings
+            .heartbeat
+            .min(super::maintainer::HANDOVER_WAIT);
+        tokio::spawn(async move {
+            events
+                .emit("daemon", spec.kind.as_str(), "error", detail)
+                .await;
+            if !matches!(
+                tokio::time::timeout(bound, claims.release(&key, &claim, revision)).await,
+                Ok(Ok(_))
+            ) {
+                tracing::warn!(key, "claim not handed back; it expires after its TTL");
+            }
+        });
+    }
+
+    /// A maintainer task that panicked (or was aborted): its instance is no
+    /// longer run here, so forget it, free its claim for the next holder
+    /// (else it expires with its TTL), and say so.
+    fn on_maintainer_failed(&self, state: &mut State, error: tokio::task::JoinError) {
+        let Some(key) = state.maintained.remove(&error.id()) else {
+            return tracing::error!(cause = %error, "a daemon maintainer failed");
+        };
+        state.held.remove(&key);
+        if state.specs.contains_key(&key) {
+            state
+                .free_since
+                .entry(key.clone())
+                .or_insert_with(Free::now);
+        }
+        let spec = state.specs.get(&key);
+        tracing::error!(key, uni_id = spec.map(|s| s.uni_id.as_str()), cause = %error, "daemon maintainer failed; freeing its claim");
+        let Some(spec) = spec else { return };
+        crate::metrics::daemon_running(spec.kind.as_str(), &spec.dimension, false);
+        let (claims, events, me) = (
+            self.claims.clone(),
+            self.events.clone(),
+            self.settings.worker_id.clone(),
+        );
+        let (kind, detail) = (
+            spec.kind.to_string(),
+            json!({"uni_id": spec.uni_id, "error": format!("maintainer failed: {error}")}),
+        );
+        let bound = self
+            .settings
+            .heartbeat
+            .min(super::maintainer::HANDOVER_WAIT);
+        tokio::spawn(async move {
+            events.emit("daemon", &kind, "error", detail).await;
+            let release = async {
+                if let Ok(Some((claim, revision))) = claims.get(&key).await
+                    && claim.worker_id == me
+                {
+                    claims.release(&key, &claim, revision).await.map(|_| ())
+                } else {
+                    Ok(())
+                }
+            };
+            if !matches!(tokio::time::timeout(bound, release).await, Ok(Ok(()))) {
+                tracing::warn!(
+                    key,
+                    "claim of a failed maintainer not released; it expires after its TTL"
+                );
+            }
+        });
     }
 
     fn on_spec(&self, state: &mut State, entry: Option<Entry>) {
@@ -229,14 +326,22 @@ impl DaemonRuntime {
                 }
                 state.specs.insert(key, spec);
             }
-            None => {
-                state.specs.remove(&key);
-                state.free_since.remove(&key);
-                if let Some(held) = state.held.get_mut(&key) {
-                    held.releasing = true;
-                    let _ = held.control.send(Control::Remove);
-                }
-            }
+            None => spec_gone(state, &key),
+        }
+    }
+
+    /// After a replay of the specs: a spec this worker still knows but the
+    /// bucket no longer has was deleted while the watch could not see it.
+    fn prune_specs(&self, state: &mut State, present: &HashSet<String>) {
+        let gone: Vec<String> = state
+            .specs
+            .keys()
+            .filter(|key| !present.contains(*key))
+            .cloned()
+            .collect();
+        for key in gone {
+            tracing::info!(key, "daemon task deleted while the specs watch was stalled");
+            spec_gone(state, &key);
         }
     }
 
@@ -245,9 +350,6 @@ impl DaemonRuntime {
     }
 
     fn reconcile(&self, state: &mut State, acquisitions: &mut JoinSet<Acquired>) {
-        if !state.synced.iter().all(|s| *s) {
-            return;
-        }
         let (to_claim, to_release) = self.plan(state);
         let budget = MAX_ACQUIRING.saturating_sub(state.acquiring.len());
         for key in to_claim.into_iter().take(budget) {
@@ -296,7 +398,7 @@ impl DaemonRuntime {
         let mut queue_of: HashMap<&str, &str> = HashMap::with_capacity(state.specs.len());
         for (key, spec) in &state.specs {
             if let Some(t) = tallies.get_mut(spec.options.queue())
-                && self.operators.contains(&spec.kind)
+                && self.operators.can_run(&spec.kind)
             {
                 t.eligible += 1;
                 queue_of.insert(key.as_str(), spec.options.queue());
@@ -408,9 +510,7 @@ impl DaemonRuntime {
         }
         let operator = match self.operators.get(&spec.kind) {
             Some(Ok(op)) => op,
-            Some(Err(e)) => {
-                return tracing::error!(kind = %spec.kind, cause = %e, "operator factory failed");
-            }
+            Some(Err(e)) => return self.cannot_run(spec, key, claim, revision, &e),
             None => return,
         };
         claim.generation = spec.generation;
@@ -427,6 +527,7 @@ impl DaemonRuntime {
         self.stats
             .daemon_running
             .store(state.held.len(), Ordering::Relaxed);
+        let key_of_task = key.clone();
         let maintainer = Maintainer {
             key,
             spec,
@@ -439,7 +540,45 @@ impl DaemonRuntime {
             events: self.events.clone(),
             control: rx,
         };
-        maintainers.spawn(maintainer.run(token.child_token()));
+        let task = maintainers.spawn(maintainer.run(token.child_token()));
+        state.maintained.insert(task.id(), key_of_task);
+    }
+}
+
+/// A spec was deleted: stop its instance here if it runs here.
+fn spec_gone(state: &mut State, key: &str) {
+    state.specs.remove(key);
+    state.free_since.remove(key);
+    if let Some(held) = state.held.get_mut(key) {
+        held.releasing = true;
+        let _ = held.control.send(Control::Remove);
+    }
+}
+
+/// After a replay of the claims: a claim this worker still knows but the
+/// bucket no longer has expired (or was released) while the watch could not
+/// see it.
+fn prune_claims(state: &mut State, present: &HashSet<String>) {
+    let gone: Vec<String> = state
+        .claims
+        .keys()
+        .filter(|key| !present.contains(*key))
+        .cloned()
+        .collect();
+    for key in gone {
+        claim_gone(state, key);
+    }
+}
+
+/// A claim was released or expired: its task is free (if it still exists),
+/// and its last holder is remembered for the `moved` event.
+fn claim_gone(state: &mut State, key: String) {
+    let previous = state.claims.remove(&key).map(|c| c.worker_id);
+    if state.specs.contains_key(&key) {
+        let free = state.free_since.entry(key).or_insert_with(Free::now);
+        if previous.is_some() {
+            free.previous = previous;
+        }
     }
 }
 
@@ -454,15 +593,7 @@ fn on_claim(state: &mut State, entry: Option<Entry>) {
             state.free_since.remove(&entry.key);
             state.claims.insert(entry.key, claim);
         }
-        None => {
-            let previous = state.claims.remove(&entry.key).map(|c| c.worker_id);
-            if state.specs.contains_key(&entry.key) {
-                let free = state.free_since.entry(entry.key).or_insert_with(Free::now);
-                if previous.is_some() {
-                    free.previous = previous;
-                }
-            }
-        }
+        None => claim_gone(state, entry.key),
     }
 }
 
@@ -477,63 +608,10 @@ fn on_worker(state: &mut State, entry: Option<Entry>) {
     };
 }
 
-/// A `watch_with_history` that survives errors and re-creates itself if the
-/// stream ends (e.g. after a server restart).
-struct Watcher {
-    kv: kv::Store,
-    watch: Option<kv::Watch>,
-    synced: bool,
-}
-
-impl Watcher {
-    fn new(kv: kv::Store) -> Self {
-        Watcher {
-            kv,
-            watch: None,
-            synced: false,
-        }
-    }
-
-    /// Opens the watch; returns whether the bucket was empty (already synced).
-    async fn start(&mut self) -> bool {
-        match self.kv.watch_with_history(">").await {
-            Ok(w) => self.watch = Some(w),
-            Err(e) => tracing::warn!(cause = %e, "cannot watch bucket, will retry"),
-        }
-        self.synced = matches!(crate::nats::bucket_is_empty(&self.kv).await, Ok(true));
-        self.synced
-    }
-
-    /// Re-creates the watch, replaying the bucket's current state.
-    async fn restart(&mut self) {
-        self.watch = None;
-        self.synced = false;
-        self.start().await;
-    }
-
-    /// The next entry; `None` after an error (the caller just loops).
-    async fn next(&mut self) -> Option<Entry> {
-        let Some(watch) = self.watch.as_mut() else {
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            self.start().await;
-            return None;
-        };
-        match watch.next().await {
-            Some(Ok(entry)) => {
-                if entry.delta == 0 {
-                    self.synced = true;
-                }
-                Some(entry)
-            }
-            Some(Err(e)) => {
-                tracing::warn!(cause = %e, "bucket watch error");
-                None
-            }
-            None => {
-                tracing::warn!("bucket watch ended; re-creating it");
-                self.watch = None;
-                None
-            }
-        }
+/// Resolves when the client has reconnected since last time; never if the
+/// connection count is gone (the client was dropped).
+async fn reconnected(connections: &mut watch::Receiver<u64>) {
+    if connections.changed().await.is_err() {
+        std::future::pending::<()>().await;
     }
 }

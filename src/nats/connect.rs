@@ -9,10 +9,12 @@
 //! `nats://token@host` a token) and hands async-nats URLs without credentials.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::{ConnectErrorKind, ServerAddr};
 use secrecy::{ExposeSecret, SecretString};
+use tokio::sync::watch;
 
 /// How long the first connection is retried while no server answers (a
 /// refusal of the credentials or of TLS ends it at once).
@@ -226,16 +228,23 @@ fn parse_urls(urls: &str) -> Result<(Vec<ServerAddr>, NatsAuth), ConnectError> {
     Ok((addrs, auth))
 }
 
-/// async-nats's options for `settings` with credentials `auth`.
+/// async-nats's options for `settings` with credentials `auth`; every
+/// connection made (the first and each reconnect) bumps `connections`.
 async fn options(
     settings: &ConnectSettings,
     auth: &NatsAuth,
     name: &str,
+    connections: Arc<watch::Sender<u64>>,
 ) -> Result<async_nats::ConnectOptions, ConnectError> {
     let mut options = async_nats::ConnectOptions::new()
         .name(name)
         .connection_timeout(Duration::from_secs(5))
-        .event_callback(|event| async move { log_event(event) });
+        .event_callback(move |event| {
+            if matches!(event, async_nats::Event::Connected) {
+                connections.send_modify(|n| *n += 1);
+            }
+            async move { log_event(event) }
+        });
     options = match auth {
         NatsAuth::None => options,
         NatsAuth::CredsFile(path) => {
@@ -311,11 +320,12 @@ fn failure(error: &async_nats::ConnectError) -> Failure {
 
 /// Connects, retrying for [`FIRST_CONNECT_WAIT`] while no server answers and
 /// failing at once when the server refuses the credentials or TLS fails.
-/// Once connected, the client reconnects forever.
+/// Once connected, the client reconnects forever. Also returns the count of
+/// connections made, which changes on every reconnect.
 pub(crate) async fn connect_client(
     settings: &ConnectSettings,
     name: &str,
-) -> Result<async_nats::Client, ConnectError> {
+) -> Result<(async_nats::Client, watch::Receiver<u64>), ConnectError> {
     let url = redact_url(&settings.urls);
     let (addrs, carried) = parse_urls(&settings.urls)?;
     let auth = match (carried, &settings.auth) {
@@ -331,12 +341,13 @@ pub(crate) async fn connect_client(
             });
         }
     };
-    let options = options(settings, &auth, name).await?;
+    let (connections, connected) = watch::channel(0);
+    let options = options(settings, &auth, name, Arc::new(connections)).await?;
     let started = tokio::time::Instant::now();
     let mut delay = Duration::from_millis(100);
     loop {
         let source = match options.clone().connect(addrs.clone()).await {
-            Ok(client) => return Ok(client),
+            Ok(client) => return Ok((client, connected)),
             Err(source) => source,
         };
         match failure(&source) {

@@ -29,6 +29,9 @@ pub struct Nats {
     pub client: async_nats::Client,
     /// JetStream context with [`JETSTREAM_TIMEOUT`].
     pub js: jetstream::Context,
+    /// How many connections the client has made: it changes on every
+    /// reconnect, after which what was watched may have been missed.
+    pub connections: tokio::sync::watch::Receiver<u64>,
 }
 
 impl Nats {
@@ -46,11 +49,15 @@ impl Nats {
         settings: &ConnectSettings,
         name: &str,
     ) -> Result<Nats, ConnectError> {
-        let client = connect::connect_client(settings, name).await?;
+        let (client, connections) = connect::connect_client(settings, name).await?;
         let js = jetstream::ContextBuilder::new()
             .timeout(JETSTREAM_TIMEOUT)
             .build(client.clone());
-        Ok(Nats { client, js })
+        Ok(Nats {
+            client,
+            js,
+            connections,
+        })
     }
 }
 
