@@ -286,3 +286,157 @@ async fn long_tasks_are_kept_alive_at_the_consumers_ack_wait() {
         events.lock().unwrap()
     );
 }
+
+/// Issue 11, item 6: tasks waiting for a retry do not hold the queue's
+/// `max_ack_pending`. A `nak` with the back-off delay kept each failed
+/// message pending on the consumer for the whole delay, so a queue whose
+/// failed tasks filled `max_ack_pending` stopped running new ones.
+#[tokio::test(flavor = "multi_thread")]
+async fn tasks_waiting_for_a_retry_do_not_stop_their_queue() {
+    const LIMIT: i64 = 4;
+    let env = TestEnv::start().await;
+    // The queue's consumer, made before any worker (which keeps it), with
+    // room for 4 messages delivered and not acknowledged.
+    let name = names::async_consumer("retries");
+    env.nats
+        .js
+        .get_stream(names::STREAM_ASYNC)
+        .await
+        .unwrap()
+        .get_or_create_consumer(
+            &name,
+            pull::Config {
+                durable_name: Some(name.clone()),
+                filter_subjects: names::async_queue_filters("retries"),
+                max_ack_pending: LIMIT,
+                max_deliver: -1,
+                ack_wait: Duration::from_secs(30),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let events = crate::harness::collect_events(&env, "bmw.event.async.>");
+    env.nats.client.flush().await.unwrap();
+    let _worker = crate::harness::BmwProcess::worker(
+        &env.url(),
+        &["--queues", "retries", "--async-retry-base", "60s"],
+    );
+    // Twice as many failing tasks as the consumer may hold, each waiting
+    // about a minute for its next attempt.
+    for n in 0..2 * LIMIT {
+        let body = json!({"kind": "async:demo:fail", "payload": {"n": n},
+                          "options": {"queue": "retries", "retry": 3, "task_id": format!("failing-{n}")}});
+        submit(&env, names::SUBJECT_CREATE, &body).await.unwrap();
+    }
+    let seen = |what: &str, prefix: &str| {
+        events
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|e| {
+                e["what"] == what
+                    && e["task_id"]
+                        .as_str()
+                        .is_some_and(|id| id.starts_with(prefix))
+            })
+            .count()
+    };
+    assert!(
+        wait_until(Duration::from_secs(20), async || seen("retry", "failing-")
+            >= LIMIT as usize)
+        .await,
+        "the first failures"
+    );
+    // A new task still runs, and so does every failing one's first attempt.
+    let body = json!({"kind": "async:demo:noop",
+                      "options": {"queue": "retries", "task_id": "after-the-failures"}});
+    submit(&env, names::SUBJECT_CREATE, &body).await.unwrap();
+    assert!(
+        wait_until(Duration::from_secs(10), async || seen(
+            "succeeded",
+            "after-the-failures"
+        ) == 1)
+        .await,
+        "a new task runs while {} failed tasks wait for their retry: {:?}",
+        seen("retry", "failing-"),
+        events.lock().unwrap()
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), async || seen("retry", "failing-")
+            == 2 * LIMIT as usize)
+        .await,
+        "every failing task ran once: {:?}",
+        events.lock().unwrap()
+    );
+    // Each waits as one scheduled retry, not as a pending message, and its
+    // record says so.
+    assert_eq!(
+        count_on(&env, names::STREAM_ASYNC, "bmw.schedule.retry.retries.>").await,
+        2 * LIMIT as usize
+    );
+    let record = env.client.get_async("failing-0").await.unwrap();
+    assert_eq!(
+        (record.state, record.attempts),
+        (bmw::queue::TaskState::Retry, 1),
+        "{record:?}"
+    );
+    // Deleting a task that waits for its retry drops the retry too.
+    let body = json!({"task_type": "async", "task_id": "failing-0"});
+    submit(&env, names::SUBJECT_DELETE, &body).await.unwrap();
+    assert_eq!(
+        count_on(&env, names::STREAM_ASYNC, "bmw.schedule.retry.retries.>").await,
+        2 * LIMIT as usize - 1
+    );
+}
+
+/// A retry scheduled as a new message runs as the task's next attempt: the
+/// attempt number, the error history and the retry limit carry over.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_scheduled_retry_is_the_next_attempt_of_its_task() {
+    let env = TestEnv::start().await;
+    let events = crate::harness::collect_events(&env, "bmw.event.async.>");
+    env.nats.client.flush().await.unwrap();
+    // Delays of 3 s (2.25-3.75 s with the jitter): scheduled, not `nak`ed.
+    let _worker = crate::harness::BmwProcess::worker(
+        &env.url(),
+        &["--queues", "scheduled", "--async-retry-base", "3s"],
+    );
+    for (id, fail_times, retry) in [("ends-well", 2, 5), ("ends-dead", 9, 1)] {
+        let body = json!({"kind": "async:demo:fail", "payload": {"fail_times": fail_times},
+                          "options": {"queue": "scheduled", "retry": retry, "task_id": id}});
+        submit(&env, names::SUBJECT_CREATE, &body).await.unwrap();
+    }
+    let attempts = |id: &str, what: &str| -> Vec<u64> {
+        events
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|e| e["task_id"] == id && e["what"] == what)
+            .filter_map(|e| e["attempt"].as_u64())
+            .collect()
+    };
+    assert!(
+        wait_until(Duration::from_secs(30), async || {
+            attempts("ends-well", "succeeded").len() == 1
+                && attempts("ends-dead", "archived").len() == 1
+        })
+        .await,
+        "both tasks ended: {:?}",
+        events.lock().unwrap()
+    );
+    assert_eq!(attempts("ends-well", "failed"), [1, 2]);
+    assert_eq!(attempts("ends-well", "succeeded"), [3]);
+    assert_eq!(attempts("ends-dead", "failed"), [1, 2]);
+    let record = env.client.get_async("ends-dead").await.unwrap();
+    assert_eq!(
+        (record.state, record.attempts, record.errors.len()),
+        (bmw::queue::TaskState::Archived, 2, 2),
+        "{record:?}"
+    );
+    assert_eq!(
+        count_on(&env, names::STREAM_ASYNC, "bmw.schedule.retry.>").await,
+        0,
+        "fired schedules are gone"
+    );
+}

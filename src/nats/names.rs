@@ -72,6 +72,7 @@ pub const ANY: &str = "*";
 
 const ASYNC_PREFIX: &str = "bmw.async.";
 const DELAYED_PREFIX: &str = "bmw.schedule.at.";
+const RETRY_PREFIX: &str = "bmw.schedule.retry.";
 const DEAD_PREFIX: &str = "bmw.dead.";
 const SCHEDULE_PREFIX: &str = "bmw.schedule.";
 const ASYNC_CONSUMER_PREFIX: &str = "bmw-async-";
@@ -86,7 +87,7 @@ pub fn async_subject(queue: &str, task_id: &str) -> String {
 /// (`bmw.async.<queue>[.<id>]`, `bmw.schedule.at.<queue>.<id>`,
 /// `bmw.dead.<queue>.<id>`); `None` for any other subject.
 pub fn queue_of(subject: &str) -> Option<&str> {
-    [DELAYED_PREFIX, ASYNC_PREFIX, DEAD_PREFIX]
+    [DELAYED_PREFIX, RETRY_PREFIX, ASYNC_PREFIX, DEAD_PREFIX]
         .iter()
         .find_map(|prefix| subject.strip_prefix(prefix))
         .and_then(|rest| rest.split('.').next())
@@ -154,6 +155,17 @@ pub fn delayed_subject(queue: &str, task_id: &str) -> String {
     format!("{DELAYED_PREFIX}{queue}.{task_id}")
 }
 
+/// Subject of the one-shot schedule of an async task's next attempt after a
+/// failure: `bmw.schedule.retry.<queue>.<task_id>` (fired onto
+/// [`async_subject`]).
+pub fn retry_subject(queue: &str, task_id: &str) -> String {
+    format!("{RETRY_PREFIX}{queue}.{task_id}")
+}
+
+/// Header of a task message scheduled as a retry: the attempts the task made
+/// before it (the server copies it onto the message it fires).
+pub const HEADER_ATTEMPTS: &str = "Bmw-Attempts";
+
 /// Subject of a dead-lettered task: `bmw.dead.<queue>.<task_id>`.
 pub fn dead_subject(queue: &str, task_id: &str) -> String {
     format!("{DEAD_PREFIX}{queue}.{task_id}")
@@ -188,6 +200,7 @@ mod tests {
         assert_eq!(queue_of("bmw.async.q2"), Some("q2"));
         assert_eq!(queue_of(&delayed_subject("q3", "t")), Some("q3"));
         assert_eq!(queue_of(&dead_subject("q4", "t")), Some("q4"));
+        assert_eq!(queue_of(&retry_subject("q5", "t")), Some("q5"));
         assert_eq!(queue_of(&schedule_subject("periodic:a:b")), None);
         assert_eq!(task_id_of(&dead_subject("q", "abc")), "abc");
         assert_eq!(queue_of_consumer(&async_consumer("q5")), Some("q5"));

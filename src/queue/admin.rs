@@ -81,6 +81,12 @@ impl Admin {
                     &names::async_subject(queue, task_id),
                 )
                 .await?;
+                // A task waiting for its next attempt waits as a schedule.
+                self.purge(
+                    &self.inspector.stream,
+                    &names::retry_subject(queue, task_id),
+                )
+                .await?;
             }
         }
         self.inspector.records.remove(task_id).await?;

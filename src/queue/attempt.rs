@@ -103,6 +103,8 @@ pub(super) async fn execute(shared: Arc<Shared>, message: Message, slot: Slot) {
         Ok(info) => (info.delivered.max(1) as u32, info.stream_sequence),
         Err(_) => (1, 0),
     };
+    // A retry scheduled after earlier attempts says how many there were.
+    let attempt = attempt.saturating_add(outcome::earlier_attempts(&message));
     let queue = queue_of(message.subject.as_str());
     let mut task: TaskMessage = match serde_json::from_slice(&message.payload) {
         Ok(t) => t,

@@ -1,16 +1,88 @@
 //! What happens after an attempt: the record of a retry, a completion or an
-//! archive, the `nak` with its back-off delay, and the dead letter. Used by
-//! [`super::attempt`], which runs an attempt and settles it.
+//! archive, the next attempt after a back-off delay, and the dead letter.
+//! Used by [`super::attempt`], which runs an attempt and settles it.
+//!
+//! A retry of an async task is a new message: a one-shot `@at` schedule on
+//! `bmw.schedule.retry.<queue>.<id>` that nats-server fires onto the task's
+//! subject when the delay is over, carrying the attempts made so far
+//! (`Bmw-Attempts`); the failed message is acked once the schedule is
+//! stored. A `nak` with the delay would keep the message pending on the
+//! queue's consumer for the whole delay, and enough of those (its
+//! `max_ack_pending`) stop the queue (issue 11). The schedule's
+//! `Nats-Msg-Id` names the failed message, so a worker that dies between
+//! the two steps leaves one schedule when the message is run again (and the
+//! attempt itself runs twice). Delays under [`SCHEDULE_FROM`] (the
+//! schedule's time has whole seconds) and periodic ticks (whose queued ticks
+//! a delete or pause drops by their subject) keep the `nak`.
 
 use std::time::Duration;
 
-use async_nats::jetstream::{AckKind, Message};
+use async_nats::HeaderMap;
+use async_nats::jetstream::{AckKind, Message, message::PublishMessage};
 use serde_json::json;
 
 use super::handler::TaskError;
 use super::message::TaskMessage;
 use super::record::{RECORD_TTL, TaskRecord, TaskState};
 use super::shared::AttemptEnv;
+use crate::nats::{NatsError, names};
+
+/// Retry delays from this long on are scheduled as new messages; shorter
+/// ones are `nak`s with the delay.
+const SCHEDULE_FROM: Duration = Duration::from_secs(2);
+
+/// The attempts a task made before this message (`Bmw-Attempts` of a
+/// scheduled retry; 0 otherwise).
+pub(super) fn earlier_attempts(message: &Message) -> u32 {
+    message
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(names::HEADER_ATTEMPTS))
+        .and_then(|v| v.as_str().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Stores the next attempt of `task` (`attempts` made so far) as a one-shot
+/// schedule that fires after `delay`, once per failed message.
+async fn schedule_retry(
+    rt: &AttemptEnv,
+    message: &Message,
+    task: &TaskMessage,
+    queue: &str,
+    attempts: u32,
+    delay: Duration,
+) -> Result<(), NatsError> {
+    // Whole seconds, rounded up: never earlier than the delay.
+    let due = chrono::TimeDelta::from_std(delay + Duration::from_millis(999))
+        .ok()
+        .and_then(|d| chrono::Utc::now().checked_add_signed(d))
+        .ok_or_else(|| NatsError::new(std::io::Error::other("retry time out of range")))?;
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        async_nats::header::NATS_SCHEDULE,
+        format!(
+            "@at {}",
+            due.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+        )
+        .as_str(),
+    );
+    headers.insert(
+        async_nats::header::NATS_SCHEDULE_TARGET,
+        names::async_subject(queue, &task.id).as_str(),
+    );
+    headers.insert(names::HEADER_ATTEMPTS, attempts.to_string().as_str());
+    let sequence = message.info().map(|i| i.stream_sequence).unwrap_or(0);
+    let publish = PublishMessage::build()
+        .payload(crate::nats::to_json_bytes(task))
+        .headers(headers)
+        .message_id(format!("{}-retry-{sequence}", task.id));
+    rt.nats
+        .js
+        .send_publish(names::retry_subject(queue, &task.id), publish)
+        .await?
+        .await?;
+    Ok(())
+}
 
 pub(super) fn record(
     task: &TaskMessage,
@@ -93,6 +165,18 @@ pub(super) async fn retry(
     }
     tracing::warn!(task_id = task.id, kind = task.kind, attempt, delay = ?delay, error = %error, "async task failed, will retry");
     rt.events.emit("async", &task.kind, "retry", json!({"task_id": task.id, "queue": queue, "attempt": attempt, "error": error.to_string(), "delay_seconds": delay.as_secs_f64()})).await;
+    if delay >= SCHEDULE_FROM && !task.kind.starts_with("periodic:") {
+        match schedule_retry(rt, message, task, queue, attempt, delay).await {
+            Ok(()) => {
+                let _ = message.ack().await;
+                return;
+            }
+            Err(e) => {
+                // Not lost: the message waits for its retry on the consumer.
+                tracing::warn!(task_id = task.id, cause = %e, "retry not scheduled; the message waits for it instead");
+            }
+        }
+    }
     let _ = message.ack_with(AckKind::Nak(Some(delay))).await;
 }
 

@@ -26,6 +26,7 @@ use tokio_util::task::TaskTracker;
 use super::attempt;
 use super::completer::Completer;
 use super::fetcher::{Fetcher, Pace, Slot};
+use super::link::{Epoch, Link};
 use super::shared::{AttemptEnv, Running, Shared};
 use crate::config::QueueWeight;
 use crate::nats::{NatsError, names};
@@ -83,7 +84,12 @@ impl AsyncRuntime {
             grace,
         } = self;
         let shared = Arc::new(Shared {
-            completer: Completer::start(env.events.clone()),
+            completer: Completer::start(
+                env.nats.client.clone(),
+                env.events.clone(),
+                concurrency,
+                env.ack_wait,
+            ),
             rt: env,
             running: Mutex::new(Running::default()),
         });
@@ -195,6 +201,23 @@ async fn pending_gauge(shared: Arc<Shared>, queues: Vec<String>, token: Cancella
     }
 }
 
+/// The first message in hand that came on the connection `now` (`None`:
+/// disconnected); those before it, from a lost connection, are dropped and
+/// counted in `dropped`.
+fn take_current(
+    held: &mut VecDeque<(Message, Instant, Option<Epoch>)>,
+    now: Option<Epoch>,
+    dropped: &mut usize,
+) -> Option<Message> {
+    while let Some((message, _, epoch)) = held.pop_front() {
+        if now.is_some() && epoch == now {
+            return Some(message);
+        }
+        *dropped += 1;
+    }
+    None
+}
+
 async fn queue_loop(
     shared: Arc<Shared>,
     queue: QueueWeight,
@@ -219,9 +242,10 @@ async fn queue_loop(
     // not be ours: messages are kept alive at a third of the consumer's own.
     let keep_alive = (consumer.cached_info().config.ack_wait / 3).max(Duration::from_millis(100));
     let mut fetcher = Fetcher::new(consumer);
+    let link = Link::new(&shared.rt.nats.client);
     // Messages in hand, waiting for permits, with when they came (or were
-    // last kept alive).
-    let mut held: VecDeque<(Message, Instant)> = VecDeque::new();
+    // last kept alive) and on which connection.
+    let mut held: VecDeque<(Message, Instant, Option<Epoch>)> = VecDeque::new();
     let mut acquire: Option<BoxFuture<'static, Result<OwnedSemaphorePermit, AcquireError>>> = None;
     let mut aging = tokio::time::interval_at(Instant::now() + keep_alive, keep_alive);
     aging.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -245,7 +269,7 @@ async fn queue_loop(
             () = token.cancelled() => break,
             fetched = fetcher.next() => {
                 if let Some(message) = fetched {
-                    held.push_back((message, Instant::now()));
+                    held.push_back((message, Instant::now(), link.current()));
                 }
             }
             () = pace.finished() => {}
@@ -262,14 +286,21 @@ async fn queue_loop(
                 {
                     permits.merge(more);
                 }
+                // Only messages of the connection that is up now are started
+                // (see `link`); the others are delivered again after their ack wait.
+                let now = link.current();
+                let mut dropped = 0usize;
                 while let Some(permit) = permits.split(1) {
-                    let Some((message, _)) = held.pop_front() else { break };
+                    let Some(message) = take_current(&mut held, now, &mut dropped) else { break };
                     tasks.spawn(Box::pin(attempt::execute(shared.clone(), message, Slot::new(permit, &pace, keep_alive))));
+                }
+                if dropped > 0 {
+                    tracing::warn!(queue = queue.name, dropped, "connection to nats-server lost: messages in hand not started; they are delivered again after their ack wait");
                 }
             }
             _ = aging.tick() => {
                 // Messages waiting long for a permit are kept from redelivery.
-                for (message, since) in held.iter_mut().filter(|(_, t)| t.elapsed() >= keep_alive) {
+                for (message, since, _) in held.iter_mut().filter(|(_, t, _)| t.elapsed() >= keep_alive) {
                     let _ = message.ack_with(AckKind::Progress).await;
                     *since = Instant::now();
                 }
@@ -279,7 +310,7 @@ async fn queue_loop(
     // Shutdown: return what is in hand and what the open pulls still bring.
     drop(acquire);
     fetcher.close();
-    for (message, _) in held {
+    for (message, _, _) in held {
         let _ = message.ack_with(AckKind::Nak(None)).await;
     }
     while !fetcher.is_idle() {
