@@ -1,7 +1,8 @@
 //! Accounting after a scenario, from what the worker processes logged (their
 //! logs hold every run, even one made while NATS was unreachable) and from
 //! the task records: which async task ids ran how often (`echo` lines), which
-//! retried tasks completed (their record, kept by `retention`), which daemon
+//! retried and slow tasks completed (their record, kept by `retention`) and
+//! how often the slow ones ran (`sleep` lines), which daemon
 //! creates were stored, which periodic ticks ran, and the longest time one
 //! daemon task ran in two worker processes at once (from each process's
 //! `Binding(...) is discovered, task is started` and `daemon instance
@@ -20,9 +21,9 @@ use crate::world::{ProcessLog, World};
 /// What became of the load.
 #[derive(Debug, Default)]
 pub(crate) struct Tally {
-    /// Accepted async task ids that never ran (echo) or never completed (retried).
+    /// Accepted async task ids that never ran (echo) or never completed (retried, slow).
     pub(crate) lost: Vec<String>,
-    /// Runs beyond the first, over every echo task and periodic tick.
+    /// Runs beyond the first, over every echo, slow task and periodic tick.
     pub(crate) duplicated: usize,
     /// Daemon uni_ids answered 2xx but not stored.
     pub(crate) daemons_missing: Vec<String>,
@@ -77,7 +78,7 @@ fn completed_unrecorded(logs: &[ProcessLog]) -> BTreeSet<String> {
         .collect()
 }
 
-/// What is still missing: echo ids not run, retried ids not completed,
+/// What is still missing: echo ids not run, retried and slow ids not completed,
 /// daemon uni_ids not stored. `completed` and `stored` remember what was
 /// seen, so each id is asked about until it is found, then no more.
 async fn missing(
@@ -96,7 +97,7 @@ async fn missing(
         .collect();
     completed.extend(completed_unrecorded(&logs));
     let mut retried = Vec::new();
-    for id in &accepted.retried {
+    for id in &accepted.completing {
         if completed.contains(id) {
             continue;
         }
@@ -146,11 +147,19 @@ pub(crate) async fn settle(
             Ok(r) => format!("{:?}, {} attempts", r.state, r.attempts),
             Err(e) => format!("no record: {e}"),
         };
-        let class = if echo.contains(id) { "echo" } else { "retried" };
+        let class = if echo.contains(id) {
+            "echo"
+        } else {
+            "retried or slow"
+        };
         tally.lost.push(format!("{id} ({class}; {state})"));
     }
     tally.daemons_missing = daemons;
     tally.duplicated = echoes.values().map(|t| t.len() - 1).sum();
+    tally.duplicated += runs(&logs, "sleep")
+        .values()
+        .map(|t| t.len() - 1)
+        .sum::<usize>();
     let ticks = runs(&logs, "tick");
     tally.ticks_twice = ticks.values().map(|t| t.len() - 1).sum();
     tally.duplicated += tally.ticks_twice;

@@ -1,9 +1,9 @@
 //! The mixed load: ten operations a second, each in its own task so an
-//! outage's slow answers do not slow the rest. Per ten: four async echoes
+//! outage's slow answers do not slow the rest. Per ten: three async echoes
 //! through the bridge, two through `bmw.task.create` commands (JetStream
 //! publishes with the caller's `task_id`), one echo delayed 2 s, two tasks
-//! that fail once and succeed on their retry, and one daemon create (every
-//! third round; an echo otherwise). What was accepted (answered 2xx, or a
+//! that fail once and succeed on their retry, one task that sleeps 2 s, and
+//! one daemon create (every third round; an echo otherwise). What was accepted (answered 2xx, or a
 //! command stored by the stream) is what must be applied.
 
 use std::collections::BTreeMap;
@@ -18,8 +18,10 @@ use serde_json::{Value, json};
 pub(crate) struct Accepted {
     /// Echo task ids (immediate, delayed, by command): each must run.
     pub(crate) echo: Vec<String>,
-    /// Retried task ids (fail once, then succeed): each must complete.
-    pub(crate) retried: Vec<String>,
+    /// Task ids that must complete (their record says so, kept by
+    /// `retention`): the retried ones (fail once, then succeed) and the slow
+    /// ones (sleep 2 s, so some are running when a fault strikes).
+    pub(crate) completing: Vec<String>,
     /// Daemon uni_ids answered 2xx: each must be stored and run.
     pub(crate) daemons: Vec<String>,
     /// Operations sent.
@@ -32,7 +34,7 @@ pub(crate) struct Accepted {
 impl Accepted {
     /// "sent N, accepted M (503×k ...)" for the report.
     pub(crate) fn summary(&self) -> String {
-        let accepted = self.echo.len() + self.retried.len() + self.daemons.len();
+        let accepted = self.echo.len() + self.completing.len() + self.daemons.len();
         let refused: Vec<String> = self
             .refused
             .iter()
@@ -72,6 +74,7 @@ enum Op {
     CommandEcho,
     DelayedEcho,
     Retried,
+    Slow,
     Daemon,
 }
 
@@ -79,7 +82,7 @@ const ROUND: [Op; 10] = [
     Op::BridgeEcho,
     Op::CommandEcho,
     Op::Retried,
-    Op::BridgeEcho,
+    Op::Slow,
     Op::DelayedEcho,
     Op::BridgeEcho,
     Op::CommandEcho,
@@ -154,6 +157,8 @@ async fn send(
         }
         Op::Retried => json!({"kind": "async:demo:fail", "payload": {"fail_times": 1, "n": n},
                               "options": {"retry": 5, "retention": "1h"}}),
+        Op::Slow => json!({"kind": "async:demo:sleep", "payload": {"seconds": 2, "n": n},
+                           "options": {"retention": "1h"}}),
         Op::Daemon => {
             json!({"kind": "daemon:demo:demo", "payload": {"content": "ok", "load": n}})
         }
@@ -208,7 +213,7 @@ async fn send(
     };
     match op {
         Op::Daemon => sink.daemons.push(id("uni_id")),
-        Op::Retried => sink.retried.push(id("task_id")),
+        Op::Retried | Op::Slow => sink.completing.push(id("task_id")),
         _ => sink.echo.push(id("task_id")),
     }
 }
