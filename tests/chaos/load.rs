@@ -29,6 +29,8 @@ pub(crate) struct Accepted {
     /// Refusals and failures by status (0: no HTTP answer in 20 s; 1: a
     /// command publish not acknowledged in 10 s).
     pub(crate) refused: BTreeMap<u16, usize>,
+    /// The first answer's message for each HTTP status refused.
+    pub(crate) messages: BTreeMap<u16, String>,
 }
 
 impl Accepted {
@@ -202,6 +204,8 @@ async fn send(
     let mut sink = sink.lock().unwrap();
     if !(200..300).contains(&status) {
         *sink.refused.entry(status).or_default() += 1;
+        let message = envelope["message"].as_str().unwrap_or_default().to_owned();
+        sink.messages.entry(status).or_insert(message);
         return;
     }
     let data = &envelope["data"];

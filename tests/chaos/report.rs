@@ -13,7 +13,7 @@ pub(crate) struct Row {
     pub(crate) load: String,
     pub(crate) lost: usize,
     pub(crate) duplicated: usize,
-    pub(crate) duplicate_bound: usize,
+    pub(crate) duplicate_bound: String,
     pub(crate) double_run: Duration,
     pub(crate) daemon_runs: usize,
     pub(crate) recovery: Duration,
