@@ -5,7 +5,7 @@
 //! `payload.data_id`, as APM's pre-calculation has it; `{"fail": true}` fails
 //! at once), and the async
 //! demos `async:demo:echo` (logs the payload), `async:demo:sleep`
-//! (`{"seconds": n}`), `async:demo:fail` (`{"fail_times": n}` fails the first n
+//! (`{"seconds": n}`; logs its task id as it starts), `async:demo:fail` (`{"fail_times": n}` fails the first n
 //! attempts; `{"skip_retry": true}` fails for good) and `async:demo:noop`, and
 //! the periodic `periodic:demo:tick` (logs each tick; no schedule declared).
 //!
@@ -64,6 +64,8 @@ pub fn register(registry: &mut Registry) -> Result<(), RegistryError> {
                     "`seconds` is out of range: {seconds}"
                 )));
             };
+            // Each run is logged: the chaos suite counts runs of slow tasks.
+            tracing::info!(task_id = ctx.task_id, seconds, "sleep");
             tokio::select! {
                 () = tokio::time::sleep(duration) => Ok(()),
                 () = ctx.cancelled() => Err(TaskError::new("cancelled")),

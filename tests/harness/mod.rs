@@ -566,9 +566,12 @@ pub fn explosive_registry() -> bmw::Registry {
     registry
 }
 
-/// A 3-node JetStream cluster on loopback, each node with its own store.
+/// A 3-node JetStream cluster on loopback, each node with its own store and
+/// a monitoring port (`/jsz`, `/healthz`) on loopback.
 pub struct NatsCluster {
     pub nodes: Vec<LocalServer>,
+    /// Node `i`'s monitoring port.
+    pub monitor_ports: Vec<u16>,
     _dir: tempfile::TempDir,
 }
 
@@ -579,6 +582,7 @@ impl NatsCluster {
             .await
             .unwrap();
         let cluster_ports: Vec<u16> = (0..size).map(|_| free_port()).collect();
+        let monitor_ports: Vec<u16> = (0..size).map(|_| free_port()).collect();
         let routes = cluster_ports
             .iter()
             .map(|p| format!("nats://127.0.0.1:{p}"))
@@ -597,6 +601,8 @@ impl NatsCluster {
                     format!("nats://127.0.0.1:{}", cluster_ports[i]),
                     "--routes".into(),
                     routes.clone(),
+                    "--http_port".into(),
+                    monitor_ports[i].to_string(),
                 ],
                 binary: Some(binary.clone()),
             };
@@ -608,7 +614,11 @@ impl NatsCluster {
             }
         });
         let nodes = futures::future::join_all(starts).await;
-        NatsCluster { nodes, _dir: dir }
+        NatsCluster {
+            nodes,
+            monitor_ports,
+            _dir: dir,
+        }
     }
 
     /// A connection once JetStream has a meta leader and bmw's streams and
