@@ -302,6 +302,8 @@ impl Global {
             nats_cert: self.nats_cert.clone(),
             nats_key: self.nats_key.clone(),
             nats_require_tls: self.nats_require_tls.then_some(true),
+            // Kinds are declared in the --config file only.
+            kind: None,
         }
     }
 
@@ -353,11 +355,17 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let demo_kinds = config
         .demo_kinds
         .unwrap_or(matches!(cli.command, Role::Run | Role::Task(_)));
-    let registry = Arc::new(if demo_kinds {
+    let mut registry = if demo_kinds {
         bmw::builtin::registry()
     } else {
         Registry::new()
-    });
+    };
+    // Declared kinds run where tasks run; a bridge learns them from the
+    // workers' entries in `bmw_workers`, as it learns compiled ones.
+    if matches!(cli.command, Role::Run | Role::Worker) {
+        bmw::external::register(&mut registry, &config.kinds)?;
+    }
+    let registry = Arc::new(registry);
     bmw::metrics::install();
     let token = CancellationToken::new();
     let on_signal = token.clone();
