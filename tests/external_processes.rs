@@ -285,14 +285,18 @@ async fn a_declared_daemon_that_exits_restarts_with_back_off_and_stops_with_its_
     );
 }
 
-/// The shell example and a test command whose exit status the payload picks.
-fn async_kinds() -> String {
-    format!(
-        "[[kind]]\nname = \"async:cleanup\"\ncommand = [{script:?}]\n\n\
-         [[kind]]\nname = \"async:exits\"\ncommand = [\"sh\", \"-c\", \"read -r p; echo \\\"got $p\\\"; \
-         case $p in *fail*) echo broken >&2; exit 1;; *fatal*) exit 65;; esac; echo result-$BMW_ATTEMPT\"]\n",
-        script = example("shell/cleanup.sh").display().to_string(),
+/// A script next to the config file (a relative
+/// path: read from the file's directory) whose exit status the payload picks.
+fn async_kinds(dir: &Path) -> String {
+    let script = dir.join("exits.sh");
+    std::fs::write(
+        &script,
+        "#!/bin/sh\nread -r p\necho \"got $p\"\ncase $p in\n  *fail*) echo broken >&2; exit 1;;\n  *fatal*) exit 65;;\nesac\necho result-$BMW_ATTEMPT\n",
     )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    "[[kind]]\nname = \"async:exits\"\ncommand = [\"./exits.sh\"]\n".to_owned()
 }
 
 async fn record_state(bmw: &BmwProcess, task_id: &str) -> Value {
@@ -322,7 +326,8 @@ async fn create_async(bmw: &BmwProcess, kind: &str, payload: Value, options: Val
 #[tokio::test]
 async fn a_declared_async_commands_exit_status_is_success_retry_or_no_retry() {
     let env = TestEnv::start().await;
-    let (_dir, config) = kinds_file(&async_kinds());
+    let (dir, config) = kinds_file("");
+    std::fs::write(&config, async_kinds(dir.path())).unwrap();
     let config = config.display().to_string();
     let bmw = BmwProcess::run(
         &env.url(),
@@ -389,30 +394,6 @@ async fn a_declared_async_commands_exit_status_is_success_retry_or_no_retry() {
             .contains("exit status: 65"),
         "{refused}"
     );
-
-    // The shell example: a missing directory is not retried.
-    let missing = create_async(
-        &bmw,
-        "async:cleanup",
-        json!({"dir": "/nonexistent/bmw"}),
-        json!({"retry": 3}),
-    )
-    .await;
-    state(&missing, "archived", 1).await;
-    let work = tempfile::tempdir().unwrap();
-    let cleaned = create_async(
-        &bmw,
-        "async:cleanup",
-        json!({"dir": work.path(), "older_than_minutes": 1}),
-        json!({"retention": "1h"}),
-    )
-    .await;
-    state(&cleaned, "completed", 1).await;
-    bmw.wait_log(
-        Duration::from_secs(5),
-        &["task result", &cleaned, "removed"],
-    )
-    .await;
 }
 
 #[tokio::test]
@@ -537,4 +518,61 @@ async fn a_child_flooding_stdout_does_not_grow_the_workers_memory() {
         long < 3 * bmw::external::child::MAX_LINE,
         "a logged line is cut: {long} bytes"
     );
+}
+
+#[tokio::test]
+async fn the_examples_run_with_the_readme_command() {
+    let env = TestEnv::start().await;
+    // As the README says, from the repository's root: `run --config examples/kinds.toml`.
+    assert_eq!(
+        std::env::current_dir().unwrap(),
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+    );
+    let bmw = BmwProcess::run(&env.url(), &["--config", "examples/kinds.toml"]).await;
+    let (status, body) = http(
+        Method::POST,
+        &format!("{}/bmw/task/", bmw.base_url()),
+        Some(r#"{"kind": "daemon:apm:pre_calculate", "payload": {"data_id": "1573001"}}"#),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    bmw.wait_log(
+        Duration::from_secs(20),
+        &["task output", "data_id 1573001: tick at"],
+    )
+    .await;
+
+    // The shell example: a missing directory is not retried; a real one is cleaned.
+    let missing = create_async(
+        &bmw,
+        "async:cleanup",
+        json!({"dir": "/nonexistent/bmw"}),
+        json!({"retry": 3}),
+    )
+    .await;
+    let mut last = Value::Null;
+    assert_eventually!(
+        Duration::from_secs(20),
+        {
+            last = record_state(&bmw, &missing).await;
+            last["state"] == "archived" && last["attempts"] == 1
+        },
+        "not retried: {last}"
+    );
+    let work = tempfile::tempdir().unwrap();
+    let old = work.path().join("old.log");
+    std::fs::write(&old, "x").unwrap();
+    let cleaned = create_async(
+        &bmw,
+        "async:cleanup",
+        json!({"dir": work.path(), "older_than_minutes": 0}),
+        json!({}),
+    )
+    .await;
+    bmw.wait_log(
+        Duration::from_secs(20),
+        &["task result", &cleaned, "removed"],
+    )
+    .await;
+    assert!(!old.exists(), "the old file is removed");
 }

@@ -60,13 +60,13 @@ pub enum DeclError {
 pub struct Program {
     /// The kind it runs.
     pub kind: Kind,
-    /// The program, resolved (absolute, or relative to the current directory).
+    /// The program, resolved to an absolute path.
     pub program: PathBuf,
     /// The arguments after the program.
     pub args: Vec<String>,
     /// Extra environment, from the declaration.
     pub env: Vec<(String, String)>,
-    /// The working directory.
+    /// The working directory (absolute).
     pub workdir: PathBuf,
 }
 
@@ -160,6 +160,9 @@ fn program(decl: &KindDecl, kind: Kind, argv: &[String]) -> Result<Program, Decl
         Some(w) => base.join(w),
         None => base.clone(),
     };
+    // Absolute: the child runs in `workdir`, where a relative program path
+    // would be read again from there.
+    let workdir = std::path::absolute(&workdir).unwrap_or(workdir);
     if !workdir.is_dir() {
         return Err(DeclError::Program {
             kind: decl.name.clone(),
@@ -216,6 +219,7 @@ fn on_path(name: &str) -> Option<PathBuf> {
     std::env::split_paths(&path)
         .map(|dir| dir.join(name))
         .find(|candidate| executable(candidate).is_ok())
+        .map(|found| std::path::absolute(&found).unwrap_or(found))
 }
 
 /// Checks every declaration, then registers them all; the first refusal
