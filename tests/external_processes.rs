@@ -576,3 +576,56 @@ async fn the_examples_run_with_the_readme_command() {
     .await;
     assert!(!old.exists(), "the old file is removed");
 }
+
+#[tokio::test]
+async fn a_lost_claim_kills_the_process_at_once_without_a_grace_period() {
+    use crate::harness::proxy::{FaultProxy, Mode};
+    let env = TestEnv::start().await;
+    let proxy = FaultProxy::start(&env.url()).await;
+    let (dir, config) = kinds_file("");
+    let marker = dir.path().join("apm-marker").display().to_string();
+    std::fs::write(&config, daemon_kinds(&marker)).unwrap();
+    let config_arg = config.display().to_string();
+    let state_dir = dir.path().display().to_string();
+    let url = proxy.url();
+    // A long grace: a SIGTERM would be answered ("stopping") well within it.
+    let args: Vec<&str> = ["worker"]
+        .into_iter()
+        .chain(["--claim-ttl", "3s", "--heartbeat", "1s", "--grace", "20s"])
+        .chain(["--config", &config_arg])
+        .chain(["--nats-url", &url])
+        .collect();
+    let w = BmwProcess::spawn_with_env(&args, &[("APM_PID_DIR", &state_dir)]);
+    w.worker_id().await;
+    submit(
+        &env,
+        bmw::nats::names::SUBJECT_CREATE,
+        json!({"kind": DAEMON_KIND, "payload": {"data_id": 9, "interval": 60}}),
+    )
+    .await;
+    let started = wait_state(dir.path(), "9", "started", |s| s["pid"].is_u64()).await;
+    let pid = started["pid"].as_u64().unwrap();
+
+    // Cut the worker off: its claim deadline passes, and the process is killed.
+    proxy.set(Mode::BlackHole);
+    let cut = Instant::now();
+    assert_eventually!(
+        Duration::from_secs(10),
+        gone(pid),
+        "the process is killed and reaped"
+    );
+    assert!(
+        cut.elapsed() < Duration::from_secs(8),
+        "{:?}",
+        cut.elapsed()
+    );
+    w.wait_log(
+        Duration::from_secs(2),
+        &["task process stopped", "lost=true"],
+    )
+    .await;
+    assert!(
+        !w.has_log("data_id 9: stopping"),
+        "SIGKILL, not SIGTERM: the process had no chance to stop cleanly"
+    );
+}
