@@ -210,8 +210,10 @@ pub struct ConfigOverrides {
     pub nats_cert: Option<PathBuf>,
     pub nats_key: Option<PathBuf>,
     pub nats_require_tls: Option<bool>,
-    // Kinds declared in the file (`[[kind]]`), run by `crate::external`.
+    // Kinds declared in the file (`[[kind]]`) and in a directory of kind
+    // files, run by `crate::external`.
     pub kind: Option<Vec<KindDecl>>,
+    pub kinds_dir: Option<PathBuf>,
 }
 
 impl ConfigOverrides {
@@ -284,6 +286,7 @@ impl ConfigOverrides {
             nats_key: self.nats_key.or(other.nats_key),
             nats_require_tls: self.nats_require_tls.or(other.nats_require_tls),
             kind: self.kind.or(other.kind),
+            kinds_dir: self.kinds_dir.or(other.kinds_dir),
         }
     }
 }
@@ -357,8 +360,9 @@ pub struct Config {
     pub request_timeout: Duration,
     /// Certificate chain and key (PEM) for HTTPS on the bridge; `None`: plain HTTP.
     pub tls: Option<TlsFiles>,
-    /// Kinds declared in the config file (`[[kind]]`), as written; checked
-    /// and registered by `crate::external::register`.
+    /// Kinds declared in the config file (`[[kind]]`), then those of the
+    /// `--kinds-dir` files, as written; checked and registered by
+    /// `crate::external::register`.
     pub kinds: Vec<KindDecl>,
 }
 
@@ -671,7 +675,13 @@ impl Config {
                 )?,
             },
             demo_kinds: given.demo_kinds,
-            kinds: given.kind.unwrap_or_default(),
+            kinds: {
+                let mut kinds = given.kind.unwrap_or_default();
+                if let Some(dir) = &given.kinds_dir {
+                    kinds.extend(kind_decl::read_dir(dir)?);
+                }
+                kinds
+            },
             nats_auth,
             nats_tls,
         };

@@ -148,6 +148,10 @@ struct Global {
         overrides_with = "demo_kinds"
     )]
     demo_kinds: Option<bool>,
+    /// A directory of task kind files: every `*.toml` in it holds `[[kind]]` tables
+    /// (as the --config file may), read by `bmw run` and `bmw worker`.
+    #[arg(long, global = true, env = "BMW_KINDS_DIR")]
+    kinds_dir: Option<PathBuf>,
     /// Optional TOML config file; keys are the long flag names (`claim-ttl = "15s"`).
     #[arg(long, global = true, env = "BMW_CONFIG")]
     config: Option<PathBuf>,
@@ -302,8 +306,9 @@ impl Global {
             nats_cert: self.nats_cert.clone(),
             nats_key: self.nats_key.clone(),
             nats_require_tls: self.nats_require_tls.then_some(true),
-            // Kinds are declared in the --config file only.
+            // `[[kind]]` tables come from the --config file only.
             kind: None,
+            kinds_dir: self.kinds_dir.clone(),
         }
     }
 

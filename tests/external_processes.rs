@@ -629,3 +629,47 @@ async fn a_lost_claim_kills_the_process_at_once_without_a_grace_period() {
         "SIGKILL, not SIGTERM: the process had no chance to stop cleanly"
     );
 }
+
+#[tokio::test]
+async fn kinds_in_the_files_of_a_kinds_dir_run_too() {
+    let env = TestEnv::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("a.toml"),
+        async_kinds(dir.path()), // async:exits, `./exits.sh` next to the file
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("b.toml"),
+        "[[kind]]\nname = \"async:echo\"\ncommand = [\"sh\", \"-c\", \"cat; echo\"]\n",
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("notes.txt"), "not a kind file").unwrap();
+    let kinds_dir = dir.path().display().to_string();
+    let bmw = BmwProcess::run(&env.url(), &["--kinds-dir", &kinds_dir]).await;
+    let ok = create_async(&bmw, "async:exits", json!({"do": "ok"}), json!({})).await;
+    bmw.wait_log(Duration::from_secs(20), &["task result", &ok, "result-1"])
+        .await;
+    let echo = create_async(&bmw, "async:echo", json!({"said": "hi"}), json!({})).await;
+    bmw.wait_log(Duration::from_secs(20), &["task result", &echo, "said"])
+        .await;
+
+    // A file with anything but `[[kind]]` tables stops the start, naming it.
+    std::fs::write(dir.path().join("c.toml"), "claim-ttl = \"3s\"\n").unwrap();
+    let mut w = BmwProcess::spawn_raw(&[
+        "worker",
+        "--kinds-dir",
+        &kinds_dir,
+        "--nats-url",
+        "nats://127.0.0.1:1",
+    ]);
+    assert!(
+        !w.wait_exit(Duration::from_secs(20))
+            .await
+            .expect("exits")
+            .success()
+    );
+    w.wait_log(Duration::from_secs(2), &["c.toml", "TOML parse error"])
+        .await;
+    assert!(w.has_log("unknown field `claim-ttl`, expected `kind`"));
+}
