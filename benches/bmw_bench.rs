@@ -429,6 +429,8 @@ async fn run(plan: Plan, only: Vec<String>) -> ExitCode {
 
     // 2. Async tasks.
     let mut async_rss = None;
+    // 2b, 1 worker, while draining: what other handlers are compared with.
+    let mut compiled_rate = f64::NAN;
     if wants("async") {
         let runs = plan.async_runs;
         let mut latency_rows = Vec::new();
@@ -475,7 +477,10 @@ async fn run(plan: Plan, only: Vec<String>) -> ExitCode {
                     path,
                     workers,
                     concurrent,
-                    n,
+                    async_tasks::Tasks {
+                        n,
+                        runner: async_tasks::Runner::Compiled,
+                    },
                     plan.wait_limit,
                     run_no,
                 )
@@ -490,6 +495,9 @@ async fn run(plan: Plan, only: Vec<String>) -> ExitCode {
                 Samples(figs.iter().flat_map(|g| f(g).0.iter().copied()).collect())
             };
             let rate = all(|g| &g.rate);
+            if path == async_tasks::Path::Subject && workers == 1 && concurrent {
+                compiled_rate = rate.median();
+            }
             let (base_rate, base_name) = if concurrent {
                 (both_rate, "1c")
             } else {
@@ -538,6 +546,55 @@ async fn run(plan: Plan, only: Vec<String>) -> ExitCode {
             }
         }
         rows.extend(latency_rows);
+        // 2f: the same tasks run by a child process each (a declared `command`).
+        let n = (plan.async_tasks / 10).max(100);
+        let figure = format!(
+            "2f async via a subprocess handler (`true` per task), publish on bmw.async.<queue>.<id>, {}, {}/run",
+            way_label(1, true),
+            report::num(n as f64)
+        );
+        match bounded(
+            "async subprocess: server",
+            limit,
+            &mut failures,
+            env::Server::start(),
+        )
+        .await
+        {
+            None => rows.push(failed(&figure)),
+            Some(server) => {
+                let mut run_no = 0;
+                let (figs, lost) = repeat("async subprocess", runs, limit, &mut failures, || {
+                    run_no += 1;
+                    async_tasks::run(
+                        &server,
+                        async_tasks::Path::Subject,
+                        1,
+                        true,
+                        async_tasks::Tasks {
+                            n,
+                            runner: async_tasks::Runner::Subprocess,
+                        },
+                        plan.wait_limit,
+                        run_no,
+                    )
+                })
+                .await;
+                drop(server);
+                if figs.is_empty() {
+                    rows.push(failed(&figure));
+                } else {
+                    let rate =
+                        Samples(figs.iter().flat_map(|g| g.rate.0.iter().copied()).collect());
+                    rows.push(
+                        Row::new(figure, "tasks/s", rate.clone())
+                            .ratio(ratio(rate.median(), compiled_rate, "2b 1 worker"))
+                            .failed_runs(lost)
+                            .target(Target::None, "reported: a process start per task"),
+                    );
+                }
+            }
+        }
     }
 
     // 3. Bridge.

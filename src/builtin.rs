@@ -200,10 +200,7 @@ mod tests {
     #[tokio::test]
     async fn demo_fails_on_abnormal_payload_and_stops_on_cancel() {
         let token = tokio_util::sync::CancellationToken::new();
-        let ctx = OperatorContext {
-            uni_id: crate::task::UniId::from_raw("x"),
-            token: token.clone(),
-        };
+        let ctx = OperatorContext::new(crate::task::UniId::from_raw("x"), token.clone());
         let bad = json!({"content": "not_ok"});
         assert_eq!(
             Demo.start(ctx.clone(), &bad).await,

@@ -7,6 +7,7 @@
 //! `api_token` ([`ApiToken`]).
 
 mod api_token;
+mod kind_decl;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -17,6 +18,7 @@ use serde::Deserialize;
 
 use crate::nats::{ClientCert, ConnectSettings, NatsAuth, NatsTls};
 pub use api_token::{ApiToken, TokenAccess};
+pub use kind_decl::KindDecl;
 
 /// A queue a worker takes async tasks from, and its weight.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -208,6 +210,10 @@ pub struct ConfigOverrides {
     pub nats_cert: Option<PathBuf>,
     pub nats_key: Option<PathBuf>,
     pub nats_require_tls: Option<bool>,
+    // Kinds declared in the file (`[[kind]]`) and in a directory of kind
+    // files, run by `crate::external`.
+    pub kind: Option<Vec<KindDecl>>,
+    pub kinds_dir: Option<PathBuf>,
 }
 
 impl ConfigOverrides {
@@ -217,10 +223,19 @@ impl ConfigOverrides {
             path: path.to_owned(),
             source,
         })?;
-        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        let mut read: ConfigOverrides = toml::from_str(&text).map_err(|e| ConfigError::Parse {
             path: path.to_owned(),
             message: e.to_string(),
-        })
+        })?;
+        // Relative paths of a declared kind are read from the file's directory.
+        let dir = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
+            _ => PathBuf::from("."),
+        };
+        for decl in read.kind.iter_mut().flatten() {
+            decl.base_dir = Some(dir.clone());
+        }
+        Ok(read)
     }
 
     /// `self` where given, else `other`.
@@ -270,6 +285,8 @@ impl ConfigOverrides {
             nats_cert: self.nats_cert.or(other.nats_cert),
             nats_key: self.nats_key.or(other.nats_key),
             nats_require_tls: self.nats_require_tls.or(other.nats_require_tls),
+            kind: self.kind.or(other.kind),
+            kinds_dir: self.kinds_dir.or(other.kinds_dir),
         }
     }
 }
@@ -343,6 +360,10 @@ pub struct Config {
     pub request_timeout: Duration,
     /// Certificate chain and key (PEM) for HTTPS on the bridge; `None`: plain HTTP.
     pub tls: Option<TlsFiles>,
+    /// Kinds declared in the config file (`[[kind]]`), then those of the
+    /// `--kinds-dir` files, as written; checked and registered by
+    /// `crate::external::register`.
+    pub kinds: Vec<KindDecl>,
 }
 
 /// The PEM files the bridge serves HTTPS with.
@@ -654,6 +675,13 @@ impl Config {
                 )?,
             },
             demo_kinds: given.demo_kinds,
+            kinds: {
+                let mut kinds = given.kind.unwrap_or_default();
+                if let Some(dir) = &given.kinds_dir {
+                    kinds.extend(kind_decl::read_dir(dir)?);
+                }
+                kinds
+            },
             nats_auth,
             nats_tls,
         };

@@ -148,6 +148,10 @@ struct Global {
         overrides_with = "demo_kinds"
     )]
     demo_kinds: Option<bool>,
+    /// A directory of task kind files: every `*.toml` in it holds `[[kind]]` tables
+    /// (as the --config file may), read by `bmw run` and `bmw worker`.
+    #[arg(long, global = true, env = "BMW_KINDS_DIR")]
+    kinds_dir: Option<PathBuf>,
     /// Optional TOML config file; keys are the long flag names (`claim-ttl = "15s"`).
     #[arg(long, global = true, env = "BMW_CONFIG")]
     config: Option<PathBuf>,
@@ -302,6 +306,9 @@ impl Global {
             nats_cert: self.nats_cert.clone(),
             nats_key: self.nats_key.clone(),
             nats_require_tls: self.nats_require_tls.then_some(true),
+            // `[[kind]]` tables come from the --config file only.
+            kind: None,
+            kinds_dir: self.kinds_dir.clone(),
         }
     }
 
@@ -353,11 +360,17 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let demo_kinds = config
         .demo_kinds
         .unwrap_or(matches!(cli.command, Role::Run | Role::Task(_)));
-    let registry = Arc::new(if demo_kinds {
+    let mut registry = if demo_kinds {
         bmw::builtin::registry()
     } else {
         Registry::new()
-    });
+    };
+    // Declared kinds run where tasks run; a bridge learns them from the
+    // workers' entries in `bmw_workers`, as it learns compiled ones.
+    if matches!(cli.command, Role::Run | Role::Worker) {
+        bmw::external::register(&mut registry, &config.kinds)?;
+    }
+    let registry = Arc::new(registry);
     bmw::metrics::install();
     let token = CancellationToken::new();
     let on_signal = token.clone();

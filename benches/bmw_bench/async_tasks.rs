@@ -54,6 +54,35 @@ impl Path {
     }
 }
 
+/// What runs the tasks on the workers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Runner {
+    /// The compiled `async:demo:noop` handler.
+    Compiled,
+    /// `async:bench:true`, declared in a `--config` file: a `true` child
+    /// process per task (`bmw::external::command`).
+    Subprocess,
+}
+
+impl Runner {
+    /// The kind of the tasks.
+    pub(crate) fn kind(self) -> &'static str {
+        match self {
+            Runner::Compiled => "async:demo:noop",
+            Runner::Subprocess => "async:bench:true",
+        }
+    }
+}
+
+/// How many tasks, and what runs them.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Tasks {
+    /// Tasks per run.
+    pub(crate) n: usize,
+    /// What runs them.
+    pub(crate) runner: Runner,
+}
+
 /// One run's samples (merged over runs by the caller).
 #[derive(Debug, Default)]
 pub(crate) struct AsyncFigure {
@@ -71,11 +100,15 @@ pub(crate) struct AsyncFigure {
 type Times = Arc<Mutex<HashMap<String, Instant>>>;
 
 /// Follows the `succeeded` events of `queue`.
-async fn follow(nats: &Nats, queue: &str) -> anyhow::Result<(Times, tokio::task::JoinHandle<()>)> {
+async fn follow(
+    nats: &Nats,
+    queue: &str,
+    kind: &str,
+) -> anyhow::Result<(Times, tokio::task::JoinHandle<()>)> {
     let done: Times = Arc::default();
     let mut sub = nats
         .client
-        .subscribe("bmw.event.async.async:demo:noop.succeeded")
+        .subscribe(format!("bmw.event.async.{kind}.succeeded"))
         .await?;
     nats.client.flush().await?;
     let (sink, queue) = (done.clone(), queue.to_owned());
@@ -143,11 +176,12 @@ async fn enqueue(
     nats: &Nats,
     path: Path,
     queue: &str,
-    n: usize,
+    tasks: Tasks,
     bridge: Option<&str>,
     ids: &Ids,
     deadline: Instant,
 ) -> anyhow::Result<Vec<Instant>> {
+    let (n, kind) = (tasks.n, tasks.runner.kind());
     let mut sent = Vec::with_capacity(n);
     match path {
         Path::Subject | Path::QueueSubject | Path::Command => {
@@ -155,8 +189,7 @@ async fn enqueue(
             for i in 0..n {
                 let publish = if path.can_enqueue_first() {
                     let id = format!("{queue}-{i}");
-                    let body =
-                        serde_json::json!({"id": id, "kind": "async:demo:noop", "payload": {}});
+                    let body = serde_json::json!({"id": id, "kind": kind, "payload": {}});
                     let publish = PublishMessage::build()
                         .payload(serde_json::to_vec(&body)?.into())
                         .message_id(&id);
@@ -172,7 +205,7 @@ async fn enqueue(
                 } else {
                     let cmd = uuid::Uuid::new_v4().to_string();
                     let body = serde_json::json!({
-                        "id": cmd, "kind": "async:demo:noop", "payload": {},
+                        "id": cmd, "kind": kind, "payload": {},
                         "options": {"queue": queue},
                     });
                     let mut headers = async_nats::HeaderMap::new();
@@ -206,8 +239,7 @@ async fn enqueue(
             let http = reqwest::Client::new();
             let mut inflight = FuturesUnordered::new();
             for i in 0..n {
-                let body =
-                    serde_json::json!({"kind": "async:demo:noop", "options": {"queue": queue}});
+                let body = serde_json::json!({"kind": kind, "options": {"queue": queue}});
                 sent.push(Instant::now());
                 let request = http.post(&url).json(&body);
                 inflight.push(async move {
@@ -338,10 +370,23 @@ fn spawn_workers(
     workers: usize,
     bridge: Option<&str>,
     label: &str,
+    runner: Runner,
 ) -> anyhow::Result<Vec<BmwProc>> {
+    let kinds = server.dir().join("bench-kinds.toml");
+    std::fs::write(
+        &kinds,
+        format!(
+            "[[kind]]\nname = \"{}\"\ncommand = [\"true\"]\n",
+            Runner::Subprocess.kind()
+        ),
+    )?;
+    let kinds = kinds.display().to_string();
     let mut procs = Vec::new();
     for i in 0..workers {
         let mut args = vec!["--queues", queue, "--concurrency", CONCURRENCY];
+        if runner == Runner::Subprocess {
+            args.extend(["--config", &kinds]);
+        }
         let role = match (bridge, i) {
             (Some(addr), 0) => {
                 args.extend(["--http-addr", addr]);
@@ -367,17 +412,18 @@ async fn run_once(
     path: Path,
     workers: usize,
     concurrent: bool,
-    n: usize,
+    tasks: Tasks,
     wait: Duration,
     label: &str,
 ) -> anyhow::Result<Once> {
+    let (n, runner) = (tasks.n, tasks.runner);
     ensure!(
         concurrent || path.can_enqueue_first(),
         "enqueue-then-drain needs the subject path"
     );
     let nats = server.connect().await?;
     let queue = format!("q{}", uuid::Uuid::new_v4().simple());
-    let (done, follower) = follow(&nats, &queue).await?;
+    let (done, follower) = follow(&nats, &queue, runner.kind()).await?;
     let ids: Ids = Arc::default();
     let replies = match path {
         Path::Command => Some(follow_replies(&nats, &queue, ids.clone()).await?),
@@ -396,7 +442,14 @@ async fn run_once(
     let deadline = Instant::now() + wait;
     let (started, sent, mut procs, sampler, cpu_start);
     if concurrent {
-        procs = spawn_workers(server, &queue, workers, bridge_addr.as_deref(), label)?;
+        procs = spawn_workers(
+            server,
+            &queue,
+            workers,
+            bridge_addr.as_deref(),
+            label,
+            runner,
+        )?;
         wait_workers(&nats, &mut procs).await?;
         if let Some(addr) = &bridge_addr {
             wait_for("the bridge", Duration::from_secs(20), || {
@@ -408,10 +461,10 @@ async fn run_once(
         let url = bridge_addr.as_ref().map(|a| format!("http://{a}"));
         cpu_start = cpu(&procs);
         started = Instant::now();
-        sent = enqueue(&nats, path, &queue, n, url.as_deref(), &ids, deadline).await?;
+        sent = enqueue(&nats, path, &queue, tasks, url.as_deref(), &ids, deadline).await?;
     } else {
-        sent = enqueue(&nats, path, &queue, n, None, &ids, deadline).await?;
-        procs = spawn_workers(server, &queue, workers, None, label)?;
+        sent = enqueue(&nats, path, &queue, tasks, None, &ids, deadline).await?;
+        procs = spawn_workers(server, &queue, workers, None, label, runner)?;
         wait_workers(&nats, &mut procs).await?;
         sampler = sample_rss(procs[0].pid());
         // The drain starts with the first task done (worker start-up excluded).
@@ -487,16 +540,17 @@ pub(crate) async fn run(
     path: Path,
     workers: usize,
     concurrent: bool,
-    n: usize,
+    tasks: Tasks,
     wait: Duration,
     run: usize,
 ) -> anyhow::Result<AsyncFigure> {
+    let runner = tasks.runner;
     let way = if concurrent { "conc" } else { "drain" };
-    let label = format!("async-{path:?}-{workers}w-{way}-{run}");
+    let label = format!("async-{runner:?}-{path:?}-{workers}w-{way}-{run}");
     let once = server
         .scenario(
             &label,
-            run_once(server, path, workers, concurrent, n, wait, &label),
+            run_once(server, path, workers, concurrent, tasks, wait, &label),
         )
         .await?;
     eprintln!(

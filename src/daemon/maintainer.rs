@@ -87,6 +87,14 @@ pub(crate) struct Maintainer {
 /// without a claim.
 type Run = AbortOnDropHandle<Result<(), OperatorError>>;
 
+/// How a run is stopped: `token` for every stop, `lost` first when the claim
+/// is lost (the operator then stops at once).
+#[derive(Debug)]
+struct Stop {
+    token: CancellationToken,
+    lost: CancellationToken,
+}
+
 impl Maintainer {
     /// Runs until told to stop, the claim is lost, or `shutdown` fires (then
     /// the claim is released so another worker takes over at once).
@@ -98,7 +106,7 @@ impl Maintainer {
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_renewed = self.acquired_at;
         let mut retry_at = self.pending_retry();
-        let mut run: Option<(Run, CancellationToken)> = None;
+        let mut run: Option<(Run, Stop)> = None;
         loop {
             // Never start past the deadline: the branch below ends the claim.
             if run.is_none() && retry_at.is_none() && Instant::now() < self.deadline(last_renewed) {
@@ -134,7 +142,7 @@ impl Maintainer {
                 }
                 control = self.control.recv() => match control {
                     Some(Control::Reload(spec)) => {
-                        Box::pin(self.stop_run(run.take(), self.settings.grace)).await;
+                        Box::pin(self.stop_run(run.take(), self.settings.grace, false)).await;
                         self.apply_reload(*spec);
                         retry_at = None;
                         if Box::pin(self.renew(&mut last_renewed)).await.is_err() {
@@ -160,11 +168,19 @@ impl Maintainer {
         Instant::now().checked_add(wait)
     }
 
-    async fn start_run(&mut self) -> (Run, CancellationToken) {
-        let token = CancellationToken::new();
+    async fn start_run(&mut self) -> (Run, Stop) {
+        let stop = Stop {
+            token: CancellationToken::new(),
+            lost: CancellationToken::new(),
+        };
         let ctx = OperatorContext {
             uni_id: self.spec.uni_id.clone(),
-            token: token.clone(),
+            token: stop.token.clone(),
+            worker_id: self.settings.worker_id.clone(),
+            retry_count: self.claim.retry_count,
+            reload_count: self.claim.reload_count,
+            grace: self.settings.grace,
+            lost: stop.lost.clone(),
         };
         let payload = self.spec.payload.clone();
         seed_log::binding_discovered(
@@ -179,7 +195,7 @@ impl Maintainer {
             AbortOnDropHandle::new(tokio::spawn(
                 async move { operator.start(ctx, &payload).await },
             ));
-        (handle, token)
+        (handle, stop)
     }
 
     fn stopped_running(&self) {
@@ -290,13 +306,16 @@ impl Maintainer {
         }
     }
 
-    /// Cancels the run and waits up to `patience` for the operator to end,
-    /// then aborts it.
-    async fn stop_run(&self, run: Option<(Run, CancellationToken)>, patience: Duration) {
-        let Some((mut handle, token)) = run else {
+    /// Cancels the run (`lost`: the claim is lost, stop at once) and waits up
+    /// to `patience` for the operator to end, then aborts it.
+    async fn stop_run(&self, run: Option<(Run, Stop)>, patience: Duration, lost: bool) {
+        let Some((mut handle, stop)) = run else {
             return;
         };
-        token.cancel();
+        if lost {
+            stop.lost.cancel();
+        }
+        stop.token.cancel();
         if tokio::time::timeout(patience, &mut handle).await.is_err() {
             tracing::warn!(uni_id = %self.spec.uni_id, waited = ?patience, "operator ignored cancellation; aborting it");
             handle.abort();
@@ -304,7 +323,7 @@ impl Maintainer {
         self.stopped_running();
     }
 
-    async fn exit(mut self, exit: Exit, run: Option<(Run, CancellationToken)>) -> (String, Exit) {
+    async fn exit(mut self, exit: Exit, run: Option<(Run, Stop)>) -> (String, Exit) {
         let was_running = run.is_some();
         // A lost claim may be another worker's already: no grace period,
         // only the margin kept before the claim's expiry.
@@ -312,7 +331,7 @@ impl Maintainer {
             Exit::Lost => self.margin(),
             Exit::Released | Exit::Removed => self.settings.grace,
         };
-        self.stop_run(run, patience).await;
+        self.stop_run(run, patience, exit == Exit::Lost).await;
         if was_running {
             let reason = format!("{exit:?}").to_lowercase();
             tracing::info!(uni_id = %self.spec.uni_id, reason, "daemon instance stopped");

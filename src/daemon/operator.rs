@@ -10,6 +10,7 @@
 //! worker down.
 
 use std::fmt;
+use std::time::Duration;
 
 use futures::future::BoxFuture;
 use serde_json::Value;
@@ -59,9 +60,40 @@ pub struct OperatorContext {
     pub uni_id: UniId,
     /// Fires when the run must stop (delete, reload, lost claim, rebalance, shutdown).
     pub token: CancellationToken,
+    // What an operator that runs other programs (`crate::external`) passes on.
+    /// The worker running the instance.
+    pub worker_id: String,
+    /// Failed runs since the instance was created or last reloaded.
+    pub retry_count: u32,
+    /// Reloads so far.
+    pub reload_count: u32,
+    /// How long the run may take to stop after `token` fires, before it is aborted.
+    pub grace: Duration,
+    /// Fires (before `token`) when the claim is lost: another worker may run
+    /// the instance already, so stop at once, without a grace period.
+    pub lost: CancellationToken,
 }
 
 impl OperatorContext {
+    /// A context for `uni_id` stopped by `token`, with no worker, no counts
+    /// and no grace period (tests, and operators run by hand).
+    pub fn new(uni_id: UniId, token: CancellationToken) -> Self {
+        OperatorContext {
+            uni_id,
+            token,
+            worker_id: String::new(),
+            retry_count: 0,
+            reload_count: 0,
+            grace: Duration::ZERO,
+            lost: CancellationToken::new(),
+        }
+    }
+
+    /// Whether the run stops because its claim was lost (stop at once).
+    pub fn is_lost(&self) -> bool {
+        self.lost.is_cancelled()
+    }
+
     /// Resolves when the run must stop; `select!` on it in every loop.
     pub async fn cancelled(&self) {
         self.token.cancelled().await
