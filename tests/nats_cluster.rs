@@ -184,3 +184,79 @@ async fn creates_ride_out_a_stream_leader_election() {
         info.state
     );
 }
+
+/// The leader of the daemon specs bucket is killed while daemon creates are
+/// applied at 20/s (what a worker does with a `bmw.task.create` for a daemon
+/// kind): the election must not fail them (the chaos suite saw 503s `no
+/// stream found for given subject` here), and each task is stored once.
+#[tokio::test(flavor = "multi_thread")]
+async fn daemon_creates_ride_out_a_bucket_leader_election() {
+    let mut cluster = NatsCluster::start(3).await;
+    let (nats, _client) = cluster.client().await;
+    let ops = bmw::ops::Operations::open(&nats, std::sync::Arc::new(bmw::builtin::registry()))
+        .await
+        .unwrap();
+    let bucket = format!("KV_{}", bmw::nats::names::BUCKET_DAEMON_TASKS);
+    let stream = nats.js.get_stream(&bucket).await.unwrap();
+    let leader: usize = stream
+        .cached_info()
+        .cluster
+        .clone()
+        .and_then(|c| c.leader)
+        .as_deref()
+        .and_then(|l| l.strip_prefix('n'))
+        .and_then(|n| n.parse().ok())
+        .expect("the bucket has a leader n<i>");
+
+    let answered = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let sender = {
+        let (ops, answered) = (ops.clone(), answered.clone());
+        tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(Duration::from_millis(50));
+            let mut sends = Vec::new();
+            for n in 0..200 {
+                ticker.tick().await;
+                let (ops, answered) = (ops.clone(), answered.clone());
+                sends.push(tokio::spawn(async move {
+                    let body = json!({"kind": "daemon:demo:demo",
+                                      "payload": {"content": "ok", "n": n}});
+                    let command =
+                        bmw::command::wire::parse("bmw.task.create", body.to_string().as_bytes())
+                            .unwrap();
+                    let result = ops.apply(&command).await;
+                    answered.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    (n, result.map(|_| ()).map_err(|e| e.to_string()))
+                }));
+            }
+            futures::future::join_all(sends).await
+        })
+    };
+    let loaded = wait_until(Duration::from_secs(10), async || {
+        answered.load(std::sync::atomic::Ordering::Relaxed) >= 40
+    })
+    .await;
+    assert!(loaded, "creates are applied before the kill");
+    cluster.nodes[leader].kill().await;
+    let results: Vec<_> = sender
+        .await
+        .unwrap()
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    let failed: Vec<_> = results.iter().filter(|(_, r)| r.is_err()).collect();
+    eprintln!(
+        "bucket leader n{leader} killed: {} daemon creates, {} failed",
+        results.len(),
+        failed.len()
+    );
+    assert!(
+        failed.is_empty(),
+        "creates failed during the election: {failed:?}"
+    );
+    let specs = bmw::daemon::spec::SpecStore::open(&nats.js).await.unwrap();
+    assert_eq!(
+        specs.list().await.unwrap().len(),
+        200,
+        "each task stored once"
+    );
+}

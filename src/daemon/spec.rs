@@ -8,7 +8,7 @@ use async_nats::jetstream::{self, kv};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::nats::{NatsError, NatsErrorKind, names};
+use crate::nats::{NatsError, NatsErrorKind, RETRY_BUDGET, names, with_retries};
 use crate::task::{Kind, Options, UniId};
 
 /// What should run: one daemon task instance.
@@ -83,8 +83,14 @@ impl SpecStore {
         &self.kv
     }
 
+    /// The stored spec and its revision; NATS steps ride out an election or
+    /// a reconnect ([`with_retries`]), as every write here does.
     async fn read(&self, key: &str) -> Result<Option<(DaemonSpec, u64)>, SpecError> {
-        match self.kv.entry(key).await.map_err(NatsError::from)? {
+        let entry = with_retries(RETRY_BUDGET, |_| async {
+            self.kv.entry(key).await.map_err(NatsError::from)
+        })
+        .await?;
+        match entry {
             Some(e) if e.operation == kv::Operation::Put => {
                 let spec = serde_json::from_slice(&e.value)?;
                 Ok(Some((spec, e.revision)))
@@ -98,6 +104,10 @@ impl SpecStore {
         Ok(self.read(&uni_id.key()).await?.map(|(s, _)| s))
     }
 
+    /// Writes `spec` if the entry is still at `revision` (absent for `None`);
+    /// `Ok(false)` when another write came first. A retried write whose
+    /// first attempt was stored (its ack lost) finds its own bytes there and
+    /// counts as written, so a reload is not applied twice.
     async fn write(
         &self,
         key: &str,
@@ -105,18 +115,30 @@ impl SpecStore {
         revision: Option<u64>,
     ) -> Result<bool, SpecError> {
         let body = crate::nats::to_json_bytes(spec);
-        match revision {
-            Some(rev) => match self.kv.update(key, body, rev).await {
-                Ok(_) => Ok(true),
-                Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => Ok(false),
-                Err(e) => Err(NatsError::from(e).into()),
-            },
-            None => match self.kv.create(key, body).await {
-                Ok(_) => Ok(true),
-                Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Ok(false),
-                Err(e) => Err(NatsError::from(e).into()),
-            },
-        }
+        let written = with_retries(RETRY_BUDGET, |attempt| {
+            let body = body.clone();
+            async move {
+                let conflict = match revision {
+                    Some(rev) => match self.kv.update(key, body.clone(), rev).await {
+                        Ok(_) => return Ok(true),
+                        Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => true,
+                        Err(e) => return Err(NatsError::from(e)),
+                    },
+                    None => match self.kv.create(key, body.clone()).await {
+                        Ok(_) => return Ok(true),
+                        Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => true,
+                        Err(e) => return Err(NatsError::from(e)),
+                    },
+                };
+                if conflict && attempt > 1 {
+                    let ours = self.kv.entry(key).await.map_err(NatsError::from)?;
+                    return Ok(ours.is_some_and(|e| e.value == body));
+                }
+                Ok(false)
+            }
+        })
+        .await?;
+        Ok(written)
     }
 
     /// Creates a task, or replaces its payload/options (bumping the generation
@@ -178,10 +200,18 @@ impl SpecStore {
         let Some((spec, rev)) = self.read(&key).await? else {
             return Err(SpecError::NotFound(uni_id.to_string()));
         };
-        self.kv
-            .purge_expect_revision(&key, Some(rev))
-            .await
-            .map_err(NatsError::from)?;
+        let key = key.as_str();
+        with_retries(RETRY_BUDGET, |attempt| async move {
+            match self.kv.purge_expect_revision(key, Some(rev)).await {
+                Ok(()) => Ok(()),
+                // An earlier attempt purged it and its ack was lost.
+                Err(_) if attempt > 1 && self.kv.get(key).await.is_ok_and(|v| v.is_none()) => {
+                    Ok(())
+                }
+                Err(e) => Err(NatsError::from(e)),
+            }
+        })
+        .await?;
         Ok(spec)
     }
 

@@ -107,7 +107,8 @@ fn classify(error: &(dyn StdError + 'static)) -> NatsErrorKind {
             return match api.code() {
                 404 => NatsErrorKind::NotFound,
                 408 => NatsErrorKind::Timeout,
-                503 => NatsErrorKind::Unavailable,
+                // No leader, no quorum, a peer gone: the cluster's state, not the request.
+                500..=599 => NatsErrorKind::Unavailable,
                 _ if api.error_code() == jetstream::ErrorCode::STREAM_WRONG_LAST_SEQUENCE
                     || api.error_code() == jetstream::ErrorCode::STREAM_WRONG_LAST_MESSAGE_ID =>
                 {
@@ -169,5 +170,13 @@ mod tests {
             async_nats::jetstream::kv::EntryErrorKind::TimedOut,
         ));
         assert_eq!(kv.kind(), NatsErrorKind::Timeout);
+        // A cluster without quorum answers 500: an outage, not a refusal.
+        let api: jetstream::Error = serde_json::from_str(
+            r#"{"code":500,"err_code":10008,"description":"jetstream system temporarily unavailable"}"#,
+        )
+        .unwrap();
+        let outage = NatsError::from(PublishError::with_source(PublishErrorKind::Other, api));
+        assert_eq!(outage.kind(), NatsErrorKind::Unavailable);
+        assert!(outage.is_transient());
     }
 }
