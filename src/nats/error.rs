@@ -96,6 +96,10 @@ impl From<async_nats::Error> for NatsError {
     }
 }
 
+/// JetStream's error code for a publish whose `Nats-Msg-Id` an unfinished
+/// earlier publish holds (409; seen while a cluster regains its quorum).
+const DUPLICATE_MESSAGE_ID_IN_PROCESS: jetstream::ErrorCode = jetstream::ErrorCode(10158);
+
 /// Sorts an error by walking its source chain: a JetStream API error decides
 /// by its status, a publish error by its kind, and any error whose kind says
 /// it timed out is a timeout.
@@ -109,6 +113,12 @@ fn classify(error: &(dyn StdError + 'static)) -> NatsErrorKind {
                 408 => NatsErrorKind::Timeout,
                 // No leader, no quorum, a peer gone: the cluster's state, not the request.
                 500..=599 => NatsErrorKind::Unavailable,
+                // "duplicate message id is in process": an earlier attempt of
+                // this publish is still being replicated; its outcome is not
+                // known yet, so try again.
+                _ if api.error_code() == DUPLICATE_MESSAGE_ID_IN_PROCESS => {
+                    NatsErrorKind::Unavailable
+                }
                 _ if api.error_code() == jetstream::ErrorCode::STREAM_WRONG_LAST_SEQUENCE
                     || api.error_code() == jetstream::ErrorCode::STREAM_WRONG_LAST_MESSAGE_ID =>
                 {
@@ -178,5 +188,14 @@ mod tests {
         let outage = NatsError::from(PublishError::with_source(PublishErrorKind::Other, api));
         assert_eq!(outage.kind(), NatsErrorKind::Unavailable);
         assert!(outage.is_transient());
+        let api: jetstream::Error = serde_json::from_str(
+            r#"{"code":409,"err_code":10158,"description":"duplicate message id is in process"}"#,
+        )
+        .unwrap();
+        let pending = NatsError::from(PublishError::with_source(PublishErrorKind::Other, api));
+        assert!(
+            pending.is_transient(),
+            "an earlier attempt is still in process"
+        );
     }
 }
