@@ -31,8 +31,9 @@
 //! [`nats`] (names, connection, typed errors), [`metrics`], [`shutdown`],
 //! [`logging`] →
 //! [`task`], [`config`], [`events`] → [`membership`] → [`daemon`], [`queue`]
-//! → [`periodic`] → [`registry`] → [`ops`] → [`command`], [`builtin`] →
-//! [`client`] → [`bridge`], [`worker`] → [`service`] → the binary.
+//! → [`periodic`] → [`registry`] → [`external`] → [`ops`] → [`command`],
+//! [`builtin`] → [`client`] → [`bridge`], [`worker`] → [`service`] → the
+//! binary.
 //! `tests/layering.rs` checks it from the sources.
 //!
 //! - [`nats`]: connection, every NATS name, provisioning, a local
@@ -48,6 +49,7 @@
 //! - [`periodic`]: schedules fired by nats-server, declared or created at
 //!   run time, and [`periodic::PeriodicOps`].
 //! - [`registry`]: which kinds this binary can run; [`builtin`]: the demo kinds.
+//! - [`external`]: kinds whose code is outside this binary (NATS services).
 //! - [`ops`]: the one place commands are applied, for every caller.
 //! - [`command`]: the wire form of `bmw.task.*`, the handler that applies and
 //!   settles one message, and the shared durable consumer.
@@ -66,6 +68,7 @@ pub mod command;
 pub mod config;
 pub mod daemon;
 pub mod events;
+pub mod external;
 pub mod logging;
 pub mod membership;
 pub mod metrics;

@@ -16,6 +16,7 @@ const LAYERS: &[&[&str]] = &[
     &["daemon", "queue"],
     &["periodic"],
     &["registry"],
+    &["external"],
     &["ops"],
     &["command", "builtin"],
     &["client"],

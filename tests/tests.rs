@@ -14,6 +14,7 @@ mod bridge_security;
 mod daemon_cluster;
 mod daemon_watches;
 mod duplicates;
+mod external_services;
 mod hostile_names;
 mod layering;
 mod limits;
