@@ -23,6 +23,7 @@ use crate::harness::{BmwProcess, TestEnv, wait_until};
 /// An in-process worker whose registry has the given service kinds; stopped on drop.
 struct ServiceWorker {
     token: CancellationToken,
+    registry: Arc<bmw::Registry>,
 }
 
 impl Drop for ServiceWorker {
@@ -46,9 +47,10 @@ fn start_worker(env: &TestEnv, kinds: &[(&str, &str)]) -> ServiceWorker {
         ..bmw::Config::default()
     };
     let token = CancellationToken::new();
-    let worker = bmw::worker::Worker::new(env.nats.clone(), config, Arc::new(registry));
+    let registry = Arc::new(registry);
+    let worker = bmw::worker::Worker::new(env.nats.clone(), config, registry.clone());
     tokio::spawn(worker.run(token.clone()));
-    ServiceWorker { token }
+    ServiceWorker { token, registry }
 }
 
 /// Enqueues a task by a raw publish, with `id` as its task id.
@@ -450,6 +452,45 @@ async fn a_reply_bmw_cannot_read_fails_the_attempt_and_quotes_it_cut_short() {
             "cut short ({} bytes): {e}",
             e.len()
         );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_periodic_kind_answered_by_a_service_gets_one_request_per_tick() {
+    let (env, _events) = start().await;
+    let seen = responder(&env, "svc.tick", |_| ok("")).await;
+    let worker = start_worker(&env, &[("periodic:svc:tick", "svc.tick")]);
+    let ops = bmw::ops::Operations::open(&env.nats, worker.registry.clone())
+        .await
+        .unwrap();
+    let client =
+        bmw::client::TaskClient::with_operations(env.nats.clone(), ops, Duration::from_secs(5));
+    let body =
+        json!({"kind": "periodic:svc:tick", "payload": {"n": 1}, "options": {"every": "1s"}});
+    let created = client
+        .submit_json(
+            bmw::nats::names::SUBJECT_CREATE,
+            body.to_string().as_bytes(),
+        )
+        .await
+        .expect("the periodic task is created");
+    assert!(
+        matches!(&created, bmw::client::Submitted::Done(o) if o.result),
+        "{created:?}"
+    );
+    assert_eventually!(
+        Duration::from_secs(15),
+        seen.lock().unwrap().len() >= 2,
+        "two ticks reach the service: {:?}",
+        seen.lock().unwrap()
+    );
+    let seen = seen.lock().unwrap().clone();
+    let ticks: std::collections::HashSet<String> =
+        seen.iter().map(|s| s.header("Bmw-Task-Id")).collect();
+    assert!(ticks.len() >= 2, "one request per tick: {seen:?}");
+    for request in &seen {
+        assert_eq!(request.header("Bmw-Kind"), "periodic:svc:tick");
+        assert_eq!(request.payload, json!({"n": 1}));
     }
 }
 
