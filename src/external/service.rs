@@ -36,26 +36,10 @@ use serde_json::Value;
 
 use crate::queue::{Handler, TaskContext, TaskError};
 
-/// Request header: the task's id.
-pub const TASK_ID: &str = "Bmw-Task-Id";
-/// Request header: the task's kind.
-pub const KIND: &str = "Bmw-Kind";
-/// Request header: the task's queue.
-pub const QUEUE: &str = "Bmw-Queue";
-/// Request header: this attempt, from 1.
-pub const ATTEMPT: &str = "Bmw-Attempt";
-/// Request header: the retries the task is allowed after its first attempt.
-pub const MAX_RETRY: &str = "Bmw-Max-Retry";
-/// Request header: when the attempt's time is up (RFC 3339, UTC); absent
-/// when the attempt is unlimited.
-pub const DEADLINE: &str = "Bmw-Deadline";
-/// Reply header: retry after this delay (whole or decimal seconds, or a
-/// duration such as `1m 30s`); held to the worker's `--async-retry-max`.
-pub const RETRY_AFTER: &str = "Bmw-Retry-After";
-/// Reply header of the NATS services convention: the error code (a number).
-pub const ERROR_CODE: &str = "Nats-Service-Error-Code";
-/// Reply header of the NATS services convention: the error's description.
-pub const ERROR: &str = "Nats-Service-Error";
+pub use crate::nats::names::service_headers::{
+    ATTEMPT, DEADLINE, ERROR, ERROR_CODE, KIND, MAX_RETRY, QUEUE, RETRY_AFTER, TASK_ID,
+};
+
 /// How much of a reply a task error quotes, at most (bytes).
 pub const QUOTE_LIMIT: usize = 512;
 
@@ -106,6 +90,14 @@ pub fn handler(subject: &str) -> Result<ServiceHandler, ServiceSubjectError> {
     }
     if subject.split('.').any(|t| t == "*" || t == ">") {
         return Err(refuse("a request cannot go to a wildcard (`*`, `>`)"));
+    }
+    if crate::nats::names::RESERVED_SUBJECT_PREFIXES
+        .iter()
+        .any(|p| subject.starts_with(p))
+    {
+        return Err(refuse(
+            "it is bmw's own or the server's (`bmw.`, `$JS.`, `$KV.`, `$O.`, `$SYS.`, `_INBOX.`)",
+        ));
     }
     Ok(ServiceHandler {
         subject: Subject::from(subject),
@@ -290,7 +282,11 @@ mod tests {
             let e = handler(bad).unwrap_err();
             assert!(e.to_string().contains("is not valid"), "{bad:?}: {e}");
         }
-        for good in ["apm.collect_es", "svc", "$SRV.x", "a-b.c_d"] {
+        for reserved in ["bmw.async.default", "$JS.API.INFO", "_INBOX.x", "$KV.b.k"] {
+            let e = handler(reserved).unwrap_err();
+            assert!(e.to_string().contains("bmw's own"), "{reserved:?}: {e}");
+        }
+        for good in ["apm.collect_es", "svc", "$SRV.x", "a-b.c_d", "bmwx.y"] {
             assert_eq!(handler(good).unwrap().subject(), good);
         }
     }
