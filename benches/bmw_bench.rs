@@ -22,7 +22,8 @@
 //! under 64 connections; (4) 10,000 daemon tasks over 4 workers; (5)
 //! fail-over after `kill -9`; (6) worker memory with 10,000 idle daemon
 //! tasks, and while draining async tasks; (7) lateness of an every-second
-//! periodic tick. A wrong count (a task not bound or not done, a request
+//! periodic tick; (8) async noop tasks through a NATS-service handler (a
+//! Rust responder, the Python example) beside the compiled handler. A wrong count (a task not bound or not done, a request
 //! refused, a message lost) fails the run with a non-zero exit; a missed
 //! target is only reported.
 
@@ -43,6 +44,8 @@ mod env;
 mod periodic;
 #[path = "bmw_bench/report.rs"]
 mod report;
+#[path = "bmw_bench/services.rs"]
+mod services;
 
 use std::future::Future;
 use std::process::{Command, ExitCode};
@@ -125,8 +128,8 @@ const QUICK: Plan = Plan {
 const DEFAULT_TTL: (u64, u64) = (15, 5);
 const FAST_TTL: (u64, u64) = (3, 1);
 
-const SCENARIOS: [&str; 7] = [
-    "baseline", "async", "bridge", "claims", "failover", "memory", "periodic",
+const SCENARIOS: [&str; 8] = [
+    "baseline", "async", "bridge", "claims", "failover", "memory", "periodic", "services",
 ];
 
 /// The async scenarios: producer path, workers, enqueued while draining.
@@ -331,6 +334,99 @@ fn ratio(value: f64, base: f64, label: &str) -> String {
 
 fn failed(figure: &str) -> Row {
     Row::na(figure, "**FAILED** (see errors below)")
+}
+
+/// Figure 8: the compiled `async:demo:noop`, then the same through a NATS
+/// service answered by a Rust responder and by the Python example, taking
+/// turns within each repetition; cost ratios against the compiled handler.
+async fn services_rows(plan: &Plan, failures: &mut Vec<String>) -> Vec<Row> {
+    use services::Handler;
+    let n = plan.async_tasks;
+    // The Python responder handles one request at a time: fewer tasks.
+    let count = |h: Handler| {
+        if h == Handler::PythonService {
+            n.min(5_000)
+        } else {
+            n
+        }
+    };
+    let python = services::python().err();
+    let mut figures: Vec<(Handler, services::Figure, usize)> = Handler::ALL
+        .iter()
+        .map(|h| (*h, services::Figure::default(), 0))
+        .collect();
+    for run in 1..=plan.async_runs {
+        for (handler, figure, lost) in figures.iter_mut() {
+            if *handler == Handler::PythonService && python.is_some() {
+                continue;
+            }
+            let name = format!("services {handler:?} run {run}");
+            let once = bounded(&name, plan.scenario_limit, failures, async {
+                let server = env::Server::start().await?;
+                let once = server
+                    .scenario(
+                        &name,
+                        services::run(&server, *handler, count(*handler), plan.wait_limit),
+                    )
+                    .await?;
+                eprintln!(
+                    "  {name}: {:.0} tasks/s, {:.0} µs CPU per task \
+                     (bench process {:.0}, nats-server {:.0}, Python {:.0})",
+                    once.rate, once.cpu_us, once.split_us[0], once.split_us[1], once.split_us[2]
+                );
+                Ok(once)
+            })
+            .await;
+            match once {
+                Some(once) => figure.push(once),
+                None => *lost += 1,
+            }
+        }
+    }
+    let compiled_cpu = figures[0].1.cpu_us.median();
+    let compiled_rate = figures[0].1.rate.median();
+    let mut rows = Vec::new();
+    for (handler, figure, lost) in figures {
+        let label = match handler {
+            Handler::Compiled => "8 async noop, compiled handler (`async:demo:noop`)",
+            Handler::RustService => "8 async noop via a NATS service, Rust responder",
+            Handler::PythonService => "8 async noop via a NATS service, the Python example",
+        };
+        let label = format!("{label}, {}/run", report::num(count(handler) as f64));
+        if handler == Handler::PythonService
+            && let Some(why) = &python
+        {
+            rows.push(Row::na(format!("{label}: tasks/s"), &format!("n/a: {why}")));
+            continue;
+        }
+        if figure.rate.0.is_empty() {
+            rows.push(failed(&label));
+            continue;
+        }
+        let mut cpu = Row::new(
+            format!("{label}: CPU per task"),
+            "µs",
+            figure.cpu_us.clone(),
+        )
+        .failed_runs(lost);
+        if handler != Handler::Compiled {
+            cpu = cpu.ratio(ratio(figure.cpu_us.median(), compiled_cpu, "compiled"));
+        }
+        if handler == Handler::RustService {
+            cpu = cpu.target(
+                Target::AtMost(2.0 * compiled_cpu),
+                format!("<= 2 × compiled ({} µs)", report::num(2.0 * compiled_cpu)),
+            );
+        }
+        let mut rate =
+            Row::new(format!("{label}: tasks/s"), "tasks/s", figure.rate.clone()).failed_runs(lost);
+        if handler != Handler::Compiled {
+            rate = rate.ratio(ratio(figure.rate.median(), compiled_rate, "compiled"));
+        }
+        rows.push(rate);
+        rows.push(cpu);
+    }
+    rows
 }
 
 #[tokio::main]
@@ -802,6 +898,11 @@ async fn run(plan: Plan, only: Vec<String>) -> ExitCode {
         }
     }
 
+    // 8. Async kinds as NATS services, beside the compiled handler.
+    if wants("services") {
+        rows.extend(services_rows(&plan, &mut failures).await);
+    }
+
     println!("\n## bmw benchmark\n");
     println!("{}", conditions(&plan, &load_before));
     println!("{}", report::table(&rows));
@@ -814,7 +915,10 @@ async fn run(plan: Plan, only: Vec<String>) -> ExitCode {
          (workers already up) and compares with 1c, \"then drain\" times from the first \
          task done to the last (all enqueued before the workers start) and compares \
          with 1b; the bridge path keeps 64 requests in flight to a `bmw run`, which is \
-         also the first worker."
+         also the first worker. Figure 8: one in-process worker (`--concurrency 64`) \
+         per run, tasks published on `bmw.async.<queue>` while it drains; CPU per task \
+         counts the bench process (producer, worker, Rust responder), nats-server and \
+         the Python responder; the three handlers take turns within each repetition."
     );
     let missed: Vec<&str> = rows
         .iter()

@@ -15,6 +15,7 @@ mod daemon_cluster;
 mod daemon_watches;
 mod duplicates;
 mod external_processes;
+mod external_services;
 mod hostile_names;
 mod layering;
 mod limits;

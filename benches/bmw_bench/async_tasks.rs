@@ -302,7 +302,7 @@ fn sample_rss(pid: u32) -> (Arc<Mutex<f64>>, tokio::task::JoinHandle<()>) {
 }
 
 /// CPU seconds (user + system) of a process, from `/proc/<pid>/stat`.
-fn cpu_seconds(pid: &str) -> f64 {
+pub(crate) fn cpu_seconds(pid: &str) -> f64 {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
         return 0.0;
     };
@@ -323,7 +323,7 @@ fn cpu_seconds(pid: &str) -> f64 {
 }
 
 /// The bench's nats-server children (one while a scenario runs).
-fn server_pids() -> Vec<String> {
+pub(crate) fn server_pids() -> Vec<String> {
     let mut pids = Vec::new();
     let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
         return pids;

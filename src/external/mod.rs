@@ -9,8 +9,8 @@
 //!   attempt ([`command`]);
 //! - both spawn through [`child`]: own process group, killed with the worker,
 //!   payload on stdin and in the environment, output into the log.
-//! - an async or periodic kind with a `service` is a NATS service (not in
-//!   this build yet: refused).
+//! - an async or periodic kind with a `service` is answered by a
+//!   (queue-grouped) NATS service, one request per attempt ([`service`]).
 //!
 //! Relative paths in a declaration (the program, `workdir`) are read from
 //! the directory of the file that declares it; a program without a `/` is
@@ -20,6 +20,7 @@
 pub mod child;
 pub mod command;
 pub mod daemon;
+pub mod service;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -122,6 +123,7 @@ pub fn check(decl: &KindDecl) -> Result<Declared, DeclError> {
             if !decl.env.is_empty() || decl.workdir.is_some() {
                 return Err(invalid("`env` and `workdir` go with `command`".into()));
             }
+            service::handler(subject).map_err(|e| invalid(e.to_string()))?;
             Ok(Declared::Service {
                 kind,
                 subject: subject.clone(),
@@ -243,15 +245,16 @@ pub fn register(registry: &mut Registry, decls: &[KindDecl]) -> Result<(), DeclE
                     registry.register_async(kind.as_str(), handler)?;
                 }
             }
-            // The one place a service kind is registered (`service::handler`).
             Declared::Service { kind, subject } => {
-                return Err(DeclError::Invalid {
+                let handler = service::handler(&subject).map_err(|e| DeclError::Invalid {
                     kind: kind.to_string(),
-                    message: format!(
-                        "`service = {subject:?}`: NATS service handlers are not supported yet \
-                         by this build; declare a `command`"
-                    ),
-                });
+                    message: e.to_string(),
+                })?;
+                if kind.task_type() == TaskType::Periodic {
+                    registry.register_periodic(kind.as_str(), None, handler)?;
+                } else {
+                    registry.register_async(kind.as_str(), handler)?;
+                }
             }
         }
     }

@@ -51,6 +51,35 @@ pub const CONSUMER_COMMANDS: &str = "bmw-commands";
 /// Header naming the core NATS subject a command's outcome goes to.
 pub const HEADER_REPLY: &str = "Bmw-Reply";
 
+/// Requests to a service-answered kind (`crate::external::service`): the
+/// headers bmw sends with each attempt, and the one it reads in a reply
+/// beside the NATS services convention's error headers.
+pub mod service_headers {
+    /// The task's id.
+    pub const TASK_ID: &str = "Bmw-Task-Id";
+    /// The task's kind.
+    pub const KIND: &str = "Bmw-Kind";
+    /// The task's queue.
+    pub const QUEUE: &str = "Bmw-Queue";
+    /// This attempt, from 1.
+    pub const ATTEMPT: &str = "Bmw-Attempt";
+    /// The retries the task is allowed after its first attempt.
+    pub const MAX_RETRY: &str = "Bmw-Max-Retry";
+    /// When the attempt's time is up (RFC 3339, UTC); absent when unlimited.
+    pub const DEADLINE: &str = "Bmw-Deadline";
+    /// In a reply: retry after this delay (seconds, or a duration).
+    pub const RETRY_AFTER: &str = "Bmw-Retry-After";
+    /// In a reply, by the NATS services convention: the error code (a number).
+    pub const ERROR_CODE: &str = async_nats::service::NATS_SERVICE_ERROR_CODE;
+    /// In a reply, by the NATS services convention: the error's description.
+    pub const ERROR: &str = async_nats::service::NATS_SERVICE_ERROR;
+}
+
+/// Subject prefixes a service-answered kind may not send to: bmw's own
+/// subjects (some are stored by its streams, whose acknowledgement would
+/// read as a success) and the server's APIs and inboxes.
+pub const RESERVED_SUBJECT_PREFIXES: &[&str] = &["bmw.", "$JS.", "$KV.", "$O.", "$SYS.", "_INBOX."];
+
 /// Event subject: `bmw.event.<type>.<kind>.<what>`.
 pub fn event_subject(task_type: &str, kind: &str, what: &str) -> String {
     format!("bmw.event.{task_type}.{kind}.{what}")

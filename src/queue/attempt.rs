@@ -306,6 +306,10 @@ async fn run_attempt(
         attempt,
         max_retry: task.max_retry(),
         token: token.clone(),
+        deadline: limit.and_then(|l| {
+            chrono::Utc::now().checked_add_signed(chrono::TimeDelta::from_std(l).ok()?)
+        }),
+        nats: rt.nats.client.clone(),
     };
     // The handler runs inline (a panic is caught as the failure of this
     // attempt) and is polled first: a task that finishes at once never

@@ -1,9 +1,10 @@
 //! The [`Handler`] trait: what an async task does, and what it returns.
 //!
-//! A handler gets a [`TaskContext`] (task id, attempt, cancellation token) and
-//! the payload, and returns `Ok(())`, a [`TaskError`] to retry with back-off,
-//! or a [`TaskError::skip_retry`] that archives the task at once. A timeout,
-//! a passed deadline or a panic fails the attempt like an error does.
+//! A handler gets a [`TaskContext`] (task id, attempt, deadline, cancellation
+//! token, the worker's NATS connection) and the payload, and returns `Ok(())`,
+//! a [`TaskError`] to retry with back-off, or a [`TaskError::skip_retry`] that
+//! archives the task at once. A timeout, a passed deadline or a panic fails
+//! the attempt like an error does.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -31,6 +32,13 @@ pub struct TaskContext {
     pub max_retry: u32,
     /// Fires on timeout, deadline, delete or shutdown; `select!` on it.
     pub token: CancellationToken,
+    /// When this attempt's time is up: its task's `timeout` or `deadline`,
+    /// else the worker's `--async-default-timeout`, whichever comes first
+    /// (`None`: unlimited). Handlers that call out pass it on.
+    pub deadline: Option<chrono::DateTime<chrono::Utc>>,
+    /// The worker's NATS connection, for handlers that call out over NATS
+    /// (`crate::external::service`); a clone is a few reference counts.
+    pub nats: async_nats::Client,
 }
 
 impl TaskContext {
