@@ -621,3 +621,45 @@ async fn the_python_example_gets_retries_timeouts_and_dead_letters_from_bmw() {
         )
         .await;
 }
+
+/// The shipped binary, no Rust: `bmw run --config` with a `[[kind]]` whose
+/// `service` is a subject; a create over HTTP is answered by a responder on
+/// that subject, and the task completes.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_service_kind_declared_in_the_config_file_runs_in_the_shipped_binary() {
+    let env = TestEnv::start().await;
+    let seen = responder(&env, "test.declared.collect", |_| {
+        (None, (Vec::new(), b"{\"collected\": 3}".to_vec()))
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("kinds.toml");
+    std::fs::write(
+        &config,
+        "[[kind]]\nname = \"async:collect_es_task\"\nservice = \"test.declared.collect\"\n",
+    )
+    .unwrap();
+    let bmw = BmwProcess::run(&env.url(), &["--config", config.to_str().unwrap()]).await;
+    let body = json!({"kind": "async:collect_es_task", "payload": {"index": "apm-*"},
+                      "options": {"retention": "1h"}});
+    let data = crate::harness::create_ok(&bmw.base_url(), &body).await;
+    let task_id = data["task_id"].as_str().unwrap().to_owned();
+    let done = wait_until(Duration::from_secs(20), async || {
+        let (_, body) = crate::harness::http(
+            reqwest::Method::GET,
+            &format!(
+                "{}/bmw/task/?task_type=async&task_id={task_id}",
+                bmw.base_url()
+            ),
+            None,
+        )
+        .await;
+        body.to_string().contains("\"completed\"")
+    })
+    .await;
+    assert!(done, "the task completes; logs:\n{}", bmw.logs().join("\n"));
+    let seen = seen.lock().unwrap();
+    assert_eq!(seen.len(), 1, "one request");
+    assert_eq!(seen[0].payload, json!({"index": "apm-*"}));
+    assert_eq!(seen[0].header("Bmw-Task-Id"), task_id);
+}
