@@ -53,21 +53,7 @@ async fn the_running_series_is_on_the_worker_that_runs_the_instance_and_only_whi
         );
     }
     let body = json!({"kind": DIMENSION_KIND, "payload": {"data_id": "1573001"}});
-    let submitted = env
-        .client
-        .submit_json(
-            bmw::nats::names::SUBJECT_CREATE,
-            body.to_string().as_bytes(),
-        )
-        .await
-        .expect("create");
-    let uni_id = match submitted {
-        bmw::client::Submitted::Done(o) => {
-            assert!(o.result, "create refused: {o:?}");
-            o.data["uni_id"].as_str().unwrap().to_owned()
-        }
-        bmw::client::Submitted::Accepted { data } => data["uni_id"].as_str().unwrap().to_owned(),
-    };
+    let uni_id = env.create_daemon(&body).await;
     let label = r#"task_dimension="1573001""#;
     let running_on = async |base: &str| {
         scrape(&format!("{base}/bmw/metrics"))

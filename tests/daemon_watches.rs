@@ -41,7 +41,19 @@ async fn live_claims(env: &TestEnv) -> BTreeMap<String, (String, u64)> {
         .get_key_value(bmw::nats::names::BUCKET_DAEMON_CLAIMS)
         .await
         .unwrap();
-    let all = bmw::nats::read_all::<Value>(&kv).await.unwrap_or_default();
+    // A read that fails (a timeout on a loaded machine) is read again, not
+    // taken for an empty bucket, which every caller would misread.
+    let mut all = None;
+    for _ in 0..50 {
+        match bmw::nats::read_all::<Value>(&kv).await {
+            Ok(read) => {
+                all = Some(read);
+                break;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    let all = all.expect("the claims bucket can be read");
     all.into_iter()
         .filter(|(_, c)| c["worker_id"].as_str().is_some_and(|w| !w.is_empty()))
         .map(|(k, c)| {

@@ -401,12 +401,41 @@ async fn a_missing_or_unrunnable_program_stops_the_worker_from_starting() {
     let (dir, config) = kinds_file(
         "[[kind]]\nname = \"daemon:apm:x\"\ncommand = [\"./bin/not-there.py\"]\ndimension = \"data_id\"\n",
     );
-    let config_arg = config.display().to_string();
-    // No server is needed: the declarations are checked before anything connects.
+    let line = refused_at_start(&config, &["daemon:apm:x", "not-there.py", "does not exist"]).await;
+    assert!(
+        line.contains(&dir.path().join("bin/not-there.py").display().to_string()),
+        "{line}"
+    );
+    let cases: [(&str, &[&str]); 3] = [
+        (
+            "[[kind]]\nname = \"async:x\"\ncommand = [\"no-such-program-for-bmw\"]\n",
+            &["async:x", "no-such-program-for-bmw", "PATH"],
+        ),
+        (
+            "[[kind]]\nname = \"async:x\"\ncommand = [\"true\"]\nservice = \"x\"\n",
+            &["async:x", "not both"],
+        ),
+        (
+            "[[kind]]\nname = \"async:x\"\nservice = \"bmw.async.default.x\"\n",
+            &["async:x", "bmw.async.default.x"],
+        ),
+    ];
+    for (declaration, needles) in cases {
+        std::fs::write(&config, declaration).unwrap();
+        refused_at_start(&config, needles).await;
+    }
+}
+
+/// Starts a worker on the declarations in `config` and expects it to exit
+/// with an error at once, with a log line holding every one of `needles`
+/// (which it returns). No server is needed: the declarations are checked
+/// before anything connects.
+async fn refused_at_start(config: &std::path::Path, needles: &[&str]) -> String {
+    let config = config.display().to_string();
     let mut w = BmwProcess::spawn_raw(&[
         "worker",
         "--config",
-        &config_arg,
+        &config,
         "--nats-url",
         "nats://127.0.0.1:1",
     ]);
@@ -414,62 +443,11 @@ async fn a_missing_or_unrunnable_program_stops_the_worker_from_starting() {
         .wait_exit(Duration::from_secs(20))
         .await
         .expect("the worker exits");
-    assert!(!status.success());
-    let line = w
-        .wait_log(
-            Duration::from_secs(2),
-            &["daemon:apm:x", "not-there.py", "does not exist"],
-        )
-        .await;
     assert!(
-        line.contains(&dir.path().join("bin/not-there.py").display().to_string()),
-        "{line}"
+        !status.success(),
+        "{needles:?}: the worker must refuse to start"
     );
-
-    std::fs::write(
-        &config,
-        "[[kind]]\nname = \"async:x\"\ncommand = [\"no-such-program-for-bmw\"]\n",
-    )
-    .unwrap();
-    let mut w = BmwProcess::spawn_raw(&[
-        "worker",
-        "--config",
-        &config_arg,
-        "--nats-url",
-        "nats://127.0.0.1:1",
-    ]);
-    assert!(
-        !w.wait_exit(Duration::from_secs(20))
-            .await
-            .expect("exits")
-            .success()
-    );
-    w.wait_log(
-        Duration::from_secs(2),
-        &["async:x", "no-such-program-for-bmw", "PATH"],
-    )
-    .await;
-
-    std::fs::write(
-        &config,
-        "[[kind]]\nname = \"async:x\"\ncommand = [\"true\"]\nservice = \"x\"\n",
-    )
-    .unwrap();
-    let mut w = BmwProcess::spawn_raw(&[
-        "worker",
-        "--config",
-        &config_arg,
-        "--nats-url",
-        "nats://127.0.0.1:1",
-    ]);
-    assert!(
-        !w.wait_exit(Duration::from_secs(20))
-            .await
-            .expect("exits")
-            .success()
-    );
-    w.wait_log(Duration::from_secs(2), &["async:x", "not both"])
-        .await;
+    w.wait_log(Duration::from_secs(2), needles).await
 }
 
 /// The worker's resident memory, in KiB.

@@ -100,18 +100,7 @@ async fn creates_ride_out_a_stream_leader_election() {
     let (nats, client) = cluster.client().await;
     let client = std::sync::Arc::new(client);
     let mut stream = nats.js.get_stream("BMW_ASYNC").await.unwrap();
-    let leader = stream
-        .info()
-        .await
-        .unwrap()
-        .cluster
-        .clone()
-        .and_then(|c| c.leader);
-    let leader: usize = leader
-        .as_deref()
-        .and_then(|l| l.strip_prefix('n'))
-        .and_then(|n| n.parse().ok())
-        .expect("the stream has a leader n<i>");
+    let leader = leader_of(&stream);
 
     // 20 creates a second for 12 s on a queue no worker takes; the leader dies
     // once 40 have been answered.
@@ -197,16 +186,7 @@ async fn daemon_creates_ride_out_a_bucket_leader_election() {
         .await
         .unwrap();
     let bucket = format!("KV_{}", bmw::nats::names::BUCKET_DAEMON_TASKS);
-    let stream = nats.js.get_stream(&bucket).await.unwrap();
-    let leader: usize = stream
-        .cached_info()
-        .cluster
-        .clone()
-        .and_then(|c| c.leader)
-        .as_deref()
-        .and_then(|l| l.strip_prefix('n'))
-        .and_then(|n| n.parse().ok())
-        .expect("the bucket has a leader n<i>");
+    let leader = leader_of(&nats.js.get_stream(&bucket).await.unwrap());
 
     let answered = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let sender = {
@@ -259,4 +239,16 @@ async fn daemon_creates_ride_out_a_bucket_leader_election() {
         200,
         "each task stored once"
     );
+}
+
+/// The index of the node (`n<i>`) leading `stream` when it was looked up.
+fn leader_of(stream: &async_nats::jetstream::stream::Stream) -> usize {
+    stream
+        .cached_info()
+        .cluster
+        .as_ref()
+        .and_then(|c| c.leader.as_deref())
+        .and_then(|l| l.strip_prefix('n'))
+        .and_then(|n| n.parse().ok())
+        .expect("the stream has a leader n<i>")
 }

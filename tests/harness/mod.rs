@@ -433,6 +433,11 @@ impl TestEnv {
     /// Creates a `daemon:demo:demo` task through the client; returns its uni_id.
     pub async fn create_demo(&self, content: &str) -> String {
         let body = serde_json::json!({"kind": "daemon:demo:demo", "payload": {"content": content}});
+        self.create_daemon(&body).await
+    }
+
+    /// Creates the daemon task `body` through the client; returns its uni_id.
+    pub async fn create_daemon(&self, body: &Value) -> String {
         let submitted = self
             .client
             .submit_json(
