@@ -651,3 +651,53 @@ async fn kinds_in_the_files_of_a_kinds_dir_run_too() {
         .await;
     assert!(w.has_log("unknown field `claim-ttl`, expected `kind`"));
 }
+
+/// A declared daemon whose process starts one of its own (a grandchild of
+/// the worker): `kill -9` of the worker takes both, not only the direct
+/// child (which `PR_SET_PDEATHSIG` reaches; its children it does not).
+#[tokio::test]
+async fn a_killed_worker_leaves_no_grandchild_of_a_daemon_behind() {
+    let env = TestEnv::start().await;
+    let (dir, config) = kinds_file("");
+    let family = dir.path().display().to_string();
+    std::fs::write(
+        &config,
+        format!(
+            "[[kind]]\nname = \"daemon:test:family\"\ndimension = \"data_id\"\n\
+             command = [\"sh\", \"-c\", \"sleep 600 & echo $! > \\\"$FAMILY_DIR/grandchild\\\"; \
+             echo $$ > \\\"$FAMILY_DIR/child\\\"; wait\"]\nenv = {{ FAMILY_DIR = {family:?} }}\n"
+        ),
+    )
+    .unwrap();
+    let mut w = worker(&env.url(), &config, dir.path());
+    w.worker_id().await;
+    submit(
+        &env,
+        bmw::nats::names::SUBJECT_CREATE,
+        json!({"kind": "daemon:test:family", "payload": {"data_id": "7"}}),
+    )
+    .await;
+    let pid = |name: &str| -> Option<u64> {
+        std::fs::read_to_string(dir.path().join(name))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    };
+    assert_eventually!(
+        Duration::from_secs(20),
+        pid("child").is_some() && pid("grandchild").is_some(),
+        "the daemon's process and its own child start; logs:\n{}",
+        w.logs().join("\n")
+    );
+    let (child, grandchild) = (pid("child").unwrap(), pid("grandchild").unwrap());
+    assert!(alive(child) && alive(grandchild));
+    w.kill9();
+    assert_eventually!(
+        Duration::from_secs(5),
+        !alive(child) && !alive(grandchild),
+        "child alive: {}, grandchild alive: {}",
+        alive(child),
+        alive(grandchild)
+    );
+}

@@ -13,6 +13,10 @@
 //!   read and dropped) and at most [`MAX_LINES_PER_SECOND`] lines a second
 //!   per stream are logged (the others are counted), so a flood costs
 //!   bounded memory: the pipe holds the child back while the reader works.
+//! - A daemon instance's child also gets a group guard
+//!   ([`ChildProcess::guard_group`]): a small `sh` that kills the child's
+//!   group when the worker dies, so what the child started does not outlive
+//!   a worker killed with `kill -9` either.
 //! - Stopping is SIGTERM to the group, then SIGKILL after a grace period;
 //!   killing is SIGKILL at once. It is always waited for (no zombie); when it
 //!   has ended, what it left in its group is killed. Dropping a
@@ -104,7 +108,15 @@ pub(crate) struct ChildProcess {
     status: Option<ExitStatus>,
     stdout: Option<JoinHandle<Option<String>>>,
     stderr: Option<JoinHandle<Option<String>>>,
+    /// The write end of the group guard's stdin (see [`ChildProcess::guard_group`]).
+    guard: Option<tokio::process::ChildStdin>,
 }
+
+/// The group guard: waits for its stdin to close, then kills the process
+/// group given as `$1`. Its stdin is a pipe only the worker writes to, so it
+/// closes when the worker lets the child go or dies, however it dies. (No
+/// `--` before the group: dash, Debian's `sh`, takes none.)
+const GROUP_GUARD: &str = "while read -r _; do :; done; kill -KILL \"-$1\" 2>/dev/null";
 
 /// The last lines of a child's output.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -194,7 +206,36 @@ impl ChildProcess {
             status: None,
             stdout,
             stderr,
+            guard: None,
         })
+    }
+
+    /// Starts a guard (`sh`, in a group of its own) that kills this child's
+    /// whole process group once the worker lets go of it or dies:
+    /// `PR_SET_PDEATHSIG` takes the child with a worker killed by `kill -9`,
+    /// but not what the child started itself. Costs one idle `sh` per child,
+    /// so daemon instances have one and short async attempts do not.
+    pub(crate) fn guard_group(&mut self) {
+        if self.pid == 0 || self.status.is_some() {
+            return;
+        }
+        let guard = tokio::process::Command::new("sh")
+            .args(["-c", GROUP_GUARD, "bmw-group-guard"])
+            .arg(self.pid.to_string())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .process_group(0)
+            .spawn();
+        match guard {
+            // The guard process is reaped by tokio once it exits.
+            Ok(mut guard) => self.guard = guard.stdin.take(),
+            Err(e) => tracing::warn!(
+                pid = self.pid,
+                cause = %e,
+                "no group guard for a task process: what it starts may outlive a killed worker"
+            ),
+        }
     }
 
     /// The child's process id (also its process group id).
@@ -211,6 +252,8 @@ impl ChildProcess {
         let status = self.child.wait().await?;
         self.status = Some(status);
         self.signal_group(libc::SIGKILL);
+        // The group is gone: the guard's turn comes and finds nothing to kill.
+        drop(self.guard.take());
         Ok(status)
     }
 

@@ -54,6 +54,7 @@ impl ProcessOperator {
                 self.program.program.display()
             ))
         })?;
+        child.guard_group();
         tracing::info!(uni_id = %ctx.uni_id, pid = child.pid(), program = %self.program.program.display(), "task process started");
         tokio::select! {
             status = child.wait() => {
