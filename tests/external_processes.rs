@@ -291,7 +291,7 @@ fn async_kinds(dir: &Path) -> String {
     let script = dir.join("exits.sh");
     std::fs::write(
         &script,
-        "#!/bin/sh\nread -r p\necho \"got $p\"\ncase $p in\n  *fail*) echo broken >&2; exit 1;;\n  *fatal*) exit 65;;\nesac\necho result-$BMW_ATTEMPT\n",
+        "#!/bin/sh\nread -r p\necho \"got $p\"\ncase $p in\n  *fail*) echo broken >&2; exit 1;;\n  *fatal*) exit 65;;\nesac\necho result-$BMW_ATTEMPT-on-$BMW_WORKER_ID\n",
     )
     .unwrap();
     use std::os::unix::fs::PermissionsExt;
@@ -376,8 +376,12 @@ async fn a_declared_async_commands_exit_status_is_success_retry_or_no_retry() {
     )
     .await;
     state(&ok, "completed", 1).await;
-    bmw.wait_log(Duration::from_secs(5), &["task result", &ok, "result-1"])
-        .await;
+    let worker_id = bmw.worker_id().await;
+    bmw.wait_log(
+        Duration::from_secs(5),
+        &["task result", &ok, &format!("result-1-on-{worker_id}")],
+    )
+    .await;
     let failed = state(&fail, "archived", 3).await;
     assert!(
         failed["last_error"]

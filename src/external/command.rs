@@ -41,6 +41,7 @@ impl ProcessHandler {
             ("BMW_QUEUE", ctx.queue.clone()),
             ("BMW_ATTEMPT", ctx.attempt.to_string()),
             ("BMW_MAX_RETRY", ctx.max_retry.to_string()),
+            ("BMW_WORKER_ID", ctx.worker_id.clone()),
         ];
         let fields = TaskFields::Async {
             task_id: ctx.task_id.clone(),

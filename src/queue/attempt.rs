@@ -304,6 +304,7 @@ async fn run_attempt(
         kind: task.kind.clone(),
         queue: queue.to_owned(),
         attempt,
+        worker_id: rt.worker_id.clone(),
         max_retry: task.max_retry(),
         token: token.clone(),
         deadline: limit.and_then(|l| {

@@ -28,6 +28,8 @@ pub struct TaskContext {
     pub queue: String,
     /// This attempt, from 1.
     pub attempt: u32,
+    /// The worker running the attempt.
+    pub worker_id: String,
     /// Retries allowed after the first attempt.
     pub max_retry: u32,
     /// Fires on timeout, deadline, delete or shutdown; `select!` on it.
