@@ -14,7 +14,7 @@
 //!   per stream are logged (the others are counted), so a flood costs
 //!   bounded memory: the pipe holds the child back while the reader works.
 //! - A daemon instance's child also gets a group guard
-//!   ([`ChildProcess::guard_group`]): a small `sh` that kills the child's
+//!   (`ChildProcess::guard_group`): a small `sh` that kills the child's
 //!   group when the worker dies, so what the child started does not outlive
 //!   a worker killed with `kill -9` either.
 //! - Stopping is SIGTERM to the group, then SIGKILL after a grace period;
