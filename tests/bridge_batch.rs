@@ -1,0 +1,212 @@
+//! `POST /bmw/task/batch`: an array of create bodies answered with one result
+//! per item, in order. Valid items are created even when others are refused;
+//! the request as a whole is refused (400, 413) only when it is not an array,
+//! is empty, has too many items or is over `--max-body`. A retried request
+//! with the same task ids creates nothing twice.
+
+use reqwest::Method;
+use serde_json::{Value, json};
+
+use crate::harness::{BmwProcess, TestEnv, http, list_tasks};
+
+/// Posts `body` to the batch route; returns (status, envelope).
+async fn post_batch(base_url: &str, body: &str) -> (u16, Value) {
+    http(
+        Method::POST,
+        &format!("{base_url}/bmw/task/batch"),
+        Some(body),
+    )
+    .await
+}
+
+/// How many async tasks wait in queue `queue` (a queue no worker listens
+/// on), counted from the stream.
+async fn pending(env: &TestEnv, queue: &str) -> u64 {
+    use futures::TryStreamExt;
+    let stream = env
+        .nats
+        .js
+        .get_stream(bmw::nats::names::STREAM_ASYNC)
+        .await
+        .expect("stream");
+    let filter = bmw::nats::names::async_subject(queue, ">");
+    let subjects: Vec<(String, usize)> = stream
+        .info_with_subjects(filter)
+        .await
+        .expect("subjects")
+        .try_collect()
+        .await
+        .expect("subjects");
+    subjects.iter().map(|(_, n)| *n as u64).sum()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batch_answers_each_item_and_creates_the_valid_ones() {
+    let env = TestEnv::start().await;
+    let bmw = BmwProcess::run(&env.url(), &[]).await;
+    let base = bmw.base_url();
+    let items = json!([
+        {"kind": "daemon:demo:demo", "payload": {"content": "ok"}},
+        {"kind": "daemon:nope:nope", "payload": {}},
+        {"kind": "async:demo:echo", "payload": {"n": 1}, "options": {"queue": "held", "task_id": "b-1"}},
+        "not an object",
+        {"kind": "async:demo:echo", "options": {"queue": "held", "retry": "often"}},
+        {"payload": {"no": "kind"}},
+        {"kind": "async:demo:echo", "payload": {"n": 2}, "options": {"queue": "held", "task_id": "b-2"}},
+    ]);
+    let (status, out) = post_batch(&base, &items.to_string()).await;
+    assert_eq!(status, 200, "{out}");
+    assert_eq!(out["result"], true, "{out}");
+    assert_eq!(out["code"], 0, "{out}");
+    let results = out["data"].as_array().expect("one result per item");
+    assert_eq!(results.len(), 7, "{out}");
+    let ok = |i: usize| {
+        assert_eq!(results[i]["result"], true, "item {i}: {}", results[i]);
+        results[i]["data"].clone()
+    };
+    let refused = |i: usize, needle: &str| {
+        assert_eq!(results[i]["result"], false, "item {i}: {}", results[i]);
+        assert_eq!(results[i]["code"], 400, "item {i}: {}", results[i]);
+        let message = results[i]["message"].as_str().unwrap_or_default();
+        assert!(message.contains(needle), "item {i}: {}", results[i]);
+    };
+    let uni_id = ok(0)["uni_id"].as_str().unwrap().to_owned();
+    refused(1, "kind");
+    assert_eq!(ok(2)["task_id"], "b-1");
+    refused(3, "body");
+    refused(4, "retry");
+    refused(5, "kind");
+    assert_eq!(ok(6)["task_id"], "b-2");
+
+    let daemons = list_tasks(&base, "daemon").await;
+    assert_eq!(daemons.len(), 1, "{daemons:?}");
+    assert_eq!(daemons[0]["uni_id"], uni_id.as_str());
+    assert_eq!(pending(&env, "held").await, 2);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_retried_batch_creates_each_task_once() {
+    let env = TestEnv::start().await;
+    let bmw = BmwProcess::run(&env.url(), &[]).await;
+    let base = bmw.base_url();
+    let items: Vec<Value> = (0..50)
+        .map(|n| json!({"kind": "async:demo:echo", "payload": {"n": n}, "options": {"queue": "held", "task_id": format!("retried-{n}")}}))
+        .collect();
+    let body = Value::Array(items).to_string();
+    let (status, first) = post_batch(&base, &body).await;
+    assert_eq!(status, 200, "{first}");
+    assert!(
+        first["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|r| r["result"] == true),
+        "{first}"
+    );
+    // The client did not see the answer and sends the same request again.
+    let (status, second) = post_batch(&base, &body).await;
+    assert_eq!(status, 200, "{second}");
+    for (n, item) in second["data"].as_array().unwrap().iter().enumerate() {
+        assert_eq!(item["code"], 409, "item {n}: {item}");
+        assert_eq!(item["data"]["task_id"], format!("retried-{n}"), "{item}");
+    }
+    assert_eq!(pending(&env, "held").await, 50);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batch_that_is_not_a_list_of_items_is_refused_whole() {
+    let env = TestEnv::start().await;
+    let bmw = BmwProcess::run(&env.url(), &["--max-body", "2000"]).await;
+    let base = bmw.base_url();
+    for (body, status, needle) in [
+        ("[]".to_owned(), 400, "empty"),
+        (json!({"kind": "async:demo:echo"}).to_string(), 400, "array"),
+        ("[{".to_owned(), 400, "body"),
+        (
+            Value::Array(vec![
+                json!({"kind": "async:demo:echo", "options": {"queue": "held"}});
+                40
+            ])
+            .to_string(),
+            413,
+            "--max-body",
+        ),
+    ] {
+        let (got, out) = post_batch(&base, &body).await;
+        assert_eq!(got, status, "{body:.80}: {out}");
+        assert_eq!(out["result"], false, "{out}");
+        assert_eq!(out["code"], status, "{out}");
+        let message = out["message"].as_str().unwrap_or_default();
+        assert!(message.contains(needle), "{out}");
+    }
+    assert_eq!(pending(&env, "held").await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batch_of_ten_thousand_items_is_created() {
+    let env = TestEnv::start().await;
+    let bmw = BmwProcess::run(
+        &env.url(),
+        &["--max-body", "4000000", "--request-timeout", "300s"],
+    )
+    .await;
+    let base = bmw.base_url();
+    let items: Vec<Value> = (0..10_000)
+        .map(|n| json!({"kind": "async:demo:echo", "payload": {"n": n}, "options": {"queue": "held"}}))
+        .collect();
+    let (status, out) = post_batch(&base, &Value::Array(items.clone()).to_string()).await;
+    assert_eq!(status, 200, "{out:.300}");
+    let results = out["data"].as_array().unwrap();
+    assert_eq!(results.len(), 10_000);
+    let refused: Vec<&Value> = results.iter().filter(|r| r["result"] != true).collect();
+    assert!(refused.is_empty(), "{:?}", &refused[..refused.len().min(3)]);
+    assert_eq!(pending(&env, "held").await, 10_000);
+
+    // One item more than the limit is refused whole, naming it.
+    let mut too_many = items;
+    too_many.push(json!({"kind": "async:demo:echo", "options": {"queue": "held"}}));
+    let (status, out) = post_batch(&base, &Value::Array(too_many).to_string()).await;
+    assert_eq!(status, 400, "{out:.300}");
+    assert!(
+        out["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("10000"),
+        "{out}"
+    );
+    assert_eq!(pending(&env, "held").await, 10_000);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn creates_of_one_daemon_task_in_a_batch_apply_in_item_order() {
+    let env = TestEnv::start().await;
+    let bmw = BmwProcess::run(&env.url(), &[]).await;
+    let base = bmw.base_url();
+    // The same task 30 times, each with another `retry`, between other tasks:
+    // the last one in the array is what stays.
+    let items: Vec<Value> = (0..30)
+        .flat_map(|n| {
+            [
+                json!({"kind": "daemon:demo:demo", "payload": {"content": "ok"}, "options": {"retry": n}}),
+                json!({"kind": "daemon:demo:demo", "payload": {"content": format!("other-{n}")}}),
+            ]
+        })
+        .collect();
+    let (status, out) = post_batch(&base, &Value::Array(items).to_string()).await;
+    assert_eq!(status, 200, "{out:.300}");
+    assert!(
+        out["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|r| r["result"] == true),
+        "{out}"
+    );
+    let daemons = list_tasks(&base, "daemon").await;
+    assert_eq!(daemons.len(), 31, "{daemons:?}");
+    let task = daemons
+        .iter()
+        .find(|t| t["payload"]["content"] == "ok")
+        .expect("the repeated task");
+    assert_eq!(task["options"]["retry"], 29, "{task}");
+}
