@@ -210,3 +210,84 @@ async fn creates_of_one_daemon_task_in_a_batch_apply_in_item_order() {
         .expect("the repeated task");
     assert_eq!(task["options"]["retry"], 29, "{task}");
 }
+
+/// Runs `bmw task batch` against `env` with `stdin`; returns the exit code
+/// and the outcome lines it printed.
+async fn task_batch(env: &TestEnv, stdin: &str) -> (Option<i32>, Vec<Value>) {
+    use tokio::io::AsyncWriteExt;
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_bmw"))
+        .args(["task", "batch", "--nats-url", &env.url()])
+        .env("BMW_LOG", "warn")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("bmw starts");
+    let mut input = child.stdin.take().unwrap();
+    let stdin = stdin.to_owned();
+    let writer = tokio::spawn(async move {
+        input
+            .write_all(stdin.as_bytes())
+            .await
+            .expect("write stdin");
+    });
+    let output = tokio::time::timeout(
+        std::time::Duration::from_secs(120),
+        child.wait_with_output(),
+    )
+    .await
+    .expect("bmw task batch ends")
+    .expect("bmw task batch runs");
+    writer.await.unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let lines = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|_| panic!("not an outcome: {l}")))
+        .collect();
+    (output.status.code(), lines)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bmw_task_batch_creates_json_lines_from_stdin() {
+    let env = TestEnv::start().await;
+    let mut stdin = String::from("{not json\n\n");
+    stdin.push_str(&json!({"kind": "async:nope"}).to_string());
+    stdin.push('\n');
+    for n in 0..2_500 {
+        let item = json!({"kind": "async:demo:echo", "payload": {"n": n}, "options": {"queue": "held", "task_id": format!("line-{n}")}});
+        stdin.push_str(&item.to_string());
+        stdin.push('\n');
+    }
+    let (code, outcomes) = task_batch(&env, &stdin).await;
+    assert_eq!(
+        outcomes.len(),
+        2_502,
+        "one outcome per item, the blank line skipped"
+    );
+    assert_eq!(code, Some(1), "two lines were refused");
+    assert_eq!(outcomes[0]["code"], 400, "{}", outcomes[0]);
+    assert!(
+        outcomes[0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("line 1 is not JSON"),
+        "{}",
+        outcomes[0]
+    );
+    assert_eq!(outcomes[1]["code"], 400, "{}", outcomes[1]);
+    for (n, outcome) in outcomes[2..].iter().enumerate() {
+        assert_eq!(outcome["result"], true, "line {n}: {outcome}");
+        assert_eq!(outcome["data"]["task_id"], format!("line-{n}"), "{outcome}");
+    }
+    assert_eq!(pending(&env, "held").await, 2_500);
+
+    // Sent again: each answered as a duplicate, nothing stored twice.
+    let (code, outcomes) = task_batch(&env, &stdin).await;
+    assert_eq!(code, Some(1));
+    assert!(
+        outcomes[2..].iter().all(|o| o["code"] == 409),
+        "{:?}",
+        &outcomes[2..4]
+    );
+    assert_eq!(pending(&env, "held").await, 2_500);
+}
