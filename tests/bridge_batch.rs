@@ -89,9 +89,10 @@ async fn a_retried_batch_creates_each_task_once() {
     let env = TestEnv::start().await;
     let bmw = BmwProcess::run(&env.url(), &[]).await;
     let base = bmw.base_url();
-    let items: Vec<Value> = (0..50)
+    let mut items: Vec<Value> = (0..50)
         .map(|n| json!({"kind": "async:demo:echo", "payload": {"n": n}, "options": {"queue": "held", "task_id": format!("retried-{n}")}}))
         .collect();
+    items.push(json!({"kind": "daemon:demo:demo", "payload": {"content": "ok"}}));
     let body = Value::Array(items).to_string();
     let (status, first) = post_batch(&base, &body).await;
     assert_eq!(status, 200, "{first}");
@@ -106,11 +107,17 @@ async fn a_retried_batch_creates_each_task_once() {
     // The client did not see the answer and sends the same request again.
     let (status, second) = post_batch(&base, &body).await;
     assert_eq!(status, 200, "{second}");
-    for (n, item) in second["data"].as_array().unwrap().iter().enumerate() {
+    let second = second["data"].as_array().unwrap();
+    for (n, item) in second[..50].iter().enumerate() {
         assert_eq!(item["code"], 409, "item {n}: {item}");
         assert_eq!(item["data"]["task_id"], format!("retried-{n}"), "{item}");
     }
+    // The daemon task exists already with that payload: changed nothing.
+    assert_eq!(second[50]["result"], true, "{}", second[50]);
+    assert_eq!(second[50]["data"]["created"], false, "{}", second[50]);
+    assert_eq!(second[50]["data"]["replaced"], false, "{}", second[50]);
     assert_eq!(pending(&env, "held").await, 50);
+    assert_eq!(list_tasks(&base, "daemon").await.len(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread")]
