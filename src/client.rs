@@ -6,6 +6,9 @@
 //! inbox; with no worker answering, the command stays stored and the caller
 //! learns it was accepted. It also reads the listings (daemon tasks with
 //! their bindings, live workers, async tasks, queues, periodic tasks).
+//! [`TaskClient::submit_batch`] submits many creates at once (module `batch`).
+
+mod batch;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -25,6 +28,8 @@ use crate::ops::{Operations, Route};
 use crate::queue::{ListQuery, Page, QueueStats, TaskRecord};
 use crate::registry::Registry;
 use crate::task::{Command, OpError, Outcome};
+
+pub use self::batch::{ACCEPTED_CODE, ACCEPTED_MESSAGE, MAX_BATCH_ITEMS};
 
 /// What became of a submitted command.
 #[derive(Debug, Clone, PartialEq)]

@@ -216,6 +216,10 @@ enum TaskCmd {
         #[arg(long, default_value = "{}")]
         options: String,
     },
+    /// Create many tasks: one create body (`{"kind", "payload", "options"}`)
+    /// per line of stdin, sent in chunks of 1,000; prints one outcome per
+    /// line, in order, and exits 1 if any was refused.
+    Batch,
     /// List tasks as JSON.
     List {
         /// Task type.
@@ -405,6 +409,7 @@ async fn task(cmd: TaskCmd, config: Config, registry: Arc<Registry>) -> anyhow::
     let client = TaskClient::with_operations(nats, ops, config.reply_timeout);
     let id = uuid::Uuid::new_v4().to_string();
     let command = match cmd {
+        TaskCmd::Batch => return task_batch(&client).await,
         TaskCmd::List { task_type } => {
             let rows = match task_type.as_str() {
                 "daemon" => serde_json::to_value(client.list_daemon().await?)?,
@@ -512,4 +517,78 @@ async fn task(cmd: TaskCmd, config: Config, registry: Arc<Registry>) -> anyhow::
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// Lines of stdin `bmw task batch` submits at once.
+const BATCH_CHUNK_LINES: usize = 1_000;
+
+/// `bmw task batch`: creates from JSON lines on stdin, one outcome line each.
+async fn task_batch(client: &TaskClient) -> anyhow::Result<ExitCode> {
+    use tokio::io::AsyncBufReadExt;
+    let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    let mut chunk = Vec::new();
+    let mut line_number = 0usize;
+    let mut all_created = true;
+    loop {
+        let line = lines.next_line().await.context("reading stdin")?;
+        let end = line.is_none();
+        if let Some(line) = line {
+            line_number += 1;
+            if !line.trim().is_empty() {
+                chunk.push(
+                    serde_json::from_str::<serde_json::Value>(&line).map_err(|e| {
+                        Outcome::err(
+                            400,
+                            format!("invalid `body`: line {line_number} is not JSON: {e}"),
+                        )
+                    }),
+                );
+            }
+        }
+        if chunk.len() >= BATCH_CHUNK_LINES || (end && !chunk.is_empty()) {
+            all_created &= submit_chunk(client, std::mem::take(&mut chunk)).await?;
+        }
+        if end {
+            break;
+        }
+    }
+    Ok(if all_created {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// Submits the JSON lines of one chunk as a batch and prints an outcome per
+/// line (a line that was not JSON is refused on its own); whether all were
+/// created.
+#[allow(clippy::print_stdout)]
+async fn submit_chunk(
+    client: &TaskClient,
+    chunk: Vec<Result<serde_json::Value, Outcome>>,
+) -> anyhow::Result<bool> {
+    let mut refusals = Vec::with_capacity(chunk.len());
+    let mut items = Vec::with_capacity(chunk.len());
+    for line in chunk {
+        match line {
+            Ok(item) => {
+                items.push(item);
+                refusals.push(None);
+            }
+            Err(refused) => refusals.push(Some(refused)),
+        }
+    }
+    let mut outcomes = client.submit_batch(&items).await.into_iter();
+    let mut all_created = true;
+    for refusal in refusals {
+        let outcome = match refusal {
+            Some(refused) => refused,
+            None => outcomes
+                .next()
+                .context("the batch answered fewer outcomes than items")?,
+        };
+        all_created &= outcome.result;
+        println!("{}", serde_json::to_string(&outcome)?);
+    }
+    Ok(all_created)
 }

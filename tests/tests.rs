@@ -9,6 +9,7 @@ mod async_workers;
 mod bk_monitor_flow;
 mod bmw_clients;
 mod bmw_metrics;
+mod bridge_batch;
 mod bridge_input;
 mod bridge_security;
 mod daemon_cluster;

@@ -105,6 +105,8 @@ pub fn router(state: BridgeState, guards: &Guards) -> Router {
     let api = Router::new()
         .route("/bmw/task/", tasks.clone())
         .route("/bmw/task", tasks)
+        .route("/bmw/task/batch", post(routes::create_batch))
+        .route("/bmw/task/batch/", post(routes::create_batch))
         .route("/bmw/task/all", delete(routes::delete_all))
         .route("/bmw/task/all/", delete(routes::delete_all))
         .route("/bmw/task/daemon/reload", post(routes::reload))

@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 
 use super::BridgeState;
 use super::envelope::{ApiError, Envelope, Reply};
-use crate::client::Submitted;
+use crate::client::{MAX_BATCH_ITEMS, Submitted};
 use crate::nats::names;
 use crate::queue::{ListQuery, TaskState};
 use crate::task::TaskType;
@@ -50,7 +50,7 @@ async fn submit(state: &BridgeState, subject: &str, raw: Body) -> Result<Reply, 
             Envelope {
                 result: true,
                 code: 0,
-                message: "accepted: no worker answered in time; the command is stored and will be applied when a worker runs".into(),
+                message: crate::client::ACCEPTED_MESSAGE.into(),
                 data,
             },
         )),
@@ -60,6 +60,55 @@ async fn submit(state: &BridgeState, subject: &str, raw: Body) -> Result<Reply, 
 /// `POST /bmw/task/`: create a task.
 pub(super) async fn create(State(state): State<BridgeState>, raw: Body) -> Result<Reply, ApiError> {
     submit(&state, names::SUBJECT_CREATE, raw).await
+}
+
+/// `POST /bmw/task/batch`: create many tasks. The body is a JSON array of
+/// create bodies (1 to [`MAX_BATCH_ITEMS`]); the answer is one envelope whose
+/// `data` holds each item's outcome, in order. The request itself is refused
+/// (400, 413) only when the body is not such an array; a refused item is
+/// refused on its own and the others are created.
+pub(super) async fn create_batch(
+    State(state): State<BridgeState>,
+    raw: Body,
+) -> Result<Reply, ApiError> {
+    let bytes = body(&state, raw).await?;
+    let items = match serde_json::from_slice::<Value>(&bytes) {
+        Ok(Value::Array(items)) => items,
+        Ok(other) => {
+            return Err(ApiError::bad_request(format!(
+                "invalid `body`: expected a JSON array of create bodies like [{{\"kind\": \"async:demo:echo\", \"payload\": {{}}}}], got {}",
+                json_type(&other)
+            )));
+        }
+        Err(e) => return Err(ApiError::bad_request(format!("invalid `body`: {e}"))),
+    };
+    if items.is_empty() {
+        return Err(ApiError::bad_request(
+            "invalid `body`: an empty array: nothing to create",
+        ));
+    }
+    if items.len() > MAX_BATCH_ITEMS {
+        return Err(ApiError::bad_request(format!(
+            "invalid `body`: {} items, over the limit of {MAX_BATCH_ITEMS} in one batch; send several",
+            items.len()
+        )));
+    }
+    let outcomes = state.client.submit_batch(&items).await;
+    let refused = outcomes.iter().filter(|o| !o.result).count();
+    tracing::debug!(items = items.len(), refused, "batch created");
+    Ok(Reply::ok(json!(outcomes)))
+}
+
+/// What a JSON value is, to name it in a refusal without echoing it.
+fn json_type(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
 }
 
 /// `DELETE /bmw/task/`: delete a task.

@@ -1,0 +1,129 @@
+//! Batches of creates: [`TaskClient::submit_batch`] takes a list of create
+//! bodies (`{kind, payload, options}`, any task type), parses and checks each
+//! on its own and submits it through the same path as one create
+//! ([`TaskClient::submit`]: async and periodic ones stored here, daemon ones
+//! published for a worker with their command id as `Nats-Msg-Id` and an
+//! answer on `Bmw-Reply`), many at once, and answers one [`Outcome`] per item
+//! in item order. A refused item is that item's outcome; the others go on.
+//!
+//! Creates of one daemon task (one uni_id) are submitted one after the other
+//! in item order, a later one only once the earlier one is answered or
+//! stored, so a batch keeps the order per daemon task that single creates
+//! sent one after the other have.
+
+use std::collections::HashSet;
+use std::panic::AssertUnwindSafe;
+
+use futures::{FutureExt, StreamExt};
+use serde_json::Value;
+
+use super::{Submitted, TaskClient};
+use crate::command::wire;
+use crate::nats::names;
+use crate::task::{Command, OpError, Outcome, TaskType, ValidationError};
+
+/// Most items one batch may hold.
+pub const MAX_BATCH_ITEMS: usize = 10_000;
+
+/// Items of a batch submitted at once (their publishes and stores pipelined).
+const BATCH_CONCURRENCY: usize = 64;
+
+/// The code of an item stored durably that no worker answered in time (the
+/// single create route answers it with HTTP 202).
+pub const ACCEPTED_CODE: u16 = 202;
+
+/// The message of an accepted item.
+pub const ACCEPTED_MESSAGE: &str = "accepted: no worker answered in time; the command is stored and will be applied when a worker runs";
+
+/// One item, parsed (or why not).
+type Parsed = Result<Command, ValidationError>;
+
+impl TaskClient {
+    /// Submits each create body of `items`; one outcome per item, in order:
+    /// `code` 0 (created, or a duplicate answered as a single create answers
+    /// it), [`ACCEPTED_CODE`] (stored, no worker answered in time), or the
+    /// status of why the item was refused.
+    pub async fn submit_batch(&self, items: &[Value]) -> Vec<Outcome> {
+        let mut outcomes = Vec::with_capacity(items.len());
+        for wave in self.waves(items) {
+            let answered: Vec<Outcome> = futures::stream::iter(wave)
+                .map(|parsed| self.submit_item(parsed))
+                .buffered(BATCH_CONCURRENCY)
+                .collect()
+                .await;
+            outcomes.extend(answered);
+        }
+        outcomes
+    }
+
+    /// The items parsed and cut into consecutive waves in which no daemon
+    /// task appears twice: a wave is submitted all at once, the next one when
+    /// it is done.
+    fn waves(&self, items: &[Value]) -> Vec<Vec<Parsed>> {
+        let mut waves: Vec<Vec<Parsed>> = vec![Vec::new()];
+        let mut daemon_tasks_in_wave = HashSet::new();
+        for item in items {
+            let parsed = parse_item(item);
+            if let Some(uni_id) = self.daemon_task_of(&parsed)
+                && !daemon_tasks_in_wave.insert(uni_id.clone())
+            {
+                waves.push(Vec::new());
+                daemon_tasks_in_wave.clear();
+                daemon_tasks_in_wave.insert(uni_id);
+            }
+            if let Some(wave) = waves.last_mut() {
+                wave.push(parsed);
+            }
+        }
+        waves
+    }
+
+    /// Which daemon task a daemon create is for: its uni_id, or its kind
+    /// when that cannot be told here (an unknown kind, an operator that
+    /// panics: the submit answers why).
+    fn daemon_task_of(&self, parsed: &Parsed) -> Option<String> {
+        let Ok(Command::Create(create)) = parsed else {
+            return None;
+        };
+        if create.kind.task_type() != TaskType::Daemon {
+            return None;
+        }
+        let spec =
+            std::panic::catch_unwind(AssertUnwindSafe(|| self.ops.daemon().spec_for(create)));
+        Some(match spec {
+            Ok(Ok(spec)) => spec.uni_id.to_string(),
+            _ => create.kind.to_string(),
+        })
+    }
+
+    /// One item's outcome; a panic in task code (an operator's dimension)
+    /// answers 500 for that item, as the single create route does.
+    async fn submit_item(&self, parsed: Parsed) -> Outcome {
+        let command = match parsed {
+            Ok(command) => command,
+            Err(e) => return OpError::from(e).into(),
+        };
+        match AssertUnwindSafe(self.submit(command)).catch_unwind().await {
+            Ok(Ok(Submitted::Done(outcome))) => outcome,
+            Ok(Ok(Submitted::Accepted { data })) => Outcome {
+                result: true,
+                code: ACCEPTED_CODE,
+                message: ACCEPTED_MESSAGE.into(),
+                data,
+            },
+            Ok(Err(e)) => e.into(),
+            Err(panic) => {
+                let message = crate::queue::handler::panic_message(panic.as_ref());
+                tracing::error!(panic = message, "a batch item's create panicked");
+                Outcome::err(500, format!("creating this item panicked: {message}"))
+            }
+        }
+    }
+}
+
+/// A create body as a command, parsed as `POST /bmw/task/` parses one.
+fn parse_item(item: &Value) -> Parsed {
+    let bytes = serde_json::to_vec(item)
+        .map_err(|e| ValidationError::new("body", format!("not serializable: {e}")))?;
+    wire::parse(names::SUBJECT_CREATE, &bytes)
+}
