@@ -102,54 +102,21 @@ async fn creates_ride_out_a_stream_leader_election() {
     let mut stream = nats.js.get_stream("BMW_ASYNC").await.unwrap();
     let leader = leader_of(&stream);
 
-    // 20 creates a second for 12 s on a queue no worker takes; the leader dies
-    // once 40 have been answered.
-    let answered = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let sender = {
-        let (client, answered) = (client.clone(), answered.clone());
-        tokio::spawn(async move {
-            let mut ticker = tokio::time::interval(Duration::from_millis(50));
-            let mut sends = Vec::new();
-            for n in 0..240 {
-                ticker.tick().await;
-                let (client, answered) = (client.clone(), answered.clone());
-                sends.push(tokio::spawn(async move {
-                    let body = json!({"kind": "async:demo:echo", "payload": {"n": n},
-                                      "options": {"queue": "held", "task_id": format!("t-{n}")}});
-                    let started = tokio::time::Instant::now();
-                    let result = client
-                        .submit_json("bmw.task.create", body.to_string().as_bytes())
-                        .await;
-                    answered.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    (
-                        n,
-                        result.map(|_| ()).map_err(|e| e.to_string()),
-                        started.elapsed(),
-                    )
-                }));
-            }
-            futures::future::join_all(sends).await
-        })
-    };
-    let loaded = wait_until(Duration::from_secs(10), async || {
-        answered.load(std::sync::atomic::Ordering::Relaxed) >= 40
+    // 20 creates a second for 12 s on a queue no worker takes.
+    let sender = client.clone();
+    let failed = creates_through_a_leader_kill(&mut cluster, leader, 240, move |n| {
+        let client = sender.clone();
+        async move {
+            let body = json!({"kind": "async:demo:echo", "payload": {"n": n},
+                              "options": {"queue": "held", "task_id": format!("t-{n}")}});
+            client
+                .submit_json("bmw.task.create", body.to_string().as_bytes())
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        }
     })
     .await;
-    assert!(loaded, "creates are answered before the kill");
-    cluster.nodes[leader].kill().await;
-    let results: Vec<_> = sender
-        .await
-        .unwrap()
-        .into_iter()
-        .map(Result::unwrap)
-        .collect();
-    let failed: Vec<_> = results.iter().filter(|(_, r, _)| r.is_err()).collect();
-    let slowest = results.iter().map(|(_, _, t)| *t).max().unwrap_or_default();
-    eprintln!(
-        "leader n{leader} killed: {} creates, {} failed, slowest answered in {slowest:?}",
-        results.len(),
-        failed.len()
-    );
     assert!(
         failed.is_empty(),
         "creates failed during the election: {failed:?}"
@@ -188,47 +155,20 @@ async fn daemon_creates_ride_out_a_bucket_leader_election() {
     let bucket = format!("KV_{}", bmw::nats::names::BUCKET_DAEMON_TASKS);
     let leader = leader_of(&nats.js.get_stream(&bucket).await.unwrap());
 
-    let answered = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let sender = {
-        let (ops, answered) = (ops.clone(), answered.clone());
-        tokio::spawn(async move {
-            let mut ticker = tokio::time::interval(Duration::from_millis(50));
-            let mut sends = Vec::new();
-            for n in 0..200 {
-                ticker.tick().await;
-                let (ops, answered) = (ops.clone(), answered.clone());
-                sends.push(tokio::spawn(async move {
-                    let body = json!({"kind": "daemon:demo:demo",
-                                      "payload": {"content": "ok", "n": n}});
-                    let command =
-                        bmw::command::wire::parse("bmw.task.create", body.to_string().as_bytes())
-                            .unwrap();
-                    let result = ops.apply(&command).await;
-                    answered.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    (n, result.map(|_| ()).map_err(|e| e.to_string()))
-                }));
-            }
-            futures::future::join_all(sends).await
-        })
-    };
-    let loaded = wait_until(Duration::from_secs(10), async || {
-        answered.load(std::sync::atomic::Ordering::Relaxed) >= 40
+    let applier = ops.clone();
+    let failed = creates_through_a_leader_kill(&mut cluster, leader, 200, move |n| {
+        let ops = applier.clone();
+        async move {
+            let body = json!({"kind": "daemon:demo:demo", "payload": {"content": "ok", "n": n}});
+            let command =
+                bmw::command::wire::parse("bmw.task.create", body.to_string().as_bytes()).unwrap();
+            ops.apply(&command)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        }
     })
     .await;
-    assert!(loaded, "creates are applied before the kill");
-    cluster.nodes[leader].kill().await;
-    let results: Vec<_> = sender
-        .await
-        .unwrap()
-        .into_iter()
-        .map(Result::unwrap)
-        .collect();
-    let failed: Vec<_> = results.iter().filter(|(_, r)| r.is_err()).collect();
-    eprintln!(
-        "bucket leader n{leader} killed: {} daemon creates, {} failed",
-        results.len(),
-        failed.len()
-    );
     assert!(
         failed.is_empty(),
         "creates failed during the election: {failed:?}"
@@ -251,4 +191,61 @@ fn leader_of(stream: &async_nats::jetstream::stream::Stream) -> usize {
         .and_then(|l| l.strip_prefix('n'))
         .and_then(|n| n.parse().ok())
         .expect("the stream has a leader n<i>")
+}
+
+/// Sends `count` creates at 20 a second with `create`, kills node `leader`
+/// once 40 have been answered, and returns the creates that failed (with
+/// their error), after printing how many and the slowest answer.
+async fn creates_through_a_leader_kill<F, Fut>(
+    cluster: &mut NatsCluster,
+    leader: usize,
+    count: usize,
+    create: F,
+) -> Vec<(usize, String)>
+where
+    F: Fn(usize) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<(), String>> + Send + 'static,
+{
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let answered = std::sync::Arc::new(AtomicUsize::new(0));
+    let sender = {
+        let answered = answered.clone();
+        tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(Duration::from_millis(50));
+            let mut sends = Vec::new();
+            for n in 0..count {
+                ticker.tick().await;
+                let (done, answered) = (create(n), answered.clone());
+                sends.push(tokio::spawn(async move {
+                    let started = tokio::time::Instant::now();
+                    let result = done.await;
+                    answered.fetch_add(1, Ordering::Relaxed);
+                    (n, result, started.elapsed())
+                }));
+            }
+            futures::future::join_all(sends).await
+        })
+    };
+    let loaded = wait_until(Duration::from_secs(10), async || {
+        answered.load(Ordering::Relaxed) >= 40
+    })
+    .await;
+    assert!(loaded, "creates are answered before the kill");
+    cluster.nodes[leader].kill().await;
+    let results: Vec<_> = sender
+        .await
+        .unwrap()
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    let slowest = results.iter().map(|(_, _, t)| *t).max().unwrap_or_default();
+    let failed: Vec<(usize, String)> = results
+        .into_iter()
+        .filter_map(|(n, r, _)| r.err().map(|e| (n, e)))
+        .collect();
+    eprintln!(
+        "leader n{leader} killed: {count} creates, {} failed, slowest answered in {slowest:?}",
+        failed.len()
+    );
+    failed
 }
