@@ -26,6 +26,40 @@ async fn apply(ops: &bmw::ops::Operations, subject: &str, body: Value) -> Value 
         .unwrap_or_else(|| panic!("{subject} {body}: not applied here"))
 }
 
+/// Creates three tasks (to be deleted, reloaded and kept by the test) and
+/// waits until worker `id` holds all three.
+async fn three_held_tasks(
+    env: &TestEnv,
+    ops: &bmw::ops::Operations,
+    id: &str,
+) -> (String, String, String) {
+    let tasks = (
+        create(ops, 0).await,
+        create(ops, 1).await,
+        create(ops, 2).await,
+    );
+    assert_eventually!(
+        Duration::from_secs(10),
+        live_claims(env)
+            .await
+            .values()
+            .filter(|(w, _)| *w == id)
+            .count()
+            == 3,
+        "the worker holds the three tasks; claims {:?}",
+        live_claims(env).await
+    );
+    tasks
+}
+
+/// The claims expected when worker `id` holds each `(uni_id, generation)`.
+fn held_by(id: &str, tasks: &[(&str, u64)]) -> BTreeMap<String, (String, u64)> {
+    tasks
+        .iter()
+        .map(|(uni_id, generation)| (key(uni_id), (id.to_owned(), *generation)))
+        .collect()
+}
+
 /// Creates a running `daemon:demo:demo` task; returns its uni_id.
 async fn create(ops: &bmw::ops::Operations, n: usize) -> String {
     let body = json!({"kind": "daemon:demo:demo", "payload": {"content": "ok", "n": n}});
@@ -64,7 +98,7 @@ async fn live_claims(env: &TestEnv) -> BTreeMap<String, (String, u64)> {
 }
 
 fn key(uni_id: &str) -> String {
-    uni_id.replace(':', ".")
+    bmw::task::UniId::from_raw(uni_id).key()
 }
 
 /// One worker behind the proxy holds three tasks; the proxy switches to
@@ -81,22 +115,7 @@ async fn a_cut_off_worker_catches_up_with_changes_made_meanwhile(mode: Mode, out
         .unwrap();
     let worker = BmwProcess::worker(&proxy.url(), &[]);
     let id = worker.worker_id().await;
-    let (deleted, reloaded, kept) = (
-        create(&ops, 0).await,
-        create(&ops, 1).await,
-        create(&ops, 2).await,
-    );
-    assert_eventually!(
-        Duration::from_secs(10),
-        live_claims(&env)
-            .await
-            .values()
-            .filter(|(w, _)| *w == id)
-            .count()
-            == 3,
-        "the worker holds the three tasks; claims {:?}",
-        live_claims(&env).await
-    );
+    let (deleted, reloaded, kept) = three_held_tasks(&env, &ops, &id).await;
 
     proxy.set(mode);
     apply(
@@ -125,13 +144,7 @@ async fn a_cut_off_worker_catches_up_with_changes_made_meanwhile(mode: Mode, out
     env.nats.client.flush().await.unwrap();
     let passed = Instant::now();
     proxy.set(Mode::Pass);
-    let expected: BTreeMap<String, (String, u64)> = [
-        (key(&reloaded), (id.clone(), 1)),
-        (key(&kept), (id.clone(), 0)),
-        (key(&created), (id.clone(), 0)),
-    ]
-    .into_iter()
-    .collect();
+    let expected = held_by(&id, &[(&reloaded, 1), (&kept, 0), (&created, 0)]);
     let caught_up = wait_until(Duration::from_secs(20), async || {
         live_claims(&env).await == expected
     })
@@ -206,21 +219,7 @@ async fn a_worker_catches_up_with_changes_made_right_after_a_server_restart() {
         .unwrap();
     let worker = BmwProcess::worker(&env.url(), &[]);
     let id = worker.worker_id().await;
-    let (deleted, reloaded, kept) = (
-        create(&ops, 0).await,
-        create(&ops, 1).await,
-        create(&ops, 2).await,
-    );
-    assert_eventually!(
-        Duration::from_secs(10),
-        live_claims(&env)
-            .await
-            .values()
-            .filter(|(w, _)| *w == id)
-            .count()
-            == 3,
-        "the worker holds the three tasks"
-    );
+    let (deleted, reloaded, kept) = three_held_tasks(&env, &ops, &id).await;
     let events = collect_events(&env, "bmw.event.daemon.>");
     env.nats.client.flush().await.unwrap();
 
@@ -248,13 +247,7 @@ async fn a_worker_catches_up_with_changes_made_right_after_a_server_restart() {
     let created = create(&ops, 3).await;
     let changed = restarted.elapsed();
 
-    let expected: BTreeMap<String, (String, u64)> = [
-        (key(&reloaded), (id.clone(), 1)),
-        (key(&kept), (id.clone(), 0)),
-        (key(&created), (id.clone(), 0)),
-    ]
-    .into_iter()
-    .collect();
+    let expected = held_by(&id, &[(&reloaded, 1), (&kept, 0), (&created, 0)]);
     assert_eventually!(
         Duration::from_secs(30),
         live_claims(&env).await == expected,
