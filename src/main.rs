@@ -578,7 +578,7 @@ async fn submit_chunk(
             Err(refused) => refusals.push(Some(refused)),
         }
     }
-    let mut outcomes = client.submit_batch(&items).await.into_iter();
+    let mut outcomes = client.submit_batch(items).await.into_iter();
     let mut all_created = true;
     for refusal in refusals {
         let outcome = match refusal {

@@ -93,9 +93,10 @@ pub(super) async fn create_batch(
             items.len()
         )));
     }
-    let outcomes = state.client.submit_batch(&items).await;
+    let count = items.len();
+    let outcomes = state.client.submit_batch(items).await;
     let refused = outcomes.iter().filter(|o| !o.result).count();
-    tracing::debug!(items = items.len(), refused, "batch created");
+    tracing::debug!(items = count, refused, "batch created");
     Ok(Reply::ok(json!(outcomes)))
 }
 

@@ -43,7 +43,7 @@ impl TaskClient {
     /// `code` 0 (created, or a duplicate answered as a single create answers
     /// it), [`ACCEPTED_CODE`] (stored, no worker answered in time), or the
     /// status of why the item was refused.
-    pub async fn submit_batch(&self, items: &[Value]) -> Vec<Outcome> {
+    pub async fn submit_batch(&self, items: Vec<Value>) -> Vec<Outcome> {
         let mut outcomes = Vec::with_capacity(items.len());
         for wave in self.waves(items) {
             let answered: Vec<Outcome> = futures::stream::iter(wave)
@@ -59,7 +59,7 @@ impl TaskClient {
     /// The items parsed and cut into consecutive waves in which no daemon
     /// task appears twice: a wave is submitted all at once, the next one when
     /// it is done.
-    fn waves(&self, items: &[Value]) -> Vec<Vec<Parsed>> {
+    fn waves(&self, items: Vec<Value>) -> Vec<Vec<Parsed>> {
         let mut waves: Vec<Vec<Parsed>> = vec![Vec::new()];
         let mut daemon_tasks_in_wave = HashSet::new();
         for item in items {
@@ -122,8 +122,6 @@ impl TaskClient {
 }
 
 /// A create body as a command, parsed as `POST /bmw/task/` parses one.
-fn parse_item(item: &Value) -> Parsed {
-    let bytes = serde_json::to_vec(item)
-        .map_err(|e| ValidationError::new("body", format!("not serializable: {e}")))?;
-    wire::parse(names::SUBJECT_CREATE, &bytes)
+fn parse_item(item: Value) -> Parsed {
+    wire::parse_value(names::SUBJECT_CREATE, item)
 }

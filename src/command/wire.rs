@@ -74,13 +74,31 @@ pub fn parse_delivered(message: &jetstream::Message) -> Result<Command, Validati
     Ok(command)
 }
 
+/// Parses and validates a command already read as JSON (an item of a
+/// batch), as [`parse`] does its bytes.
+pub fn parse_value(subject: &str, body: Value) -> Result<Command, ValidationError> {
+    let wire: Wire = serde_json::from_value(body).map_err(not_a_command)?;
+    from_wire(subject, wire, || uuid::Uuid::new_v4().to_string())
+}
+
+fn not_a_command(e: serde_json::Error) -> ValidationError {
+    ValidationError::new("body", format!("not a JSON command object: {e}"))
+}
+
 fn parse_with(
     subject: &str,
     body: &[u8],
     missing_id: impl FnOnce() -> String,
 ) -> Result<Command, ValidationError> {
-    let wire: Wire = serde_json::from_slice(body)
-        .map_err(|e| ValidationError::new("body", format!("not a JSON command object: {e}")))?;
+    let wire: Wire = serde_json::from_slice(body).map_err(not_a_command)?;
+    from_wire(subject, wire, missing_id)
+}
+
+fn from_wire(
+    subject: &str,
+    wire: Wire,
+    missing_id: impl FnOnce() -> String,
+) -> Result<Command, ValidationError> {
     let id = wire.id.clone().unwrap_or_else(missing_id);
     match subject {
         names::SUBJECT_CREATE => {
