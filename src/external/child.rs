@@ -118,6 +118,16 @@ pub(crate) struct ChildProcess {
 /// `--` before the group: dash, Debian's `sh`, takes none.)
 const GROUP_GUARD: &str = "while read -r _; do :; done; kill -KILL \"-$1\" 2>/dev/null";
 
+/// At most 512 bytes of an output line (cut at a character boundary), for
+/// an error message or a result.
+pub(crate) fn cut(line: &str) -> &str {
+    let mut end = line.len().min(512);
+    while !line.is_char_boundary(end) {
+        end -= 1;
+    }
+    &line[..end]
+}
+
 /// The last lines of a child's output.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub(crate) struct OutputTail {

@@ -15,8 +15,7 @@ use futures::future::BoxFuture;
 use serde_json::Value;
 
 use super::Program;
-use super::child::{ChildProcess, TaskFields};
-use super::daemon::cut;
+use super::child::{ChildProcess, TaskFields, cut};
 use crate::queue::{Handler, TaskContext, TaskError};
 
 /// The exit status that means "failed, do not retry" (`EX_DATAERR` of sysexits.h).

@@ -17,7 +17,7 @@ use futures::future::BoxFuture;
 use serde_json::Value;
 
 use super::Program;
-use super::child::{ChildProcess, TaskFields};
+use super::child::{ChildProcess, TaskFields, cut};
 use crate::daemon::operator::field_text;
 use crate::daemon::{Operator, OperatorContext, OperatorError};
 
@@ -77,15 +77,6 @@ impl ProcessOperator {
             }
         }
     }
-}
-
-/// At most 512 bytes of a line, for an error message.
-pub(crate) fn cut(line: &str) -> &str {
-    let mut end = line.len().min(512);
-    while !line.is_char_boundary(end) {
-        end -= 1;
-    }
-    &line[..end]
 }
 
 impl Operator for ProcessOperator {

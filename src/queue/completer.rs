@@ -235,7 +235,10 @@ impl Batcher {
     }
 
     /// Sends the acks of `messages`, the last one of each consumer as a
-    /// request, and waits for those answers.
+    /// request, and waits for those answers. (Not `Message::double_ack`,
+    /// which subscribes a fresh inbox per call and waits the JetStream
+    /// timeout: these requests share the client's inbox and wait
+    /// [`CONFIRM_TIMEOUT`].)
     async fn ack(&self, messages: &[&Message]) -> Result<(), async_nats::Error> {
         // The last message of each consumer in the batch.
         let mut last: BTreeMap<&str, usize> = BTreeMap::new();
