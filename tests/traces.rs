@@ -174,14 +174,66 @@ async fn a_task_s_spans_form_one_trace_from_its_producer_to_every_attempt() {
     let receiver = Receiver::start().await;
     let env = TestEnv::start().await;
     let endpoint = receiver.endpoint();
+    // A kind answered by a NATS service: its requests' traceparent headers.
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("kinds.toml");
+    std::fs::write(
+        &config,
+        "[[kind]]\nname = \"async:svc:traced\"\nservice = \"test.traced\"\n",
+    )
+    .unwrap();
+    let service_saw = Arc::new(Mutex::new(Vec::<String>::new()));
+    let mut requests = env
+        .nats
+        .client
+        .queue_subscribe("test.traced", "bmw".into())
+        .await
+        .unwrap();
+    env.nats.client.flush().await.unwrap();
+    let (saw, client) = (service_saw.clone(), env.nats.client.clone());
+    tokio::spawn(async move {
+        while let Some(request) = futures::StreamExt::next(&mut requests).await {
+            let traceparent = request
+                .headers
+                .as_ref()
+                .and_then(|h| h.get("traceparent"))
+                .map(|v| v.as_str().to_owned());
+            saw.lock().unwrap().push(traceparent.unwrap_or_default());
+            let _ = client.publish(request.reply.unwrap(), "{}".into()).await;
+        }
+    });
     // Retries after 3 s: scheduled as one-shot schedules, not naks.
     let bmw = BmwProcess::serve(
         "run",
         &env.url(),
-        &["--otlp-endpoint", &endpoint, "--async-retry-base", "3s"],
+        &[
+            "--otlp-endpoint",
+            &endpoint,
+            "--async-retry-base",
+            "3s",
+            "--config",
+            config.to_str().unwrap(),
+        ],
         FAST_EXPORT,
     )
     .await;
+    let traced_post = |trace_id: &str, body: serde_json::Value| {
+        reqwest::Client::new()
+            .post(format!("{}/bmw/task/", bmw.base_url()))
+            .header("traceparent", format!("00-{trace_id}-00f067aa0ba902b7-01"))
+            .json(&body)
+            .send()
+    };
+    // 0. A delayed task, due while the rest runs: its @at schedule carries
+    // the trace to the message nats-server fires.
+    let delayed_trace = "6e0c63257de34c926f9efcd03927272e";
+    let response = traced_post(
+        delayed_trace,
+        json!({"kind": "async:demo:echo", "payload": {"delayed": true}, "options": {"process_in": "2s"}}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(response.status(), 200);
 
     // 1. A caller's HTTP create with its traceparent, failing once.
     let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
@@ -319,6 +371,42 @@ async fn a_task_s_spans_form_one_trace_from_its_producer_to_every_attempt() {
             && run.events.iter().any(|e| e == "daemon run failed"),
         "{run:#?}"
     );
+
+    // 4. A kind answered by a NATS service gets the attempt's traceparent.
+    let service_trace = "1c2d3e4f5a6b7c8d9e0f1a2b3c4d5e6f";
+    let response = traced_post(
+        service_trace,
+        json!({"kind": "async:svc:traced", "payload": {}}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(response.status(), 200);
+    let attempt = &receiver
+        .wait_spans(service_trace, "attempt async:svc:traced", 1)
+        .await[0];
+    let sent = service_saw.lock().unwrap().clone();
+    assert_eq!(
+        sent,
+        [format!("00-{service_trace}-{}-01", attempt.span_id)],
+        "the service's request names the attempt as its parent"
+    );
+
+    // 0, continued: the delayed task's attempt follows its schedule's publish.
+    let attempt = &receiver
+        .wait_spans(delayed_trace, "attempt async:demo:echo", 1)
+        .await[0];
+    let spans: Vec<SpanSeen> = receiver
+        .spans()
+        .into_iter()
+        .filter(|s| s.trace_id == delayed_trace)
+        .collect();
+    let http = spans.iter().find(|s| s.name == "POST /bmw/task/").unwrap();
+    let publish = child_of(&spans, http, "publish");
+    assert_eq!(
+        publish.name, "publish bmw.schedule.at.default",
+        "{publish:#?}"
+    );
+    assert_eq!(attempt.parent_span_id, publish.span_id, "{attempt:#?}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -345,4 +433,38 @@ async fn without_the_flag_nothing_is_exported() {
     // Ten export intervals after the task ran: nothing was sent.
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(receiver.requests(), 0, "{:#?}", receiver.spans());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn spans_still_buffered_are_sent_when_the_process_stops() {
+    let receiver = Receiver::start().await;
+    let env = TestEnv::start().await;
+    let endpoint = receiver.endpoint();
+    // No export on a timer during the test: only the shutdown can send.
+    let mut bmw = BmwProcess::serve(
+        "run",
+        &env.url(),
+        &["--otlp-endpoint", &endpoint],
+        &[("OTEL_BSP_SCHEDULE_DELAY", "600000")],
+    )
+    .await;
+    let trace_id = "7d1a9c3e5b2f4a6c8e0d1b3f5a7c9e1d";
+    let response = reqwest::Client::new()
+        .post(format!("{}/bmw/task/", bmw.base_url()))
+        .header("traceparent", format!("00-{trace_id}-00f067aa0ba902b7-01"))
+        .json(&json!({"kind": "async:demo:echo", "payload": {"flushed": true}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    bmw.wait_log(Duration::from_secs(10), &["flushed"]).await;
+    assert_eq!(receiver.requests(), 0, "nothing sent before the stop");
+    bmw.send_sigterm();
+    assert!(
+        bmw.wait_exit(Duration::from_secs(20)).await.is_some(),
+        "bmw stops on SIGTERM"
+    );
+    receiver
+        .wait_spans(trace_id, "attempt async:demo:echo", 1)
+        .await;
 }
