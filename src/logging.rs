@@ -7,6 +7,7 @@
 
 use std::sync::OnceLock;
 
+use tracing_subscriber::filter::{FilterExt, filter_fn};
 use tracing_subscriber::layer::{Layered, SubscriberExt};
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer, Registry, reload};
@@ -56,6 +57,11 @@ pub fn init(json: bool, extra: Option<ExtraLayer>) {
     let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(ansi);
+    // The spans made for traces (named with `otel.name`) stay out of the
+    // log lines: they read the same with traces on or off.
+    let filter = filter.and(filter_fn(|meta| {
+        !(meta.is_span() && meta.fields().field("otel.name").is_some())
+    }));
     let registry = tracing_subscriber::registry().with(extra);
     let installed = if json {
         registry.with(fmt.json().with_filter(filter)).try_init()
