@@ -23,8 +23,9 @@ use axum::http;
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_otlp::WithExportConfig;
+use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
-use opentelemetry_sdk::trace::SdkTracerProvider;
+use opentelemetry_sdk::trace::{SdkTracerProvider, SpanData, SpanExporter};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::Layer;
 use tracing_subscriber::Registry;
@@ -116,11 +117,17 @@ pub fn exporter_layer(
     endpoint: &str,
     role: &str,
 ) -> Result<(ExporterLayer, TraceExport), TracesError> {
+    let url = traces_url(endpoint)?;
     let exporter = opentelemetry_otlp::SpanExporter::builder()
         .with_http()
-        .with_endpoint(traces_url(endpoint)?)
+        .with_endpoint(url.clone())
         .with_timeout(EXPORT_TIMEOUT)
         .build()?;
+    let exporter = ReportingExporter {
+        inner: exporter,
+        url,
+        failing: AtomicBool::new(false),
+    };
     let processor =
         opentelemetry_sdk::trace::span_processor_with_async_runtime::BatchSpanProcessor::builder(
             exporter,
@@ -258,6 +265,46 @@ pub fn daemon_run_span(
         otel.status_code = tracing::field::Empty,
         otel.status_description = tracing::field::Empty,
     )
+}
+
+/// The OTLP exporter, saying in the log when exports start failing (the
+/// collector is down or the URL is wrong: those spans are lost) and when
+/// they work again; the SDK itself says nothing.
+#[derive(Debug)]
+struct ReportingExporter {
+    inner: opentelemetry_otlp::SpanExporter,
+    url: String,
+    /// Whether the last export failed.
+    failing: AtomicBool,
+}
+
+impl SpanExporter for ReportingExporter {
+    async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
+        let spans = batch.len();
+        let exported = self.inner.export(batch).await;
+        match &exported {
+            Err(e) if !self.failing.swap(true, Ordering::Relaxed) => {
+                tracing::warn!(url = self.url, spans, cause = %e, "traces not exported: these spans are dropped (said once until exports work again)");
+            }
+            Ok(()) if self.failing.swap(false, Ordering::Relaxed) => {
+                tracing::info!(url = self.url, "traces are exported again");
+            }
+            _ => {}
+        }
+        exported
+    }
+
+    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
+        self.inner.shutdown_with_timeout(timeout)
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        self.inner.force_flush()
+    }
+
+    fn set_resource(&mut self, resource: &opentelemetry_sdk::Resource) {
+        self.inner.set_resource(resource);
+    }
 }
 
 /// The W3C Trace Context propagator (`traceparent`, `tracestate`).

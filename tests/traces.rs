@@ -468,3 +468,45 @@ async fn spans_still_buffered_are_sent_when_the_process_stops() {
         .wait_spans(trace_id, "attempt async:demo:echo", 1)
         .await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_collector_that_cannot_be_reached_is_said_once_in_the_log() {
+    let env = TestEnv::start().await;
+    // A port nothing listens on.
+    let endpoint = format!("http://127.0.0.1:{}", crate::harness::free_port());
+    let bmw = BmwProcess::serve(
+        "run",
+        &env.url(),
+        &["--otlp-endpoint", &endpoint],
+        FAST_EXPORT,
+    )
+    .await;
+    let create = async |n: usize| {
+        let response = reqwest::Client::new()
+            .post(format!("{}/bmw/task/", bmw.base_url()))
+            .json(&json!({"kind": "async:demo:echo", "payload": {"unexported": n}}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        bmw.wait_log(Duration::from_secs(10), &["unexported", &format!(":{n}")])
+            .await;
+    };
+    create(0).await;
+    let line = bmw
+        .wait_log(Duration::from_secs(10), &["traces not exported", &endpoint])
+        .await;
+    assert!(line.contains("WARN"), "{line}");
+    // Two more batches, each exported (and failing) on its own 100 ms tick.
+    for n in 1..=2 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        create(n).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let said = bmw
+        .logs()
+        .iter()
+        .filter(|l| l.contains("traces not exported"))
+        .count();
+    assert_eq!(said, 1, "said once: {}", bmw.logs().join("\n"));
+}
