@@ -155,8 +155,8 @@ pub fn exporter_layer(
 }
 
 /// The span of one bridge request (`<method> <route>`, a server span), a
-/// child of the caller's `traceparent` if it sent one; its status is
-/// recorded as `http.response.status_code` when the answer is ready.
+/// child of the caller's `traceparent` if it sent one; record its answer
+/// with [`record_http_status`].
 pub fn http_span(method: &str, route: &str, headers: &http::HeaderMap) -> tracing::Span {
     if !enabled() {
         return tracing::Span::none();
@@ -168,9 +168,22 @@ pub fn http_span(method: &str, route: &str, headers: &http::HeaderMap) -> tracin
         http.request.method = method,
         http.route = route,
         http.response.status_code = tracing::field::Empty,
+        otel.status_code = tracing::field::Empty,
     );
     set_parent_http(&span, headers);
     span
+}
+
+/// Records the status of a request's answer on its span (a 5xx is an
+/// error: a 4xx is the caller's).
+pub fn record_http_status(span: &tracing::Span, status: u16) {
+    if span.is_disabled() {
+        return;
+    }
+    span.record("http.response.status_code", status);
+    if status >= 500 {
+        span.record("otel.status_code", "error");
+    }
 }
 
 /// The span of one publish of a task or command (a producer span, a child

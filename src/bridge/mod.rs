@@ -171,7 +171,7 @@ async fn record(request: Request, next: Next) -> Response {
     let response = tracing::Instrument::instrument(next.run(request), span.clone()).await;
     let seconds = start.elapsed().as_secs_f64();
     let status = response.status().as_u16();
-    span.record("http.response.status_code", status);
+    crate::traces::record_http_status(&span, status);
     crate::metrics::bridge_request(method.as_str(), &route, status, seconds);
     tracing::debug!(method = %method, route, status, seconds, "request served");
     response
