@@ -54,7 +54,7 @@ async fn main() -> anyhow::Result<()> {
         None => ConfigOverrides::default(),
     };
     let config = Config::resolve(overrides)?;
-    bmw::logging::init(false);
+    bmw::logging::init(false, None);
     let mut registry = bmw::builtin::registry();
     registry.register_daemon("daemon:apm:pre_calculate", || {
         Ok(Arc::new(PreCalculate) as Arc<dyn Operator>)

@@ -50,7 +50,7 @@ impl Operator for Counter {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     // bmw's logging: `BMW_LOG` or info, and `POST /bmw/log/level` where a bridge runs.
-    bmw::logging::init(false);
+    bmw::logging::init(false, None);
     let url = std::env::args()
         .nth(1)
         .unwrap_or_else(|| "nats://127.0.0.1:4222".into());

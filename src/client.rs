@@ -128,12 +128,19 @@ impl TaskClient {
         let mut replies = self.nats.client.subscribe(inbox.clone()).await?;
         let mut headers = HeaderMap::new();
         headers.insert(names::HEADER_REPLY, inbox.as_str());
+        let subject = wire::subject(command);
+        let span = crate::traces::publish_span(subject, command.id());
+        crate::traces::inject(&span, &mut headers);
         let publish = PublishMessage::build()
             .payload(crate::nats::to_json_bytes(&wire::encode(command)))
             .headers(headers)
             .message_id(command.id());
         // Retried through an election or a reconnect; the command id keeps it single.
-        crate::nats::publish_with_retries(&self.nats.js, wire::subject(command), publish).await?;
+        tracing::Instrument::instrument(
+            crate::nats::publish_with_retries(&self.nats.js, subject, publish),
+            span,
+        )
+        .await?;
         match tokio::time::timeout(self.reply_timeout, replies.next()).await {
             Ok(Some(reply)) => match serde_json::from_slice(&reply.payload) {
                 Ok(outcome) => Ok(Submitted::Done(outcome)),

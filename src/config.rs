@@ -214,6 +214,8 @@ pub struct ConfigOverrides {
     // files, run by `crate::external`.
     pub kind: Option<Vec<KindDecl>>,
     pub kinds_dir: Option<PathBuf>,
+    // Traces: the OTLP/HTTP collector spans go to (`crate::traces`).
+    pub otlp_endpoint: Option<String>,
 }
 
 impl ConfigOverrides {
@@ -287,6 +289,7 @@ impl ConfigOverrides {
             nats_require_tls: self.nats_require_tls.or(other.nats_require_tls),
             kind: self.kind.or(other.kind),
             kinds_dir: self.kinds_dir.or(other.kinds_dir),
+            otlp_endpoint: self.otlp_endpoint.or(other.otlp_endpoint),
         }
     }
 }
@@ -364,6 +367,9 @@ pub struct Config {
     /// `--kinds-dir` files, as written; checked and registered by
     /// `crate::external::register`.
     pub kinds: Vec<KindDecl>,
+    /// Where spans are exported (OTLP over HTTP, an `http://` URL); `None`:
+    /// traces are off.
+    pub otlp_endpoint: Option<String>,
 }
 
 /// The PEM files the bridge serves HTTPS with.
@@ -682,6 +688,16 @@ impl Config {
                 }
                 kinds
             },
+            otlp_endpoint: match given.otlp_endpoint.filter(|e| !e.trim().is_empty()) {
+                Some(endpoint) => {
+                    crate::traces::traces_url(&endpoint).map_err(|e| ConfigError::Invalid {
+                        name: "otlp-endpoint",
+                        message: e.to_string(),
+                    })?;
+                    Some(endpoint.trim().to_owned())
+                }
+                None => None,
+            },
             nats_auth,
             nats_tls,
         };
@@ -820,6 +836,29 @@ mod tests {
         );
         let e = with("nowhere").unwrap_err().to_string();
         assert!(e.contains("metrics-addr") && e.contains("`off`"), "{e}");
+    }
+
+    #[test]
+    fn otlp_endpoint_is_off_by_default_and_an_http_url_when_given() {
+        let with = |v: Option<&str>| {
+            Config::resolve(ConfigOverrides {
+                otlp_endpoint: v.map(Into::into),
+                ..Default::default()
+            })
+        };
+        assert_eq!(with(None).unwrap().otlp_endpoint, None);
+        assert_eq!(with(Some(" ")).unwrap().otlp_endpoint, None);
+        assert_eq!(
+            with(Some("http://127.0.0.1:4318"))
+                .unwrap()
+                .otlp_endpoint
+                .as_deref(),
+            Some("http://127.0.0.1:4318")
+        );
+        let e = with(Some("https://collector:4318"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("otlp-endpoint") && e.contains("http://"), "{e}");
     }
 
     #[test]

@@ -29,7 +29,7 @@
 //!
 //! Modules depend downward only, in this order (lowest first):
 //! [`nats`] (names, connection, typed errors), [`metrics`], [`shutdown`],
-//! [`logging`] →
+//! [`logging`], [`traces`] →
 //! [`task`], [`config`], [`events`] → [`membership`] → [`daemon`], [`queue`]
 //! → [`periodic`] → [`registry`] → [`external`] → [`ops`] → [`command`], [`builtin`] →
 //! [`client`] → [`bridge`], [`worker`] → [`service`] → the binary.
@@ -58,7 +58,8 @@
 //! - [`worker`], [`service`]: the process roles.
 //! - [`bridge`]: HTTP routes, the BMW envelope, and the guards: bearer tokens,
 //!   the cross-site rule, request limits, TLS.
-//! - [`events`], [`metrics`], [`logging`]: what operators observe.
+//! - [`events`], [`metrics`], [`logging`]: what operators observe;
+//!   [`traces`]: OpenTelemetry spans and the `traceparent` NATS headers carry.
 //! - [`config`], [`shutdown`]: settings and signals.
 
 pub mod bridge;
@@ -80,6 +81,7 @@ pub mod registry;
 pub mod service;
 pub mod shutdown;
 pub mod task;
+pub mod traces;
 pub mod worker;
 
 pub use config::Config;

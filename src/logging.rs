@@ -1,13 +1,16 @@
 //! Logging: the `tracing` subscriber a bmw process installs ([`init`]: text
 //! or JSON lines on stderr, filtered by `BMW_LOG` or [`DEFAULT_FILTER`]) and
 //! its level, which `POST /bmw/log/level?log_level=debug` changes while the
-//! process runs ([`set_level`], through a reloadable filter).
+//! process runs ([`set_level`], through a reloadable filter). An extra layer
+//! (the trace exporter of [`crate::traces`]) may sit beside the log output,
+//! with its own filter: the log level does not change what is traced.
 
 use std::sync::OnceLock;
 
-use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::filter::{FilterExt, filter_fn};
+use tracing_subscriber::layer::{Layered, SubscriberExt};
 use tracing_subscriber::util::SubscriberInitExt;
-use tracing_subscriber::{EnvFilter, Registry, reload};
+use tracing_subscriber::{EnvFilter, Layer, Registry, reload};
 
 /// The filter when `BMW_LOG` is not set.
 pub const DEFAULT_FILTER: &str = "info,async_nats=warn";
@@ -15,8 +18,14 @@ pub const DEFAULT_FILTER: &str = "info,async_nats=warn";
 /// The levels [`set_level`] takes: BMW's (zap's) names, and `trace`.
 pub const LEVELS: &str = "trace, debug, info, warn, error";
 
-/// The reloadable filter of the subscriber [`init`] installed.
-static FILTER: OnceLock<reload::Handle<EnvFilter, Registry>> = OnceLock::new();
+/// A layer beside the log output (the trace exporter), with its own filter.
+pub type ExtraLayer = Box<dyn Layer<Registry> + Send + Sync>;
+
+/// What the log output is layered on: the registry and the extra layer.
+type Base = Layered<Option<ExtraLayer>, Registry>;
+
+/// The reloadable filter of the log output [`init`] installed.
+static FILTER: OnceLock<reload::Handle<EnvFilter, Base>> = OnceLock::new();
 
 /// Why the log level was not changed.
 #[derive(Debug, thiserror::Error)]
@@ -39,7 +48,8 @@ pub enum LogLevelError {
 /// Installs the subscriber: `BMW_LOG` (an `EnvFilter`) or [`DEFAULT_FILTER`],
 /// human-readable text on stderr (colours on a terminal) or JSON lines. A
 /// second call, or one after another subscriber was installed, does nothing.
-pub fn init(json: bool) {
+/// `extra` (the trace exporter) sees spans and events through its own filter.
+pub fn init(json: bool, extra: Option<ExtraLayer>) {
     let filter =
         EnvFilter::try_from_env("BMW_LOG").unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER));
     let (filter, handle) = reload::Layer::new(filter);
@@ -47,11 +57,16 @@ pub fn init(json: bool) {
     let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(ansi);
-    let registry = tracing_subscriber::registry().with(filter);
+    // The spans made for traces (named with `otel.name`) stay out of the
+    // log lines: they read the same with traces on or off.
+    let filter = filter.and(filter_fn(|meta| {
+        !(meta.is_span() && meta.fields().field("otel.name").is_some())
+    }));
+    let registry = tracing_subscriber::registry().with(extra);
     let installed = if json {
-        registry.with(fmt.json()).try_init()
+        registry.with(fmt.json().with_filter(filter)).try_init()
     } else {
-        registry.with(fmt).try_init()
+        registry.with(fmt.with_filter(filter)).try_init()
     };
     if installed.is_ok() {
         let _ = FILTER.set(handle);

@@ -186,6 +186,12 @@ struct Global {
     /// Refuse to connect to NATS without TLS.
     #[arg(long, global = true, env = "BMW_NATS_REQUIRE_TLS")]
     nats_require_tls: bool,
+    // Traces.
+    /// Export OpenTelemetry traces (OTLP over HTTP, protobuf) to this collector
+    /// (`bmw run`, `bmw worker`, `bmw bridge`): its base URL, e.g.
+    /// `http://127.0.0.1:4318` [default: off].
+    #[arg(long, global = true, env = "BMW_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -313,6 +319,7 @@ impl Global {
             // `[[kind]]` tables come from the --config file only.
             kind: None,
             kinds_dir: self.kinds_dir.clone(),
+            otlp_endpoint: self.otlp_endpoint.clone(),
         }
     }
 
@@ -328,16 +335,48 @@ impl Global {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    bmw::logging::init(cli.global.log_json);
-    match run(cli).await {
-        Ok(code) => code,
-        Err(e) => {
-            let message = error_chain(&e);
-            tracing::error!("{message}");
-            eprintln!("bmw: {message}");
-            ExitCode::FAILURE
-        }
+    let traces = match traces(&cli) {
+        Ok(traces) => traces,
+        Err(e) => return failed(&e),
+    };
+    let (layer, export) = traces.unzip();
+    bmw::logging::init(cli.global.log_json, layer);
+    let ran = run(cli).await;
+    if let Some(export) = export {
+        export.shutdown().await;
     }
+    match ran {
+        Ok(code) => code,
+        Err(e) => failed(&e),
+    }
+}
+
+/// Logs and prints why bmw stops.
+fn failed(error: &anyhow::Error) -> ExitCode {
+    let message = error_chain(error);
+    tracing::error!("{message}");
+    eprintln!("bmw: {message}");
+    ExitCode::FAILURE
+}
+
+/// The trace exporter of a serving role whose settings give an
+/// `--otlp-endpoint` (read before logging starts: the exporter is a layer
+/// of the subscriber); none for `bmw task` and `bmw provision`.
+fn traces(
+    cli: &Cli,
+) -> anyhow::Result<Option<(bmw::logging::ExtraLayer, bmw::traces::TraceExport)>> {
+    let role = match cli.command {
+        Role::Run => "run",
+        Role::Worker => "worker",
+        Role::Bridge => "bridge",
+        Role::Task(_) | Role::Provision => return Ok(None),
+    };
+    // A settings error is reported by `run`, with logging up.
+    let Some(endpoint) = cli.global.config().ok().and_then(|c| c.otlp_endpoint) else {
+        return Ok(None);
+    };
+    let (layer, export) = bmw::traces::exporter_layer(&endpoint, role)?;
+    Ok(Some((layer, export)))
 }
 
 /// An error and its causes on one line, leaving out a cause whose text the

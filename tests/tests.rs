@@ -28,3 +28,4 @@ mod periodic_tasks;
 mod raw_commands;
 mod seed_walkthrough;
 mod service;
+mod traces;

@@ -152,7 +152,9 @@ fn panicked(panic: Box<dyn std::any::Any + Send + 'static>) -> Response {
 }
 
 /// Counts and times every request by method and route (`other` for a path
-/// no route matched, so unknown paths add no series), and logs it at debug.
+/// no route matched, so unknown paths add no series), and logs it at debug;
+/// with traces on, serves it in an `http.request` span that continues the
+/// caller's `traceparent`.
 async fn record(request: Request, next: Next) -> Response {
     let route = request
         .extensions()
@@ -160,10 +162,16 @@ async fn record(request: Request, next: Next) -> Response {
         .map(|p| p.as_str().to_owned())
         .unwrap_or_else(|| "other".into());
     let method = request.method().clone();
+    // Probes and scrapes come every few seconds and lead nowhere: no span.
+    let span = match route.as_str() {
+        "/health" | "/ready" | "/metrics" | "/bmw/metrics" => tracing::Span::none(),
+        _ => crate::traces::http_span(method.as_str(), &route, request.headers()),
+    };
     let start = Instant::now();
-    let response = next.run(request).await;
+    let response = tracing::Instrument::instrument(next.run(request), span.clone()).await;
     let seconds = start.elapsed().as_secs_f64();
     let status = response.status().as_u16();
+    crate::traces::record_http_status(&span, status);
     crate::metrics::bridge_request(method.as_str(), &route, status, seconds);
     tracing::debug!(method = %method, route, status, seconds, "request served");
     response

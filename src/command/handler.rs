@@ -48,6 +48,19 @@ enum Settle {
     Elsewhere,
 }
 
+impl Settle {
+    /// How the command was settled, as its span records it.
+    fn label(&self) -> &'static str {
+        match self {
+            Settle::Ack(outcome) if outcome.result => "ok",
+            Settle::Ack(_) => "refused",
+            Settle::Poison(_) => "poison",
+            Settle::Later(_) => "later",
+            Settle::Elsewhere => "elsewhere",
+        }
+    }
+}
+
 impl CommandHandler {
     /// A handler applying commands with `ops`, replying on `client`.
     pub fn new(ops: Operations, client: async_nats::Client, events: EventPublisher) -> Self {
@@ -66,7 +79,14 @@ impl CommandHandler {
     /// Applies one command message and settles it. A panic while doing so
     /// fails this command alone ([`CommandHandler::fail_panicked`]).
     pub(super) async fn handle(&self, message: Message, parsed: Parsed) {
-        let handled = AssertUnwindSafe(self.apply_and_settle(&message, parsed))
+        let span = crate::traces::command_span(message.subject.as_str(), message.headers.as_ref());
+        if let Ok(Command::Create(create)) = &parsed
+            && !span.is_disabled()
+        {
+            span.record("task.kind", create.kind.as_str());
+        }
+        let settling = self.apply_and_settle(&message, parsed, &span);
+        let handled = AssertUnwindSafe(tracing::Instrument::instrument(settling, span.clone()))
             .catch_unwind()
             .await;
         if let Err(panic) = handled {
@@ -85,12 +105,15 @@ impl CommandHandler {
         self.reply(message, &outcome).await;
     }
 
-    async fn apply_and_settle(&self, message: &Message, parsed: Parsed) {
+    async fn apply_and_settle(&self, message: &Message, parsed: Parsed, span: &tracing::Span) {
         let subject = message.subject.to_string();
         let settle = match parsed {
             Err(e) => Settle::Poison(OpError::Invalid(e).into()),
             Ok(command) => self.apply(&command).await,
         };
+        if !span.is_disabled() {
+            span.record("outcome", settle.label());
+        }
         let outcome = match settle {
             Settle::Ack(outcome) => {
                 let label = if outcome.result { "ok" } else { "refused" };

@@ -191,10 +191,28 @@ impl Maintainer {
         metrics::daemon_running(self.spec.kind.as_str(), &self.spec.dimension, true);
         self.publish("started", json!({})).await;
         let operator = self.operator.clone();
+        let span = crate::traces::daemon_run_span(
+            self.spec.uni_id.as_str(),
+            self.spec.kind.as_str(),
+            self.claim.retry_count,
+            self.claim.reload_count,
+        );
+        let run = async move {
+            traced_event(|| tracing::info!("daemon run started"));
+            let ended = operator.start(ctx, &payload).await;
+            traced_event(|| match &ended {
+                Ok(()) => tracing::info!("daemon run stopped"),
+                Err(e) => {
+                    let span = tracing::Span::current();
+                    span.record("otel.status_code", "error");
+                    span.record("otel.status_description", e.to_string());
+                    tracing::warn!(error = %e, "daemon run failed");
+                }
+            });
+            ended
+        };
         let handle =
-            AbortOnDropHandle::new(tokio::spawn(
-                async move { operator.start(ctx, &payload).await },
-            ));
+            AbortOnDropHandle::new(tokio::spawn(tracing::Instrument::instrument(run, span)));
         (handle, stop)
     }
 
@@ -380,6 +398,14 @@ impl Maintainer {
         if tokio::time::timeout(self.margin(), emit).await.is_err() {
             tracing::warn!(uni_id = %self.spec.uni_id, what, "daemon event not queued in time");
         }
+    }
+}
+
+/// Logs an event of a daemon run on its span, when traces are on (the
+/// maintainer logs the same moments itself otherwise).
+fn traced_event(log: impl FnOnce()) {
+    if crate::traces::enabled() {
+        log();
     }
 }
 

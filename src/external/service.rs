@@ -230,6 +230,8 @@ fn request_headers(ctx: &TaskContext) -> HeaderMap {
     headers.insert(QUEUE, ctx.queue.as_str());
     headers.insert(ATTEMPT, ctx.attempt.to_string().as_str());
     headers.insert(MAX_RETRY, ctx.max_retry.to_string().as_str());
+    // The attempt's span (current while the handler runs) is the parent.
+    crate::traces::inject_current(&mut headers);
     if let Some(deadline) = ctx.deadline {
         let text = deadline.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
         headers.insert(DEADLINE, text.as_str());

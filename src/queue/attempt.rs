@@ -178,18 +178,29 @@ pub(super) async fn execute(shared: Arc<Shared>, message: Message, slot: Slot) {
         None
     };
     crate::metrics::task_received(&task.kind);
-    let started = Instant::now();
-    let outcome = run_attempt(
-        &shared,
-        &message,
-        &task,
+    let span = crate::traces::attempt_span(
+        &task.id,
+        &task.kind,
         &queue,
         attempt,
-        handler,
-        slot.keep_alive,
+        message.headers.as_ref(),
+    );
+    let started = Instant::now();
+    let outcome = tracing::Instrument::instrument(
+        run_attempt(
+            &shared,
+            &message,
+            &task,
+            &queue,
+            attempt,
+            handler,
+            slot.keep_alive,
+        ),
+        span.clone(),
     )
     .await;
     let seconds = started.elapsed().as_secs_f64();
+    record_outcome(&span, &outcome);
     if let Some(lock) = run_lock {
         Box::pin(overlap::release(rt, lock)).await;
     }
@@ -243,6 +254,24 @@ pub(super) async fn execute(shared: Arc<Shared>, message: Message, slot: Slot) {
 }
 
 /// After an attempt that did not succeed: delete, shutdown, retry or archive.
+/// How the attempt ended, on its span (nothing when traces are off).
+fn record_outcome(span: &tracing::Span, outcome: &Outcome) {
+    if span.is_disabled() {
+        return;
+    }
+    let label = match outcome {
+        Outcome::Done => "succeeded",
+        Outcome::Failed(_) => "failed",
+        Outcome::Deleted => "deleted",
+        Outcome::Shutdown => "interrupted",
+    };
+    span.record("outcome", label);
+    if let Outcome::Failed(error) = outcome {
+        span.record("otel.status_code", "error");
+        span.record("otel.status_description", error.to_string());
+    }
+}
+
 async fn settle(
     rt: &AttemptEnv,
     message: Message,

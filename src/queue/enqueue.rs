@@ -174,12 +174,19 @@ impl Enqueuer {
             }
             None => names::async_subject(&queue, &task_id),
         };
+        // A delayed task's schedule carries the trace to the message it fires.
+        let span = crate::traces::publish_span(&subject, &task_id);
+        crate::traces::inject(&span, &mut headers);
         let publish = PublishMessage::build()
             .payload(body)
             .headers(headers)
             .message_id(&task_id);
         // Retried through an election or a reconnect; the message id keeps it single.
-        let ack = match publish_with_retries(&self.js, &subject, publish).await {
+        let published = tracing::Instrument::instrument(
+            publish_with_retries(&self.js, &subject, publish),
+            span,
+        );
+        let ack = match published.await {
             Ok(ack) => ack,
             Err(e) => {
                 if let Some(lock) = lock {

@@ -71,6 +71,8 @@ async fn schedule_retry(
         names::async_subject(queue, &task.id).as_str(),
     );
     headers.insert(names::HEADER_ATTEMPTS, attempts.to_string().as_str());
+    // Every attempt continues the trace of the task's first publish.
+    crate::traces::carry(message.headers.as_ref(), &mut headers);
     let sequence = message.info().map(|i| i.stream_sequence).unwrap_or(0);
     let publish = PublishMessage::build()
         .payload(crate::nats::to_json_bytes(task))
