@@ -355,3 +355,69 @@ fn uni_ids_by_data_id(uni_ids: &[String], data_id: u32) -> String {
         .cloned()
         .expect("a task of that data_id")
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_live_feed_outlasts_the_request_timeout_and_ends_with_the_process() {
+    let env = TestEnv::start().await;
+    // Not the harness's fast settings: a long grace, so a stop that waited
+    // for the open feed through its drain time (the request timeout) shows.
+    let port = crate::harness::free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let url = env.url();
+    let args = [
+        "run",
+        "--demo-kinds",
+        "--http-addr",
+        &addr,
+        "--nats-url",
+        &url,
+        "--heartbeat",
+        "1s",
+        "--claim-ttl",
+        "3s",
+        "--reply-timeout",
+        "5s",
+        "--request-timeout",
+        "8s",
+        "--grace",
+        "30s",
+    ];
+    let mut bmw = BmwProcess::spawn_with_env(&args, &[]);
+    let base = format!("http://{addr}");
+    assert_eventually!(
+        Duration::from_secs(20),
+        reqwest::get(format!("{base}/health")).await.is_ok(),
+        "bmw run never answered; logs:\n{}",
+        bmw.logs().join("\n")
+    );
+    let worker_id = bmw.worker_id().await;
+    let mut feed = SseReader::open(&format!("{base}/bmw/events/stream"), None).await;
+    feed.expect("ready", Duration::from_secs(5), |_| true).await;
+    let opened = Instant::now();
+
+    // Past --request-timeout the feed still delivers (heartbeats here).
+    let past_timeout = opened + Duration::from_secs(9);
+    while Instant::now() < past_timeout {
+        feed.next(past_timeout).await;
+    }
+    feed.expect("change", Duration::from_secs(5), |c| {
+        c["workers"]
+            .as_array()
+            .is_some_and(|w| w.contains(&json!(worker_id)))
+    })
+    .await;
+
+    // A stopping bridge ends the feed at once rather than waiting for it
+    // through its drain time (8 s here).
+    let stopping = Instant::now();
+    bmw.send_sigterm();
+    let exited = bmw.wait_exit(Duration::from_secs(20)).await;
+    assert!(exited.is_some(), "bmw run still runs 20 s after SIGTERM");
+    let took = stopping.elapsed();
+    assert!(
+        took < Duration::from_secs(5),
+        "bmw run took {took:?} to stop with a live feed open"
+    );
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while feed.next(deadline).await.is_some() {}
+}

@@ -47,6 +47,10 @@ pub struct BridgeState {
     pub nats: async_nats::Client,
     /// Largest accepted body.
     pub max_body: usize,
+    /// Cancelled when the process stops: ends the responses that would
+    /// otherwise last (the console's live feed), so a stop need not wait
+    /// for them through its drain time.
+    pub shutdown: tokio_util::sync::CancellationToken,
 }
 
 /// Who may call the bridge and how much it takes at once, from the

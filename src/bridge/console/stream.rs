@@ -16,7 +16,9 @@
 //!   keys of removed ones), so a page refreshes only what changed.
 //!
 //! A comment is sent every [`KEEP_ALIVE`] so proxies keep the connection.
-//! The consumer and watches end when the client goes away.
+//! The consumer and watches end when the client goes away, and the feed
+//! ends when the process stops (`BridgeState::shutdown`), so a stop does
+//! not wait for open consoles.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::convert::Infallible;
@@ -140,7 +142,9 @@ pub(crate) async fn events(
     let changes = futures::stream::select_all(watches);
 
     let (tx, rx) = mpsc::channel(BUFFER);
-    let stop = CancellationToken::new();
+    // The client going away (the guard dropped with the response) or the
+    // process stopping ends the feed.
+    let stop = state.shutdown.child_token();
     tokio::spawn(forward(events, changes, filter, tx, stop.clone()));
     let guard = stop.drop_guard();
     let feed = futures::stream::unfold((rx, guard), |(mut rx, guard)| async move {
