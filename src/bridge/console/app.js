@@ -131,10 +131,13 @@ function short(value, length = 60) {
   return text && text.length > length ? text.slice(0, length - 1) + "…" : text || "";
 }
 
+/** A time as the clock shows it, with the date when it is not today. */
 function time(iso) {
   if (!iso) return "";
   const d = new Date(iso);
-  return isNaN(d) ? iso : d.toLocaleString();
+  if (isNaN(d)) return iso;
+  const today = d.toDateString() === new Date().toDateString();
+  return today ? d.toLocaleTimeString() : d.toLocaleString();
 }
 
 function ago(date) {
@@ -242,20 +245,23 @@ async function refreshDaemon() {
   const rows = (envelope.data || []).map((task) => {
     const b = task.binding || {};
     const stateText = task.state === "retrying" && b.next_retry_at
-      ? "retrying at " + time(b.next_retry_at) : task.state;
+      ? "retry at " + time(b.next_retry_at) : task.state;
     const uni = task.uni_id;
+    // A kind without a dimension of its own is identified by its payload.
+    const dimension = task.dimension && task.dimension !== uni ? task.dimension : "";
     return el("tr", { "data-uni-id": uni },
-      el("td", {}, el("code", { title: uni }, short(uni, 48))),
+      el("td", { class: "nowrap" }, el("code", { title: uni }, short(uni, 26))),
       el("td", {}, task.kind),
-      el("td", {}, task.dimension || ""),
-      el("td", {}, el("code", { title: JSON.stringify(task.payload) }, short(task.payload, 48))),
+      el("td", {}, dimension),
+      el("td", { class: "nowrap" }, el("code", { title: JSON.stringify(task.payload) }, short(task.payload, 32))),
       el("td", {}, (task.options || {}).queue || ""),
-      el("td", { class: "worker" }, b.worker_id ? el("code", {}, b.worker_id) : "—"),
-      el("td", { class: "state state-" + task.state }, stateText),
+      el("td", { class: "worker nowrap", "data-worker": b.worker_id || "" },
+        b.worker_id ? el("code", { title: b.worker_id }, short(b.worker_id, 24)) : "—"),
+      el("td", { class: "nowrap state state-" + task.state }, stateText),
       el("td", { class: "num" }, b.retry_count),
       el("td", { class: "num" }, b.reload_count),
       el("td", { class: "error" }, state.lastError.get(uni) || ""),
-      el("td", {},
+      el("td", { class: "nowrap" },
         el("button", { type: "button", class: "reload", onclick: () => act("Reload " + uni, "POST", "/bmw/task/daemon/reload", { task_uni_id: uni }) }, "Reload"),
         dangerButton("Delete", () => act("Delete " + uni, "DELETE", "/bmw/task/", { task_type: "daemon", task_uni_id: uni }), { "data-action": "delete" })));
   });
@@ -298,21 +304,25 @@ function chart(queue, ring) {
   const deltas = [];
   for (let i = 1; i < ring.length; i++) {
     deltas.push({
+      t: ring[i].t,
       processed: Math.max(0, ring[i].processed - ring[i - 1].processed),
       failed: Math.max(0, ring[i].failed - ring[i - 1].failed),
     });
   }
   const total = deltas.reduce((a, d) => a + d.processed + d.failed, 0);
-  svg.setAttribute("aria-label", queue + ": " + total + " processed or failed over the last " + deltas.length + " samples");
+  svg.setAttribute("aria-label", queue + ": " + total + " processed or failed in the last " + Math.round((Date.now() - ring[0].t) / 1000) + " s");
   const max = Math.max(1, ...deltas.map((d) => Math.max(d.processed, d.failed)));
-  const bar = width / QUEUE_SAMPLES;
+  const span = QUEUE_SAMPLES * QUEUE_SAMPLE_MS;
+  const bar = Math.max(2, width / QUEUE_SAMPLES - 1);
+  const now = Date.now();
   const axis = document.createElementNS(SVG_NS, "line");
   axis.setAttribute("class", "axis");
   axis.setAttribute("x1", 0); axis.setAttribute("x2", width);
   axis.setAttribute("y1", mid); axis.setAttribute("y2", mid);
   svg.append(axis);
-  deltas.forEach((d, i) => {
-    const x = width - (deltas.length - i) * bar;
+  deltas.forEach((d) => {
+    const x = width - bar - ((now - d.t) / span) * (width - bar);
+    if (x < 0) return;
     for (const [kind, value, up] of [["processed", d.processed, true], ["failed", d.failed, false]]) {
       if (!value) continue;
       const h = Math.max(1, (value / max) * (mid - 1));
@@ -320,7 +330,7 @@ function chart(queue, ring) {
       rect.setAttribute("class", kind);
       rect.setAttribute("x", x.toFixed(1));
       rect.setAttribute("y", (up ? mid - h : mid).toFixed(1));
-      rect.setAttribute("width", Math.max(1, bar - 1).toFixed(1));
+      rect.setAttribute("width", bar.toFixed(1));
       rect.setAttribute("height", h.toFixed(1));
       svg.append(rect);
     }
