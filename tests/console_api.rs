@@ -421,3 +421,52 @@ async fn the_live_feed_outlasts_the_request_timeout_and_ends_with_the_process() 
     let deadline = Instant::now() + Duration::from_secs(2);
     while feed.next(deadline).await.is_some() {}
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_workers_listing_gives_weights_capacity_quota_activity_and_heartbeat() {
+    let env = TestEnv::start().await;
+    let bmw = BmwProcess::run(
+        &env.url(),
+        &["--queues", "default=3,low=1", "--concurrency", "4"],
+    )
+    .await;
+    let base = bmw.base_url();
+    for data_id in [1, 2] {
+        let body = json!({"kind": "daemon:demo:dimension", "payload": {"data_id": data_id}});
+        env.create_daemon(&body).await;
+    }
+    for _ in 0..2 {
+        let body = json!({"kind": "async:demo:sleep", "payload": {"seconds": 30}});
+        let (status, envelope) = http(
+            Method::POST,
+            &format!("{base}/bmw/task/"),
+            Some(&body.to_string()),
+        )
+        .await;
+        assert_eq!(status, 200, "{envelope}");
+    }
+    let worker = async || {
+        let (status, envelope) = http(Method::GET, &format!("{base}/bmw/worker/"), None).await;
+        assert_eq!(status, 200, "{envelope}");
+        envelope["data"][0].clone()
+    };
+    assert_eventually!(
+        Duration::from_secs(15),
+        {
+            let w = worker().await;
+            w["daemon_quota"] == 2 && w["running"] == 2 && w["async_active"] == 2
+        },
+        "the worker never showed its quota and load: {}",
+        worker().await
+    );
+    let w = worker().await;
+    assert_eq!(w["queue_weights"], json!({"default": 3, "low": 1}));
+    assert_eq!(w["concurrency"], 4);
+    let first_beat = w["heartbeat_at"].as_str().unwrap().to_owned();
+    assert!(!first_beat.is_empty());
+    assert_eventually!(
+        Duration::from_secs(5),
+        worker().await["heartbeat_at"].as_str() != Some(first_beat.as_str()),
+        "the heartbeat time never moved from {first_beat}"
+    );
+}

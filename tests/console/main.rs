@@ -215,7 +215,8 @@ async fn the_pages_follow_the_fleet_and_show_a_killed_workers_tasks_moving() {
             "the other's heartbeat and its tasks",
             &format!(
                 "const row = document.querySelector('#workers-table tr[data-worker-id={}]'); \
-                 return !!row && row.cells[8].textContent.endsWith('ago') && Number(row.cells[5].textContent) >= 6",
+                 return !!row && row.querySelector('td.beat').textContent.endsWith('ago') \
+                 && row.cells[5].textContent.startsWith('7 / ')",
                 js(&stayer_id)
             ),
         )

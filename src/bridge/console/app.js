@@ -226,17 +226,21 @@ async function refreshWorkers() {
     .sort((a, b) => a.entry.worker_id.localeCompare(b.entry.worker_id))
     .map(({ entry, gone_at }) => {
       const sum = (m) => Object.values(m || {}).reduce((a, b) => a + b, 0);
-      const beat = state.heartbeat.get(entry.worker_id);
+      // The entry's own time (newer workers), else when the page saw it written.
+      const beat = entry.heartbeat_at ? new Date(entry.heartbeat_at) : state.heartbeat.get(entry.worker_id);
+      const weights = entry.queue_weights || {};
+      const queues = (entry.queues || []).map((q) => weights[q] ? q + " ×" + weights[q] : q).join(", ");
       return el("tr", { class: gone_at ? "gone" : "", "data-worker-id": entry.worker_id },
         el("td", {}, el("code", {}, entry.worker_id), gone_at ? el("span", { class: "state-gone" }, " going away") : null),
         el("td", {}, entry.host + " / " + entry.pid),
         el("td", {}, entry.version),
-        el("td", {}, (entry.queues || []).join(", ")),
+        el("td", {}, queues),
         el("td", {}, short((entry.kinds || []).join(", "), 80)),
-        el("td", { class: "num" }, entry.running),
+        el("td", { class: "num" }, entry.daemon_quota ? entry.running + " / " + entry.daemon_quota : entry.running),
+        el("td", { class: "num" }, entry.concurrency ? (entry.async_active || 0) + " / " + entry.concurrency : ""),
         el("td", { class: "num" }, sum(entry.async_processed) + " / " + sum(entry.async_failed)),
         el("td", {}, time(entry.started_at)),
-        el("td", {}, gone_at ? "gone " + ago(new Date(gone_at)) : beat ? ago(beat) : "—"));
+        el("td", { class: "beat" }, gone_at ? "gone " + ago(new Date(gone_at)) : beat ? ago(beat) : "—"));
     });
   fillBody($("#workers-table"), rows, "No live worker.");
   if ([...state.workers.values()].some((w) => w.gone_at)) refreshSoon("workers", 5000);
