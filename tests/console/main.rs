@@ -4,7 +4,8 @@
 //! created through the API appears with its worker; a worker killed with
 //! `kill -9` is shown going away while its tasks move (the live feed shows
 //! `moved`); a dead letter requeued from the page runs again; a schedule is
-//! paused from the page with the keyboard. A screenshot of each page goes to
+//! paused from the page with the keyboard; 10,000 daemon tasks are paged and
+//! filtered from the page. A screenshot of each page goes to
 //! `target/console-screenshots/`.
 //!
 //! Run with `cargo test --test console` (`scripts/browser-env` installs
@@ -379,5 +380,67 @@ async fn a_schedule_is_paused_from_the_page_with_the_keyboard() {
     )
     .await;
     assert_eq!(listed["data"][0]["paused"], true, "{listed}");
+    browser.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ten_thousand_daemon_tasks_are_paged_and_filtered_on_the_page() {
+    let env = TestEnv::start().await;
+    let bmw = BmwProcess::run(&env.url(), &["--max-body", "4194304"]).await;
+    let base = bmw.base_url();
+    // On a queue no worker takes: stored and listed, never run.
+    let items: Vec<Value> = (0..10_000)
+        .map(|data_id| {
+            json!({"kind": "daemon:demo:dimension", "payload": {"data_id": data_id}, "options": {"queue": "parked"}})
+        })
+        .collect();
+    let created = call(
+        reqwest::Method::POST,
+        &format!("{base}/bmw/task/batch"),
+        None,
+        &json!(items),
+    )
+    .await;
+    let refused: Vec<&Value> = created["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|o| o["result"] != true)
+        .collect();
+    assert!(
+        refused.is_empty(),
+        "refused: {:?}",
+        &refused[..refused.len().min(3)]
+    );
+
+    let browser = Browser::start().await;
+    browser.goto(&format!("{base}/ui/#daemon")).await;
+    browser
+        .wait_for(
+            "the first page of 10,000",
+            "return document.querySelector('#daemon-range').textContent === '1–50 of 10000' \
+             && document.querySelectorAll('#daemon-table tbody tr[data-uni-id]').length === 50",
+        )
+        .await;
+    browser.click("#daemon-next").await;
+    browser
+        .wait_for(
+            "the second page",
+            "return document.querySelector('#daemon-range').textContent === '51–100 of 10000'",
+        )
+        .await;
+    browser
+        .type_into("#daemon-filter input[name=dimension]", "9999")
+        .await;
+    browser.click("#daemon-filter button[type=submit]").await;
+    browser
+        .wait_for(
+            "the one task of dimension 9999",
+            "const rows = document.querySelectorAll('#daemon-table tbody tr[data-uni-id]'); \
+             return document.querySelector('#daemon-range').textContent === '1–1 of 1' \
+             && rows.length === 1 && rows[0].cells[2].textContent === '9999' \
+             && rows[0].querySelector('td.state-unbound') !== null",
+        )
+        .await;
     browser.close().await;
 }
