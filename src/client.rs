@@ -51,8 +51,8 @@ pub struct DaemonRow {
     pub uni_id: String,
     /// Kind.
     pub kind: String,
-    /// The operator's dimension (e.g. a data id); empty when the payload
-    /// as a whole identifies the task.
+    /// The operator's dimension (e.g. a data id), or the uni_id for an
+    /// operator without one: the `task_dimension` metric label.
     pub dimension: String,
     /// Payload.
     pub payload: Value,
