@@ -313,6 +313,44 @@ async fn a_dead_letter_is_requeued_from_the_page_and_runs_again() {
             ),
         )
         .await;
+
+    // Archived again; "requeue every dead letter" of the queue runs it a third time.
+    browser.click("#tab-async").await;
+    browser
+        .wait_for(
+            "the dead letter again",
+            &format!("const r = document.querySelector('{row}'); return !!r && r.textContent.includes('archived')"),
+        )
+        .await;
+    browser.click("#async-requeue-all").await;
+    browser
+        .wait_for(
+            "every dead letter requeued",
+            "return document.querySelector('#notice').textContent === 'Requeued 1 dead letters'",
+        )
+        .await;
+    browser.click("#tab-events").await;
+    browser
+        .wait_for(
+            "three failed attempts of the task",
+            &format!(
+                "return document.querySelectorAll('#events-list li[data-what=failed][data-task={}]').length === 3",
+                js(&task_id)
+            ),
+        )
+        .await;
+    assert_eventually!(
+        Duration::from_secs(10),
+        call(
+            reqwest::Method::GET,
+            &format!("{base}/bmw/task/?task_type=async&task_id={task_id}"),
+            None,
+            &Value::Null,
+        )
+        .await["data"]["state"]
+            == "archived",
+        "the task never went back to the dead letters"
+    );
     let record = call(
         reqwest::Method::GET,
         &format!("{base}/bmw/task/?task_type=async&task_id={task_id}"),

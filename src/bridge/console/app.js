@@ -392,7 +392,6 @@ async function refreshAsync(more = false) {
   fillBody($("#async-table"), rows, "No async task matches.");
   $("#async-range").textContent = a.rows.length + " shown" + (a.cursor ? ", more available" : "");
   $("#async-more").disabled = !a.cursor;
-  $("#async-requeue-all").disabled = !a.rows.some((t) => t.state === "archived");
 }
 
 function showAsync(task) {
@@ -410,8 +409,29 @@ function showAsync(task) {
   box.focus();
 }
 
-async function requeueAllShown() {
-  const dead = state.async.rows.filter((t) => t.state === "archived");
+/** Every dead letter of the searched queue (and kind), all pages of it. */
+async function allDeadLetters() {
+  const f = state.async.filter;
+  const dead = [];
+  let cursor;
+  do {
+    const { envelope, response } = await api("GET", "/bmw/task/?" + query({
+      task_type: "async", state: "archived", queue: f.queue, kind: f.kind, limit: 1000, cursor,
+    }));
+    dead.push(...(envelope.data || []));
+    cursor = response.headers.get("bmw-next-cursor") || undefined;
+  } while (cursor);
+  return dead;
+}
+
+async function requeueAllDead() {
+  let dead;
+  try {
+    dead = await allDeadLetters();
+  } catch (e) {
+    notice("Requeue all: " + e.message);
+    return;
+  }
   let done = 0;
   const failures = [];
   for (const t of dead) {
@@ -614,7 +634,7 @@ function start() {
     refreshSoon("async", 0);
   });
   $("#async-more").addEventListener("click", () => refreshAsync(true).catch((e) => notice(e.message)));
-  $("#async-requeue-all").addEventListener("click", requeueAllShown);
+  $("#async-requeue-all").addEventListener("click", requeueAllDead);
   $("#events-filter").addEventListener("submit", (e) => {
     e.preventDefault();
     state.eventFilter = formValues(e.target);
