@@ -51,6 +51,9 @@ pub struct DaemonRow {
     pub uni_id: String,
     /// Kind.
     pub kind: String,
+    /// The operator's dimension (e.g. a data id), or the uni_id for an
+    /// operator without one: the `task_dimension` metric label.
+    pub dimension: String,
     /// Payload.
     pub payload: Value,
     /// Options.
@@ -199,6 +202,12 @@ impl TaskClient {
             .collect())
     }
 
+    /// The connection it submits and reads through (the console's live
+    /// feed watches the same streams and buckets).
+    pub fn nats(&self) -> &Nats {
+        &self.nats
+    }
+
     /// Every live worker.
     pub async fn list_workers(&self) -> Result<Vec<WorkerEntry>, OpError> {
         self.ops.list_workers().await
@@ -239,6 +248,7 @@ fn row(spec: DaemonSpec, claims: &HashMap<String, Claim>, live: &HashSet<&str>) 
     DaemonRow {
         uni_id: spec.uni_id.to_string(),
         kind: spec.kind.to_string(),
+        dimension: spec.dimension,
         payload: spec.payload,
         options,
         binding: Binding {

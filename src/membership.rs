@@ -1,20 +1,23 @@
 //! [`Membership`]: this worker's entry in the `bmw_workers` bucket.
 //!
-//! The entry (host, pid, queues, running count) is written with a per-key TTL
+//! The entry (host, pid, queues and weights, daemon tasks held and quota,
+//! async attempts running and capacity, heartbeat time) is written with a per-key TTL
 //! and renewed every heartbeat, so a dead worker disappears by itself; the
 //! daemon runtime counts live workers from it to balance tasks, and the bridge
 //! lists it at `GET /bmw/worker/`.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use async_nats::jetstream;
 use serde::{Deserialize, Serialize};
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
+use crate::config::QueueWeight;
 use crate::nats::{NatsError, names};
 
 /// The longest the entry's removal at shutdown may take.
@@ -46,6 +49,22 @@ pub struct WorkerEntry {
     /// Async attempts failed since start, by queue.
     #[serde(default)]
     pub async_failed: BTreeMap<String, u64>,
+    /// Each queue's weight: its share of `concurrency` under load.
+    #[serde(default)]
+    pub queue_weights: BTreeMap<String, u32>,
+    /// Async attempts it runs at once at most (`--concurrency`).
+    #[serde(default)]
+    pub concurrency: usize,
+    /// Async attempts running at the last heartbeat.
+    #[serde(default)]
+    pub async_active: usize,
+    /// Daemon tasks it aims to hold at most at the last heartbeat: its
+    /// balancing quota, summed over its queues (0 while no task is eligible).
+    #[serde(default)]
+    pub daemon_quota: usize,
+    /// When the entry was last written (RFC 3339): its last heartbeat.
+    #[serde(default)]
+    pub heartbeat_at: String,
 }
 
 /// Live numbers of this worker, published with its entry every heartbeat.
@@ -57,6 +76,11 @@ pub struct WorkerStats {
     pub async_processed: Mutex<BTreeMap<String, u64>>,
     /// Async attempts failed, by queue.
     pub async_failed: Mutex<BTreeMap<String, u64>>,
+    /// The daemon balancing quota (summed over the worker's queues).
+    pub daemon_quota: AtomicUsize,
+    /// The async runtime's permits, one per attempt that may run at once
+    /// (set when it starts): those taken are the attempts running.
+    pub async_permits: OnceLock<Arc<Semaphore>>,
 }
 
 impl WorkerStats {
@@ -128,6 +152,11 @@ impl Membership {
             kinds,
             async_processed: BTreeMap::new(),
             async_failed: BTreeMap::new(),
+            queue_weights: BTreeMap::new(),
+            concurrency: 0,
+            async_active: 0,
+            daemon_quota: 0,
+            heartbeat_at: String::new(),
         };
         Membership {
             js,
@@ -137,9 +166,24 @@ impl Membership {
         }
     }
 
+    /// The entry with the worker's async capacity: its queues' weights and
+    /// `--concurrency`.
+    pub fn with_async_capacity(mut self, queues: &[QueueWeight], concurrency: usize) -> Self {
+        self.entry.queue_weights = queues.iter().map(|q| (q.name.clone(), q.weight)).collect();
+        self.entry.concurrency = concurrency;
+        self
+    }
+
     /// Writes the entry once (so the worker counts before it claims anything).
     pub async fn register(&mut self) -> Result<(), NatsError> {
         self.entry.running = self.stats.daemon_running.load(Ordering::Relaxed);
+        self.entry.daemon_quota = self.stats.daemon_quota.load(Ordering::Relaxed);
+        self.entry.async_active = self.stats.async_permits.get().map_or(0, |permits| {
+            self.entry
+                .concurrency
+                .saturating_sub(permits.available_permits())
+        });
+        self.entry.heartbeat_at = chrono::Utc::now().to_rfc3339();
         self.entry.async_processed = self
             .stats
             .async_processed

@@ -173,6 +173,7 @@ async fn serve_bridge(
         client: Arc::new(client),
         nats: nats.client.clone(),
         max_body: config.max_body,
+        shutdown: token.clone(),
     };
     let guards = Guards::from_config(config);
     let addr = config.http_addr;

@@ -104,7 +104,8 @@ impl Worker {
             registry.kinds(),
             config.claim_ttl,
             stats.clone(),
-        );
+        )
+        .with_async_capacity(&config.queues, config.concurrency);
         membership.register().await?;
         tracing::info!(worker_id = %worker_id, queues = ?config.queue_names(), concurrency = config.concurrency, "worker started");
         for kind in registry.kinds() {

@@ -9,9 +9,12 @@
 //! ([`limits`]) wrap the API routes (`POST /bmw/log/level` among them: it
 //! needs a read-write token when tokens are set); `/health` and `/ready` stay
 //! open (and `/metrics`, `/bmw/metrics` unless configured). [`listen`] serves it, over TLS if asked.
+//! The operator's console (`/ui/`, its live feed `/bmw/events/stream`) is in
+//! `console`: its files are open, everything it reads is behind the guards.
 //! A panic while handling a request answers 500 with the envelope.
 
 pub mod auth;
+mod console;
 mod cross_site;
 pub mod envelope;
 pub mod limits;
@@ -44,6 +47,10 @@ pub struct BridgeState {
     pub nats: async_nats::Client,
     /// Largest accepted body.
     pub max_body: usize,
+    /// Cancelled when the process stops: ends the responses that would
+    /// otherwise last (the console's live feed), so a stop need not wait
+    /// for them through its drain time.
+    pub shutdown: tokio_util::sync::CancellationToken,
 }
 
 /// Who may call the bridge and how much it takes at once, from the
@@ -120,6 +127,8 @@ pub fn router(state: BridgeState, guards: &Guards) -> Router {
         .route("/bmw/worker", get(routes::workers))
         .route("/bmw/log/level", post(routes::log_level))
         .route("/bmw/log/level/", post(routes::log_level))
+        // The operator's console reads the live feed (issue 15).
+        .route("/bmw/events/stream", get(console::stream::events))
         .fallback(routes::not_found)
         .with_state(state.clone());
     let api = guards
@@ -134,6 +143,7 @@ pub fn router(state: BridgeState, guards: &Guards) -> Router {
         .route("/ready", get(routes::ready))
         .with_state(state)
         .merge(ops_router(guards))
+        .merge(console::router())
         .merge(api)
         .layer(CatchPanicLayer::custom(panicked))
         .layer(middleware::from_fn(record))

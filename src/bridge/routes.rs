@@ -11,6 +11,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
 use super::BridgeState;
+use super::console::daemon_list::DaemonQuery;
 use super::envelope::{ApiError, Envelope, Reply};
 use crate::client::{MAX_BATCH_ITEMS, Submitted};
 use crate::nats::names;
@@ -159,7 +160,8 @@ pub(super) async fn reload(State(state): State<BridgeState>, raw: Body) -> Resul
 /// listing starts (absent on the last page): pass it back as `cursor`.
 pub(super) const NEXT_CURSOR_HEADER: &str = "bmw-next-cursor";
 
-/// `GET /bmw/task/?task_type=daemon|async|periodic`: list tasks. Async
+/// `GET /bmw/task/?task_type=daemon|async|periodic`: list tasks. Daemon
+/// filters and paging: see [`DaemonQuery`]. Async
 /// filters: `task_id` (one task), `queue`, `state`, `kind`; paging: `limit`,
 /// `cursor` (from the previous page's `Bmw-Next-Cursor` header), `offset`.
 pub(super) async fn list(
@@ -172,12 +174,9 @@ pub(super) async fn list(
         .unwrap_or("daemon");
     match TaskType::parse(task_type)? {
         TaskType::Daemon => {
+            let daemon_query = DaemonQuery::parse(&query)?;
             let rows = state.client.list_daemon().await?;
-            let rows: Vec<_> = match query.get("kind") {
-                Some(kind) => rows.into_iter().filter(|r| &r.kind == kind).collect(),
-                None => rows,
-            };
-            Ok(Reply::ok(json!(rows)).into_response())
+            Ok(daemon_query.answer(rows))
         }
         TaskType::Async => {
             if let Some(task_id) = query.get("task_id") {

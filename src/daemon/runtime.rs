@@ -446,6 +446,7 @@ impl DaemonRuntime {
                 t.mine += 1;
             }
         }
+        let mut quota = 0;
         for t in tallies.into_values().filter(|t| t.eligible > 0) {
             let peer_loads: Vec<usize> = t.loads.values().copied().collect();
             let plan = balancer::plan(&View {
@@ -456,10 +457,12 @@ impl DaemonRuntime {
                 free_fresh: t.fresh.len(),
                 free_long: t.long.len(),
             });
+            quota += plan.quota;
             claim.extend(t.long.into_iter().take(plan.claim_long).cloned());
             claim.extend(t.fresh.into_iter().take(plan.claim_fresh).cloned());
             release.extend(t.held.into_iter().take(plan.release).cloned());
         }
+        self.stats.daemon_quota.store(quota, Ordering::Relaxed);
         (claim, release)
     }
 

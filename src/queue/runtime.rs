@@ -94,6 +94,8 @@ impl AsyncRuntime {
             running: Mutex::new(Running::default()),
         });
         let semaphore = Arc::new(Semaphore::new(concurrency.max(1)));
+        // The worker's entry counts the permits taken as attempts running.
+        let _ = shared.rt.stats.async_permits.set(semaphore.clone());
         let tasks = TaskTracker::new();
         let loops = TaskTracker::new();
         loops.spawn(cancel_listener(shared.clone(), token.clone()));
