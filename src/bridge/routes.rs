@@ -174,6 +174,9 @@ pub(super) async fn delete_all(
         }
     };
     if let Some(task_type) = query.get("task_type") {
+        // Refused when invalid even if the body names a type: a typo must
+        // not go unnoticed on a route that deletes everything.
+        TaskType::parse(task_type)?;
         command
             .entry("task_type")
             .or_insert_with(|| Value::String(task_type.clone()));
@@ -229,7 +232,33 @@ pub(super) async fn list(
         .get("task_type")
         .map(String::as_str)
         .unwrap_or("daemon");
-    match TaskType::parse(task_type)? {
+    let task_type = TaskType::parse(task_type)?;
+    // Every parameter is checked whatever the type, so a bad one is never
+    // silently ignored.
+    let number = |name: &str| -> Result<usize, ApiError> {
+        query.get(name).map_or(Ok(0), |v| {
+            v.parse::<u32>().map(|n| n as usize).map_err(|_| {
+                ApiError::bad_request(format!(
+                    "invalid `{name}`: {v:?} is not a number from 0 to {}",
+                    u32::MAX
+                ))
+            })
+        })
+    };
+    let list_query = ListQuery {
+        queue: query.get("queue").cloned(),
+        state: match query.get("state") {
+            Some(s) => Some(TaskState::parse(s).ok_or_else(|| {
+                ApiError::bad_request(format!("invalid `state`: {s:?}, expected pending, scheduled, active, retry, completed or archived"))
+            })?),
+            None => None,
+        },
+        kind: query.get("kind").cloned(),
+        offset: number("offset")?,
+        limit: number("limit")?,
+        cursor: query.get("cursor").map(|c| c.parse()).transpose()?,
+    };
+    match task_type {
         TaskType::Daemon => {
             let rows = state.client.list_daemon().await?;
             let rows: Vec<_> = match query.get("kind") {
@@ -243,26 +272,6 @@ pub(super) async fn list(
                 let record = state.client.get_async(task_id).await?;
                 return Ok(Reply::ok(json!(record)).into_response());
             }
-            let number = |name: &str| -> Result<usize, ApiError> {
-                query.get(name).map_or(Ok(0), |v| {
-                    v.parse().map_err(|_| {
-                        ApiError::bad_request(format!("invalid `{name}`: {v:?} is not a number"))
-                    })
-                })
-            };
-            let list_query = ListQuery {
-                queue: query.get("queue").cloned(),
-                state: match query.get("state") {
-                    Some(s) => Some(TaskState::parse(s).ok_or_else(|| {
-                        ApiError::bad_request(format!("invalid `state`: {s:?}, expected pending, scheduled, active, retry, completed or archived"))
-                    })?),
-                    None => None,
-                },
-                kind: query.get("kind").cloned(),
-                offset: number("offset")?,
-                limit: number("limit")?,
-                cursor: query.get("cursor").map(|c| c.parse()).transpose()?,
-            };
             let page = state.client.list_async(&list_query).await?;
             let mut response = Reply::ok(json!(page.tasks)).into_response();
             if let Some(next) = page.next
