@@ -24,6 +24,7 @@ mod nats_cluster;
 mod nats_restart;
 mod nats_security;
 mod network_faults;
+mod openapi;
 mod periodic_tasks;
 mod raw_commands;
 mod seed_walkthrough;
