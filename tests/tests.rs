@@ -3,6 +3,7 @@
 #[macro_use]
 mod harness;
 
+mod api_tester;
 mod async_listing;
 mod async_tasks;
 mod async_workers;
