@@ -141,7 +141,7 @@ pub struct CreateBody {
 }
 
 /// A create's options: BMW's names. Which apply to which task type:
-/// [`crate::task::Options::check_for`]. Durations are integer seconds or a
+/// `task::Options::check_for` (the README's table). Durations are integer seconds or a
 /// humantime string (`"1h 30m"`), at most 100 years; times are RFC 3339.
 /// An unknown name is refused; `null` is an option not given.
 #[derive(Debug, Serialize, ToSchema)]
@@ -377,7 +377,7 @@ pub(super) async fn health() -> impl IntoResponse {
     super::envelope::Reply::ok(Value::Null)
 }
 
-/// `GET /ready` (served by [`super::routes::ready`]).
+/// `GET /ready`, served by `routes::ready`: 200 while NATS is connected.
 #[utoipa::path(get, path = "/ready", tag = "operations",
     responses(
         (status = 200, description = "NATS is connected", body = Envelope),
@@ -386,7 +386,7 @@ pub(super) async fn health() -> impl IntoResponse {
 #[allow(dead_code)]
 fn ready() {}
 
-/// `GET /metrics` (served by [`super::ops_router`]).
+/// `GET /metrics`, served by `ops_router`.
 #[utoipa::path(get, path = "/metrics", tag = "operations",
     security((), ("bearer" = [])),
     responses(

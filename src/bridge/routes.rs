@@ -77,7 +77,7 @@ pub(super) async fn create(State(state): State<BridgeState>, raw: Body) -> Resul
 }
 
 /// `POST /bmw/task/batch`: create many tasks. The body is a JSON array of
-/// create bodies (1 to [`MAX_BATCH_ITEMS`]); the answer is one envelope whose
+/// create bodies (1 to 10,000, `MAX_BATCH_ITEMS`); the answer is one envelope whose
 /// `data` holds each item's outcome, in order. The request itself is refused
 /// (400, 413) only when the body is not such an array; a refused item is
 /// refused on its own and the others are created.
