@@ -45,7 +45,7 @@ pub enum Submitted {
 }
 
 /// A row of the daemon task list (the seed's fields plus the run state).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct DaemonRow {
     /// uni_id.
     pub uni_id: String,
@@ -63,7 +63,7 @@ pub struct DaemonRow {
 }
 
 /// A daemon task's binding to a worker.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Binding {
     /// The holder, empty if none.
     pub worker_id: String,

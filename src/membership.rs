@@ -24,7 +24,7 @@ use crate::nats::{NatsError, names};
 const REMOVE_WAIT: Duration = Duration::from_secs(1);
 
 /// A worker as seen by everyone.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct WorkerEntry {
     /// `hostname-pid-uuid`.
     pub worker_id: String,

@@ -500,3 +500,49 @@ async fn ids_and_kinds_no_task_can_have_are_refused_or_not_found() {
         );
     }
 }
+
+/// Query parameters the OpenAPI document constrains are refused when
+/// invalid, whatever else the request says (found by schemathesis: a bad
+/// `?task_type=` beside a good body deleted everything of the body's type,
+/// and `?state=` or `?limit=` that were not numbers or states were ignored on
+/// a daemon listing).
+#[tokio::test(flavor = "multi_thread")]
+async fn invalid_query_parameters_are_400_whatever_the_body_or_type() {
+    let env = TestEnv::start().await;
+    let bmw = BmwProcess::run(&env.url(), &[]).await;
+    let base = bmw.base_url();
+    let (status, envelope) = http(
+        Method::POST,
+        &format!("{base}/bmw/task/"),
+        Some(r#"{"kind": "daemon:demo:demo", "payload": {"content": "ok"}}"#),
+    )
+    .await;
+    assert_eq!(status, 200, "{envelope}");
+    let (status, envelope) = http(
+        Method::DELETE,
+        &format!("{base}/bmw/task/all?task_type=AAA"),
+        Some(r#"{"task_type": "daemon"}"#),
+    )
+    .await;
+    assert_eq!(status, 400, "{envelope}");
+    assert!(
+        envelope["message"].as_str().unwrap().contains("task_type"),
+        "{envelope}"
+    );
+    assert_eq!(env.bindings().await.len(), 1, "nothing was deleted");
+    for (query, field) in [
+        ("state=AAA", "`state`"),
+        ("task_type=daemon&state=AAA", "`state`"),
+        ("limit=x", "`limit`"),
+        ("task_type=periodic&offset=-1", "`offset`"),
+        ("task_type=async&offset=4294967296", "`offset`"),
+    ] {
+        let (status, envelope) =
+            http(Method::GET, &format!("{base}/bmw/task/?{query}"), None).await;
+        assert_eq!(status, 400, "{query}: {envelope}");
+        assert!(
+            envelope["message"].as_str().unwrap().contains(field),
+            "{query}: {envelope}"
+        );
+    }
+}

@@ -3,6 +3,7 @@
 #[macro_use]
 mod harness;
 
+mod api_tester;
 mod async_listing;
 mod async_tasks;
 mod async_workers;
@@ -25,6 +26,7 @@ mod nats_cluster;
 mod nats_restart;
 mod nats_security;
 mod network_faults;
+mod openapi;
 mod periodic_tasks;
 mod raw_commands;
 mod seed_walkthrough;

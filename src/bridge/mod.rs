@@ -1,6 +1,7 @@
 //! The HTTP bridge (design.md §6): REST routes under `/bmw/task/` turned into
 //! commands, plus `/bmw/queue/`, `/bmw/worker/`, `/bmw/log/level`, `/metrics`
-//! and `/bmw/metrics`, `/health` and `/ready`. Thin on purpose: a command goes through [`crate::client`], which
+//! and `/bmw/metrics`, `/health` and `/ready`, and the OpenAPI document of
+//! them all at `/openapi.json` ([`openapi`]). Thin on purpose: a command goes through [`crate::client`], which
 //! applies async and periodic ones directly and publishes daemon ones on
 //! `bmw.task.*` for a worker; the envelope is in [`envelope`].
 //!
@@ -19,6 +20,7 @@ mod cross_site;
 pub mod envelope;
 pub mod limits;
 pub mod listen;
+pub mod openapi;
 mod routes;
 
 use std::sync::Arc;
@@ -30,6 +32,8 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use tower_http::catch_panic::CatchPanicLayer;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 pub use self::auth::ApiTokens;
 pub use self::limits::RequestLimits;
@@ -96,39 +100,41 @@ pub fn ops_router(guards: &Guards) -> Router {
         metrics
     };
     Router::new()
-        .route(
-            "/health",
-            get(|| async { envelope::Reply::ok(serde_json::Value::Null) }),
-        )
+        .route("/health", get(openapi::health))
         .merge(metrics)
 }
 
 /// The bridge's routes: the API behind the guards (outermost first: token,
-/// cross-site rule, limits), the health routes open.
+/// cross-site rule, limits), the health routes and the OpenAPI document
+/// open. Each API route is registered with its `#[utoipa::path]` (its path
+/// and method come from there), so the document lists every one; the
+/// aliases without (or with) a trailing slash are not listed.
 pub fn router(state: BridgeState, guards: &Guards) -> Router {
+    let (api, doc) = OpenApiRouter::with_openapi(openapi::base())
+        .routes(routes!(routes::list, routes::create, routes::delete))
+        .routes(routes!(routes::create_batch))
+        .routes(routes!(routes::delete_all))
+        .routes(routes!(routes::reload))
+        .routes(routes!(routes::requeue))
+        .routes(routes!(routes::pause))
+        .routes(routes!(routes::resume))
+        .routes(routes!(routes::queues))
+        .routes(routes!(routes::workers))
+        .routes(routes!(routes::log_level))
+        // The operator's console reads the live feed (issue 15).
+        .routes(routes!(console::stream::events))
+        .split_for_parts();
     let tasks = get(routes::list)
         .post(routes::create)
         .delete(routes::delete);
-    let api = Router::new()
-        .route("/bmw/task/", tasks.clone())
+    let api = api
         .route("/bmw/task", tasks)
-        .route("/bmw/task/batch", post(routes::create_batch))
         .route("/bmw/task/batch/", post(routes::create_batch))
-        .route("/bmw/task/all", delete(routes::delete_all))
         .route("/bmw/task/all/", delete(routes::delete_all))
-        .route("/bmw/task/daemon/reload", post(routes::reload))
         .route("/bmw/task/daemon/reload/", post(routes::reload))
-        .route("/bmw/task/async/requeue", post(routes::requeue))
-        .route("/bmw/task/periodic/pause", post(routes::pause))
-        .route("/bmw/task/periodic/resume", post(routes::resume))
-        .route("/bmw/queue/", get(routes::queues))
         .route("/bmw/queue", get(routes::queues))
-        .route("/bmw/worker/", get(routes::workers))
         .route("/bmw/worker", get(routes::workers))
-        .route("/bmw/log/level", post(routes::log_level))
         .route("/bmw/log/level/", post(routes::log_level))
-        // The operator's console reads the live feed (issue 15).
-        .route("/bmw/events/stream", get(console::stream::events))
         .fallback(routes::not_found)
         .with_state(state.clone());
     let api = guards
@@ -144,6 +150,7 @@ pub fn router(state: BridgeState, guards: &Guards) -> Router {
         .with_state(state)
         .merge(ops_router(guards))
         .merge(console::router())
+        .merge(openapi::route(doc))
         .merge(api)
         .layer(CatchPanicLayer::custom(panicked))
         .layer(middleware::from_fn(record))

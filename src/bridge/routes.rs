@@ -13,8 +13,14 @@ use serde_json::{Value, json};
 use super::BridgeState;
 use super::console::daemon_list::DaemonQuery;
 use super::envelope::{ApiError, Envelope, Reply};
+use super::openapi::{
+    ApiFailures, BatchBody, CreateBody, DeleteAllBody, DeleteBody, Deleted, EnvelopeOf, KindBody,
+    LogLevel, ReloadBody, RequeueBody, TaskList, TaskTypeName,
+};
 use crate::client::{MAX_BATCH_ITEMS, Submitted};
+use crate::membership::WorkerEntry;
 use crate::nats::names;
+use crate::queue::QueueStats;
 use crate::queue::{ListQuery, TaskState};
 use crate::task::TaskType;
 
@@ -59,15 +65,29 @@ async fn submit(state: &BridgeState, subject: &str, raw: Body) -> Result<Reply, 
 }
 
 /// `POST /bmw/task/`: create a task.
+#[utoipa::path(post, path = "/bmw/task/", tag = "tasks", security((), ("bearer" = [])),
+    request_body = CreateBody,
+    responses(
+        (status = 200, description = "Created (or already there): the task's uni_id, task_id or schedule", body = Envelope),
+        (status = 202, description = "Stored; no worker answered in time: `data` holds what is known", body = Envelope),
+        (status = 409, description = "The task id is in use, or the same task is within its unique window: `data.task_id` names it", body = Envelope),
+        ApiFailures,
+    ))]
 pub(super) async fn create(State(state): State<BridgeState>, raw: Body) -> Result<Reply, ApiError> {
     submit(&state, names::SUBJECT_CREATE, raw).await
 }
 
 /// `POST /bmw/task/batch`: create many tasks. The body is a JSON array of
-/// create bodies (1 to [`MAX_BATCH_ITEMS`]); the answer is one envelope whose
+/// create bodies (1 to 10,000, `MAX_BATCH_ITEMS`); the answer is one envelope whose
 /// `data` holds each item's outcome, in order. The request itself is refused
 /// (400, 413) only when the body is not such an array; a refused item is
 /// refused on its own and the others are created.
+#[utoipa::path(post, path = "/bmw/task/batch", tag = "tasks", security((), ("bearer" = [])),
+    request_body = BatchBody,
+    responses(
+        (status = 200, description = "Each item's outcome, in order (an item may be refused on its own)", body = EnvelopeOf<Vec<Envelope>>),
+        ApiFailures,
+    ))]
 pub(super) async fn create_batch(
     State(state): State<BridgeState>,
     raw: Body,
@@ -114,12 +134,27 @@ fn json_type(value: &Value) -> &'static str {
 }
 
 /// `DELETE /bmw/task/`: delete a task.
+#[utoipa::path(delete, path = "/bmw/task/", tag = "tasks", security((), ("bearer" = [])),
+    request_body = DeleteBody,
+    responses(
+        (status = 200, description = "Deleted", body = Envelope),
+        (status = 202, description = "Stored; no worker answered in time", body = Envelope),
+        ApiFailures,
+    ))]
 pub(super) async fn delete(State(state): State<BridgeState>, raw: Body) -> Result<Reply, ApiError> {
     submit(&state, names::SUBJECT_DELETE, raw).await
 }
 
 /// `DELETE /bmw/task/all` with `{"task_type"}` (or `?task_type=`): delete
 /// every task of that type; answers how many.
+#[utoipa::path(delete, path = "/bmw/task/all", tag = "tasks", security((), ("bearer" = [])),
+    params(("task_type" = Option<TaskTypeName>, Query, description = "The type, if the body does not give it")),
+    request_body(content = Option<DeleteAllBody>, description = "The type (or `?task_type=`)"),
+    responses(
+        (status = 200, description = "How many went", body = EnvelopeOf<Deleted>),
+        (status = 202, description = "Stored; no worker answered in time", body = Envelope),
+        ApiFailures,
+    ))]
 pub(super) async fn delete_all(
     State(state): State<BridgeState>,
     Query(query): Query<HashMap<String, String>>,
@@ -140,6 +175,9 @@ pub(super) async fn delete_all(
         }
     };
     if let Some(task_type) = query.get("task_type") {
+        // Refused when invalid even if the body names a type: a typo must
+        // not go unnoticed on a route that deletes everything.
+        TaskType::parse(task_type)?;
         command
             .entry("task_type")
             .or_insert_with(|| Value::String(task_type.clone()));
@@ -152,6 +190,13 @@ pub(super) async fn delete_all(
 }
 
 /// `POST /bmw/task/daemon/reload`: restart a daemon task.
+#[utoipa::path(post, path = "/bmw/task/daemon/reload", tag = "tasks", security((), ("bearer" = [])),
+    request_body = ReloadBody,
+    responses(
+        (status = 200, description = "Restarted (reloadCount + 1)", body = Envelope),
+        (status = 202, description = "Stored; no worker answered in time", body = Envelope),
+        ApiFailures,
+    ))]
 pub(super) async fn reload(State(state): State<BridgeState>, raw: Body) -> Result<Reply, ApiError> {
     submit(&state, names::SUBJECT_RELOAD, raw).await
 }
@@ -164,6 +209,26 @@ pub(super) const NEXT_CURSOR_HEADER: &str = "bmw-next-cursor";
 /// filters and paging: see [`DaemonQuery`]. Async
 /// filters: `task_id` (one task), `queue`, `state`, `kind`; paging: `limit`,
 /// `cursor` (from the previous page's `Bmw-Next-Cursor` header), `offset`.
+#[utoipa::path(get, path = "/bmw/task/", tag = "tasks", security((), ("bearer" = [])),
+    params(
+        ("task_type" = Option<TaskTypeName>, Query, description = "daemon (the default), async or periodic"),
+        ("kind" = Option<String>, Query, description = "Only this kind (daemon, async)"),
+        ("task_id" = Option<String>, Query, description = "One async task: `data` is its record"),
+        ("queue" = Option<String>, Query, description = "Only this queue (daemon, async)"),
+        ("state" = Option<String>, Query, description = "Only this state: for async tasks pending, scheduled, active, retry, completed or archived; for daemon tasks running, retrying or unbound"),
+        ("worker" = Option<String>, Query, description = "Daemon: only the tasks this worker holds"),
+        ("dimension" = Option<String>, Query, description = "Daemon: only the tasks whose dimension contains this"),
+        ("limit" = Option<u32>, Query, maximum = 4294967295_u64, description = "At most this many (async: 0 is the default page; daemon: at most 10,000, and with it the answer is paged)"),
+        ("offset" = Option<u32>, Query, maximum = 4294967295_u64, description = "Skip this many (async, daemon)"),
+        ("cursor" = Option<String>, Query, description = "Async: where the page starts (the previous page's `Bmw-Next-Cursor`)"),
+    ),
+    responses(
+        (status = 200, description = "Daemon tasks with their binding, async task records (or one record with `task_id`), or periodic tasks",
+            body = EnvelopeOf<TaskList>,
+            headers(("bmw-next-cursor" = String, description = "Async: where the next page starts (absent on the last page)"),
+                ("bmw-total-count" = String, description = "Daemon, when filtered or paged: how many tasks match, before `limit` and `offset`"))),
+        ApiFailures,
+    ))]
 pub(super) async fn list(
     State(state): State<BridgeState>,
     Query(query): Query<HashMap<String, String>>,
@@ -172,9 +237,43 @@ pub(super) async fn list(
         .get("task_type")
         .map(String::as_str)
         .unwrap_or("daemon");
-    match TaskType::parse(task_type)? {
+    let task_type = TaskType::parse(task_type)?;
+    // Every parameter is checked whatever the type, so a bad one is never
+    // silently ignored.
+    let number = |name: &str| -> Result<usize, ApiError> {
+        query.get(name).map_or(Ok(0), |v| {
+            v.parse::<u32>().map(|n| n as usize).map_err(|_| {
+                ApiError::bad_request(format!(
+                    "invalid `{name}`: {v:?} is not a number from 0 to {}",
+                    u32::MAX
+                ))
+            })
+        })
+    };
+    // `state`, `limit` and `offset` of the daemon list are the daemon
+    // query's (its states are running, retrying, unbound); the async
+    // listing's otherwise.
+    let async_query = || -> Result<ListQuery, ApiError> {
+        Ok(ListQuery {
+        queue: query.get("queue").cloned(),
+        state: match query.get("state") {
+            Some(s) => Some(TaskState::parse(s).ok_or_else(|| {
+                ApiError::bad_request(format!("invalid `state`: {s:?}, expected pending, scheduled, active, retry, completed or archived"))
+            })?),
+            None => None,
+        },
+        kind: query.get("kind").cloned(),
+        offset: number("offset")?,
+        limit: number("limit")?,
+        cursor: query.get("cursor").map(|c| c.parse()).transpose()?,
+        })
+    };
+    match task_type {
         TaskType::Daemon => {
             let daemon_query = DaemonQuery::parse(&query)?;
+            if let Some(cursor) = query.get("cursor") {
+                cursor.parse::<crate::queue::Cursor>()?;
+            }
             let rows = state.client.list_daemon().await?;
             Ok(daemon_query.answer(rows))
         }
@@ -183,27 +282,7 @@ pub(super) async fn list(
                 let record = state.client.get_async(task_id).await?;
                 return Ok(Reply::ok(json!(record)).into_response());
             }
-            let number = |name: &str| -> Result<usize, ApiError> {
-                query.get(name).map_or(Ok(0), |v| {
-                    v.parse().map_err(|_| {
-                        ApiError::bad_request(format!("invalid `{name}`: {v:?} is not a number"))
-                    })
-                })
-            };
-            let list_query = ListQuery {
-                queue: query.get("queue").cloned(),
-                state: match query.get("state") {
-                    Some(s) => Some(TaskState::parse(s).ok_or_else(|| {
-                        ApiError::bad_request(format!("invalid `state`: {s:?}, expected pending, scheduled, active, retry, completed or archived"))
-                    })?),
-                    None => None,
-                },
-                kind: query.get("kind").cloned(),
-                offset: number("offset")?,
-                limit: number("limit")?,
-                cursor: query.get("cursor").map(|c| c.parse()).transpose()?,
-            };
-            let page = state.client.list_async(&list_query).await?;
+            let page = state.client.list_async(&async_query()?).await?;
             let mut response = Reply::ok(json!(page.tasks)).into_response();
             if let Some(next) = page.next
                 && let Ok(value) = HeaderValue::from_str(&next.to_string())
@@ -213,6 +292,7 @@ pub(super) async fn list(
             Ok(response)
         }
         TaskType::Periodic => {
+            async_query()?;
             let rows = state.client.list_periodic().await?;
             Ok(Reply::ok(json!(rows)).into_response())
         }
@@ -220,6 +300,8 @@ pub(super) async fn list(
 }
 
 /// `GET /bmw/queue/`: per-queue stats of async tasks.
+#[utoipa::path(get, path = "/bmw/queue/", tag = "async", security((), ("bearer" = [])),
+    responses((status = 200, description = "Each async queue's numbers", body = EnvelopeOf<Vec<QueueStats>>), ApiFailures))]
 pub(super) async fn queues(State(state): State<BridgeState>) -> Result<Reply, ApiError> {
     let stats = state.client.queue_stats().await?;
     Ok(Reply::ok(json!(stats)))
@@ -239,6 +321,9 @@ async fn required_field(state: &BridgeState, raw: Body, field: &str) -> Result<S
 }
 
 /// `POST /bmw/task/async/requeue` with `{"task_id"}`: re-enqueue an archived task.
+#[utoipa::path(post, path = "/bmw/task/async/requeue", tag = "async", security((), ("bearer" = [])),
+    request_body = RequeueBody,
+    responses((status = 200, description = "Back in its queue", body = Envelope), ApiFailures))]
 pub(super) async fn requeue(
     State(state): State<BridgeState>,
     raw: Body,
@@ -256,16 +341,24 @@ async fn pause_or_resume(state: &BridgeState, raw: Body, paused: bool) -> Result
 }
 
 /// `POST /bmw/task/periodic/pause`: stop the ticks, keep the task.
+#[utoipa::path(post, path = "/bmw/task/periodic/pause", tag = "periodic", security((), ("bearer" = [])),
+    request_body = KindBody,
+    responses((status = 200, description = "Paused: the schedule and its next run", body = Envelope), ApiFailures))]
 pub(super) async fn pause(State(state): State<BridgeState>, raw: Body) -> Result<Reply, ApiError> {
     pause_or_resume(&state, raw, true).await
 }
 
 /// `POST /bmw/task/periodic/resume`: start the ticks again.
+#[utoipa::path(post, path = "/bmw/task/periodic/resume", tag = "periodic", security((), ("bearer" = [])),
+    request_body = KindBody,
+    responses((status = 200, description = "Resumed: the schedule and its next run", body = Envelope), ApiFailures))]
 pub(super) async fn resume(State(state): State<BridgeState>, raw: Body) -> Result<Reply, ApiError> {
     pause_or_resume(&state, raw, false).await
 }
 
 /// `GET /bmw/worker/`: live workers and their load.
+#[utoipa::path(get, path = "/bmw/worker/", tag = "workers", security((), ("bearer" = [])),
+    responses((status = 200, description = "Live workers and their load", body = EnvelopeOf<Vec<WorkerEntry>>), ApiFailures))]
 pub(super) async fn workers(State(state): State<BridgeState>) -> Result<Reply, ApiError> {
     let workers = state.client.list_workers().await?;
     Ok(Reply::ok(json!(workers)))
@@ -294,6 +387,13 @@ pub(super) async fn ready(State(state): State<BridgeState>) -> Reply {
 
 /// `POST /bmw/log/level?log_level=debug`: this process's log level, at once
 /// (BMW's route); 400 for a missing or unknown level.
+#[utoipa::path(post, path = "/bmw/log/level", tag = "operations", security((), ("bearer" = [])),
+    params(("log_level" = String, Query, description = "trace, debug, info, warn or error")),
+    responses(
+        (status = 200, description = "The level now in force", body = EnvelopeOf<LogLevel>),
+        (status = 501, description = "This process's logging cannot change level", body = Envelope),
+        ApiFailures,
+    ))]
 pub(super) async fn log_level(
     Query(query): Query<HashMap<String, String>>,
 ) -> Result<Reply, ApiError> {

@@ -17,7 +17,7 @@ use crate::nats::{NatsError, names};
 pub const RECORD_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// Where a task is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum TaskState {
     /// Waiting in its queue.
@@ -42,7 +42,7 @@ impl TaskState {
 }
 
 /// A task's inspectable state.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct TaskRecord {
     /// Task id.
     pub task_id: String,

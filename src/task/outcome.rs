@@ -11,7 +11,8 @@ use crate::nats::{NatsError, NatsErrorKind};
 
 /// The outcome of an operation. `code` is 0 on success, else the HTTP status
 /// the bridge answers with.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[schema(as = Envelope)]
 pub struct Outcome {
     /// Success.
     pub result: bool,

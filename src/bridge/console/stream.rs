@@ -38,6 +38,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::bridge::BridgeState;
 use crate::bridge::envelope::ApiError;
+use crate::bridge::openapi::ApiFailures;
 use crate::membership::WorkerEntry;
 use crate::nats::{NatsError, names};
 
@@ -101,6 +102,17 @@ struct Changes {
 
 /// `GET /bmw/events/stream?kind=&what=&task=`: the feed; 503 with the
 /// envelope when NATS cannot open it.
+#[utoipa::path(get, path = "/bmw/events/stream", tag = "console", security((), ("bearer" = [])),
+    params(
+        ("kind" = Option<String>, Query, description = "Only events of this kind (or of the kinds under this prefix, e.g. `daemon:apm`)"),
+        ("what" = Option<String>, Query, description = "Only events of this type: started, error, retry, moved, stopped, failed, archived..."),
+        ("task" = Option<String>, Query, description = "Only events whose uni_id or task_id contains this"),
+    ),
+    responses(
+        (status = 200, description = "Server-Sent Events, endless: `ready` once, `task` for each new BMW_EVENTS message (its JSON), `change` for changes of the daemon specs, claims and workers buckets (batched per 0.5 s)",
+            content_type = "text/event-stream", body = String),
+        ApiFailures,
+    ))]
 pub(crate) async fn events(
     State(state): State<BridgeState>,
     Query(query): Query<HashMap<String, String>>,
