@@ -250,9 +250,9 @@ pub(super) async fn list(
             })
         })
     };
-    // `state`, `limit` and `offset` of the daemon list are the daemon
-    // query's (its states are running, retrying, unbound); the async
-    // listing's otherwise.
+    let (offset, limit) = (number("offset")?, number("limit")?);
+    // The daemon list's `state` is the daemon query's (running, retrying,
+    // unbound); the async listing's otherwise.
     let async_query = || -> Result<ListQuery, ApiError> {
         Ok(ListQuery {
         queue: query.get("queue").cloned(),
@@ -263,8 +263,8 @@ pub(super) async fn list(
             None => None,
         },
         kind: query.get("kind").cloned(),
-        offset: number("offset")?,
-        limit: number("limit")?,
+        offset,
+        limit,
         cursor: query.get("cursor").map(|c| c.parse()).transpose()?,
         })
     };
