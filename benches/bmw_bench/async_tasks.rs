@@ -45,7 +45,15 @@ pub(crate) enum Path {
     /// queue (the task id in the body and `Nats-Msg-Id`), which the server
     /// indexes more cheaply, at the price of lookups by id.
     QueueSubject,
+    /// `POST /bmw/task/batch` on a `bmw run` bridge, [`BATCH_ITEMS`] creates
+    /// per request, [`BATCH_REQUESTS`] requests in flight.
+    Batch,
 }
+
+/// Creates per batch request (issue 14's figure).
+pub(crate) const BATCH_ITEMS: usize = 1_000;
+/// Batch requests in flight: one being answered while the next is read.
+const BATCH_REQUESTS: usize = 2;
 
 impl Path {
     /// Whether tasks can be enqueued before any worker runs (the raw publishes).
@@ -268,6 +276,54 @@ async fn enqueue(
                 ids.lock().unwrap_or_else(|e| e.into_inner()).insert(i, id);
             }
         }
+        Path::Batch => {
+            let url = format!("{}/bmw/task/batch", bridge.context("no bridge")?);
+            let http = reqwest::Client::new();
+            let mut inflight = FuturesUnordered::new();
+            let record = |(first, got): (usize, Vec<String>)| {
+                let mut ids = ids.lock().unwrap_or_else(|e| e.into_inner());
+                for (k, id) in got.into_iter().enumerate() {
+                    ids.insert(first + k, id);
+                }
+            };
+            for first in (0..n).step_by(BATCH_ITEMS) {
+                let items = (first..n.min(first + BATCH_ITEMS))
+                    .map(|_| serde_json::json!({"kind": kind, "options": {"queue": queue}}))
+                    .collect::<Vec<_>>();
+                let now = Instant::now();
+                sent.extend(std::iter::repeat_n(now, items.len()));
+                let request = http.post(&url).json(&items);
+                inflight.push(async move {
+                    let response = request.send().await?;
+                    let status = response.status();
+                    let envelope: serde_json::Value = response.json().await?;
+                    let outcomes = envelope["data"].as_array().cloned().unwrap_or_default();
+                    let got: Vec<String> = outcomes
+                        .iter()
+                        .filter(|o| o["result"] == true)
+                        .filter_map(|o| o["data"]["task_id"].as_str().map(str::to_owned))
+                        .collect();
+                    ensure!(
+                        status.is_success() && got.len() == items.len(),
+                        "batch answered {status}: {} of {} task ids; first outcome {:?}",
+                        got.len(),
+                        items.len(),
+                        outcomes.iter().find(|o| o["result"] != true)
+                    );
+                    Ok::<_, anyhow::Error>((first, got))
+                });
+                while inflight.len() >= BATCH_REQUESTS {
+                    record(inflight.next().await.context("request")??);
+                }
+                ensure!(
+                    Instant::now() < deadline,
+                    "enqueue: {first} of {n} by the deadline"
+                );
+            }
+            while let Some(r) = inflight.next().await {
+                record(r?);
+            }
+        }
     }
     Ok(sent)
 }
@@ -430,7 +486,7 @@ async fn run_once(
         _ => None,
     };
     let bridge_addr = match path {
-        Path::Bridge => {
+        Path::Bridge | Path::Batch => {
             let port = std::net::TcpListener::bind("127.0.0.1:0")?
                 .local_addr()?
                 .port();
