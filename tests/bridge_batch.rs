@@ -298,3 +298,38 @@ async fn bmw_task_batch_creates_json_lines_from_stdin() {
     );
     assert_eq!(pending(&env, "held").await, 2_500);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batch_reads_the_depth_of_its_queue_once() {
+    use futures::StreamExt;
+    let env = TestEnv::start().await;
+    let bmw = BmwProcess::run(&env.url(), &[]).await;
+    // Each reading of a queue's depth for `--max-queue-pending` asks for its
+    // consumer's info first (and, for a queue no worker consumes, counts its
+    // messages). Count the readings of `held` as the server sees them.
+    let info = format!(
+        "$JS.API.CONSUMER.INFO.{}.{}",
+        bmw::nats::names::STREAM_ASYNC,
+        bmw::nats::names::async_consumer("held")
+    );
+    let mut readings = env.nats.client.subscribe(info).await.expect("subscribe");
+    env.nats.client.flush().await.expect("flush");
+    let items: Vec<Value> = (0..300)
+        .map(|n| json!({"kind": "async:demo:echo", "payload": {"n": n}, "options": {"queue": "held"}}))
+        .collect();
+    let (status, out) = post_batch(&bmw.base_url(), &Value::Array(items).to_string()).await;
+    assert_eq!(status, 200, "{out:.300}");
+    assert_eq!(pending(&env, "held").await, 300);
+    let mut count = 0;
+    while let Ok(Some(_)) =
+        tokio::time::timeout(std::time::Duration::from_millis(200), readings.next()).await
+    {
+        count += 1;
+    }
+    // Once, or again if the batch outlived the reading's freshness (1 s);
+    // not once per item in flight.
+    assert!(
+        (1..=4).contains(&count),
+        "{count} readings of the queue's depth"
+    );
+}
