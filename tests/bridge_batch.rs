@@ -333,3 +333,29 @@ async fn a_batch_reads_the_depth_of_its_queue_once() {
         "{count} readings of the queue's depth"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_task_id_twice_in_a_batch_is_created_once() {
+    let env = TestEnv::start().await;
+    let bmw = BmwProcess::run(&env.url(), &[]).await;
+    // Stored together (their publishes in flight at once), the second
+    // publish of the id is the server's duplicate: refused, not stored.
+    let items: Vec<Value> = (0..200)
+        .map(|n| json!({"kind": "async:demo:echo", "payload": {"n": n}, "options": {"queue": "held", "task_id": format!("twice-{}", n / 2)}}))
+        .collect();
+    let (status, out) = post_batch(&bmw.base_url(), &Value::Array(items).to_string()).await;
+    assert_eq!(status, 200, "{out:.300}");
+    let results = out["data"].as_array().unwrap();
+    for pair in results.chunks(2) {
+        let codes: Vec<&Value> = pair.iter().map(|r| &r["code"]).collect();
+        assert!(
+            codes == [&json!(0), &json!(409)] || codes == [&json!(409), &json!(0)],
+            "{pair:?}"
+        );
+        assert_eq!(
+            pair[0]["data"]["task_id"], pair[1]["data"]["task_id"],
+            "{pair:?}"
+        );
+    }
+    assert_eq!(pending(&env, "held").await, 100);
+}
