@@ -563,6 +563,7 @@ async fn run(plan: Plan, only: Vec<String>, figures: String) -> ExitCode {
         // 2e's median by workers, and the rows whose target is a share of it.
         let mut raw_rates = std::collections::HashMap::new();
         let mut producer_rows = Vec::new();
+        let mut raw_enqueue_rates = std::collections::HashMap::new();
         for (path, workers, concurrent) in ASYNC_SCENARIOS {
             if !figures.contains(figure_letter(path)) {
                 continue;
@@ -677,6 +678,31 @@ async fn run(plan: Plan, only: Vec<String>, figures: String) -> ExitCode {
                     )
                     .failed_runs(lost),
                 );
+                // Issue 14: how fast each path stores tasks, beside the drain.
+                if matches!(
+                    path,
+                    async_tasks::Path::Bridge
+                        | async_tasks::Path::Batch
+                        | async_tasks::Path::QueueSubject
+                ) {
+                    let rate = all(|g| &g.enqueue_rate);
+                    let to_raw = raw_enqueue_rates
+                        .get(&workers)
+                        .map(|raw| ratio(rate.median(), *raw, "2e"))
+                        .unwrap_or_default();
+                    if path == async_tasks::Path::QueueSubject {
+                        raw_enqueue_rates.insert(workers, rate.median());
+                    }
+                    latency_rows.push(
+                        Row::new(
+                            format!("2d {short}: stored (all acked or answered) per second"),
+                            "tasks/s",
+                            rate,
+                        )
+                        .ratio(to_raw)
+                        .failed_runs(lost),
+                    );
+                }
                 if path == async_tasks::Path::Subject && workers == 1 {
                     async_rss = Some((all(|g| &g.rss_kib), lost));
                 }

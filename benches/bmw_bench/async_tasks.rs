@@ -102,6 +102,9 @@ pub(crate) struct AsyncFigure {
     pub(crate) p99_ms: Samples,
     /// Peak VmRSS (KiB) of the first worker while it drained.
     pub(crate) rss_kib: Samples,
+    /// Tasks/s stored (every publish acked, every request answered), from
+    /// the first enqueue to the last, while the workers drain.
+    pub(crate) enqueue_rate: Samples,
 }
 
 /// Done times of `succeeded` events by task id.
@@ -415,6 +418,8 @@ struct Once {
     p50: f64,
     p99: f64,
     rss_kib: f64,
+    /// Tasks/s stored while the workers drain (NaN when enqueued first).
+    enqueue_rate: f64,
     /// CPU used during the measured time by workers, nats-server, bench, in
     /// cores (CPU seconds / wall seconds).
     cores: [f64; 3],
@@ -497,6 +502,7 @@ async fn run_once(
     let done_count = || done.lock().unwrap_or_else(|e| e.into_inner()).len();
     let deadline = Instant::now() + wait;
     let (started, sent, mut procs, sampler, cpu_start);
+    let mut enqueue_rate = f64::NAN;
     if concurrent {
         procs = spawn_workers(
             server,
@@ -518,6 +524,7 @@ async fn run_once(
         cpu_start = cpu(&procs);
         started = Instant::now();
         sent = enqueue(&nats, path, &queue, tasks, url.as_deref(), &ids, deadline).await?;
+        enqueue_rate = n as f64 / started.elapsed().as_secs_f64().max(1e-6);
     } else {
         sent = enqueue(&nats, path, &queue, tasks, None, &ids, deadline).await?;
         procs = spawn_workers(server, &queue, workers, None, label, runner)?;
@@ -585,6 +592,7 @@ async fn run_once(
         p50: percentile(&mut latencies, 50.0),
         p99: percentile(&mut latencies, 99.0),
         rss_kib,
+        enqueue_rate,
         cores: std::array::from_fn(|i| (cpu_end[i] - cpu_start[i]) / wall),
     })
 }
@@ -611,7 +619,7 @@ pub(crate) async fn run(
         .await?;
     eprintln!(
         "  {label}: {:.0} tasks/s, p50 {:.1} ms, p99 {:.1} ms, peak RSS {:.1} MiB; \
-         CPU cores used: workers {:.2}, nats-server {:.2}, bench {:.2}",
+         CPU cores used: workers {:.2}, nats-server {:.2}, bench {:.2}; enqueued {:.0} tasks/s",
         once.rate,
         once.p50,
         once.p99,
@@ -619,11 +627,13 @@ pub(crate) async fn run(
         once.cores[0],
         once.cores[1],
         once.cores[2],
+        once.enqueue_rate,
     );
     Ok(AsyncFigure {
         rate: Samples(vec![once.rate]),
         p50_ms: Samples(vec![once.p50]),
         p99_ms: Samples(vec![once.p99]),
         rss_kib: Samples(vec![once.rss_kib]),
+        enqueue_rate: Samples(vec![once.enqueue_rate]),
     })
 }
