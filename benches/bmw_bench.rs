@@ -18,7 +18,9 @@
 //! (2) `async:demo:noop` tasks end to end through a `bmw.task.create`
 //! command (2a), a publish on `bmw.async.<queue>.<id>` (2b), the bridge (2c)
 //! and a publish on `bmw.async.<queue>` (2e), 1 and 2 workers, enqueued
-//! before or while draining, against 1b / 1c, with latencies (2d); (3) the bridge's `POST /bmw/task/`
+//! before or while draining, against 1b / 1c, with latencies and the rate
+//! each producer path stores tasks (2d); the bridge's batch route (2g); 2c
+//! and 2g also against 2e (issue 14's targets); (3) the bridge's `POST /bmw/task/`
 //! under 64 connections; (4) 10,000 daemon tasks over 4 workers; (5)
 //! fail-over after `kill -9`; (6) worker memory with 10,000 idle daemon
 //! tasks, and while draining async tasks; (7) lateness of an every-second
