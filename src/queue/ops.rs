@@ -25,6 +25,13 @@ use crate::task::{CreateCommand, OpError, check_queue, check_task_id};
 /// JetStream context's 5,000 acks awaited.
 pub const PIPELINE: usize = 1_000;
 
+/// Of those, creates that read before they publish (a caller's task id is
+/// looked up, a unique lock taken) at once: each costs nats-server up to
+/// three JetStream API requests, which it queues (and drops past its API
+/// queue limit) and each attempt of which must be answered within
+/// [`crate::nats::ATTEMPT_TIMEOUT`]; as many as a batch ran before.
+const WITH_LOOKUPS: usize = 64;
+
 /// Creates, deletes, requeues and reads async tasks.
 #[derive(Debug, Clone)]
 pub struct AsyncOps {
@@ -61,6 +68,7 @@ impl AsyncOps {
     /// one round trip after the other; one result per create, in order.
     pub async fn create_many(&self, creates: &[&CreateCommand]) -> Vec<Result<Value, OpError>> {
         let mut results = Vec::with_capacity(creates.len());
+        let lookups = tokio::sync::Semaphore::new(WITH_LOOKUPS);
         let mut in_flight = FuturesOrdered::new();
         for create in creates {
             if in_flight.len() >= PIPELINE
@@ -68,7 +76,17 @@ impl AsyncOps {
             {
                 results.push(result);
             }
-            in_flight.push_back(self.create(create));
+            let reads_first =
+                create.options.task_id.is_some() || create.options.unique_ttl.is_some();
+            let lookups = &lookups;
+            in_flight.push_back(async move {
+                // Never closed, so a permit always comes.
+                let _turn = match reads_first {
+                    true => lookups.acquire().await.ok(),
+                    false => None,
+                };
+                self.create(create).await
+            });
         }
         while let Some(result) = in_flight.next().await {
             results.push(result);
