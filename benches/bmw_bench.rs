@@ -18,7 +18,9 @@
 //! (2) `async:demo:noop` tasks end to end through a `bmw.task.create`
 //! command (2a), a publish on `bmw.async.<queue>.<id>` (2b), the bridge (2c)
 //! and a publish on `bmw.async.<queue>` (2e), 1 and 2 workers, enqueued
-//! before or while draining, against 1b / 1c, with latencies (2d); (3) the bridge's `POST /bmw/task/`
+//! before or while draining, against 1b / 1c, with latencies and the rate
+//! each producer path stores tasks (2d); the bridge's batch route (2g); 2c
+//! and 2g also against 2e (issue 14's targets); (3) the bridge's `POST /bmw/task/`
 //! under 64 connections; (4) 10,000 daemon tasks over 4 workers; (5)
 //! fail-over after `kill -9`; (6) worker memory with 10,000 idle daemon
 //! tasks, and while draining async tasks; (7) lateness of an every-second
@@ -134,8 +136,8 @@ const SCENARIOS: [&str; 8] = [
 
 /// The async scenarios: producer path, workers, enqueued while draining.
 /// Enqueue-then-drain needs the subject path (see `async_tasks`).
-const ASYNC_SCENARIOS: [(async_tasks::Path, usize, bool); 12] = {
-    use async_tasks::Path::{Bridge, Command, QueueSubject, Subject};
+const ASYNC_SCENARIOS: [(async_tasks::Path, usize, bool); 14] = {
+    use async_tasks::Path::{Batch, Bridge, Command, QueueSubject, Subject};
     [
         (Command, 1, true),
         (Command, 2, true),
@@ -149,8 +151,26 @@ const ASYNC_SCENARIOS: [(async_tasks::Path, usize, bool); 12] = {
         (QueueSubject, 1, true),
         (QueueSubject, 2, false),
         (QueueSubject, 2, true),
+        // After 2e: their targets are ratios to 2e of the same run.
+        (Batch, 1, true),
+        (Batch, 2, true),
     ]
 };
+
+/// Issue 14's targets for the bridge's producer paths, as a share of 2e
+/// (raw publish on `bmw.async.<queue>`) with the same workers, same run.
+fn producer_target(path: async_tasks::Path) -> Option<f64> {
+    match path {
+        async_tasks::Path::Bridge => Some(0.3),
+        async_tasks::Path::Batch => Some(0.6),
+        _ => None,
+    }
+}
+
+/// The figure letters of `--async-figures` (e.g. `ceg`: 2c, 2e and 2g).
+fn figure_letter(path: async_tasks::Path) -> char {
+    path_label(path).chars().nth(1).unwrap_or('?')
+}
 
 fn path_label(path: async_tasks::Path) -> &'static str {
     match path {
@@ -158,6 +178,7 @@ fn path_label(path: async_tasks::Path) -> &'static str {
         async_tasks::Path::Subject => "2b async via publish on bmw.async.<queue>.<id>",
         async_tasks::Path::Bridge => "2c async via bridge POST /bmw/task/",
         async_tasks::Path::QueueSubject => "2e async via publish on bmw.async.<queue>",
+        async_tasks::Path::Batch => "2g async via bridge POST /bmw/task/batch, 1,000 per request",
     }
 }
 
@@ -175,18 +196,28 @@ fn way_label(workers: usize, concurrent: bool) -> String {
 
 fn usage() -> String {
     format!(
-        "usage: bmw_bench [--quick] [--only {}]",
+        "usage: bmw_bench [--quick] [--only {}] [--async-figures abcefg]",
         SCENARIOS.join(",")
     )
 }
 
-fn parse_args() -> Result<(Plan, Vec<String>), String> {
+/// The async figures run (`--async-figures`): the letters after the 2.
+const ALL_ASYNC_FIGURES: &str = "abcefg";
+
+fn parse_args() -> Result<(Plan, Vec<String>, String), String> {
     let mut plan = FULL;
     let mut only: Vec<String> = SCENARIOS.iter().map(|s| (*s).to_owned()).collect();
+    let mut figures = ALL_ASYNC_FIGURES.to_owned();
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--quick" => plan = QUICK,
+            "--async-figures" => {
+                figures = args.next().ok_or_else(usage)?;
+                if let Some(bad) = figures.chars().find(|c| !ALL_ASYNC_FIGURES.contains(*c)) {
+                    return Err(format!("unknown async figure 2{bad}; {}", usage()));
+                }
+            }
             // cargo bench passes it to harness = false targets.
             "--bench" => {}
             "--only" => {
@@ -200,7 +231,7 @@ fn parse_args() -> Result<(Plan, Vec<String>), String> {
             other => return Err(format!("unknown argument {other}; {}", usage())),
         }
     }
-    Ok((plan, only))
+    Ok((plan, only, figures))
 }
 
 fn command_output(program: &str, args: &[&str]) -> String {
@@ -431,7 +462,7 @@ async fn services_rows(plan: &Plan, failures: &mut Vec<String>) -> Vec<Row> {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let (plan, only) = match parse_args() {
+    let (plan, only, figures) = match parse_args() {
         Ok(p) => p,
         Err(e) => {
             eprintln!("{e}");
@@ -445,13 +476,13 @@ async fn main() -> ExitCode {
     // On Ctrl-C or SIGTERM the run is dropped, and with it every server and
     // worker guard: nothing is left running.
     tokio::select! {
-        code = run(plan, only) => code,
+        code = run(plan, only, figures) => code,
         _ = tokio::signal::ctrl_c() => { eprintln!("interrupted"); ExitCode::from(130) }
         _ = term.recv() => { eprintln!("terminated"); ExitCode::from(143) }
     }
 }
 
-async fn run(plan: Plan, only: Vec<String>) -> ExitCode {
+async fn run(plan: Plan, only: Vec<String>, figures: String) -> ExitCode {
     let wants = |s: &str| only.iter().any(|o| o == s);
     let load_before = load_average();
     if let Err(e) = tokio::task::spawn_blocking(env::nats_server_binary)
@@ -531,7 +562,14 @@ async fn run(plan: Plan, only: Vec<String>) -> ExitCode {
         let runs = plan.async_runs;
         let mut latency_rows = Vec::new();
         let mut previous = None;
+        // 2e's median by workers, and the rows whose target is a share of it.
+        let mut raw_rates = std::collections::HashMap::new();
+        let mut producer_rows = Vec::new();
+        let mut raw_enqueue_rates = std::collections::HashMap::new();
         for (path, workers, concurrent) in ASYNC_SCENARIOS {
+            if !figures.contains(figure_letter(path)) {
+                continue;
+            }
             let n = plan.async_tasks;
             if previous != Some(path) && !path.can_enqueue_first() {
                 rows.push(Row::na(
@@ -599,6 +637,12 @@ async fn run(plan: Plan, only: Vec<String>) -> ExitCode {
             } else {
                 (base.drain.median(), "1b")
             };
+            if path == async_tasks::Path::QueueSubject && concurrent {
+                raw_rates.insert(workers, rate.median());
+            }
+            if let Some(share) = producer_target(path) {
+                producer_rows.push((rows.len(), workers, share));
+            }
             let row = Row::new(figure.clone(), "tasks/s", rate.clone())
                 .ratio(ratio(rate.median(), base_rate, base_name))
                 .failed_runs(lost);
@@ -618,7 +662,7 @@ async fn run(plan: Plan, only: Vec<String>) -> ExitCode {
                 let what = match path {
                     async_tasks::Path::Command => "command",
                     async_tasks::Path::Subject | async_tasks::Path::QueueSubject => "publish",
-                    async_tasks::Path::Bridge => "request",
+                    async_tasks::Path::Bridge | async_tasks::Path::Batch => "request",
                 };
                 latency_rows.push(
                     Row::new(
@@ -636,10 +680,54 @@ async fn run(plan: Plan, only: Vec<String>) -> ExitCode {
                     )
                     .failed_runs(lost),
                 );
+                // Issue 14: how fast each path stores tasks, beside the drain.
+                if matches!(
+                    path,
+                    async_tasks::Path::Bridge
+                        | async_tasks::Path::Batch
+                        | async_tasks::Path::QueueSubject
+                ) {
+                    let rate = all(|g| &g.enqueue_rate);
+                    let to_raw = raw_enqueue_rates
+                        .get(&workers)
+                        .map(|raw| ratio(rate.median(), *raw, "2e"))
+                        .unwrap_or_default();
+                    if path == async_tasks::Path::QueueSubject {
+                        raw_enqueue_rates.insert(workers, rate.median());
+                    }
+                    latency_rows.push(
+                        Row::new(
+                            format!("2d {short}: stored (all acked or answered) per second"),
+                            "tasks/s",
+                            rate,
+                        )
+                        .ratio(to_raw)
+                        .failed_runs(lost),
+                    );
+                }
                 if path == async_tasks::Path::Subject && workers == 1 {
                     async_rss = Some((all(|g| &g.rss_kib), lost));
                 }
             }
+        }
+        // Issue 14: the bridge's paths against 2e with the same workers.
+        for (index, workers, share) in producer_rows {
+            let Some(raw) = raw_rates.get(&workers).copied() else {
+                continue;
+            };
+            let row = &mut rows[index];
+            let to_raw = ratio(row.samples.median(), raw, "2e");
+            row.ratio = if row.ratio.is_empty() {
+                to_raw
+            } else {
+                format!("{}; {to_raw}", row.ratio)
+            };
+            row.target = Target::AtLeast(share * raw);
+            row.target_text = format!(
+                ">= {share} × 2e, {} ({} tasks/s)",
+                way_label(workers, true),
+                report::num(share * raw)
+            );
         }
         rows.extend(latency_rows);
         // 2f: the same tasks run by a child process each (a declared `command`).
@@ -649,14 +737,19 @@ async fn run(plan: Plan, only: Vec<String>) -> ExitCode {
             way_label(1, true),
             report::num(n as f64)
         );
-        match bounded(
-            "async subprocess: server",
-            limit,
-            &mut failures,
-            env::Server::start(),
-        )
-        .await
-        {
+        let subprocess = if figures.contains('f') {
+            bounded(
+                "async subprocess: server",
+                limit,
+                &mut failures,
+                env::Server::start(),
+            )
+            .await
+        } else {
+            None
+        };
+        match subprocess {
+            None if !figures.contains('f') => {}
             None => rows.push(failed(&figure)),
             Some(server) => {
                 let mut run_no = 0;

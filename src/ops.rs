@@ -10,6 +10,7 @@
 //! operator's [`TaskLimits`]) and dispatches.
 //! The stores behind them are opened once per process, here.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -226,6 +227,64 @@ impl Operations {
             }
             Command::Delete { .. } => Ok(Route::Direct),
         }
+    }
+
+    /// Creates many async tasks at once: each checked as [`Operations::apply`]
+    /// checks it (where a kind runs is looked up once per kind, not per
+    /// task), the valid ones stored with their publishes pipelined
+    /// ([`AsyncOps::create_many`]); one result per create, in order.
+    pub async fn create_async_many(
+        &self,
+        creates: &[&CreateCommand],
+    ) -> Vec<Result<Value, OpError>> {
+        // Where each kind runs is looked up once: known, or refused (the
+        // refusal repeated for each item of that kind). An error reading the
+        // live workers is not kept: the next item of the kind looks again.
+        let mut homes: HashMap<&str, Result<(), ValidationError>> = HashMap::new();
+        // `None`: valid, its result comes from the pipelined creates.
+        let mut refused: Vec<Option<OpError>> = Vec::with_capacity(creates.len());
+        let mut valid = Vec::with_capacity(creates.len());
+        for create in creates {
+            let kind = create.kind.as_str();
+            let checked = match create.kind.task_type() {
+                TaskType::Async => self.check_options(create).map_err(OpError::from),
+                other => Err(ValidationError::new("kind", format!("{other} is not async")).into()),
+            };
+            let checked = match (checked, homes.get(kind)) {
+                (Err(e), _) => Err(e),
+                (Ok(()), Some(home)) => home.clone().map_err(OpError::from),
+                (Ok(()), None) => match self.home_of(&create.kind).await {
+                    Ok(_) => {
+                        homes.insert(kind, Ok(()));
+                        Ok(())
+                    }
+                    Err(OpError::Invalid(e)) => {
+                        homes.insert(kind, Err(e.clone()));
+                        Err(e.into())
+                    }
+                    Err(e) => Err(e),
+                },
+            };
+            match checked {
+                Ok(()) => {
+                    valid.push(*create);
+                    refused.push(None);
+                }
+                Err(e) => refused.push(Some(e)),
+            }
+        }
+        let mut created = self.queue.create_many(&valid).await.into_iter();
+        refused
+            .into_iter()
+            .map(|refusal| match refusal {
+                Some(e) => Err(e),
+                None => created.next().unwrap_or_else(|| {
+                    Err(OpError::Nats(NatsError::new(std::io::Error::other(
+                        "an async create of the batch went unanswered",
+                    ))))
+                }),
+            })
+            .collect()
     }
 
     /// Applies `command`. `Ok(None)`: not here: a daemon create of a kind only

@@ -298,3 +298,64 @@ async fn bmw_task_batch_creates_json_lines_from_stdin() {
     );
     assert_eq!(pending(&env, "held").await, 2_500);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batch_reads_the_depth_of_its_queue_once() {
+    use futures::StreamExt;
+    let env = TestEnv::start().await;
+    let bmw = BmwProcess::run(&env.url(), &[]).await;
+    // Each reading of a queue's depth for `--max-queue-pending` asks for its
+    // consumer's info first (and, for a queue no worker consumes, counts its
+    // messages). Count the readings of `held` as the server sees them.
+    let info = format!(
+        "$JS.API.CONSUMER.INFO.{}.{}",
+        bmw::nats::names::STREAM_ASYNC,
+        bmw::nats::names::async_consumer("held")
+    );
+    let mut readings = env.nats.client.subscribe(info).await.expect("subscribe");
+    env.nats.client.flush().await.expect("flush");
+    let items: Vec<Value> = (0..300)
+        .map(|n| json!({"kind": "async:demo:echo", "payload": {"n": n}, "options": {"queue": "held"}}))
+        .collect();
+    let (status, out) = post_batch(&bmw.base_url(), &Value::Array(items).to_string()).await;
+    assert_eq!(status, 200, "{out:.300}");
+    assert_eq!(pending(&env, "held").await, 300);
+    let mut count = 0;
+    while let Ok(Some(_)) =
+        tokio::time::timeout(std::time::Duration::from_millis(200), readings.next()).await
+    {
+        count += 1;
+    }
+    // Once, or again if the batch outlived the reading's freshness (1 s);
+    // not once per item in flight.
+    assert!(
+        (1..=4).contains(&count),
+        "{count} readings of the queue's depth"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_task_id_twice_in_a_batch_is_created_once() {
+    let env = TestEnv::start().await;
+    let bmw = BmwProcess::run(&env.url(), &[]).await;
+    // Stored together (their publishes in flight at once), the second
+    // publish of the id is the server's duplicate: refused, not stored.
+    let items: Vec<Value> = (0..200)
+        .map(|n| json!({"kind": "async:demo:echo", "payload": {"n": n}, "options": {"queue": "held", "task_id": format!("twice-{}", n / 2)}}))
+        .collect();
+    let (status, out) = post_batch(&bmw.base_url(), &Value::Array(items).to_string()).await;
+    assert_eq!(status, 200, "{out:.300}");
+    let results = out["data"].as_array().unwrap();
+    for pair in results.chunks(2) {
+        let codes: Vec<&Value> = pair.iter().map(|r| &r["code"]).collect();
+        assert!(
+            codes == [&json!(0), &json!(409)] || codes == [&json!(409), &json!(0)],
+            "{pair:?}"
+        );
+        assert_eq!(
+            pair[0]["data"]["task_id"], pair[1]["data"]["task_id"],
+            "{pair:?}"
+        );
+    }
+    assert_eq!(pending(&env, "held").await, 100);
+}

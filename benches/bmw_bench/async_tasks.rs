@@ -45,7 +45,15 @@ pub(crate) enum Path {
     /// queue (the task id in the body and `Nats-Msg-Id`), which the server
     /// indexes more cheaply, at the price of lookups by id.
     QueueSubject,
+    /// `POST /bmw/task/batch` on a `bmw run` bridge, [`BATCH_ITEMS`] creates
+    /// per request, [`BATCH_REQUESTS`] requests in flight.
+    Batch,
 }
+
+/// Creates per batch request (issue 14's figure).
+pub(crate) const BATCH_ITEMS: usize = 1_000;
+/// Batch requests in flight: one being answered while the next is read.
+const BATCH_REQUESTS: usize = 2;
 
 impl Path {
     /// Whether tasks can be enqueued before any worker runs (the raw publishes).
@@ -94,6 +102,9 @@ pub(crate) struct AsyncFigure {
     pub(crate) p99_ms: Samples,
     /// Peak VmRSS (KiB) of the first worker while it drained.
     pub(crate) rss_kib: Samples,
+    /// Tasks/s stored (every publish acked, every request answered), from
+    /// the first enqueue to the last, while the workers drain.
+    pub(crate) enqueue_rate: Samples,
 }
 
 /// Done times of `succeeded` events by task id.
@@ -268,6 +279,54 @@ async fn enqueue(
                 ids.lock().unwrap_or_else(|e| e.into_inner()).insert(i, id);
             }
         }
+        Path::Batch => {
+            let url = format!("{}/bmw/task/batch", bridge.context("no bridge")?);
+            let http = reqwest::Client::new();
+            let mut inflight = FuturesUnordered::new();
+            let record = |(first, got): (usize, Vec<String>)| {
+                let mut ids = ids.lock().unwrap_or_else(|e| e.into_inner());
+                for (k, id) in got.into_iter().enumerate() {
+                    ids.insert(first + k, id);
+                }
+            };
+            for first in (0..n).step_by(BATCH_ITEMS) {
+                let items = (first..n.min(first + BATCH_ITEMS))
+                    .map(|_| serde_json::json!({"kind": kind, "options": {"queue": queue}}))
+                    .collect::<Vec<_>>();
+                let now = Instant::now();
+                sent.extend(std::iter::repeat_n(now, items.len()));
+                let request = http.post(&url).json(&items);
+                inflight.push(async move {
+                    let response = request.send().await?;
+                    let status = response.status();
+                    let envelope: serde_json::Value = response.json().await?;
+                    let outcomes = envelope["data"].as_array().cloned().unwrap_or_default();
+                    let got: Vec<String> = outcomes
+                        .iter()
+                        .filter(|o| o["result"] == true)
+                        .filter_map(|o| o["data"]["task_id"].as_str().map(str::to_owned))
+                        .collect();
+                    ensure!(
+                        status.is_success() && got.len() == items.len(),
+                        "batch answered {status}: {} of {} task ids; first outcome {:?}",
+                        got.len(),
+                        items.len(),
+                        outcomes.iter().find(|o| o["result"] != true)
+                    );
+                    Ok::<_, anyhow::Error>((first, got))
+                });
+                while inflight.len() >= BATCH_REQUESTS {
+                    record(inflight.next().await.context("request")??);
+                }
+                ensure!(
+                    Instant::now() < deadline,
+                    "enqueue: {first} of {n} by the deadline"
+                );
+            }
+            while let Some(r) = inflight.next().await {
+                record(r?);
+            }
+        }
     }
     Ok(sent)
 }
@@ -359,6 +418,8 @@ struct Once {
     p50: f64,
     p99: f64,
     rss_kib: f64,
+    /// Tasks/s stored while the workers drain (NaN when enqueued first).
+    enqueue_rate: f64,
     /// CPU used during the measured time by workers, nats-server, bench, in
     /// cores (CPU seconds / wall seconds).
     cores: [f64; 3],
@@ -430,7 +491,7 @@ async fn run_once(
         _ => None,
     };
     let bridge_addr = match path {
-        Path::Bridge => {
+        Path::Bridge | Path::Batch => {
             let port = std::net::TcpListener::bind("127.0.0.1:0")?
                 .local_addr()?
                 .port();
@@ -441,6 +502,7 @@ async fn run_once(
     let done_count = || done.lock().unwrap_or_else(|e| e.into_inner()).len();
     let deadline = Instant::now() + wait;
     let (started, sent, mut procs, sampler, cpu_start);
+    let mut enqueue_rate = f64::NAN;
     if concurrent {
         procs = spawn_workers(
             server,
@@ -462,6 +524,7 @@ async fn run_once(
         cpu_start = cpu(&procs);
         started = Instant::now();
         sent = enqueue(&nats, path, &queue, tasks, url.as_deref(), &ids, deadline).await?;
+        enqueue_rate = n as f64 / started.elapsed().as_secs_f64().max(1e-6);
     } else {
         sent = enqueue(&nats, path, &queue, tasks, None, &ids, deadline).await?;
         procs = spawn_workers(server, &queue, workers, None, label, runner)?;
@@ -529,6 +592,7 @@ async fn run_once(
         p50: percentile(&mut latencies, 50.0),
         p99: percentile(&mut latencies, 99.0),
         rss_kib,
+        enqueue_rate,
         cores: std::array::from_fn(|i| (cpu_end[i] - cpu_start[i]) / wall),
     })
 }
@@ -555,7 +619,7 @@ pub(crate) async fn run(
         .await?;
     eprintln!(
         "  {label}: {:.0} tasks/s, p50 {:.1} ms, p99 {:.1} ms, peak RSS {:.1} MiB; \
-         CPU cores used: workers {:.2}, nats-server {:.2}, bench {:.2}",
+         CPU cores used: workers {:.2}, nats-server {:.2}, bench {:.2}; enqueued {:.0} tasks/s",
         once.rate,
         once.p50,
         once.p99,
@@ -563,11 +627,13 @@ pub(crate) async fn run(
         once.cores[0],
         once.cores[1],
         once.cores[2],
+        once.enqueue_rate,
     );
     Ok(AsyncFigure {
         rate: Samples(vec![once.rate]),
         p50_ms: Samples(vec![once.p50]),
         p99_ms: Samples(vec![once.p99]),
         rss_kib: Samples(vec![once.rss_kib]),
+        enqueue_rate: Samples(vec![once.enqueue_rate]),
     })
 }

@@ -4,10 +4,13 @@
 //! queue no worker has listened on yet, by counting its messages in the
 //! stream, stopping at the limit. Each process reads a queue at most about
 //! once a second (less often while it is near the limit) and counts its own
-//! creates in between, so the check costs creates almost nothing.
+//! creates in between, so the check costs creates almost nothing. Creates
+//! that miss the cached depth together wait for one reading of it, not one
+//! reading each (a batch of a thousand creates would otherwise count an
+//! unconsumed queue a thousand times at once).
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_nats::jetstream::context::ConsumerInfoErrorKind;
@@ -27,6 +30,9 @@ pub(crate) struct QueueDepth {
     stream: Stream,
     limit: u64,
     measured: Mutex<HashMap<String, Measured>>,
+    /// Held while a queue is read: one reading of a queue at a time in this
+    /// process.
+    reading: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -42,6 +48,7 @@ impl QueueDepth {
             stream,
             limit,
             measured: Mutex::new(HashMap::new()),
+            reading: Mutex::new(HashMap::new()),
         }
     }
 
@@ -50,27 +57,9 @@ impl QueueDepth {
         if self.limit == 0 {
             return Ok(());
         }
-        let known = self
-            .measured
-            .lock()
-            .ok()
-            .and_then(|m| m.get(queue).copied())
-            .filter(|m| m.until > Instant::now());
-        let depth = match known {
-            Some(m) => m.depth,
-            None => {
-                let depth =
-                    crate::nats::with_retries(crate::nats::RETRY_BUDGET, |_| self.measure(queue))
-                        .await?;
-                // A queue near its limit is measured less often: counting
-                // an unconsumed queue reads its messages' subjects.
-                let rest = Duration::from_millis(depth.saturating_mul(1000) / self.limit.max(1));
-                let until = Instant::now() + FRESH_FOR + rest.min(Duration::from_secs(10));
-                if let Ok(mut m) = self.measured.lock() {
-                    m.insert(queue.to_owned(), Measured { depth, until });
-                }
-                depth
-            }
+        let depth = match self.known(queue) {
+            Some(depth) => depth,
+            None => self.read(queue).await?,
         };
         if depth >= self.limit {
             return Err(OpError::QueueFull {
@@ -79,6 +68,41 @@ impl QueueDepth {
             });
         }
         Ok(())
+    }
+
+    /// The depth of `queue` measured less than its freshness ago, counting
+    /// this process's creates since.
+    fn known(&self, queue: &str) -> Option<u64> {
+        self.measured
+            .lock()
+            .ok()
+            .and_then(|m| m.get(queue).copied())
+            .filter(|m| m.until > Instant::now())
+            .map(|m| m.depth)
+    }
+
+    /// Reads the depth of `queue` (or takes the reading another create made
+    /// while this one waited its turn) and caches it.
+    async fn read(&self, queue: &str) -> Result<u64, OpError> {
+        let turn = self
+            .reading
+            .lock()
+            .map(|mut r| r.entry(queue.to_owned()).or_default().clone())
+            .unwrap_or_default();
+        let _turn = turn.lock().await;
+        if let Some(depth) = self.known(queue) {
+            return Ok(depth);
+        }
+        let depth =
+            crate::nats::with_retries(crate::nats::RETRY_BUDGET, |_| self.measure(queue)).await?;
+        // A queue near its limit is measured less often: counting
+        // an unconsumed queue reads its messages' subjects.
+        let rest = Duration::from_millis(depth.saturating_mul(1000) / self.limit.max(1));
+        let until = Instant::now() + FRESH_FOR + rest.min(Duration::from_secs(10));
+        if let Ok(mut m) = self.measured.lock() {
+            m.insert(queue.to_owned(), Measured { depth, until });
+        }
+        Ok(depth)
     }
 
     /// Counts a task this process just added to `queue`.
