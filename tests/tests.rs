@@ -12,6 +12,7 @@ mod bmw_metrics;
 mod bridge_batch;
 mod bridge_input;
 mod bridge_security;
+mod command_burst;
 mod daemon_cluster;
 mod daemon_watches;
 mod duplicates;
