@@ -188,3 +188,86 @@ async fn a_burst_of_creates_with_a_worker_killed_is_applied_once_and_answered() 
     assert_eq!(bindings.keys().cloned().collect::<HashSet<_>>(), uni_ids);
     drop((runner, survivor));
 }
+
+/// Publishes `body` on `subject` with the reply inbox `burst.order.<i>`;
+/// the ack to await.
+async fn publish_numbered(
+    env: &TestEnv,
+    subject: &str,
+    i: usize,
+    body: &Value,
+) -> async_nats::jetstream::context::PublishAckFuture {
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(
+        bmw::nats::names::HEADER_REPLY,
+        format!("burst.order.{i}").as_str(),
+    );
+    let publish = PublishMessage::build()
+        .payload(bmw::nats::to_json_bytes(body))
+        .headers(headers);
+    env.nats
+        .js
+        .send_publish(subject.to_owned(), publish)
+        .await
+        .unwrap()
+}
+
+/// Commands on one daemon task published back to back (create, delete,
+/// create with other options), for many tasks at once so that they share
+/// the worker's batches: each task's commands apply in order, so every task
+/// ends up existing, with the last create's options. One worker: across
+/// workers sharing the consumer, order was never kept (design-notes 16).
+#[tokio::test(flavor = "multi_thread")]
+async fn commands_on_one_daemon_task_apply_in_order_within_batches() {
+    const TASKS: usize = 200;
+    let env = TestEnv::start().await;
+    let worker = BmwProcess::worker(&env.url(), &[]);
+    worker.worker_id().await;
+    let mut inbox = env.nats.client.subscribe("burst.order.>").await.unwrap();
+    env.nats.client.flush().await.unwrap();
+    let kind = bmw::task::Kind::parse("daemon:demo:demo").unwrap();
+    let mut uni_ids = Vec::new();
+    // Published back to back, the acks awaited at the end: the commands
+    // arrive faster than they are applied, so the lanes' batches fill.
+    let mut acks = Vec::new();
+    for n in 0..TASKS {
+        let payload = json!({"content": "ok", "n": n});
+        let uni_id = bmw::task::UniId::new(&kind, "", &payload);
+        let create = json!({"kind": "daemon:demo:demo", "payload": payload});
+        let delete = json!({"task_type": "daemon", "task_uni_id": uni_id});
+        let again =
+            json!({"kind": "daemon:demo:demo", "payload": payload, "options": {"retry": 7}});
+        acks.push(publish_numbered(&env, bmw::nats::names::SUBJECT_CREATE, 3 * n, &create).await);
+        acks.push(
+            publish_numbered(&env, bmw::nats::names::SUBJECT_DELETE, 3 * n + 1, &delete).await,
+        );
+        acks.push(
+            publish_numbered(&env, bmw::nats::names::SUBJECT_CREATE, 3 * n + 2, &again).await,
+        );
+        uni_ids.push(uni_id);
+    }
+    for ack in acks {
+        ack.await.unwrap();
+    }
+    let mut answered = HashSet::new();
+    while answered.len() < 3 * TASKS {
+        let m = tokio::time::timeout(Duration::from_secs(30), inbox.next())
+            .await
+            .expect("every command answered")
+            .unwrap();
+        let outcome: Value = serde_json::from_slice(&m.payload).unwrap();
+        assert_eq!(outcome["result"], true, "{}: {outcome}", m.subject);
+        answered.insert(m.subject.to_string());
+    }
+    let specs = env
+        .nats
+        .js
+        .get_key_value(bmw::nats::names::BUCKET_DAEMON_TASKS)
+        .await
+        .unwrap();
+    for uni_id in &uni_ids {
+        let entry = specs.get(uni_id.key()).await.unwrap();
+        let spec: Value = serde_json::from_slice(&entry.expect("the task exists")).unwrap();
+        assert_eq!(spec["options"]["retry"], 7, "{uni_id}: {spec}");
+    }
+}
