@@ -13,6 +13,7 @@ mod bmw_metrics;
 mod bridge_batch;
 mod bridge_input;
 mod bridge_security;
+mod command_burst;
 mod console_api;
 mod daemon_cluster;
 mod daemon_watches;

@@ -1,8 +1,11 @@
 //! [`CommandConsumer`]: one worker's loop on the durable consumer all
-//! workers share on `BMW_TASKS`. Each message is parsed once and handed to
-//! one of [`LANES`] lanes by the task it names, so commands on one task keep
-//! their order while commands on different tasks run side by side; the
-//! [`CommandHandler`] applies and settles it.
+//! workers share on `BMW_TASKS`, pulled [`PULL_BATCH`] at a time. Each
+//! message is parsed once and handed to one of [`LANES`] lanes by the task
+//! it names, so commands on one task keep their order while commands on
+//! different tasks run side by side. A lane takes what it holds (up to
+//! [`LANE_BATCH`]) at once, and the [`CommandHandler`] applies and settles
+//! that batch: commands on one task in order, those on different tasks
+//! together, their writes in flight at the same time.
 
 use std::hash::{Hash, Hasher};
 use std::panic::AssertUnwindSafe;
@@ -13,7 +16,7 @@ use async_nats::jetstream::{self, consumer::pull};
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
-use super::handler::{CommandHandler, Parsed};
+use super::handler::{CommandHandler, Keyed, Parsed};
 use super::wire;
 use crate::nats::{Nats, NatsError, names};
 use crate::queue::panic_message;
@@ -23,6 +26,14 @@ use crate::task::{Command, TaskType};
 pub const LANES: usize = 64;
 /// Commands waiting per lane.
 const LANE_DEPTH: usize = 64;
+/// Commands a lane applies as one batch.
+pub const LANE_BATCH: usize = 64;
+/// Commands asked for in one pull request.
+pub const PULL_BATCH: usize = 500;
+/// Commands delivered to the workers and not yet acked, all workers
+/// together: a few pulls each (more only grows the lanes' queues, the
+/// workers' memory and every command's wait, not the rate).
+const MAX_ACK_PENDING: i64 = 4_096;
 
 /// The consumer loop of one worker on the shared durable consumer.
 #[derive(Debug)]
@@ -49,6 +60,7 @@ impl CommandConsumer {
                     // delivered many times; failures are bounded by the
                     // handler's own count of deliveries.
                     max_deliver: -1,
+                    max_ack_pending: MAX_ACK_PENDING,
                     ..Default::default()
                 },
             )
@@ -62,20 +74,27 @@ impl CommandConsumer {
         let mut lanes = Vec::with_capacity(LANES);
         let mut workers = tokio::task::JoinSet::new();
         for _ in 0..LANES {
-            let (tx, mut rx) =
-                tokio::sync::mpsc::channel::<(jetstream::Message, Parsed)>(LANE_DEPTH);
+            let (tx, mut rx) = tokio::sync::mpsc::channel::<Keyed>(LANE_DEPTH);
             lanes.push(tx);
             let this = this.clone();
             workers.spawn(async move {
-                while let Some((message, parsed)) = rx.recv().await {
-                    this.handler.handle(message, parsed).await;
+                let mut batch = Vec::with_capacity(LANE_BATCH);
+                while rx.recv_many(&mut batch, LANE_BATCH).await > 0 {
+                    this.handler.handle_batch(std::mem::take(&mut batch)).await;
                 }
             });
         }
         'outer: loop {
             let opened = async {
                 match this.consumer().await {
-                    Ok(c) => c.messages().await.map_err(NatsError::from),
+                    Ok(c) => c
+                        .stream()
+                        .max_messages_per_batch(PULL_BATCH)
+                        // The client's default for `messages()`.
+                        .heartbeat(Duration::from_secs(15))
+                        .messages()
+                        .await
+                        .map_err(NatsError::from),
                     Err(e) => Err(e),
                 }
             };
@@ -93,17 +112,18 @@ impl CommandConsumer {
                                 // panic there fails this command, not the consumer.
                                 let routed = std::panic::catch_unwind(AssertUnwindSafe(|| {
                                     let parsed = wire::parse_delivered(&message);
-                                    let lane = this.lane_of(&message, &parsed);
-                                    (parsed, lane)
+                                    let key = this.order_key(&message, &parsed);
+                                    (parsed, key)
                                 }));
-                                let (parsed, lane) = match routed {
+                                let (parsed, key) = match routed {
                                     Ok(routed) => routed,
                                     Err(panic) => {
                                         this.handler.fail_panicked(&message, &panic_message(panic.as_ref())).await;
                                         continue;
                                     }
                                 };
-                                if lanes[lane].send((message, parsed)).await.is_err() {
+                                let lane = (key % LANES as u64) as usize;
+                                if lanes[lane].send((message, parsed, key)).await.is_err() {
                                     break 'outer;
                                 }
                             }
@@ -125,25 +145,27 @@ impl CommandConsumer {
         while workers.join_next().await.is_some() {}
     }
 
-    /// The lane of a message: by the uni_id of the daemon task it names (so a
-    /// create and a later delete of one task stay in order), else by its body.
-    fn lane_of(&self, message: &jetstream::Message, parsed: &Parsed) -> usize {
-        let key = match parsed {
+    /// The hash of a message's order key, which picks its lane: the uni_id
+    /// of the daemon task it names (so a create and a later delete of one
+    /// task stay in order), else its body.
+    fn order_key(&self, message: &jetstream::Message, parsed: &Parsed) -> u64 {
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        let uni_id = match parsed {
             Ok(Command::Create(create)) if create.kind.task_type() == TaskType::Daemon => self
                 .handler
                 .ops()
                 .daemon()
                 .spec_for(create)
-                .map(|spec| spec.uni_id.to_string())
-                .unwrap_or_default(),
-            Ok(command) => match command.daemon_uni_id() {
-                Some(uni_id) => uni_id.to_string(),
-                None => String::from_utf8_lossy(&message.payload).into_owned(),
-            },
-            Err(_) => String::from_utf8_lossy(&message.payload).into_owned(),
+                .ok()
+                .map(|spec| spec.uni_id),
+            Ok(command) => command.daemon_uni_id().cloned(),
+            Err(_) => None,
         };
-        let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        key.hash(&mut hasher);
-        (hasher.finish() % LANES as u64) as usize
+        match uni_id {
+            Some(uni_id) => uni_id.as_str().hash(&mut hasher),
+            // Hashed as it came: the body of every async create is not copied.
+            None => message.payload.as_ref().hash(&mut hasher),
+        }
+        hasher.finish()
     }
 }

@@ -8,6 +8,7 @@
 //! panic while handling one command (a bug, or user code such as an
 //! operator's `task_dimension`) fails that command alone, with a 500.
 
+use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 use std::time::Duration;
 
@@ -26,6 +27,10 @@ const MAX_DELIVER: i64 = 20;
 
 /// A command as parsed from its message (or why it could not be).
 pub(super) type Parsed = Result<Command, ValidationError>;
+
+/// A command message, parsed, with the hash of its order key (the task it
+/// names): commands with one key are applied in order, one at a time.
+pub(super) type Keyed = (Message, Parsed, u64);
 
 /// Applies command messages; shared by all lanes of a worker.
 #[derive(Debug)]
@@ -74,6 +79,31 @@ impl CommandHandler {
     /// The operations (the consumer uses them to pick a command's lane).
     pub(super) fn ops(&self) -> &Operations {
         &self.ops
+    }
+
+    /// Applies and settles a lane's batch. Commands on one task (the same
+    /// order key: a daemon task's uni_id, else the command's body) are
+    /// applied one by one in the order they came, so a daemon create and a
+    /// later delete of that task are never reordered nor applied at once;
+    /// commands on different tasks are applied together, so their writes
+    /// (an async create's task publish, a daemon create's spec write) are
+    /// in flight at the same time: a round trip per batch, not per command.
+    pub(super) async fn handle_batch(&self, batch: Vec<Keyed>) {
+        let mut chains: Vec<Vec<(Message, Parsed)>> = Vec::new();
+        let mut chain_of: HashMap<u64, usize> = HashMap::with_capacity(batch.len());
+        for (message, parsed, key) in batch {
+            let chain = *chain_of.entry(key).or_insert_with(|| {
+                chains.push(Vec::new());
+                chains.len() - 1
+            });
+            chains[chain].push((message, parsed));
+        }
+        futures::future::join_all(chains.into_iter().map(|chain| async move {
+            for (message, parsed) in chain {
+                self.handle(message, parsed).await;
+            }
+        }))
+        .await;
     }
 
     /// Applies one command message and settles it. A panic while doing so

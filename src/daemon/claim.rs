@@ -113,6 +113,25 @@ impl ClaimStore {
         worker_id: &str,
         generation: u64,
     ) -> Result<(Claim, u64, Option<String>), ClaimError> {
+        // A new task's key was never written: claim it in one round trip,
+        // expecting no message on the key. Any earlier claim, held,
+        // released or expired, makes that write fail, and the read below
+        // finds it.
+        let fresh = Claim {
+            uni_id: uni_id.clone(),
+            worker_id: worker_id.to_owned(),
+            since: chrono::Utc::now().to_rfc3339(),
+            generation,
+            retry_count: 0,
+            reload_count: 0,
+            next_retry_at: None,
+            released_by: String::new(),
+        };
+        match self.write(key, &fresh, 0).await {
+            Ok(rev) => return Ok((fresh, rev, None)),
+            Err(ClaimError::Lost(_)) => {}
+            Err(e) => return Err(e),
+        }
         let entry = self.kv.entry(key).await.map_err(NatsError::from)?;
         let (expected, previous) = match entry {
             None => (0, None),

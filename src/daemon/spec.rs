@@ -104,7 +104,8 @@ impl SpecStore {
         Ok(self.read(&uni_id.key()).await?.map(|(s, _)| s))
     }
 
-    /// Writes `spec` if the entry is still at `revision` (absent for `None`);
+    /// Writes `spec` if the entry is still at `revision` (`None`: absent or
+    /// deleted; `Some(0)`: no message at all on the key, not even a marker);
     /// `Ok(false)` when another write came first. A retried write whose
     /// first attempt was stored (its ack lost) finds its own bytes there and
     /// counts as written, so a reload is not applied twice.
@@ -145,6 +146,11 @@ impl SpecStore {
     /// so the owner restarts it); an identical create changes nothing.
     pub async fn create(&self, mut spec: DaemonSpec) -> Result<CreateOutcome, SpecError> {
         let key = spec.uni_id.key();
+        // Most creates are of new tasks: write expecting no message on the
+        // key (one round trip), and read only when that fails.
+        if self.write(&key, &spec, Some(0)).await? {
+            return Ok(CreateOutcome::Created);
+        }
         for _ in 0..CAS_ATTEMPTS {
             let (outcome, revision) = match self.read(&key).await? {
                 None => (CreateOutcome::Created, None),
