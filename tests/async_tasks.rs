@@ -492,3 +492,47 @@ async fn a_task_without_limits_is_held_to_the_default_timeout() {
         .to_owned();
     assert!(error.starts_with("timeout after 1s"), "{error}");
 }
+
+/// A requeued task that fails again at once is archived again, whatever the
+/// requeue still had to do: its new record and its new dead letter stay (the
+/// requeue once purged every dead letter of the task and removed its record
+/// after publishing it, racing the new run's archive).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_requeued_task_failing_at_once_is_archived_again_every_time() {
+    let (env, bmw, events) = start().await;
+    let (status, body) = create(
+        &bmw,
+        json!({"kind": "async:demo:fail", "payload": {"fail_times": 1000}, "options": {"retry": 0}}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let id = body["data"]["task_id"].as_str().unwrap().to_owned();
+    assert!(wait_count(&events, &id, "archived", 1, 10).await);
+    let dead = env.nats.js.get_stream("BMW_DEAD").await.unwrap();
+    for round in 2..=12 {
+        let (status, body) = http(
+            Method::POST,
+            &format!("{}/bmw/task/async/requeue", bmw.base_url()),
+            Some(&json!({"task_id": id}).to_string()),
+        )
+        .await;
+        assert_eq!(status, 200, "round {round}: {body}");
+        assert!(
+            wait_count(&events, &id, "archived", round, 10).await,
+            "round {round}: archived again"
+        );
+        // The archive is done once its event is out; the requeue's own
+        // clean-up must not undo it, however late it comes.
+        assert_eventually!(
+            Duration::from_secs(5),
+            get(&bmw, &id).await.1["data"]["state"] == "archived",
+            "round {round}: the record says archived"
+        );
+        assert!(
+            dead.get_last_raw_message_by_subject(&format!("bmw.dead.default.{id}"))
+                .await
+                .is_ok(),
+            "round {round}: the new dead letter is kept"
+        );
+    }
+}

@@ -440,3 +440,16 @@ async fn a_scheduled_retry_is_the_next_attempt_of_its_task() {
         "fired schedules are gone"
     );
 }
+
+#[tokio::test]
+async fn a_dead_letter_without_its_record_is_found_by_id() {
+    let env = TestEnv::start().await;
+    bmw::queue::dead_letter::store(&env.nats.js, "gone", &task("t3"), 1)
+        .await
+        .unwrap();
+    // No record (expired, or removed by a requeue an instant before): the
+    // dead letter still answers for the task.
+    let record = env.client.get_async("t3").await.expect("found by id");
+    assert_eq!(record.state, bmw::queue::TaskState::Archived, "{record:?}");
+    assert_eq!(record.queue, "gone");
+}

@@ -9,7 +9,7 @@
 use async_nats::jetstream::{
     self,
     message::PublishMessage,
-    stream::{LastRawMessageErrorKind, Stream},
+    stream::{DeleteMessageErrorKind, LastRawMessageErrorKind, Stream},
 };
 use serde_json::{Value, json};
 
@@ -137,6 +137,10 @@ impl Admin {
         // but one per dead letter: a concurrent requeue of it is a duplicate.
         let msg_id = super::dead_letter::requeue_message_id(task_id, message.sequence);
         let publish = PublishMessage::build().payload(body).message_id(msg_id);
+        // The old record goes before the task is back in its queue: after,
+        // it could be the new run's (a task failing at once is archived
+        // again within milliseconds). Meanwhile the dead letter finds it.
+        self.inspector.records.remove(task_id).await?;
         let ack = self
             .js
             .send_publish(names::async_subject(&queue, task_id), publish)
@@ -149,8 +153,14 @@ impl Admin {
             // the record may already be the new run's).
             return Ok(json!({"task_id": task_id, "queue": queue, "state": "pending"}));
         }
-        self.purge(&self.inspector.dead, &subject).await?;
-        self.inspector.records.remove(task_id).await?;
+        // This dead letter only: the new run may have left another one.
+        match self.inspector.dead.delete_message(message.sequence).await {
+            Ok(_) => {}
+            // Gone already (a concurrent requeue or delete took it).
+            Err(e) if matches!(e.kind(), DeleteMessageErrorKind::JetStream(j) if j.code() == 404) =>
+                {}
+            Err(e) => return Err(nats(e)),
+        }
         tracing::info!(task_id, queue, "archived async task re-enqueued");
         Ok(json!({"task_id": task_id, "queue": queue, "state": "pending"}))
     }

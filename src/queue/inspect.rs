@@ -123,6 +123,14 @@ impl Inspector {
                 return self.message_record(&self.stream, &subject, state).await;
             }
         }
+        // A dead letter whose record is gone (expired, or removed by a
+        // requeue an instant before the task is back in its queue).
+        let filter = names::dead_subject(names::ANY, task_id);
+        if let Some(subject) = subjects(&self.dead, &filter).await?.next() {
+            return self
+                .message_record(&self.dead, &subject, TaskState::Archived)
+                .await;
+        }
         Ok(None)
     }
 
