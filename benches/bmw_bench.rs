@@ -157,10 +157,12 @@ const ASYNC_SCENARIOS: [(async_tasks::Path, usize, bool); 14] = {
     ]
 };
 
-/// Issue 14's targets for the bridge's producer paths, as a share of 2e
-/// (raw publish on `bmw.async.<queue>`) with the same workers, same run.
+/// Issue 14's targets for the producer paths (commands, the bridge), as a
+/// share of 2e (raw publish on `bmw.async.<queue>`) with the same workers,
+/// same run.
 fn producer_target(path: async_tasks::Path) -> Option<f64> {
     match path {
+        async_tasks::Path::Command => Some(0.5),
         async_tasks::Path::Bridge => Some(0.3),
         async_tasks::Path::Batch => Some(0.6),
         _ => None,
