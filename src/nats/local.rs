@@ -96,7 +96,8 @@ impl LocalServer {
         } else {
             self.port.to_string()
         };
-        let child = Command::new(&self.binary)
+        let mut command = Command::new(&self.binary);
+        command
             .args(["-a", "127.0.0.1", "-p", &port, "-js", "--store_dir"])
             .arg(&self.options.store_dir)
             .arg("--ports_file_dir")
@@ -106,8 +107,34 @@ impl LocalServer {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .kill_on_drop(true)
-            .spawn()
-            .map_err(|e| err(e.to_string()))?;
+            // Its own process group: a terminal's Ctrl-C goes to bmw's group
+            // only, so bmw drains (the worker leaves, its last acks and
+            // events go out) before it stops the server itself.
+            .process_group(0);
+        let parent = std::process::id() as libc::pid_t;
+        // SAFETY: between fork and exec the closure calls only
+        // async-signal-safe functions (prctl, getppid, _exit) and allocates nothing.
+        unsafe {
+            command.pre_exec(move || {
+                // Out of bmw's group it no longer gets the terminal's signals:
+                // it stops (SIGTERM, a clean shutdown) when bmw dies, however.
+                if libc::prctl(
+                    libc::PR_SET_PDEATHSIG,
+                    libc::SIGTERM as libc::c_ulong,
+                    0,
+                    0,
+                    0,
+                ) == -1
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+                if libc::getppid() != parent {
+                    libc::_exit(143);
+                }
+                Ok(())
+            });
+        }
+        let child = command.spawn().map_err(|e| err(e.to_string()))?;
         self.child = Some(child);
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         loop {

@@ -178,6 +178,7 @@ impl BmwProcess {
         args: &[&str],
         env: &[(&str, &str)],
     ) -> BmwProcess {
+        use std::os::unix::process::CommandExt as _;
         let mut child = Command::new(program)
             .args(args)
             .env(
@@ -188,6 +189,9 @@ impl BmwProcess {
             // the default 127.0.0.1:10213 unless a test gives it an address.
             .env("BMW_METRICS_ADDR", "off")
             .envs(env.iter().copied())
+            // Its own process group, as a shell gives a command: a test can
+            // signal the group the way a terminal's Ctrl-C does.
+            .process_group(0)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
