@@ -402,13 +402,7 @@ async fn raw_publishes_and_commands_enqueue_too() {
     let publish = async_nats::jetstream::message::PublishMessage::build()
         .payload(body.to_string().into())
         .message_id("raw-1");
-    env.nats
-        .js
-        .send_publish("bmw.async.default", publish)
-        .await
-        .unwrap()
-        .await
-        .unwrap();
+    crate::harness::publish_stored(&env, "bmw.async.default", publish).await;
     assert!(
         wait_until(Duration::from_secs(5), async || count(
             &events,

@@ -371,13 +371,7 @@ async fn a_huge_retry_after_from_a_handler_is_capped() {
                 .into(),
         )
         .message_id("later-1");
-    env.nats
-        .js
-        .send_publish("bmw.async.default", publish)
-        .await
-        .unwrap()
-        .await
-        .unwrap();
+    crate::harness::publish_stored(&env, "bmw.async.default", publish).await;
     let find = |what: &str| {
         events
             .lock()

@@ -309,13 +309,7 @@ async fn a_task_s_spans_form_one_trace_from_its_producer_to_every_attempt() {
         )
         .headers(headers)
         .message_id("raw-traced");
-    env.nats
-        .js
-        .send_publish("bmw.async.default", publish)
-        .await
-        .unwrap()
-        .await
-        .unwrap();
+    crate::harness::publish_stored(&env, "bmw.async.default", publish).await;
     let attempt = &receiver
         .wait_spans(raw_trace, "attempt async:demo:echo", 1)
         .await[0];

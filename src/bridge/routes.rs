@@ -251,29 +251,11 @@ pub(super) async fn list(
         })
     };
     let (offset, limit) = (number("offset")?, number("limit")?);
-    // The daemon list's `state` is the daemon query's (running, retrying,
-    // unbound); the async listing's otherwise.
-    let async_query = || -> Result<ListQuery, ApiError> {
-        Ok(ListQuery {
-        queue: query.get("queue").cloned(),
-        state: match query.get("state") {
-            Some(s) => Some(TaskState::parse(s).ok_or_else(|| {
-                ApiError::bad_request(format!("invalid `state`: {s:?}, expected pending, scheduled, active, retry, completed or archived"))
-            })?),
-            None => None,
-        },
-        kind: query.get("kind").cloned(),
-        offset,
-        limit,
-        cursor: query.get("cursor").map(|c| c.parse()).transpose()?,
-        })
-    };
+    let cursor = query.get("cursor").map(|c| c.parse()).transpose()?;
     match task_type {
         TaskType::Daemon => {
+            // Its `state` is the daemon list's own (running, retrying, unbound).
             let daemon_query = DaemonQuery::parse(&query)?;
-            if let Some(cursor) = query.get("cursor") {
-                cursor.parse::<crate::queue::Cursor>()?;
-            }
             let rows = state.client.list_daemon().await?;
             Ok(daemon_query.answer(rows))
         }
@@ -282,7 +264,15 @@ pub(super) async fn list(
                 let record = state.client.get_async(task_id).await?;
                 return Ok(Reply::ok(json!(record)).into_response());
             }
-            let page = state.client.list_async(&async_query()?).await?;
+            let list_query = ListQuery {
+                queue: query.get("queue").cloned(),
+                state: async_state(&query)?,
+                kind: query.get("kind").cloned(),
+                offset,
+                limit,
+                cursor,
+            };
+            let page = state.client.list_async(&list_query).await?;
             let mut response = Reply::ok(json!(page.tasks)).into_response();
             if let Some(next) = page.next
                 && let Ok(value) = HeaderValue::from_str(&next.to_string())
@@ -292,11 +282,23 @@ pub(super) async fn list(
             Ok(response)
         }
         TaskType::Periodic => {
-            async_query()?;
+            async_state(&query)?;
             let rows = state.client.list_periodic().await?;
             Ok(Reply::ok(json!(rows)).into_response())
         }
     }
+}
+
+/// The async state `?state=` names, or 400.
+fn async_state(query: &HashMap<String, String>) -> Result<Option<TaskState>, ApiError> {
+    query
+        .get("state")
+        .map(|s| {
+            TaskState::parse(s).ok_or_else(|| {
+                ApiError::bad_request(format!("invalid `state`: {s:?}, expected pending, scheduled, active, retry, completed or archived"))
+            })
+        })
+        .transpose()
 }
 
 /// `GET /bmw/queue/`: per-queue stats of async tasks.

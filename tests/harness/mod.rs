@@ -509,6 +509,22 @@ pub async fn create_ok(base_url: &str, body: &Value) -> Value {
     envelope["data"].clone()
 }
 
+/// Publishes `publish` on `subject` (JetStream) and waits until the server
+/// says it is stored.
+pub async fn publish_stored(
+    env: &TestEnv,
+    subject: &str,
+    publish: async_nats::jetstream::message::PublishMessage,
+) -> async_nats::jetstream::publish::PublishAck {
+    env.nats
+        .js
+        .send_publish(subject.to_owned(), publish)
+        .await
+        .unwrap()
+        .await
+        .unwrap()
+}
+
 /// Publishes a command on `subject` (JetStream) with a `Bmw-Reply` inbox
 /// and returns the outcome a worker answers with.
 pub async fn publish_command(env: &TestEnv, subject: &str, body: &[u8]) -> Value {
@@ -519,13 +535,7 @@ pub async fn publish_command(env: &TestEnv, subject: &str, body: &[u8]) -> Value
     let publish = async_nats::jetstream::message::PublishMessage::build()
         .payload(body.to_vec().into())
         .headers(headers);
-    env.nats
-        .js
-        .send_publish(subject.to_owned(), publish)
-        .await
-        .unwrap()
-        .await
-        .unwrap();
+    publish_stored(env, subject, publish).await;
     let reply = tokio::time::timeout(
         Duration::from_secs(10),
         futures::StreamExt::next(&mut replies),
