@@ -28,8 +28,8 @@
 //! ## Layering
 //!
 //! Modules depend downward only, in this order (lowest first):
-//! [`nats`] (names, connection, typed errors), [`metrics`], [`shutdown`],
-//! [`logging`], [`traces`] →
+//! [`shutdown`] (signals, children that die with bmw) → [`nats`] (names,
+//! connection, typed errors), [`metrics`], [`logging`], [`traces`] →
 //! [`task`], [`config`], [`events`] → [`membership`] → [`daemon`], [`queue`]
 //! → [`periodic`] → [`registry`] → [`external`] → [`ops`] → [`command`], [`builtin`] →
 //! [`client`] → [`bridge`], [`worker`] → [`service`] → the binary.
@@ -60,7 +60,7 @@
 //!   the cross-site rule, request limits, TLS.
 //! - [`events`], [`metrics`], [`logging`]: what operators observe;
 //!   [`traces`]: OpenTelemetry spans and the `traceparent` NATS headers carry.
-//! - [`config`], [`shutdown`]: settings and signals.
+//! - [`config`], [`shutdown`]: settings; signals, and children that die with bmw.
 
 pub mod bridge;
 pub mod builtin;

@@ -10,7 +10,8 @@ use std::path::{Path, PathBuf};
 /// The layers, lowest first, as `src/lib.rs` states them. A module may use
 /// modules of lower layers only (and its own submodules).
 const LAYERS: &[&[&str]] = &[
-    &["nats", "metrics", "shutdown", "logging", "traces"],
+    &["shutdown"],
+    &["nats", "metrics", "logging", "traces"],
     &["task", "config", "events"],
     &["membership"],
     &["daemon", "queue"],

@@ -167,31 +167,8 @@ impl ChildProcess {
             command.env("BMW_PAYLOAD", &json);
         }
         command.envs(env);
-        let parent = std::process::id() as libc::pid_t;
-        // SAFETY: between fork and exec the closure calls only
-        // async-signal-safe functions (prctl, getppid, _exit) and allocates nothing.
-        unsafe {
-            command.pre_exec(move || {
-                // Die with the worker, however it dies. (The signal comes when the
-                // thread that forked ends: a runtime worker thread, which lives
-                // as long as the worker.)
-                if libc::prctl(
-                    libc::PR_SET_PDEATHSIG,
-                    libc::SIGKILL as libc::c_ulong,
-                    0,
-                    0,
-                    0,
-                ) == -1
-                {
-                    return Err(io::Error::last_os_error());
-                }
-                // The worker died before the line above: no signal will come.
-                if libc::getppid() != parent {
-                    libc::_exit(137);
-                }
-                Ok(())
-            });
-        }
+        // Die with the worker, however it dies.
+        crate::shutdown::die_with_this_process(&mut command, libc::SIGKILL);
         let mut child = command.spawn()?;
         let pid = child.id().unwrap_or_default();
         if let Some(mut stdin) = child.stdin.take() {

@@ -111,29 +111,9 @@ impl LocalServer {
             // only, so bmw drains (the worker leaves, its last acks and
             // events go out) before it stops the server itself.
             .process_group(0);
-        let parent = std::process::id() as libc::pid_t;
-        // SAFETY: between fork and exec the closure calls only
-        // async-signal-safe functions (prctl, getppid, _exit) and allocates nothing.
-        unsafe {
-            command.pre_exec(move || {
-                // Out of bmw's group it no longer gets the terminal's signals:
-                // it stops (SIGTERM, a clean shutdown) when bmw dies, however.
-                if libc::prctl(
-                    libc::PR_SET_PDEATHSIG,
-                    libc::SIGTERM as libc::c_ulong,
-                    0,
-                    0,
-                    0,
-                ) == -1
-                {
-                    return Err(std::io::Error::last_os_error());
-                }
-                if libc::getppid() != parent {
-                    libc::_exit(143);
-                }
-                Ok(())
-            });
-        }
+        // Out of bmw's group it no longer gets the terminal's signals: it
+        // stops (SIGTERM, a clean shutdown) when bmw dies, however.
+        crate::shutdown::die_with_this_process(&mut command, libc::SIGTERM);
         let child = command.spawn().map_err(|e| err(e.to_string()))?;
         self.child = Some(child);
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
