@@ -163,6 +163,7 @@ impl Worker {
             queues: config.queue_names(),
             stats,
             connections: nats.connections.clone(),
+            link: crate::nats::link::Link::new(&nats.client),
             resync_every: crate::daemon::runtime::RESYNC_EVERY,
         };
         // Every step of the stop is bounded by one deadline, taken when the

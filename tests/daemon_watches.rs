@@ -7,7 +7,7 @@
 //! alone, never the worker's other daemon tasks.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
@@ -27,11 +27,15 @@ async fn apply(ops: &bmw::ops::Operations, subject: &str, body: Value) -> Value 
 }
 
 /// Creates three tasks (to be deleted, reloaded and kept by the test) and
-/// waits until worker `id` holds all three.
+/// waits until worker `id` holds all three and `events` has each one's
+/// `started` event: an event still queued in the worker's client when the
+/// test cuts it off would otherwise arrive after the outage and pass for a
+/// start made then.
 async fn three_held_tasks(
     env: &TestEnv,
     ops: &bmw::ops::Operations,
     id: &str,
+    events: &Mutex<Vec<Value>>,
 ) -> (String, String, String) {
     let tasks = (
         create(ops, 0).await,
@@ -49,7 +53,23 @@ async fn three_held_tasks(
         "the worker holds the three tasks; claims {:?}",
         live_claims(env).await
     );
+    assert_eventually!(
+        Duration::from_secs(10),
+        [&tasks.0, &tasks.1, &tasks.2]
+            .iter()
+            .all(|t| started(&events.lock().unwrap(), t) == 1),
+        "each task started once; events {:?}",
+        events.lock().unwrap()
+    );
     tasks
+}
+
+/// How many `started` events of `uni_id` are in `events`.
+fn started(events: &[Value], uni_id: &str) -> usize {
+    events
+        .iter()
+        .filter(|e| e["what"] == "started" && e["uni_id"] == uni_id)
+        .count()
 }
 
 /// The claims expected when worker `id` holds each `(uni_id, generation)`.
@@ -115,7 +135,8 @@ async fn a_cut_off_worker_catches_up_with_changes_made_meanwhile(mode: Mode, out
         .unwrap();
     let worker = BmwProcess::worker(&proxy.url(), &[]);
     let id = worker.worker_id().await;
-    let (deleted, reloaded, kept) = three_held_tasks(&env, &ops, &id).await;
+    let events = collect_events(&env, "bmw.event.daemon.>");
+    let (deleted, reloaded, kept) = three_held_tasks(&env, &ops, &id, &events).await;
 
     proxy.set(mode);
     apply(
@@ -140,8 +161,7 @@ async fn a_cut_off_worker_catches_up_with_changes_made_meanwhile(mode: Mode, out
     );
 
     tokio::time::sleep(outage).await;
-    let events = collect_events(&env, "bmw.event.daemon.>");
-    env.nats.client.flush().await.unwrap();
+    let before_pass = events.lock().unwrap().len();
     let passed = Instant::now();
     proxy.set(Mode::Pass);
     let expected = held_by(&id, &[(&reloaded, 1), (&kept, 0), (&created, 0)]);
@@ -167,26 +187,19 @@ async fn a_cut_off_worker_catches_up_with_changes_made_meanwhile(mode: Mode, out
         "the claims stay as expected; claims {:?}",
         live_claims(&env).await
     );
-    let started_deleted: Vec<Value> = events
-        .lock()
-        .unwrap()
-        .iter()
-        .filter(|e| e["what"] == "started" && e["uni_id"] == deleted.as_str())
-        .cloned()
-        .collect();
-    assert!(
-        started_deleted.is_empty(),
-        "the deleted task was started again: {started_deleted:?}"
+    let after_pass = events.lock().unwrap()[before_pass..].to_vec();
+    assert_eq!(
+        started(&after_pass, &deleted),
+        0,
+        "the deleted task was started again; events since the pass: {after_pass:?}"
     );
     // The reloaded task started once after the worker came back: at its new
     // generation, not at the old one and then again.
-    let started_reloaded = events
-        .lock()
-        .unwrap()
-        .iter()
-        .filter(|e| e["what"] == "started" && e["uni_id"] == reloaded.as_str())
-        .count();
-    assert_eq!(started_reloaded, 1, "the reloaded task starts once");
+    assert_eq!(
+        started(&after_pass, &reloaded),
+        1,
+        "the reloaded task starts once; events since the pass: {after_pass:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -219,9 +232,8 @@ async fn a_worker_catches_up_with_changes_made_right_after_a_server_restart() {
         .unwrap();
     let worker = BmwProcess::worker(&env.url(), &[]);
     let id = worker.worker_id().await;
-    let (deleted, reloaded, kept) = three_held_tasks(&env, &ops, &id).await;
     let events = collect_events(&env, "bmw.event.daemon.>");
-    env.nats.client.flush().await.unwrap();
+    let (deleted, reloaded, kept) = three_held_tasks(&env, &ops, &id, &events).await;
 
     env.server.server.kill().await;
     env.server.server.restart().await.expect("server restarts");
@@ -259,13 +271,110 @@ async fn a_worker_catches_up_with_changes_made_right_after_a_server_restart() {
         "changes stored {changed:?} after the restart, caught up {:?} after it",
         restarted.elapsed()
     );
-    let started_deleted = events
-        .lock()
-        .unwrap()
+    assert_eq!(
+        started(&events.lock().unwrap(), &deleted),
+        1,
+        "the deleted task is not started again"
+    );
+}
+
+/// async-nats hands its `Connected` event to the callback through a channel
+/// (late under load, dropped when the channel is full), while each watch
+/// resumes on its own as soon as the connection is back. Here the worker
+/// never hears of the reconnect at all (its connection count never moves)
+/// and nine of its twelve tasks are deleted while it is cut off: the
+/// runtime sees the new connection by itself before it next acts, replays
+/// every bucket, and runs exactly the three tasks left, none of the deleted
+/// ones. (async-nats's resumed watches alone usually get this right too,
+/// since a freed task is claimed only a heartbeat later; the replay is what
+/// makes it independent of which watch resumes first.)
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_that_misses_the_reconnect_event_does_not_act_on_a_half_resumed_view() {
+    let env = TestEnv::start().await;
+    let proxy = FaultProxy::start(&env.url()).await;
+    let ops = bmw::ops::Operations::open(&env.nats, Arc::new(bmw::builtin::registry()))
+        .await
+        .unwrap();
+    let through_proxy = bmw::nats::Nats::connect(&proxy.url(), "bmw-worker")
+        .await
+        .unwrap();
+    // A connection count that never changes: the reconnect event is lost.
+    let (_never_bumped, connections) = tokio::sync::watch::channel(0);
+    let nats = bmw::nats::Nats {
+        connections,
+        ..through_proxy
+    };
+    let config = bmw::Config {
+        nats_url: Some(proxy.url()),
+        claim_ttl: Duration::from_secs(3),
+        heartbeat: Duration::from_secs(1),
+        grace: Duration::from_secs(2),
+        ..bmw::Config::default()
+    };
+    let worker = bmw::worker::Worker::new(nats, config, Arc::new(bmw::builtin::registry()));
+    let id = worker.id().to_owned();
+    let token = tokio_util::sync::CancellationToken::new();
+    let handle = tokio::spawn(worker.run(token.clone()));
+    let events = collect_events(&env, "bmw.event.daemon.>");
+
+    let mut tasks = Vec::new();
+    for n in 0..12 {
+        tasks.push(create(&ops, n).await);
+    }
+    assert_eventually!(
+        Duration::from_secs(15),
+        live_claims(&env).await.len() == 12
+            && events
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|e| e["what"] == "started")
+                .count()
+                == 12,
+        "the worker holds and started the twelve tasks; claims {:?}",
+        live_claims(&env).await
+    );
+
+    proxy.set(Mode::Refuse);
+    let (deleted, kept) = tasks.split_at(9);
+    for uni_id in deleted {
+        apply(
+            &ops,
+            bmw::nats::names::SUBJECT_DELETE,
+            json!({"task_type": "daemon", "task_uni_id": uni_id}),
+        )
+        .await;
+    }
+    assert_eventually!(
+        Duration::from_secs(15),
+        live_claims(&env).await.is_empty(),
+        "the cut-off worker's claims expire; claims {:?}",
+        live_claims(&env).await
+    );
+    let before_pass = events.lock().unwrap().len();
+    proxy.set(Mode::Pass);
+
+    let expected = held_by(
+        &id,
+        &kept.iter().map(|t| (t.as_str(), 0)).collect::<Vec<_>>(),
+    );
+    assert_eventually!(
+        Duration::from_secs(20),
+        live_claims(&env).await == expected,
+        "the worker runs exactly the tasks that exist; claims {:?}",
+        live_claims(&env).await
+    );
+    let restarted: Vec<Value> = events.lock().unwrap()[before_pass..]
         .iter()
-        .filter(|e| e["what"] == "started" && e["uni_id"] == deleted.as_str())
-        .count();
-    assert_eq!(started_deleted, 0, "the deleted task is not started again");
+        .filter(|e| e["what"] == "started" && deleted.iter().any(|d| e["uni_id"] == d.as_str()))
+        .cloned()
+        .collect();
+    assert!(
+        restarted.is_empty(),
+        "deleted tasks were started again: {restarted:?}"
+    );
+    token.cancel();
+    handle.await.unwrap().unwrap();
 }
 
 /// A daemon kind that idles until cancelled.

@@ -8,8 +8,9 @@
 //! so take-over after a crash is driven by events, not by polling. Each watch
 //! is restarted from its bucket on every reconnect, every resync period, and
 //! when it errs (`watch.rs`); nothing is reconciled until all three have
-//! replayed, and what the replay no longer has is dropped (a deleted spec
-//! stops its instance here). A maintainer task that panics is forgotten and
+//! replayed on the connection that is still up (`nats::link`), and what
+//! the replay no longer has is dropped (a deleted spec stops its instance
+//! here). A maintainer task that panics is forgotten and
 //! its claim freed.
 
 use std::collections::{HashMap, HashSet};
@@ -31,6 +32,7 @@ use super::spec::{DaemonSpec, SpecStore};
 use super::watch::Watcher;
 use crate::events::EventPublisher;
 use crate::membership::{WorkerEntry, WorkerStats};
+use crate::nats::link::{Epoch, Link};
 
 /// Acquisitions in flight at once (each is one read and one write).
 const MAX_ACQUIRING: usize = 512;
@@ -55,6 +57,10 @@ pub struct DaemonRuntime {
     /// The client's connection count: each change (a reconnect) restarts
     /// every watch from its bucket.
     pub(crate) connections: watch::Receiver<u64>,
+    /// Which connection is up, read before each reconcile: the count above
+    /// changes only once the event reaches the callback, later than the
+    /// watches resume after a reconnect.
+    pub(crate) link: Link,
     /// How often every watch is restarted from its bucket anyway.
     pub(crate) resync_every: Duration,
 }
@@ -125,6 +131,9 @@ impl DaemonRuntime {
         resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut connections = self.connections.clone();
         connections.mark_unchanged();
+        // The connection the watches (re)started on: the view is acted on
+        // only while that connection is still the one up.
+        let mut replayed_on = self.link.current();
         let mut dirty = true;
         // Reconciling costs O(tasks): it runs at most every `pace`, which grows
         // with its own cost, so a burst of events is absorbed first.
@@ -135,9 +144,7 @@ impl DaemonRuntime {
                 () = token.cancelled() => break,
                 () = reconnected(&mut connections) => {
                     tracing::info!("reconnected to NATS; re-reading the specs, claims and workers");
-                    for w in [&mut specs_w, &mut claims_w, &mut workers_w] {
-                        w.restart();
-                    }
+                    replayed_on = restart_all([&mut specs_w, &mut claims_w, &mut workers_w], &self.link);
                 }
                 entry = specs_w.next() => {
                     dirty = true;
@@ -181,17 +188,32 @@ impl DaemonRuntime {
                 () = tokio::time::sleep_until(next_reconcile), if dirty => {}
                 _ = forced.tick() => dirty = true,
                 _ = resync.tick() => {
-                    for w in [&mut specs_w, &mut claims_w, &mut workers_w] {
-                        w.restart();
-                    }
+                    replayed_on = restart_all([&mut specs_w, &mut claims_w, &mut workers_w], &self.link);
                 }
             }
             let synced = specs_w.synced() && claims_w.synced() && workers_w.synced();
             if synced && dirty && Instant::now() >= next_reconcile {
-                dirty = false;
-                let started = Instant::now();
-                self.reconcile(&mut state, &mut acquisitions);
-                next_reconcile = Instant::now() + (started.elapsed() * 4).max(DEBOUNCE);
+                let now = self.link.current();
+                if now.is_none() {
+                    // Disconnected: a claim sent now would be buffered and
+                    // acted on after the reconnect, on this (by then old) view.
+                    next_reconcile = Instant::now() + DEBOUNCE;
+                } else if now != replayed_on {
+                    // Reconnected since the watches were restarted: each has
+                    // resumed on its own, so the view mixes the buckets at
+                    // different moments (claims seen expired, the deletion of
+                    // their specs not yet). Replay all three first.
+                    tracing::info!(
+                        "reconnected to NATS; re-reading the specs, claims and workers before acting"
+                    );
+                    replayed_on =
+                        restart_all([&mut specs_w, &mut claims_w, &mut workers_w], &self.link);
+                } else {
+                    dirty = false;
+                    let started = Instant::now();
+                    self.reconcile(&mut state, &mut acquisitions);
+                    next_reconcile = Instant::now() + (started.elapsed() * 4).max(DEBOUNCE);
+                }
             }
         }
         // Maintainers see the same token and release their claims.
@@ -609,6 +631,15 @@ fn on_worker(state: &mut State, entry: Option<Entry>) {
         Some(w) => state.workers.insert(entry.key, w),
         None => state.workers.remove(&entry.key),
     };
+}
+
+/// Restarts every watch from its bucket; returns the connection they start on.
+fn restart_all(watchers: [&mut Watcher; 3], link: &Link) -> Option<Epoch> {
+    let on = link.current();
+    for w in watchers {
+        w.restart();
+    }
+    on
 }
 
 /// Resolves when the client has reconnected since last time; never if the

@@ -1,9 +1,11 @@
 //! The NATS side of bmw: connecting with credentials and TLS ([`connect`]), every name ([`names`]), idempotent
-//! provisioning of streams and buckets ([`provision`]), and a local
+//! provisioning of streams and buckets ([`provision`]), which connection is
+//! up (`link`), and a local
 //! nats-server for `bmw run` ([`local`]).
 
 pub mod connect;
 pub mod error;
+pub(crate) mod link;
 pub mod local;
 pub mod names;
 pub mod provision;

@@ -33,8 +33,8 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use super::link::Link;
 use crate::events::EventPublisher;
+use crate::nats::link::Link;
 
 /// Most tasks in one batch (one event stays a few KiB).
 const MAX_BATCH: usize = 256;

@@ -18,7 +18,6 @@ pub mod enqueue;
 mod fetcher;
 pub mod handler;
 pub mod inspect;
-mod link;
 pub mod listing;
 pub mod message;
 pub mod ops;

@@ -26,9 +26,9 @@ use tokio_util::task::TaskTracker;
 use super::attempt;
 use super::completer::Completer;
 use super::fetcher::{Fetcher, Pace, Slot};
-use super::link::{Epoch, Link};
 use super::shared::{AttemptEnv, Running, Shared};
 use crate::config::QueueWeight;
+use crate::nats::link::{Epoch, Link};
 use crate::nats::{NatsError, names};
 
 /// At shutdown, after the grace period: how long cancelled attempts get to

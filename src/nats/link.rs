@@ -1,7 +1,12 @@
-//! [`Link`]: whether a message fetched earlier may still be started — only
-//! while the connection it came on is still the one that is up.
+//! [`Link`]: which connection of the client is up, read synchronously, so
+//! that what was learnt on one connection is not acted on after another.
 //!
-//! A message in hand is a delivery made on one connection. Once that
+//! The client counts its connections before anything is read on a new one,
+//! so a message or watch entry handled after a reconnect always sees the new
+//! count; async-nats's `Connected` event, by contrast, reaches the event
+//! callback later (and is dropped when its channel is full).
+//!
+//! Two users. A queue's message in hand is a delivery made on one connection. Once that
 //! connection is lost (nats-server crashed or restarted, the network was
 //! cut), the server delivers the message again after its ack wait, or at
 //! once if it lost its record of the delivery, possibly to another worker:
@@ -9,7 +14,11 @@
 //! only while connected, on the connection it was fetched on (the client
 //! counts its connections), and drops the others: they are not `nak`ed
 //! either, since after a reconnect a `nak` could race their redelivery and
-//! send them to a third worker.
+//! send them to a third worker. And the daemon runtime reconciles only on a
+//! view replayed on the connection that is up: after a reconnect, each
+//! watch resumes on its own, so the claims watch can report expired claims
+//! before the specs watch reports the deletions made meanwhile, and a
+//! reconcile between the two would start a deleted task.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -18,7 +27,7 @@ use async_nats::connection::State;
 
 /// The connection a worker fetches on.
 #[derive(Debug, Clone)]
-pub(super) struct Link {
+pub(crate) struct Link {
     client: async_nats::Client,
     statistics: Arc<async_nats::Statistics>,
 }
@@ -26,10 +35,10 @@ pub(super) struct Link {
 /// Which connection of the client a message came on (its count of
 /// connections so far).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) struct Epoch(u64);
+pub(crate) struct Epoch(u64);
 
 impl Link {
-    pub(super) fn new(client: &async_nats::Client) -> Self {
+    pub(crate) fn new(client: &async_nats::Client) -> Self {
         Link {
             client: client.clone(),
             statistics: client.statistics(),
@@ -38,7 +47,7 @@ impl Link {
 
     /// The connection that is up now; `None` while disconnected. Two loads:
     /// cheap enough to check before every start.
-    pub(super) fn current(&self) -> Option<Epoch> {
+    pub(crate) fn current(&self) -> Option<Epoch> {
         if self.client.connection_state() != State::Connected {
             return None;
         }
