@@ -354,3 +354,41 @@ async fn bmw_run_with_a_request_in_flight_stops_within_grace_without_nats() {
         run.logs().join("\n")
     );
 }
+
+/// CPU seconds (user and system) process `pid` has used so far.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // The fields after the command name, which is in parentheses.
+    let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..]
+        .split_whitespace()
+        .collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    // Linux reports in USER_HZ, 100 per second on every architecture it runs on.
+    ticks as f64 / 100.0
+}
+
+/// A worker cut off from NATS waits: while its watches cannot be opened
+/// again (a black hole makes them miss their heartbeats, then every new
+/// one times out), its daemon runtime does not spin on the reconcile it
+/// cannot do yet. Before, it did: a whole core for the length of the
+/// outage, and under valgrind it starved the rest of the worker.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cut_off_worker_does_not_spin_while_its_watches_cannot_open() {
+    let env = TestEnv::start().await;
+    let proxy = FaultProxy::start(&env.url()).await;
+    let worker = BmwProcess::worker(&proxy.url(), &[]);
+    worker.worker_id().await;
+    proxy.set(Mode::BlackHole);
+    // The watches miss their heartbeats (5 s) and restart into timeouts.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let (before, started) = (cpu_seconds(worker.pid()), Instant::now());
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let used = cpu_seconds(worker.pid()) - before;
+    eprintln!("cut off for {:?}: {used:.2} s of CPU", started.elapsed());
+    assert!(
+        used < 3.0,
+        "the cut-off worker used {used:.2} s of CPU in 10 s; logs:\n{}",
+        worker.logs().join("\n")
+    );
+    proxy.set(Mode::Pass);
+}

@@ -139,6 +139,10 @@ impl DaemonRuntime {
         // with its own cost, so a burst of events is absorbed first.
         let mut next_reconcile = Instant::now();
         loop {
+            // Until every watch has replayed there is nothing to reconcile:
+            // no wake-up for it (a passed `next_reconcile` would spin the loop
+            // for as long as a watch cannot be opened, a whole outage).
+            let synced = specs_w.synced() && claims_w.synced() && workers_w.synced();
             tokio::select! {
                 biased;
                 () = token.cancelled() => break,
@@ -185,7 +189,7 @@ impl DaemonRuntime {
                     }
                     self.stats.daemon_running.store(state.held.len(), Ordering::Relaxed);
                 }
-                () = tokio::time::sleep_until(next_reconcile), if dirty => {}
+                () = tokio::time::sleep_until(next_reconcile), if dirty && synced => {}
                 _ = forced.tick() => dirty = true,
                 _ = resync.tick() => {
                     replayed_on = restart_all([&mut specs_w, &mut claims_w, &mut workers_w], &self.link);
