@@ -9,12 +9,18 @@
 //! the recorder at all: a recorder's gauge, once set, is rendered forever,
 //! and bk-monitor calls a task running while any datapoint of its series
 //! exists. So the instances running in this process are counted here
-//! ([`daemon_running`]) and each render draws exactly those series.
+//! ([`daemon_running`]) and each render draws exactly those series. The
+//! series recorded on every task and request are recorded through handles
+//! kept per label set (`cache`), not looked up each time.
+
+mod cache;
 
 use std::collections::HashMap;
-use std::sync::{Mutex, OnceLock, PoisonError};
+use std::sync::{LazyLock, Mutex, OnceLock, PoisonError};
 
-use metrics::{Key, Label, Recorder};
+use metrics::{Counter, Gauge, Histogram, Key, Label, Recorder};
+
+use cache::{Cache, Handle};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 /// One series per daemon instance running in this process, present only
@@ -156,52 +162,159 @@ pub fn daemon_reload(kind: &str) {
     metrics::counter!(DAEMON_TASK_RELOAD_TOTAL, "kind" => kind.to_owned()).increment(1);
 }
 
-/// A bridge request finished (bmw's names and BMW's).
+/// A bridge request finished (bmw's names and BMW's). A method other than
+/// the standard ones is labelled `OTHER`: any token is a valid HTTP method,
+/// and a series per token would let a caller grow the metrics without bound.
 pub fn bridge_request(method: &str, route: &str, code: u16, seconds: f64) {
-    metrics::counter!(BRIDGE_REQUESTS_TOTAL, "route" => route.to_owned(), "code" => code.to_string()).increment(1);
-    metrics::histogram!(BRIDGE_REQUEST_DURATION_SECONDS, "route" => route.to_owned())
+    let method = standard_method(method);
+    if !cache::enabled() {
+        return RequestSeries::new(method, route, code).record(seconds);
+    }
+    ROUTES
+        .get(route)
+        .get(&(method, code))
+        .get_or_init(|| RequestSeries::new(method, route, code))
         .record(seconds);
-    metrics::counter!(BMW_API_REQUEST_TOTAL, "method" => method.to_owned(), "path" => route.to_owned(), "status" => code.to_string()).increment(1);
-    metrics::gauge!(BMW_API_REQUEST_COST, "method" => method.to_owned(), "path" => route.to_owned())
-        .set(seconds);
+}
+
+fn standard_method(method: &str) -> &'static str {
+    const STANDARD: [&str; 9] = [
+        "GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS", "CONNECT", "TRACE",
+    ];
+    STANDARD
+        .into_iter()
+        .find(|m| *m == method)
+        .unwrap_or("OTHER")
+}
+
+/// The series one request of a method, route and status updates.
+struct RequestSeries {
+    requests: Counter,
+    duration: Histogram,
+    bmw_requests: Counter,
+    bmw_cost: Gauge,
+}
+
+impl RequestSeries {
+    fn new(method: &'static str, route: &str, code: u16) -> Self {
+        RequestSeries {
+            requests: metrics::counter!(BRIDGE_REQUESTS_TOTAL, "route" => route.to_owned(), "code" => code.to_string()),
+            duration: metrics::histogram!(BRIDGE_REQUEST_DURATION_SECONDS, "route" => route.to_owned()),
+            bmw_requests: metrics::counter!(BMW_API_REQUEST_TOTAL, "method" => method, "path" => route.to_owned(), "status" => code.to_string()),
+            bmw_cost: metrics::gauge!(BMW_API_REQUEST_COST, "method" => method, "path" => route.to_owned()),
+        }
+    }
+
+    fn record(&self, seconds: f64) {
+        self.requests.increment(1);
+        self.duration.record(seconds);
+        self.bmw_requests.increment(1);
+        self.bmw_cost.set(seconds);
+    }
+}
+
+/// One route's request series, by method and status.
+type RouteSeries = Cache<(&'static str, u16), Handle<RequestSeries>>;
+
+/// Request series by route.
+static ROUTES: LazyLock<Cache<String, RouteSeries>> = LazyLock::new(Cache::default);
+
+/// The per-kind series of the task paths, each registered when first recorded.
+#[derive(Default)]
+struct KindSeries {
+    registered: Handle<Counter>,
+    enqueued: Handle<Counter>,
+    received: Handle<Counter>,
+    success: Handle<Counter>,
+    failure: Handle<Counter>,
+    duration: Handle<Histogram>,
+    /// By queue.
+    queues: Cache<String, QueueSeries>,
+}
+
+/// The per-kind-and-queue series of async attempts.
+#[derive(Default)]
+struct QueueSeries {
+    succeeded: Handle<Counter>,
+    failed: Handle<Counter>,
+    duration: Handle<Histogram>,
+}
+
+static KINDS: LazyLock<Cache<String, KindSeries>> = LazyLock::new(Cache::default);
+
+/// BMW's `bmw_task_total` of `kind`, through the kind's kept handle `pick`
+/// once the recorder is installed.
+fn bmw_task(
+    kind: &str,
+    module: &'static str,
+    status: &'static str,
+    pick: fn(&KindSeries) -> &Handle<Counter>,
+) {
+    let make = || metrics::counter!(BMW_TASK_TOTAL, "name" => kind.to_owned(), "module" => module, "status" => status);
+    if !cache::enabled() {
+        return make().increment(1);
+    }
+    pick(&KINDS.get(kind)).get_or_init(make).increment(1);
 }
 
 /// A worker registered a kind (BMW's `registered`).
 pub fn task_registered(kind: &str) {
-    bmw_task(kind, MODULE_WORKER, "registered");
+    bmw_task(kind, MODULE_WORKER, "registered", |s| &s.registered);
 }
 
 /// An async task was enqueued, or a periodic tick arrived (BMW's `enqueue`).
 pub fn task_enqueued(kind: &str) {
-    bmw_task(kind, MODULE_SCHEDULER, "enqueue");
+    bmw_task(kind, MODULE_SCHEDULER, "enqueue", |s| &s.enqueued);
 }
 
 /// An async attempt began (BMW's `received`).
 pub fn task_received(kind: &str) {
-    bmw_task(kind, MODULE_WORKER, "received");
+    bmw_task(kind, MODULE_WORKER, "received", |s| &s.received);
 }
 
-fn bmw_task(kind: &str, module: &'static str, status: &'static str) {
-    metrics::counter!(BMW_TASK_TOTAL, "name" => kind.to_owned(), "module" => module, "status" => status).increment(1);
+/// A command was handled with `outcome` (`ok`, `refused`, `poison`);
+/// `subject` is one of the command subjects, or `other`.
+pub fn command(subject: &'static str, outcome: &'static str) {
+    let make = || metrics::counter!(COMMANDS_TOTAL, "subject" => subject, "outcome" => outcome);
+    if !cache::enabled() {
+        return make().increment(1);
+    }
+    COMMANDS
+        .get(&(subject, outcome))
+        .get_or_init(make)
+        .increment(1);
 }
 
-/// A command was handled with `outcome` (`ok`, `refused`, `poison`).
-pub fn command(subject: &str, outcome: &str) {
-    metrics::counter!(COMMANDS_TOTAL, "subject" => subject.to_owned(), "outcome" => outcome.to_owned()).increment(1);
-}
+static COMMANDS: LazyLock<Cache<(&'static str, &'static str), Handle<Counter>>> =
+    LazyLock::new(Cache::default);
 
-/// An async attempt ended with `status` (`succeeded`, `failed`; BMW's
-/// `success`, `failure`).
-pub fn async_processed(kind: &str, queue: &str, status: &str, seconds: f64) {
-    metrics::counter!(ASYNC_TASK_PROCESSED_TOTAL, "kind" => kind.to_owned(), "queue" => queue.to_owned(), "status" => status.to_owned()).increment(1);
-    metrics::histogram!(ASYNC_TASK_DURATION_SECONDS, "kind" => kind.to_owned(), "queue" => queue.to_owned()).record(seconds);
-    let bmw_status = if status == "succeeded" {
-        "success"
-    } else {
-        "failure"
+/// An async attempt ended: `succeeded` or not (bmw's `succeeded` and
+/// `failed`, BMW's `success` and `failure`).
+pub fn async_processed(kind: &str, queue: &str, succeeded: bool, seconds: f64) {
+    let (status, bmw_status) = match succeeded {
+        true => ("succeeded", "success"),
+        false => ("failed", "failure"),
     };
-    bmw_task(kind, MODULE_WORKER, bmw_status);
-    metrics::histogram!(BMW_TASK_DURATION_SECONDS, "name" => kind.to_owned()).record(seconds);
+    let processed = || metrics::counter!(ASYNC_TASK_PROCESSED_TOTAL, "kind" => kind.to_owned(), "queue" => queue.to_owned(), "status" => status);
+    let duration = || metrics::histogram!(ASYNC_TASK_DURATION_SECONDS, "kind" => kind.to_owned(), "queue" => queue.to_owned());
+    let bmw_task = || metrics::counter!(BMW_TASK_TOTAL, "name" => kind.to_owned(), "module" => MODULE_WORKER, "status" => bmw_status);
+    let bmw_duration = || metrics::histogram!(BMW_TASK_DURATION_SECONDS, "name" => kind.to_owned());
+    if !cache::enabled() {
+        processed().increment(1);
+        duration().record(seconds);
+        bmw_task().increment(1);
+        return bmw_duration().record(seconds);
+    }
+    let of_kind = KINDS.get(kind);
+    let of_queue = of_kind.queues.get(queue);
+    let (processed_handle, bmw_task_handle) = match succeeded {
+        true => (&of_queue.succeeded, &of_kind.success),
+        false => (&of_queue.failed, &of_kind.failure),
+    };
+    processed_handle.get_or_init(processed).increment(1);
+    of_queue.duration.get_or_init(duration).record(seconds);
+    bmw_task_handle.get_or_init(bmw_task).increment(1);
+    of_kind.duration.get_or_init(bmw_duration).record(seconds);
 }
 
 /// Messages waiting in `queue`.

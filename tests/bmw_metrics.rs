@@ -188,7 +188,27 @@ async fn the_bridge_serves_bmw_metrics_with_bmw_names() {
         &json!({"kind": DIMENSION_KIND, "payload": {"data_id": "7", "fail": true}}),
     )
     .await;
+    // Hostile label values do not become series of their own: any token is
+    // an HTTP method, and the command stream takes any `bmw.task.<token>`.
+    let odd = reqwest::Client::new()
+        .request(
+            reqwest::Method::from_bytes(b"FROBNICATE").unwrap(),
+            format!("{base}/bmw/task/"),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert!(odd.status().is_client_error(), "{}", odd.status());
+    env.nats
+        .js
+        .publish("bmw.task.frobnicate", "{}".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
     let wanted = [
+        r#"bmw_api_request_total{method="OTHER",path="/bmw/task/",status="405"}"#,
+        r#"bmw_commands_total{subject="other",outcome="poison"}"#,
         r#"bmw_api_request_total{method="POST",path="/bmw/task/",status="200"}"#,
         r#"bmw_api_request_cost{method="POST",path="/bmw/task/"}"#,
         r#"bmw_task_total{name="async:demo:echo",module="worker",status="received"}"#,
@@ -213,6 +233,10 @@ async fn the_bridge_serves_bmw_metrics_with_bmw_names() {
     .await;
     let missing: Vec<_> = wanted.iter().filter(|w| !last.contains(*w)).collect();
     assert!(all_there, "missing {missing:?} in:\n{last}");
+    assert!(
+        !last.contains("FROBNICATE") && !last.contains("frobnicate"),
+        "a hostile label value is a series of its own:\n{last}"
+    );
     assert!(
         scrape(&format!("{base}/metrics")).await.is_some(),
         "/metrics still answers"

@@ -6,6 +6,7 @@
 use axum::Json;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
+use serde::Serialize;
 
 pub use crate::task::Outcome as Envelope;
 use crate::task::{OpError, Outcome, ValidationError};
@@ -44,6 +45,31 @@ impl IntoResponse for Reply {
             );
         }
         response
+    }
+}
+
+/// 200 with `data` of any serializable type, written straight into the
+/// body: no JSON tree is built first (a batch's 10,000 outcomes would be
+/// copied into one, then written).
+#[derive(Debug)]
+pub struct OkWith<T>(pub T);
+
+impl<T: Serialize> IntoResponse for OkWith<T> {
+    fn into_response(self) -> Response {
+        #[derive(Serialize)]
+        struct Body<'a, T> {
+            result: bool,
+            code: u16,
+            message: &'a str,
+            data: &'a T,
+        }
+        Json(Body {
+            result: true,
+            code: 0,
+            message: "ok",
+            data: &self.0,
+        })
+        .into_response()
     }
 }
 

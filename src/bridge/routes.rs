@@ -8,11 +8,12 @@ use axum::body::{Body, Bytes, HttpBody};
 use axum::extract::{Query, State};
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
+use serde_json::value::RawValue;
 use serde_json::{Value, json};
 
 use super::BridgeState;
 use super::console::daemon_list::DaemonQuery;
-use super::envelope::{ApiError, Envelope, Reply};
+use super::envelope::{ApiError, Envelope, OkWith, Reply};
 use super::openapi::{
     ApiFailures, BatchBody, CreateBody, DeleteAllBody, DeleteBody, Deleted, EnvelopeOf, KindBody,
     LogLevel, ReloadBody, RequeueBody, TaskList, TaskTypeName,
@@ -91,17 +92,20 @@ pub(super) async fn create(State(state): State<BridgeState>, raw: Body) -> Resul
 pub(super) async fn create_batch(
     State(state): State<BridgeState>,
     raw: Body,
-) -> Result<Reply, ApiError> {
+) -> Result<OkWith<Vec<Envelope>>, ApiError> {
     let bytes = body(&state, raw).await?;
-    let items = match serde_json::from_slice::<Value>(&bytes) {
-        Ok(Value::Array(items)) => items,
-        Ok(other) => {
-            return Err(ApiError::bad_request(format!(
-                "invalid `body`: expected a JSON array of create bodies like [{{\"kind\": \"async:demo:echo\", \"payload\": {{}}}}], got {}",
-                json_type(&other)
-            )));
+    // Each item is kept as its text and parsed straight into its command.
+    let items = match serde_json::from_slice::<Vec<&RawValue>>(&bytes) {
+        Ok(items) => items,
+        Err(e) => {
+            return Err(match serde_json::from_slice::<Value>(&bytes) {
+                Ok(other) => ApiError::bad_request(format!(
+                    "invalid `body`: expected a JSON array of create bodies like [{{\"kind\": \"async:demo:echo\", \"payload\": {{}}}}], got {}",
+                    json_type(&other)
+                )),
+                Err(_) => ApiError::bad_request(format!("invalid `body`: {e}")),
+            });
         }
-        Err(e) => return Err(ApiError::bad_request(format!("invalid `body`: {e}"))),
     };
     if items.is_empty() {
         return Err(ApiError::bad_request(
@@ -115,10 +119,10 @@ pub(super) async fn create_batch(
         )));
     }
     let count = items.len();
-    let outcomes = state.client.submit_batch(items).await;
+    let outcomes = state.client.submit_batch_raw(&items).await;
     let refused = outcomes.iter().filter(|o| !o.result).count();
     tracing::debug!(items = count, refused, "batch created");
-    Ok(Reply::ok(json!(outcomes)))
+    Ok(OkWith(outcomes))
 }
 
 /// What a JSON value is, to name it in a refusal without echoing it.

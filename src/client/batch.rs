@@ -23,6 +23,7 @@ use std::panic::AssertUnwindSafe;
 
 use futures::{FutureExt, StreamExt};
 use serde_json::Value;
+use serde_json::value::RawValue;
 
 use super::{Submitted, TaskClient};
 use crate::command::wire;
@@ -51,12 +52,28 @@ impl TaskClient {
     /// it), [`ACCEPTED_CODE`] (stored, no worker answered in time), or the
     /// status of why the item was refused.
     pub async fn submit_batch(&self, items: Vec<Value>) -> Vec<Outcome> {
+        self.submit_parsed(items.into_iter().map(parse_item).collect())
+            .await
+    }
+
+    /// [`TaskClient::submit_batch`] for items still in their JSON text (the
+    /// bridge's request body): each is parsed straight into its command,
+    /// with no JSON tree in between.
+    pub async fn submit_batch_raw(&self, items: &[&RawValue]) -> Vec<Outcome> {
+        let parsed = items
+            .iter()
+            .map(|item| wire::parse(names::SUBJECT_CREATE, item.get().as_bytes()))
+            .collect();
+        self.submit_parsed(parsed).await
+    }
+
+    async fn submit_parsed(&self, items: Vec<Parsed>) -> Vec<Outcome> {
         let count = items.len();
         // The async creates, and the rest (refused, daemon, periodic) with
         // their places in the batch.
         let (mut creates, mut others) = (Vec::new(), Vec::new());
-        for (index, item) in items.into_iter().enumerate() {
-            match parse_item(item) {
+        for (index, parsed) in items.into_iter().enumerate() {
+            match parsed {
                 Ok(Command::Create(create)) if create.kind.task_type() == TaskType::Async => {
                     creates.push((index, create));
                 }

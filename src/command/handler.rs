@@ -147,7 +147,7 @@ impl CommandHandler {
         let outcome = match settle {
             Settle::Ack(outcome) => {
                 let label = if outcome.result { "ok" } else { "refused" };
-                crate::metrics::command(&subject, label);
+                crate::metrics::command(subject_label(&subject), label);
                 ack(message, AckKind::Ack).await;
                 outcome
             }
@@ -223,7 +223,7 @@ impl CommandHandler {
 
     async fn poison(&self, message: &Message, subject: &str, cause: &str) {
         tracing::error!(subject, cause, "command refused and terminated");
-        crate::metrics::command(subject, "poison");
+        crate::metrics::command(subject_label(subject), "poison");
         ack(message, AckKind::Term).await;
         let body = String::from_utf8_lossy(&message.payload);
         let kind = serde_json::from_slice::<Value>(&message.payload)
@@ -239,4 +239,18 @@ async fn ack(message: &Message, kind: AckKind) {
     if let Err(e) = message.ack_with(kind).await {
         tracing::warn!(cause = %e, "command ack failed; it will be redelivered");
     }
+}
+
+/// The `subject` label of a command's metric: one of the command subjects,
+/// or `other` (the stream takes any `bmw.task.<token>`, and a series per
+/// token would let a producer grow the metrics without bound).
+fn subject_label(subject: &str) -> &'static str {
+    [
+        names::SUBJECT_CREATE,
+        names::SUBJECT_DELETE,
+        names::SUBJECT_RELOAD,
+    ]
+    .into_iter()
+    .find(|known| *known == subject)
+    .unwrap_or("other")
 }

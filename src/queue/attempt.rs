@@ -235,7 +235,7 @@ pub(super) async fn execute(shared: Arc<Shared>, message: Message, slot: Slot) {
         if let Err(done) = shared.completer.try_complete(done) {
             Box::pin(shared.completer.complete(done)).await;
         }
-        crate::metrics::async_processed(&task.kind, &queue, "succeeded", seconds);
+        crate::metrics::async_processed(&task.kind, &queue, true, seconds);
         rt.stats.count_async(&queue, true);
         let left_record = attempt > 1 || seconds >= ACTIVE_RECORD_AFTER.as_secs_f64();
         if left_record || task.options.retention.is_some() {
@@ -292,7 +292,7 @@ async fn settle(
             let _ = message.ack_with(AckKind::Nak(None)).await;
         }
         Outcome::Failed(error) => {
-            crate::metrics::async_processed(&task.kind, queue, "failed", seconds);
+            crate::metrics::async_processed(&task.kind, queue, false, seconds);
             rt.stats.count_async(queue, false);
             rt.events.emit("async", &task.kind, "failed", json!({"task_id": task.id, "queue": queue, "attempt": attempt, "error": error.to_string()})).await;
             if error.skips_retry() || attempt > task.max_retry() {

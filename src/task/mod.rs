@@ -108,32 +108,30 @@ impl Kind {
     /// assert!(bmw::task::Kind::parse("daemon").is_err());
     /// ```
     pub fn parse(s: &str) -> Result<Self, ValidationError> {
-        let parts: Vec<&str> = s.split(':').collect();
-        if parts.len() < 2 {
+        let Some((type_part, _)) = s.split_once(':') else {
             return Err(ValidationError::new(
                 "kind",
                 format!(
                     "{s:?} must be a type and a name separated by `:`, e.g. daemon:demo:demo or async:collect_es_task"
                 ),
             ));
-        }
+        };
         let valid = |p: &str| {
             !p.is_empty()
-                && p.chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+                && p.bytes()
+                    .all(|c| c.is_ascii_alphanumeric() || c == b'_' || c == b'-')
         };
-        if !parts.iter().all(|p| valid(p)) {
+        if !s.split(':').all(valid) {
             return Err(ValidationError::new(
                 "kind",
                 format!("{s:?}: each part must be non-empty and use only A-Z a-z 0-9 _ -"),
             ));
         }
-        let task_type = TaskType::parse(parts[0]).map_err(|_| {
+        let task_type = TaskType::parse(type_part).map_err(|_| {
             ValidationError::new(
                 "kind",
                 format!(
-                    "{s:?} has unknown type prefix {:?}, expected daemon, async or periodic",
-                    parts[0]
+                    "{s:?} has unknown type prefix {type_part:?}, expected daemon, async or periodic"
                 ),
             )
         })?;
