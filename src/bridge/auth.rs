@@ -114,21 +114,32 @@ pub(crate) async fn require_token(
     request: Request,
     next: Next,
 ) -> Response {
+    match refusal(&tokens, &request) {
+        Some(refused) => refused,
+        None => next.run(request).await,
+    }
+}
+
+/// The 401 or 403 for a request `tokens` do not let through; `None` lets it
+/// through (as [`require_token`] does).
+pub(crate) fn refusal(tokens: &ApiTokens, request: &Request) -> Option<Response> {
     if tokens.is_empty() {
-        return next.run(request).await;
+        return None;
     }
     let presented = bearer(request.headers());
     match presented.and_then(|t| tokens.access_of(t)) {
-        None => unauthorized(presented.is_some()),
-        Some(TokenAccess::ReadOnly) if !request.method().is_safe() => ApiError::new(
-            StatusCode::FORBIDDEN,
-            format!(
-                "forbidden: this token is read-only; {} needs a read-write token",
-                request.method()
-            ),
-        )
-        .into_response(),
-        Some(_) => next.run(request).await,
+        None => Some(unauthorized(presented.is_some())),
+        Some(TokenAccess::ReadOnly) if !request.method().is_safe() => Some(
+            ApiError::new(
+                StatusCode::FORBIDDEN,
+                format!(
+                    "forbidden: this token is read-only; {} needs a read-write token",
+                    request.method()
+                ),
+            )
+            .into_response(),
+        ),
+        Some(_) => None,
     }
 }
 

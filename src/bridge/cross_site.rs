@@ -10,25 +10,26 @@ use axum::extract::Request;
 use axum::http::header::{HOST, ORIGIN};
 use axum::http::uri::{Authority, Scheme};
 use axum::http::{StatusCode, Uri};
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
 use super::envelope::ApiError;
 
-/// Answers 403 to a state-changing request a browser sent from another site.
-pub(crate) async fn refuse_cross_site_writes(request: Request, next: Next) -> Response {
-    if !request.method().is_safe()
-        && let Some(reason) = cross_site(&request)
-    {
-        return ApiError::new(
+/// The 403 for a state-changing request a browser sent from another site;
+/// `None` lets it through.
+pub(crate) fn refusal(request: &Request) -> Option<Response> {
+    if request.method().is_safe() {
+        return None;
+    }
+    let reason = cross_site(request)?;
+    Some(
+        ApiError::new(
             StatusCode::FORBIDDEN,
             format!(
                 "forbidden: cross-site request refused ({reason}); a web page cannot change tasks"
             ),
         )
-        .into_response();
-    }
-    next.run(request).await
+        .into_response(),
+    )
 }
 
 /// Why `request` comes from another site, if it does.

@@ -1,20 +1,19 @@
 //! How much the bridge takes on: [`RequestLimits`], a concurrency limit with
 //! load shedding (a request past it is answered 503 with `Retry-After` at
-//! once, not queued) and a timeout on each request (504), both tower layers
-//! answered with the envelope. The body size limit is applied where bodies
+//! once, not queued) and a timeout on each request (504), one middleware
+//! answering with the envelope. The body size limit is applied where bodies
 //! are read (`routes`); the time a client may take to send a request head is
 //! bounded where connections are served ([`super::serve`]).
 
+use std::sync::Arc;
 use std::time::Duration;
 
-use axum::BoxError;
-use axum::Router;
-use axum::error_handling::HandleErrorLayer;
+use axum::extract::Request;
 use axum::http::StatusCode;
 use axum::http::header::RETRY_AFTER;
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use tower::ServiceBuilder;
-use tower::limit::GlobalConcurrencyLimitLayer;
+use tokio::sync::Semaphore;
 
 use super::envelope::ApiError;
 
@@ -31,48 +30,55 @@ pub struct RequestLimits {
 }
 
 impl RequestLimits {
-    /// `router` with every one of its routes (and its fallback) under the
-    /// limits. The concurrency limit is one semaphore for all routes
-    /// (`Router::layer` wraps each route separately, so a per-service limit
-    /// would count each route on its own).
-    pub(crate) fn apply(self, router: Router) -> Router {
-        let limits = self;
-        router.layer(
-            ServiceBuilder::new()
-                .layer(HandleErrorLayer::new(move |error: BoxError| async move {
-                    limits.refusal(&error)
-                }))
-                .load_shed()
-                .layer(GlobalConcurrencyLimitLayer::new(self.max_concurrent))
-                .timeout(self.timeout),
+    /// The answer to a request past the concurrency limit: 503 at once.
+    fn overloaded(&self) -> Response {
+        let message = format!(
+            "overloaded: {} requests are being served (--max-concurrent-requests); try again shortly",
+            self.max_concurrent
+        );
+        (
+            [(RETRY_AFTER, RETRY_AFTER_SECONDS)],
+            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, message),
         )
+            .into_response()
     }
 
-    /// The answer to a request the layers stopped.
-    fn refusal(&self, error: &BoxError) -> Response {
-        if error.is::<tower::load_shed::error::Overloaded>() {
-            let message = format!(
-                "overloaded: {} requests are being served (--max-concurrent-requests); try again shortly",
-                self.max_concurrent
-            );
-            return (
-                [(RETRY_AFTER, RETRY_AFTER_SECONDS)],
-                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, message),
-            )
-                .into_response();
+    /// The answer to a request that took longer than the timeout: 504.
+    fn timed_out(&self) -> Response {
+        let message = format!(
+            "timed out: no answer within --request-timeout ({})",
+            humantime::format_duration(self.timeout)
+        );
+        ApiError::new(StatusCode::GATEWAY_TIMEOUT, message).into_response()
+    }
+}
+
+/// The limits and the permits of the requests being served: one semaphore
+/// for all routes.
+#[derive(Debug)]
+pub(crate) struct Limiter {
+    permits: Arc<Semaphore>,
+    limits: RequestLimits,
+}
+
+impl Limiter {
+    /// Permits for `limits.max_concurrent` requests at once.
+    pub(crate) fn new(limits: RequestLimits) -> Self {
+        Limiter {
+            permits: Arc::new(Semaphore::new(limits.max_concurrent)),
+            limits,
         }
-        if error.is::<tower::timeout::error::Elapsed>() {
-            let message = format!(
-                "timed out: no answer within --request-timeout ({})",
-                humantime::format_duration(self.timeout)
-            );
-            return ApiError::new(StatusCode::GATEWAY_TIMEOUT, message).into_response();
+    }
+
+    /// Serves `request` if a permit is free (else 503 at once), within the
+    /// timeout (else 504); the permit is held until the response is ready.
+    pub(crate) async fn serve(&self, request: Request, next: Next) -> Response {
+        let Ok(_permit) = self.permits.clone().try_acquire_owned() else {
+            return self.limits.overloaded();
+        };
+        match tokio::time::timeout(self.limits.timeout, next.run(request)).await {
+            Ok(response) => response,
+            Err(_) => self.limits.timed_out(),
         }
-        tracing::error!(error = %error, "bridge request failed in a layer");
-        ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("internal error: {error}"),
-        )
-        .into_response()
     }
 }
