@@ -184,8 +184,9 @@ async fn a_cut_off_worker_catches_up_with_changes_made_meanwhile(mode: Mode, out
             live_claims(&env).await != expected
         })
         .await,
-        "the claims stay as expected; claims {:?}",
-        live_claims(&env).await
+        "the claims stay as expected; claims {:?}; logs:\n{}",
+        live_claims(&env).await,
+        worker.logs().join("\n")
     );
     let after_pass = events.lock().unwrap()[before_pass..].to_vec();
     assert_eq!(
