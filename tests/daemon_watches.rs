@@ -117,6 +117,18 @@ async fn live_claims(env: &TestEnv) -> BTreeMap<String, (String, u64)> {
         .collect()
 }
 
+/// An in-process worker's settings with `harness::FAST`'s claim TTL,
+/// heartbeat and grace, against `url`.
+fn fast_config(url: String) -> bmw::Config {
+    bmw::Config {
+        nats_url: Some(url),
+        claim_ttl: Duration::from_secs(3),
+        heartbeat: Duration::from_secs(1),
+        grace: Duration::from_secs(2),
+        ..bmw::Config::default()
+    }
+}
+
 fn key(uni_id: &str) -> String {
     bmw::task::UniId::from_raw(uni_id).key()
 }
@@ -305,13 +317,7 @@ async fn a_worker_that_misses_the_reconnect_event_does_not_act_on_a_half_resumed
         connections,
         ..through_proxy
     };
-    let config = bmw::Config {
-        nats_url: Some(proxy.url()),
-        claim_ttl: Duration::from_secs(3),
-        heartbeat: Duration::from_secs(1),
-        grace: Duration::from_secs(2),
-        ..bmw::Config::default()
-    };
+    let config = fast_config(proxy.url());
     let worker = bmw::worker::Worker::new(nats, config, Arc::new(bmw::builtin::registry()));
     let id = worker.id().to_owned();
     let token = tokio_util::sync::CancellationToken::new();
@@ -422,13 +428,7 @@ async fn a_panicking_operator_factory_costs_its_task_alone() {
     there
         .register_daemon(FRAGILE, || panic!("the operator cannot be built"))
         .unwrap();
-    let config = bmw::Config {
-        nats_url: Some(env.url()),
-        claim_ttl: Duration::from_secs(3),
-        heartbeat: Duration::from_secs(1),
-        grace: Duration::from_secs(2),
-        ..bmw::Config::default()
-    };
+    let config = fast_config(env.url());
     let events = collect_events(&env, "bmw.event.daemon.>");
     env.nats.client.flush().await.unwrap();
     let token = tokio_util::sync::CancellationToken::new();
@@ -533,13 +533,7 @@ async fn an_operator_that_panics_is_retried_and_the_worker_goes_on() {
     let ops = bmw::ops::Operations::open(&env.nats, registry.clone())
         .await
         .unwrap();
-    let config = bmw::Config {
-        nats_url: Some(env.url()),
-        claim_ttl: Duration::from_secs(3),
-        heartbeat: Duration::from_secs(1),
-        grace: Duration::from_secs(2),
-        ..bmw::Config::default()
-    };
+    let config = fast_config(env.url());
     let events = collect_events(&env, "bmw.event.daemon.>");
     env.nats.client.flush().await.unwrap();
     let token = tokio_util::sync::CancellationToken::new();

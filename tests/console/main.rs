@@ -21,8 +21,8 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use browser::Browser;
-use harness::{BmwProcess, TestEnv};
+use browser::{Browser, PAGE_TIMEOUT};
+use harness::{BmwProcess, TestEnv, wait_until};
 
 const WRITER: &str = "writer-0123456789abcdef";
 
@@ -135,20 +135,27 @@ async fn the_pages_follow_the_fleet_and_show_a_killed_workers_tasks_moving() {
         env.loads().await
     );
     browser.goto(&format!("{base}/ui/#daemon")).await;
-    let bindings = env.bindings().await;
+    // Each task on the worker that holds it now: the balance may still be
+    // handing a task over (its claim released, "" for a moment), so the
+    // holder is read again on every look.
     for uni_id in &uni_ids {
-        let worker = &bindings[uni_id];
-        browser
-            .wait_for(
-                &format!("{uni_id} on {worker}"),
-                &format!(
-                    "const row = document.querySelector('#daemon-table tr[data-uni-id={}]'); \
-                     return !!row && row.querySelector('td.worker').dataset.worker === {}",
-                    js(uni_id),
-                    js(worker)
-                ),
-            )
-            .await;
+        let shown = wait_until(PAGE_TIMEOUT, async || {
+            let worker = env.bindings().await.remove(uni_id).unwrap_or_default();
+            let on_page = format!(
+                "const row = document.querySelector('#daemon-table tr[data-uni-id={}]'); \
+                 return !!row && row.querySelector('td.worker').dataset.worker === {}",
+                js(uni_id),
+                js(&worker)
+            );
+            !worker.is_empty() && browser.eval(&on_page).await == json!(true)
+        })
+        .await;
+        assert!(
+            shown,
+            "the page never showed {uni_id} on its holder ({:?}); it shows:\n{}",
+            env.bindings().await.get(uni_id),
+            browser.eval("return document.body.innerText").await
+        );
     }
     browser
         .wait_for(
