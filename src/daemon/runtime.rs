@@ -117,9 +117,11 @@ impl DaemonRuntime {
     /// the grace period for the operators to stop).
     pub async fn run(self, token: CancellationToken) {
         let mut state = State::default();
-        let mut specs_w = Watcher::new(self.specs.kv().clone());
-        let mut claims_w = Watcher::new(self.claims.kv().clone());
-        let mut workers_w = Watcher::new(self.workers.clone());
+        let mut w = Watchers {
+            specs: Watcher::new(self.specs.kv().clone()),
+            claims: Watcher::new(self.claims.kv().clone()),
+            workers: Watcher::new(self.workers.clone()),
+        };
         let mut maintainers: JoinSet<(String, Exit)> = JoinSet::new();
         let mut acquisitions: JoinSet<Acquired> = JoinSet::new();
         let mut forced = tokio::time::interval(self.settings.heartbeat);
@@ -142,32 +144,32 @@ impl DaemonRuntime {
             // Until every watch has replayed there is nothing to reconcile:
             // no wake-up for it (a passed `next_reconcile` would spin the loop
             // for as long as a watch cannot be opened, a whole outage).
-            let synced = specs_w.synced() && claims_w.synced() && workers_w.synced();
+            let synced = w.synced();
             tokio::select! {
                 biased;
                 () = token.cancelled() => break,
                 () = reconnected(&mut connections) => {
                     tracing::info!("reconnected to NATS; re-reading the specs, claims and workers");
-                    replayed_on = restart_all([&mut specs_w, &mut claims_w, &mut workers_w], &self.link);
+                    replayed_on = w.restart(&self.link);
                 }
-                entry = specs_w.next() => {
+                entry = w.specs.next() => {
                     dirty = true;
                     self.on_spec(&mut state, entry);
-                    if let Some(present) = specs_w.take_replayed() {
+                    if let Some(present) = w.specs.take_replayed() {
                         self.prune_specs(&mut state, &present);
                     }
                 }
-                entry = claims_w.next() => {
+                entry = w.claims.next() => {
                     dirty = true;
                     on_claim(&mut state, entry);
-                    if let Some(present) = claims_w.take_replayed() {
+                    if let Some(present) = w.claims.take_replayed() {
                         prune_claims(&mut state, &present);
                     }
                 }
-                entry = workers_w.next() => {
+                entry = w.workers.next() => {
                     dirty = true;
                     on_worker(&mut state, entry);
-                    if let Some(present) = workers_w.take_replayed() {
+                    if let Some(present) = w.workers.take_replayed() {
                         state.workers.retain(|key, _| present.contains(key));
                     }
                 }
@@ -191,12 +193,9 @@ impl DaemonRuntime {
                 }
                 () = tokio::time::sleep_until(next_reconcile), if dirty && synced => {}
                 _ = forced.tick() => dirty = true,
-                _ = resync.tick() => {
-                    replayed_on = restart_all([&mut specs_w, &mut claims_w, &mut workers_w], &self.link);
-                }
+                _ = resync.tick() => replayed_on = w.restart(&self.link),
             }
-            let synced = specs_w.synced() && claims_w.synced() && workers_w.synced();
-            if synced && dirty && Instant::now() >= next_reconcile {
+            if w.synced() && dirty && Instant::now() >= next_reconcile {
                 let now = self.link.current();
                 if now.is_none() {
                     // Disconnected: a claim sent now would be buffered and
@@ -210,8 +209,7 @@ impl DaemonRuntime {
                     tracing::info!(
                         "reconnected to NATS; re-reading the specs, claims and workers before acting"
                     );
-                    replayed_on =
-                        restart_all([&mut specs_w, &mut claims_w, &mut workers_w], &self.link);
+                    replayed_on = w.restart(&self.link);
                 } else {
                     dirty = false;
                     let started = Instant::now();
@@ -637,13 +635,28 @@ fn on_worker(state: &mut State, entry: Option<Entry>) {
     };
 }
 
-/// Restarts every watch from its bucket; returns the connection they start on.
-fn restart_all(watchers: [&mut Watcher; 3], link: &Link) -> Option<Epoch> {
-    let on = link.current();
-    for w in watchers {
-        w.restart();
+/// The runtime's three watches.
+struct Watchers {
+    specs: Watcher,
+    claims: Watcher,
+    workers: Watcher,
+}
+
+impl Watchers {
+    /// Whether all three have replayed their buckets since their last restart.
+    fn synced(&self) -> bool {
+        self.specs.synced() && self.claims.synced() && self.workers.synced()
     }
-    on
+
+    /// Restarts every watch from its bucket; returns the connection they
+    /// start on.
+    fn restart(&mut self, link: &Link) -> Option<Epoch> {
+        let on = link.current();
+        for w in [&mut self.specs, &mut self.claims, &mut self.workers] {
+            w.restart();
+        }
+        on
+    }
 }
 
 /// Resolves when the client has reconnected since last time; never if the
