@@ -379,8 +379,11 @@ async fn a_cut_off_worker_does_not_spin_while_its_watches_cannot_open() {
     let worker = BmwProcess::worker(&proxy.url(), &[]);
     worker.worker_id().await;
     proxy.set(Mode::BlackHole);
-    // The watches miss their heartbeats (5 s) and restart into timeouts.
-    tokio::time::sleep(Duration::from_secs(8)).await;
+    // A watch missed its heartbeats and cannot be opened again: the state
+    // the runtime used to spin in.
+    worker
+        .wait_log(Duration::from_secs(20), &["cannot watch bucket"])
+        .await;
     let (before, started) = (cpu_seconds(worker.pid()), Instant::now());
     tokio::time::sleep(Duration::from_secs(10)).await;
     let used = cpu_seconds(worker.pid()) - before;
