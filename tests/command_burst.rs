@@ -59,12 +59,19 @@ async fn a_burst_of_creates_with_a_worker_killed_is_applied_once_and_answered() 
     let events = collect_events(&env, "bmw.event.async.>");
     let replies: std::sync::Arc<std::sync::Mutex<HashMap<usize, Vec<Value>>>> =
         std::sync::Arc::default();
-    let mut inbox = env.nats.client.subscribe("burst.reply.>").await.unwrap();
+    let mut inbox = env
+        .nats
+        .client
+        .subscribe("_INBOX.burst.reply.>")
+        .await
+        .unwrap();
     env.nats.client.flush().await.unwrap();
     let sink = replies.clone();
     tokio::spawn(async move {
         while let Some(m) = inbox.next().await {
-            let i: usize = m.subject.as_str()["burst.reply.".len()..].parse().unwrap();
+            let i: usize = m.subject.as_str()["_INBOX.burst.reply.".len()..]
+                .parse()
+                .unwrap();
             let outcome: Value = serde_json::from_slice(&m.payload).unwrap();
             sink.lock().unwrap().entry(i).or_default().push(outcome);
         }
@@ -79,7 +86,7 @@ async fn a_burst_of_creates_with_a_worker_killed_is_applied_once_and_answered() 
         let mut headers = async_nats::HeaderMap::new();
         headers.insert(
             bmw::nats::names::HEADER_REPLY,
-            format!("burst.reply.{i}").as_str(),
+            format!("_INBOX.burst.reply.{i}").as_str(),
         );
         let publish = PublishMessage::build()
             .payload(bmw::nats::to_json_bytes(&command(i)))
@@ -189,7 +196,7 @@ async fn a_burst_of_creates_with_a_worker_killed_is_applied_once_and_answered() 
     drop((runner, survivor));
 }
 
-/// Publishes `body` on `subject` with the reply inbox `burst.order.<i>`;
+/// Publishes `body` on `subject` with the reply inbox `_INBOX.burst.order.<i>`;
 /// the ack to await.
 async fn publish_numbered(
     env: &TestEnv,
@@ -200,7 +207,7 @@ async fn publish_numbered(
     let mut headers = async_nats::HeaderMap::new();
     headers.insert(
         bmw::nats::names::HEADER_REPLY,
-        format!("burst.order.{i}").as_str(),
+        format!("_INBOX.burst.order.{i}").as_str(),
     );
     let publish = PublishMessage::build()
         .payload(bmw::nats::to_json_bytes(body))
@@ -223,7 +230,12 @@ async fn commands_on_one_daemon_task_apply_in_order_within_batches() {
     let env = TestEnv::start().await;
     let worker = BmwProcess::worker(&env.url(), &[]);
     worker.worker_id().await;
-    let mut inbox = env.nats.client.subscribe("burst.order.>").await.unwrap();
+    let mut inbox = env
+        .nats
+        .client
+        .subscribe("_INBOX.burst.order.>")
+        .await
+        .unwrap();
     env.nats.client.flush().await.unwrap();
     let kind = bmw::task::Kind::parse("daemon:demo:demo").unwrap();
     let mut uni_ids = Vec::new();

@@ -21,6 +21,7 @@ mod duplicates;
 mod external_processes;
 mod external_services;
 mod hostile_names;
+mod hostile_producers;
 mod layering;
 mod limits;
 mod nats_cluster;

@@ -148,13 +148,13 @@ async fn follow(
 type Ids = Arc<Mutex<HashMap<usize, String>>>;
 
 /// Follows the outcomes of `queue`'s create commands, sent to
-/// `bench.reply.<queue>.<index>`.
+/// `_INBOX.bench.reply.<queue>.<index>`.
 async fn follow_replies(
     nats: &Nats,
     queue: &str,
     ids: Ids,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
-    let prefix = format!("bench.reply.{queue}.");
+    let prefix = format!("_INBOX.bench.reply.{queue}.");
     let mut sub = nats.client.subscribe(format!("{prefix}*")).await?;
     nats.client.flush().await?;
     Ok(tokio::spawn(async move {
@@ -222,7 +222,7 @@ async fn enqueue(
                     let mut headers = async_nats::HeaderMap::new();
                     headers.insert(
                         bmw::nats::names::HEADER_REPLY,
-                        format!("bench.reply.{queue}.{i}").as_str(),
+                        format!("_INBOX.bench.reply.{queue}.{i}").as_str(),
                     );
                     let publish = PublishMessage::build()
                         .payload(serde_json::to_vec(&body)?.into())

@@ -137,9 +137,19 @@ impl CommandHandler {
 
     async fn apply_and_settle(&self, message: &Message, parsed: Parsed, span: &tracing::Span) {
         let subject = message.subject.to_string();
-        let settle = match parsed {
-            Err(e) => Settle::Poison(OpError::Invalid(e).into()),
-            Ok(command) => self.apply(&command).await,
+        let settle = match (parsed, reply_target(message)) {
+            // Refused before anything is applied: a producer that names
+            // another's subject as its inbox gets nothing done.
+            (_, Err(target)) => Settle::Poison(Outcome::err(
+                400,
+                format!(
+                    "`{}` must be an inbox of the sender's own (`_INBOX.<id>` or \
+                     `_INBOX_<user>.<id>`, no wildcard), not {target:?}; nothing was applied",
+                    names::HEADER_REPLY
+                ),
+            )),
+            (Err(e), _) => Settle::Poison(OpError::Invalid(e).into()),
+            (Ok(command), Ok(_)) => self.apply(&command).await,
         };
         if !span.is_disabled() {
             span.record("outcome", settle.label());
@@ -205,13 +215,10 @@ impl CommandHandler {
         }
     }
 
+    /// Sends `outcome` to the message's `Bmw-Reply` inbox, if it names one
+    /// (never to anything else: see [`reply_target`]).
     async fn reply(&self, message: &Message, outcome: &Outcome) {
-        let reply_to = message
-            .headers
-            .as_ref()
-            .and_then(|h| h.get(names::HEADER_REPLY))
-            .map(|v| v.as_str().to_owned());
-        if let Some(reply_to) = reply_to
+        if let Ok(Some(reply_to)) = reply_target(message)
             && let Err(e) = self
                 .client
                 .publish(reply_to, crate::nats::to_json_bytes(outcome))
@@ -233,6 +240,24 @@ impl CommandHandler {
         let detail = json!({"subject": subject, "error": cause, "body": body.chars().take(4096).collect::<String>()});
         self.events.emit("command", &kind, "error", detail).await;
     }
+}
+
+/// The inbox a command's outcome goes to: `Ok(None)` without a `Bmw-Reply`
+/// header, `Err(target)` when a header names anything but an inbox
+/// ([`names::is_reply_inbox`]; every value of a repeated header counts).
+fn reply_target(message: &Message) -> Result<Option<String>, String> {
+    let Some(headers) = message.headers.as_ref() else {
+        return Ok(None);
+    };
+    let mut target = None;
+    for value in headers.get_all(names::HEADER_REPLY) {
+        let value = value.as_str();
+        if !names::is_reply_inbox(value) || target.is_some_and(|t: &str| t != value) {
+            return Err(value.chars().take(300).collect());
+        }
+        target = Some(value);
+    }
+    Ok(target.map(str::to_owned))
 }
 
 async fn ack(message: &Message, kind: AckKind) {

@@ -11,6 +11,8 @@ pub const STREAM_ASYNC: &str = "BMW_ASYNC";
 pub const STREAM_EVENTS: &str = "BMW_EVENTS";
 /// Stream holding dead-lettered async tasks.
 pub const STREAM_DEAD: &str = "BMW_DEAD";
+/// Every stream bmw provisions (its buckets' streams aside).
+pub const ALL_STREAMS: &[&str] = &[STREAM_TASKS, STREAM_ASYNC, STREAM_EVENTS, STREAM_DEAD];
 
 /// Subject of create commands.
 pub const SUBJECT_CREATE: &str = "bmw.task.create";
@@ -48,8 +50,37 @@ pub const BUCKET_PERIODIC: &str = "bmw_periodic";
 /// Durable consumer shared by all workers for commands.
 pub const CONSUMER_COMMANDS: &str = "bmw-commands";
 
-/// Header naming the core NATS subject a command's outcome goes to.
+/// Header naming the core NATS subject a command's outcome goes to: an
+/// inbox of the sender's own ([`is_reply_inbox`]), nothing else.
 pub const HEADER_REPLY: &str = "Bmw-Reply";
+
+/// Whether `subject` is a reply inbox a command's outcome may go to:
+/// `_INBOX.<id...>` or a per-user inbox prefix `_INBOX_<user>.<id...>`
+/// (async-nats's `custom_inbox_prefix`, which a server's permissions can
+/// give each user), every token non-empty, no wildcard, no white space, at
+/// most 256 bytes. Anything else (bmw's streams and buckets, the server's
+/// API, another program's subjects) is never written to on a producer's
+/// word: a worker publishes with its own rights.
+pub fn is_reply_inbox(subject: &str) -> bool {
+    let mut tokens = subject.split('.');
+    let first = tokens.next().unwrap_or("");
+    let prefix_ok = first == "_INBOX"
+        || first
+            .strip_prefix("_INBOX_")
+            .is_some_and(|user| !user.is_empty());
+    let token_ok = |t: &str| {
+        !t.is_empty()
+            && t != "*"
+            && t != ">"
+            && t.chars()
+                .all(|c| c.is_ascii_graphic() && c != '*' && c != '>')
+    };
+    subject.len() <= 256
+        && prefix_ok
+        && token_ok(first)
+        && subject.contains('.')
+        && tokens.all(token_ok)
+}
 
 /// Requests to a service-answered kind (`crate::external::service`): the
 /// headers bmw sends with each attempt, and the one it reads in a reply
@@ -222,6 +253,38 @@ pub mod client_name {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_inboxes_take_replies() {
+        for good in [
+            "_INBOX.abc",
+            "_INBOX.a.b.c",
+            "_INBOX_alice.x1",
+            "_INBOX_bmw-bridge.k.1",
+        ] {
+            assert!(is_reply_inbox(good), "{good}");
+        }
+        for bad in [
+            "",
+            "_INBOX",
+            "_INBOX.",
+            "_INBOX..x",
+            "_INBOX.>",
+            "_INBOX.*",
+            "_INBOX.a*",
+            "_INBOX.a b",
+            "_INBOX_.x",
+            "_INBOXES.x",
+            "bmw.task.create",
+            "$KV.bmw_daemon_tasks.k",
+            "$JS.API.STREAM.DELETE.BMW_ASYNC",
+            "x._INBOX.y",
+            "_INBOX.a\tb",
+        ] {
+            assert!(!is_reply_inbox(bad), "{bad:?}");
+        }
+        assert!(!is_reply_inbox(&format!("_INBOX.{}", "a".repeat(300))));
+    }
 
     #[test]
     fn subjects_map_back_to_their_queue_and_id() {

@@ -62,7 +62,7 @@ pub struct Inspector {
 }
 
 /// One queue's numbers.
-#[derive(Debug, Clone, Default, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct QueueStats {
     /// Queue name.
     pub queue: String,
