@@ -20,9 +20,11 @@
 //!            └─ expiry = Purge event ─► another worker claims it
 //!  maintainers ─► events (BMW_EVENTS) and metrics (/metrics)
 //!
-//!  async create ─► bmw.async.<queue>.<id> (BMW_ASYNC, work queue; or an @at
-//!  schedule) ─► one shared consumer per queue ─► queue::runtime ─► Handler
-//!  periodic ─► Nats-Schedule on bmw.schedule.<kind> ─► the server enqueues each tick
+//!  async create ─► bmw.async.<queue>.<id> (BMW_ASYNC, work queue, no rollups)
+//!     ─► one shared consumer per queue ─► queue::runtime ─► Handler
+//!  @at start, retry, periodic ─► Nats-Schedule on bmw.schedule.> (BMW_SCHEDULES,
+//!     only bmw writes) ─► the server fires bmw.fired.<queue>.<id> ─► a second
+//!     shared consumer per queue ─► the same loop
 //! ```
 //!
 //! ## Layering

@@ -161,15 +161,15 @@ async fn a_dead_letter_stored_twice_is_stored_once() {
     let env = TestEnv::start().await;
     let js = &env.nats.js;
     // The same delivery archived twice (its ack lost): one dead letter.
-    bmw::queue::dead_letter::store(js, "q", &task("t1"), 7)
+    bmw::queue::dead_letter::store(js, "q", &task("t1"), "BMW_ASYNC-7")
         .await
         .unwrap();
-    bmw::queue::dead_letter::store(js, "q", &task("t1"), 7)
+    bmw::queue::dead_letter::store(js, "q", &task("t1"), "BMW_ASYNC-7")
         .await
         .unwrap();
     assert_eq!(count_on(&env, names::STREAM_DEAD, "bmw.dead.q.t1").await, 1);
     // A requeued copy (another message) archived again is another one.
-    bmw::queue::dead_letter::store(js, "q", &task("t1"), 9)
+    bmw::queue::dead_letter::store(js, "q", &task("t1"), "BMW_ASYNC-9")
         .await
         .unwrap();
     assert_eq!(count_on(&env, names::STREAM_DEAD, "bmw.dead.q.t1").await, 2);
@@ -178,7 +178,7 @@ async fn a_dead_letter_stored_twice_is_stored_once() {
 #[tokio::test]
 async fn requeues_at_once_enqueue_one_copy() {
     let env = TestEnv::start().await;
-    bmw::queue::dead_letter::store(&env.nats.js, "requeued", &task("t2"), 1)
+    bmw::queue::dead_letter::store(&env.nats.js, "requeued", &task("t2"), "BMW_ASYNC-1")
         .await
         .unwrap();
     let requeues = (0..8).map(|_| env.client.requeue("t2"));
@@ -213,7 +213,7 @@ async fn a_deleted_or_paused_periodic_task_leaves_no_queued_ticks() {
         // No worker runs the queue: the ticks wait in it.
         assert!(
             wait_until(Duration::from_secs(10), async || {
-                count_on(&env, names::STREAM_ASYNC, &ticks).await >= 2
+                count_on(&env, names::STREAM_SCHEDULES, &ticks).await >= 2
             })
             .await,
             "ticks queued"
@@ -228,7 +228,7 @@ async fn a_deleted_or_paused_periodic_task_leaves_no_queued_ticks() {
                 .unwrap();
         }
         assert_eq!(
-            count_on(&env, names::STREAM_ASYNC, &ticks).await,
+            count_on(&env, names::STREAM_SCHEDULES, &ticks).await,
             0,
             "after {stop}"
         );
@@ -372,7 +372,12 @@ async fn tasks_waiting_for_a_retry_do_not_stop_their_queue() {
     // Each waits as one scheduled retry, not as a pending message, and its
     // record says so.
     assert_eq!(
-        count_on(&env, names::STREAM_ASYNC, "bmw.schedule.retry.retries.>").await,
+        count_on(
+            &env,
+            names::STREAM_SCHEDULES,
+            "bmw.schedule.retry.retries.>"
+        )
+        .await,
         2 * LIMIT as usize
     );
     let record = env.client.get_async("failing-0").await.unwrap();
@@ -385,7 +390,12 @@ async fn tasks_waiting_for_a_retry_do_not_stop_their_queue() {
     let body = json!({"task_type": "async", "task_id": "failing-0"});
     submit(&env, names::SUBJECT_DELETE, &body).await.unwrap();
     assert_eq!(
-        count_on(&env, names::STREAM_ASYNC, "bmw.schedule.retry.retries.>").await,
+        count_on(
+            &env,
+            names::STREAM_SCHEDULES,
+            "bmw.schedule.retry.retries.>"
+        )
+        .await,
         2 * LIMIT as usize - 1
     );
 }
@@ -435,7 +445,7 @@ async fn a_scheduled_retry_is_the_next_attempt_of_its_task() {
         "{record:?}"
     );
     assert_eq!(
-        count_on(&env, names::STREAM_ASYNC, "bmw.schedule.retry.>").await,
+        count_on(&env, names::STREAM_SCHEDULES, "bmw.schedule.retry.>").await,
         0,
         "fired schedules are gone"
     );
@@ -444,7 +454,7 @@ async fn a_scheduled_retry_is_the_next_attempt_of_its_task() {
 #[tokio::test]
 async fn a_dead_letter_without_its_record_is_found_by_id() {
     let env = TestEnv::start().await;
-    bmw::queue::dead_letter::store(&env.nats.js, "gone", &task("t3"), 1)
+    bmw::queue::dead_letter::store(&env.nats.js, "gone", &task("t3"), "BMW_ASYNC-1")
         .await
         .unwrap();
     // No record (expired, or removed by a requeue an instant before): the

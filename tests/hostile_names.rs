@@ -135,7 +135,7 @@ async fn each_periodic_kind_has_its_own_schedule() {
             .await
             .unwrap();
     }
-    let stream = env.nats.js.get_stream("BMW_ASYNC").await.unwrap();
+    let stream = env.nats.js.get_stream("BMW_SCHEDULES").await.unwrap();
     for kind in ["periodic:a_b:c", "periodic:a:b_c"] {
         let subject = bmw::nats::names::schedule_subject(kind);
         assert!(
@@ -163,7 +163,7 @@ async fn each_periodic_kind_has_its_own_schedule() {
     headers.insert(async_nats::header::NATS_SCHEDULE, "@every 1h");
     headers.insert(
         async_nats::header::NATS_SCHEDULE_TARGET,
-        "bmw.async.default.periodic_demo_tick",
+        "bmw.fired.default.periodic_demo_tick",
     );
     let tick = json!({"id": "", "kind": "periodic:demo:tick", "payload": {}, "options": {}});
     env.nats

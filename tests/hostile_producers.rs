@@ -73,7 +73,6 @@ async fn work_of_others(env: &TestEnv) {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "fails until BMW_ASYNC takes no rollup (next commit)"]
 async fn no_producer_subject_takes_a_rollup() {
     let env = TestEnv::start().await;
     work_of_others(&env).await;
@@ -109,7 +108,6 @@ async fn no_producer_subject_takes_a_rollup() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "fails until BMW_ASYNC takes no rollup (next commit)"]
 async fn no_producer_subject_takes_a_schedule_or_ttl() {
     let env = TestEnv::start().await;
     for subject in PRODUCER_SUBJECTS {
@@ -239,4 +237,40 @@ async fn a_reply_goes_only_to_an_inbox() {
         "the task left the listing or lost its worker"
     );
     assert!(!worker.has_log("reason=removed"), "the task was stopped");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_shared_async_stream_of_bmw_0_1_is_refused_with_the_way_out() {
+    let server = crate::harness::NatsServer::start().await;
+    let nats = bmw::nats::Nats::connect(&server.url(), "bmw-test")
+        .await
+        .unwrap();
+    // bmw 0.1's BMW_ASYNC: queues and schedules in one stream, rollups on.
+    nats.js
+        .create_stream(async_nats::jetstream::stream::Config {
+            name: "BMW_ASYNC".into(),
+            subjects: vec!["bmw.async.>".into(), "bmw.schedule.>".into()],
+            retention: async_nats::jetstream::stream::RetentionPolicy::WorkQueue,
+            allow_message_schedules: true,
+            allow_rollup: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let err = bmw::nats::provision::provision(&nats.js, 1)
+        .await
+        .unwrap_err()
+        .to_string();
+    for needle in [
+        "BMW_ASYNC",
+        "rollup",
+        "nats stream rm BMW_ASYNC",
+        "0 messages",
+    ] {
+        assert!(err.contains(needle), "{needle:?} not in: {err}");
+    }
+    // Nothing was changed or made: the old stream is as it was.
+    let mut stream = nats.js.get_stream("BMW_ASYNC").await.unwrap();
+    assert!(stream.info().await.unwrap().config.allow_rollup);
+    assert!(nats.js.get_stream("BMW_SCHEDULES").await.is_err());
 }

@@ -245,7 +245,7 @@ async fn time_zones_and_bad_input() {
     crate::harness::assert_refused(&bmw.base_url(), &cases).await;
     let list = crate::harness::list_tasks(&bmw.base_url(), "periodic").await;
     assert!(list.is_empty(), "no schedule written: {list:?}");
-    let stream = env.nats.js.get_stream("BMW_ASYNC").await.unwrap();
+    let stream = env.nats.js.get_stream("BMW_SCHEDULES").await.unwrap();
     assert!(
         stream
             .get_last_raw_message_by_subject(&bmw::nats::names::schedule_subject(
@@ -306,7 +306,7 @@ async fn declared_schedules_reconcile_to_one_and_survive_restarts() {
     };
     // Three workers start at once; each reconciles the declared schedule.
     let workers: Vec<_> = (0..3).map(|_| start_worker()).collect();
-    let stream = env.nats.js.get_stream("BMW_ASYNC").await.unwrap();
+    let stream = env.nats.js.get_stream("BMW_SCHEDULES").await.unwrap();
     let schedules = async || {
         let info = stream.info_with_subjects("bmw.schedule.>").await.unwrap();
         futures::TryStreamExt::try_collect::<Vec<(String, usize)>>(info)
@@ -356,9 +356,9 @@ async fn ticks_while_no_worker_runs_are_run_when_one_starts() {
     .await
     .unwrap();
     tokio::time::sleep(Duration::from_secs(3)).await; // ticks accumulate with no worker
-    let stream = env.nats.js.get_stream("BMW_ASYNC").await.unwrap();
+    let stream = env.nats.js.get_stream("BMW_SCHEDULES").await.unwrap();
     let stored = futures::TryStreamExt::try_collect::<Vec<(String, usize)>>(
-        stream.info_with_subjects("bmw.async.>").await.unwrap(),
+        stream.info_with_subjects("bmw.fired.>").await.unwrap(),
     )
     .await
     .unwrap();

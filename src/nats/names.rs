@@ -5,14 +5,27 @@
 
 /// Stream holding task commands (`bmw.task.create|delete|reload`).
 pub const STREAM_TASKS: &str = "BMW_TASKS";
-/// Stream holding async task messages and schedules (work queue).
+/// Stream holding the async task messages of every queue (work queue):
+/// producers publish here (`bmw.async.<queue>[.<id>]`), so it takes no
+/// rollup, no schedule and no message TTL (see [`STREAM_SCHEDULES`]).
 pub const STREAM_ASYNC: &str = "BMW_ASYNC";
+/// Stream holding schedules (periodic kinds, delayed tasks, retries) and the
+/// task messages they fire (`bmw.fired.<queue>.<id>`), work queue. Message
+/// schedules need rollups, which nats-server lets any publisher use on a
+/// stream that allows them: so only bmw writes here, never a producer.
+pub const STREAM_SCHEDULES: &str = "BMW_SCHEDULES";
 /// Stream holding events published by maintainers.
 pub const STREAM_EVENTS: &str = "BMW_EVENTS";
 /// Stream holding dead-lettered async tasks.
 pub const STREAM_DEAD: &str = "BMW_DEAD";
 /// Every stream bmw provisions (its buckets' streams aside).
-pub const ALL_STREAMS: &[&str] = &[STREAM_TASKS, STREAM_ASYNC, STREAM_EVENTS, STREAM_DEAD];
+pub const ALL_STREAMS: &[&str] = &[
+    STREAM_TASKS,
+    STREAM_ASYNC,
+    STREAM_SCHEDULES,
+    STREAM_EVENTS,
+    STREAM_DEAD,
+];
 
 /// Subject of create commands.
 pub const SUBJECT_CREATE: &str = "bmw.task.create";
@@ -29,6 +42,8 @@ pub const SUBJECT_ASYNC_ALL: &str = "bmw.async.>";
 pub const SUBJECT_ASYNC_ANCHOR: &str = "bmw.anchor.async";
 /// Wildcard of schedule subjects (`bmw.schedule.<kind key>`).
 pub const SUBJECT_SCHEDULE_ALL: &str = "bmw.schedule.>";
+/// Wildcard of the task messages schedules fire (`bmw.fired.<queue>.<id>`).
+pub const SUBJECT_FIRED_ALL: &str = "bmw.fired.>";
 /// Wildcard of event subjects.
 pub const SUBJECT_EVENTS_ALL: &str = "bmw.event.>";
 /// Wildcard of dead-letter subjects.
@@ -135,7 +150,9 @@ const DELAYED_PREFIX: &str = "bmw.schedule.at.";
 const RETRY_PREFIX: &str = "bmw.schedule.retry.";
 const DEAD_PREFIX: &str = "bmw.dead.";
 const SCHEDULE_PREFIX: &str = "bmw.schedule.";
+const FIRED_PREFIX: &str = "bmw.fired.";
 const ASYNC_CONSUMER_PREFIX: &str = "bmw-async-";
+const FIRED_CONSUMER_PREFIX: &str = "bmw-fired-";
 
 /// Subject of one async task enqueued by bmw: `bmw.async.<queue>.<task_id>`.
 /// (Producers may also publish on `bmw.async.<queue>` itself.)
@@ -143,15 +160,22 @@ pub fn async_subject(queue: &str, task_id: &str) -> String {
     format!("{ASYNC_PREFIX}{queue}.{task_id}")
 }
 
-/// The queue of a task, dead letter or delayed task subject
-/// (`bmw.async.<queue>[.<id>]`, `bmw.schedule.at.<queue>.<id>`,
-/// `bmw.dead.<queue>.<id>`); `None` for any other subject.
+/// The queue of a task, fired task, dead letter or delayed task subject
+/// (`bmw.async.<queue>[.<id>]`, `bmw.fired.<queue>.<id>`,
+/// `bmw.schedule.at.<queue>.<id>`, `bmw.dead.<queue>.<id>`); `None` for any
+/// other subject.
 pub fn queue_of(subject: &str) -> Option<&str> {
-    [DELAYED_PREFIX, RETRY_PREFIX, ASYNC_PREFIX, DEAD_PREFIX]
-        .iter()
-        .find_map(|prefix| subject.strip_prefix(prefix))
-        .and_then(|rest| rest.split('.').next())
-        .filter(|q| !q.is_empty())
+    [
+        DELAYED_PREFIX,
+        RETRY_PREFIX,
+        ASYNC_PREFIX,
+        FIRED_PREFIX,
+        DEAD_PREFIX,
+    ]
+    .iter()
+    .find_map(|prefix| subject.strip_prefix(prefix))
+    .and_then(|rest| rest.split('.').next())
+    .filter(|q| !q.is_empty())
 }
 
 /// The task id of a per-task subject: its last token.
@@ -192,9 +216,26 @@ pub fn legacy_schedule_subject(kind: &str) -> String {
     format!("{SCHEDULE_PREFIX}{}", kind.replace(':', "_"))
 }
 
-/// Subject the ticks of a periodic kind land on: `bmw.async.<queue>.<kind>`.
+/// Subject a schedule fires a task message on, in [`STREAM_SCHEDULES`]:
+/// `bmw.fired.<queue>.<task_id>` (a delayed task, a retry).
+pub fn fired_subject(queue: &str, task_id: &str) -> String {
+    format!("{FIRED_PREFIX}{queue}.{task_id}")
+}
+
+/// Subject the ticks of a periodic kind land on: `bmw.fired.<queue>.<kind>`.
 pub fn tick_subject(queue: &str, kind: &str) -> String {
-    async_subject(queue, kind)
+    fired_subject(queue, kind)
+}
+
+/// The filter of a queue's consumer of fired messages: `bmw.fired.<queue>.>`.
+pub fn fired_queue_filter(queue: &str) -> String {
+    format!("{FIRED_PREFIX}{queue}.>")
+}
+
+/// The durable consumer shared by all workers of a queue for the messages
+/// its schedules fire (on [`STREAM_SCHEDULES`]).
+pub fn fired_consumer(queue: &str) -> String {
+    format!("{FIRED_CONSUMER_PREFIX}{queue}")
 }
 
 /// The queue of an async consumer's name (`bmw-async-<queue>`).
@@ -217,7 +258,7 @@ pub fn delayed_subject(queue: &str, task_id: &str) -> String {
 
 /// Subject of the one-shot schedule of an async task's next attempt after a
 /// failure: `bmw.schedule.retry.<queue>.<task_id>` (fired onto
-/// [`async_subject`]).
+/// [`fired_subject`]).
 pub fn retry_subject(queue: &str, task_id: &str) -> String {
     format!("{RETRY_PREFIX}{queue}.{task_id}")
 }
@@ -298,8 +339,10 @@ mod tests {
         assert_eq!(queue_of_consumer(&async_consumer("q5")), Some("q5"));
         assert_eq!(
             tick_subject("q", "periodic:a:b"),
-            "bmw.async.q.periodic:a:b"
+            "bmw.fired.q.periodic:a:b"
         );
+        assert_eq!(queue_of(&fired_subject("q6", "t")), Some("q6"));
+        assert_eq!(task_id_of(&fired_subject("q6", "t7")), "t7");
         // One subject per kind: these two shared one before.
         assert_ne!(
             schedule_subject("periodic:a_b:c"),

@@ -38,10 +38,23 @@ pub enum ProvisionError {
         /// The server's message.
         message: String,
     },
+    /// `BMW_ASYNC` is the shared queue-and-schedules stream of bmw 0.1.
+    #[error(
+        "stream `BMW_ASYNC` was made by bmw 0.1 and holds schedules, so any producer may \
+         purge it with a rollup; this bmw keeps schedules in `BMW_SCHEDULES` instead. It \
+         holds {messages} messages: let the old workers drain it, then remove it \
+         (`nats stream rm BMW_ASYNC`) and start again (delayed tasks, retries and \
+         periodic schedules still in it go with it: create those periodic tasks again)"
+    )]
+    SharedAsyncStream {
+        /// Messages it holds.
+        messages: u64,
+    },
 }
 
 /// Provisions every stream and bucket with `replicas` replicas.
 pub async fn provision(js: &jetstream::Context, replicas: usize) -> Result<(), ProvisionError> {
+    refuse_shared_async_stream(js).await?;
     for config in stream_configs(replicas) {
         let name = config.name.clone();
         js.create_or_update_stream(config)
@@ -66,6 +79,26 @@ pub async fn provision(js: &jetstream::Context, replicas: usize) -> Result<(), P
             })?;
     }
     Ok(())
+}
+
+/// Refuses a `BMW_ASYNC` made by bmw before 0.2, which held the schedules
+/// too and so allowed rollups from any producer: nats-server cannot turn
+/// message schedules off on an existing stream, and its subjects overlap
+/// those of `BMW_SCHEDULES`. The operator drains it (or moves its tasks)
+/// and removes it; bmw does not delete a stream that may hold tasks.
+async fn refuse_shared_async_stream(js: &jetstream::Context) -> Result<(), ProvisionError> {
+    let Ok(mut stream) = js.get_stream(STREAM_ASYNC).await else {
+        return Ok(());
+    };
+    let Ok(info) = stream.info().await else {
+        return Ok(());
+    };
+    if !info.config.allow_message_schedules {
+        return Ok(());
+    }
+    Err(ProvisionError::SharedAsyncStream {
+        messages: info.state.messages,
+    })
 }
 
 /// Keeps one message that no consumer reads at the head of `BMW_ASYNC`.
@@ -104,13 +137,22 @@ fn stream_configs(replicas: usize) -> Vec<stream::Config> {
             num_replicas: replicas,
             ..Default::default()
         },
+        // Producers publish here: no rollup (a `Nats-Rollup: all` from any
+        // publisher would purge every queue), no schedule, no message TTL.
         stream::Config {
             name: STREAM_ASYNC.into(),
-            subjects: vec![
-                SUBJECT_ASYNC_ALL.into(),
-                SUBJECT_SCHEDULE_ALL.into(),
-                SUBJECT_ASYNC_ANCHOR.into(),
-            ],
+            subjects: vec![SUBJECT_ASYNC_ALL.into(), SUBJECT_ASYNC_ANCHOR.into()],
+            retention: stream::RetentionPolicy::WorkQueue,
+            duplicate_window: DEDUP_WINDOW,
+            allow_rollup: false,
+            num_replicas: replicas,
+            ..Default::default()
+        },
+        // Only bmw writes here (schedules need rollups): periodic schedules,
+        // delayed tasks and retries, and the task messages they fire.
+        stream::Config {
+            name: STREAM_SCHEDULES.into(),
+            subjects: vec![SUBJECT_SCHEDULE_ALL.into(), SUBJECT_FIRED_ALL.into()],
             retention: stream::RetentionPolicy::WorkQueue,
             duplicate_window: DEDUP_WINDOW,
             allow_message_schedules: true,

@@ -1,5 +1,5 @@
 //! Periodic tasks: cron or interval schedules, fired by nats-server itself
-//! (`Nats-Schedule` messages in `BMW_ASYNC`), so each tick is enqueued exactly
+//! (`Nats-Schedule` messages in `BMW_SCHEDULES`), so each tick is enqueued exactly
 //! once however many workers run, with no leader. A tick is an async task of
 //! the periodic kind, run by the async machinery (retries, timeout, events).
 //!

@@ -1,7 +1,7 @@
 //! [`PeriodicStore`]: periodic task specs in `bmw_periodic` and their
-//! schedule messages on `bmw.schedule.<kind>` in `BMW_ASYNC`, which
+//! schedule messages on `bmw.schedule.<kind>` in `BMW_SCHEDULES`, which
 //! nats-server itself fires: one task message per tick on
-//! `bmw.async.<queue>.<kind key>`, however many workers run. No leader.
+//! `bmw.fired.<queue>.<kind>`, however many workers run. No leader.
 //!
 //! A schedule is replaced by publishing a new one with `Nats-Rollup: sub`,
 //! deleted (or paused) by purging its subject, and the ticks it queued and
@@ -101,7 +101,7 @@ impl PeriodicStore {
         Ok(PeriodicStore {
             js: js.clone(),
             kv: js.get_key_value(names::BUCKET_PERIODIC).await?,
-            stream: js.get_stream(names::STREAM_ASYNC).await?,
+            stream: js.get_stream(names::STREAM_SCHEDULES).await?,
         })
     }
 

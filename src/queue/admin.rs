@@ -59,8 +59,14 @@ impl Admin {
         match record.state {
             TaskState::Scheduled => {
                 self.purge(
-                    &self.inspector.stream,
+                    &self.inspector.schedules,
                     &names::delayed_subject(queue, task_id),
+                )
+                .await?;
+                // Fired an instant ago: the message it fired.
+                self.purge(
+                    &self.inspector.schedules,
+                    &names::fired_subject(queue, task_id),
                 )
                 .await?
             }
@@ -81,10 +87,16 @@ impl Admin {
                     &names::async_subject(queue, task_id),
                 )
                 .await?;
-                // A task waiting for its next attempt waits as a schedule.
+                // A task waiting for its next attempt waits as a schedule,
+                // and a retry or delayed start that fired as a fired message.
                 self.purge(
-                    &self.inspector.stream,
+                    &self.inspector.schedules,
                     &names::retry_subject(queue, task_id),
+                )
+                .await?;
+                self.purge(
+                    &self.inspector.schedules,
+                    &names::fired_subject(queue, task_id),
                 )
                 .await?;
             }

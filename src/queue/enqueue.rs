@@ -30,6 +30,7 @@ pub struct Enqueuer {
     js: jetstream::Context,
     unique: kv::Store,
     stream: jetstream::stream::Stream,
+    schedules: jetstream::stream::Stream,
 }
 
 /// When a delayed task is due: `process_at`, or now + `process_in`.
@@ -98,10 +99,12 @@ impl Enqueuer {
     pub async fn open(js: &jetstream::Context) -> Result<Enqueuer, NatsError> {
         let unique = js.get_key_value(names::BUCKET_UNIQUE).await?;
         let stream = js.get_stream(names::STREAM_ASYNC).await?;
+        let schedules = js.get_stream(names::STREAM_SCHEDULES).await?;
         Ok(Enqueuer {
             js: js.clone(),
             unique,
             stream,
+            schedules,
         })
     }
 
@@ -168,7 +171,7 @@ impl Enqueuer {
                 );
                 headers.insert(
                     async_nats::header::NATS_SCHEDULE_TARGET,
-                    names::async_subject(&queue, &task_id).as_str(),
+                    names::fired_subject(&queue, &task_id).as_str(),
                 );
                 names::delayed_subject(&queue, &task_id)
             }
@@ -210,11 +213,12 @@ impl Enqueuer {
 
     /// Whether a task id is pending, scheduled, or has a record.
     async fn id_in_use(&self, task_id: &str) -> Result<bool, NatsError> {
-        for filter in [
-            names::async_subject(names::ANY, task_id),
-            names::delayed_subject(names::ANY, task_id),
+        for (stream, filter) in [
+            (&self.stream, names::async_subject(names::ANY, task_id)),
+            (&self.schedules, names::delayed_subject(names::ANY, task_id)),
+            (&self.schedules, names::fired_subject(names::ANY, task_id)),
         ] {
-            if super::inspect::subjects(&self.stream, &filter)
+            if super::inspect::subjects(stream, &filter)
                 .await?
                 .next()
                 .is_some()

@@ -1,5 +1,7 @@
 //! [`Fetcher`]: pipelined pulls from one queue's shared consumer, and the
-//! [`Pace`] that sizes them.
+//! [`Pace`] that sizes them; beside them, one pull at a time from the
+//! queue's consumer of fired messages (what its schedules fire into
+//! `BMW_SCHEDULES`: retries, delayed starts, ticks).
 //!
 //! A worker keeps a window of messages in hand or on the way for each queue,
 //! in pulls of half the window: [`Fetcher::top_up`] asks for the next half as
@@ -33,6 +35,9 @@ const PREFETCH_WORK: Duration = Duration::from_millis(100);
 const MAX_WINDOW: usize = 1024;
 /// The pace assumed before any task ended: slow, so nothing is fetched far ahead.
 const FIRST_PACE: Duration = Duration::from_secs(1);
+/// Most fired messages one pull asks for: they come at the pace of their
+/// schedules, not of producers, and are taken beside the window.
+const FIRED_PULL: usize = 16;
 
 /// How long a queue's tasks hold their permits (a moving average), and the
 /// wake-up of its loop when one ends.
@@ -86,25 +91,35 @@ impl Pace {
     reason = "nearly every item is a message; boxing would allocate per message"
 )]
 enum Fetched {
-    Message(Message),
-    End { unfilled: usize },
+    /// A message, and whether it came from the fired consumer.
+    Message(Message, bool),
+    End {
+        unfilled: usize,
+        fired: bool,
+    },
 }
 
 /// The open pulls of one queue.
 pub(super) struct Fetcher {
     consumer: PullConsumer,
+    fired: PullConsumer,
     open: SelectAll<BoxStream<'static, Fetched>>,
-    /// Messages asked for by open pulls and not yet received.
+    /// Messages asked for by open pulls of `consumer` and not yet received.
     outstanding: usize,
+    /// Whether a pull of `fired` is open.
+    fired_open: bool,
     closed: bool,
 }
 
 impl Fetcher {
-    pub(super) fn new(consumer: PullConsumer) -> Self {
+    /// Pulls from a queue's `consumer` and its consumer of `fired` messages.
+    pub(super) fn new(consumer: PullConsumer, fired: PullConsumer) -> Self {
         Fetcher {
             consumer,
+            fired,
             open: SelectAll::new(),
             outstanding: 0,
+            fired_open: false,
             closed: false,
         }
     }
@@ -112,11 +127,17 @@ impl Fetcher {
     /// Keeps `window` messages in hand (`held`) or on the way, in pulls of
     /// half the window each once messages flow, so one pull is on the way
     /// while the other's messages run; always keeps at least one on the way.
+    /// Fired messages are pulled [`FIRED_PULL`] at a time, one pull open,
+    /// while fewer than the window and one such pull are in hand.
     pub(super) fn top_up(&mut self, window: usize, held: usize) {
         if self.closed {
             return;
         }
         let window = window.max(1);
+        if !self.fired_open && held + self.outstanding < window + FIRED_PULL {
+            self.fired_open = true;
+            self.open.push(pull(self.fired.clone(), FIRED_PULL, true));
+        }
         let half = window.div_ceil(2);
         loop {
             let have = held + self.outstanding;
@@ -128,7 +149,7 @@ impl Fetcher {
             // whole window, so idling costs one pull a second, not two.
             let n = if have == 0 { room } else { room.min(half) };
             self.outstanding += n;
-            self.open.push(pull(self.consumer.clone(), n));
+            self.open.push(pull(self.consumer.clone(), n, false));
         }
     }
 
@@ -139,11 +160,17 @@ impl Fetcher {
             std::future::pending::<()>().await;
         }
         match self.open.next().await {
-            Some(Fetched::Message(m)) => {
-                self.outstanding = self.outstanding.saturating_sub(1);
+            Some(Fetched::Message(m, fired)) => {
+                if !fired {
+                    self.outstanding = self.outstanding.saturating_sub(1);
+                }
                 Some(m)
             }
-            Some(Fetched::End { unfilled }) => {
+            Some(Fetched::End { fired: true, .. }) => {
+                self.fired_open = false;
+                None
+            }
+            Some(Fetched::End { unfilled, .. }) => {
                 self.outstanding = self.outstanding.saturating_sub(unfilled);
                 None
             }
@@ -164,8 +191,8 @@ impl Fetcher {
 }
 
 /// One long-poll pull of up to `n` messages, as a stream that ends with
-/// how many it did not fill.
-fn pull(consumer: PullConsumer, n: usize) -> BoxStream<'static, Fetched> {
+/// how many it did not fill; `fired` tells which consumer it is of.
+fn pull(consumer: PullConsumer, n: usize, fired: bool) -> BoxStream<'static, Fetched> {
     #[allow(
         clippy::large_enum_variant,
         reason = "the open state is the common one"
@@ -190,7 +217,7 @@ fn pull(consumer: PullConsumer, n: usize) -> BoxStream<'static, Fetched> {
                         tracing::debug!(cause = %e, "pull request failed");
                         // Do not spin on a server that refuses pulls.
                         tokio::time::sleep(Duration::from_millis(200)).await;
-                        return Some((Fetched::End { unfilled: n }, State::Done));
+                        return Some((Fetched::End { unfilled: n, fired }, State::Done));
                     }
                 }
             }
@@ -199,16 +226,28 @@ fn pull(consumer: PullConsumer, n: usize) -> BoxStream<'static, Fetched> {
         };
         match batch.next().await {
             Some(Ok(m)) => Some((
-                Fetched::Message(m),
+                Fetched::Message(m, fired),
                 State::Open(batch, left.saturating_sub(1)),
             )),
             Some(Err(e)) => {
                 // A refused pull (e.g. too many waiting): do not spin.
                 tracing::debug!(cause = %e, "pull ended");
                 tokio::time::sleep(Duration::from_millis(100)).await;
-                Some((Fetched::End { unfilled: left }, State::Done))
+                Some((
+                    Fetched::End {
+                        unfilled: left,
+                        fired,
+                    },
+                    State::Done,
+                ))
             }
-            None => Some((Fetched::End { unfilled: left }, State::Done)),
+            None => Some((
+                Fetched::End {
+                    unfilled: left,
+                    fired,
+                },
+                State::Done,
+            )),
         }
     })
     .boxed()

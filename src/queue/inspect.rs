@@ -56,7 +56,10 @@ pub(super) fn message_record(message: &StreamMessage, state: TaskState) -> Optio
 /// Reads tasks and stats.
 #[derive(Debug, Clone)]
 pub struct Inspector {
+    /// `BMW_ASYNC`: the queues.
     pub(crate) stream: Stream,
+    /// `BMW_SCHEDULES`: delayed tasks, retries, ticks and what they fired.
+    pub(crate) schedules: Stream,
     pub(crate) dead: Stream,
     pub(crate) records: RecordStore,
 }
@@ -87,6 +90,7 @@ impl Inspector {
     pub async fn open(js: &jetstream::Context) -> Result<Inspector, NatsError> {
         Ok(Inspector {
             stream: js.get_stream(names::STREAM_ASYNC).await?,
+            schedules: js.get_stream(names::STREAM_SCHEDULES).await?,
             dead: js.get_stream(names::STREAM_DEAD).await?,
             records: RecordStore::open(js).await?,
         })
@@ -109,18 +113,25 @@ impl Inspector {
         if let Some(record) = self.records.get(task_id).await? {
             return Ok(Some(record));
         }
-        for (filter, state) in [
+        for (stream, filter, state) in [
             (
+                &self.stream,
                 names::async_subject(names::ANY, task_id),
                 TaskState::Pending,
             ),
             (
+                &self.schedules,
+                names::fired_subject(names::ANY, task_id),
+                TaskState::Pending,
+            ),
+            (
+                &self.schedules,
                 names::delayed_subject(names::ANY, task_id),
                 TaskState::Scheduled,
             ),
         ] {
-            if let Some(subject) = subjects(&self.stream, &filter).await?.next() {
-                return self.message_record(&self.stream, &subject, state).await;
+            if let Some(subject) = subjects(stream, &filter).await?.next() {
+                return self.message_record(stream, &subject, state).await;
             }
         }
         // A dead letter whose record is gone (expired, or removed by a
@@ -183,9 +194,22 @@ impl Inspector {
                 s.pending = info.num_pending;
                 s.active = info.num_ack_pending as u64;
             }
-            s.scheduled = subjects(&self.stream, &names::delayed_subject(&s.queue, names::ANY))
-                .await?
-                .len() as u64;
+            // What its schedules fired (retries, delayed starts, ticks).
+            if let Ok(mut fired) = self
+                .schedules
+                .get_consumer::<jetstream::consumer::pull::Config>(&names::fired_consumer(&s.queue))
+                .await
+                && let Ok(info) = fired.info().await
+            {
+                s.pending += info.num_pending;
+                s.active += info.num_ack_pending as u64;
+            }
+            s.scheduled = subjects(
+                &self.schedules,
+                &names::delayed_subject(&s.queue, names::ANY),
+            )
+            .await?
+            .len() as u64;
             s.archived = subjects(&self.dead, &names::dead_subject(&s.queue, names::ANY))
                 .await?
                 .len() as u64;

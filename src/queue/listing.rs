@@ -1,8 +1,9 @@
 //! Paged listings of async tasks that never read a whole bucket or stream to
 //! serve a page. A page walks the sources in order — the task records
 //! (`bmw_async_tasks`: running, retrying, finished, archived tasks, in the
-//! order they were last written), then the pending and the scheduled tasks
-//! still in `BMW_ASYNC` (in the order they were enqueued) — one message at a
+//! order they were last written), then the pending tasks still in
+//! `BMW_ASYNC`, those their schedules fired into `BMW_SCHEDULES`, and the
+//! scheduled ones (each in the order it was stored) — one message at a
 //! time from a stream sequence, keeping those that match the filters, and
 //! stops at the page's size, or after [`MAX_SCAN`] messages, with a
 //! [`Cursor`] to go on from. The cost of a page is its size (plus what its
@@ -27,7 +28,7 @@ pub const DEFAULT_LIMIT: usize = 100;
 pub const MAX_LIMIT: usize = 1_000;
 
 /// Where a listing goes on: a source and the last stream sequence read in it.
-/// Written as `r-<seq>`, `p-<seq>` or `s-<seq>`.
+/// Written as `r-<seq>`, `p-<seq>`, `f-<seq>` or `s-<seq>`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Cursor {
     source: Source,
@@ -39,16 +40,25 @@ pub struct Cursor {
 enum Source {
     Records,
     Pending,
+    /// Pending too: the task messages schedules fired (retries, delayed
+    /// starts, ticks), in `BMW_SCHEDULES`.
+    Fired,
     Scheduled,
 }
 
-const SOURCES: [Source; 3] = [Source::Records, Source::Pending, Source::Scheduled];
+const SOURCES: [Source; 4] = [
+    Source::Records,
+    Source::Pending,
+    Source::Fired,
+    Source::Scheduled,
+];
 
 impl Source {
     fn tag(self) -> &'static str {
         match self {
             Source::Records => "r",
             Source::Pending => "p",
+            Source::Fired => "f",
             Source::Scheduled => "s",
         }
     }
@@ -57,7 +67,7 @@ impl Source {
     fn may_hold(self, state: Option<TaskState>) -> bool {
         match (self, state) {
             (_, None) => true,
-            (Source::Pending, Some(s)) => s == TaskState::Pending,
+            (Source::Pending | Source::Fired, Some(s)) => s == TaskState::Pending,
             (Source::Scheduled, Some(s)) => s == TaskState::Scheduled,
             (Source::Records, Some(s)) => !matches!(s, TaskState::Pending | TaskState::Scheduled),
         }
@@ -143,7 +153,14 @@ pub(super) async fn page(inspector: &Inspector, query: &ListQuery) -> Result<Pag
                 names::kv_subject(names::BUCKET_ASYNC_TASKS, ">"),
             ),
             Source::Pending => (&inspector.stream, names::async_subject(queue, names::ANY)),
-            Source::Scheduled => (&inspector.stream, names::delayed_subject(queue, names::ANY)),
+            Source::Fired => (
+                &inspector.schedules,
+                names::fired_subject(queue, names::ANY),
+            ),
+            Source::Scheduled => (
+                &inspector.schedules,
+                names::delayed_subject(queue, names::ANY),
+            ),
         };
         let mut after = if source == start.source {
             start.after
@@ -164,11 +181,11 @@ pub(super) async fn page(inspector: &Inspector, query: &ListQuery) -> Result<Pag
             scanned += 1;
             let record = match source {
                 Source::Records => super::record::from_message(&message),
-                Source::Pending | Source::Scheduled => {
-                    let state = if source == Source::Pending {
-                        TaskState::Pending
-                    } else {
+                Source::Pending | Source::Fired | Source::Scheduled => {
+                    let state = if source == Source::Scheduled {
                         TaskState::Scheduled
+                    } else {
+                        TaskState::Pending
                     };
                     // A task that has a record (running, retrying) is listed there.
                     match message_record(&message, state) {

@@ -68,16 +68,18 @@ async fn schedule_retry(
     );
     headers.insert(
         async_nats::header::NATS_SCHEDULE_TARGET,
-        names::async_subject(queue, &task.id).as_str(),
+        names::fired_subject(queue, &task.id).as_str(),
     );
     headers.insert(names::HEADER_ATTEMPTS, attempts.to_string().as_str());
     // Every attempt continues the trace of the task's first publish.
     crate::traces::carry(message.headers.as_ref(), &mut headers);
-    let sequence = message.info().map(|i| i.stream_sequence).unwrap_or(0);
+    // Once per failed message: its stream and sequence (a retry that fired
+    // in BMW_SCHEDULES may share a sequence number with one in BMW_ASYNC).
+    let origin = super::dead_letter::origin(message);
     let publish = PublishMessage::build()
         .payload(crate::nats::to_json_bytes(task))
         .headers(headers)
-        .message_id(format!("{}-retry-{sequence}", task.id));
+        .message_id(format!("{}-retry-{origin}", task.id));
     rt.nats
         .js
         .send_publish(names::retry_subject(queue, &task.id), publish)
@@ -198,8 +200,8 @@ pub(super) async fn archive(
     task.errors.push(error.to_owned());
     // The same delivery archived again (the ack of the first lost) is the
     // same dead letter; a message without stream info cannot be.
-    let sequence = message.info().map(|i| i.stream_sequence).unwrap_or(0);
-    if let Err(e) = super::dead_letter::store(&rt.nats.js, queue, &task, sequence).await {
+    let origin = super::dead_letter::origin(message);
+    if let Err(e) = super::dead_letter::store(&rt.nats.js, queue, &task, &origin).await {
         // Not lost: leave it for redelivery and try again later.
         tracing::error!(task_id = task.id, cause = %e, "dead letter not stored; task returned to its queue");
         let _ = message

@@ -55,14 +55,47 @@ pub async fn queue_consumer(
     queue: &str,
     ack_wait: Duration,
 ) -> Result<jetstream::consumer::PullConsumer, NatsError> {
-    let stream = js.get_stream(names::STREAM_ASYNC).await?;
-    let name = names::async_consumer(queue);
+    shared_consumer(
+        js,
+        names::STREAM_ASYNC,
+        names::async_consumer(queue),
+        names::async_queue_filters(queue),
+        ack_wait,
+    )
+    .await
+}
+
+/// Creates (or finds) the shared consumer of the messages a queue's
+/// schedules fire (`bmw.fired.<queue>.>` in `BMW_SCHEDULES`).
+pub async fn fired_consumer(
+    js: &jetstream::Context,
+    queue: &str,
+    ack_wait: Duration,
+) -> Result<jetstream::consumer::PullConsumer, NatsError> {
+    shared_consumer(
+        js,
+        names::STREAM_SCHEDULES,
+        names::fired_consumer(queue),
+        vec![names::fired_queue_filter(queue)],
+        ack_wait,
+    )
+    .await
+}
+
+async fn shared_consumer(
+    js: &jetstream::Context,
+    stream: &str,
+    name: String,
+    filter_subjects: Vec<String>,
+    ack_wait: Duration,
+) -> Result<jetstream::consumer::PullConsumer, NatsError> {
+    let stream = js.get_stream(stream).await?;
     stream
         .get_or_create_consumer(
             &name,
             pull::Config {
                 durable_name: Some(name.clone()),
-                filter_subjects: names::async_queue_filters(queue),
+                filter_subjects,
                 ack_wait,
                 max_deliver: -1,
                 max_ack_pending: 100_000,
@@ -186,10 +219,21 @@ async fn pending_gauge(shared: Arc<Shared>, queues: Vec<String>, token: Cancella
             _ = tick.tick() => {
                 let update = async {
                     for q in &queues {
-                        if let Ok(mut c) = queue_consumer(&shared.rt.nats.js, q, shared.rt.ack_wait).await
+                        let js = &shared.rt.nats.js;
+                        let mut pending = None;
+                        if let Ok(mut c) = queue_consumer(js, q, shared.rt.ack_wait).await
                             && let Ok(info) = c.info().await
                         {
-                            crate::metrics::async_pending(q, info.num_pending);
+                            pending = Some(info.num_pending);
+                        }
+                        if let Some(n) = pending
+                            && let Ok(mut c) = fired_consumer(js, q, shared.rt.ack_wait).await
+                            && let Ok(info) = c.info().await
+                        {
+                            pending = Some(n + info.num_pending);
+                        }
+                        if let Some(n) = pending {
+                            crate::metrics::async_pending(q, n);
                         }
                     }
                 };
@@ -228,8 +272,16 @@ async fn queue_loop(
     tasks: TaskTracker,
     token: CancellationToken,
 ) {
-    let consumer = loop {
-        match queue_consumer(&shared.rt.nats.js, &queue.name, shared.rt.ack_wait).await {
+    let (consumer, fired) = loop {
+        let js = &shared.rt.nats.js;
+        let opened = async {
+            let consumer = queue_consumer(js, &queue.name, shared.rt.ack_wait).await?;
+            Ok::<_, NatsError>((
+                consumer,
+                fired_consumer(js, &queue.name, shared.rt.ack_wait).await?,
+            ))
+        };
+        match opened.await {
             Ok(c) => break c,
             Err(e) => {
                 tracing::warn!(queue = queue.name, cause = %e, "queue consumer unavailable, retrying")
@@ -243,7 +295,7 @@ async fn queue_loop(
     // The consumer keeps the ack wait of the worker that created it, which may
     // not be ours: messages are kept alive at a third of the consumer's own.
     let keep_alive = (consumer.cached_info().config.ack_wait / 3).max(Duration::from_millis(100));
-    let mut fetcher = Fetcher::new(consumer);
+    let mut fetcher = Fetcher::new(consumer, fired);
     let link = Link::new(&shared.rt.nats.client);
     // Messages in hand, waiting for permits, with when they came (or were
     // last kept alive) and on which connection.

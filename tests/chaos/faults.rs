@@ -80,10 +80,7 @@ pub(crate) async fn rolling_restart(world: &mut World) -> DateTime<Utc> {
 /// The stream names of bmw's streams and KV buckets.
 pub(crate) fn bmw_streams() -> Vec<String> {
     use bmw::nats::names::*;
-    let mut streams: Vec<String> = [STREAM_TASKS, STREAM_ASYNC, STREAM_EVENTS, STREAM_DEAD]
-        .iter()
-        .map(|s| (*s).to_owned())
-        .collect();
+    let mut streams: Vec<String> = ALL_STREAMS.iter().map(|s| (*s).to_owned()).collect();
     streams.extend(
         [
             BUCKET_DAEMON_TASKS,
