@@ -190,6 +190,7 @@ pub struct ConfigOverrides {
     pub api_token_file: Option<PathBuf>,
     pub metrics_require_token: Option<bool>,
     pub insecure_no_auth: Option<bool>,
+    pub allowed_hosts: Option<Vec<String>>,
     pub max_concurrent_requests: Option<usize>,
     pub request_timeout: Option<String>,
     pub tls_cert: Option<PathBuf>,
@@ -267,6 +268,7 @@ impl ConfigOverrides {
             api_token_file: self.api_token_file.or(other.api_token_file),
             metrics_require_token: self.metrics_require_token.or(other.metrics_require_token),
             insecure_no_auth: self.insecure_no_auth.or(other.insecure_no_auth),
+            allowed_hosts: self.allowed_hosts.or(other.allowed_hosts),
             max_concurrent_requests: self
                 .max_concurrent_requests
                 .or(other.max_concurrent_requests),
@@ -357,6 +359,9 @@ pub struct Config {
     /// The operator's explicit consent to serve the bridge on a non-loopback
     /// address without tokens.
     pub insecure_no_auth: bool,
+    /// Host names (lower case) a browser may reach the bridge by, beside IP
+    /// addresses and `localhost`; `.example.com` allows its subdomains.
+    pub allowed_hosts: Vec<String>,
     /// Requests the bridge serves at once; more are answered 503.
     pub max_concurrent_requests: usize,
     /// Longest a bridge request may take, from its first byte to its answer.
@@ -406,6 +411,33 @@ fn parse_queues(items: Vec<String>) -> Result<Vec<QueueWeight>, ConfigError> {
                 name: name.to_owned(),
                 weight,
             })
+        })
+        .collect()
+}
+
+/// `--allowed-hosts`: lower-cased host names (no port, no scheme), each a
+/// name or `.domain` for its subdomains.
+fn allowed_hosts(items: Vec<String>) -> Result<Vec<String>, ConfigError> {
+    items
+        .into_iter()
+        .map(|item| item.trim().to_ascii_lowercase())
+        .filter(|item| !item.is_empty())
+        .map(|host| {
+            let name = host.strip_prefix('.').unwrap_or(&host);
+            let ok = !name.is_empty()
+                && name
+                    .split('.')
+                    .all(|label| !label.is_empty() && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'));
+            if ok {
+                Ok(host)
+            } else {
+                Err(ConfigError::Invalid {
+                    name: "allowed-hosts",
+                    message: format!(
+                        "{host:?} is not a host name (`bmw.example.com`, or `.example.com` for its subdomains; no port or scheme)"
+                    ),
+                })
+            }
         })
         .collect()
 }
@@ -640,6 +672,7 @@ impl Config {
             },
             metrics_require_token: given.metrics_require_token.unwrap_or(false),
             insecure_no_auth: given.insecure_no_auth.unwrap_or(false),
+            allowed_hosts: allowed_hosts(given.allowed_hosts.unwrap_or_default())?,
             max_concurrent_requests: given
                 .max_concurrent_requests
                 .unwrap_or(DEFAULT_MAX_CONCURRENT_REQUESTS),

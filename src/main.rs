@@ -111,6 +111,13 @@ struct Global {
     /// reach it can create, delete and reload tasks.
     #[arg(long, global = true, env = "BMW_INSECURE_NO_AUTH")]
     insecure_no_auth: bool,
+    /// Host names a browser may reach the bridge by, beside IP addresses and
+    /// `localhost` (comma-separated; a leading `.` allows a domain's
+    /// subdomains): a browser's request for any other `Host` is refused 403,
+    /// so a DNS-rebinding page cannot use it. Requests without browser
+    /// headers (curl, bk-monitor) are not checked.
+    #[arg(long, global = true, env = "BMW_ALLOWED_HOSTS", value_delimiter = ',')]
+    allowed_hosts: Option<Vec<String>>,
     /// Requests the bridge serves at once; more are answered 503 with Retry-After [default: 1024].
     #[arg(long, global = true, env = "BMW_MAX_CONCURRENT_REQUESTS")]
     max_concurrent_requests: Option<usize>,
@@ -298,6 +305,7 @@ impl Global {
             api_token_file: self.api_token_file.clone(),
             metrics_require_token: self.metrics_require_token.then_some(true),
             insecure_no_auth: self.insecure_no_auth.then_some(true),
+            allowed_hosts: self.allowed_hosts.clone(),
             max_concurrent_requests: self.max_concurrent_requests,
             request_timeout: self.request_timeout.clone(),
             tls_cert: self.tls_cert.clone(),

@@ -174,6 +174,7 @@ async fn serve_bridge(
         nats: nats.client.clone(),
         max_body: config.max_body,
         shutdown: token.clone(),
+        feeds: Default::default(),
     };
     let guards = Guards::from_config(config);
     let addr = config.http_addr;

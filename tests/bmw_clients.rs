@@ -128,6 +128,7 @@ async fn in_process(env: &TestEnv, registry: bmw::Registry, queues: &[&str]) -> 
         nats: env.nats.client.clone(),
         max_body: 1 << 20,
         shutdown: tokio_util::sync::CancellationToken::new(),
+        feeds: Default::default(),
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();

@@ -388,6 +388,7 @@ async fn a_panic_while_handling_a_request_answers_500_and_the_bridge_keeps_servi
         nats: env.nats.client.clone(),
         max_body: 4096,
         shutdown: tokio_util::sync::CancellationToken::new(),
+        feeds: Default::default(),
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();

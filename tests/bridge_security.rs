@@ -510,3 +510,116 @@ async fn https_with_the_given_certificate() {
         .await;
     assert_eq!(line.matches("no keys").count(), 1, "{line}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dns_rebinding_page_is_refused_while_addresses_and_allowed_hosts_work() {
+    let env = TestEnv::start().await;
+    let bmw = BmwProcess::run(
+        &env.url(),
+        &["--allowed-hosts", "bmw.example.com,.corp.example"],
+    )
+    .await;
+    let base = bmw.base_url();
+    let port = base.rsplit(':').next().unwrap().to_owned();
+    let task = format!("{base}/bmw/task/");
+    let list = format!("{base}/bmw/task/?task_type=daemon");
+    let evil = format!("evil.example:{port}");
+    let evil_origin = format!("http://evil.example:{port}");
+    // The rebinding page: its own name, now pointing at 127.0.0.1, so its
+    // Origin and Host agree and the cross-site rule lets it through.
+    let write = [("Host", evil.as_str()), ("Origin", evil_origin.as_str())];
+    let got = call(Method::POST, &task, None, &write, Some(CREATE)).await;
+    assert_refusal("rebinding write", &got, 403, "--allowed-hosts");
+    // Reads too: same-origin for the browser, so the page could read them.
+    let read = [("Host", evil.as_str()), ("Sec-Fetch-Site", "same-origin")];
+    let got = call(Method::GET, &list, None, &read, None).await;
+    assert_refusal("rebinding read", &got, 403, "evil.example");
+    let feed = format!("{base}/bmw/events/stream");
+    let response = reqwest::Client::new()
+        .get(&feed)
+        .header("Host", evil.as_str())
+        .header("Sec-Fetch-Mode", "cors")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 403, "rebinding feed");
+    // Nothing was created.
+    assert!(crate::harness::list_tasks(&base, "daemon").await.is_empty());
+
+    // A browser naming the bridge by its address, or an allowed name, works;
+    // so does any client that is not a browser, whatever its Host.
+    let by_address = format!("127.0.0.1:{port}");
+    let by_name = format!("bmw.example.com:{port}");
+    let by_subdomain = format!("console.corp.example:{port}");
+    for host in [by_address.as_str(), by_name.as_str(), by_subdomain.as_str()] {
+        let headers = [("Host", host), ("Sec-Fetch-Site", "same-origin")];
+        let (status, _, envelope) = call(Method::GET, &list, None, &headers, None).await;
+        assert_eq!(status, 200, "{host}: {envelope}");
+    }
+    let (status, _, envelope) = call(
+        Method::POST,
+        &task,
+        None,
+        &[("Host", evil.as_str())],
+        Some(CREATE),
+    )
+    .await;
+    assert!(
+        status == 200 || status == 202,
+        "curl with any Host: {status} {envelope}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn live_feeds_are_limited_per_caller_and_given_back_when_closed() {
+    let env = TestEnv::start().await;
+    let bmw = BmwProcess::run(&env.url(), &[]).await;
+    let feed = format!("{}/bmw/events/stream", bmw.base_url());
+    let client = reqwest::Client::new();
+    let mut open = Vec::new();
+    for _ in 0..bmw::bridge::feeds::MAX_FEEDS_PER_CALLER {
+        let response = client.get(&feed).send().await.unwrap();
+        assert_eq!(response.status().as_u16(), 200);
+        open.push(response);
+    }
+    let refused = client.get(&feed).send().await.unwrap();
+    assert_eq!(refused.status().as_u16(), 429);
+    assert_eq!(
+        refused
+            .headers()
+            .get("retry-after")
+            .map(|v| v.to_str().unwrap().to_owned()),
+        Some("1".to_owned())
+    );
+    let envelope: Value = refused.json().await.unwrap();
+    assert!(
+        envelope["message"]
+            .as_str()
+            .unwrap()
+            .contains("too many live feeds"),
+        "{envelope}"
+    );
+    // Ordinary requests are not held back by open feeds.
+    let (status, _, _) = call(
+        Method::GET,
+        &format!("{}/bmw/worker/", bmw.base_url()),
+        None,
+        &[],
+        None,
+    )
+    .await;
+    assert_eq!(status, 200);
+    // A closed feed gives its slot back.
+    drop(open.pop());
+    assert!(
+        wait_until(Duration::from_secs(10), async || {
+            client
+                .get(&feed)
+                .send()
+                .await
+                .is_ok_and(|r| r.status().as_u16() == 200)
+        })
+        .await,
+        "a feed opens again once one is closed"
+    );
+}

@@ -5,6 +5,12 @@
 //! envelope when the browser says it is cross-site or same-site
 //! (`Sec-Fetch-Site`), or when its `Origin` is not the host it was sent to.
 //! Requests without those headers (curl, BMW's own clients) pass; reads pass.
+//!
+//! A DNS-rebinding page passes that rule (its own name now points at the
+//! bridge, so `Origin` and `Host` agree), and may read too: so a request
+//! that a browser sent (it carries `Origin` or a `Sec-Fetch-*` header) must
+//! name the bridge by an IP address, `localhost`, or a host the operator
+//! allows (`--allowed-hosts`), whatever its method ([`rebinding_refusal`]).
 
 use axum::extract::Request;
 use axum::http::header::{HOST, ORIGIN};
@@ -30,6 +36,57 @@ pub(crate) fn refusal(request: &Request) -> Option<Response> {
         )
         .into_response(),
     )
+}
+
+/// The 403 for a browser's request naming the bridge by a host it does not
+/// answer to (DNS rebinding); `None` lets it through.
+pub(crate) fn rebinding_refusal(request: &Request, allowed: &[String]) -> Option<Response> {
+    let headers = request.headers();
+    let from_browser = headers.contains_key(ORIGIN)
+        || headers
+            .keys()
+            .any(|name| name.as_str().starts_with("sec-fetch-"));
+    if !from_browser {
+        return None;
+    }
+    let host = request
+        .uri()
+        .authority()
+        .map(|a| a.host().to_owned())
+        .or_else(|| {
+            let authority: Authority = headers.get(HOST)?.to_str().ok()?.parse().ok()?;
+            Some(authority.host().to_owned())
+        });
+    match host {
+        Some(host) if host_allowed(&host, allowed) => None,
+        host => Some(
+            ApiError::new(
+                StatusCode::FORBIDDEN,
+                format!(
+                    "forbidden: a browser reached the bridge as {:?}, which it does not answer to \
+                     (IP addresses and localhost do; add a name with --allowed-hosts)",
+                    host.unwrap_or_default()
+                ),
+            )
+            .into_response(),
+        ),
+    }
+}
+
+/// Whether a browser may name the bridge `host`: an IP address (a rebinding
+/// needs a name), `localhost`, or an allowed name (`.domain`: any name under it).
+fn host_allowed(host: &str, allowed: &[String]) -> bool {
+    let host = host.trim_end_matches('.').to_ascii_lowercase();
+    let literal = host.trim_start_matches('[').trim_end_matches(']');
+    if literal.parse::<std::net::IpAddr>().is_ok() || host == "localhost" {
+        return true;
+    }
+    allowed.iter().any(|a| match a.strip_prefix('.') {
+        Some(domain) => host
+            .strip_suffix(domain)
+            .is_some_and(|sub| sub.ends_with('.') && sub.len() > 1),
+        None => *a == host,
+    })
 }
 
 /// Why `request` comes from another site, if it does.
@@ -80,6 +137,52 @@ mod tests {
             builder = builder.header(*name, *value);
         }
         builder.body(axum::body::Body::empty()).unwrap()
+    }
+
+    #[test]
+    fn a_browser_must_name_the_bridge_by_an_address_or_an_allowed_host() {
+        let allowed = vec!["bmw.example.com".to_owned(), ".corp.example".to_owned()];
+        let pass: &[&[(&str, &str)]] = &[
+            // Not a browser: not checked.
+            &[("Host", "evil.example:10211")],
+            &[
+                ("Host", "127.0.0.1:10211"),
+                ("Sec-Fetch-Site", "same-origin"),
+            ],
+            &[("Host", "[::1]:10211"), ("Origin", "http://[::1]:10211")],
+            &[("Host", "localhost:10211"), ("Sec-Fetch-Mode", "cors")],
+            &[
+                ("Host", "BMW.example.com"),
+                ("Origin", "http://bmw.example.com"),
+            ],
+            &[("Host", "a.corp.example:80"), ("Sec-Fetch-Site", "none")],
+        ];
+        for headers in pass {
+            assert!(
+                rebinding_refusal(&post(headers), &allowed).is_none(),
+                "{headers:?}"
+            );
+        }
+        let refused: &[&[(&str, &str)]] = &[
+            &[
+                ("Host", "evil.example:10211"),
+                ("Origin", "http://evil.example:10211"),
+            ],
+            &[("Host", "evil.example"), ("Sec-Fetch-Site", "same-origin")],
+            &[("Host", "corp.example"), ("Sec-Fetch-Site", "same-origin")],
+            &[("Host", "xcorp.example"), ("Sec-Fetch-Site", "same-origin")],
+            &[
+                ("Host", "bmw.example.com.evil.example"),
+                ("Sec-Fetch-Dest", "empty"),
+            ],
+            &[("Sec-Fetch-Site", "same-origin")],
+        ];
+        for headers in refused {
+            assert!(
+                rebinding_refusal(&post(headers), &allowed).is_some(),
+                "{headers:?}"
+            );
+        }
     }
 
     #[test]

@@ -18,6 +18,7 @@ pub mod auth;
 mod console;
 mod cross_site;
 pub mod envelope;
+pub mod feeds;
 pub mod limits;
 pub mod listen;
 pub mod openapi;
@@ -36,6 +37,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 pub use self::auth::ApiTokens;
+pub use self::feeds::FeedSlots;
 pub use self::limits::RequestLimits;
 pub use self::listen::{ListenOptions, TlsError, serve, serve_on};
 use crate::client::TaskClient;
@@ -55,6 +57,8 @@ pub struct BridgeState {
     /// otherwise last (the console's live feed), so a stop need not wait
     /// for them through its drain time.
     pub shutdown: tokio_util::sync::CancellationToken,
+    /// The live feeds open, limited on their own ([`feeds`]).
+    pub feeds: Arc<FeedSlots>,
 }
 
 /// Who may call the bridge and how much it takes at once, from the
@@ -67,6 +71,9 @@ pub struct Guards {
     pub metrics_require_token: bool,
     /// Concurrency and time limits of the API routes.
     pub limits: RequestLimits,
+    /// Host names a browser may reach the bridge by (beside addresses and
+    /// `localhost`).
+    pub allowed_hosts: Arc<[String]>,
 }
 
 impl Guards {
@@ -79,6 +86,7 @@ impl Guards {
                 max_concurrent: config.max_concurrent_requests,
                 timeout: config.request_timeout,
             },
+            allowed_hosts: config.allowed_hosts.clone().into(),
         }
     }
 }
@@ -139,6 +147,7 @@ pub fn router(state: BridgeState, guards: &Guards) -> Router {
         .with_state(state.clone());
     let api = api.layer(middleware::from_fn_with_state(
         Arc::new(ApiGuard {
+            allowed_hosts: guards.allowed_hosts.clone(),
             tokens: guards.tokens.clone(),
             limiter: limits::Limiter::new(guards.limits),
         }),
@@ -158,18 +167,21 @@ pub fn router(state: BridgeState, guards: &Guards) -> Router {
 /// The guards of the API routes, shared by all of them.
 #[derive(Debug)]
 struct ApiGuard {
+    allowed_hosts: Arc<[String]>,
     tokens: ApiTokens,
     limiter: limits::Limiter,
 }
 
-/// The API routes' guards, outermost first: the token (401, 403), the
-/// cross-site rule (403), then the limits (503, 504). One middleware, not
+/// The API routes' guards, outermost first: the host a browser named (403,
+/// DNS rebinding), the token (401, 403), the cross-site rule (403), then the
+/// limits (503, 504). One middleware, not
 /// three: axum clones a route's whole stack of layers for every request, a
 /// box and a state each (about a tenth of the bridge's own instructions per
 /// create, under callgrind, with tower's shed, limit and timeout layers).
 async fn guard_api(State(guard): State<Arc<ApiGuard>>, request: Request, next: Next) -> Response {
-    if let Some(refused) =
-        auth::refusal(&guard.tokens, &request).or_else(|| cross_site::refusal(&request))
+    if let Some(refused) = cross_site::rebinding_refusal(&request, &guard.allowed_hosts)
+        .or_else(|| auth::refusal(&guard.tokens, &request))
+        .or_else(|| cross_site::refusal(&request))
     {
         return refused;
     }

@@ -305,8 +305,8 @@ pub enum ApiFailures {
     /// not fit in a NATS message.
     #[response(status = 413)]
     TooLarge(Envelope),
-    /// The queue is full (`--max-queue-pending`); `Retry-After` says when to
-    /// try again.
+    /// The queue is full (`--max-queue-pending`), or too many live feeds
+    /// are open; `Retry-After` says when to try again.
     #[response(status = 429)]
     QueueFull(Envelope),
     /// NATS is unavailable, or the bridge is overloaded

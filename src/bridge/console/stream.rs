@@ -28,7 +28,7 @@ use async_nats::jetstream::consumer::DeliverPolicy;
 use async_nats::jetstream::consumer::pull::OrderedConfig;
 use async_nats::jetstream::kv::Operation;
 use axum::extract::{Query, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures::{Stream, StreamExt};
@@ -116,7 +116,10 @@ struct Changes {
 pub(crate) async fn events(
     State(state): State<BridgeState>,
     Query(query): Query<HashMap<String, String>>,
+    headers: HeaderMap,
 ) -> Result<Response, ApiError> {
+    // Held as long as the feed's body, given back when it ends.
+    let slot = state.feeds.take(&headers)?;
     let filter = EventFilter::from_query(&query);
     let js = &state.client.nats().js;
     let unavailable = |e: NatsError| {
@@ -158,7 +161,7 @@ pub(crate) async fn events(
     // process stopping ends the feed.
     let stop = state.shutdown.child_token();
     tokio::spawn(forward(events, changes, filter, tx, stop.clone()));
-    let guard = stop.drop_guard();
+    let guard = (stop.drop_guard(), slot);
     let feed = futures::stream::unfold((rx, guard), |(mut rx, guard)| async move {
         rx.recv()
             .await
