@@ -41,35 +41,23 @@ async fn stream_counts(env: &TestEnv) -> Vec<(String, u64)> {
 /// Async tasks waiting on queue `other` (no worker listens there), a delayed
 /// one and a periodic schedule: what a rollup would erase.
 async fn work_of_others(env: &TestEnv) {
-    for n in 0..5 {
-        let body =
-            json!({"kind": "async:demo:noop", "payload": {"n": n}, "options": {"queue": "other"}});
+    let mut creates: Vec<Value> = (0..5)
+        .map(|n| json!({"kind": "async:demo:noop", "payload": {"n": n}, "options": {"queue": "other"}}))
+        .collect();
+    creates.push(
+        json!({"kind": "async:demo:noop", "options": {"queue": "other", "process_in": "1h"}}),
+    );
+    creates
+        .push(json!({"kind": "periodic:demo:tick", "options": {"every": "1h", "queue": "other"}}));
+    for body in creates {
         env.client
             .submit_json(
                 bmw::nats::names::SUBJECT_CREATE,
                 body.to_string().as_bytes(),
             )
             .await
-            .expect("async create");
+            .unwrap_or_else(|e| panic!("{body}: {e}"));
     }
-    let delayed =
-        json!({"kind": "async:demo:noop", "options": {"queue": "other", "process_in": "1h"}});
-    env.client
-        .submit_json(
-            bmw::nats::names::SUBJECT_CREATE,
-            delayed.to_string().as_bytes(),
-        )
-        .await
-        .expect("delayed create");
-    let periodic =
-        json!({"kind": "periodic:demo:tick", "options": {"every": "1h", "queue": "other"}});
-    env.client
-        .submit_json(
-            bmw::nats::names::SUBJECT_CREATE,
-            periodic.to_string().as_bytes(),
-        )
-        .await
-        .expect("periodic create");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -49,14 +49,7 @@ pub(crate) fn rebinding_refusal(request: &Request, allowed: &[String]) -> Option
     if !from_browser {
         return None;
     }
-    let host = request
-        .uri()
-        .authority()
-        .map(|a| a.host().to_owned())
-        .or_else(|| {
-            let authority: Authority = headers.get(HOST)?.to_str().ok()?.parse().ok()?;
-            Some(authority.host().to_owned())
-        });
+    let host = target(request).map(|a| a.host().to_owned());
     match host {
         Some(host) if host_allowed(&host, allowed) => None,
         host => Some(
@@ -100,16 +93,21 @@ fn cross_site(request: &Request) -> Option<String> {
     }
     let origin = headers.get(ORIGIN)?;
     let origin_text = origin.to_str().unwrap_or("?");
-    let target = request
-        .uri()
-        .authority()
-        .cloned()
-        .or_else(|| headers.get(HOST)?.to_str().ok()?.parse().ok());
-    match (origin_text.parse::<Uri>(), target) {
+    match (origin_text.parse::<Uri>(), target(request)) {
         (Ok(origin), Some(target)) if same_host_and_port(&origin, &target) => None,
         (_, Some(target)) => Some(format!("Origin {origin_text} is not http(s)://{target}")),
         (_, None) => Some(format!("Origin {origin_text} and no Host")),
     }
+}
+
+/// The host and port a request was sent to: its URI's authority, else its
+/// `Host` header.
+fn target(request: &Request) -> Option<Authority> {
+    request
+        .uri()
+        .authority()
+        .cloned()
+        .or_else(|| request.headers().get(HOST)?.to_str().ok()?.parse().ok())
 }
 
 /// Whether `origin` (`scheme://host[:port]`) names the host and port of
