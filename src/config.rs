@@ -211,6 +211,7 @@ pub struct ConfigOverrides {
     pub nats_cert: Option<PathBuf>,
     pub nats_key: Option<PathBuf>,
     pub nats_require_tls: Option<bool>,
+    pub nats_inbox_prefix: Option<String>,
     // Kinds declared in the file (`[[kind]]`) and in a directory of kind
     // files, run by `crate::external`.
     pub kind: Option<Vec<KindDecl>>,
@@ -289,6 +290,7 @@ impl ConfigOverrides {
             nats_cert: self.nats_cert.or(other.nats_cert),
             nats_key: self.nats_key.or(other.nats_key),
             nats_require_tls: self.nats_require_tls.or(other.nats_require_tls),
+            nats_inbox_prefix: self.nats_inbox_prefix.or(other.nats_inbox_prefix),
             kind: self.kind.or(other.kind),
             kinds_dir: self.kinds_dir.or(other.kinds_dir),
             otlp_endpoint: self.otlp_endpoint.or(other.otlp_endpoint),
@@ -341,6 +343,8 @@ pub struct Config {
     pub nats_auth: NatsAuth,
     /// TLS towards NATS.
     pub nats_tls: NatsTls,
+    /// Prefix of this process's reply subjects (`_INBOX` unless told).
+    pub nats_inbox_prefix: Option<String>,
     /// Upper bounds of task options.
     pub limits: TaskLimits,
     /// Whether the demo kinds are registered; `None`: the role decides (on
@@ -484,6 +488,22 @@ fn nkey_seed(given: SecretString) -> Result<SecretString, ConfigError> {
     Ok(seed)
 }
 
+/// A reply-subject prefix: `_INBOX` or `_INBOX_<user>`, one token, so that
+/// a worker's reply to it passes [`crate::nats::names::is_reply_inbox`].
+fn inbox_prefix(prefix: String) -> Result<String, ConfigError> {
+    let prefix = prefix.trim().to_owned();
+    if crate::nats::names::is_reply_inbox(&format!("{prefix}.x")) && !prefix.contains('.') {
+        return Ok(prefix);
+    }
+    Err(ConfigError::Invalid {
+        name: "nats-inbox-prefix",
+        message: format!(
+            "{prefix:?} is not `_INBOX` or `_INBOX_<user>` (one token, no wildcard): \
+             workers send a command's outcome only to such an inbox"
+        ),
+    })
+}
+
 /// The one way of authenticating the settings give, or why they do not fit.
 fn nats_auth(given: &mut ConfigOverrides) -> Result<NatsAuth, ConfigError> {
     let creds = readable_file("nats-creds", given.nats_creds.take())?;
@@ -570,6 +590,7 @@ impl Config {
             urls: urls.to_owned(),
             auth: self.nats_auth.clone(),
             tls: self.nats_tls.clone(),
+            inbox_prefix: self.nats_inbox_prefix.clone(),
         }
     }
 
@@ -601,6 +622,11 @@ impl Config {
     pub fn resolve(mut given: ConfigOverrides) -> Result<Config, ConfigError> {
         let nats_auth = nats_auth(&mut given)?;
         let nats_tls = nats_tls(&mut given)?;
+        let nats_inbox_prefix = given
+            .nats_inbox_prefix
+            .take()
+            .map(inbox_prefix)
+            .transpose()?;
         let dur = |name: &'static str, v: Option<String>, default: Duration| match v {
             None => Ok(default),
             Some(s) => humantime::parse_duration(s.trim()).map_err(|e| ConfigError::Invalid {
@@ -733,6 +759,7 @@ impl Config {
             },
             nats_auth,
             nats_tls,
+            nats_inbox_prefix,
         };
         config.validate()?;
         Ok(config)

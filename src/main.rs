@@ -193,6 +193,11 @@ struct Global {
     /// Refuse to connect to NATS without TLS.
     #[arg(long, global = true, env = "BMW_NATS_REQUIRE_TLS")]
     nats_require_tls: bool,
+    /// Prefix of this process's reply subjects, `_INBOX_<user>` where the
+    /// server lets each user subscribe only to its own (nats/permissions.conf)
+    /// [default: _INBOX].
+    #[arg(long, global = true, env = "BMW_NATS_INBOX_PREFIX")]
+    nats_inbox_prefix: Option<String>,
     // Traces.
     /// Export OpenTelemetry traces (OTLP over HTTP, protobuf) to this collector
     /// (`bmw run`, `bmw worker`, `bmw bridge`): its base URL, e.g.
@@ -324,6 +329,7 @@ impl Global {
             nats_cert: self.nats_cert.clone(),
             nats_key: self.nats_key.clone(),
             nats_require_tls: self.nats_require_tls.then_some(true),
+            nats_inbox_prefix: self.nats_inbox_prefix.clone(),
             // `[[kind]]` tables come from the --config file only.
             kind: None,
             kinds_dir: self.kinds_dir.clone(),
@@ -451,7 +457,7 @@ async fn connect(config: &Config, name: &str) -> anyhow::Result<Nats> {
 #[allow(clippy::print_stdout)]
 async fn task(cmd: TaskCmd, config: Config, registry: Arc<Registry>) -> anyhow::Result<ExitCode> {
     let nats = connect(&config, names::client_name::TASK).await?;
-    bmw::nats::provision::provision(&nats.js, config.replicas).await?;
+    bmw::nats::provision::ensure(&nats.js, config.replicas).await?;
     let ops = bmw::ops::Operations::open_with(&nats, registry, &config).await?;
     let client = TaskClient::with_operations(nats, ops, config.reply_timeout);
     let id = uuid::Uuid::new_v4().to_string();

@@ -301,32 +301,97 @@ fn help_shows_no_secret() {
     }
 }
 
-/// The passwords the permissions test gives the shipped config's users
-/// (`nats/permissions.conf` reads them from variables).
-const ROLE_PASSWORDS: [(&str, &str, &str); 4] = [
-    ("bmw-worker", "BMW_WORKER_PASSWORD", "worker-pw"),
-    ("bmw-bridge", "BMW_BRIDGE_PASSWORD", "bridge-pw"),
-    ("bmw-task", "BMW_TASK_PASSWORD", "task-pw"),
-    ("bmw-producer", "BMW_PRODUCER_PASSWORD", "producer-pw"),
+/// The users of the shipped config (`nats/permissions.conf` reads their
+/// passwords from variables): name, password variable, password, and the
+/// reply prefix each may subscribe to.
+const ROLES: [(&str, &str, &str, &str); 6] = [
+    (
+        "bmw-admin",
+        "BMW_ADMIN_PASSWORD",
+        "admin-pw",
+        "_INBOX_bmw-admin",
+    ),
+    (
+        "bmw-worker",
+        "BMW_WORKER_PASSWORD",
+        "worker-pw",
+        "_INBOX_bmw-worker",
+    ),
+    (
+        "bmw-bridge",
+        "BMW_BRIDGE_PASSWORD",
+        "bridge-pw",
+        "_INBOX_bmw-bridge",
+    ),
+    (
+        "bmw-operator",
+        "BMW_OPERATOR_PASSWORD",
+        "operator-pw",
+        "_INBOX_bmw-operator",
+    ),
+    (
+        "bmw-console",
+        "BMW_CONSOLE_PASSWORD",
+        "console-pw",
+        "_INBOX_bmw-console",
+    ),
+    (
+        "bmw-producer",
+        "BMW_PRODUCER_PASSWORD",
+        "producer-pw",
+        "_INBOX_bmw-producer",
+    ),
 ];
 
-/// The environment that makes a bmw process connect as `user`.
-fn as_user(user: &str) -> [(&'static str, &'static str); 2] {
-    let (user, _, password) = ROLE_PASSWORDS
+fn role(user: &str) -> (&'static str, &'static str, &'static str, &'static str) {
+    *ROLES
         .iter()
-        .find(|(u, _, _)| *u == user)
-        .expect("a role of the shipped config");
-    [("BMW_NATS_USER", user), ("BMW_NATS_PASSWORD", password)]
+        .find(|(u, ..)| *u == user)
+        .expect("a role of the shipped config")
+}
+
+/// The environment that makes a bmw process connect as `user`, with its
+/// own reply prefix.
+fn as_user(user: &str) -> [(&'static str, &'static str); 3] {
+    let (user, _, password, inbox) = role(user);
+    [
+        ("BMW_NATS_USER", user),
+        ("BMW_NATS_PASSWORD", password),
+        ("BMW_NATS_INBOX_PREFIX", inbox),
+    ]
+}
+
+/// A NATS client connected as `user`, with its own reply prefix.
+async fn client_as(url: &str, user: &str) -> async_nats::Client {
+    let (user, _, password, inbox) = role(user);
+    async_nats::ConnectOptions::with_user_and_password(user.into(), password.into())
+        .name(user)
+        .custom_inbox_prefix(inbox)
+        .connect(url)
+        .await
+        .expect("the role connects")
 }
 
 /// A server config: the role passwords as variables, then `body`.
 fn with_role_passwords(body: &str) -> String {
-    let mut conf: String = ROLE_PASSWORDS
+    let mut conf: String = ROLES
         .iter()
-        .map(|(_, var, password)| format!("{var}: \"{password}\"\n"))
+        .map(|(_, var, password, _)| format!("{var}: \"{password}\"\n"))
         .collect();
     conf.push_str(body);
     conf
+}
+
+/// Runs `bmw provision` as the admin; asserts it succeeds.
+async fn provision_as_admin(url: &str) {
+    let mut admin =
+        BmwProcess::spawn_with_env(&["provision", "--nats-url", url], &as_user("bmw-admin"));
+    let status = admin.wait_exit(Duration::from_secs(30)).await;
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "bmw provision: {status:?}\n{}",
+        admin.logs().join("\n")
+    );
 }
 
 async fn get_json(url: &str) -> Value {
@@ -341,7 +406,7 @@ async fn post_json(method: Method, url: &str, body: Value) -> Value {
     answer
 }
 
-/// Runs `bmw task <args>` as `bmw-task`; asserts it succeeds; its output.
+/// Runs `bmw task <args>` as `bmw-operator`; asserts it succeeds; its output.
 async fn bmw_task(url: &str, args: &[&str]) -> String {
     let args: Vec<&str> = ["task"]
         .iter()
@@ -349,7 +414,7 @@ async fn bmw_task(url: &str, args: &[&str]) -> String {
         .chain(&["--nats-url", url])
         .copied()
         .collect();
-    let mut task = BmwProcess::spawn_with_env(&args, &as_user("bmw-task"));
+    let mut task = BmwProcess::spawn_with_env(&args, &as_user("bmw-operator"));
     let status = task.wait_exit(Duration::from_secs(30)).await;
     assert!(
         status.is_some_and(|s| s.success()),
@@ -546,27 +611,26 @@ async fn every_role_at_work(server: &NatsServer) {
     bmw_task(&url, &["queues"]).await;
     bmw_task(&url, &["list", "--type", "async"]).await;
 
-    // A producer publishes a command and an async task itself.
-    let (user, _, password) = ROLE_PASSWORDS[3];
-    let producer = async_nats::ConnectOptions::with_user_and_password(user.into(), password.into())
-        .name(user)
-        .connect(url.as_str())
-        .await
-        .expect("the producer connects");
-    let js = async_nats::jetstream::new(producer);
-    let publish = |subject: &'static str, id: &str, body: Value| {
-        let message = async_nats::jetstream::message::PublishMessage::build()
-            .payload(body.to_string().into())
-            .message_id(id);
-        let js = js.clone();
-        async move {
-            js.send_publish(subject, message)
-                .await
-                .unwrap()
-                .await
-                .unwrap()
-        }
-    };
+    // A producer publishes a command and an async task itself; an operator
+    // deletes.
+    let producer = async_nats::jetstream::new(client_as(&url, "bmw-producer").await);
+    let operator = async_nats::jetstream::new(client_as(&url, "bmw-operator").await);
+    let send =
+        |js: &async_nats::jetstream::Context, subject: &'static str, id: &str, body: Value| {
+            let message = async_nats::jetstream::message::PublishMessage::build()
+                .payload(body.to_string().into())
+                .message_id(id);
+            let js = js.clone();
+            async move {
+                js.send_publish(subject, message)
+                    .await
+                    .unwrap()
+                    .await
+                    .unwrap()
+            }
+        };
+    let publish = |subject, id: &str, body| send(&producer, subject, id, body);
+    let as_operator = |subject, id: &str, body| send(&operator, subject, id, body);
     publish(
         "bmw.task.create",
         "producer-cmd-1",
@@ -636,7 +700,7 @@ async fn every_role_at_work(server: &NatsServer) {
     );
     for id in ["cmd-pending", "cmd-delayed", "cmd-dead", "cmd-running"] {
         let body = json!({"task_type": "async", "task_id": id});
-        publish("bmw.task.delete", &format!("delete-{id}"), body).await;
+        as_operator("bmw.task.delete", &format!("delete-{id}"), body).await;
         assert_eventually!(
             Duration::from_secs(10),
             state(id).await.is_empty(),
@@ -660,7 +724,7 @@ async fn every_role_at_work(server: &NatsServer) {
         "the producer's periodic task did not run"
     );
     let body = json!({"task_type": "periodic", "kind": kind});
-    publish("bmw.task.delete", "delete-periodic", body).await;
+    as_operator("bmw.task.delete", "delete-periodic", body).await;
     assert_eventually!(
         Duration::from_secs(10),
         list_tasks(&base, "periodic").await.is_empty(),
@@ -709,17 +773,197 @@ impl SecuredServer {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_seed_walkthrough_and_every_route_run_under_the_shipped_minimal_permissions() {
-    // A worker provisions a fresh server (stream creates, not updates).
+    // Only an admin may create streams: a worker on a fresh server stops
+    // and says what to do.
     let fresh = SecuredServer::start().await;
-    let worker = BmwProcess::spawn_with_env(
+    let mut refused = BmwProcess::spawn_with_env(
         &["worker", "--nats-url", &fresh.server.url()],
         &as_user("bmw-worker"),
     );
-    worker.worker_id().await;
-    fresh.assert_no_violation();
-    // `bmw task` provisions another, then every role works on it.
+    let status = refused.wait_exit(Duration::from_secs(30)).await;
+    assert!(status.is_some_and(|s| !s.success()), "{status:?}");
+    refused
+        .wait_log(Duration::from_secs(2), &["bmw: ", "run `bmw provision`"])
+        .await;
+    // The admin provisions another; then every role works on it.
     let secured = SecuredServer::start().await;
-    bmw_task(&secured.server.url(), &["queues"]).await;
+    provision_as_admin(&secured.server.url()).await;
     every_role_at_work(&secured.server).await;
     secured.assert_no_violation();
+}
+
+/// Whether a JetStream publish as this context's user is refused (the
+/// server drops a publish its user may not make: no ack comes).
+async fn refused(js: &async_nats::jetstream::Context, subject: &str, body: Value) -> bool {
+    match js
+        .publish(subject.to_owned(), body.to_string().into())
+        .await
+    {
+        Err(_) => true,
+        Ok(ack) => ack.await.is_err(),
+    }
+}
+
+/// The messages and `max_msgs` of `BMW_ASYNC`, read by the admin.
+async fn async_stream(admin: &async_nats::jetstream::Context) -> (u64, i64) {
+    let mut stream = admin.get_stream("BMW_ASYNC").await.unwrap();
+    let info = stream.info().await.unwrap();
+    (info.state.messages, info.config.max_messages)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn each_role_is_refused_what_it_may_not_do() {
+    let secured = SecuredServer::start().await;
+    let url = secured.server.url();
+    provision_as_admin(&url).await;
+    let short = |client: async_nats::Client| {
+        async_nats::jetstream::ContextBuilder::new()
+            .timeout(Duration::from_secs(2))
+            .build(client)
+    };
+    let admin = short(client_as(&url, "bmw-admin").await);
+    let producer_client = client_as(&url, "bmw-producer").await;
+    let producer = short(producer_client.clone());
+    let worker_client = client_as(&url, "bmw-worker").await;
+
+    // Two tasks wait on a queue no worker serves.
+    for id in ["waiting-1", "waiting-2"] {
+        let body = json!({"kind": "async:demo:echo"});
+        producer
+            .publish(format!("bmw.async.default.{id}"), body.to_string().into())
+            .await
+            .unwrap()
+            .await
+            .expect("a producer submits to its own queue");
+    }
+    let before = async_stream(&admin).await;
+    assert_eq!(before.0, 3, "two tasks and the anchor");
+
+    // The producer may not delete, reload or requeue, nor use another queue.
+    let attempts = [
+        (
+            "bmw.task.delete",
+            json!({"task_type": "async", "all": true}),
+        ),
+        (
+            "bmw.task.reload",
+            json!({"task_uni_id": "daemon:demo:demo-x"}),
+        ),
+        ("bmw.task.requeue", json!({"task_id": "waiting-1"})),
+        ("bmw.async.other.x", json!({"kind": "async:demo:echo"})),
+        ("bmw.schedule.x", json!({})),
+        ("$KV.bmw_daemon_tasks.x", json!({})),
+    ];
+    // (Each refusal is a timeout: all at once.)
+    let refusals = attempts.map(|(subject, body)| {
+        let producer = producer.clone();
+        async move { (subject, refused(&producer, subject, body).await) }
+    });
+    for (subject, was_refused) in futures::future::join_all(refusals).await {
+        assert!(was_refused, "a producer published on {subject}");
+    }
+    // No role but the admin may change a stream.
+    let users = [
+        "bmw-producer",
+        "bmw-worker",
+        "bmw-bridge",
+        "bmw-operator",
+        "bmw-console",
+    ];
+    let changes = users.map(|user| {
+        let url = url.clone();
+        async move {
+            let js = short(client_as(&url, user).await);
+            let update = js
+                .update_stream(async_nats::jetstream::stream::Config {
+                    name: "BMW_ASYNC".into(),
+                    subjects: vec!["bmw.async.>".into(), "bmw.anchor.async".into()],
+                    retention: async_nats::jetstream::stream::RetentionPolicy::WorkQueue,
+                    max_messages: 1,
+                    ..Default::default()
+                })
+                .await;
+            let delete = js.delete_stream("BMW_ASYNC").await;
+            (user, update.is_err(), delete.is_err())
+        }
+    });
+    for (user, update_refused, delete_refused) in futures::future::join_all(changes).await {
+        assert!(update_refused, "{user} updated BMW_ASYNC");
+        assert!(delete_refused, "{user} deleted BMW_ASYNC");
+    }
+    assert!(
+        short(client_as(&url, "bmw-producer").await)
+            .get_stream("BMW_ASYNC")
+            .await
+            .is_err(),
+        "a producer read a stream's config"
+    );
+    assert_eq!(async_stream(&admin).await, before, "BMW_ASYNC is as it was");
+
+    // Nobody reads another's inbox: the producer's own prefix is delivered
+    // to it, the bridge's is not.
+    let mut own = producer_client
+        .subscribe("_INBOX_bmw-producer.own")
+        .await
+        .unwrap();
+    let mut others = producer_client
+        .subscribe("_INBOX_bmw-bridge.>")
+        .await
+        .unwrap();
+    producer_client.flush().await.unwrap();
+    for subject in ["_INBOX_bmw-bridge.reply", "_INBOX_bmw-producer.own"] {
+        worker_client
+            .publish(subject, "secret".into())
+            .await
+            .unwrap();
+    }
+    worker_client.flush().await.unwrap();
+    use futures::StreamExt;
+    let delivered = tokio::time::timeout(Duration::from_secs(5), own.next()).await;
+    assert!(matches!(delivered, Ok(Some(_))), "the producer's own inbox");
+    let leaked = tokio::time::timeout(Duration::from_millis(500), others.next()).await;
+    assert!(
+        !matches!(leaked, Ok(Some(_))),
+        "the producer read the bridge's inbox"
+    );
+
+    // A console bridge shows everything and changes nothing.
+    let console = BmwProcess::serve("bridge", &url, &[], &as_user("bmw-console")).await;
+    let base = console.base_url();
+    let (status, body) = http(Method::GET, &format!("{base}/bmw/queue/"), None).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(list_tasks(&base, "daemon").await.is_empty());
+    let writes = [
+        (Method::POST, json!({"kind": "async:demo:echo"})),
+        (
+            Method::POST,
+            json!({"kind": "daemon:demo:demo", "payload": {"content": "ok"}}),
+        ),
+        (
+            Method::DELETE,
+            json!({"task_type": "async", "task_id": "waiting-1"}),
+        ),
+    ];
+    let answers = writes.map(|(method, body)| {
+        let url = format!("{base}/bmw/task/");
+        async move {
+            let (status, answer) = http(method.clone(), &url, Some(&body.to_string())).await;
+            (method, body, status, answer)
+        }
+    });
+    for (method, body, status, answer) in futures::future::join_all(answers).await {
+        assert!(
+            status == 403
+                && answer["message"]
+                    .to_string()
+                    .contains("Permissions Violation"),
+            "a console {method} {body} answered {status}: {answer}"
+        );
+        assert!(
+            answer["message"].as_str().is_some_and(|m| !m.is_empty()),
+            "{answer}"
+        );
+    }
+    assert_eq!(async_stream(&admin).await, before, "nothing changed");
+    assert!(list_tasks(&base, "daemon").await.is_empty());
 }

@@ -234,3 +234,43 @@ async fn sigquit_drains_like_sigterm() {
         "the claim was released"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_start_creates_what_is_missing_fixes_what_bmw_cannot_use_and_keeps_an_operators_limits() {
+    use async_nats::jetstream::stream;
+    let server = crate::harness::NatsServer::start().await;
+    let nats = bmw::nats::Nats::connect(&server.url(), "bmw-test")
+        .await
+        .unwrap();
+    bmw::nats::provision::provision(&nats.js, 1).await.unwrap();
+    let config = async |name: &str| -> stream::Config {
+        let mut s = nats.js.get_stream(name).await.unwrap();
+        s.info().await.unwrap().config.clone()
+    };
+    // An operator's limit, a setting bmw cannot work with, a bucket gone.
+    let mut events = config("BMW_EVENTS").await;
+    events.max_bytes = 1 << 20;
+    nats.js.update_stream(events).await.unwrap();
+    let mut dead = config("BMW_DEAD").await;
+    dead.subjects = vec!["bmw.dead.only-this".into()];
+    nats.js.update_stream(dead).await.unwrap();
+    nats.js.delete_key_value("bmw_unique").await.unwrap();
+
+    bmw::nats::provision::ensure(&nats.js, 1).await.unwrap();
+    assert_eq!(
+        config("BMW_EVENTS").await.max_bytes,
+        1 << 20,
+        "the limit stays"
+    );
+    assert_eq!(
+        config("BMW_DEAD").await.subjects,
+        vec!["bmw.dead.>".to_owned()]
+    );
+    assert!(
+        nats.js.get_key_value("bmw_unique").await.is_ok(),
+        "recreated"
+    );
+    // `bmw provision` applies the whole config again.
+    bmw::nats::provision::provision(&nats.js, 1).await.unwrap();
+    assert_eq!(config("BMW_EVENTS").await.max_bytes, 1 << 30);
+}

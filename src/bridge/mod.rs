@@ -144,7 +144,11 @@ pub fn router(state: BridgeState, guards: &Guards) -> Router {
         .route("/bmw/worker", get(routes::workers))
         .route("/bmw/log/level/", post(routes::log_level))
         .fallback(routes::not_found)
-        .with_state(state.clone());
+        .with_state(state.clone())
+        .layer(middleware::from_fn_with_state(
+            state.client.nats().refusals.clone(),
+            refused_by_nats,
+        ));
     let api = api.layer(middleware::from_fn_with_state(
         Arc::new(ApiGuard {
             allowed_hosts: guards.allowed_hosts.clone(),
@@ -186,6 +190,31 @@ async fn guard_api(State(guard): State<Arc<ApiGuard>>, request: Request, next: N
         return refused;
     }
     guard.limiter.serve(request, next).await
+}
+
+/// A request that timed out on NATS (503, 504) because the server refused
+/// the bridge's user a publish it needed (nats-server drops it and says so
+/// only in an event): 403 with the server's words, instead of a timeout. A
+/// read-only console (nats/permissions.conf, CONSOLE) answers writes so.
+async fn refused_by_nats(
+    State(refusals): State<crate::nats::connect::Refusals>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let started = Instant::now();
+    let response = next.run(request).await;
+    let timed_out = matches!(response.status().as_u16(), 503 | 504);
+    match refusals.since(started).filter(|_| timed_out) {
+        None => response,
+        Some(violation) => envelope::Reply::from_outcome(crate::task::Outcome::err(
+            403,
+            format!(
+                "NATS refused this bridge's user what the request needs ({violation}); \
+                 its permissions (nats/permissions.conf) do not allow it"
+            ),
+        ))
+        .into_response(),
+    }
 }
 
 /// A request whose handling panicked (a bug): 500 with the envelope, instead

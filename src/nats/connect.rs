@@ -10,7 +10,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_nats::{ConnectErrorKind, ServerAddr};
 use secrecy::{ExposeSecret, SecretString};
@@ -85,6 +85,9 @@ pub struct ConnectSettings {
     pub auth: NatsAuth,
     /// TLS.
     pub tls: NatsTls,
+    /// The prefix of this client's reply subjects (`_INBOX` unless told):
+    /// `_INBOX_<user>` where each user may only subscribe to its own.
+    pub inbox_prefix: Option<String>,
 }
 
 impl ConnectSettings {
@@ -94,6 +97,7 @@ impl ConnectSettings {
             urls: urls.into(),
             auth: NatsAuth::None,
             tls: NatsTls::default(),
+            inbox_prefix: None,
         }
     }
 }
@@ -235,6 +239,7 @@ async fn options(
     auth: &NatsAuth,
     name: &str,
     connections: Arc<watch::Sender<u64>>,
+    refusals: Refusals,
 ) -> Result<async_nats::ConnectOptions, ConnectError> {
     let mut options = async_nats::ConnectOptions::new()
         .name(name)
@@ -243,6 +248,7 @@ async fn options(
             if matches!(event, async_nats::Event::Connected) {
                 connections.send_modify(|n| *n += 1);
             }
+            refusals.note(&event);
             async move { log_event(event) }
         });
     options = match auth {
@@ -262,6 +268,9 @@ async fn options(
         }
         NatsAuth::Token(token) => options.token(token.expose_secret().to_owned()),
     };
+    if let Some(prefix) = &settings.inbox_prefix {
+        options = options.custom_inbox_prefix(prefix.clone());
+    }
     if let Some(ca) = &settings.tls.ca {
         options = options.add_root_certificates(ca.clone());
     }
@@ -283,6 +292,31 @@ fn log_event(event: async_nats::Event) {
             tracing::warn!(%event, "nats connection event")
         }
         _ => tracing::info!(%event, "nats connection event"),
+    }
+}
+
+/// The last permission violation the server reported on a connection: it
+/// drops a publish its user may not make and says so only in an event, so
+/// a request that then times out can be told apart from a slow server.
+#[derive(Debug, Clone, Default)]
+pub struct Refusals(Arc<std::sync::Mutex<Option<(Instant, String)>>>);
+
+impl Refusals {
+    fn note(&self, event: &async_nats::Event) {
+        if let async_nats::Event::ServerError(async_nats::ServerError::Other(message)) = event
+            && message.contains("Permissions Violation")
+        {
+            *self.0.lock().unwrap_or_else(|e| e.into_inner()) =
+                Some((Instant::now(), message.clone()));
+        }
+    }
+
+    /// The server's message of the last violation at or after `since`.
+    pub fn since(&self, since: Instant) -> Option<String> {
+        let last = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        last.as_ref()
+            .filter(|(at, _)| *at >= since)
+            .map(|(_, message)| message.clone())
     }
 }
 
@@ -325,6 +359,7 @@ fn failure(error: &async_nats::ConnectError) -> Failure {
 pub(crate) async fn connect_client(
     settings: &ConnectSettings,
     name: &str,
+    refusals: Refusals,
 ) -> Result<(async_nats::Client, watch::Receiver<u64>), ConnectError> {
     let url = redact_url(&settings.urls);
     let (addrs, carried) = parse_urls(&settings.urls)?;
@@ -342,7 +377,7 @@ pub(crate) async fn connect_client(
         }
     };
     let (connections, connected) = watch::channel(0);
-    let options = options(settings, &auth, name, Arc::new(connections)).await?;
+    let options = options(settings, &auth, name, Arc::new(connections), refusals).await?;
     let started = tokio::time::Instant::now();
     let mut delay = Duration::from_millis(100);
     loop {

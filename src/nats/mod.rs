@@ -34,6 +34,8 @@ pub struct Nats {
     /// How many connections the client has made: it changes on every
     /// reconnect, after which what was watched may have been missed.
     pub connections: tokio::sync::watch::Receiver<u64>,
+    /// The permission violations the server reported.
+    pub refusals: connect::Refusals,
 }
 
 impl Nats {
@@ -51,7 +53,9 @@ impl Nats {
         settings: &ConnectSettings,
         name: &str,
     ) -> Result<Nats, ConnectError> {
-        let (client, connections) = connect::connect_client(settings, name).await?;
+        let refusals = connect::Refusals::default();
+        let (client, connections) =
+            connect::connect_client(settings, name, refusals.clone()).await?;
         let js = jetstream::ContextBuilder::new()
             .timeout(JETSTREAM_TIMEOUT)
             .build(client.clone());
@@ -59,6 +63,7 @@ impl Nats {
             client,
             js,
             connections,
+            refusals,
         })
     }
 }

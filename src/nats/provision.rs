@@ -1,8 +1,12 @@
-//! Idempotent creation of bmw's streams and buckets (design.md §2-3).
+//! bmw's streams and buckets (design.md §2-3): created and checked by every
+//! process at start ([`ensure`]), configured in full by `bmw provision`
+//! ([`provision`]).
 //!
-//! Every process calls [`provision`] at start: it creates what is missing and
-//! updates compatible configs; an existing config the server refuses to change
-//! (e.g. another retention policy) fails with an error naming the stream.
+//! Under least privilege (`nats/permissions.conf`) only an admin may create
+//! or change a stream: [`ensure`] reads each config, creates only what is
+//! missing and updates only what this bmw cannot work with (its subjects,
+//! retention, rollups, schedules, TTLs); limits an operator set stay as they
+//! are. [`provision`] applies this bmw's whole config to every one.
 
 use std::time::Duration;
 
@@ -20,15 +24,23 @@ const MARKER_TTL: Duration = Duration::from_secs(60);
 /// Bound on the events stream.
 const EVENTS_MAX_BYTES: i64 = 1024 * 1024 * 1024;
 
+/// The hint every refusal of a create or update ends with.
+const ADMIN_HINT: &str = "under least privilege only an admin may create or change \
+     streams: run `bmw provision` with an admin's credentials (nats/permissions.conf, \
+     role ADMIN), then start this process again";
+
 /// Why provisioning failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ProvisionError {
     /// The server refused to create or update a stream or bucket.
     #[error(
-        "cannot create or update {what} `{name}` ({message}); an existing config may be \
-         incompatible: inspect it with `nats stream info {stream}` and remove or fix it"
+        "cannot {action} {what} `{name}` ({message}); an existing config may be \
+         incompatible: inspect it with `nats stream info {stream}` and remove or fix it; \
+         if this user has no right to, {ADMIN_HINT}"
     )]
     Incompatible {
+        /// `create` or `update`.
+        action: &'static str,
         /// `stream` or `bucket`.
         what: &'static str,
         /// Its name.
@@ -36,6 +48,28 @@ pub enum ProvisionError {
         /// Its stream name.
         stream: String,
         /// The server's message.
+        message: String,
+    },
+    /// A create or update got no answer: the server drops a request its
+    /// user has no permission for.
+    #[error("cannot {action} {what} `{name}`: the server did not answer; {ADMIN_HINT}")]
+    NotPermitted {
+        /// `create` or `update`.
+        action: &'static str,
+        /// `stream` or `bucket`.
+        what: &'static str,
+        /// Its name.
+        name: String,
+    },
+    /// A stream's config could not be read.
+    #[error(
+        "cannot read the config of stream `{stream}` ({message}); this user needs \
+         `$JS.API.STREAM.INFO.{stream}` (nats/permissions.conf)"
+    )]
+    Unreadable {
+        /// The stream.
+        stream: String,
+        /// Why.
         message: String,
     },
     /// `BMW_ASYNC` is the shared queue-and-schedules stream of bmw 0.1.
@@ -52,33 +86,186 @@ pub enum ProvisionError {
     },
 }
 
-/// Provisions every stream and bucket with `replicas` replicas.
+/// `bmw provision`: creates every stream and bucket with `replicas`
+/// replicas, or updates it to this bmw's whole config.
 pub async fn provision(js: &jetstream::Context, replicas: usize) -> Result<(), ProvisionError> {
     refuse_shared_async_stream(js).await?;
     for config in stream_configs(replicas) {
-        let name = config.name.clone();
-        js.create_or_update_stream(config)
-            .await
-            .map_err(|e| ProvisionError::Incompatible {
-                what: "stream",
-                stream: name.clone(),
-                name,
-                message: e.to_string(),
-            })?;
+        put_stream(js, "update", config).await?;
     }
     anchor_async_stream(js).await;
     for config in bucket_configs(replicas) {
-        let name = config.bucket.clone();
-        js.create_or_update_key_value(config)
-            .await
-            .map_err(|e| ProvisionError::Incompatible {
-                what: "bucket",
-                stream: format!("KV_{name}"),
-                name,
-                message: e.to_string(),
-            })?;
+        put_bucket(js, "update", config).await?;
     }
     Ok(())
+}
+
+/// Every process at start: creates what is missing and updates what this
+/// bmw cannot work with, reading each config first, so that a process
+/// without the right to change streams starts on what an admin provisioned.
+pub async fn ensure(js: &jetstream::Context, replicas: usize) -> Result<(), ProvisionError> {
+    refuse_shared_async_stream(js).await?;
+    for config in stream_configs(replicas) {
+        let name = config.name.clone();
+        match current(js, &name).await? {
+            None => {
+                put_stream(js, "create", config).await?;
+                if name == STREAM_ASYNC {
+                    anchor_async_stream(js).await;
+                }
+            }
+            Some(have) => {
+                if let Some(field) = stream_differs(&have, &config) {
+                    tracing::info!(stream = %name, field, "updating a stream this bmw cannot work with as it is");
+                    put_stream(js, "update", config).await?;
+                }
+            }
+        }
+    }
+    for config in bucket_configs(replicas) {
+        let stream = format!("KV_{}", config.bucket);
+        match current(js, &stream).await? {
+            None => put_bucket(js, "create", config).await?,
+            Some(have) => {
+                if let Some(field) = bucket_differs(&have, &config) {
+                    tracing::info!(bucket = %config.bucket, field, "updating a bucket this bmw cannot work with as it is");
+                    put_bucket(js, "update", config).await?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A stream's config, or `None` when there is no such stream.
+async fn current(
+    js: &jetstream::Context,
+    stream: &str,
+) -> Result<Option<stream::Config>, ProvisionError> {
+    match js.get_stream(stream).await {
+        Ok(s) => Ok(Some(s.cached_info().config.clone())),
+        Err(e)
+            if matches!(e.kind(), jetstream::context::GetStreamErrorKind::JetStream(ref j)
+                if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND) =>
+        {
+            Ok(None)
+        }
+        Err(e) => Err(ProvisionError::Unreadable {
+            stream: stream.into(),
+            message: e.to_string(),
+        }),
+    }
+}
+
+async fn put_stream(
+    js: &jetstream::Context,
+    action: &'static str,
+    config: stream::Config,
+) -> Result<(), ProvisionError> {
+    let name = config.name.clone();
+    let result = js.create_or_update_stream(config).await;
+    result.map(drop).map_err(|e| {
+        refusal(
+            action,
+            "stream",
+            name.clone(),
+            name,
+            e.to_string(),
+            is_timeout(&e.to_string()),
+        )
+    })
+}
+
+async fn put_bucket(
+    js: &jetstream::Context,
+    action: &'static str,
+    config: kv::Config,
+) -> Result<(), ProvisionError> {
+    let name = config.bucket.clone();
+    let result = js.create_or_update_key_value(config).await;
+    result.map(drop).map_err(|e| {
+        let stream = format!("KV_{name}");
+        refusal(
+            action,
+            "bucket",
+            name,
+            stream,
+            e.to_string(),
+            is_timeout(&e.to_string()),
+        )
+    })
+}
+
+fn is_timeout(message: &str) -> bool {
+    message.contains("timed out") || message.contains("timeout")
+}
+
+fn refusal(
+    action: &'static str,
+    what: &'static str,
+    name: String,
+    stream: String,
+    message: String,
+    timed_out: bool,
+) -> ProvisionError {
+    if timed_out {
+        ProvisionError::NotPermitted { action, what, name }
+    } else {
+        ProvisionError::Incompatible {
+            action,
+            what,
+            name,
+            stream,
+            message,
+        }
+    }
+}
+
+/// The first setting of `have` that keeps this bmw from working as `want`
+/// says: what messages it takes and keeps, not its limits or replicas
+/// (an operator's choice, set by `bmw provision`).
+fn stream_differs(have: &stream::Config, want: &stream::Config) -> Option<&'static str> {
+    let mut have_subjects = have.subjects.clone();
+    let mut want_subjects = want.subjects.clone();
+    have_subjects.sort();
+    want_subjects.sort();
+    [
+        ("subjects", have_subjects != want_subjects),
+        ("retention", have.retention != want.retention),
+        ("allow_rollup_hdrs", have.allow_rollup != want.allow_rollup),
+        (
+            "allow_msg_schedules",
+            have.allow_message_schedules != want.allow_message_schedules,
+        ),
+        (
+            "allow_msg_ttl",
+            have.allow_message_ttl != want.allow_message_ttl,
+        ),
+        // Zero is the server's default (two minutes).
+        (
+            "duplicate_window",
+            !want.duplicate_window.is_zero() && have.duplicate_window != want.duplicate_window,
+        ),
+    ]
+    .into_iter()
+    .find_map(|(field, differs)| differs.then_some(field))
+}
+
+/// [`stream_differs`] for a bucket's stream.
+fn bucket_differs(have: &stream::Config, want: &kv::Config) -> Option<&'static str> {
+    [
+        (
+            "history",
+            have.max_messages_per_subject != want.history.max(1),
+        ),
+        (
+            "limit_markers",
+            have.subject_delete_marker_ttl != want.limit_markers
+                || have.allow_message_ttl != want.limit_markers.is_some(),
+        ),
+    ]
+    .into_iter()
+    .find_map(|(field, differs)| differs.then_some(field))
 }
 
 /// Refuses a `BMW_ASYNC` made by bmw before 0.2, which held the schedules
