@@ -29,7 +29,7 @@ use crate::queue::{ListQuery, Page, QueueStats, TaskRecord};
 use crate::registry::Registry;
 use crate::task::{Command, OpError, Outcome};
 
-pub use self::batch::{ACCEPTED_CODE, ACCEPTED_MESSAGE, MAX_BATCH_ITEMS};
+pub use self::batch::{ACCEPTED_CODE, ACCEPTED_MESSAGE, MAX_BATCH_ITEMS, UNFINISHED_CODE};
 
 /// What became of a submitted command.
 #[derive(Debug, Clone, PartialEq)]
@@ -42,7 +42,17 @@ pub enum Submitted {
         /// What is known of the task.
         data: Value,
     },
+    /// A command with this id was stored already (inside the stream's
+    /// dedup window), so this one was not: the first is applied, or will
+    /// be, once. `data` is what is known of its task, with `duplicate`.
+    Duplicate {
+        /// What is known of the task, and `"duplicate": true`.
+        data: Value,
+    },
 }
+
+/// The message of a command answered [`Submitted::Duplicate`].
+pub const DUPLICATE_MESSAGE: &str = "duplicate: a command with this id was stored already (it is applied once); this one was not stored again";
 
 /// A row of the daemon task list (the seed's fields plus the run state).
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
@@ -115,6 +125,15 @@ impl TaskClient {
     /// Validates and submits a command: applied here when that is enough,
     /// else published for a worker, waiting up to the reply timeout.
     pub async fn submit(&self, command: Command) -> Result<Submitted, OpError> {
+        self.submit_until(command, None).await
+    }
+
+    /// [`TaskClient::submit`], waiting for a worker no later than `until`.
+    pub async fn submit_until(
+        &self,
+        command: Command,
+        until: Option<tokio::time::Instant>,
+    ) -> Result<Submitted, OpError> {
         let known = match self.ops.route(&command).await? {
             Route::Direct => match self.ops.apply(&command).await? {
                 Some(data) => return Ok(Submitted::Done(Outcome::ok(data))),
@@ -122,11 +141,18 @@ impl TaskClient {
             },
             Route::Worker { known } => known,
         };
-        self.publish(&command, known).await.map_err(OpError::from)
+        self.publish(&command, known, until)
+            .await
+            .map_err(OpError::from)
     }
 
     /// Publishes a command with a reply inbox and waits for the outcome.
-    async fn publish(&self, command: &Command, known: Value) -> Result<Submitted, NatsError> {
+    async fn publish(
+        &self,
+        command: &Command,
+        mut known: Value,
+        until: Option<tokio::time::Instant>,
+    ) -> Result<Submitted, NatsError> {
         let inbox = self.nats.client.new_inbox();
         let mut replies = self.nats.client.subscribe(inbox.clone()).await?;
         let mut headers = HeaderMap::new();
@@ -139,12 +165,27 @@ impl TaskClient {
             .headers(headers)
             .message_id(command.id());
         // Retried through an election or a reconnect; the command id keeps it single.
-        tracing::Instrument::instrument(
+        let ack = tracing::Instrument::instrument(
             crate::nats::publish_with_retries(&self.nats.js, subject, publish),
             span,
         )
         .await?;
-        match tokio::time::timeout(self.reply_timeout, replies.next()).await {
+        if ack.duplicate {
+            // JetStream kept the first and dropped this one: no worker will
+            // answer it.
+            if let Some(known) = known.as_object_mut() {
+                known.insert("duplicate".into(), json!(true));
+                known.insert("id".into(), json!(command.id()));
+            }
+            return Ok(Submitted::Duplicate { data: known });
+        }
+        let wait = match until {
+            Some(until) => self
+                .reply_timeout
+                .min(until.saturating_duration_since(tokio::time::Instant::now())),
+            None => self.reply_timeout,
+        };
+        match tokio::time::timeout(wait, replies.next()).await {
             Ok(Some(reply)) => match serde_json::from_slice(&reply.payload) {
                 Ok(outcome) => Ok(Submitted::Done(outcome)),
                 Err(e) => Err(NatsError::new(e)),

@@ -212,6 +212,7 @@ pub struct ConfigOverrides {
     pub nats_key: Option<PathBuf>,
     pub nats_require_tls: Option<bool>,
     pub nats_inbox_prefix: Option<String>,
+    pub storage_max_bytes: Option<String>,
     // Kinds declared in the file (`[[kind]]`) and in a directory of kind
     // files, run by `crate::external`.
     pub kind: Option<Vec<KindDecl>>,
@@ -291,6 +292,7 @@ impl ConfigOverrides {
             nats_key: self.nats_key.or(other.nats_key),
             nats_require_tls: self.nats_require_tls.or(other.nats_require_tls),
             nats_inbox_prefix: self.nats_inbox_prefix.or(other.nats_inbox_prefix),
+            storage_max_bytes: self.storage_max_bytes.or(other.storage_max_bytes),
             kind: self.kind.or(other.kind),
             kinds_dir: self.kinds_dir.or(other.kinds_dir),
             otlp_endpoint: self.otlp_endpoint.or(other.otlp_endpoint),
@@ -345,6 +347,8 @@ pub struct Config {
     pub nats_tls: NatsTls,
     /// Prefix of this process's reply subjects (`_INBOX` unless told).
     pub nats_inbox_prefix: Option<String>,
+    /// What bmw's streams and buckets may hold together, in bytes.
+    pub storage_max_bytes: u64,
     /// Upper bounds of task options.
     pub limits: TaskLimits,
     /// Whether the demo kinds are registered; `None`: the role decides (on
@@ -488,6 +492,47 @@ fn nkey_seed(given: SecretString) -> Result<SecretString, ConfigError> {
     Ok(seed)
 }
 
+/// `--storage-max-bytes`: a number of bytes, with an optional unit (`KiB`,
+/// `MiB`, `GiB`, `TiB`, or `KB`, `MB`, `GB`, `TB` in powers of 1000), at
+/// least [`crate::nats::provision::MIN_STORAGE_MAX_BYTES`].
+fn storage_bytes(text: &str) -> Result<u64, ConfigError> {
+    let invalid = |why: &str| ConfigError::Invalid {
+        name: "storage-max-bytes",
+        message: format!("{text:?} {why}"),
+    };
+    let trimmed = text.trim();
+    let digits = trimmed
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(trimmed.len());
+    let (number, unit) = trimmed.split_at(digits);
+    let number: u64 = number
+        .parse()
+        .map_err(|_| invalid("is not a size (e.g. 4GiB, 500MB, 1048576)"))?;
+    let scale: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kib" => 1 << 10,
+        "mib" => 1 << 20,
+        "gib" => 1 << 30,
+        "tib" => 1 << 40,
+        "kb" => 1_000,
+        "mb" => 1_000_000,
+        "gb" => 1_000_000_000,
+        "tb" => 1_000_000_000_000,
+        _ => {
+            return Err(invalid(
+                "has an unknown unit (KiB, MiB, GiB, TiB, KB, MB, GB, TB)",
+            ));
+        }
+    };
+    let bytes = number
+        .checked_mul(scale)
+        .ok_or_else(|| invalid("is too large"))?;
+    if bytes < crate::nats::provision::MIN_STORAGE_MAX_BYTES {
+        return Err(invalid("is under the least bmw can work in (1 MiB)"));
+    }
+    Ok(bytes)
+}
+
 /// A reply-subject prefix: `_INBOX` or `_INBOX_<user>`, one token, so that
 /// a worker's reply to it passes [`crate::nats::names::is_reply_inbox`].
 fn inbox_prefix(prefix: String) -> Result<String, ConfigError> {
@@ -594,6 +639,14 @@ impl Config {
         }
     }
 
+    /// How `bmw provision` and a start size the streams and buckets.
+    pub fn provision_settings(&self) -> crate::nats::provision::Settings {
+        crate::nats::provision::Settings {
+            replicas: self.replicas,
+            storage_max_bytes: self.storage_max_bytes,
+        }
+    }
+
     /// The queue names, without weights.
     pub fn queue_names(&self) -> Vec<String> {
         self.queues.iter().map(|q| q.name.clone()).collect()
@@ -627,6 +680,10 @@ impl Config {
             .take()
             .map(inbox_prefix)
             .transpose()?;
+        let storage_max_bytes = match given.storage_max_bytes.take() {
+            None => crate::nats::provision::DEFAULT_STORAGE_MAX_BYTES,
+            Some(text) => storage_bytes(&text)?,
+        };
         let dur = |name: &'static str, v: Option<String>, default: Duration| match v {
             None => Ok(default),
             Some(s) => humantime::parse_duration(s.trim()).map_err(|e| ConfigError::Invalid {
@@ -760,6 +817,7 @@ impl Config {
             nats_auth,
             nats_tls,
             nats_inbox_prefix,
+            storage_max_bytes,
         };
         config.validate()?;
         Ok(config)
@@ -1197,6 +1255,36 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn storage_budget_and_inbox_prefix_are_read_and_checked() {
+        let resolve = |storage: &str, prefix: &str| {
+            Config::resolve(ConfigOverrides {
+                storage_max_bytes: Some(storage.into()),
+                nats_inbox_prefix: Some(prefix.into()),
+                ..Default::default()
+            })
+        };
+        for (text, bytes) in [
+            ("8GiB", 8u64 << 30),
+            ("500 MB", 500_000_000),
+            ("1048576", 1 << 20),
+        ] {
+            let c = resolve(text, "_INBOX_bmw-worker").unwrap();
+            assert_eq!(c.storage_max_bytes, bytes, "{text}");
+            assert_eq!(c.nats_inbox_prefix.as_deref(), Some("_INBOX_bmw-worker"));
+        }
+        for bad in ["", "lots", "4 XB", "1000", "99999999999999999999GiB"] {
+            let e = resolve(bad, "_INBOX").unwrap_err().to_string();
+            assert!(e.contains("storage-max-bytes"), "{bad}: {e}");
+        }
+        for bad in ["INBOX", "_INBOX.x", "_INBOX_*", "_INBOX_", "bmw.task"] {
+            let e = resolve("4GiB", bad).unwrap_err().to_string();
+            assert!(e.contains("nats-inbox-prefix"), "{bad}: {e}");
+        }
+        let file: ConfigOverrides = toml::from_str("storage-max-bytes = \"2GiB\"").unwrap();
+        assert_eq!(Config::resolve(file).unwrap().storage_max_bytes, 2 << 30);
     }
 
     #[test]

@@ -198,6 +198,11 @@ struct Global {
     /// [default: _INBOX].
     #[arg(long, global = true, env = "BMW_NATS_INBOX_PREFIX")]
     nats_inbox_prefix: Option<String>,
+    /// What bmw's streams and buckets may hold together in NATS (e.g. 4GiB,
+    /// 500MB), shared out among them; set by `bmw provision` and when a
+    /// stream is created [default: 4GiB].
+    #[arg(long, global = true, env = "BMW_STORAGE_MAX_BYTES")]
+    storage_max_bytes: Option<String>,
     // Traces.
     /// Export OpenTelemetry traces (OTLP over HTTP, protobuf) to this collector
     /// (`bmw run`, `bmw worker`, `bmw bridge`): its base URL, e.g.
@@ -330,6 +335,7 @@ impl Global {
             nats_key: self.nats_key.clone(),
             nats_require_tls: self.nats_require_tls.then_some(true),
             nats_inbox_prefix: self.nats_inbox_prefix.clone(),
+            storage_max_bytes: self.storage_max_bytes.clone(),
             // `[[kind]]` tables come from the --config file only.
             kind: None,
             kinds_dir: self.kinds_dir.clone(),
@@ -441,7 +447,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Role::Bridge => bmw::service::run_bridge(config, registry, token).await?,
         Role::Provision => {
             let nats = connect(&config, names::client_name::PROVISION).await?;
-            bmw::nats::provision::provision(&nats.js, config.replicas).await?;
+            bmw::nats::provision::provision(&nats.js, &config.provision_settings()).await?;
             tracing::info!("streams and buckets are provisioned");
         }
         Role::Task(cmd) => return task(cmd, config, registry).await,
@@ -457,7 +463,7 @@ async fn connect(config: &Config, name: &str) -> anyhow::Result<Nats> {
 #[allow(clippy::print_stdout)]
 async fn task(cmd: TaskCmd, config: Config, registry: Arc<Registry>) -> anyhow::Result<ExitCode> {
     let nats = connect(&config, names::client_name::TASK).await?;
-    bmw::nats::provision::ensure(&nats.js, config.replicas).await?;
+    bmw::nats::provision::ensure(&nats.js, &config.provision_settings()).await?;
     let ops = bmw::ops::Operations::open_with(&nats, registry, &config).await?;
     let client = TaskClient::with_operations(nats, ops, config.reply_timeout);
     let id = uuid::Uuid::new_v4().to_string();
@@ -566,6 +572,13 @@ async fn task(cmd: TaskCmd, config: Config, registry: Arc<Registry>) -> anyhow::
             println!(
                 "{}",
                 serde_json::json!({"result": true, "message": "accepted: no worker answered in time; the command is stored", "data": data})
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Submitted::Duplicate { data } => {
+            println!(
+                "{}",
+                serde_json::json!({"result": true, "message": bmw::client::DUPLICATE_MESSAGE, "data": data})
             );
             Ok(ExitCode::SUCCESS)
         }

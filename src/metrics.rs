@@ -60,6 +60,10 @@ pub const BRIDGE_REQUEST_DURATION_SECONDS: &str = "bridge_request_duration_secon
 pub const ASYNC_TASK_PROCESSED_TOTAL: &str = "async_task_processed_total";
 /// Async attempt duration.
 pub const ASYNC_TASK_DURATION_SECONDS: &str = "async_task_duration_seconds";
+/// How full a stream is against its limit (the larger of bytes and messages).
+pub const BMW_STORAGE_USED_RATIO: &str = "bmw_storage_used_ratio";
+/// Bytes a stream holds.
+pub const BMW_STORAGE_BYTES: &str = "bmw_storage_bytes";
 /// Messages waiting in a queue.
 pub const ASYNC_QUEUE_PENDING: &str = "async_queue_pending";
 /// Periodic ticks received.
@@ -320,6 +324,12 @@ pub fn async_processed(kind: &str, queue: &str, succeeded: bool, seconds: f64) {
 /// Messages waiting in `queue`.
 pub fn async_pending(queue: &str, pending: u64) {
     metrics::gauge!(ASYNC_QUEUE_PENDING, "queue" => queue.to_owned()).set(pending as f64);
+}
+
+/// How full `stream` is: `ratio` of its limit, `bytes` held.
+pub fn storage_used(stream: &str, ratio: f64, bytes: u64) {
+    metrics::gauge!(BMW_STORAGE_USED_RATIO, "stream" => stream.to_owned()).set(ratio);
+    metrics::gauge!(BMW_STORAGE_BYTES, "stream" => stream.to_owned()).set(bytes as f64);
 }
 
 /// A periodic tick arrived.

@@ -97,7 +97,7 @@ pub async fn run_all(
     };
     let nats = Nats::connect_with(&config.connect_settings(&url), names::client_name::RUN).await?;
     // One provisioning and one set of stores for the worker and the bridge.
-    provision::ensure(&nats.js, config.replicas).await?;
+    provision::ensure(&nats.js, &config.provision_settings()).await?;
     let ops = Operations::open_with(&nats, registry, &config).await?;
     let worker = Worker::with_operations(nats.clone(), config.clone(), ops.clone());
     let worker_token = token.child_token();
@@ -133,7 +133,7 @@ pub async fn run_worker(
     };
     let settings = config.connect_settings(config.nats_url_or_default());
     let nats = Nats::connect_with(&settings, names::client_name::WORKER).await?;
-    provision::ensure(&nats.js, config.replicas).await?;
+    provision::ensure(&nats.js, &config.provision_settings()).await?;
     if let Some(listener) = metrics {
         tracing::info!(addr = ?listener.local_addr().ok(), "serving /bmw/metrics and /metrics");
         tokio::spawn(bridge::serve_on(
@@ -156,7 +156,7 @@ pub async fn run_bridge(
     let listen = ListenOptions::from_config(&config).await?;
     let settings = config.connect_settings(config.nats_url_or_default());
     let nats = Nats::connect_with(&settings, names::client_name::BRIDGE).await?;
-    provision::ensure(&nats.js, config.replicas).await?;
+    provision::ensure(&nats.js, &config.provision_settings()).await?;
     let ops = Operations::open_with(&nats, registry, &config).await?;
     serve_bridge(&config, listen, nats, ops, token).await
 }

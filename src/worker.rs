@@ -141,6 +141,7 @@ impl Worker {
             grace: config.grace,
         };
         tracker.spawn(async_runtime.run(token.child_token()));
+        tracker.spawn(watch_storage(nats.js.clone(), token.child_token()));
         let handler = CommandHandler::new(ops.clone(), nats.client.clone(), events.clone());
         tracker.spawn(CommandConsumer::new(nats.clone(), handler).run(token.child_token()));
         let runtime = DaemonRuntime {
@@ -196,5 +197,38 @@ impl Worker {
         }
         tracing::info!(worker_id = %worker_id, "worker stopped");
         Ok(())
+    }
+}
+
+/// Sets the storage gauges every `storage::WATCH_EVERY` until `token` fires, and
+/// warns once each time a stream comes near full.
+async fn watch_storage(js: async_nats::jetstream::Context, token: CancellationToken) {
+    let mut warned = std::collections::HashSet::new();
+    loop {
+        match crate::nats::storage::usage(&js).await {
+            Ok(all) => {
+                for stream in all {
+                    crate::metrics::storage_used(&stream.stream, stream.used_ratio, stream.bytes);
+                    if stream.near_full && warned.insert(stream.stream.clone()) {
+                        tracing::warn!(
+                            stream = %stream.stream,
+                            bytes = stream.bytes,
+                            max_bytes = stream.max_bytes,
+                            messages = stream.messages,
+                            max_messages = stream.max_messages,
+                            when_full = stream.when_full,
+                            "a stream is near its storage limit (--storage-max-bytes, bmw provision)"
+                        );
+                    } else if !stream.near_full {
+                        warned.remove(&stream.stream);
+                    }
+                }
+            }
+            Err(e) => tracing::debug!(cause = %e, "storage not read"),
+        }
+        tokio::select! {
+            () = token.cancelled() => return,
+            () = tokio::time::sleep(crate::nats::storage::WATCH_EVERY) => {}
+        }
     }
 }

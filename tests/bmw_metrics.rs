@@ -80,20 +80,21 @@ async fn the_running_series_is_on_the_worker_that_runs_the_instance_and_only_whi
     );
     assert!(!running_on(other).await, "not on the other worker");
 
-    let (status, envelope) = env
-        .client
-        .submit_json(
-            bmw::nats::names::SUBJECT_DELETE,
-            json!({"task_type": "daemon", "task_uni_id": uni_id})
-                .to_string()
-                .as_bytes(),
-        )
-        .await
-        .map(|s| match s {
-            bmw::client::Submitted::Done(o) => (o.result, o),
-            bmw::client::Submitted::Accepted { .. } => panic!("delete not answered"),
-        })
-        .expect("delete");
+    let (status, envelope) =
+        env.client
+            .submit_json(
+                bmw::nats::names::SUBJECT_DELETE,
+                json!({"task_type": "daemon", "task_uni_id": uni_id})
+                    .to_string()
+                    .as_bytes(),
+            )
+            .await
+            .map(|s| match s {
+                bmw::client::Submitted::Done(o) => (o.result, o),
+                bmw::client::Submitted::Accepted { .. }
+                | bmw::client::Submitted::Duplicate { .. } => panic!("delete not answered"),
+            })
+            .expect("delete");
     assert!(status, "delete: {envelope:?}");
     assert!(
         wait_until(Duration::from_secs(5), async || !running_on(holder).await).await,
@@ -326,7 +327,7 @@ async fn create_by_data_id(env: &TestEnv, data_id: &str) {
         .expect("create")
     {
         bmw::client::Submitted::Done(o) => assert!(o.result, "create refused: {o:?}"),
-        bmw::client::Submitted::Accepted { .. } => {}
+        bmw::client::Submitted::Accepted { .. } | bmw::client::Submitted::Duplicate { .. } => {}
     }
 }
 

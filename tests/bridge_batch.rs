@@ -359,3 +359,93 @@ async fn one_task_id_twice_in_a_batch_is_created_once() {
     }
     assert_eq!(pending(&env, "held").await, 100);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batch_no_worker_answers_in_time_is_answered_within_its_limit_unfinished_items_marked() {
+    let env = TestEnv::start().await;
+    // No worker: each daemon create waits for an answer up to the reply
+    // timeout; 400 of them, 64 at a time, take far longer than the limit.
+    let bridge = BmwProcess::bridge(
+        &env.url(),
+        &["--request-timeout", "4s", "--reply-timeout", "2s"],
+    )
+    .await;
+    let base = bridge.base_url();
+    let items: Vec<Value> = (0..400)
+        .map(|n| json!({"kind": "daemon:demo:demo", "payload": {"content": "ok", "n": n}}))
+        .collect();
+    let body = serde_json::to_string(&items).unwrap();
+    let started = std::time::Instant::now();
+    let (status, out) = post_batch(&base, &body).await;
+    assert_eq!(status, 200, "{out}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    let outcomes = out["data"].as_array().unwrap();
+    assert_eq!(outcomes.len(), 400);
+    let stored = outcomes.iter().filter(|o| o["code"] == 202).count();
+    let unfinished: Vec<usize> = (0..400)
+        .filter(|&n| outcomes[n]["code"] == bmw::client::UNFINISHED_CODE)
+        .collect();
+    assert!(
+        stored > 0 && !unfinished.is_empty(),
+        "{stored} stored; {out}"
+    );
+    assert_eq!(stored + unfinished.len(), 400, "{out}");
+    for &n in &unfinished {
+        let o = &outcomes[n];
+        assert!(
+            o["data"]["submitted"] == false || o["data"]["submitted"] == "unknown",
+            "{o}"
+        );
+        assert!(
+            o["message"].as_str().unwrap().contains("send it again"),
+            "{o}"
+        );
+    }
+    // Sending the unfinished ones again is safe: once a worker runs, every
+    // task is there once.
+    let again: Vec<Value> = unfinished.iter().map(|&n| items[n].clone()).collect();
+    for chunk in again.chunks(100) {
+        let (status, out) = post_batch(&base, &serde_json::to_string(chunk).unwrap()).await;
+        assert_eq!(status, 200, "{out}");
+        assert!(
+            out["data"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|o| o["code"] == 202),
+            "{out}"
+        );
+    }
+    let _worker = BmwProcess::worker(&env.url(), &[]);
+    assert_eventually!(
+        std::time::Duration::from_secs(60),
+        list_tasks(&base, "daemon").await.len() == 400,
+        "not every daemon task is there"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_duplicate_command_is_answered_as_a_duplicate_with_its_task() {
+    let env = TestEnv::start().await;
+    let bridge = BmwProcess::bridge(&env.url(), &["--reply-timeout", "1s"]).await;
+    let url = format!("{}/bmw/task/", bridge.base_url());
+    let body = json!({"id": "cmd-once", "kind": "daemon:demo:demo", "payload": {"content": "ok"}});
+    let (status, first) = http(Method::POST, &url, Some(&body.to_string())).await;
+    assert_eq!(status, 202, "{first}");
+    assert!(first["data"]["duplicate"].is_null(), "{first}");
+    let (status, second) = http(Method::POST, &url, Some(&body.to_string())).await;
+    assert_eq!(status, 202, "{second}");
+    assert_eq!(second["data"]["duplicate"], true, "{second}");
+    assert_eq!(
+        second["data"]["uni_id"], first["data"]["uni_id"],
+        "{second}"
+    );
+    assert!(
+        second["message"].as_str().unwrap().starts_with("duplicate"),
+        "{second}"
+    );
+}

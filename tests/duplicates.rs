@@ -37,7 +37,9 @@ async fn submit(env: &TestEnv, subject: &str, body: &Value) -> Result<Value, bmw
             assert!(o.result, "{o:?}");
             Ok(o.data)
         }
-        bmw::client::Submitted::Accepted { .. } => panic!("applied directly"),
+        bmw::client::Submitted::Accepted { .. } | bmw::client::Submitted::Duplicate { .. } => {
+            panic!("applied directly")
+        }
     }
 }
 

@@ -102,7 +102,9 @@ async fn submit(env: &TestEnv, subject: &str, body: Value) -> Value {
             assert!(o.result, "refused: {o:?}");
             o.data
         }
-        bmw::client::Submitted::Accepted { data } => data,
+        bmw::client::Submitted::Accepted { data } | bmw::client::Submitted::Duplicate { data } => {
+            data
+        }
     }
 }
 

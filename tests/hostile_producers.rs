@@ -245,7 +245,7 @@ async fn a_shared_async_stream_of_bmw_0_1_is_refused_with_the_way_out() {
         })
         .await
         .unwrap();
-    let err = bmw::nats::provision::provision(&nats.js, 1)
+    let err = bmw::nats::provision::provision(&nats.js, &bmw::nats::provision::Settings::new(1))
         .await
         .unwrap_err()
         .to_string();

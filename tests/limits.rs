@@ -70,3 +70,48 @@ async fn a_full_queue_refuses_creates_with_429() {
     let (status, out) = http(Method::POST, &url, Some(&body.to_string())).await;
     assert_eq!(status, 200, "{out}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_command_for_a_full_queue_is_kept_until_the_queue_has_room() {
+    let env = TestEnv::start().await;
+    let bmw = BmwProcess::run(&env.url(), &["--max-queue-pending", "1"]).await;
+    let url = format!("{}/bmw/task/", bmw.base_url());
+    let held = json!({"kind": "async:demo:echo", "options": {"queue": "held", "task_id": "first"}});
+    let (status, out) = http(Method::POST, &url, Some(&held.to_string())).await;
+    assert_eq!(status, 200, "{out}");
+    // On the subject, the queue full: not answered, kept.
+    let body =
+        json!({"kind": "async:demo:echo", "options": {"queue": "held", "task_id": "second"}});
+    let inbox = env.nats.client.new_inbox();
+    let mut replies = env.nats.client.subscribe(inbox.clone()).await.unwrap();
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(bmw::nats::names::HEADER_REPLY, inbox.as_str());
+    let publish = async_nats::jetstream::message::PublishMessage::build()
+        .payload(body.to_string().into())
+        .headers(headers);
+    crate::harness::publish_stored(&env, bmw::nats::names::SUBJECT_CREATE, publish).await;
+    // Longer than bmw used to keep it (20 deliveries a second apart).
+    let early = tokio::time::timeout(
+        std::time::Duration::from_secs(25),
+        futures::StreamExt::next(&mut replies),
+    )
+    .await;
+    assert!(
+        early.is_err(),
+        "answered while the queue was full: {early:?}"
+    );
+    // Room again: the command is applied and answered.
+    let delete = json!({"task_type": "async", "task_id": "first"});
+    let (status, out) = http(Method::DELETE, &url, Some(&delete.to_string())).await;
+    assert_eq!(status, 200, "{out}");
+    let reply = tokio::time::timeout(
+        std::time::Duration::from_secs(45),
+        futures::StreamExt::next(&mut replies),
+    )
+    .await
+    .expect("applied once the queue had room")
+    .unwrap();
+    let outcome: Value = serde_json::from_slice(&reply.payload).unwrap();
+    assert_eq!(outcome["code"], 0, "{outcome}");
+    assert_eq!(outcome["data"]["task_id"], "second", "{outcome}");
+}

@@ -38,7 +38,9 @@ async fn submit(env: &TestEnv, body: Value) -> Result<bmw::task::Outcome, bmw::t
         .await?
     {
         bmw::client::Submitted::Done(o) => Ok(o),
-        bmw::client::Submitted::Accepted { .. } => panic!("periodic creates are applied directly"),
+        bmw::client::Submitted::Accepted { .. } | bmw::client::Submitted::Duplicate { .. } => {
+            panic!("periodic creates are applied directly")
+        }
     }
 }
 

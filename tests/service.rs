@@ -85,15 +85,19 @@ async fn provisioning_is_idempotent_and_names_an_incompatible_stream() {
         })
         .await
         .unwrap();
-    let err = bmw::nats::provision::provision(&nats.js, 1)
+    let err = bmw::nats::provision::provision(&nats.js, &bmw::nats::provision::Settings::new(1))
         .await
         .unwrap_err()
         .to_string();
     assert!(err.contains("BMW_ASYNC"), "{err}");
     nats.js.delete_stream("BMW_ASYNC").await.unwrap();
     // Twice in a row is fine, and leaves one anchor at the head of BMW_ASYNC.
-    bmw::nats::provision::provision(&nats.js, 1).await.unwrap();
-    bmw::nats::provision::provision(&nats.js, 1).await.unwrap();
+    bmw::nats::provision::provision(&nats.js, &bmw::nats::provision::Settings::new(1))
+        .await
+        .unwrap();
+    bmw::nats::provision::provision(&nats.js, &bmw::nats::provision::Settings::new(1))
+        .await
+        .unwrap();
     let mut stream = nats.js.get_stream("BMW_ASYNC").await.unwrap();
     let info = stream.info().await.unwrap().state.clone();
     assert_eq!(info.messages, 1, "one anchor");
@@ -105,7 +109,9 @@ async fn provisioning_is_idempotent_and_names_an_incompatible_stream() {
     );
     // A purged stream gets it back at the next provisioning.
     stream.purge().await.unwrap();
-    bmw::nats::provision::provision(&nats.js, 1).await.unwrap();
+    bmw::nats::provision::provision(&nats.js, &bmw::nats::provision::Settings::new(1))
+        .await
+        .unwrap();
     let anchor = stream
         .get_last_raw_message_by_subject(bmw::nats::names::SUBJECT_ASYNC_ANCHOR)
         .await;
@@ -242,7 +248,9 @@ async fn a_start_creates_what_is_missing_fixes_what_bmw_cannot_use_and_keeps_an_
     let nats = bmw::nats::Nats::connect(&server.url(), "bmw-test")
         .await
         .unwrap();
-    bmw::nats::provision::provision(&nats.js, 1).await.unwrap();
+    bmw::nats::provision::provision(&nats.js, &bmw::nats::provision::Settings::new(1))
+        .await
+        .unwrap();
     let config = async |name: &str| -> stream::Config {
         let mut s = nats.js.get_stream(name).await.unwrap();
         s.info().await.unwrap().config.clone()
@@ -256,7 +264,9 @@ async fn a_start_creates_what_is_missing_fixes_what_bmw_cannot_use_and_keeps_an_
     nats.js.update_stream(dead).await.unwrap();
     nats.js.delete_key_value("bmw_unique").await.unwrap();
 
-    bmw::nats::provision::ensure(&nats.js, 1).await.unwrap();
+    bmw::nats::provision::ensure(&nats.js, &bmw::nats::provision::Settings::new(1))
+        .await
+        .unwrap();
     assert_eq!(
         config("BMW_EVENTS").await.max_bytes,
         1 << 20,
@@ -271,6 +281,9 @@ async fn a_start_creates_what_is_missing_fixes_what_bmw_cannot_use_and_keeps_an_
         "recreated"
     );
     // `bmw provision` applies the whole config again.
-    bmw::nats::provision::provision(&nats.js, 1).await.unwrap();
-    assert_eq!(config("BMW_EVENTS").await.max_bytes, 1 << 30);
+    bmw::nats::provision::provision(&nats.js, &bmw::nats::provision::Settings::new(1))
+        .await
+        .unwrap();
+    let share = bmw::nats::provision::Settings::new(1).share_of("BMW_EVENTS");
+    assert_eq!(config("BMW_EVENTS").await.max_bytes, share);
 }

@@ -33,4 +33,5 @@ mod periodic_tasks;
 mod raw_commands;
 mod seed_walkthrough;
 mod service;
+mod storage_limits;
 mod traces;

@@ -118,7 +118,7 @@ impl Server {
     /// A bmw connection with the streams and buckets provisioned.
     pub(crate) async fn connect(&self) -> anyhow::Result<Nats> {
         let nats = Nats::connect(self.url(), "bmw-bench").await?;
-        bmw::nats::provision::provision(&nats.js, 1).await?;
+        bmw::nats::provision::provision(&nats.js, &bmw::nats::provision::Settings::new(1)).await?;
         Ok(nats)
     }
 }

@@ -72,13 +72,21 @@ impl Limiter {
 
     /// Serves `request` if a permit is free (else 503 at once), within the
     /// timeout (else 504); the permit is held until the response is ready.
-    pub(crate) async fn serve(&self, request: Request, next: Next) -> Response {
+    pub(crate) async fn serve(&self, mut request: Request, next: Next) -> Response {
         let Ok(_permit) = self.permits.clone().try_acquire_owned() else {
             return self.limits.overloaded();
         };
+        // A route that does many things (a batch) answers before this.
+        let deadline = Deadline(tokio::time::Instant::now() + self.limits.timeout);
+        request.extensions_mut().insert(deadline);
         match tokio::time::timeout(self.limits.timeout, next.run(request)).await {
             Ok(response) => response,
             Err(_) => self.limits.timed_out(),
         }
     }
 }
+
+/// When the request limit ends a request (a request extension): a route
+/// that does many things answers with what it finished before then.
+#[derive(Debug, Clone, Copy)]
+pub struct Deadline(pub tokio::time::Instant);

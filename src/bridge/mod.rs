@@ -127,6 +127,7 @@ pub fn router(state: BridgeState, guards: &Guards) -> Router {
         .routes(routes!(routes::pause))
         .routes(routes!(routes::resume))
         .routes(routes!(routes::queues))
+        .routes(routes!(routes::storage))
         .routes(routes!(routes::workers))
         .routes(routes!(routes::log_level))
         // The operator's console reads the live feed (issue 15).
@@ -141,6 +142,7 @@ pub fn router(state: BridgeState, guards: &Guards) -> Router {
         .route("/bmw/task/all/", delete(routes::delete_all))
         .route("/bmw/task/daemon/reload/", post(routes::reload))
         .route("/bmw/queue", get(routes::queues))
+        .route("/bmw/storage", get(routes::storage))
         .route("/bmw/worker", get(routes::workers))
         .route("/bmw/log/level/", post(routes::log_level))
         .fallback(routes::not_found)

@@ -62,6 +62,15 @@ async fn submit(state: &BridgeState, subject: &str, raw: Body) -> Result<Reply, 
                 data,
             },
         )),
+        Submitted::Duplicate { data } => Ok(Reply(
+            StatusCode::ACCEPTED,
+            Envelope {
+                result: true,
+                code: 0,
+                message: crate::client::DUPLICATE_MESSAGE.into(),
+                data,
+            },
+        )),
     }
 }
 
@@ -91,6 +100,7 @@ pub(super) async fn create(State(state): State<BridgeState>, raw: Body) -> Resul
     ))]
 pub(super) async fn create_batch(
     State(state): State<BridgeState>,
+    deadline: Option<axum::Extension<super::limits::Deadline>>,
     raw: Body,
 ) -> Result<OkWith<Vec<Envelope>>, ApiError> {
     let bytes = body(&state, raw).await?;
@@ -119,7 +129,13 @@ pub(super) async fn create_batch(
         )));
     }
     let count = items.len();
-    let outcomes = state.client.submit_batch_raw(&items).await;
+    // Answer with what is finished a little before the request's limit
+    // (the rest marked unfinished), rather than a 504 with part applied.
+    let until = deadline.map(|axum::Extension(d)| {
+        let left = d.0.saturating_duration_since(tokio::time::Instant::now());
+        d.0 - (left / 10).min(std::time::Duration::from_secs(1))
+    });
+    let outcomes = state.client.submit_batch_raw(&items, until).await;
     let refused = outcomes.iter().filter(|o| !o.result).count();
     tracing::debug!(items = count, refused, "batch created");
     Ok(OkWith(outcomes))
@@ -311,6 +327,17 @@ fn async_state(query: &HashMap<String, String>) -> Result<Option<TaskState>, Api
 pub(super) async fn queues(State(state): State<BridgeState>) -> Result<Reply, ApiError> {
     let stats = state.client.queue_stats().await?;
     Ok(Reply::ok(json!(stats)))
+}
+
+/// `GET /bmw/storage/`: how full each of bmw's streams and buckets is
+/// against the limits `bmw provision` set (`--storage-max-bytes`).
+#[utoipa::path(get, path = "/bmw/storage/", tag = "async", security((), ("bearer" = [])),
+    responses((status = 200, description = "Each stream's bytes and messages against its limits; `near_full` at 80 % or more", body = EnvelopeOf<Vec<crate::nats::storage::StreamUsage>>), ApiFailures))]
+pub(super) async fn storage(State(state): State<BridgeState>) -> Result<Reply, ApiError> {
+    let usage = crate::nats::storage::usage(&state.client.nats().js)
+        .await
+        .map_err(crate::task::OpError::from)?;
+    Ok(Reply::ok(json!(usage)))
 }
 
 /// The non-empty string `field` of a JSON body, or 400 naming it.

@@ -22,8 +22,9 @@ use std::collections::HashSet;
 use std::panic::AssertUnwindSafe;
 
 use futures::{FutureExt, StreamExt};
-use serde_json::Value;
 use serde_json::value::RawValue;
+use serde_json::{Value, json};
+use tokio::time::Instant;
 
 use super::{Submitted, TaskClient};
 use crate::command::wire;
@@ -52,22 +53,32 @@ impl TaskClient {
     /// it), [`ACCEPTED_CODE`] (stored, no worker answered in time), or the
     /// status of why the item was refused.
     pub async fn submit_batch(&self, items: Vec<Value>) -> Vec<Outcome> {
-        self.submit_parsed(items.into_iter().map(parse_item).collect())
+        self.submit_parsed(items.into_iter().map(parse_item).collect(), None)
             .await
     }
 
     /// [`TaskClient::submit_batch`] for items still in their JSON text (the
     /// bridge's request body): each is parsed straight into its command,
     /// with no JSON tree in between.
-    pub async fn submit_batch_raw(&self, items: &[&RawValue]) -> Vec<Outcome> {
+    /// Answers by `until` when given: items not sent by then are answered
+    /// [`UNFINISHED_CODE`] with `data.submitted` `false` (not sent) or
+    /// `"unknown"` (being sent); a worker's answer is awaited no later than
+    /// `until` (the item is then [`ACCEPTED_CODE`]: stored). Daemon and
+    /// periodic creates are idempotent, so sending an unfinished one again
+    /// is safe.
+    pub async fn submit_batch_raw(
+        &self,
+        items: &[&RawValue],
+        until: Option<Instant>,
+    ) -> Vec<Outcome> {
         let parsed = items
             .iter()
             .map(|item| wire::parse(names::SUBJECT_CREATE, item.get().as_bytes()))
             .collect();
-        self.submit_parsed(parsed).await
+        self.submit_parsed(parsed, until).await
     }
 
-    async fn submit_parsed(&self, items: Vec<Parsed>) -> Vec<Outcome> {
+    async fn submit_parsed(&self, items: Vec<Parsed>, until: Option<Instant>) -> Vec<Outcome> {
         let count = items.len();
         // The async creates, and the rest (refused, daemon, periodic) with
         // their places in the batch.
@@ -87,11 +98,14 @@ impl TaskClient {
         let others = async {
             let mut outcomes = Vec::with_capacity(others.len());
             for wave in self.waves(others) {
-                let answered: Vec<(usize, Outcome)> = futures::stream::iter(wave)
-                    .map(|(index, parsed)| async move { (index, self.submit_item(parsed).await) })
-                    .buffered(BATCH_CONCURRENCY)
-                    .collect()
-                    .await;
+                let answered: Vec<(usize, Outcome)> =
+                    futures::stream::iter(wave)
+                        .map(|(index, parsed)| async move {
+                            (index, self.submit_item(parsed, until).await)
+                        })
+                        .buffered(BATCH_CONCURRENCY)
+                        .collect()
+                        .await;
                 outcomes.extend(answered);
             }
             outcomes
@@ -153,17 +167,45 @@ impl TaskClient {
 
     /// One item's outcome; a panic in task code (an operator's dimension)
     /// answers 500 for that item, as the single create route does.
-    async fn submit_item(&self, parsed: Parsed) -> Outcome {
+    async fn submit_item(&self, parsed: Parsed, until: Option<Instant>) -> Outcome {
         let command = match parsed {
             Ok(command) => command,
             Err(e) => return OpError::from(e).into(),
         };
-        match AssertUnwindSafe(self.submit(command)).catch_unwind().await {
+        let Some(until) = until else {
+            return self.submit_caught(command, None).await;
+        };
+        if Instant::now() >= until {
+            return unfinished(
+                json!(false),
+                "the batch's time ran out before this item was sent",
+            );
+        }
+        match tokio::time::timeout_at(until, self.submit_caught(command, Some(until))).await {
+            Ok(outcome) => outcome,
+            Err(_) => unfinished(
+                json!("unknown"),
+                "the batch's time ran out while this item was being sent",
+            ),
+        }
+    }
+
+    async fn submit_caught(&self, command: Command, until: Option<Instant>) -> Outcome {
+        match AssertUnwindSafe(self.submit_until(command, until))
+            .catch_unwind()
+            .await
+        {
             Ok(Ok(Submitted::Done(outcome))) => outcome,
             Ok(Ok(Submitted::Accepted { data })) => Outcome {
                 result: true,
                 code: ACCEPTED_CODE,
                 message: ACCEPTED_MESSAGE.into(),
+                data,
+            },
+            Ok(Ok(Submitted::Duplicate { data })) => Outcome {
+                result: true,
+                code: ACCEPTED_CODE,
+                message: super::DUPLICATE_MESSAGE.into(),
                 data,
             },
             Ok(Err(e)) => e.into(),
@@ -173,6 +215,20 @@ impl TaskClient {
                 Outcome::err(500, format!("creating this item panicked: {message}"))
             }
         }
+    }
+}
+
+/// The code of a batch item the batch's time limit left unanswered.
+pub const UNFINISHED_CODE: u16 = 503;
+
+/// An item left unfinished: `submitted` says whether it was sent (`false`)
+/// or may have been (`"unknown"`).
+fn unfinished(submitted: Value, why: &str) -> Outcome {
+    Outcome {
+        result: false,
+        code: UNFINISHED_CODE,
+        message: format!("not finished: {why}; send it again (creates are idempotent)"),
+        data: json!({"submitted": submitted}),
     }
 }
 

@@ -22,8 +22,15 @@ use crate::ops::Operations;
 use crate::queue::panic_message;
 use crate::task::{Command, OpError, Outcome, ValidationError};
 
-/// Deliveries of one command before it is given up as poison.
-const MAX_DELIVER: i64 = 20;
+/// How long a command that cannot be applied for now (a full queue or
+/// stream, an election, an outage) is kept and tried again, from when it
+/// was published; then it is given up, with an `error` event naming its
+/// sequence in `BMW_TASKS` (where it stays for the stream's week) and an
+/// answer on its `Bmw-Reply`.
+pub const COMMAND_PATIENCE: Duration = Duration::from_secs(10 * 60);
+
+/// The longest wait between two tries of such a command.
+const MAX_RETRY_DELAY: Duration = Duration::from_secs(30);
 
 /// A command as parsed from its message (or why it could not be).
 pub(super) type Parsed = Result<Command, ValidationError>;
@@ -170,20 +177,33 @@ impl CommandHandler {
                 return ack(message, AckKind::Nak(Some(delay))).await;
             }
             Settle::Later(cause) => {
-                let delivered = message.info().map(|i| i.delivered).unwrap_or(0);
-                if delivered < MAX_DELIVER {
+                let info = message.info().ok();
+                let delivered = info.as_ref().map_or(0, |i| i.delivered);
+                let age = info.as_ref().map_or(Duration::ZERO, |i| {
+                    let published = std::time::SystemTime::from(i.published);
+                    published.elapsed().unwrap_or(Duration::ZERO)
+                });
+                if age < COMMAND_PATIENCE {
+                    // 1 s, 2 s, 4 s... up to 30 s between tries.
+                    let exponent = u32::try_from(delivered.clamp(1, 6) - 1).unwrap_or(0);
+                    let delay = Duration::from_secs(1 << exponent).min(MAX_RETRY_DELAY);
                     tracing::warn!(
                         subject,
                         cause,
                         delivered,
-                        "command failed, will be redelivered"
+                        retry_in = ?delay,
+                        "command cannot be applied now; kept and tried again"
                     );
-                    let delay = Duration::from_secs(1);
                     return ack(message, AckKind::Nak(Some(delay))).await;
                 }
+                let sequence = info.as_ref().map_or(0, |i| i.stream_sequence);
                 let gave_up = Outcome::err(
                     503,
-                    format!("gave up after {delivered} deliveries: {cause}"),
+                    format!(
+                        "gave up after {delivered} tries over {}s: {cause}; the command stays \
+                         in BMW_TASKS at sequence {sequence} for its max age",
+                        age.as_secs()
+                    ),
                 );
                 self.poison(message, &subject, &gave_up.message).await;
                 gave_up
@@ -209,8 +229,10 @@ impl CommandHandler {
                 Settle::Poison(OpError::Nats(e).into())
             }
             Err(OpError::Nats(e)) => Settle::Later(e.to_string()),
-            // A full queue may drain: the command waits in BMW_TASKS meanwhile.
-            Err(e @ OpError::QueueFull { .. }) => Settle::Later(e.to_string()),
+            // A full queue or stream may drain: the command waits in BMW_TASKS meanwhile.
+            Err(e @ (OpError::QueueFull { .. } | OpError::StorageFull { .. })) => {
+                Settle::Later(e.to_string())
+            }
             Err(e) => Settle::Ack(e.into()),
         }
     }

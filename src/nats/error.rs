@@ -23,6 +23,9 @@ pub enum NatsErrorKind {
     NotFound,
     /// An expected revision or sequence did not match (a concurrent writer).
     Conflict,
+    /// A stream or bucket is at its storage limit and refused a new
+    /// message (discard new): the same write may succeed once it drains.
+    Full,
     /// Anything else: no connection, no responders, a broken pipe.
     Unavailable,
 }
@@ -34,6 +37,7 @@ impl fmt::Display for NatsErrorKind {
             NatsErrorKind::Refused => "refused by nats-server",
             NatsErrorKind::NotFound => "not found",
             NatsErrorKind::Conflict => "conflict",
+            NatsErrorKind::Full => "storage full",
             NatsErrorKind::Unavailable => "unavailable",
         })
     }
@@ -100,6 +104,10 @@ impl From<async_nats::Error> for NatsError {
 /// earlier publish holds (409; seen while a cluster regains its quorum).
 const DUPLICATE_MESSAGE_ID_IN_PROCESS: jetstream::ErrorCode = jetstream::ErrorCode(10158);
 
+/// JetStream's error code for a message its stream could not store; with a
+/// "maximum ... exceeded" description, a limit of a discard-new stream.
+const STREAM_STORE_FAILED: jetstream::ErrorCode = jetstream::ErrorCode(10077);
+
 /// Sorts an error by walking its source chain: a JetStream API error decides
 /// by its status, a publish error by its kind, and any error whose kind says
 /// it timed out is a timeout.
@@ -108,6 +116,9 @@ fn classify(error: &(dyn StdError + 'static)) -> NatsErrorKind {
     let mut current = Some(error);
     while let Some(e) = current {
         if let Some(api) = e.downcast_ref::<jetstream::Error>() {
+            if api.error_code() == STREAM_STORE_FAILED && api.to_string().contains("exceeded") {
+                return NatsErrorKind::Full;
+            }
             return match api.code() {
                 404 => NatsErrorKind::NotFound,
                 408 => NatsErrorKind::Timeout,
@@ -174,6 +185,14 @@ mod tests {
         let refused = NatsError::from(PublishError::with_source(PublishErrorKind::Other, api));
         assert_eq!(refused.kind(), NatsErrorKind::Refused);
         assert!(!refused.is_transient());
+        // A stream at its limit (discard new): full, not an outage to retry now.
+        let api: jetstream::Error = serde_json::from_str(
+            r#"{"code":503,"err_code":10077,"description":"maximum bytes exceeded"}"#,
+        )
+        .unwrap();
+        let full = NatsError::from(PublishError::with_source(PublishErrorKind::Other, api));
+        assert_eq!(full.kind(), NatsErrorKind::Full);
+        assert!(!full.is_transient());
         let pipe = NatsError::from(PublishError::new(PublishErrorKind::BrokenPipe));
         assert_eq!(pipe.kind(), NatsErrorKind::Unavailable);
         let kv = NatsError::from(async_nats::jetstream::kv::EntryError::new(

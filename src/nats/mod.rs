@@ -9,6 +9,7 @@ pub(crate) mod link;
 pub mod local;
 pub mod names;
 pub mod provision;
+pub mod storage;
 
 pub use connect::{ClientCert, ConnectError, ConnectSettings, NatsAuth, NatsTls, redact_url};
 pub use error::{NatsError, NatsErrorKind};

@@ -21,8 +21,6 @@ const DEDUP_WINDOW: Duration = Duration::from_secs(120);
 /// How long a delete/expiry marker stays in a TTL bucket; watchers see it at
 /// once, acquirers use its revision while it lasts.
 const MARKER_TTL: Duration = Duration::from_secs(60);
-/// Bound on the events stream.
-const EVENTS_MAX_BYTES: i64 = 1024 * 1024 * 1024;
 
 /// The hint every refusal of a create or update ends with.
 const ADMIN_HINT: &str = "under least privilege only an admin may create or change \
@@ -88,13 +86,13 @@ pub enum ProvisionError {
 
 /// `bmw provision`: creates every stream and bucket with `replicas`
 /// replicas, or updates it to this bmw's whole config.
-pub async fn provision(js: &jetstream::Context, replicas: usize) -> Result<(), ProvisionError> {
+pub async fn provision(js: &jetstream::Context, settings: &Settings) -> Result<(), ProvisionError> {
     refuse_shared_async_stream(js).await?;
-    for config in stream_configs(replicas) {
+    for config in stream_configs(settings) {
         put_stream(js, "update", config).await?;
     }
     anchor_async_stream(js).await;
-    for config in bucket_configs(replicas) {
+    for config in bucket_configs(settings) {
         put_bucket(js, "update", config).await?;
     }
     Ok(())
@@ -103,9 +101,10 @@ pub async fn provision(js: &jetstream::Context, replicas: usize) -> Result<(), P
 /// Every process at start: creates what is missing and updates what this
 /// bmw cannot work with, reading each config first, so that a process
 /// without the right to change streams starts on what an admin provisioned.
-pub async fn ensure(js: &jetstream::Context, replicas: usize) -> Result<(), ProvisionError> {
+pub async fn ensure(js: &jetstream::Context, settings: &Settings) -> Result<(), ProvisionError> {
     refuse_shared_async_stream(js).await?;
-    for config in stream_configs(replicas) {
+    let mut unlimited = Vec::new();
+    for config in stream_configs(settings) {
         let name = config.name.clone();
         match current(js, &name).await? {
             None => {
@@ -115,6 +114,9 @@ pub async fn ensure(js: &jetstream::Context, replicas: usize) -> Result<(), Prov
                 }
             }
             Some(have) => {
+                if unbounded(&have) {
+                    unlimited.push(name.clone());
+                }
                 if let Some(field) = stream_differs(&have, &config) {
                     tracing::info!(stream = %name, field, "updating a stream this bmw cannot work with as it is");
                     put_stream(js, "update", config).await?;
@@ -122,17 +124,27 @@ pub async fn ensure(js: &jetstream::Context, replicas: usize) -> Result<(), Prov
             }
         }
     }
-    for config in bucket_configs(replicas) {
+    for config in bucket_configs(settings) {
         let stream = format!("KV_{}", config.bucket);
         match current(js, &stream).await? {
             None => put_bucket(js, "create", config).await?,
             Some(have) => {
+                if unbounded(&have) {
+                    unlimited.push(stream.clone());
+                }
                 if let Some(field) = bucket_differs(&have, &config) {
                     tracing::info!(bucket = %config.bucket, field, "updating a bucket this bmw cannot work with as it is");
                     put_bucket(js, "update", config).await?;
                 }
             }
         }
+    }
+    if !unlimited.is_empty() {
+        tracing::warn!(
+            streams = ?unlimited,
+            "streams without storage limits (made by an older bmw): a producer can fill the \
+             server's store; run `bmw provision` to apply them"
+        );
     }
     Ok(())
 }
@@ -314,29 +326,112 @@ async fn anchor_async_stream(js: &jetstream::Context) {
     }
 }
 
-fn stream_configs(replicas: usize) -> Vec<stream::Config> {
+/// How `bmw provision` (and a start that creates what is missing) sizes
+/// the streams and buckets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Settings {
+    /// Replicas of every stream and bucket.
+    pub replicas: usize,
+    /// What all of bmw's streams and buckets together may hold, in bytes
+    /// (`--storage-max-bytes`), shared out by [`SHARES`].
+    pub storage_max_bytes: u64,
+}
+
+impl Settings {
+    /// `replicas` replicas and the default storage budget.
+    pub fn new(replicas: usize) -> Settings {
+        Settings {
+            replicas,
+            storage_max_bytes: DEFAULT_STORAGE_MAX_BYTES,
+        }
+    }
+
+    /// The bytes `stream`'s share of the budget comes to.
+    pub fn share_of(&self, stream: &str) -> i64 {
+        let thousandths = SHARES
+            .iter()
+            .find(|(name, _)| *name == stream)
+            .map_or(0, |(_, share)| *share);
+        i64::try_from(self.storage_max_bytes / 1000 * thousandths).unwrap_or(i64::MAX)
+    }
+}
+
+/// Default of `--storage-max-bytes`: 4 GiB (nats-server reserves each
+/// stream's `max_bytes` in its store, 75% of the free disk unless told).
+pub const DEFAULT_STORAGE_MAX_BYTES: u64 = 4 << 30;
+
+/// The least `--storage-max-bytes` bmw accepts.
+pub const MIN_STORAGE_MAX_BYTES: u64 = 1 << 20;
+
+/// Each stream's share of the storage budget, in thousandths. Queued tasks
+/// take the most; the claims bucket has more than the specs it claims (a
+/// claim is never larger than its spec), so claims never run out before
+/// specs do; `BMW_SCHEDULES`' share is a soft limit (see [`SOFT_MAX_BYTES`]).
+pub const SHARES: [(&str, u64); 11] = [
+    (STREAM_ASYNC, 300),
+    (STREAM_SCHEDULES, 100),
+    (STREAM_TASKS, 100),
+    (STREAM_EVENTS, 150),
+    (STREAM_DEAD, 100),
+    ("KV_bmw_async_tasks", 150),
+    ("KV_bmw_daemon_tasks", 35),
+    ("KV_bmw_daemon_claims", 45),
+    ("KV_bmw_unique", 10),
+    ("KV_bmw_workers", 5),
+    ("KV_bmw_periodic", 5),
+];
+
+/// The largest message any stream takes and the largest value any bucket
+/// takes: nats-server's default `max_payload`.
+pub const MAX_MESSAGE_BYTES: i32 = 1 << 20;
+
+/// The smallest message bmw stores, about: a stream's `max_msgs` is its
+/// bytes over this (a bound on the server's per-message index as well).
+const MIN_MESSAGE_BYTES: i64 = 128;
+
+/// Metadata key of `BMW_SCHEDULES`' soft byte limit. nats-server does not
+/// let a stream with message schedules discard new messages, and discarding
+/// old ones would drop periodic schedules and delayed tasks, so that stream
+/// has no hard byte limit: bmw refuses new delayed and periodic creates
+/// itself once it holds this many bytes (`crate::queue::storage`).
+pub const SOFT_MAX_BYTES: &str = "bmw_soft_max_bytes";
+
+fn stream_configs(settings: &Settings) -> Vec<stream::Config> {
+    let replicas = settings.replicas;
+    // A full stream refuses new messages (the publisher is told) rather
+    // than dropping old ones: tasks, commands and dead letters are work
+    // someone was told is accepted.
+    let bounded = |name: &str| {
+        let max_bytes = settings.share_of(name).max(1);
+        stream::Config {
+            name: name.into(),
+            max_bytes,
+            max_messages: (max_bytes / MIN_MESSAGE_BYTES).max(1),
+            max_message_size: MAX_MESSAGE_BYTES,
+            discard: stream::DiscardPolicy::New,
+            num_replicas: replicas,
+            ..Default::default()
+        }
+    };
     vec![
         stream::Config {
-            name: STREAM_TASKS.into(),
             subjects: vec![SUBJECT_TASKS_ALL.into()],
             max_age: WEEK,
             duplicate_window: DEDUP_WINDOW,
-            num_replicas: replicas,
-            ..Default::default()
+            ..bounded(STREAM_TASKS)
         },
         // Producers publish here: no rollup (a `Nats-Rollup: all` from any
         // publisher would purge every queue), no schedule, no message TTL.
         stream::Config {
-            name: STREAM_ASYNC.into(),
             subjects: vec![SUBJECT_ASYNC_ALL.into(), SUBJECT_ASYNC_ANCHOR.into()],
             retention: stream::RetentionPolicy::WorkQueue,
             duplicate_window: DEDUP_WINDOW,
             allow_rollup: false,
-            num_replicas: replicas,
-            ..Default::default()
+            ..bounded(STREAM_ASYNC)
         },
         // Only bmw writes here (schedules need rollups): periodic schedules,
-        // delayed tasks and retries, and the task messages they fire.
+        // delayed tasks and retries, and the task messages they fire. No
+        // hard byte limit (see SOFT_MAX_BYTES).
         stream::Config {
             name: STREAM_SCHEDULES.into(),
             subjects: vec![SUBJECT_SCHEDULE_ALL.into(), SUBJECT_FIRED_ALL.into()],
@@ -344,33 +439,41 @@ fn stream_configs(replicas: usize) -> Vec<stream::Config> {
             duplicate_window: DEDUP_WINDOW,
             allow_message_schedules: true,
             allow_rollup: true,
+            max_message_size: MAX_MESSAGE_BYTES,
             num_replicas: replicas,
+            metadata: [(
+                SOFT_MAX_BYTES.to_owned(),
+                settings.share_of(STREAM_SCHEDULES).to_string(),
+            )]
+            .into(),
             ..Default::default()
         },
+        // History: the oldest events make room for new ones.
         stream::Config {
-            name: STREAM_EVENTS.into(),
             subjects: vec![SUBJECT_EVENTS_ALL.into()],
             max_age: WEEK,
-            max_bytes: EVENTS_MAX_BYTES,
-            num_replicas: replicas,
-            ..Default::default()
+            discard: stream::DiscardPolicy::Old,
+            ..bounded(STREAM_EVENTS)
         },
         stream::Config {
-            name: STREAM_DEAD.into(),
             subjects: vec![SUBJECT_DEAD_ALL.into()],
             max_age: WEEK,
-            num_replicas: replicas,
-            ..Default::default()
+            ..bounded(STREAM_DEAD)
         },
     ]
 }
 
-fn bucket_configs(replicas: usize) -> Vec<kv::Config> {
+fn bucket_configs(settings: &Settings) -> Vec<kv::Config> {
+    // Buckets discard new (async-nats sets it): a full bucket refuses new
+    // keys, and still takes an update of a key no larger than its value
+    // (a heartbeat).
     let bucket = |name: &str, ttl_keys: bool| kv::Config {
         bucket: name.into(),
         history: 1,
-        num_replicas: replicas,
+        num_replicas: settings.replicas,
         limit_markers: ttl_keys.then_some(MARKER_TTL),
+        max_bytes: settings.share_of(&format!("KV_{name}")).max(1),
+        max_value_size: MAX_MESSAGE_BYTES,
         ..Default::default()
     };
     vec![
@@ -381,4 +484,14 @@ fn bucket_configs(replicas: usize) -> Vec<kv::Config> {
         bucket(BUCKET_UNIQUE, true),
         bucket(BUCKET_PERIODIC, false),
     ]
+}
+
+/// Whether a stream has none of the limits `bmw provision` sets (made by
+/// an older bmw): worth a warning at start, not a stop.
+fn unbounded(have: &stream::Config) -> bool {
+    if have.name == STREAM_SCHEDULES {
+        !have.metadata.contains_key(SOFT_MAX_BYTES)
+    } else {
+        have.max_bytes <= 0
+    }
 }

@@ -26,6 +26,7 @@ mod overlap;
 pub mod record;
 pub mod retry;
 pub mod runtime;
+mod schedule_room;
 pub mod shared;
 
 pub use admin::Admin;

@@ -16,6 +16,7 @@ use super::enqueue::Enqueuer;
 use super::inspect::{Inspector, QueueStats};
 use super::listing::{ListQuery, Page};
 use super::record::{RecordStore, TaskRecord};
+use super::schedule_room::ScheduleRoom;
 use crate::membership::WorkerEntry;
 use crate::nats::{Nats, NatsError, names};
 use crate::task::{CreateCommand, OpError, check_queue, check_task_id};
@@ -38,6 +39,7 @@ pub struct AsyncOps {
     enqueuer: Enqueuer,
     admin: Admin,
     depth: Arc<QueueDepth>,
+    schedules: Arc<ScheduleRoom>,
 }
 
 impl AsyncOps {
@@ -50,15 +52,41 @@ impl AsyncOps {
             enqueuer: Enqueuer::open(&nats.js).await?,
             admin: Admin::open(nats).await?,
             depth: Arc::new(QueueDepth::new(stream, max_pending)),
+            schedules: Arc::new(ScheduleRoom::new(
+                nats.js.get_stream(names::STREAM_SCHEDULES).await?,
+            )),
         })
     }
 
     /// Validates and enqueues; the data is `{task_id, kind, queue, state, process_at}`.
-    /// A full queue refuses it (429).
+    /// A full queue refuses it (429), a delayed one when `BMW_SCHEDULES`
+    /// is full (507).
     pub async fn create(&self, create: &CreateCommand) -> Result<Value, OpError> {
         let queue = create.options.queue();
         self.depth.check(queue).await?;
-        let data = self.enqueuer.enqueue(create).await?;
+        let delayed = create.options.process_at.is_some() || create.options.process_in.is_some();
+        if delayed {
+            self.schedules.check().await?;
+        }
+        let data = self.enqueuer.enqueue(create).await.map_err(|e| match e {
+            OpError::Nats(n) if n.kind() == crate::nats::NatsErrorKind::Full => {
+                OpError::StorageFull {
+                    stream: if delayed {
+                        names::STREAM_SCHEDULES
+                    } else {
+                        names::STREAM_ASYNC
+                    }
+                    .into(),
+                    detail: n.to_string(),
+                }
+            }
+            e => e,
+        })?;
+        if delayed {
+            // About what the schedule stores: the payload and its envelope.
+            let size = serde_json::to_vec(&create.payload).map_or(0, |p| p.len());
+            self.schedules.added(size as u64 + 512);
+        }
         self.depth.added(queue);
         Ok(data)
     }

@@ -87,6 +87,18 @@ pub enum OpError {
         /// Its limit.
         limit: u64,
     },
+    /// A stream is at its storage limit (507): it refuses new work until
+    /// it drains; nothing it holds was dropped for it.
+    #[error(
+        "stream `{stream}` is full ({detail}): it takes no new task until workers drain it; \
+         or raise --storage-max-bytes and run `bmw provision`"
+    )]
+    StorageFull {
+        /// The stream.
+        stream: String,
+        /// What is full.
+        detail: String,
+    },
     /// NATS failed: 503 when it may work later (timeout, outage), 500 when not.
     #[error(transparent)]
     Nats(#[from] NatsError),
@@ -114,6 +126,8 @@ impl OpError {
             OpError::Conflict { .. } => 409,
             OpError::TooLarge { .. } => 413,
             OpError::QueueFull { .. } => 429,
+            OpError::Nats(e) if e.kind() == NatsErrorKind::Full => 507,
+            OpError::StorageFull { .. } => 507,
             OpError::Nats(e) if e.is_transient() => 503,
             // The server refused what bmw sent, or something bmw did not expect.
             OpError::Nats(e) if e.kind() == NatsErrorKind::Refused => 500,
@@ -123,7 +137,10 @@ impl OpError {
 
     /// Whether trying the same operation later may succeed.
     pub fn is_transient(&self) -> bool {
-        matches!(self, OpError::QueueFull { .. })
+        matches!(
+            self,
+            OpError::QueueFull { .. } | OpError::StorageFull { .. }
+        ) || matches!(self, OpError::Nats(e) if e.kind() == NatsErrorKind::Full)
             || matches!(self, OpError::Nats(e) if e.is_transient())
     }
 }

@@ -108,7 +108,7 @@ impl World {
         let url = server.url();
         let proxy = FaultProxy::start(&url).await;
         let nats = Nats::connect(&url, "bmw-chaos").await.expect("connect");
-        bmw::nats::provision::provision(&nats.js, 1)
+        bmw::nats::provision::provision(&nats.js, &bmw::nats::provision::Settings::new(1))
             .await
             .expect("provision");
         let client = TaskClient::new(

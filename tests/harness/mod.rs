@@ -416,7 +416,7 @@ impl TestEnv {
         let nats = Nats::connect(&server.url(), "bmw-test")
             .await
             .expect("connect");
-        bmw::nats::provision::provision(&nats.js, 1)
+        bmw::nats::provision::provision(&nats.js, &bmw::nats::provision::Settings::new(1))
             .await
             .expect("provision");
         let registry = Arc::new(bmw::builtin::registry());
@@ -455,7 +455,8 @@ impl TestEnv {
                 assert!(o.result, "create refused: {o:?}");
                 o.data
             }
-            bmw::client::Submitted::Accepted { data } => data,
+            bmw::client::Submitted::Accepted { data }
+            | bmw::client::Submitted::Duplicate { data } => data,
         };
         data["uni_id"].as_str().unwrap().to_owned()
     }
@@ -645,7 +646,9 @@ impl NatsCluster {
     pub async fn client(&self) -> (Nats, TaskClient) {
         let nats = Nats::connect(&self.url(), "bmw-test").await.unwrap();
         let ready = wait_until(Duration::from_secs(20), async || {
-            bmw::nats::provision::provision(&nats.js, 3).await.is_ok()
+            bmw::nats::provision::provision(&nats.js, &bmw::nats::provision::Settings::new(3))
+                .await
+                .is_ok()
         })
         .await;
         assert!(ready, "cluster did not become ready");

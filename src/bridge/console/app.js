@@ -301,11 +301,30 @@ async function refreshQueues() {
       n(q.archived), n(q.processed), n(q.failed), el("td", {}, chart(q.queue, ring)));
   });
   fillBody($("#queues-table"), rows, "No queue yet.");
+  await refreshStorage();
   clearTimeout(state.queueTimer);
   state.queueTimer = setTimeout(() => refreshSoon("queues", 0), QUEUE_SAMPLE_MS);
 }
 
 /** Bars of processed (up) and failed (down) per sample interval. */
+/** The storage table, and a warning naming every stream near its limit. */
+async function refreshStorage() {
+  const { envelope } = await api("GET", "/bmw/storage/");
+  const streams = envelope.data || [];
+  const n = (v) => el("td", { class: "num" }, v ? String(v) : "none");
+  const rows = streams.map((s) => el("tr", { "data-stream": s.stream, class: s.near_full ? "near-full" : "" },
+    el("td", {}, s.stream), el("td", { class: "num" }, String(s.bytes)), n(s.max_bytes),
+    el("td", { class: "num" }, String(s.messages)), n(s.max_messages),
+    el("td", { class: "num" }, Math.round(s.used_ratio * 100) + " %"), el("td", {}, s.when_full)));
+  fillBody($("#storage-table"), rows, "No stream yet.");
+  const full = streams.filter((s) => s.near_full);
+  const box = $("#storage-warning");
+  box.hidden = full.length === 0;
+  box.textContent = full.length === 0 ? "" : "Near the storage limit: " +
+    full.map((s) => s.stream + " " + Math.round(s.used_ratio * 100) + " % (" + s.when_full + ")").join(", ") +
+    ". Let workers drain it, or raise --storage-max-bytes and run bmw provision.";
+}
+
 function chart(queue, ring) {
   const width = 240, height = 40, mid = height / 2;
   const svg = document.createElementNS(SVG_NS, "svg");
