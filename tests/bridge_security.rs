@@ -623,3 +623,61 @@ async fn live_feeds_are_limited_per_caller_and_given_back_when_closed() {
         "a feed opens again once one is closed"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn connections_past_the_limit_are_closed_and_an_idle_h2c_connection_is_closed() {
+    let env = TestEnv::start().await;
+    // One request at a time: 64 connections at most (the floor).
+    let bridge = BmwProcess::bridge(
+        &env.url(),
+        &[
+            "--max-concurrent-requests",
+            "1",
+            "--request-timeout",
+            "2s",
+            "--reply-timeout",
+            "1s",
+        ],
+    )
+    .await;
+    let port = bridge.http_port.unwrap();
+    let addr = format!("127.0.0.1:{port}");
+    let mut held = Vec::new();
+    for _ in 0..64 {
+        held.push(tokio::net::TcpStream::connect(&addr).await.unwrap());
+    }
+    let mut extra = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let mut byte = [0u8; 1];
+    let closed = tokio::time::timeout(Duration::from_secs(1), extra.read(&mut byte)).await;
+    assert!(
+        matches!(closed, Ok(Ok(0)) | Ok(Err(_))),
+        "the 65th connection was kept: {closed:?}"
+    );
+    drop(held);
+    assert_eventually!(
+        Duration::from_secs(10),
+        reqwest::get(format!("http://{addr}/health"))
+            .await
+            .is_ok_and(|r| r.status() == 200),
+        "no connection served once the others closed"
+    );
+
+    // h2c: one request answered, then nothing: closed once idle (twice the
+    // request limit, at least 30 s), not before.
+    let tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let (mut h2, connection) = h2::client::handshake(tcp).await.unwrap();
+    let opened = std::time::Instant::now();
+    let connection = tokio::spawn(connection);
+    let request = axum::http::Request::get(format!("http://{addr}/health"))
+        .body(())
+        .unwrap();
+    let (response, _) = h2.send_request(request, true).unwrap();
+    assert_eq!(response.await.unwrap().status(), 200);
+    let ended = tokio::time::timeout(Duration::from_secs(45), connection).await;
+    assert!(ended.is_ok(), "an idle h2c connection stayed open");
+    let after = opened.elapsed();
+    assert!(
+        after >= Duration::from_secs(25),
+        "closed too soon: {after:?}"
+    );
+}
