@@ -29,6 +29,10 @@ pub struct QueueWeight {
     pub weight: u32,
 }
 
+/// Default of `--nats-sync`: fsync before every acknowledgement, so that
+/// nothing acknowledged is lost on power loss (design note 74).
+pub const DEFAULT_NATS_SYNC: crate::nats::local::StoreSync = crate::nats::local::StoreSync::Always;
+
 /// NATS URL of every role but `bmw run` when none is given.
 pub const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
 /// Default bridge address: BMW's port, on loopback only (as BMW binds).
@@ -213,6 +217,7 @@ pub struct ConfigOverrides {
     pub nats_require_tls: Option<bool>,
     pub nats_inbox_prefix: Option<String>,
     pub storage_max_bytes: Option<String>,
+    pub nats_sync: Option<String>,
     // Kinds declared in the file (`[[kind]]`) and in a directory of kind
     // files, run by `crate::external`.
     pub kind: Option<Vec<KindDecl>>,
@@ -293,6 +298,7 @@ impl ConfigOverrides {
             nats_require_tls: self.nats_require_tls.or(other.nats_require_tls),
             nats_inbox_prefix: self.nats_inbox_prefix.or(other.nats_inbox_prefix),
             storage_max_bytes: self.storage_max_bytes.or(other.storage_max_bytes),
+            nats_sync: self.nats_sync.or(other.nats_sync),
             kind: self.kind.or(other.kind),
             kinds_dir: self.kinds_dir.or(other.kinds_dir),
             otlp_endpoint: self.otlp_endpoint.or(other.otlp_endpoint),
@@ -349,6 +355,8 @@ pub struct Config {
     pub nats_inbox_prefix: Option<String>,
     /// What bmw's streams and buckets may hold together, in bytes.
     pub storage_max_bytes: u64,
+    /// When the local nats-server of `bmw run` fsyncs its store.
+    pub nats_sync: crate::nats::local::StoreSync,
     /// Upper bounds of task options.
     pub limits: TaskLimits,
     /// Whether the demo kinds are registered; `None`: the role decides (on
@@ -680,6 +688,13 @@ impl Config {
             .take()
             .map(inbox_prefix)
             .transpose()?;
+        let nats_sync = match given.nats_sync.take() {
+            None => DEFAULT_NATS_SYNC,
+            Some(text) => text.parse().map_err(|message| ConfigError::Invalid {
+                name: "nats-sync",
+                message,
+            })?,
+        };
         let storage_max_bytes = match given.storage_max_bytes.take() {
             None => crate::nats::provision::DEFAULT_STORAGE_MAX_BYTES,
             Some(text) => storage_bytes(&text)?,
@@ -818,6 +833,7 @@ impl Config {
             nats_tls,
             nats_inbox_prefix,
             storage_max_bytes,
+            nats_sync,
         };
         config.validate()?;
         Ok(config)
@@ -1283,6 +1299,17 @@ mod tests {
             let e = resolve("4GiB", bad).unwrap_err().to_string();
             assert!(e.contains("nats-inbox-prefix"), "{bad}: {e}");
         }
+        let sync = |text: &str| {
+            Config::resolve(ConfigOverrides {
+                nats_sync: Some(text.into()),
+                ..Default::default()
+            })
+        };
+        assert_eq!(sync("2m").unwrap().nats_sync.to_string(), "2m");
+        let e = sync("sometimes").unwrap_err().to_string();
+        assert!(e.contains("nats-sync"), "{e}");
+        let default = Config::resolve(ConfigOverrides::default()).unwrap();
+        assert_eq!(default.nats_sync, crate::nats::local::StoreSync::Always);
         let file: ConfigOverrides = toml::from_str("storage-max-bytes = \"2GiB\"").unwrap();
         assert_eq!(Config::resolve(file).unwrap().storage_max_bytes, 2 << 30);
     }

@@ -203,6 +203,12 @@ struct Global {
     /// stream is created [default: 4GiB].
     #[arg(long, global = true, env = "BMW_STORAGE_MAX_BYTES")]
     storage_max_bytes: Option<String>,
+    /// When the local nats-server `bmw run` starts (no --nats-url) fsyncs its
+    /// store: `always` (before every acknowledgement: nothing acknowledged is
+    /// lost on power loss) or an interval such as `2m` (faster; a power loss
+    /// loses up to that much) [default: always].
+    #[arg(long, global = true, env = "BMW_NATS_SYNC")]
+    nats_sync: Option<String>,
     // Traces.
     /// Export OpenTelemetry traces (OTLP over HTTP, protobuf) to this collector
     /// (`bmw run`, `bmw worker`, `bmw bridge`): its base URL, e.g.
@@ -336,6 +342,7 @@ impl Global {
             nats_require_tls: self.nats_require_tls.then_some(true),
             nats_inbox_prefix: self.nats_inbox_prefix.clone(),
             storage_max_bytes: self.storage_max_bytes.clone(),
+            nats_sync: self.nats_sync.clone(),
             // `[[kind]]` tables come from the --config file only.
             kind: None,
             kinds_dir: self.kinds_dir.clone(),

@@ -87,9 +87,19 @@ pub async fn run_all(
                 port,
                 extra_args: vec![],
                 binary: None,
+                sync: Some(config.nats_sync),
             };
             let server = LocalServer::start(options, &config.data_dir).await?;
-            tracing::info!(url = server.url(), store = %config.data_dir.join("nats").display(), "started a local nats-server");
+            tracing::info!(
+                url = server.url(),
+                store = %config.data_dir.join("nats").display(),
+                sync = %config.nats_sync,
+                "started a local nats-server; its store is fsynced {}",
+                match config.nats_sync {
+                    crate::nats::local::StoreSync::Always => "before every acknowledgement: nothing acknowledged is lost on power loss".to_owned(),
+                    every => format!("every {every}: a power loss or OS crash loses what was acknowledged since the last sync"),
+                }
+            );
             let url = server.url().to_owned();
             local = Some(server);
             url

@@ -8,6 +8,36 @@ use reqwest::Method;
 
 use crate::harness::{BmwProcess, free_port, http, wait_until};
 
+/// The arguments of `parent`'s child whose program name ends with `program`.
+fn child_command_line(parent: u32, program: &str) -> Option<Vec<String>> {
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // pid (comm) state ppid ...
+        let after_comm = stat.rsplit(')').next().unwrap_or("");
+        let ppid = after_comm
+            .split_whitespace()
+            .nth(1)
+            .and_then(|p| p.parse::<u32>().ok());
+        if ppid != Some(parent) {
+            continue;
+        }
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<String> = cmdline
+            .split(|b| *b == 0)
+            .filter(|a| !a.is_empty())
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        if args.first().is_some_and(|a| a.ends_with(program)) {
+            return Some(args);
+        }
+    }
+    None
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn bmw_run_without_a_url_starts_and_stops_its_own_server() {
     let data = tempfile::tempdir().unwrap();
@@ -34,6 +64,16 @@ async fn bmw_run_without_a_url_starts_and_stops_its_own_server() {
         data.path().join("nats").is_dir(),
         "the store is under the data directory"
     );
+    // Durable by default: it says so, and the server was told so.
+    assert!(line.contains("sync=always"), "{line}");
+    let server_args = child_command_line(bmw.pid(), "nats-server").expect("a nats-server child");
+    let conf = server_args
+        .iter()
+        .skip_while(|a| *a != "-c")
+        .nth(1)
+        .expect("a config file");
+    let text = std::fs::read_to_string(conf).unwrap();
+    assert!(text.contains("sync_interval: always"), "{text}");
 
     let body = r#"{"kind": "daemon:demo:demo", "payload": {"content": "ok"}, "options": {"queue": "default"}}"#;
     let (status, envelope) = http(

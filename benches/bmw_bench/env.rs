@@ -66,6 +66,7 @@ impl Server {
             port: 0,
             extra_args: vec![],
             binary: Some(binary),
+            sync: None,
         };
         let server = LocalServer::start(options, dir.path())
             .await

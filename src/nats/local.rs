@@ -49,6 +49,61 @@ pub struct LocalServerOptions {
     pub extra_args: Vec<String>,
     /// The binary to run; `None` finds (or installs) the pinned one.
     pub binary: Option<PathBuf>,
+    /// How often the store is synced to disk; `None`: the server's default
+    /// (every 2 minutes).
+    pub sync: Option<StoreSync>,
+}
+
+/// When nats-server fsyncs its JetStream store (its `sync_interval`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreSync {
+    /// Before acknowledging each write: nothing acknowledged is lost on
+    /// power loss (one fsync per write batch).
+    Always,
+    /// Every so often: a power loss or OS crash loses what was acknowledged
+    /// since the last sync; a process crash loses nothing.
+    Every(Duration),
+}
+
+impl std::fmt::Display for StoreSync {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StoreSync::Always => f.write_str("always"),
+            StoreSync::Every(every) => write!(f, "{}", humantime::format_duration(*every)),
+        }
+    }
+}
+
+impl std::str::FromStr for StoreSync {
+    type Err = String;
+
+    /// `always`, or a duration (`2m`, `1s`).
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text.trim() {
+            "always" => Ok(StoreSync::Always),
+            other => match humantime::parse_duration(other) {
+                Ok(every) if !every.is_zero() => Ok(StoreSync::Every(every)),
+                _ => Err(format!(
+                    "{text:?} is not `always` or a duration such as 2m or 1s"
+                )),
+            },
+        }
+    }
+}
+
+impl StoreSync {
+    /// The `jetstream` block of a server config that says so.
+    fn config_text(&self) -> String {
+        match self {
+            StoreSync::Always => "jetstream {\n  sync_interval: always\n}\n".into(),
+            StoreSync::Every(every) => {
+                format!(
+                    "jetstream {{\n  sync_interval: \"{}ms\"\n}}\n",
+                    every.as_millis()
+                )
+            }
+        }
+    }
 }
 
 /// A running nats-server child; killed when dropped.
@@ -97,6 +152,11 @@ impl LocalServer {
             self.port.to_string()
         };
         let mut command = Command::new(&self.binary);
+        if let Some(sync) = self.options.sync {
+            let conf = self.options.store_dir.join("bmw-sync.conf");
+            std::fs::write(&conf, sync.config_text()).map_err(|e| err(e.to_string()))?;
+            command.arg("-c").arg(conf);
+        }
         command
             .args(["-a", "127.0.0.1", "-p", &port, "-js", "--store_dir"])
             .arg(&self.options.store_dir)
@@ -255,4 +315,26 @@ async fn install(data_dir: &Path) -> Result<(), LocalServerError> {
         });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sync_setting_reads_and_writes_as_nats_server_takes_it() {
+        assert_eq!("always".parse::<StoreSync>(), Ok(StoreSync::Always));
+        let every: StoreSync = "2m".parse().unwrap();
+        assert_eq!(every, StoreSync::Every(Duration::from_secs(120)));
+        assert_eq!(every.to_string(), "2m");
+        assert!(every.config_text().contains("sync_interval: \"120000ms\""));
+        assert!(
+            StoreSync::Always
+                .config_text()
+                .contains("sync_interval: always")
+        );
+        for bad in ["", "never", "0s", "-1s"] {
+            assert!(bad.parse::<StoreSync>().is_err(), "{bad}");
+        }
+    }
 }

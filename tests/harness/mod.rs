@@ -58,6 +58,7 @@ impl NatsServer {
             port: 0,
             extra_args: vec![],
             binary: Some(binary),
+            sync: None,
         };
         let server = LocalServer::start(options, dir.path())
             .await
@@ -80,6 +81,7 @@ impl NatsServer {
             port: 0,
             extra_args: vec!["-c".into(), conf_path.display().to_string()],
             binary: Some(binary),
+            sync: None,
         };
         let server = LocalServer::start(options, dir.path())
             .await
@@ -625,6 +627,7 @@ impl NatsCluster {
                     monitor_ports[i].to_string(),
                 ],
                 binary: Some(binary.clone()),
+                sync: None,
             };
             let store = dir.path().to_owned();
             async move {
