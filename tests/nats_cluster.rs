@@ -249,3 +249,69 @@ where
     );
     failed
 }
+
+/// Issue 27: `kill -9` of the node leading the claims bucket, restarted 15 s
+/// later, with default claim TTL and heartbeat, stops no daemon instance:
+/// a leader election and a connection moving to another node are ridden
+/// out by renewals retried within the claim's deadline.
+#[tokio::test(flavor = "multi_thread")]
+async fn killing_the_claims_leader_and_restarting_it_stops_no_daemon_task() {
+    const TASKS: usize = 60;
+    let mut cluster = NatsCluster::start(3).await;
+    let url = cluster.url();
+    let (nats, client) = cluster.client().await;
+    let args = ["worker", "--demo-kinds", "--replicas", "3"];
+    let w1 = BmwProcess::spawn(&url, &args);
+    let w2 = BmwProcess::spawn(&url, &args);
+    w1.worker_id().await;
+    w2.worker_id().await;
+    let mut started = nats
+        .client
+        .subscribe("bmw.event.daemon.*.started")
+        .await
+        .unwrap();
+    crate::harness::create_demos(&client, TASKS).await;
+    let all_bound = async || {
+        let rows = client.list_daemon().await.unwrap_or_default();
+        rows.len() == TASKS && rows.iter().all(|r| r.binding.worker_is_normal)
+    };
+    assert!(
+        wait_until(Duration::from_secs(30), all_bound).await,
+        "tasks running on the cluster"
+    );
+    let mut starts = 0;
+    while let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(500), started.next()).await {
+        starts += 1;
+    }
+    assert_eq!(starts, TASKS, "each task started once");
+
+    let claims = nats.js.get_stream("KV_bmw_daemon_claims").await.unwrap();
+    let leader = leader_of(&claims);
+    cluster.nodes[leader].kill().await;
+    let mut restarts = Vec::new();
+    let mut collect = async |restarts: &mut Vec<String>, for_: Duration| {
+        let until = tokio::time::Instant::now() + for_;
+        while let Ok(Some(m)) = tokio::time::timeout_at(until, started.next()).await {
+            restarts.push(String::from_utf8_lossy(&m.payload).into_owned());
+        }
+    };
+    collect(&mut restarts, Duration::from_secs(15)).await;
+    cluster.nodes[leader].restart().await.unwrap();
+    collect(&mut restarts, Duration::from_secs(15)).await;
+    let stopped = |w: &BmwProcess| {
+        w.logs()
+            .iter()
+            .filter(|l| l.contains("daemon instance stopped"))
+            .count()
+    };
+    assert!(
+        restarts.is_empty() && stopped(&w1) + stopped(&w2) == 0,
+        "n{leader} (claims leader) killed and restarted: {} instances started again, {} stopped",
+        restarts.len(),
+        stopped(&w1) + stopped(&w2)
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), all_bound).await,
+        "tasks still bound"
+    );
+}
