@@ -34,6 +34,9 @@ use crate::nats::{NatsError, NatsErrorKind};
 /// is shorter); past it the claim is left to expire with its TTL.
 pub(crate) const HANDOVER_WAIT: Duration = Duration::from_secs(1);
 
+/// The pause before trying a failed renewal again (the deadline permitting).
+const RENEW_RETRY_GAP: Duration = Duration::from_millis(250);
+
 /// What the runtime asks of a running maintainer.
 #[derive(Debug)]
 pub(crate) enum Control {
@@ -106,6 +109,8 @@ impl Maintainer {
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_renewed = self.acquired_at;
         let mut retry_at = self.pending_retry();
+        // Set while a renewal has failed and the deadline is still ahead.
+        let mut renew_again: Option<Instant> = None;
         let mut run: Option<(Run, Stop)> = None;
         loop {
             // Never start past the deadline: the branch below ends the claim.
@@ -123,17 +128,23 @@ impl Maintainer {
                         Err(e) => OperatorError::new(format!("operator task failed: {e}")),
                     };
                     retry_at = Some(Box::pin(self.schedule_retry(&error)).await);
-                    if Box::pin(self.renew(&mut last_renewed)).await.is_err() {
-                        return Box::pin(self.exit(Exit::Lost, None)).await;
+                    match Box::pin(self.renew(&mut last_renewed)).await {
+                        Ok(renewed) => renew_again = self.renew_again(renewed, last_renewed),
+                        Err(()) => return Box::pin(self.exit(Exit::Lost, None)).await,
                     }
                 }
                 () = sleep_until(retry_at), if retry_at.is_some() => {
                     retry_at = None;
                     self.claim.next_retry_at = None;
                 }
-                _ = heartbeat.tick() => {
-                    if Box::pin(self.renew(&mut last_renewed)).await.is_err() {
-                        return Box::pin(self.exit(Exit::Lost, run)).await;
+                _ = heartbeat.tick() => match Box::pin(self.renew(&mut last_renewed)).await {
+                    Ok(renewed) => renew_again = self.renew_again(renewed, last_renewed),
+                    Err(()) => return Box::pin(self.exit(Exit::Lost, run)).await,
+                },
+                () = sleep_until(renew_again), if renew_again.is_some() => {
+                    match Box::pin(self.renew(&mut last_renewed)).await {
+                        Ok(renewed) => renew_again = self.renew_again(renewed, last_renewed),
+                        Err(()) => return Box::pin(self.exit(Exit::Lost, run)).await,
                     }
                 }
                 () = tokio::time::sleep_until(self.deadline(last_renewed)) => {
@@ -145,8 +156,9 @@ impl Maintainer {
                         Box::pin(self.stop_run(run.take(), self.settings.grace, false)).await;
                         self.apply_reload(*spec);
                         retry_at = None;
-                        if Box::pin(self.renew(&mut last_renewed)).await.is_err() {
-                            return Box::pin(self.exit(Exit::Lost, None)).await;
+                        match Box::pin(self.renew(&mut last_renewed)).await {
+                            Ok(renewed) => renew_again = self.renew_again(renewed, last_renewed),
+                            Err(()) => return Box::pin(self.exit(Exit::Lost, None)).await,
                         }
                     }
                     Some(Control::Release) | None => return Box::pin(self.exit(Exit::Released, run)).await,
@@ -264,6 +276,20 @@ impl Maintainer {
         last_renewed + self.settings.claim_ttl - self.margin()
     }
 
+    /// When to try again after a renewal that failed (`renewed` false) with
+    /// the deadline still ahead: soon, not a heartbeat later, so that a leader
+    /// election or a reconnection to another node is ridden out by the
+    /// attempts that fit before the deadline (docs/design-notes.md, 75).
+    fn renew_again(&self, renewed: bool, last_renewed: Instant) -> Option<Instant> {
+        (!renewed).then(|| (Instant::now() + RENEW_RETRY_GAP).min(self.deadline(last_renewed)))
+    }
+
+    /// The longest one NATS call of a renewal may take before it is given up
+    /// and tried again: half a heartbeat, at least 500 ms.
+    fn attempt_limit(&self) -> Duration {
+        (self.settings.heartbeat / 2).max(Duration::from_millis(500))
+    }
+
     /// Time kept between the deadline and the claim's earliest expiry.
     fn margin(&self) -> Duration {
         self.settings.heartbeat.min(self.settings.claim_ttl / 3)
@@ -274,11 +300,13 @@ impl Maintainer {
     /// the claim is gone: `Err`. Every NATS call here is bounded by what is
     /// left of the deadline, so a slow or cut-off server cannot keep an
     /// instance running past it.
-    async fn renew(&mut self, last_renewed: &mut Instant) -> Result<(), ()> {
+    async fn renew(&mut self, last_renewed: &mut Instant) -> Result<bool, ()> {
         let deadline = self.deadline(*last_renewed);
+        let attempt_limit = self.attempt_limit();
+        let limit = |from: Instant| deadline.min(from + attempt_limit);
         let sent = Instant::now();
         let attempt = tokio::time::timeout_at(
-            deadline.min(sent + self.settings.heartbeat),
+            limit(sent),
             self.claims.renew(&self.key, &self.claim, self.revision),
         )
         .await;
@@ -286,32 +314,32 @@ impl Maintainer {
             Ok(Ok(rev)) => {
                 self.revision = rev;
                 *last_renewed = sent;
-                return Ok(());
+                return Ok(true);
             }
             Ok(Err(e)) => e,
             Err(elapsed) => ClaimError::Nats(NatsError::with_kind(NatsErrorKind::Timeout, elapsed)),
         };
         // A write that timed out may still have been stored: re-read before deciding.
         if let Ok(Ok(Some((current, rev)))) =
-            tokio::time::timeout_at(deadline, self.claims.get(&self.key)).await
+            tokio::time::timeout_at(limit(Instant::now()), self.claims.get(&self.key)).await
             && current.worker_id == self.claim.worker_id
             && current.since == self.claim.since
         {
             self.revision = rev;
             let sent = Instant::now();
             if let Ok(Ok(rev)) =
-                tokio::time::timeout_at(deadline, self.claims.renew(&self.key, &self.claim, rev))
+                tokio::time::timeout_at(limit(sent), self.claims.renew(&self.key, &self.claim, rev))
                     .await
             {
                 self.revision = rev;
                 *last_renewed = sent;
-                return Ok(());
+                return Ok(true);
             }
         }
         match error {
             ClaimError::Nats(_) if Instant::now() < deadline => {
                 tracing::warn!(uni_id = %self.spec.uni_id, cause = %error, "claim renewal failed, will retry");
-                Ok(())
+                Ok(false)
             }
             ClaimError::Nats(_) => {
                 tracing::warn!(uni_id = %self.spec.uni_id, cause = %error, "claim deadline passed without a renewal, stopping the instance");
