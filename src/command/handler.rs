@@ -137,9 +137,9 @@ impl CommandHandler {
     /// again, on every worker).
     pub(super) async fn fail_panicked(&self, message: &Message, panic: &str) {
         let outcome = Outcome::err(500, format!("command handling panicked: {panic}"));
+        self.reply(message, &outcome).await;
         self.poison(message, message.subject.as_str(), &outcome.message)
             .await;
-        self.reply(message, &outcome).await;
     }
 
     async fn apply_and_settle(&self, message: &Message, parsed: Parsed, span: &tracing::Span) {
@@ -161,20 +161,23 @@ impl CommandHandler {
         if !span.is_disabled() {
             span.record("outcome", settle.label());
         }
-        let outcome = match settle {
+        match settle {
+            // The outcome is sent before the command is settled, on the same
+            // connection: a worker killed between the two leaves the command
+            // to be applied again and answered again, never settled unanswered.
             Settle::Ack(outcome) => {
                 let label = if outcome.result { "ok" } else { "refused" };
                 crate::metrics::command(subject_label(&subject), label);
+                self.reply(message, &outcome).await;
                 ack(message, AckKind::Ack).await;
-                outcome
             }
             Settle::Poison(outcome) => {
+                self.reply(message, &outcome).await;
                 self.poison(message, &subject, &outcome.message).await;
-                outcome
             }
             Settle::Elsewhere => {
                 let delay = Duration::from_millis(100);
-                return ack(message, AckKind::Nak(Some(delay))).await;
+                ack(message, AckKind::Nak(Some(delay))).await;
             }
             Settle::Later(cause) => {
                 let info = message.info().ok();
@@ -205,11 +208,10 @@ impl CommandHandler {
                         age.as_secs()
                     ),
                 );
+                self.reply(message, &gave_up).await;
                 self.poison(message, &subject, &gave_up.message).await;
-                gave_up
             }
-        };
-        self.reply(message, &outcome).await;
+        }
     }
 
     async fn apply(&self, command: &Command) -> Settle {
