@@ -29,7 +29,7 @@ pub struct NatsServer {
 
 /// The pinned nats-server, installed once per test run by `nats/install.sh`
 /// (tests run in parallel; one install, not one per test).
-fn nats_server_binary() -> PathBuf {
+pub fn nats_server_binary() -> PathBuf {
     static BINARY: OnceLock<PathBuf> = OnceLock::new();
     BINARY
         .get_or_init(|| {
@@ -270,7 +270,12 @@ impl BmwProcess {
 
     /// `bmw bridge` (no worker) on a free port with `extra`, up once `/health` answers.
     pub async fn bridge(url: &str, extra: &[&str]) -> BmwProcess {
-        let port = free_port();
+        BmwProcess::bridge_on(url, free_port(), extra).await
+    }
+
+    /// `bmw bridge` on `port` (a bridge started again where its clients
+    /// expect it), up once `/health` answers.
+    pub async fn bridge_on(url: &str, port: u16, extra: &[&str]) -> BmwProcess {
         let addr = format!("127.0.0.1:{port}");
         // The demo kinds, as the harness's workers have them.
         let args: Vec<&str> = ["bridge", "--demo-kinds", "--http-addr", &addr]
