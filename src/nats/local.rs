@@ -228,17 +228,27 @@ impl LocalServer {
         self.spawn().await
     }
 
+    /// Stops the server as an operator upgrading it does: lame-duck mode
+    /// (SIGUSR2: leaderships handed to other nodes, no new clients, the
+    /// connected ones closed one by one after the grace period), then waits
+    /// up to `patience` for it to exit before killing it.
+    pub async fn lame_duck(&mut self, patience: Duration) {
+        self.signal_and_wait(libc::SIGUSR2, patience).await;
+    }
+
     /// Stops the server gracefully (SIGTERM, then SIGKILL after 5 s).
     pub async fn stop(&mut self) {
+        self.signal_and_wait(libc::SIGTERM, Duration::from_secs(5))
+            .await;
+    }
+
+    async fn signal_and_wait(&mut self, signal: libc::c_int, patience: Duration) {
         if let Some(mut child) = self.child.take() {
             if let Some(pid) = child.id() {
                 // SAFETY: plain kill(2) on our own child's pid.
-                unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+                unsafe { libc::kill(pid as i32, signal) };
             }
-            if tokio::time::timeout(Duration::from_secs(5), child.wait())
-                .await
-                .is_err()
-            {
+            if tokio::time::timeout(patience, child.wait()).await.is_err() {
                 let _ = child.kill().await;
             }
         }

@@ -36,6 +36,9 @@ pub(crate) struct Tally {
     pub(crate) ticks_twice: usize,
     /// Daemon runs seen (starts in any process), to show the measurement saw them.
     pub(crate) daemon_runs: usize,
+    /// Daemon instances started again: starts beyond the first of each task,
+    /// in any process (a stop and a start elsewhere or on the same worker).
+    pub(crate) restarts: usize,
 }
 
 fn parse_time(line: &str) -> Option<DateTime<Utc>> {
@@ -168,6 +171,7 @@ pub(crate) async fn settle(
         .filter(|t| t.iter().any(|t| *t >= window.0 && *t <= window.1))
         .count();
     tally.daemon_runs = daemon_runs(&logs, Utc::now()).values().map(Vec::len).sum();
+    tally.restarts = restarts(&logs);
     let (longest, task) = longest_double_run(&logs, Utc::now());
     tally.double_run = longest;
     tally.double_run_task = task;
@@ -212,6 +216,19 @@ fn daemon_runs(
         }
     }
     all
+}
+
+/// Starts beyond the first of each daemon task, over every process.
+fn restarts(logs: &[ProcessLog]) -> usize {
+    let mut starts: HashMap<&str, usize> = HashMap::new();
+    for line in logs.iter().flat_map(|log| &log.lines) {
+        if line.contains("is discovered, task is started")
+            && let Some(uni_id) = log_field(line, "uni_id")
+        {
+            *starts.entry(uni_id).or_default() += 1;
+        }
+    }
+    starts.values().map(|n| n - 1).sum()
 }
 
 /// `interval` minus the frozen windows.

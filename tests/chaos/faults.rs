@@ -24,6 +24,13 @@ pub(crate) async fn kill_and_restart_server(world: &mut World, outage: Duration)
     began
 }
 
+/// `kill -9` of the bridge, a new one on its port after `outage`.
+pub(crate) async fn kill_and_restart_bridge(world: &mut World, outage: Duration) -> DateTime<Utc> {
+    let began = Utc::now();
+    world.kill_and_restart_bridge(outage).await;
+    began
+}
+
 /// SIGSTOP of worker `index` for `pause`, then SIGCONT.
 pub(crate) async fn freeze_worker(
     world: &mut World,
@@ -179,4 +186,95 @@ pub(crate) async fn lose_quorum(world: &mut World, outage: Duration) -> DateTime
     a.expect("n1 restarts");
     b.expect("n2 restarts");
     began
+}
+
+/// How one node of the cluster is taken down.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum NodeStop {
+    /// `kill -9`: power, OOM, a crash.
+    Kill,
+    /// `SIGTERM`: a plain stop, no lame duck.
+    Term,
+}
+
+/// The node leading the daemon claims bucket, per the first live node's `/jsz`.
+async fn claims_leader(monitors: &[u16]) -> usize {
+    let stream = format!("KV_{}", bmw::nats::names::BUCKET_DAEMON_CLAIMS);
+    let mut leader = None;
+    wait_until(Duration::from_secs(30), async || {
+        for monitor in monitors {
+            leader = leader_of(*monitor, &stream).await;
+            if leader.is_some() {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    leader.unwrap_or_else(|| panic!("{stream} has a leader"))
+}
+
+/// Waits until node `index` answers `/healthz` ok again after its restart.
+async fn back_healthy(monitors: &[u16], index: usize) {
+    let back = wait_until(Duration::from_secs(60), async || {
+        healthy(monitors[index]).await
+    })
+    .await;
+    assert!(back, "n{index} healthy again after its restart");
+}
+
+/// Stops the node leading the claims bucket (`how`), leaves it down for
+/// `outage`, restarts it on its store and waits until it is healthy.
+/// Returns when the fault began and which node it was.
+pub(crate) async fn stop_claims_leader(
+    world: &mut World,
+    how: NodeStop,
+    outage: Duration,
+) -> (DateTime<Utc>, Vec<String>) {
+    let Servers::Cluster(cluster) = &mut world.servers else {
+        panic!("a cluster scenario")
+    };
+    let monitors = cluster.monitor_ports.clone();
+    let leader = claims_leader(&monitors).await;
+    let began = Utc::now();
+    match how {
+        NodeStop::Kill => cluster.nodes[leader].kill().await,
+        NodeStop::Term => cluster.nodes[leader].stop().await,
+    }
+    tokio::time::sleep(outage).await;
+    cluster.nodes[leader]
+        .restart()
+        .await
+        .expect("node restarts");
+    back_healthy(&monitors, leader).await;
+    (
+        began,
+        vec![format!("n{leader} (claims leader) stopped: {how:?}")],
+    )
+}
+
+/// Each node in turn as an operator upgrades NATS: lame-duck mode (nats-
+/// server's defaults: a 10 s grace period, then its clients closed one by
+/// one), restarted once it has exited, the next one only once it is healthy.
+pub(crate) async fn rolling_node_restart(world: &mut World) -> (DateTime<Utc>, Vec<String>) {
+    let Servers::Cluster(cluster) = &mut world.servers else {
+        panic!("a cluster scenario")
+    };
+    let monitors = cluster.monitor_ports.clone();
+    let began = Utc::now();
+    let mut notes = Vec::new();
+    for index in 0..cluster.nodes.len() {
+        let stopping = Instant::now();
+        cluster.nodes[index]
+            .lame_duck(Duration::from_secs(150))
+            .await;
+        let exited = stopping.elapsed();
+        cluster.nodes[index].restart().await.expect("node restarts");
+        back_healthy(&monitors, index).await;
+        notes.push(format!(
+            "n{index}: lame duck for {exited:.1?}, healthy again {:.1?} after it began",
+            stopping.elapsed()
+        ));
+    }
+    (began, notes)
 }

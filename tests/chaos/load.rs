@@ -31,6 +31,12 @@ pub(crate) struct Accepted {
     pub(crate) refused: BTreeMap<u16, usize>,
     /// The first answer's message for each HTTP status refused.
     pub(crate) messages: BTreeMap<u16, String>,
+    /// Requests sent again (retrying clients only): no answer or a 5xx, then
+    /// the same body, `task_id` included, until a 2xx or a 409 naming it.
+    pub(crate) retries: usize,
+    /// Retries answered 409 naming the client's id: the first try had been
+    /// stored though its answer was lost.
+    pub(crate) stored_before: usize,
 }
 
 impl Accepted {
@@ -51,8 +57,16 @@ impl Accepted {
                 )
             })
             .collect();
+        let retried = if self.retries > 0 {
+            format!(
+                ", {} requests retried ({} found stored: 409)",
+                self.retries, self.stored_before
+            )
+        } else {
+            String::new()
+        };
         if refused.is_empty() {
-            format!("{} ops, {accepted} accepted", self.sent)
+            format!("{} ops, {accepted} accepted{retried}", self.sent)
         } else {
             format!(
                 "{} ops, {accepted} accepted, refused {}",
@@ -94,8 +108,15 @@ const ROUND: [Op; 10] = [
 ];
 
 impl Load {
-    /// Starts sending to the bridge at `base_url` and publishing on `js`.
-    pub(crate) fn start(base_url: String, js: async_nats::jetstream::Context) -> Load {
+    /// Starts sending to the bridge at `base_url` and publishing on `js`. A
+    /// `retrying` load is a careful client: each async create through the
+    /// bridge names its own `task_id` and is sent again (for up to 30 s)
+    /// when it gets no answer or a 5xx.
+    pub(crate) fn start(
+        base_url: String,
+        js: async_nats::jetstream::Context,
+        retrying: bool,
+    ) -> Load {
         let running = Arc::new(AtomicBool::new(true));
         let accepted = Arc::new(Mutex::new(Accepted::default()));
         let http = reqwest::Client::builder()
@@ -117,7 +138,7 @@ impl Load {
                 let (http, js, sink, base_url) =
                     (http.clone(), js.clone(), sink.clone(), base_url.clone());
                 sends.push(tokio::spawn(async move {
-                    send(op, n, &http, &js, &base_url, &sink).await;
+                    send(op, n, retrying, &http, &js, &base_url, &sink).await;
                 }));
                 n += 1;
             }
@@ -147,6 +168,7 @@ impl Load {
 async fn send(
     op: Op,
     n: usize,
+    retrying: bool,
     http: &reqwest::Client,
     js: &async_nats::jetstream::Context,
     base_url: &str,
@@ -188,18 +210,33 @@ async fn send(
             return;
         }
     };
-    let answer = http
-        .post(format!("{base_url}/bmw/task/"))
-        .header("Content-Type", "application/json")
-        .body(body.to_string())
-        .send()
-        .await;
-    let (status, envelope) = match answer {
-        Ok(response) => {
-            let status = response.status().as_u16();
-            (status, response.json::<Value>().await.unwrap_or_default())
+    let mut body = body;
+    let own_id = format!("http-{n}");
+    if retrying && !matches!(op, Op::Daemon) {
+        body["options"]["task_id"] = json!(own_id);
+    }
+    let giving_up = tokio::time::Instant::now() + Duration::from_secs(30);
+    let (status, envelope) = loop {
+        let (status, envelope) = post(http, base_url, &body).await;
+        let again = status == 0 || status >= 500;
+        if !(retrying && again && tokio::time::Instant::now() < giving_up) {
+            break (status, envelope);
         }
-        Err(_) => (0, Value::Null),
+        sink.lock().unwrap().retries += 1;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    // A retry of a create that was stored before its answer was lost: the
+    // task exists once, under the client's id.
+    let (status, envelope) = if retrying
+        && status == 409
+        && envelope["message"]
+            .as_str()
+            .is_some_and(|m| m.contains(&own_id))
+    {
+        sink.lock().unwrap().stored_before += 1;
+        (200, json!({"data": {"task_id": own_id}}))
+    } else {
+        (status, envelope)
     };
     let mut sink = sink.lock().unwrap();
     if !(200..300).contains(&status) {
@@ -219,5 +256,22 @@ async fn send(
         Op::Daemon => sink.daemons.push(id("uni_id")),
         Op::Retried | Op::Slow => sink.completing.push(id("task_id")),
         _ => sink.echo.push(id("task_id")),
+    }
+}
+
+/// One create through the bridge: its status (0 without an answer) and envelope.
+async fn post(http: &reqwest::Client, base_url: &str, body: &Value) -> (u16, Value) {
+    let answer = http
+        .post(format!("{base_url}/bmw/task/"))
+        .header("Content-Type", "application/json")
+        .body(body.to_string())
+        .send()
+        .await;
+    match answer {
+        Ok(response) => {
+            let status = response.status().as_u16();
+            (status, response.json::<Value>().await.unwrap_or_default())
+        }
+        Err(_) => (0, Value::Null),
     }
 }

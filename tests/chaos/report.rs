@@ -16,17 +16,18 @@ pub(crate) struct Row {
     pub(crate) duplicate_bound: String,
     pub(crate) double_run: Duration,
     pub(crate) daemon_runs: usize,
+    pub(crate) restarts: usize,
     pub(crate) recovery: Duration,
     pub(crate) ticks: String,
 }
 
-pub(crate) const HEADER: &str = "| scenario | fault | load | lost | duplicated (bound) | longest double run (daemon runs seen) | recovery | periodic ticks ran / due |\n\
-                          | --- | --- | --- | --- | --- | --- | --- | --- |";
+pub(crate) const HEADER: &str = "| scenario | fault | load | lost | duplicated (bound) | longest double run (daemon runs seen) | instance restarts | recovery | periodic ticks ran / due |\n\
+                          | --- | --- | --- | --- | --- | --- | --- | --- | --- |";
 
 impl Row {
     pub(crate) fn markdown(&self) -> String {
         format!(
-            "| {} | {} | {} | {} | {} ({}) | {:.2} s ({}) | {:.1} s | {} |",
+            "| {} | {} | {} | {} | {} ({}) | {:.2} s ({}) | {} | {:.1} s | {} |",
             self.scenario,
             self.fault,
             self.load,
@@ -35,6 +36,7 @@ impl Row {
             self.duplicate_bound,
             self.double_run.as_secs_f64(),
             self.daemon_runs,
+            self.restarts,
             self.recovery.as_secs_f64(),
             self.ticks
         )

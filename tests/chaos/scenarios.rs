@@ -19,7 +19,7 @@ use crate::harness::proxy::Mode;
 use crate::harness::wait_until;
 use crate::load::Load;
 use crate::report::Row;
-use crate::world::{CONCURRENCY, DAEMONS, HEARTBEAT, WORKERS, World};
+use crate::world::{CONCURRENCY, DAEMONS, HEARTBEAT, Timing, WORKERS, World};
 
 /// Tasks a worker can have in doubt when a fault strikes (README, "Behaviour
 /// worth knowing"): running, or finished with acks not yet confirmed, at most
@@ -34,6 +34,11 @@ enum Fault {
     RollingRestart,
     LeaderKills,
     QuorumLoss(Duration),
+    /// The claims bucket's leader node stopped, restarted after the outage.
+    NodeStop(faults::NodeStop, Duration),
+    NodeRollingRestart,
+    /// `kill -9` of the bridge, a new one on its port after the outage.
+    BridgeKill(Duration),
 }
 
 impl Fault {
@@ -50,11 +55,50 @@ impl Fault {
                 "kill -9 of the leader of each of the 10 bmw streams and buckets in turn, restarted after the election".into()
             }
             Fault::QuorumLoss(d) => format!("2 of 3 nodes killed for {d:?} (claim TTL 3 s), then restarted"),
+            Fault::NodeStop(faults::NodeStop::Kill, d) => {
+                format!("kill -9 of the claims bucket's leader node, restarted after {d:?} (claim TTL 15 s)")
+            }
+            Fault::NodeStop(faults::NodeStop::Term, d) => {
+                format!("SIGTERM of the claims bucket's leader node, restarted after {d:?} (claim TTL 15 s)")
+            }
+            Fault::NodeRollingRestart => {
+                "lame-duck stop and restart of each of the 3 nodes in turn (claim TTL 15 s)".into()
+            }
+            Fault::BridgeKill(d) => format!(
+                "kill -9 of the bridge, a new one on its port after {d:?}; clients retry with their task_id"
+            ),
         }
     }
 
     fn cluster(&self) -> bool {
-        matches!(self, Fault::LeaderKills | Fault::QuorumLoss(_))
+        matches!(
+            self,
+            Fault::LeaderKills
+                | Fault::QuorumLoss(_)
+                | Fault::NodeStop(..)
+                | Fault::NodeRollingRestart
+        )
+    }
+
+    /// The workers' claim timing: bmw's defaults where the scenario is what
+    /// an operator's cluster goes through (a node lost or upgraded).
+    fn timing(&self) -> Timing {
+        match self {
+            Fault::NodeStop(..) | Fault::NodeRollingRestart => Timing::Default,
+            _ => Timing::Fast,
+        }
+    }
+
+    /// Whether the fault must be invisible to daemon tasks and bridge
+    /// clients: no instance restarted, no create answered with a non-2xx
+    /// (issue 27: one node of three lost or restarted).
+    /// Whether the load is a careful client that retries with its own task ids.
+    fn retrying(&self) -> bool {
+        matches!(self, Fault::BridgeKill(_))
+    }
+
+    fn invisible(&self) -> bool {
+        matches!(self, Fault::NodeStop(..) | Fault::NodeRollingRestart)
     }
 
     /// How many times the fault strikes: each can leave every worker's
@@ -63,6 +107,7 @@ impl Fault {
         match self {
             Fault::LeaderKills => 10,
             Fault::RollingRestart => WORKERS,
+            Fault::NodeRollingRestart => 3,
             _ => 1,
         }
     }
@@ -82,12 +127,12 @@ impl Fault {
 /// Runs one scenario: `lead` of load before the fault, `tail` after its recovery.
 async fn scenario(name: &'static str, fault: Fault, lead: Duration, tail: Duration) -> Row {
     let mut world = if fault.cluster() {
-        World::cluster().await
+        World::cluster(fault.timing()).await
     } else {
         World::single().await
     };
     world.seed().await;
-    let load = Load::start(world.base_url(), world.nats.js.clone());
+    let load = Load::start(world.base_url(), world.nats.js.clone(), fault.retrying());
     let load_started = Utc::now();
     tokio::time::sleep(lead).await;
     let mut notes = Vec::new();
@@ -102,6 +147,17 @@ async fn scenario(name: &'static str, fault: Fault, lead: Duration, tail: Durati
             began
         }
         Fault::QuorumLoss(d) => faults::lose_quorum(&mut world, *d).await,
+        Fault::NodeStop(how, d) => {
+            let (began, stopped) = faults::stop_claims_leader(&mut world, *how, *d).await;
+            notes = stopped;
+            began
+        }
+        Fault::NodeRollingRestart => {
+            let (began, restarts) = faults::rolling_node_restart(&mut world).await;
+            notes = restarts;
+            began
+        }
+        Fault::BridgeKill(d) => faults::kill_and_restart_bridge(&mut world, *d).await,
     };
     for note in &notes {
         eprintln!("{name}: {note}");
@@ -164,6 +220,7 @@ async fn scenario(name: &'static str, fault: Fault, lead: Duration, tail: Durati
         duplicate_bound: fault.duplicate_bound().to_string(),
         double_run: tally.double_run,
         daemon_runs: tally.daemon_runs,
+        restarts: tally.restarts,
         recovery,
         ticks: format!(
             "{} / {window} (twice: {})",
@@ -199,6 +256,42 @@ async fn scenario(name: &'static str, fault: Fault, lead: Duration, tail: Durati
             "{name}: {:?} ran in two processes at once for {:?} (more than one heartbeat)",
             tally.double_run_task,
             tally.double_run
+        );
+    }
+    if fault.retrying() {
+        // The workers saw no fault: a retried create is never a second task.
+        assert_eq!(tally.duplicated, 0, "{name}: a retried create ran twice");
+        assert!(
+            accepted.refused.is_empty(),
+            "{name}: creates not accepted however often retried: {:?} {:?}",
+            accepted.refused,
+            accepted.messages
+        );
+    }
+    if fault.invisible() {
+        let why: Vec<String> = world
+            .worker_logs()
+            .iter()
+            .flat_map(|log| log.lines.iter())
+            .filter(|l| l.contains("claim") || l.contains("instance stopped"))
+            .take(40)
+            .cloned()
+            .collect();
+        assert_eq!(
+            tally.restarts,
+            0,
+            "{name}: daemon instances stopped and started again; the workers said:\n{}",
+            why.join("\n")
+        );
+        let http_refusals: Vec<_> = accepted
+            .refused
+            .iter()
+            .filter(|(status, _)| **status != 1)
+            .collect();
+        assert!(
+            http_refusals.is_empty(),
+            "{name}: creates through the bridge not answered 2xx: {http_refusals:?} {:?}",
+            accepted.messages
         );
     }
     row
@@ -252,6 +345,17 @@ async fn quick_partition_loses_nothing_and_runs_daemons_once() {
     scenario(
         "quick: partition (refuse)",
         Fault::Partition(Mode::Refuse, 5 * SECOND),
+        3 * SECOND,
+        2 * SECOND,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn quick_bridge_kill_loses_nothing_and_retries_make_no_second_task() {
+    scenario(
+        "quick: bridge kill -9",
+        Fault::BridgeKill(SECOND),
         3 * SECOND,
         2 * SECOND,
     )
@@ -338,6 +442,54 @@ async fn s7_cluster_quorum_lost() {
     scenario(
         "7 cluster quorum lost",
         Fault::QuorumLoss(6 * SECOND),
+        8 * SECOND,
+        8 * SECOND,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "the chaos suite: run with -- --ignored --test-threads 1"]
+async fn s8_claims_leader_node_killed() {
+    scenario(
+        "8 node kill -9",
+        Fault::NodeStop(faults::NodeStop::Kill, 15 * SECOND),
+        8 * SECOND,
+        8 * SECOND,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "the chaos suite: run with -- --ignored --test-threads 1"]
+async fn s9_claims_leader_node_terminated() {
+    scenario(
+        "9 node SIGTERM",
+        Fault::NodeStop(faults::NodeStop::Term, 15 * SECOND),
+        8 * SECOND,
+        8 * SECOND,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "the chaos suite: run with -- --ignored --test-threads 1"]
+async fn s10_rolling_node_restart() {
+    scenario(
+        "10 rolling node restart",
+        Fault::NodeRollingRestart,
+        8 * SECOND,
+        8 * SECOND,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "the chaos suite: run with -- --ignored --test-threads 1"]
+async fn s11_bridge_killed() {
+    scenario(
+        "11 bridge kill -9",
+        Fault::BridgeKill(2 * SECOND),
         8 * SECOND,
         8 * SECOND,
     )

@@ -23,6 +23,15 @@ pub(crate) const DAEMONS: usize = 6;
 /// The heartbeat of `harness::FAST`.
 pub(crate) const HEARTBEAT: Duration = Duration::from_secs(1);
 
+/// The workers' claim TTL and heartbeat.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum Timing {
+    /// `harness::FAST`: TTL 3 s, heartbeat 1 s (fail-over within seconds).
+    Fast,
+    /// bmw's defaults, as an operator runs it: TTL 15 s, heartbeat 5 s.
+    Default,
+}
+
 /// One node or a cluster.
 pub(crate) enum Servers {
     Single(Box<NatsServer>),
@@ -78,10 +87,20 @@ pub(crate) struct World {
     pub(crate) servers: Servers,
     pub(crate) proxy: Option<FaultProxy>,
     pub(crate) bridge: BmwProcess,
+    /// The NATS URL the bridge connects to.
+    bridge_nats: String,
     pub(crate) workers: Vec<Worker>,
     pub(crate) nats: Nats,
     pub(crate) client: Arc<TaskClient>,
+    shape: Shape,
+}
+
+/// What the worlds differ in besides their servers.
+#[derive(Clone, Copy)]
+struct Shape {
+    /// `--replicas` of the bridge and the workers.
     replicas: &'static str,
+    timing: Timing,
 }
 
 /// The worker flags of every scenario (on top of `harness::FAST`).
@@ -126,13 +145,16 @@ impl World {
             client,
             &url,
             &urls,
-            "1",
+            Shape {
+                replicas: "1",
+                timing: Timing::Fast,
+            },
         )
         .await
     }
 
-    /// A 3-node cluster, streams and buckets with 3 replicas.
-    pub(crate) async fn cluster() -> World {
+    /// A 3-node cluster, streams and buckets with 3 replicas, workers with `timing`.
+    pub(crate) async fn cluster(timing: Timing) -> World {
         let cluster = NatsCluster::start(3).await;
         let url = cluster.url();
         let (nats, client) = cluster.client().await;
@@ -144,7 +166,10 @@ impl World {
             client,
             &url,
             &urls,
-            "3",
+            Shape {
+                replicas: "3",
+                timing,
+            },
         )
         .await
     }
@@ -156,17 +181,18 @@ impl World {
         client: TaskClient,
         url: &str,
         worker_urls: &[String; WORKERS],
-        replicas: &'static str,
+        shape: Shape,
     ) -> World {
-        let bridge = BmwProcess::bridge(url, &["--replicas", replicas]).await;
+        let bridge = BmwProcess::bridge(url, &["--replicas", shape.replicas]).await;
         let mut world = World {
             servers,
             proxy,
             bridge,
+            bridge_nats: url.to_owned(),
             workers: Vec::new(),
             nats,
             client: Arc::new(client),
-            replicas,
+            shape,
         };
         for worker_url in worker_urls {
             let mut slot = Worker {
@@ -183,11 +209,34 @@ impl World {
 
     /// Starts a worker process in `slot`, once it says it started.
     pub(crate) async fn spawn_worker(&self, slot: &mut Worker) {
-        let args = worker_args(self.replicas);
+        let args = worker_args(self.shape.replicas);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let process = BmwProcess::worker(&slot.url, &args);
+        let process = match self.shape.timing {
+            Timing::Fast => BmwProcess::worker(&slot.url, &args),
+            Timing::Default => {
+                let base = [
+                    "worker",
+                    "--demo-kinds",
+                    "--grace",
+                    "2s",
+                    "--reply-timeout",
+                    "5s",
+                ];
+                let all: Vec<&str> = base.iter().copied().chain(args).collect();
+                BmwProcess::spawn(&slot.url, &all)
+            }
+        };
         process.worker_id().await;
         slot.process = Some(process);
+    }
+
+    /// `kill -9` of the bridge, and (after `outage`) a new one on the same port.
+    pub(crate) async fn kill_and_restart_bridge(&mut self, outage: Duration) {
+        let port = self.bridge.http_port.expect("the bridge listens");
+        self.bridge.kill9();
+        tokio::time::sleep(outage).await;
+        let replicas = ["--replicas", self.shape.replicas];
+        self.bridge = BmwProcess::bridge_on(&self.bridge_nats, port, &replicas).await;
     }
 
     pub(crate) fn base_url(&self) -> String {

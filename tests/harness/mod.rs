@@ -605,6 +605,22 @@ pub struct NatsCluster {
 impl NatsCluster {
     pub async fn start(size: usize) -> NatsCluster {
         let dir = tempfile::tempdir().expect("tempdir");
+        let (nodes, monitor_ports) = NatsCluster::start_nodes(dir.path(), size, None).await;
+        NatsCluster {
+            nodes,
+            monitor_ports,
+            _dir: dir,
+        }
+    }
+
+    /// The nodes of a cluster with their stores under `dir` (`n0`, `n1`...),
+    /// syncing as `sync` says (nats-server's default when `None`), and their
+    /// monitoring ports.
+    pub async fn start_nodes(
+        dir: &Path,
+        size: usize,
+        sync: Option<bmw::nats::local::StoreSync>,
+    ) -> (Vec<LocalServer>, Vec<u16>) {
         let binary = tokio::task::spawn_blocking(nats_server_binary)
             .await
             .unwrap();
@@ -617,7 +633,7 @@ impl NatsCluster {
             .join(",");
         let starts = (0..size).map(|i| {
             let options = LocalServerOptions {
-                store_dir: dir.path().join(format!("n{i}")),
+                store_dir: dir.join(format!("n{i}")),
                 port: 0,
                 extra_args: vec![
                     "--server_name".into(),
@@ -632,9 +648,9 @@ impl NatsCluster {
                     monitor_ports[i].to_string(),
                 ],
                 binary: Some(binary.clone()),
-                sync: None,
+                sync,
             };
-            let store = dir.path().to_owned();
+            let store = dir.to_owned();
             async move {
                 LocalServer::start(options, &store)
                     .await
@@ -642,11 +658,7 @@ impl NatsCluster {
             }
         });
         let nodes = futures::future::join_all(starts).await;
-        NatsCluster {
-            nodes,
-            monitor_ports,
-            _dir: dir,
-        }
+        (nodes, monitor_ports)
     }
 
     /// A connection once JetStream has a meta leader and bmw's streams and
