@@ -94,7 +94,13 @@ pub(crate) fn mount(backing: &Path, mountpoint: &Path) -> LazyFs {
     })
 }
 
-async fn server(store: &Path, sync: StoreSync) -> LocalServer {
+/// One node on `port`, or a cluster of `nodes`, with their stores under `store`.
+async fn servers(store: &Path, sync: StoreSync, nodes: usize) -> Vec<LocalServer> {
+    if nodes > 1 {
+        return crate::harness::NatsCluster::start_nodes(store, nodes, Some(sync))
+            .await
+            .0;
+    }
     let binary = tokio::task::spawn_blocking(nats_server_binary)
         .await
         .unwrap();
@@ -105,16 +111,17 @@ async fn server(store: &Path, sync: StoreSync) -> LocalServer {
         binary: Some(binary),
         sync: Some(sync),
     };
-    LocalServer::start(options, store)
+    let server = LocalServer::start(options, store)
         .await
-        .expect("nats-server starts on the lazy filesystem")
+        .expect("nats-server starts on the lazy filesystem");
+    vec![server]
 }
 
 /// The bridge and a worker that takes `default` only (never `held`).
-async fn bmw_processes(url: &str) -> (BmwProcess, BmwProcess) {
-    let worker = BmwProcess::worker(url, &["--queues", "default"]);
+async fn bmw_processes(url: &str, replicas: &str) -> (BmwProcess, BmwProcess) {
+    let worker = BmwProcess::worker(url, &["--queues", "default", "--replicas", replicas]);
     worker.worker_id().await;
-    let bridge = BmwProcess::bridge(url, &[]).await;
+    let bridge = BmwProcess::bridge(url, &["--replicas", replicas]).await;
     (bridge, worker)
 }
 
@@ -255,18 +262,28 @@ async fn post(http: &reqwest::Client, url: &str, body: &Value) -> Option<Value> 
     response.json().await.ok()
 }
 
-/// Runs the scenario with the store on a lazy filesystem under `dir`.
-pub(crate) async fn run(dir: &Path, sync: StoreSync) -> Outcome {
+/// Runs the scenario with one node (`nodes` 1) or a cluster whose stores
+/// are all on one lazy filesystem under `dir`: every node loses power at once.
+pub(crate) async fn run(dir: &Path, sync: StoreSync, nodes: usize) -> Outcome {
     let (backing, mountpoint) = (dir.join("backing"), dir.join("mnt"));
     let fs = mount(&backing, &mountpoint);
-    let store = mountpoint.join("store");
-    let mut server = server(&store, sync).await;
-    let url = server.url().to_owned();
+    let mut servers = servers(&mountpoint.join("store"), sync, nodes).await;
+    let url = servers
+        .iter()
+        .map(|s| s.url().to_owned())
+        .collect::<Vec<_>>()
+        .join(",");
+    let replicas = if nodes > 1 { "3" } else { "1" };
     let nats = Nats::connect(&url, "bmw-power-loss").await.unwrap();
-    bmw::nats::provision::provision(&nats.js, &bmw::nats::provision::Settings::new(1))
-        .await
-        .expect("provision");
-    let (mut bridge, mut worker) = bmw_processes(&url).await;
+    let settings = bmw::nats::provision::Settings::new(if nodes > 1 { 3 } else { 1 });
+    let provisioned = crate::harness::wait_until(Duration::from_secs(30), async || {
+        bmw::nats::provision::provision(&nats.js, &settings)
+            .await
+            .is_ok()
+    })
+    .await;
+    assert!(provisioned, "the streams are provisioned");
+    let (mut bridge, mut worker) = bmw_processes(&url, replicas).await;
 
     let acked = Arc::new(Mutex::new(Acknowledged::default()));
     let started = Instant::now();
@@ -275,7 +292,9 @@ pub(crate) async fn run(dir: &Path, sync: StoreSync) -> Outcome {
     tokio::time::sleep(moment).await;
     // The power goes: unsynced data first, then every process at once.
     let dropped = fs.power_loss();
-    server.kill().await;
+    for server in &mut servers {
+        server.kill().await;
+    }
     bridge.kill9();
     worker.kill9();
     for l in &loops {
@@ -286,10 +305,13 @@ pub(crate) async fn run(dir: &Path, sync: StoreSync) -> Outcome {
     drop(nats);
     fs.unmount().expect("unmount");
 
-    // The machine comes back.
+    // The machine (or every machine) comes back.
     let fs = mount(&backing, &mountpoint);
-    server.restart().await.expect("nats-server restarts");
-    let (bridge, worker) = bmw_processes(&url).await;
+    let restarts = servers.iter_mut().map(LocalServer::restart);
+    for restarted in futures::future::join_all(restarts).await {
+        restarted.expect("nats-server restarts");
+    }
+    let (bridge, worker) = bmw_processes(&url, replicas).await;
     let nats = Nats::connect(&url, "bmw-power-loss").await.unwrap();
     let client = TaskClient::new(
         nats.clone(),
@@ -309,7 +331,9 @@ pub(crate) async fn run(dir: &Path, sync: StoreSync) -> Outcome {
         synced_bytes: dropped.synced_bytes,
     };
     drop((bridge, worker));
-    server.kill().await;
+    for server in &mut servers {
+        server.kill().await;
+    }
     fs.unmount().expect("unmount");
     outcome
 }

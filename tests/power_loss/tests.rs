@@ -80,7 +80,7 @@ fn the_test_filesystem_keeps_only_what_was_synced() {
 async fn durable_single_node_loses_nothing_acknowledged() {
     fuse_ready();
     let dir = tempfile::tempdir().unwrap();
-    let outcome = scenario::run(dir.path(), StoreSync::Always).await;
+    let outcome = scenario::run(dir.path(), StoreSync::Always, 1).await;
     publish(&outcome, "single node");
     for (path, (acked, _)) in &outcome.paths {
         assert!(
@@ -99,8 +99,42 @@ async fn interval_single_node_loss_is_reported() {
     fuse_ready();
     let dir = tempfile::tempdir().unwrap();
     let every = StoreSync::Every(std::time::Duration::from_secs(120));
-    let outcome = scenario::run(dir.path(), every).await;
+    let outcome = scenario::run(dir.path(), every, 1).await;
     publish(&outcome, "single node");
+    let acked: usize = outcome.paths.values().map(|(a, _)| a).sum();
+    assert!(
+        acked > 0,
+        "nothing acknowledged before the power loss: {outcome:?}"
+    );
+}
+
+/// A 3-node cluster (R3) whose nodes all lose power at once, `always`:
+/// no acknowledged create lost.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "the power-loss suite: run with -- --ignored --test-threads 1 --nocapture"]
+async fn durable_cluster_losing_every_node_at_once_loses_nothing_acknowledged() {
+    fuse_ready();
+    let dir = tempfile::tempdir().unwrap();
+    let outcome = scenario::run(dir.path(), StoreSync::Always, 3).await;
+    publish(&outcome, "3 nodes, all at once");
+    for (path, (acked, _)) in &outcome.paths {
+        assert!(
+            *acked > 0,
+            "{path}: nothing acknowledged before the power loss: {outcome:?}"
+        );
+    }
+    assert_eq!(outcome.lost(), 0, "acknowledged creates lost: {outcome:?}");
+}
+
+/// The same cluster at nats-server's default interval: reported.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "the power-loss suite: run with -- --ignored --test-threads 1 --nocapture"]
+async fn interval_cluster_losing_every_node_at_once_loss_is_reported() {
+    fuse_ready();
+    let dir = tempfile::tempdir().unwrap();
+    let every = StoreSync::Every(std::time::Duration::from_secs(120));
+    let outcome = scenario::run(dir.path(), every, 3).await;
+    publish(&outcome, "3 nodes, all at once");
     let acked: usize = outcome.paths.values().map(|(a, _)| a).sum();
     assert!(
         acked > 0,
