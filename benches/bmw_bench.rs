@@ -25,7 +25,9 @@
 //! fail-over after `kill -9`; (6) worker memory with 10,000 idle daemon
 //! tasks, and while draining async tasks; (7) lateness of an every-second
 //! periodic tick; (8) async noop tasks through a NATS-service handler (a
-//! Rust responder, the Python example) beside the compiled handler. A wrong count (a task not bound or not done, a request
+//! Rust responder, the Python example) beside the compiled handler; (9)
+//! durability's price: 1c, 1d and bmw's producer paths with the store synced
+//! before every acknowledgement and every 2 minutes, side by side. A wrong count (a task not bound or not done, a request
 //! refused, a message lost) fails the run with a non-zero exit; a missed
 //! target is only reported.
 
@@ -40,6 +42,8 @@ mod baseline;
 mod bridge;
 #[path = "bmw_bench/daemon.rs"]
 mod daemon;
+#[path = "bmw_bench/durable.rs"]
+mod durable;
 #[path = "bmw_bench/env.rs"]
 mod env;
 #[path = "bmw_bench/periodic.rs"]
@@ -76,6 +80,10 @@ struct Plan {
     async_tasks: usize,
     async_runs: usize,
     periodic_ticks: usize,
+    /// Figure 9: tasks per measurement, creates of the one-at-a-time loop, rounds.
+    durable_tasks: usize,
+    durable_loop_tasks: usize,
+    durable_runs: usize,
     /// Bound of one scenario (or one run of a repeated one).
     scenario_limit: Duration,
     /// How long a run waits for all tasks to be stored, bound or back.
@@ -100,6 +108,9 @@ const FULL: Plan = Plan {
     async_tasks: 20_000,
     async_runs: 3,
     periodic_ticks: 20,
+    durable_tasks: 10_000,
+    durable_loop_tasks: 1_000,
+    durable_runs: 3,
     scenario_limit: Duration::from_secs(180),
     wait_limit: Duration::from_secs(60),
 };
@@ -122,6 +133,9 @@ const QUICK: Plan = Plan {
     async_tasks: 500,
     async_runs: 1,
     periodic_ticks: 5,
+    durable_tasks: 300,
+    durable_loop_tasks: 100,
+    durable_runs: 1,
     scenario_limit: Duration::from_secs(60),
     wait_limit: Duration::from_secs(30),
 };
@@ -130,8 +144,9 @@ const QUICK: Plan = Plan {
 const DEFAULT_TTL: (u64, u64) = (15, 5);
 const FAST_TTL: (u64, u64) = (3, 1);
 
-const SCENARIOS: [&str; 8] = [
+const SCENARIOS: [&str; 9] = [
     "baseline", "async", "bridge", "claims", "failover", "memory", "periodic", "services",
+    "durable",
 ];
 
 /// The async scenarios: producer path, workers, enqueued while draining.
@@ -179,6 +194,7 @@ fn path_label(path: async_tasks::Path) -> &'static str {
         async_tasks::Path::Command => "2a async via bmw.task.create",
         async_tasks::Path::Subject => "2b async via publish on bmw.async.<queue>.<id>",
         async_tasks::Path::Bridge => "2c async via bridge POST /bmw/task/",
+        async_tasks::Path::BridgeLoop => "2h async via bridge POST /bmw/task/, one at a time",
         async_tasks::Path::QueueSubject => "2e async via publish on bmw.async.<queue>",
         async_tasks::Path::Batch => "2g async via bridge POST /bmw/task/batch, 1,000 per request",
     }
@@ -291,7 +307,8 @@ fn conditions(plan: &Plan, load_before: &str) -> String {
         "- mode: {}\n\
          - cores: {processors} x {model}; nproc: {}\n\
          - load average (1/5/15 min): {load_before} at start, {} at end\n\
-         - nats-server: {}, file storage in {}, loopback only\n\
+         - nats-server: {}, file storage in {}, loopback only; store sync: the \
+           server's default (every 2 min) except where figure 9 says `sync always`\n\
          - bmw: git {rev}{}; build profile: {profile}\n\
          - date: {}\n",
         if plan.quick {
@@ -664,7 +681,9 @@ async fn run(plan: Plan, only: Vec<String>, figures: String) -> ExitCode {
                 let what = match path {
                     async_tasks::Path::Command => "command",
                     async_tasks::Path::Subject | async_tasks::Path::QueueSubject => "publish",
-                    async_tasks::Path::Bridge | async_tasks::Path::Batch => "request",
+                    async_tasks::Path::Bridge
+                    | async_tasks::Path::BridgeLoop
+                    | async_tasks::Path::Batch => "request",
                 };
                 latency_rows.push(
                     Row::new(
@@ -998,6 +1017,18 @@ async fn run(plan: Plan, only: Vec<String>, figures: String) -> ExitCode {
         rows.extend(services_rows(&plan, &mut failures).await);
     }
 
+    // 9. Durability's price.
+    if wants("durable") {
+        let counts = durable::Counts {
+            tasks: plan.durable_tasks,
+            loop_tasks: plan.durable_loop_tasks,
+            runs: plan.durable_runs,
+            limit,
+            wait: plan.wait_limit,
+        };
+        rows.extend(durable::rows(counts, &mut failures).await);
+    }
+
     println!("\n## bmw benchmark\n");
     println!("{}", conditions(&plan, &load_before));
     println!("{}", report::table(&rows));
@@ -1013,7 +1044,10 @@ async fn run(plan: Plan, only: Vec<String>, figures: String) -> ExitCode {
          also the first worker. Figure 8: one in-process worker (`--concurrency 64`) \
          per run, tasks published on `bmw.async.<queue>` while it drains; CPU per task \
          counts the bench process (producer, worker, Rust responder), nats-server and \
-         the Python responder; the three handlers take turns within each repetition."
+         the Python responder; the three handlers take turns within each repetition. \
+         Figure 9: a fresh server per mode and round, `sync_interval: always` (fsync \
+         before each acknowledgement, bmw's default) against every 2 min, the modes \
+         taking turns within each round; 1 worker while draining."
     );
     let missed: Vec<&str> = rows
         .iter()

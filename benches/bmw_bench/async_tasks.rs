@@ -41,6 +41,8 @@ pub(crate) enum Path {
     Command,
     /// `POST /bmw/task/` on a `bmw run` bridge, 64 requests in flight.
     Bridge,
+    /// `POST /bmw/task/` one at a time: a client's loop of single creates.
+    BridgeLoop,
     /// JetStream publish on `bmw.async.<queue>`: one subject for the whole
     /// queue (the task id in the body and `Nats-Msg-Id`), which the server
     /// indexes more cheaply, at the price of lookups by id.
@@ -245,7 +247,8 @@ async fn enqueue(
                 ack?;
             }
         }
-        Path::Bridge => {
+        Path::Bridge | Path::BridgeLoop => {
+            let in_flight = if path == Path::Bridge { CONNECTIONS } else { 1 };
             let url = format!("{}/bmw/task/", bridge.context("no bridge")?);
             let http = reqwest::Client::new();
             let mut inflight = FuturesUnordered::new();
@@ -265,7 +268,7 @@ async fn enqueue(
                         _ => bail!("bridge answered {status} {envelope}"),
                     }
                 });
-                while inflight.len() >= CONNECTIONS {
+                while inflight.len() >= in_flight {
                     let (i, id) = inflight.next().await.context("request")??;
                     ids.lock().unwrap_or_else(|e| e.into_inner()).insert(i, id);
                 }
@@ -491,7 +494,7 @@ async fn run_once(
         _ => None,
     };
     let bridge_addr = match path {
-        Path::Bridge | Path::Batch => {
+        Path::Bridge | Path::BridgeLoop | Path::Batch => {
             let port = std::net::TcpListener::bind("127.0.0.1:0")?
                 .local_addr()?
                 .port();

@@ -163,6 +163,28 @@ pub(crate) async fn run(server: &Server, n: usize, runs: usize) -> anyhow::Resul
     Ok(out)
 }
 
+/// Figure 9's raw measurements, once: publish and drain at once (1c) and 64
+/// awaiting publishers (1d), `n` messages each; msg/s.
+pub(crate) async fn both_and_sync64(server: &Server, n: usize) -> anyhow::Result<(f64, f64)> {
+    let client = async_nats::connect(server.url()).await?;
+    let js = jetstream::new(client.clone());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let s = fresh_stream(&js).await?;
+    let c = consumer(&s).await?;
+    let t = Instant::now();
+    let producer = {
+        let js = js.clone();
+        tokio::spawn(async move { publish(&js, n, deadline).await })
+    };
+    drain(&client, &c, n, deadline).await?;
+    producer.await??;
+    let both = n as f64 / t.elapsed().as_secs_f64();
+    fresh_stream(&js).await?;
+    let (sync64, _) = sync_publishers(&js, n, deadline).await?;
+    let _ = js.delete_stream(STREAM).await;
+    Ok((both, sync64))
+}
+
 /// 64 publishers, each awaiting its ack before the next publish; returns
 /// msg/s and every latency in ms.
 async fn sync_publishers(

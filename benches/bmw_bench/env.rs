@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use async_nats::jetstream::kv;
-use bmw::nats::local::{LocalServer, LocalServerOptions};
+use bmw::nats::local::{LocalServer, LocalServerOptions, StoreSync};
 use bmw::nats::{Nats, names};
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
@@ -57,8 +57,17 @@ pub(crate) struct Server {
 }
 
 impl Server {
-    /// Starts one and provisions bmw's streams and buckets.
+    /// Starts one with nats-server's default store sync (every 2 minutes).
     pub(crate) async fn start() -> anyhow::Result<Server> {
+        Server::start_sync(None).await
+    }
+
+    /// Starts one whose store syncs as `sync` says (figure 9).
+    pub(crate) async fn start_with(sync: StoreSync) -> anyhow::Result<Server> {
+        Server::start_sync(Some(sync)).await
+    }
+
+    async fn start_sync(sync: Option<StoreSync>) -> anyhow::Result<Server> {
         let dir = tempfile::Builder::new().prefix("bmw-bench-").tempdir()?;
         let binary = tokio::task::spawn_blocking(nats_server_binary).await??;
         let options = LocalServerOptions {
@@ -66,7 +75,7 @@ impl Server {
             port: 0,
             extra_args: vec![],
             binary: Some(binary),
-            sync: None,
+            sync,
         };
         let server = LocalServer::start(options, dir.path())
             .await
