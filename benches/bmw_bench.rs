@@ -27,7 +27,10 @@
 //! periodic tick; (8) async noop tasks through a NATS-service handler (a
 //! Rust responder, the Python example) beside the compiled handler; (9)
 //! durability's price: 1c, 1d and bmw's producer paths with the store synced
-//! before every acknowledgement and every 2 minutes, side by side. A wrong count (a task not bound or not done, a request
+//! before every acknowledgement and every 2 minutes, side by side; (10) bmw's
+//! 2e and 2a beside the peer task queues apalis-nats and BullMQ (built from
+//! their registries by `scripts/peers-env`), each round running all four on
+//! fresh servers, with the ratio of bmw to the fastest peer. A wrong count (a task not bound or not done, a request
 //! refused, a message lost) fails the run with a non-zero exit; a missed
 //! target is only reported.
 
@@ -46,6 +49,8 @@ mod daemon;
 mod durable;
 #[path = "bmw_bench/env.rs"]
 mod env;
+#[path = "bmw_bench/peers.rs"]
+mod peers;
 #[path = "bmw_bench/periodic.rs"]
 mod periodic;
 #[path = "bmw_bench/report.rs"]
@@ -84,6 +89,9 @@ struct Plan {
     durable_tasks: usize,
     durable_loop_tasks: usize,
     durable_runs: usize,
+    /// Figure 10: tasks per run of each system, rounds.
+    peers_tasks: usize,
+    peers_runs: usize,
     /// Bound of one scenario (or one run of a repeated one).
     scenario_limit: Duration,
     /// How long a run waits for all tasks to be stored, bound or back.
@@ -111,6 +119,8 @@ const FULL: Plan = Plan {
     durable_tasks: 10_000,
     durable_loop_tasks: 1_000,
     durable_runs: 3,
+    peers_tasks: 20_000,
+    peers_runs: 3,
     scenario_limit: Duration::from_secs(180),
     wait_limit: Duration::from_secs(60),
 };
@@ -136,6 +146,8 @@ const QUICK: Plan = Plan {
     durable_tasks: 300,
     durable_loop_tasks: 100,
     durable_runs: 1,
+    peers_tasks: 500,
+    peers_runs: 1,
     scenario_limit: Duration::from_secs(60),
     wait_limit: Duration::from_secs(30),
 };
@@ -144,9 +156,9 @@ const QUICK: Plan = Plan {
 const DEFAULT_TTL: (u64, u64) = (15, 5);
 const FAST_TTL: (u64, u64) = (3, 1);
 
-const SCENARIOS: [&str; 9] = [
+const SCENARIOS: [&str; 10] = [
     "baseline", "async", "bridge", "claims", "failover", "memory", "periodic", "services",
-    "durable",
+    "durable", "peers",
 ];
 
 /// The async scenarios: producer path, workers, enqueued while draining.
@@ -1017,6 +1029,16 @@ async fn run(plan: Plan, only: Vec<String>, figures: String) -> ExitCode {
         rows.extend(services_rows(&plan, &mut failures).await);
     }
 
+    if wants("peers") {
+        let counts = peers::Counts {
+            tasks: plan.peers_tasks,
+            runs: plan.peers_runs,
+            limit,
+            wait: plan.wait_limit,
+        };
+        rows.extend(peers::rows(counts, &mut failures).await);
+    }
+
     // 9. Durability's price.
     if wants("durable") {
         let counts = durable::Counts {
@@ -1047,7 +1069,13 @@ async fn run(plan: Plan, only: Vec<String>, figures: String) -> ExitCode {
          the Python responder; the three handlers take turns within each repetition. \
          Figure 9: a fresh server per mode and round, `sync_interval: always` (fsync \
          before each acknowledgement, bmw's default) against every 2 min, the modes \
-         taking turns within each round; 1 worker while draining."
+         taking turns within each round; 1 worker while draining. \
+         Figure 10: noop tasks, 64 at once, enqueued while one worker drains, from the \
+         first enqueue to the last task done, the four systems taking turns within each \
+         round on fresh servers: bmw's worker is its own process fed by the bench, \
+         apalis-nats (same nats-server and settings) and BullMQ (redis-server, AOF \
+         fsynced every second) run producer and worker in one process; each peer runs \
+         one warm-up job first and counts every job by index."
     );
     let missed: Vec<&str> = rows
         .iter()

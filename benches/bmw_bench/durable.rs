@@ -1,5 +1,5 @@
 //! Figure 9 (issue 27): what durability costs. The raw JetStream ceiling and
-//! bmw's producer paths measured on a server that fsyncs before every
+//! bmw's drain and producer paths measured on a server that fsyncs before every
 //! acknowledgement (`sync_interval: always`, bmw's default) and on one that
 //! fsyncs every 2 minutes (nats-server's default), the two modes taking turns
 //! within each round so both see the same machine.
@@ -26,14 +26,18 @@ const MODES: [(&str, StoreSync); 2] = [
     ("sync always", StoreSync::Always),
 ];
 
-/// The bmw paths measured, each with 1 worker while draining.
-const PATHS: [Path; 5] = [
-    Path::QueueSubject,
-    Path::Command,
-    Path::Bridge,
-    Path::BridgeLoop,
-    Path::Batch,
+/// The bmw paths measured, 1 worker each: while draining, or all enqueued
+/// before the worker starts (`false`: the drain alone, against 1b).
+const PATHS: [(Path, bool); 6] = [
+    (Path::QueueSubject, false),
+    (Path::QueueSubject, true),
+    (Path::Command, true),
+    (Path::Bridge, true),
+    (Path::BridgeLoop, true),
+    (Path::Batch, true),
 ];
+/// Where 2h is in [`PATHS`] (2g's target is a multiple of it).
+const LOOP: usize = 4;
 
 /// Counts of figure 9.
 #[derive(Debug, Clone, Copy)]
@@ -50,9 +54,10 @@ pub(crate) struct Counts {
     pub(crate) wait: Duration,
 }
 
-/// Samples of one mode: raw 1c and 1d, then one per path.
+/// Samples of one mode: raw 1b, 1c and 1d, then one per path.
 #[derive(Debug, Default, Clone)]
 struct ModeSamples {
+    raw_drain: Samples,
     raw_both: Samples,
     raw_sync64: Samples,
     paths: [Samples; PATHS.len()],
@@ -81,25 +86,27 @@ pub(crate) async fn rows(counts: Counts, failures: &mut Vec<String>) -> Vec<Row>
             };
             let name = format!("durable {label} round {round}: raw");
             let raw = bounded(&name, counts.limit, failures, async {
-                crate::baseline::both_and_sync64(&server, counts.tasks).await
+                crate::baseline::drain_both_sync64(&server, counts.tasks).await
             })
             .await;
             match raw {
-                Some((both, sync64)) => {
-                    eprintln!("  {name}: 1c {both:.0}/s, 1d {sync64:.0}/s");
+                Some([drain, both, sync64]) => {
+                    eprintln!("  {name}: 1b {drain:.0}/s, 1c {both:.0}/s, 1d {sync64:.0}/s");
+                    samples.raw_drain.push(drain);
                     samples.raw_both.push(both);
                     samples.raw_sync64.push(sync64);
                 }
                 None => samples.lost += 1,
             }
-            for (i, path) in PATHS.iter().enumerate() {
-                let name = format!("durable {label} round {round}: {path:?}");
+            for (i, (path, concurrent)) in PATHS.iter().enumerate() {
+                let name = format!("durable {label} round {round}: {path:?} {concurrent}");
                 let tasks = Tasks {
                     n: count(*path, &counts),
                     runner: Runner::Compiled,
                 };
                 let figure = bounded(&name, counts.limit, failures, async {
-                    async_tasks::run(&server, *path, 1, true, tasks, counts.wait, round).await
+                    async_tasks::run(&server, *path, 1, *concurrent, tasks, counts.wait, round)
+                        .await
                 })
                 .await;
                 match figure {
@@ -131,6 +138,16 @@ fn table(modes: &[ModeSamples; 2], counts: &Counts) -> Vec<Row> {
         } else {
             rows.push(
                 Row::new(
+                    format!(
+                        "9 {label}: 1b JetStream work queue, pull + ack after the publish, {n}"
+                    ),
+                    "msg/s",
+                    mode.raw_drain.clone(),
+                )
+                .ratio(against_fast(&mode.raw_drain, &fast.raw_drain)),
+            );
+            rows.push(
+                Row::new(
                     format!("9 {label}: 1c JetStream work queue, publish + pull/ack at once, {n}"),
                     "msg/s",
                     mode.raw_both.clone(),
@@ -149,29 +166,36 @@ fn table(modes: &[ModeSamples; 2], counts: &Counts) -> Vec<Row> {
                 .ratio(against_fast(&mode.raw_sync64, &fast.raw_sync64)),
             );
         }
-        for (i, path) in PATHS.iter().enumerate() {
+        for (i, (path, concurrent)) in PATHS.iter().enumerate() {
+            let (path, concurrent) = (*path, *concurrent);
             let figure = format!(
-                "9 {label}: {}, 1 worker, while draining, {}/run",
-                path_label(*path),
-                report::num(count(*path, counts) as f64)
+                "9 {label}: {}, 1 worker, {}, {}/run",
+                path_label(path),
+                if concurrent {
+                    "while draining"
+                } else {
+                    "then drain"
+                },
+                report::num(count(path, counts) as f64)
             );
             let samples = &mode.paths[i];
             if samples.0.is_empty() {
                 rows.push(failed(&figure));
                 continue;
             }
-            let mut ratios = vec![ratio(
-                samples.median(),
-                mode.raw_both.median(),
-                "1c of this mode",
-            )];
+            let (raw, raw_name) = if concurrent {
+                (&mode.raw_both, "1c of this mode")
+            } else {
+                (&mode.raw_drain, "1b of this mode")
+            };
+            let mut ratios = vec![ratio(samples.median(), raw.median(), raw_name)];
             if which == 1 {
                 ratios.push(against_fast(samples, &fast.paths[i]));
             }
             let mut row = Row::new(figure, "tasks/s", samples.clone())
                 .ratio(ratios.join("; "))
                 .failed_runs(mode.lost);
-            if which == 1 && *path == Path::QueueSubject {
+            if which == 1 && path == Path::QueueSubject && concurrent {
                 row = row.target(
                     Target::AtLeast(0.8 * raw_durable),
                     format!(
@@ -180,8 +204,8 @@ fn table(modes: &[ModeSamples; 2], counts: &Counts) -> Vec<Row> {
                     ),
                 );
             }
-            if which == 1 && *path == Path::Batch {
-                let single = durable.paths[3].median();
+            if which == 1 && path == Path::Batch {
+                let single = durable.paths[LOOP].median();
                 row.ratio = format!("{}; {}", row.ratio, ratio(samples.median(), single, "2h"));
                 row = row.target(
                     Target::AtLeast(5.0 * single),
