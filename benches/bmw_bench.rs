@@ -573,6 +573,11 @@ async fn run(plan: Plan, only: Vec<String>, figures: String) -> ExitCode {
             &base.sync64,
         ));
         rows.push(base_row(
+            "1c ... nats-server CPU per message".into(),
+            "µs",
+            &base.both_server_us,
+        ));
+        rows.push(base_row(
             "1d ... p50 latency".into(),
             "ms",
             &base.sync64_p50,
@@ -740,6 +745,28 @@ async fn run(plan: Plan, only: Vec<String>, figures: String) -> ExitCode {
                 }
                 if path == async_tasks::Path::Subject && workers == 1 {
                     async_rss = Some((all(|g| &g.rss_kib), lost));
+                }
+                // Issue 22: where the time goes, per task.
+                if workers == 1 && path != async_tasks::Path::BridgeLoop {
+                    let server = all(|g| &g.server_us);
+                    let to_raw = ratio(server.median(), base.both_server_us.median(), "1c");
+                    latency_rows.push(
+                        Row::new(
+                            format!("2d {short}: nats-server CPU per task"),
+                            "µs",
+                            server,
+                        )
+                        .ratio(to_raw)
+                        .failed_runs(lost),
+                    );
+                    latency_rows.push(
+                        Row::new(
+                            format!("2d {short}: worker CPU per task"),
+                            "µs",
+                            all(|g| &g.worker_us),
+                        )
+                        .failed_runs(lost),
+                    );
                 }
             }
         }

@@ -107,6 +107,10 @@ pub(crate) struct AsyncFigure {
     /// Tasks/s stored (every publish acked, every request answered), from
     /// the first enqueue to the last, while the workers drain.
     pub(crate) enqueue_rate: Samples,
+    /// CPU time per task (µs) of the nats-server and of the workers, over
+    /// the measured time.
+    pub(crate) server_us: Samples,
+    pub(crate) worker_us: Samples,
 }
 
 /// Done times of `succeeded` events by task id.
@@ -426,6 +430,8 @@ struct Once {
     /// CPU used during the measured time by workers, nats-server, bench, in
     /// cores (CPU seconds / wall seconds).
     cores: [f64; 3],
+    /// The same as CPU µs per task.
+    cpu_us: [f64; 3],
 }
 
 fn spawn_workers(
@@ -597,6 +603,7 @@ async fn run_once(
         rss_kib,
         enqueue_rate,
         cores: std::array::from_fn(|i| (cpu_end[i] - cpu_start[i]) / wall),
+        cpu_us: std::array::from_fn(|i| (cpu_end[i] - cpu_start[i]) * 1e6 / n as f64),
     })
 }
 
@@ -638,5 +645,7 @@ pub(crate) async fn run(
         p99_ms: Samples(vec![once.p99]),
         rss_kib: Samples(vec![once.rss_kib]),
         enqueue_rate: Samples(vec![once.enqueue_rate]),
+        server_us: Samples(vec![once.cpu_us[1]]),
+        worker_us: Samples(vec![once.cpu_us[0]]),
     })
 }

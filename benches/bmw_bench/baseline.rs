@@ -36,6 +36,8 @@ pub(crate) struct Baseline {
     pub(crate) drain: Samples,
     /// Publish and drain at once, msg/s (until the last one is acked).
     pub(crate) both: Samples,
+    /// The nats-server's CPU time per message (µs) in that run.
+    pub(crate) both_server_us: Samples,
     /// 64 publishers each awaiting its ack, msg/s.
     pub(crate) sync64: Samples,
     /// Their p50 latency, ms.
@@ -152,7 +154,13 @@ pub(crate) async fn run(server: &Server, n: usize, runs: usize) -> anyhow::Resul
 
         let s = fresh_stream(&js).await?;
         let c = consumer(&s).await?;
-        let t = Instant::now();
+        let server_cpu = || -> f64 {
+            crate::async_tasks::server_pids()
+                .iter()
+                .map(|p| crate::async_tasks::cpu_seconds(p))
+                .sum()
+        };
+        let (t, cpu) = (Instant::now(), server_cpu());
         let producer = {
             let js = js.clone();
             tokio::spawn(async move { publish(&js, n, deadline).await })
@@ -160,6 +168,8 @@ pub(crate) async fn run(server: &Server, n: usize, runs: usize) -> anyhow::Resul
         drain(&client, &c, n, deadline).await?;
         producer.await??;
         out.both.push(n as f64 / t.elapsed().as_secs_f64());
+        out.both_server_us
+            .push((server_cpu() - cpu) * 1e6 / n as f64);
 
         fresh_stream(&js).await?;
         let (rate, mut lat) = sync_publishers(&js, n, deadline).await?;
