@@ -99,6 +99,11 @@ fn queue_of(subject: &str) -> String {
 
 pub(super) async fn execute(shared: Arc<Shared>, message: Message, slot: Slot) {
     let rt = &shared.rt;
+    if shared.completer.succeeded_before(&message) {
+        tracing::info!(subject = %message.subject, "task already succeeded here before the connection was lost; acked, not run again");
+        let _ = Box::pin(message.ack()).await;
+        return;
+    }
     let (attempt, seq) = match message.info() {
         Ok(info) => (info.delivered.max(1) as u32, info.stream_sequence),
         Err(_) => (1, 0),

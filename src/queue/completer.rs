@@ -23,11 +23,24 @@
 //! forget, a crash ran 250-1,900 of 3,000 tasks twice: issue 11). A batch
 //! whose confirmation does not come because the connection was lost is acked
 //! again once connected, until confirmed or until its ack wait has passed.
+//!
+//! An ack again is not enough when the server itself restarted: it saves a
+//! consumer's state at most ten times a second, a restarted server ignores
+//! acks past the last delivery it saved, and it hands out again messages
+//! whose acks it had confirmed in its last moments (measured: tasks acked
+//! and confirmed half a second before a `kill -9` came back). So once
+//! connected again, the messages of an unconfirmed batch are also deleted
+//! from their stream by sequence, and the worker remembers the stream
+//! sequences of its last [`RECENT`] successes: one handed back to this
+//! worker is acked and not run again ([`Completer::succeeded_before`];
+//! issue 22, part 3). One handed to another worker still runs again.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::hash::BuildHasher as _;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use async_nats::jetstream::{AckKind, Message};
+use async_nats::jetstream::{self, AckKind, Message};
 use serde_json::json;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -63,17 +76,62 @@ enum Item {
     Flush(oneshot::Sender<()>),
 }
 
+/// How many of its last successes a worker remembers (by stream sequence):
+/// more than the acks a server can forget in its last moments at full speed.
+const RECENT: usize = 16_384;
+
+/// The stream sequences of a worker's last [`RECENT`] successes.
+#[derive(Debug, Default)]
+struct Recent {
+    order: VecDeque<Key>,
+    set: HashSet<Key>,
+    streams: std::hash::RandomState,
+}
+
+/// A stream (by a hash of its name) and a sequence in it.
+type Key = (u64, u64);
+
+impl Recent {
+    fn key(&self, message: &Message) -> Option<Key> {
+        let info = message.info().ok()?;
+        Some((self.streams.hash_one(info.stream), info.stream_sequence))
+    }
+
+    fn insert(&mut self, message: &Message) {
+        if let Some(key) = self.key(message) {
+            self.insert_key(key);
+        }
+    }
+
+    fn insert_key(&mut self, key: Key) {
+        if self.set.insert(key) {
+            self.order.push_back(key);
+        }
+        while self.order.len() > RECENT {
+            if let Some(old) = self.order.pop_front() {
+                self.set.remove(&old);
+            }
+        }
+    }
+}
+
+/// [`Recent`], shared by the handle (which checks it) and the batcher.
+type SharedRecent = Arc<Mutex<Recent>>;
+
 /// The handle tasks report success to; cheap to clone.
 #[derive(Debug, Clone)]
 pub(super) struct Completer {
     tx: mpsc::Sender<Item>,
+    recent: SharedRecent,
 }
 
 /// What the batching loop needs.
 #[derive(Clone)]
 struct Batcher {
     client: async_nats::Client,
+    js: jetstream::Context,
     link: Link,
+    recent: SharedRecent,
     events: EventPublisher,
     /// Most tasks in one batch: the worker's concurrency, at most [`MAX_BATCH`].
     max_batch: usize,
@@ -85,7 +143,7 @@ impl Completer {
     /// Starts the batching loop, with batches of at most `concurrency`
     /// tasks; it ends when every handle is dropped.
     pub(super) fn start(
-        client: async_nats::Client,
+        js: jetstream::Context,
         events: EventPublisher,
         concurrency: usize,
         ack_wait: Duration,
@@ -94,15 +152,28 @@ impl Completer {
         // Room for one batch while two are sent and confirmed, and no more:
         // a task that finds it full waits, holding its permit.
         let (tx, rx) = mpsc::channel(max_batch);
+        let recent = SharedRecent::default();
+        let client = js.client();
         let batcher = Batcher {
             link: Link::new(&client),
             client,
+            js,
+            recent: recent.clone(),
             events,
             max_batch,
             ack_wait,
         };
         tokio::spawn(batcher.run(rx));
-        Completer { tx }
+        Completer { tx, recent }
+    }
+
+    /// Whether `message` is one of this worker's last successes, handed
+    /// out again by a restarted server: then it is to be acked, not run.
+    pub(super) fn succeeded_before(&self, message: &Message) -> bool {
+        let recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+        recent
+            .key(message)
+            .is_some_and(|key| recent.set.contains(&key))
     }
 
     /// Queues a success for its event and ack if there is room at once;
@@ -146,6 +217,7 @@ impl Batcher {
         // at most, so the next one is sent while the last is confirmed.
         let mut previous: Option<JoinHandle<Vec<Item>>> = None;
         while rx.recv_many(&mut items, self.max_batch).await > 0 {
+            self.remember(&items);
             self.report(&items).await;
             let flushing = items.iter().any(|i| matches!(i, Item::Flush(_)));
             let batch = std::mem::replace(&mut items, Vec::with_capacity(self.max_batch));
@@ -230,8 +302,45 @@ impl Batcher {
                     "acks of successful async tasks not confirmed within their ack wait; these tasks may run again"
                 );
             }
-            tracing::info!(count = messages.len(), %cause, "connection lost before the acks were confirmed; acking again");
+            tracing::info!(count = messages.len(), %cause, "connection lost before the acks were confirmed; deleting the messages and acking again");
+            self.delete(messages).await;
         }
+    }
+
+    /// Remembers the successes of a batch (see [`Recent`]).
+    fn remember(&self, items: &[Item]) {
+        let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+        for item in items {
+            if let Item::Done(done) = item {
+                recent.insert(&done.message);
+            }
+        }
+    }
+
+    /// Deletes `messages` from their streams by sequence: a restarted server
+    /// ignores acks past the deliveries it saved.
+    async fn delete(&self, messages: &[&Message]) {
+        let targets: Vec<(String, u64)> = messages
+            .iter()
+            .filter_map(|m| m.info().ok())
+            .map(|info| (info.stream.to_owned(), info.stream_sequence))
+            .collect();
+        let deletes = targets.iter().map(|(stream, seq)| async move {
+            let stream = self.js.get_stream_no_info(stream).await?;
+            stream.delete_message(*seq).await?;
+            Ok::<_, async_nats::Error>(())
+        });
+        let failed = futures::future::join_all(deletes)
+            .await
+            .into_iter()
+            .filter(Result::is_err)
+            .count();
+        // A message already acked or deleted is not found: not an error here.
+        tracing::debug!(
+            count = targets.len(),
+            failed,
+            "messages of unconfirmed acks deleted"
+        );
     }
 
     /// Sends the acks of `messages`, the last one of each consumer as a
@@ -274,5 +383,26 @@ fn answer_flushes(batch: Result<Vec<Item>, tokio::task::JoinError>) {
         if let Item::Flush(tx) = item {
             let _ = tx.send(());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recent_successes_keep_the_last_ones_only() {
+        let mut recent = Recent::default();
+        for seq in 0..(RECENT as u64 + 10) {
+            recent.insert_key((7, seq));
+        }
+        // A repeat is not counted twice.
+        recent.insert_key((7, RECENT as u64 + 9));
+        assert_eq!(recent.order.len(), RECENT);
+        assert_eq!(recent.set.len(), RECENT);
+        assert!(!recent.set.contains(&(7, 9)), "the oldest are forgotten");
+        assert!(recent.set.contains(&(7, 10)));
+        assert!(recent.set.contains(&(7, RECENT as u64 + 9)));
+        assert!(!recent.set.contains(&(8, 20)), "another stream's sequence");
     }
 }

@@ -118,7 +118,7 @@ impl AsyncRuntime {
         } = self;
         let shared = Arc::new(Shared {
             completer: Completer::start(
-                env.nats.client.clone(),
+                env.nats.js.clone(),
                 env.events.clone(),
                 concurrency,
                 env.ack_wait,
