@@ -71,6 +71,7 @@ pub(crate) struct Dropped {
 pub(crate) struct LazyFs {
     state: Arc<Mutex<State>>,
     session: Option<BackgroundSession>,
+    mountpoint: PathBuf,
 }
 
 impl LazyFs {
@@ -95,6 +96,7 @@ impl LazyFs {
         Ok(LazyFs {
             state,
             session: Some(session),
+            mountpoint: mountpoint.to_owned(),
         })
     }
 
@@ -119,11 +121,33 @@ impl LazyFs {
     }
 
     /// Unmounts (the processes using it are gone by then).
+    /// The kernel sends a file's release to the filesystem after `close`
+    /// returns, so a mount whose files were just closed can still be busy
+    /// for a moment: the unmount is tried again for up to 10 s.
     pub(crate) fn unmount(mut self) -> io::Result<()> {
-        match self.session.take() {
-            Some(session) => session.umount_and_join(),
-            None => Ok(()),
+        let Some(session) = self.session.take() else {
+            return Ok(());
+        };
+        let path = std::ffi::CString::new(self.mountpoint.as_os_str().as_encoded_bytes())
+            .map_err(io::Error::other)?;
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            // SAFETY: `path` is a valid NUL-terminated string for the call.
+            if unsafe { libc::umount2(path.as_ptr(), 0) } == 0 {
+                break;
+            }
+            let error = io::Error::last_os_error();
+            match error.raw_os_error() {
+                Some(libc::EBUSY) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                // Not mounted any more (fuser's own unmount below says so).
+                Some(libc::EINVAL) => break,
+                _ => return Err(error),
+            }
         }
+        // Unmounted: the session's thread ends; its own unmount finds nothing.
+        session.join()
     }
 }
 
