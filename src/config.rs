@@ -644,6 +644,7 @@ impl Config {
             auth: self.nats_auth.clone(),
             tls: self.nats_tls.clone(),
             inbox_prefix: self.nats_inbox_prefix.clone(),
+            first_connect_wait: crate::nats::connect::FIRST_CONNECT_WAIT,
         }
     }
 

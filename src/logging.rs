@@ -15,6 +15,10 @@ use tracing_subscriber::{EnvFilter, Layer, Registry, reload};
 /// The filter when `BMW_LOG` is not set.
 pub const DEFAULT_FILTER: &str = "info,async_nats=warn";
 
+/// The filter of `bmw task` without `-v` when `BMW_LOG` is not set: a
+/// command-line client prints its answer, and its error once, itself.
+pub const QUIET_FILTER: &str = "off";
+
 /// The levels [`set_level`] takes: BMW's (zap's) names, and `trace`.
 pub const LEVELS: &str = "trace, debug, info, warn, error";
 
@@ -50,8 +54,13 @@ pub enum LogLevelError {
 /// second call, or one after another subscriber was installed, does nothing.
 /// `extra` (the trace exporter) sees spans and events through its own filter.
 pub fn init(json: bool, extra: Option<ExtraLayer>) {
+    init_with_default(json, extra, DEFAULT_FILTER)
+}
+
+/// [`init`] with another filter for when `BMW_LOG` is not set.
+pub fn init_with_default(json: bool, extra: Option<ExtraLayer>, default_filter: &str) {
     let filter =
-        EnvFilter::try_from_env("BMW_LOG").unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER));
+        EnvFilter::try_from_env("BMW_LOG").unwrap_or_else(|_| EnvFilter::new(default_filter));
     let (filter, handle) = reload::Layer::new(filter);
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let fmt = tracing_subscriber::fmt::layer()

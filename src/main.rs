@@ -165,6 +165,10 @@ struct Global {
     /// Log as JSON lines instead of human-readable text.
     #[arg(long, global = true, env = "BMW_LOG_JSON")]
     log_json: bool,
+    /// `bmw task`: also log what it does, on stderr (it prints only its
+    /// answer otherwise; `BMW_LOG` sets the filter either way).
+    #[arg(short = 'v', long, global = true)]
+    verbose: bool,
     // NATS credentials and TLS: secrets' values never show in --help.
     /// NATS credentials file (user JWT and nkey seed, as `nsc` writes it).
     #[arg(long, global = true, env = "BMW_NATS_CREDS")]
@@ -226,11 +230,41 @@ enum Role {
     /// The HTTP bridge only.
     Bridge,
     /// Create, list, delete or reload tasks by talking to NATS directly.
-    #[command(subcommand)]
+    #[command(subcommand, after_help = TASK_HELP)]
     Task(TaskCmd),
     /// Create or update the streams and buckets, then exit.
     Provision,
 }
+
+/// What `bmw task --help` ends with.
+const TASK_HELP: &str = "\
+Each command prints its answer as JSON on stdout and nothing else (-v adds logs on stderr);
+an error is one line on stderr.
+
+Exit codes:
+  0  done (a create, delete or reload accepted; a listing printed)
+  1  refused by bmw (the answer, printed, says why) or failed after connecting
+  2  bad usage (unknown subcommand, missing argument)
+  3  NATS not reachable (no answer within 5 s, credentials or TLS refused)
+
+Examples:
+  bmw task create daemon:demo:demo '{\"content\":\"ok\"}'
+  bmw task create async:demo:noop --options '{\"queue\":\"default\"}'
+  bmw task list --type async
+  bmw task get <task_id>
+  bmw task delete <uni_id>
+  bmw task delete <task_id> --type async
+  bmw task reload <uni_id> '{\"content\":\"new\"}'
+  bmw task requeue <task_id>
+  bmw task pause periodic:demo:tick
+  bmw task queues
+  printf '%s\\n' '{\"kind\":\"async:demo:noop\"}' | bmw task batch";
+
+/// How long `bmw task` tries to reach NATS before it gives up (exit 3).
+const TASK_CONNECT_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// `bmw task`'s exit code when NATS cannot be reached.
+const EXIT_NO_NATS: u8 = 3;
 
 #[derive(Debug, Subcommand)]
 enum TaskCmd {
@@ -367,13 +401,23 @@ async fn main() -> ExitCode {
         Err(e) => return failed(&e),
     };
     let (layer, export) = traces.unzip();
-    bmw::logging::init(cli.global.log_json, layer);
+    let is_task = matches!(cli.command, Role::Task(_));
+    let default_filter = if is_task && !cli.global.verbose {
+        bmw::logging::QUIET_FILTER
+    } else {
+        bmw::logging::DEFAULT_FILTER
+    };
+    bmw::logging::init_with_default(cli.global.log_json, layer, default_filter);
     let ran = run(cli).await;
     if let Some(export) = export {
         export.shutdown().await;
     }
     match ran {
         Ok(code) => code,
+        Err(e) if is_task && e.chain().any(|c| c.is::<bmw::nats::ConnectError>()) => {
+            failed(&e);
+            ExitCode::from(EXIT_NO_NATS)
+        }
         Err(e) => failed(&e),
     }
 }
@@ -469,7 +513,9 @@ async fn connect(config: &Config, name: &str) -> anyhow::Result<Nats> {
 
 #[allow(clippy::print_stdout)]
 async fn task(cmd: TaskCmd, config: Config, registry: Arc<Registry>) -> anyhow::Result<ExitCode> {
-    let nats = connect(&config, names::client_name::TASK).await?;
+    let mut settings = config.connect_settings(config.nats_url_or_default());
+    settings.first_connect_wait = TASK_CONNECT_WAIT;
+    let nats = Nats::connect_with(&settings, names::client_name::TASK).await?;
     bmw::nats::provision::ensure(&nats.js, &config.provision_settings()).await?;
     let ops = bmw::ops::Operations::open_with(&nats, registry, &config).await?;
     let client = TaskClient::with_operations(nats, ops, config.reply_timeout);

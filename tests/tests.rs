@@ -34,4 +34,5 @@ mod raw_commands;
 mod seed_walkthrough;
 mod service;
 mod storage_limits;
+mod task_cli;
 mod traces;

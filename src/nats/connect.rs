@@ -88,6 +88,9 @@ pub struct ConnectSettings {
     /// The prefix of this client's reply subjects (`_INBOX` unless told):
     /// `_INBOX_<user>` where each user may only subscribe to its own.
     pub inbox_prefix: Option<String>,
+    /// How long the first connection is tried while no server answers
+    /// ([`FIRST_CONNECT_WAIT`] for services; `bmw task` gives up sooner).
+    pub first_connect_wait: Duration,
 }
 
 impl ConnectSettings {
@@ -98,6 +101,7 @@ impl ConnectSettings {
             auth: NatsAuth::None,
             tls: NatsTls::default(),
             inbox_prefix: None,
+            first_connect_wait: FIRST_CONNECT_WAIT,
         }
     }
 }
@@ -394,7 +398,7 @@ pub(crate) async fn connect_client(
                 });
             }
             Failure::Tls => return Err(ConnectError::Tls { url, source }),
-            Failure::Transient if started.elapsed() >= FIRST_CONNECT_WAIT => {
+            Failure::Transient if started.elapsed() >= settings.first_connect_wait => {
                 return Err(ConnectError::Connect {
                     url,
                     waited: started.elapsed(),
