@@ -9,6 +9,7 @@
 //! [`TaskClient::submit_batch`] submits many creates at once (module `batch`).
 
 mod batch;
+pub mod table;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;

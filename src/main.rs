@@ -169,6 +169,9 @@ struct Global {
     /// answer otherwise; `BMW_LOG` sets the filter either way).
     #[arg(short = 'v', long, global = true)]
     verbose: bool,
+    /// `bmw task`: print the answer as a plain-text table instead of JSON.
+    #[arg(long, global = true)]
+    table: bool,
     // NATS credentials and TLS: secrets' values never show in --help.
     /// NATS credentials file (user JWT and nkey seed, as `nsc` writes it).
     #[arg(long, global = true, env = "BMW_NATS_CREDS")]
@@ -238,8 +241,8 @@ enum Role {
 
 /// What `bmw task --help` ends with.
 const TASK_HELP: &str = "\
-Each command prints its answer as JSON on stdout and nothing else (-v adds logs on stderr);
-an error is one line on stderr.
+Each command prints its answer as JSON on stdout and nothing else (--table: a plain-text
+table instead; -v adds logs on stderr); an error is one line on stderr.
 
 Exit codes:
   0  done (a create, delete or reload accepted; a listing printed)
@@ -251,6 +254,7 @@ Examples:
   bmw task create daemon:demo:demo '{\"content\":\"ok\"}'
   bmw task create async:demo:noop --options '{\"queue\":\"default\"}'
   bmw task list --type async
+  bmw task list --table
   bmw task get <task_id>
   bmw task delete <uni_id>
   bmw task delete <task_id> --type async
@@ -501,7 +505,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             bmw::nats::provision::provision(&nats.js, &config.provision_settings()).await?;
             tracing::info!("streams and buckets are provisioned");
         }
-        Role::Task(cmd) => return task(cmd, config, registry).await,
+        Role::Task(cmd) => return task(cmd, config, registry, cli.global.table).await,
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -511,8 +515,25 @@ async fn connect(config: &Config, name: &str) -> anyhow::Result<Nats> {
     Ok(Nats::connect_with(&settings, name).await?)
 }
 
+/// Prints an answer of `bmw task`: pretty JSON, or a table with `--table`.
 #[allow(clippy::print_stdout)]
-async fn task(cmd: TaskCmd, config: Config, registry: Arc<Registry>) -> anyhow::Result<ExitCode> {
+fn print_answer(answer: &impl serde::Serialize, table: bool) -> anyhow::Result<()> {
+    let value = serde_json::to_value(answer)?;
+    if table {
+        print!("{}", bmw::client::table::render(&value));
+    } else {
+        println!("{}", serde_json::to_string_pretty(&value)?);
+    }
+    Ok(())
+}
+
+#[allow(clippy::print_stdout)]
+async fn task(
+    cmd: TaskCmd,
+    config: Config,
+    registry: Arc<Registry>,
+    table: bool,
+) -> anyhow::Result<ExitCode> {
     let mut settings = config.connect_settings(config.nats_url_or_default());
     settings.first_connect_wait = TASK_CONNECT_WAIT;
     let nats = Nats::connect_with(&settings, names::client_name::TASK).await?;
@@ -531,42 +552,27 @@ async fn task(cmd: TaskCmd, config: Config, registry: Arc<Registry>) -> anyhow::
                 "periodic" => serde_json::to_value(client.list_periodic().await?)?,
                 other => anyhow::bail!("listing {other} tasks is not supported by this version"),
             };
-            println!("{}", serde_json::to_string_pretty(&rows)?);
+            print_answer(&rows, table)?;
             return Ok(ExitCode::SUCCESS);
         }
         TaskCmd::Get { task_id } => {
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&client.get_async(&task_id).await?)?
-            );
+            print_answer(&client.get_async(&task_id).await?, table)?;
             return Ok(ExitCode::SUCCESS);
         }
         TaskCmd::Requeue { task_id } => {
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&client.requeue(&task_id).await?)?
-            );
+            print_answer(&client.requeue(&task_id).await?, table)?;
             return Ok(ExitCode::SUCCESS);
         }
         TaskCmd::Pause { kind } => {
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&client.pause_periodic(&kind, true).await?)?
-            );
+            print_answer(&client.pause_periodic(&kind, true).await?, table)?;
             return Ok(ExitCode::SUCCESS);
         }
         TaskCmd::Resume { kind } => {
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&client.pause_periodic(&kind, false).await?)?
-            );
+            print_answer(&client.pause_periodic(&kind, false).await?, table)?;
             return Ok(ExitCode::SUCCESS);
         }
         TaskCmd::Queues => {
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&client.queue_stats().await?)?
-            );
+            print_answer(&client.queue_stats().await?, table)?;
             return Ok(ExitCode::SUCCESS);
         }
         TaskCmd::Create {
@@ -614,7 +620,7 @@ async fn task(cmd: TaskCmd, config: Config, registry: Arc<Registry>) -> anyhow::
     };
     match submitted {
         Submitted::Done(outcome) => {
-            println!("{}", serde_json::to_string_pretty(&outcome)?);
+            print_answer(&outcome, table)?;
             Ok(if outcome.result {
                 ExitCode::SUCCESS
             } else {
@@ -622,17 +628,17 @@ async fn task(cmd: TaskCmd, config: Config, registry: Arc<Registry>) -> anyhow::
             })
         }
         Submitted::Accepted { data } => {
-            println!(
-                "{}",
-                serde_json::json!({"result": true, "message": "accepted: no worker answered in time; the command is stored", "data": data})
-            );
+            print_answer(
+                &serde_json::json!({"result": true, "message": "accepted: no worker answered in time; the command is stored", "data": data}),
+                table,
+            )?;
             Ok(ExitCode::SUCCESS)
         }
         Submitted::Duplicate { data } => {
-            println!(
-                "{}",
-                serde_json::json!({"result": true, "message": bmw::client::DUPLICATE_MESSAGE, "data": data})
-            );
+            print_answer(
+                &serde_json::json!({"result": true, "message": bmw::client::DUPLICATE_MESSAGE, "data": data}),
+                table,
+            )?;
             Ok(ExitCode::SUCCESS)
         }
     }

@@ -45,6 +45,32 @@ async fn a_task_command_prints_its_answer_and_nothing_else() {
     assert!(serde_json::from_str::<serde_json::Value>(&stdout).is_ok());
     assert!(stderr.contains("INFO"), "-v logs: {stderr}");
 
+    // --table: the same rows for a person, one line each under a header.
+    let created = bmw(&["task", "create", "async:demo:noop", "--nats-url", &url]).await;
+    assert_eq!(created.0, Some(0), "{created:?}");
+    let (code, stdout, stderr, _) = bmw(&[
+        "task",
+        "list",
+        "--type",
+        "async",
+        "--table",
+        "--nats-url",
+        &url,
+    ])
+    .await;
+    assert_eq!(code, Some(0), "stderr: {stderr}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 2, "a header and one row:\n{stdout}");
+    assert!(
+        lines[0].starts_with("task_id") && lines[0].contains("kind"),
+        "{stdout}"
+    );
+    assert!(lines[1].contains("async:demo:noop"), "{stdout}");
+    assert!(
+        serde_json::from_str::<serde_json::Value>(&stdout).is_err(),
+        "not JSON"
+    );
+
     // Refused by bmw: exit 1, the refusal on stdout as the bridge would send it.
     let (code, stdout, stderr, _) =
         bmw(&["task", "create", "not-a-kind", "--nats-url", &url]).await;
