@@ -4,19 +4,23 @@
 //! revision), runs the operator in a task of its own, restarts it after a
 //! failure with the [`RetryPolicy`] delay, and obeys [`Control`] messages from
 //! the runtime (reload, release, remove). A worker may hold tens of
-//! thousands of these, so their futures are kept small: the rarely taken
-//! steps are boxed, and the claim store is shared. A renewal refused for a wrong
+//! thousands of these, so each is kept small: the rarely taken
+//! steps are boxed, the claim store and the spec are shared with the runtime,
+//! one timer serves every wait, and the runtime's messages come through a
+//! small mailbox (`control_channel`), not a channel. A renewal refused for a wrong
 //! revision means another worker owns the task now: the run is cancelled at
 //! once (fencing). Without a successful renewal, the run is cancelled by a
 //! deadline before the claim can expire, however slow or unreachable NATS is
 //! (`Maintainer::deadline`). The runtime (`runtime.rs`) decides which tasks
 //! to claim.
 
-use std::sync::Arc;
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use tokio::sync::mpsc;
+use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
@@ -41,11 +45,80 @@ const RENEW_RETRY_GAP: Duration = Duration::from_millis(250);
 #[derive(Debug)]
 pub(crate) enum Control {
     /// The spec changed (reload or new payload): restart with it.
-    Reload(Box<DaemonSpec>),
+    Reload(Arc<DaemonSpec>),
     /// Stop and hand the task over (rebalance).
     Release,
     /// The task was deleted: stop and drop the claim.
     Remove,
+}
+
+/// A maintainer's mailbox: the runtime's [`Control`] messages, in order.
+/// One small allocation per instance (a tokio channel costs about 1 KiB:
+/// its state and a first block of 32 slots).
+#[derive(Debug, Default)]
+struct Mailbox {
+    queue: Mutex<VecDeque<Control>>,
+    /// The sender is gone (the runtime dropped the instance): release.
+    closed: AtomicBool,
+    notify: Notify,
+}
+
+/// The runtime's end of a maintainer's mailbox; dropping it tells the
+/// maintainer to release its task (as a closed channel did).
+#[derive(Debug)]
+pub(crate) struct ControlSender(Arc<Mailbox>);
+
+/// The maintainer's end of its mailbox.
+#[derive(Debug)]
+pub(crate) struct ControlReceiver(Arc<Mailbox>);
+
+/// A mailbox's two ends.
+pub(crate) fn control_channel() -> (ControlSender, ControlReceiver) {
+    let mailbox = Arc::new(Mailbox::default());
+    (ControlSender(mailbox.clone()), ControlReceiver(mailbox))
+}
+
+impl ControlSender {
+    /// Queues `control` for the maintainer.
+    pub(crate) fn send(&self, control: Control) {
+        self.0
+            .queue
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push_back(control);
+        self.0.notify.notify_one();
+    }
+}
+
+impl Drop for ControlSender {
+    fn drop(&mut self) {
+        self.0.closed.store(true, Ordering::Release);
+        self.0.notify.notify_one();
+    }
+}
+
+impl ControlReceiver {
+    /// The next message; `None` once the sender is gone and none is left.
+    /// Cancel-safe: a message is taken only in the poll that returns it.
+    async fn recv(&self) -> Option<Control> {
+        loop {
+            let next = self
+                .0
+                .queue
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .pop_front();
+            if next.is_some() {
+                return next;
+            }
+            if self.0.closed.load(Ordering::Acquire) {
+                return None;
+            }
+            // `notify_one` leaves a permit when nobody waits: a message
+            // queued between the look above and this wait is not missed.
+            self.0.notify.notified().await;
+        }
+    }
 }
 
 /// Why a maintainer ended.
@@ -71,8 +144,10 @@ pub(crate) struct MaintainerSettings {
 
 /// One claimed instance.
 pub(crate) struct Maintainer {
-    pub(crate) key: String,
-    pub(crate) spec: DaemonSpec,
+    /// Shared with the runtime's record of its maintainers.
+    pub(crate) key: Arc<str>,
+    /// Shared with the runtime's view of the specs (one copy per instance).
+    pub(crate) spec: Arc<DaemonSpec>,
     pub(crate) operator: Arc<dyn Operator>,
     pub(crate) claims: Arc<ClaimStore>,
     pub(crate) claim: Claim,
@@ -82,7 +157,7 @@ pub(crate) struct Maintainer {
     pub(crate) acquired_at: Instant,
     pub(crate) settings: Arc<MaintainerSettings>,
     pub(crate) events: EventPublisher,
-    pub(crate) control: mpsc::UnboundedReceiver<Control>,
+    pub(crate) control: ControlReceiver,
 }
 
 /// The operator's run; aborted if dropped, so that a maintainer that
@@ -101,12 +176,17 @@ struct Stop {
 impl Maintainer {
     /// Runs until told to stop, the claim is lost, or `shutdown` fires (then
     /// the claim is released so another worker takes over at once).
-    pub(crate) async fn run(mut self, shutdown: CancellationToken) -> (String, Exit) {
-        let mut heartbeat = tokio::time::interval_at(
-            Instant::now() + self.settings.heartbeat,
-            self.settings.heartbeat,
-        );
-        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    /// Boxed: an `async fn` keeps a second copy of an argument taken by
+    /// value (rust-lang/rust#62958), ~400 bytes an instance for this one.
+    pub(crate) async fn run(mut self: Box<Self>, shutdown: CancellationToken) -> (Arc<str>, Exit) {
+        // One timer for every wait (the heartbeat, the deadline, a retry, a
+        // renewal tried again): it wakes at the earliest, and the branch
+        // looks which is due. Three sleeps and an interval cost ~450 bytes
+        // an instance, idle or not.
+        let period = self.settings.heartbeat;
+        let mut next_heartbeat = Instant::now() + period;
+        let timer = tokio::time::sleep_until(next_heartbeat);
+        tokio::pin!(timer);
         let mut last_renewed = self.acquired_at;
         let mut retry_at = self.pending_retry();
         // Set while a renewal has failed and the deadline is still ahead.
@@ -116,6 +196,14 @@ impl Maintainer {
             // Never start past the deadline: the branch below ends the claim.
             if run.is_none() && retry_at.is_none() && Instant::now() < self.deadline(last_renewed) {
                 run = Some(Box::pin(self.start_run()).await);
+            }
+            let deadline = self.deadline(last_renewed);
+            let wake = [retry_at, renew_again]
+                .into_iter()
+                .flatten()
+                .fold(deadline.min(next_heartbeat), Instant::min);
+            if timer.is_elapsed() || timer.deadline() != wake {
+                timer.as_mut().reset(wake);
             }
             tokio::select! {
                 outcome = async { (&mut run.as_mut().expect("guarded").0).await }, if run.is_some() => {
@@ -133,28 +221,35 @@ impl Maintainer {
                         Err(()) => return Box::pin(self.exit(Exit::Lost, None)).await,
                     }
                 }
-                () = sleep_until(retry_at), if retry_at.is_some() => {
-                    retry_at = None;
-                    self.claim.next_retry_at = None;
-                }
-                _ = heartbeat.tick() => match Box::pin(self.renew(&mut last_renewed)).await {
-                    Ok(renewed) => renew_again = self.renew_again(renewed, last_renewed),
-                    Err(()) => return Box::pin(self.exit(Exit::Lost, run)).await,
-                },
-                () = sleep_until(renew_again), if renew_again.is_some() => {
-                    match Box::pin(self.renew(&mut last_renewed)).await {
-                        Ok(renewed) => renew_again = self.renew_again(renewed, last_renewed),
-                        Err(()) => return Box::pin(self.exit(Exit::Lost, run)).await,
+                () = &mut timer => {
+                    let now = Instant::now();
+                    if now >= deadline {
+                        tracing::warn!(uni_id = %self.spec.uni_id, "claim deadline passed without a renewal, stopping the instance");
+                        return Box::pin(self.exit(Exit::Lost, run)).await;
                     }
-                }
-                () = tokio::time::sleep_until(self.deadline(last_renewed)) => {
-                    tracing::warn!(uni_id = %self.spec.uni_id, "claim deadline passed without a renewal, stopping the instance");
-                    return Box::pin(self.exit(Exit::Lost, run)).await;
+                    let heartbeat = now >= next_heartbeat;
+                    if heartbeat {
+                        // As an interval that delays missed ticks.
+                        next_heartbeat = if now > next_heartbeat + Duration::from_millis(5) {
+                            now + period
+                        } else {
+                            next_heartbeat + period
+                        };
+                    }
+                    if heartbeat || renew_again.is_some_and(|at| now >= at) {
+                        match Box::pin(self.renew(&mut last_renewed)).await {
+                            Ok(renewed) => renew_again = self.renew_again(renewed, last_renewed),
+                            Err(()) => return Box::pin(self.exit(Exit::Lost, run)).await,
+                        }
+                    } else if retry_at.is_some_and(|at| now >= at) {
+                        retry_at = None;
+                        self.claim.next_retry_at = None;
+                    }
                 }
                 control = self.control.recv() => match control {
                     Some(Control::Reload(spec)) => {
                         Box::pin(self.stop_run(run.take(), self.settings.grace, false)).await;
-                        self.apply_reload(*spec);
+                        self.apply_reload(spec);
                         retry_at = None;
                         match Box::pin(self.renew(&mut last_renewed)).await {
                             Ok(renewed) => renew_again = self.renew_again(renewed, last_renewed),
@@ -194,11 +289,12 @@ impl Maintainer {
             grace: self.settings.grace,
             lost: stop.lost.clone(),
         };
-        let payload = self.spec.payload.clone();
+        // The run borrows the payload from the shared spec: no copy of it.
+        let spec = self.spec.clone();
         seed_log::binding_discovered(
             &self.spec.uni_id,
             &self.settings.worker_id,
-            &payload.to_string(),
+            &spec.payload.to_string(),
         );
         metrics::daemon_running(self.spec.kind.as_str(), &self.spec.dimension, true);
         self.publish("started", json!({})).await;
@@ -211,7 +307,7 @@ impl Maintainer {
         );
         let run = async move {
             traced_event(|| tracing::info!("daemon run started"));
-            let ended = operator.start(ctx, &payload).await;
+            let ended = operator.start(ctx, &spec.payload).await;
             traced_event(|| match &ended {
                 Ok(()) => tracing::info!("daemon run stopped"),
                 Err(e) => {
@@ -258,7 +354,7 @@ impl Maintainer {
         Instant::now() + delay
     }
 
-    fn apply_reload(&mut self, spec: DaemonSpec) {
+    fn apply_reload(&mut self, spec: Arc<DaemonSpec>) {
         self.claim.reload_count = self.claim.reload_count.saturating_add(1);
         self.claim.retry_count = 0;
         self.claim.next_retry_at = None;
@@ -369,7 +465,7 @@ impl Maintainer {
         self.stopped_running();
     }
 
-    async fn exit(mut self, exit: Exit, run: Option<(Run, Stop)>) -> (String, Exit) {
+    async fn exit(self: Box<Self>, exit: Exit, run: Option<(Run, Stop)>) -> (Arc<str>, Exit) {
         let was_running = run.is_some();
         // A lost claim may be another worker's already: no grace period,
         // only the margin kept before the claim's expiry.
@@ -410,7 +506,6 @@ impl Maintainer {
         if let Err(e) = result {
             tracing::warn!(uni_id = %self.spec.uni_id, cause = %e, "claim not handed over; it expires after its TTL");
         }
-        self.control.close();
         (self.key, exit)
     }
 
@@ -434,13 +529,6 @@ impl Maintainer {
 fn traced_event(log: impl FnOnce()) {
     if crate::traces::enabled() {
         log();
-    }
-}
-
-async fn sleep_until(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
     }
 }
 

@@ -20,14 +20,16 @@ use std::time::Duration;
 
 use async_nats::jetstream::kv::{self, Entry, Operation};
 use serde_json::json;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::balancer::{self, View};
 use super::claim::{Claim, ClaimError, ClaimStore};
-use super::maintainer::{Control, Exit, Maintainer, MaintainerSettings};
+use super::maintainer::{
+    Control, ControlSender, Exit, Maintainer, MaintainerSettings, control_channel,
+};
 use super::spec::{DaemonSpec, SpecStore};
 use super::watch::Watcher;
 use crate::events::EventPublisher;
@@ -66,7 +68,7 @@ pub struct DaemonRuntime {
 }
 
 struct Held {
-    control: mpsc::UnboundedSender<Control>,
+    control: ControlSender,
     generation: u64,
     releasing: bool,
 }
@@ -88,25 +90,45 @@ impl Free {
     }
 }
 
+/// A task's key, one string shared by every map below (and by its
+/// maintainer): a key is ~70 bytes, and each instance is in several maps.
+type Key = Arc<str>;
+
 #[derive(Default)]
 struct State {
-    specs: HashMap<String, DaemonSpec>,
-    /// Held claims only, by key.
-    claims: HashMap<String, Claim>,
+    /// Shared with the maintainers: one copy of each spec in the worker.
+    specs: HashMap<Key, Arc<DaemonSpec>>,
+    /// Held claims only, by key: their holder (one shared string per worker,
+    /// see `holders`); the rest of a claim is read by its maintainer only.
+    claims: HashMap<Key, Arc<str>>,
+    /// The holders named by `claims`, each stored once.
+    holders: HashSet<Arc<str>>,
     /// Specs with no held claim: since when, and who held them last.
-    free_since: HashMap<String, Free>,
+    free_since: HashMap<Key, Free>,
     workers: HashMap<String, WorkerEntry>,
-    held: HashMap<String, Held>,
+    held: HashMap<Key, Held>,
     /// The key of each running maintainer task, to clean up after one that
     /// panicked.
-    maintained: HashMap<tokio::task::Id, String>,
-    acquiring: HashSet<String>,
+    maintained: HashMap<tokio::task::Id, Arc<str>>,
+    acquiring: HashSet<Key>,
+}
+
+impl State {
+    /// The shared string of `key` if a map has it already, else a new one.
+    fn key(&self, key: &str) -> Key {
+        self.specs
+            .get_key_value(key)
+            .map(|(k, _)| k)
+            .or_else(|| self.claims.get_key_value(key).map(|(k, _)| k))
+            .cloned()
+            .unwrap_or_else(|| key.into())
+    }
 }
 
 /// A key, its last holder known when the acquisition started, when the
 /// claim's write was sent (its TTL runs from a later moment), and the outcome.
 type Acquired = (
-    String,
+    Key,
     Option<String>,
     Instant,
     Result<(Claim, u64, Option<String>), ClaimError>,
@@ -122,7 +144,7 @@ impl DaemonRuntime {
             claims: Watcher::new(self.claims.kv().clone()),
             workers: Watcher::new(self.workers.clone()),
         };
-        let mut maintainers: JoinSet<(String, Exit)> = JoinSet::new();
+        let mut maintainers: JoinSet<(Arc<str>, Exit)> = JoinSet::new();
         let mut acquisitions: JoinSet<Acquired> = JoinSet::new();
         let mut forced = tokio::time::interval(self.settings.heartbeat);
         forced.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -184,8 +206,8 @@ impl DaemonRuntime {
                     match done {
                         Ok((id, (key, exit))) => {
                             state.maintained.remove(&id);
-                            state.held.remove(&key);
-                            tracing::debug!(key, ?exit, "maintainer ended");
+                            state.held.remove(&*key);
+                            tracing::debug!(key = &*key, ?exit, "maintainer ended");
                         }
                         Err(e) => self.on_maintainer_failed(&mut state, e),
                     }
@@ -241,8 +263,8 @@ impl DaemonRuntime {
     /// that can run it takes it.
     fn cannot_run(
         &self,
-        spec: DaemonSpec,
-        key: String,
+        spec: Arc<DaemonSpec>,
+        key: Key,
         claim: Claim,
         revision: u64,
         error: &super::OperatorError,
@@ -263,7 +285,10 @@ impl DaemonRuntime {
                 tokio::time::timeout(bound, claims.release(&key, &claim, revision)).await,
                 Ok(Ok(_))
             ) {
-                tracing::warn!(key, "claim not handed back; it expires after its TTL");
+                tracing::warn!(
+                    key = &*key,
+                    "claim not handed back; it expires after its TTL"
+                );
             }
         });
     }
@@ -275,15 +300,15 @@ impl DaemonRuntime {
         let Some(key) = state.maintained.remove(&error.id()) else {
             return tracing::error!(cause = %error, "a daemon maintainer failed");
         };
-        state.held.remove(&key);
-        if state.specs.contains_key(&key) {
+        state.held.remove(&*key);
+        if state.specs.contains_key(&*key) {
             state
                 .free_since
                 .entry(key.clone())
                 .or_insert_with(Free::now);
         }
-        let spec = state.specs.get(&key);
-        tracing::error!(key, uni_id = spec.map(|s| s.uni_id.as_str()), cause = %error, "daemon maintainer failed; freeing its claim");
+        let spec = state.specs.get(&*key);
+        tracing::error!(key = &*key, uni_id = spec.map(|s| s.uni_id.as_str()), cause = %error, "daemon maintainer failed; freeing its claim");
         let Some(spec) = spec else { return };
         crate::metrics::daemon_running(spec.kind.as_str(), &spec.dimension, false);
         let (claims, events, me) = (
@@ -312,7 +337,7 @@ impl DaemonRuntime {
             };
             if !matches!(tokio::time::timeout(bound, release).await, Ok(Ok(()))) {
                 tracing::warn!(
-                    key,
+                    key = &*key,
                     "claim of a failed maintainer not released; it expires after its TTL"
                 );
             }
@@ -321,10 +346,11 @@ impl DaemonRuntime {
 
     fn on_spec(&self, state: &mut State, entry: Option<Entry>) {
         let Some(entry) = entry else { return };
-        let key = entry.key.clone();
+        let key = state.key(&entry.key);
         let spec = (entry.operation == Operation::Put)
             .then(|| serde_json::from_slice::<DaemonSpec>(&entry.value).ok())
-            .flatten();
+            .flatten()
+            .map(Arc::new);
         match spec {
             Some(spec) => {
                 if let Some(held) = state.held.get_mut(&key)
@@ -333,13 +359,13 @@ impl DaemonRuntime {
                 {
                     held.generation = spec.generation;
                     if self.listens_on(spec.options.queue()) {
-                        let _ = held.control.send(Control::Reload(Box::new(spec.clone())));
+                        held.control.send(Control::Reload(spec.clone()));
                     } else {
                         // Moved to a queue this worker does not listen on: a
                         // worker of that queue takes it (no restart here first).
                         tracing::info!(uni_id = %spec.uni_id, queue = spec.options.queue(), "releasing a daemon task moved to a queue this worker does not listen on");
                         held.releasing = true;
-                        let _ = held.control.send(Control::Release);
+                        held.control.send(Control::Release);
                     }
                 }
                 if !state.claims.contains_key(&key) {
@@ -357,14 +383,17 @@ impl DaemonRuntime {
     /// After a replay of the specs: a spec this worker still knows but the
     /// bucket no longer has was deleted while the watch could not see it.
     fn prune_specs(&self, state: &mut State, present: &HashSet<String>) {
-        let gone: Vec<String> = state
+        let gone: Vec<Key> = state
             .specs
             .keys()
-            .filter(|key| !present.contains(*key))
+            .filter(|key| !present.contains(&***key))
             .cloned()
             .collect();
         for key in gone {
-            tracing::info!(key, "daemon task deleted while the specs watch was stalled");
+            tracing::info!(
+                key = &*key,
+                "daemon task deleted while the specs watch was stalled"
+            );
             spec_gone(state, &key);
         }
     }
@@ -381,9 +410,9 @@ impl DaemonRuntime {
         }
         for key in to_release {
             if let Some(held) = state.held.get_mut(&key) {
-                tracing::info!(key, "releasing a daemon task to rebalance");
+                tracing::info!(key = &*key, "releasing a daemon task to rebalance");
                 held.releasing = true;
-                let _ = held.control.send(Control::Release);
+                held.control.send(Control::Release);
             }
         }
     }
@@ -391,15 +420,15 @@ impl DaemonRuntime {
     /// Balances each queue among the live workers that listen on it: which
     /// free tasks to claim and which held ones to release. One pass over the
     /// specs, claims and free tasks, whatever the number of queues.
-    fn plan(&self, state: &State) -> (Vec<String>, Vec<String>) {
+    fn plan(&self, state: &State) -> (Vec<Key>, Vec<Key>) {
         #[derive(Default)]
         struct Tally<'a> {
             eligible: usize,
             mine: usize,
             loads: HashMap<&'a str, usize>,
-            fresh: Vec<&'a String>,
-            long: Vec<&'a String>,
-            held: Vec<&'a String>,
+            fresh: Vec<&'a Key>,
+            long: Vec<&'a Key>,
+            held: Vec<&'a Key>,
         }
         let me = self.settings.worker_id.as_str();
         let mut tallies: HashMap<&str, Tally<'_>> = HashMap::new();
@@ -425,12 +454,12 @@ impl DaemonRuntime {
                 && self.operators.can_run(&spec.kind)
             {
                 t.eligible += 1;
-                queue_of.insert(key.as_str(), spec.options.queue());
+                queue_of.insert(&**key, spec.options.queue());
             }
         }
         for (key, claim) in &state.claims {
-            if let Some(t) = queue_of.get(key.as_str()).and_then(|q| tallies.get_mut(q))
-                && let Some(n) = t.loads.get_mut(claim.worker_id.as_str())
+            if let Some(t) = queue_of.get(&**key).and_then(|q| tallies.get_mut(q))
+                && let Some(n) = t.loads.get_mut(&**claim)
             {
                 *n += 1;
             }
@@ -440,7 +469,7 @@ impl DaemonRuntime {
             if state.held.contains_key(key) || state.acquiring.contains(key) {
                 continue;
             }
-            if let Some(t) = queue_of.get(key.as_str()).and_then(|q| tallies.get_mut(q)) {
+            if let Some(t) = queue_of.get(&**key).and_then(|q| tallies.get_mut(q)) {
                 let list = if now.duration_since(free.since) > self.settings.heartbeat {
                     &mut t.long
                 } else {
@@ -454,7 +483,7 @@ impl DaemonRuntime {
             if held.releasing {
                 continue;
             }
-            match queue_of.get(key.as_str()).and_then(|q| tallies.get_mut(q)) {
+            match queue_of.get(&**key).and_then(|q| tallies.get_mut(q)) {
                 Some(t) => {
                     t.mine += 1;
                     t.held.push(key);
@@ -466,7 +495,7 @@ impl DaemonRuntime {
             }
         }
         for key in &state.acquiring {
-            if let Some(t) = queue_of.get(key.as_str()).and_then(|q| tallies.get_mut(q)) {
+            if let Some(t) = queue_of.get(&**key).and_then(|q| tallies.get_mut(q)) {
                 t.mine += 1;
             }
         }
@@ -490,7 +519,7 @@ impl DaemonRuntime {
         (claim, release)
     }
 
-    fn spawn_acquire(&self, state: &mut State, key: String, acquisitions: &mut JoinSet<Acquired>) {
+    fn spawn_acquire(&self, state: &mut State, key: Key, acquisitions: &mut JoinSet<Acquired>) {
         let Some(spec) = state.specs.get(&key) else {
             return;
         };
@@ -510,7 +539,7 @@ impl DaemonRuntime {
         &self,
         state: &mut State,
         acquired: Acquired,
-        maintainers: &mut JoinSet<(String, Exit)>,
+        maintainers: &mut JoinSet<(Arc<str>, Exit)>,
         token: &CancellationToken,
     ) {
         let (key, previous, acquired_at, result) = acquired;
@@ -518,7 +547,7 @@ impl DaemonRuntime {
         let (mut claim, revision, released_by) = match result {
             Ok(won) => won,
             Err(ClaimError::AlreadyHeld(_)) => return,
-            Err(e) => return tracing::warn!(key, cause = %e, "claim not acquired"),
+            Err(e) => return tracing::warn!(key = &*key, cause = %e, "claim not acquired"),
         };
         let Some(spec) = state.specs.get(&key).cloned() else {
             // Deleted while we were acquiring: drop the claim at once.
@@ -541,7 +570,8 @@ impl DaemonRuntime {
             None => return,
         };
         claim.generation = spec.generation;
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = control_channel();
+        state.free_since.remove(&key);
         state.held.insert(
             key.clone(),
             Held {
@@ -550,13 +580,11 @@ impl DaemonRuntime {
                 releasing: false,
             },
         );
-        state.free_since.remove(&key);
         self.stats
             .daemon_running
             .store(state.held.len(), Ordering::Relaxed);
-        let key_of_task = key.clone();
         let maintainer = Maintainer {
-            key,
+            key: key.clone(),
             spec,
             operator,
             claims: self.claims.clone(),
@@ -567,8 +595,10 @@ impl DaemonRuntime {
             events: self.events.clone(),
             control: rx,
         };
-        let task = maintainers.spawn(maintainer.run(token.child_token()));
-        state.maintained.insert(task.id(), key_of_task);
+        // The maintainer only waits on the token: a clone, not a child token
+        // (an allocation per instance).
+        let task = maintainers.spawn(Box::new(maintainer).run(token.clone()));
+        state.maintained.insert(task.id(), key);
     }
 }
 
@@ -578,7 +608,7 @@ fn spec_gone(state: &mut State, key: &str) {
     state.free_since.remove(key);
     if let Some(held) = state.held.get_mut(key) {
         held.releasing = true;
-        let _ = held.control.send(Control::Remove);
+        held.control.send(Control::Remove);
     }
 }
 
@@ -586,23 +616,29 @@ fn spec_gone(state: &mut State, key: &str) {
 /// bucket no longer has expired (or was released) while the watch could not
 /// see it.
 fn prune_claims(state: &mut State, present: &HashSet<String>) {
-    let gone: Vec<String> = state
+    let gone: Vec<Key> = state
         .claims
         .keys()
-        .filter(|key| !present.contains(*key))
+        .filter(|key| !present.contains(&***key))
         .cloned()
         .collect();
     for key in gone {
-        claim_gone(state, key);
+        claim_gone(state, &key);
     }
+    // Forget the holders no claim names any more (workers gone).
+    let named: HashSet<&str> = state.claims.values().map(|w| &**w).collect();
+    state.holders.retain(|w| named.contains(&**w));
 }
 
 /// A claim was released or expired: its task is free (if it still exists),
 /// and its last holder is remembered for the `moved` event.
-fn claim_gone(state: &mut State, key: String) {
-    let previous = state.claims.remove(&key).map(|c| c.worker_id);
-    if state.specs.contains_key(&key) {
-        let free = state.free_since.entry(key).or_insert_with(Free::now);
+fn claim_gone(state: &mut State, key: &str) {
+    let previous = state.claims.remove(key).map(|w| w.to_string());
+    if let Some((key, _)) = state.specs.get_key_value(key) {
+        let free = state
+            .free_since
+            .entry(key.clone())
+            .or_insert_with(Free::now);
         if previous.is_some() {
             free.previous = previous;
         }
@@ -617,10 +653,19 @@ fn on_claim(state: &mut State, entry: Option<Entry>) {
         .filter(Claim::is_held);
     match claim {
         Some(claim) => {
-            state.free_since.remove(&entry.key);
-            state.claims.insert(entry.key, claim);
+            state.free_since.remove(entry.key.as_str());
+            let holder = match state.holders.get(claim.worker_id.as_str()) {
+                Some(holder) => holder.clone(),
+                None => {
+                    let holder: Arc<str> = claim.worker_id.into();
+                    state.holders.insert(holder.clone());
+                    holder
+                }
+            };
+            let key = state.key(&entry.key);
+            state.claims.insert(key, holder);
         }
-        None => claim_gone(state, entry.key),
+        None => claim_gone(state, &entry.key),
     }
 }
 
