@@ -47,13 +47,20 @@ pub(crate) struct Baseline {
 }
 
 async fn fresh_stream(js: &jetstream::Context) -> anyhow::Result<stream::Stream> {
+    fresh_stream_with(js, stream::RetentionPolicy::WorkQueue).await
+}
+
+async fn fresh_stream_with(
+    js: &jetstream::Context,
+    retention: stream::RetentionPolicy,
+) -> anyhow::Result<stream::Stream> {
     let _ = js.delete_stream(STREAM).await;
     Ok(js
         .create_stream(stream::Config {
             name: STREAM.into(),
             subjects: vec![SUBJECT.into()],
             storage: stream::StorageType::File,
-            retention: stream::RetentionPolicy::WorkQueue,
+            retention,
             ..Default::default()
         })
         .await?)
@@ -123,7 +130,16 @@ async fn drain(
     client.flush().await?;
     let js = jetstream::new(client.clone());
     loop {
-        let left = js.get_stream(STREAM).await?.info().await?.state.messages;
+        // A work queue is empty once every ack is applied; a limits stream
+        // keeps its messages, and its consumer's floor reaches the last.
+        let stream = js.get_stream(STREAM).await?.info().await?.clone();
+        let left = match stream.config.retention {
+            stream::RetentionPolicy::WorkQueue => stream.state.messages,
+            _ => {
+                let info = c.clone().info().await?.clone();
+                (n as u64).saturating_sub(info.ack_floor.stream_sequence)
+            }
+        };
         if left == 0 {
             return Ok(());
         }
@@ -218,6 +234,32 @@ pub(crate) async fn drain_both_sync64(server: &Server, n: usize) -> anyhow::Resu
     let (sync64, _) = sync_publishers(&js, n, deadline).await?;
     let _ = js.delete_stream(STREAM).await;
     Ok([drained, both, sync64])
+}
+
+/// Publish and drain at once (1c), `n` messages, msg/s, on a stream of
+/// `retention`: figure 10 runs it on a work queue (what bmw's `BMW_ASYNC`
+/// is) and on a limits stream (what apalis-nats creates: an ack only moves
+/// the consumer's floor, no message is deleted).
+pub(crate) async fn both_once(
+    server: &Server,
+    n: usize,
+    retention: stream::RetentionPolicy,
+) -> anyhow::Result<f64> {
+    let client = async_nats::connect(server.url()).await?;
+    let js = jetstream::new(client.clone());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let s = fresh_stream_with(&js, retention).await?;
+    let c = consumer(&s).await?;
+    let t = Instant::now();
+    let producer = {
+        let js = js.clone();
+        tokio::spawn(async move { publish(&js, n, deadline).await })
+    };
+    drain(&client, &c, n, deadline).await?;
+    producer.await??;
+    let rate = n as f64 / t.elapsed().as_secs_f64();
+    let _ = js.delete_stream(STREAM).await;
+    Ok(rate)
 }
 
 /// 64 publishers, each awaiting its ack before the next publish; returns

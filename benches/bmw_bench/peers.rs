@@ -16,7 +16,12 @@
 //!   1,000; done at the worker's `completed` event. On a fresh redis-server
 //!   7 (loopback, temporary dir, AOF on with `appendfsync everysec`).
 //!
-//! Each round runs the four in turn, each on a fresh server, so drift in the
+//! - Raw JetStream 1c (`baseline::both_once`) on a work queue, the retention
+//!   of bmw's `BMW_ASYNC` (an ack deletes the message), and on a limits
+//!   stream, the retention apalis-nats creates (an ack only moves the
+//!   consumer's floor): each system's own ceiling on this machine.
+//!
+//! Each round runs the six in turn, each on a fresh server, so drift in the
 //! machine's load touches them alike. `scripts/peers-env` installs the peers
 //! (building apalis-nats's binary, `npm ci`, redis-server from apt); a peer
 //! that cannot be installed is reported `n/a` with the reason and the others
@@ -34,7 +39,10 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail, ensure};
 
+use async_nats::jetstream::stream::RetentionPolicy;
+
 use crate::async_tasks::{self, Path, Runner, Tasks};
+use crate::baseline;
 use crate::env::{Server, wait_for};
 use crate::report::{self, Row, Samples, Target};
 use crate::{bounded, failed, ratio};
@@ -67,9 +75,20 @@ enum System {
     Bmw2a,
     Apalis,
     BullMq,
+    /// Raw JetStream 1c on a work queue: the ceiling of bmw's retention.
+    RawWorkQueue,
+    /// Raw JetStream 1c on a limits stream: the ceiling of apalis-nats's.
+    RawLimits,
 }
 
-const SYSTEMS: [System; 4] = [System::Bmw2e, System::Bmw2a, System::Apalis, System::BullMq];
+const SYSTEMS: [System; 6] = [
+    System::Bmw2e,
+    System::Bmw2a,
+    System::Apalis,
+    System::BullMq,
+    System::RawWorkQueue,
+    System::RawLimits,
+];
 
 impl System {
     fn peer(self) -> Option<&'static str> {
@@ -80,12 +99,18 @@ impl System {
         }
     }
 
+    fn is_raw(self) -> bool {
+        matches!(self, System::RawWorkQueue | System::RawLimits)
+    }
+
     fn short(self) -> &'static str {
         match self {
             System::Bmw2e => "bmw 2e",
             System::Bmw2a => "bmw 2a",
             System::Apalis => "apalis-nats",
             System::BullMq => "BullMQ",
+            System::RawWorkQueue => "raw 1c work queue",
+            System::RawLimits => "raw 1c limits",
         }
     }
 }
@@ -448,6 +473,20 @@ pub(crate) async fn rows(counts: Counts, failures: &mut Vec<String>) -> Vec<Row>
                     let Ok(env) = &bullmq else { continue };
                     bounded(&name, counts.limit, failures, bullmq_once(env, &counts)).await
                 }
+                System::RawWorkQueue | System::RawLimits => {
+                    let retention = if system == System::RawWorkQueue {
+                        RetentionPolicy::WorkQueue
+                    } else {
+                        RetentionPolicy::Limits
+                    };
+                    bounded(&name, counts.limit, failures, async {
+                        let server = Server::start().await?;
+                        let rate = baseline::both_once(&server, counts.tasks, retention).await?;
+                        eprintln!("  {}: {rate:.0} msg/s", system.short());
+                        Ok(rate)
+                    })
+                    .await
+                }
             };
             let entry = samples.entry(system).or_default();
             match once {
@@ -480,6 +519,14 @@ pub(crate) async fn rows(counts: Counts, failures: &mut Vec<String>) -> Vec<Row>
                 ),
                 Err(_) => format!("10 peers: BullMQ ({way})"),
             },
+            System::RawWorkQueue => format!(
+                "10 peers: raw JetStream 1c, work queue (bmw's retention: an ack deletes), \
+                 publish + pull/ack at once, {n}/run"
+            ),
+            System::RawLimits => format!(
+                "10 peers: raw JetStream 1c, limits stream (apalis-nats's retention: an ack \
+                 moves the floor, nothing deleted), publish + pull/ack at once, {n}/run"
+            ),
         }
     };
     let median = |system: System| samples[&system].0.median();
@@ -507,8 +554,25 @@ pub(crate) async fn rows(counts: Counts, failures: &mut Vec<String>) -> Vec<Row>
             rows.push(failed(&label));
             continue;
         }
-        let mut row = Row::new(label, "tasks/s", rate.clone()).failed_runs(*lost);
-        if system.peer().is_some() {
+        let unit = if system.is_raw() { "msg/s" } else { "tasks/s" };
+        let mut row = Row::new(label, unit, rate.clone()).failed_runs(*lost);
+        if system == System::RawLimits {
+            row = row.ratio(ratio(
+                rate.median(),
+                median(System::RawWorkQueue),
+                "raw work queue",
+            ));
+        } else if system == System::RawWorkQueue {
+            row = row.ratio(ratio(rate.median(), apalis_rate, "apalis-nats"));
+        } else if system == System::Apalis {
+            row = row.ratio(
+                [
+                    ratio(rate.median(), bmw_2e, "bmw 2e"),
+                    ratio(rate.median(), median(System::RawLimits), "raw limits"),
+                ]
+                .join("; "),
+            );
+        } else if system.peer().is_some() {
             row = row.ratio(ratio(rate.median(), bmw_2e, "bmw 2e"));
         } else {
             let mut ratios = Vec::new();
@@ -522,6 +586,11 @@ pub(crate) async fn rows(counts: Counts, failures: &mut Vec<String>) -> Vec<Row>
                     ratios.push(ratio(rate.median(), apalis_rate, "apalis-nats"));
                 }
             }
+            ratios.push(ratio(
+                rate.median(),
+                median(System::RawWorkQueue),
+                "raw work queue",
+            ));
             row = row.ratio(ratios.join("; "));
             let share = if system == System::Bmw2e { 1.5 } else { 1.0 };
             row = if apalis_rate.is_finite() {
