@@ -507,7 +507,7 @@ async fn a_child_flooding_stdout_does_not_grow_the_workers_memory() {
 #[tokio::test]
 async fn the_examples_run_with_the_readme_command() {
     let env = TestEnv::start().await;
-    // As the README says, from the repository's root: `run --config examples/kinds.toml`.
+    // As `docs/task-code.md` says, from the repository's root: `run --config examples/kinds.toml`.
     assert_eq!(
         std::env::current_dir().unwrap(),
         Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -181,7 +181,7 @@ async fn user_and_password_connect_and_a_wrong_password_fails_fast_without_showi
     )
     .await;
     let url = server.url();
-    // The password from the environment (the way the README recommends).
+    // The password from the environment (the way `docs/security.md` recommends).
     let env = [("BMW_NATS_USER", "bmw"), ("BMW_NATS_PASSWORD", "s3cret-pw")];
     let bridge = BmwProcess::serve("run", &url, &[], &env).await;
     create_and_see_it_run(&bridge, &bridge).await;

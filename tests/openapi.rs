@@ -1,18 +1,17 @@
 //! The OpenAPI document at `GET /openapi.json`: it is OpenAPI 3.1, open
 //! without a token, every route it lists is served (none answers "no such
-//! route"), every route the README names is in it, and every `curl` example
-//! of the README sends a body its schema accepts and query parameters it
-//! lists. The property-based check of the bridge against it (schemathesis)
-//! is `api_tester`.
+//! route"), every route the README and the guides under `docs/` name is in
+//! it, and every `curl` example of theirs sends a body its schema accepts and
+//! query parameters it lists. The property-based check of the bridge against
+//! it (schemathesis) is `api_tester`.
 
 use std::collections::BTreeSet;
 
 use reqwest::Method;
 use serde_json::{Value, json};
 
+use crate::guides::readme_and_guides;
 use crate::harness::{BmwProcess, TestEnv, http};
-
-const README: &str = include_str!("../README.md");
 
 /// The document as `bmw run` serves it, with a token configured (the
 /// document needs none).
@@ -103,20 +102,22 @@ async fn the_document_lists_every_route_and_each_is_served() {
         );
     }
 
-    // Every route the README names is documented.
-    let text = README.split_whitespace().collect::<Vec<_>>().join(" ");
+    // Every route the README and the guides name is documented.
     let mut named = 0;
-    for method in ["GET", "POST", "DELETE"] {
-        for piece in text.split(&format!("`{method} /")).skip(1) {
-            let path = format!("/{}", piece.split(['`', '?']).next().unwrap());
-            assert!(
-                ops.contains(&(method.to_owned(), path.clone())),
-                "README names {method} {path}, which the document does not list"
-            );
-            named += 1;
+    for (file, text) in readme_and_guides() {
+        let text = text.split_whitespace().collect::<Vec<_>>().join(" ");
+        for method in ["GET", "POST", "DELETE"] {
+            for piece in text.split(&format!("`{method} /")).skip(1) {
+                let path = format!("/{}", piece.split(['`', '?']).next().unwrap());
+                assert!(
+                    ops.contains(&(method.to_owned(), path.clone())),
+                    "{file} names {method} {path}, which the document does not list"
+                );
+                named += 1;
+            }
         }
     }
-    assert!(named >= 8, "README route mentions found: {named}");
+    assert!(named >= 8, "route mentions found: {named}");
 }
 
 /// Every `$ref` in `value`.
@@ -135,8 +136,8 @@ fn collect_refs(value: &Value, refs: &mut Vec<String>) {
     }
 }
 
-/// A `curl` command of the README: its method, path, query parameter names
-/// and body.
+/// A `curl` command of the README or a guide: its method, path, query
+/// parameter names and body.
 #[derive(Debug)]
 struct Example {
     method: String,
@@ -179,10 +180,15 @@ fn shell_words(text: &str) -> Vec<String> {
     words
 }
 
-/// Every `curl` to the bridge in the README's shell blocks.
-fn readme_examples() -> Vec<Example> {
+/// Every `curl` to the bridge in the shell blocks of the README and the
+/// guides, with the file it is in.
+fn readme_examples() -> Vec<(String, Example)> {
     let mut examples = Vec::new();
-    for block in README.split("```bash").skip(1) {
+    let documents = readme_and_guides();
+    for (file, block) in documents
+        .iter()
+        .flat_map(|(file, text)| text.split("```bash").skip(1).map(move |b| (file, b)))
+    {
         let block = block.split("```").next().unwrap();
         for (at, _) in block.match_indices("curl ") {
             let words = shell_words(&block[at..]);
@@ -212,17 +218,20 @@ fn readme_examples() -> Vec<Example> {
             };
             let target = &url[url.find(":10211").unwrap() + 6..];
             let (path, query) = target.split_once('?').unwrap_or((target, ""));
-            examples.push(Example {
-                method: method
-                    .unwrap_or_else(|| if body.is_some() { "POST" } else { "GET" }.to_owned()),
-                path: path.to_owned(),
-                query: query
-                    .split('&')
-                    .filter(|p| !p.is_empty())
-                    .map(|p| p.split('=').next().unwrap().to_owned())
-                    .collect(),
-                body,
-            });
+            examples.push((
+                file.clone(),
+                Example {
+                    method: method
+                        .unwrap_or_else(|| if body.is_some() { "POST" } else { "GET" }.to_owned()),
+                    path: path.to_owned(),
+                    query: query
+                        .split('&')
+                        .filter(|p| !p.is_empty())
+                        .map(|p| p.split('=').next().unwrap().to_owned())
+                        .collect(),
+                    body,
+                },
+            ));
         }
     }
     examples
@@ -244,11 +253,11 @@ async fn the_readme_examples_match_the_document() {
     let examples = readme_examples();
     assert!(examples.len() >= 20, "{examples:#?}");
     let mut bodies = 0;
-    for example in &examples {
+    for (file, example) in &examples {
         let operation = &doc["paths"][&example.path][example.method.to_lowercase()];
         assert!(
             operation.is_object(),
-            "README example {example:?}: the document has no such operation"
+            "{file}: example {example:?}: the document has no such operation"
         );
         let params: Vec<&str> = operation["parameters"]
             .as_array()
@@ -257,16 +266,16 @@ async fn the_readme_examples_match_the_document() {
         for name in &example.query {
             assert!(
                 params.contains(&name.as_str()),
-                "README example {example:?}: query parameter {name} is not documented"
+                "{file}: example {example:?}: query parameter {name} is not documented"
             );
         }
         let Some(body) = &example.body else { continue };
         let body: Value = serde_json::from_str(body)
-            .unwrap_or_else(|e| panic!("README example {example:?}: not JSON: {e}"));
+            .unwrap_or_else(|e| panic!("{file}: example {example:?}: not JSON: {e}"));
         let schema = &operation["requestBody"]["content"]["application/json"]["schema"];
         assert!(
             schema.is_object(),
-            "README example {example:?}: no body documented"
+            "{file}: example {example:?}: no body documented"
         );
         let validator = validator(&doc, schema);
         let errors: Vec<String> = validator
@@ -275,11 +284,11 @@ async fn the_readme_examples_match_the_document() {
             .collect();
         assert!(
             errors.is_empty(),
-            "README example {example:?} does not match its schema: {errors:?}"
+            "{file}: example {example:?} does not match its schema: {errors:?}"
         );
         bodies += 1;
     }
-    assert!(bodies >= 15, "README bodies checked: {bodies}");
+    assert!(bodies >= 15, "bodies checked: {bodies}");
 
     // And the schema refuses what the parser refuses: an unknown option, a
     // kind without a type prefix.

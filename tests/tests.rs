@@ -20,6 +20,7 @@ mod daemon_watches;
 mod duplicates;
 mod external_processes;
 mod external_services;
+mod guides;
 mod hostile_names;
 mod hostile_producers;
 mod layering;

@@ -5,7 +5,7 @@
 //! applied, periodic ticks due and run.
 //!
 //! The quick subset runs with `cargo test`; the whole suite, which prints
-//! the table the README's "Reliability" section shows, with
+//! the table `docs/operations.md` shows ("The chaos suite"), with
 //! `cargo test --test chaos -- --ignored --test-threads 1 --nocapture`.
 
 #[macro_use]

@@ -1,6 +1,6 @@
 //! One row per scenario, printed as a Markdown table row (and appended to
 //! `chaos-report.md` in Cargo's test scratch directory, so a whole run's
-//! table can be pasted into the README).
+//! table can be pasted into `docs/operations.md`).
 
 use std::io::Write;
 use std::time::Duration;

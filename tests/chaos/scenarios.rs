@@ -21,8 +21,8 @@ use crate::load::Load;
 use crate::report::Row;
 use crate::world::{CONCURRENCY, DAEMONS, HEARTBEAT, Timing, WORKERS, World};
 
-/// Tasks a worker can have in doubt when a fault strikes (README, "Behaviour
-/// worth knowing"): running, or finished with acks not yet confirmed, at most
+/// Tasks a worker can have in doubt when a fault strikes (`docs/faq.md`,
+/// "Stopping, and a nats-server crash"): running, or finished with acks not yet confirmed, at most
 /// about 4 x its concurrency. A scenario's bound is that, for every worker,
 /// for each time the fault strikes.
 const IN_DOUBT_PER_STRIKE: usize = 4 * CONCURRENCY * WORKERS;
@@ -112,7 +112,7 @@ impl Fault {
         }
     }
 
-    /// The most duplicated runs the README allows for this scenario.
+    /// The most duplicated runs `docs/faq.md` allows for this scenario.
     fn duplicate_bound(&self) -> usize {
         IN_DOUBT_PER_STRIKE * self.strikes()
     }

@@ -7,7 +7,7 @@
 //!
 //! Needs FUSE (`/dev/fuse`; `scripts/fuse-env` installs Debian's `fuse3`).
 //! `cargo test` runs the durable single-node case; the rest, which prints
-//! the table the README's "Reliability" section shows, with
+//! the table `docs/operations.md` shows ("The power-loss test"), with
 //! `cargo test --test power_loss -- --ignored --test-threads 1 --nocapture`.
 
 #[macro_use]

@@ -92,7 +92,7 @@ async fn durable_single_node_loses_nothing_acknowledged() {
 }
 
 /// nats-server's default, `sync_interval: 2m`: the loss is measured and
-/// reported (the README's table), not asserted.
+/// reported (the table of `docs/operations.md`), not asserted.
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "the power-loss suite: run with -- --ignored --test-threads 1 --nocapture"]
 async fn interval_single_node_loss_is_reported() {
