@@ -119,84 +119,129 @@ impl Worker {
         if let Err(e) = crate::periodic::reconcile(&periodic, registry.declared_periodic()).await {
             tracing::error!(cause = %e, "declared periodic tasks not reconciled");
         }
-        let async_runtime = AsyncRuntime {
-            env: AttemptEnv {
-                nats: nats.clone(),
-                handlers: registry.handlers().clone(),
-                records: ops.queue().records().clone(),
-                events: events.clone(),
-                backoff: Backoff {
-                    base: config.async_retry_base,
-                    max: config.async_retry_max,
-                },
-                ack_wait: config.async_ack_wait,
-                worker_id: worker_id.clone(),
-                stats: stats.clone(),
-                ticks: Some(Arc::new(periodic)),
-                default_timeout: (!config.async_default_timeout.is_zero())
-                    .then_some(config.async_default_timeout),
-            },
-            queues: config.queues.clone(),
-            concurrency: config.concurrency,
-            grace: config.grace,
-        };
+        let async_runtime = async_runtime(
+            &nats, &config, &registry, &ops, &events, &worker_id, &stats, periodic,
+        );
         tracker.spawn(async_runtime.run(token.child_token()));
         tracker.spawn(watch_storage(nats.js.clone(), token.child_token()));
         let handler = CommandHandler::new(ops.clone(), nats.client.clone(), events.clone());
         tracker.spawn(CommandConsumer::new(nats.clone(), handler).run(token.child_token()));
-        let runtime = DaemonRuntime {
-            operators: registry.operators().clone(),
-            specs: ops.daemon().specs().clone(),
-            claims: Arc::new(claims),
-            workers: ops.workers().clone(),
-            events,
-            settings: Arc::new(MaintainerSettings {
-                worker_id: worker_id.clone(),
-                heartbeat: config.heartbeat,
-                claim_ttl: config.claim_ttl,
-                grace: config.grace,
-                policy: RetryPolicy {
-                    base: config.retry_base,
-                    threshold: config.retry_threshold,
-                    max: config.retry_max,
-                },
-            }),
-            queues: config.queue_names(),
-            stats,
-            connections: nats.connections.clone(),
-            link: crate::nats::link::Link::new(&nats.client),
-            resync_every: crate::daemon::runtime::RESYNC_EVERY,
-        };
-        // Every step of the stop is bounded by one deadline, taken when the
-        // token fires: with NATS gone, what cannot be released or removed
-        // expires with its TTL, and unacknowledged async tasks are
-        // redelivered after their ack wait.
-        let daemons = runtime.run(token.child_token());
-        tokio::pin!(daemons);
-        let daemons_done = tokio::select! {
-            () = &mut daemons => true,
-            () = token.cancelled() => false,
-        };
-        let stop_by = Instant::now() + config.grace + STOP_SLACK;
-        if !daemons_done && tokio::time::timeout_at(stop_by, daemons).await.is_err() {
-            tracing::warn!("daemon runtime not stopped in time; its claims expire with their TTL");
-        }
-        membership_token.cancel();
-        tracker.close();
-        if tokio::time::timeout_at(stop_by, tracker.wait())
-            .await
-            .is_err()
-        {
-            tracing::warn!("worker tasks not stopped in time (NATS unreachable?); leaving them");
-        }
-        // Make sure the releases and removal reach the server before we go.
-        match tokio::time::timeout(FINAL_FLUSH_WAIT, nats.client.flush()).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::warn!(cause = %e, "final flush failed"),
-            Err(_) => tracing::warn!("final flush timed out; NATS unreachable"),
-        }
+        let runtime = daemon_runtime(
+            &nats, &config, &registry, &ops, events, &worker_id, stats, claims,
+        );
+        run_then_stop(&nats, &config, runtime, tracker, membership_token, &token).await;
         tracing::info!(worker_id = %worker_id, "worker stopped");
         Ok(())
+    }
+}
+
+/// The async runtime of a worker, from its settings.
+#[allow(clippy::too_many_arguments)]
+fn async_runtime(
+    nats: &Nats,
+    config: &Config,
+    registry: &Registry,
+    ops: &Operations,
+    events: &EventPublisher,
+    worker_id: &str,
+    stats: &Arc<WorkerStats>,
+    periodic: crate::periodic::PeriodicStore,
+) -> AsyncRuntime {
+    AsyncRuntime {
+        env: AttemptEnv {
+            nats: nats.clone(),
+            handlers: registry.handlers().clone(),
+            records: ops.queue().records().clone(),
+            events: events.clone(),
+            backoff: Backoff {
+                base: config.async_retry_base,
+                max: config.async_retry_max,
+            },
+            ack_wait: config.async_ack_wait,
+            worker_id: worker_id.to_owned(),
+            stats: stats.clone(),
+            ticks: Some(Arc::new(periodic)),
+            default_timeout: (!config.async_default_timeout.is_zero())
+                .then_some(config.async_default_timeout),
+        },
+        queues: config.queues.clone(),
+        concurrency: config.concurrency,
+        grace: config.grace,
+    }
+}
+
+/// The daemon runtime of a worker, from its settings.
+#[allow(clippy::too_many_arguments)]
+fn daemon_runtime(
+    nats: &Nats,
+    config: &Config,
+    registry: &Registry,
+    ops: &Operations,
+    events: EventPublisher,
+    worker_id: &str,
+    stats: Arc<WorkerStats>,
+    claims: ClaimStore,
+) -> DaemonRuntime {
+    DaemonRuntime {
+        operators: registry.operators().clone(),
+        specs: ops.daemon().specs().clone(),
+        claims: Arc::new(claims),
+        workers: ops.workers().clone(),
+        events,
+        settings: Arc::new(MaintainerSettings {
+            worker_id: worker_id.to_owned(),
+            heartbeat: config.heartbeat,
+            claim_ttl: config.claim_ttl,
+            grace: config.grace,
+            policy: RetryPolicy {
+                base: config.retry_base,
+                threshold: config.retry_threshold,
+                max: config.retry_max,
+            },
+        }),
+        queues: config.queue_names(),
+        stats,
+        connections: nats.connections.clone(),
+        link: crate::nats::link::Link::new(&nats.client),
+        resync_every: crate::daemon::runtime::RESYNC_EVERY,
+    }
+}
+
+/// Runs the daemon runtime until `token` fires, then stops the worker:
+/// every step bounded by one deadline, taken when the token fires. With
+/// NATS gone, what cannot be released or removed expires with its TTL, and
+/// unacknowledged async tasks are redelivered after their ack wait.
+async fn run_then_stop(
+    nats: &Nats,
+    config: &Config,
+    runtime: DaemonRuntime,
+    tracker: TaskTracker,
+    membership_token: CancellationToken,
+    token: &CancellationToken,
+) {
+    let daemons = runtime.run(token.child_token());
+    tokio::pin!(daemons);
+    let daemons_done = tokio::select! {
+        () = &mut daemons => true,
+        () = token.cancelled() => false,
+    };
+    let stop_by = Instant::now() + config.grace + STOP_SLACK;
+    if !daemons_done && tokio::time::timeout_at(stop_by, daemons).await.is_err() {
+        tracing::warn!("daemon runtime not stopped in time; its claims expire with their TTL");
+    }
+    membership_token.cancel();
+    tracker.close();
+    if tokio::time::timeout_at(stop_by, tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("worker tasks not stopped in time (NATS unreachable?); leaving them");
+    }
+    // Make sure the releases and removal reach the server before we go.
+    match tokio::time::timeout(FINAL_FLUSH_WAIT, nats.client.flush()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(cause = %e, "final flush failed"),
+        Err(_) => tracing::warn!("final flush timed out; NATS unreachable"),
     }
 }
 

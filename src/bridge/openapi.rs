@@ -141,7 +141,7 @@ pub struct CreateBody {
 }
 
 /// A create's options: BMW's names. Which apply to which task type:
-/// `task::Options::check_for` (the README's table). Durations are integer seconds or a
+/// `task::Options::check_for` (docs/tasks.md describes each). Durations are integer seconds or a
 /// humantime string (`"1h 30m"`), at most 100 years; times are RFC 3339.
 /// An unknown name is refused; `null` is an option not given.
 #[derive(Debug, Serialize, ToSchema)]

@@ -127,6 +127,14 @@ impl State {
 
 /// A key, its last holder known when the acquisition started, when the
 /// claim's write was sent (its TTL runs from a later moment), and the outcome.
+/// An interval from `start`, every `period`, that delays its ticks after a
+/// busy spell instead of bursting them.
+fn delayed_interval(start: Instant, period: Duration) -> tokio::time::Interval {
+    let mut interval = tokio::time::interval_at(start, period);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    interval
+}
+
 type Acquired = (
     Key,
     Option<String>,
@@ -134,25 +142,58 @@ type Acquired = (
     Result<(Claim, u64, Option<String>), ClaimError>,
 );
 
+/// What a worker counts in one queue to balance its daemon tasks
+/// ([`balancer::plan`]).
+#[derive(Default)]
+struct Tally<'a> {
+    /// Tasks of the queue this worker may run.
+    eligible: usize,
+    /// Of those, held or being acquired here.
+    mine: usize,
+    /// The tasks each other worker of the queue holds.
+    loads: HashMap<&'a str, usize>,
+    /// Free tasks, free for up to a heartbeat / for longer.
+    fresh: Vec<&'a Key>,
+    long: Vec<&'a Key>,
+    /// Tasks held here (not being released).
+    held: Vec<&'a Key>,
+}
+
+/// The tally of the queue of `key`, if this worker may run it.
+fn tally_of<'m, 'a>(
+    queue_of: &HashMap<&'a str, &'a str>,
+    tallies: &'m mut HashMap<&'a str, Tally<'a>>,
+    key: &str,
+) -> Option<&'m mut Tally<'a>> {
+    queue_of.get(key).and_then(|q| tallies.get_mut(q))
+}
+
+impl Tally<'_> {
+    fn plan(&self) -> balancer::Plan {
+        let peer_loads: Vec<usize> = self.loads.values().copied().collect();
+        balancer::plan(&View {
+            eligible: self.eligible,
+            peers: self.loads.len() + 1,
+            mine: self.mine,
+            peer_loads: &peer_loads,
+            free_fresh: self.fresh.len(),
+            free_long: self.long.len(),
+        })
+    }
+}
+
 impl DaemonRuntime {
     /// Runs until `token` fires, then releases every held task (waiting up to
     /// the grace period for the operators to stop).
     pub async fn run(self, token: CancellationToken) {
         let mut state = State::default();
-        let mut w = Watchers {
-            specs: Watcher::new(self.specs.kv().clone()),
-            claims: Watcher::new(self.claims.kv().clone()),
-            workers: Watcher::new(self.workers.clone()),
-        };
+        let mut w = self.watchers();
         let mut maintainers: JoinSet<(Arc<str>, Exit)> = JoinSet::new();
         let mut acquisitions: JoinSet<Acquired> = JoinSet::new();
-        let mut forced = tokio::time::interval(self.settings.heartbeat);
-        forced.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut forced = delayed_interval(Instant::now(), self.settings.heartbeat);
         // A full re-read of every bucket, in case a watch missed entries
         // without erring (design-notes: how watches resync).
-        let mut resync =
-            tokio::time::interval_at(Instant::now() + self.resync_every, self.resync_every);
-        resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut resync = delayed_interval(Instant::now() + self.resync_every, self.resync_every);
         let mut connections = self.connections.clone();
         connections.mark_unchanged();
         // The connection the watches (re)started on: the view is acted on
@@ -203,44 +244,99 @@ impl DaemonRuntime {
                 }
                 Some(done) = maintainers.join_next_with_id(), if !maintainers.is_empty() => {
                     dirty = true;
-                    match done {
-                        Ok((id, (key, exit))) => {
-                            state.maintained.remove(&id);
-                            state.held.remove(&*key);
-                            tracing::debug!(key = &*key, ?exit, "maintainer ended");
-                        }
-                        Err(e) => self.on_maintainer_failed(&mut state, e),
-                    }
-                    self.stats.daemon_running.store(state.held.len(), Ordering::Relaxed);
+                    self.on_maintainer_ended(&mut state, done);
                 }
                 () = tokio::time::sleep_until(next_reconcile), if dirty && synced => {}
                 _ = forced.tick() => dirty = true,
                 _ = resync.tick() => replayed_on = w.restart(&self.link),
             }
-            if w.synced() && dirty && Instant::now() >= next_reconcile {
-                let now = self.link.current();
-                if now.is_none() {
-                    // Disconnected: a claim sent now would be buffered and
-                    // acted on after the reconnect, on this (by then old) view.
-                    next_reconcile = Instant::now() + DEBOUNCE;
-                } else if now != replayed_on {
-                    // Reconnected since the watches were restarted: each has
-                    // resumed on its own, so the view mixes the buckets at
-                    // different moments (claims seen expired, the deletion of
-                    // their specs not yet). Replay all three first.
-                    tracing::info!(
-                        "reconnected to NATS; re-reading the specs, claims and workers before acting"
-                    );
-                    replayed_on = w.restart(&self.link);
-                } else {
-                    dirty = false;
-                    let started = Instant::now();
-                    self.reconcile(&mut state, &mut acquisitions);
-                    next_reconcile = Instant::now() + (started.elapsed() * 4).max(DEBOUNCE);
-                }
-            }
+            self.reconcile_when_due(
+                &mut state,
+                &mut w,
+                &mut acquisitions,
+                &mut replayed_on,
+                &mut dirty,
+                &mut next_reconcile,
+            );
         }
-        // Maintainers see the same token and release their claims.
+        self.stop_maintainers(maintainers, acquisitions).await;
+    }
+
+    /// Reconciles when the view is whole, changed and the pace allows it,
+    /// and only on the connection the watches replayed on (else they are
+    /// replayed first). Reconciling costs O(tasks): it runs at most every
+    /// `next_reconcile`, which grows with its own cost, so a burst of events
+    /// is absorbed first.
+    fn reconcile_when_due(
+        &self,
+        state: &mut State,
+        w: &mut Watchers,
+        acquisitions: &mut JoinSet<Acquired>,
+        replayed_on: &mut Option<Epoch>,
+        dirty: &mut bool,
+        next_reconcile: &mut Instant,
+    ) {
+        if !(w.synced() && *dirty && Instant::now() >= *next_reconcile) {
+            return;
+        }
+        let now = self.link.current();
+        if now.is_none() {
+            // Disconnected: a claim sent now would be buffered and
+            // acted on after the reconnect, on this (by then old) view.
+            *next_reconcile = Instant::now() + DEBOUNCE;
+        } else if now != *replayed_on {
+            // Reconnected since the watches were restarted: each has
+            // resumed on its own, so the view mixes the buckets at
+            // different moments (claims seen expired, the deletion of
+            // their specs not yet). Replay all three first.
+            tracing::info!(
+                "reconnected to NATS; re-reading the specs, claims and workers before acting"
+            );
+            *replayed_on = w.restart(&self.link);
+        } else {
+            *dirty = false;
+            let started = Instant::now();
+            self.reconcile(state, acquisitions);
+            *next_reconcile = Instant::now() + (started.elapsed() * 4).max(DEBOUNCE);
+        }
+    }
+
+    /// Watches on the specs, claims and workers buckets.
+    fn watchers(&self) -> Watchers {
+        Watchers {
+            specs: Watcher::new(self.specs.kv().clone()),
+            claims: Watcher::new(self.claims.kv().clone()),
+            workers: Watcher::new(self.workers.clone()),
+        }
+    }
+
+    /// A maintainer ended (its instance stopped, its claim released or
+    /// lost) or failed: the task is no longer held here.
+    fn on_maintainer_ended(
+        &self,
+        state: &mut State,
+        done: Result<(tokio::task::Id, (Arc<str>, Exit)), tokio::task::JoinError>,
+    ) {
+        match done {
+            Ok((id, (key, exit))) => {
+                state.maintained.remove(&id);
+                state.held.remove(&*key);
+                tracing::debug!(key = &*key, ?exit, "maintainer ended");
+            }
+            Err(e) => self.on_maintainer_failed(state, e),
+        }
+        self.stats
+            .daemon_running
+            .store(state.held.len(), Ordering::Relaxed);
+    }
+
+    /// Shutdown: maintainers see the same token and release their claims,
+    /// waited for up to the grace period.
+    async fn stop_maintainers(
+        &self,
+        mut maintainers: JoinSet<(Arc<str>, Exit)>,
+        mut acquisitions: JoinSet<Acquired>,
+    ) {
         let grace = self.settings.grace + Duration::from_secs(2);
         if tokio::time::timeout(grace, async {
             while maintainers.join_next().await.is_some() {}
@@ -421,44 +517,10 @@ impl DaemonRuntime {
     /// free tasks to claim and which held ones to release. One pass over the
     /// specs, claims and free tasks, whatever the number of queues.
     fn plan(&self, state: &State) -> (Vec<Key>, Vec<Key>) {
-        #[derive(Default)]
-        struct Tally<'a> {
-            eligible: usize,
-            mine: usize,
-            loads: HashMap<&'a str, usize>,
-            fresh: Vec<&'a Key>,
-            long: Vec<&'a Key>,
-            held: Vec<&'a Key>,
-        }
-        let me = self.settings.worker_id.as_str();
-        let mut tallies: HashMap<&str, Tally<'_>> = HashMap::new();
-        for queue in &self.queues {
-            let loads = state
-                .workers
-                .values()
-                .filter(|w| w.worker_id != me && w.queues.iter().any(|q| q == queue))
-                .map(|w| (w.worker_id.as_str(), 0))
-                .collect();
-            tallies.insert(
-                queue.as_str(),
-                Tally {
-                    loads,
-                    ..Tally::default()
-                },
-            );
-        }
-        // The queue of each task this worker may run.
-        let mut queue_of: HashMap<&str, &str> = HashMap::with_capacity(state.specs.len());
-        for (key, spec) in &state.specs {
-            if let Some(t) = tallies.get_mut(spec.options.queue())
-                && self.operators.can_run(&spec.kind)
-            {
-                t.eligible += 1;
-                queue_of.insert(&**key, spec.options.queue());
-            }
-        }
+        let mut tallies = self.tallies(state);
+        let queue_of = self.count_eligible(state, &mut tallies);
         for (key, claim) in &state.claims {
-            if let Some(t) = queue_of.get(&**key).and_then(|q| tallies.get_mut(q))
+            if let Some(t) = tally_of(&queue_of, &mut tallies, key)
                 && let Some(n) = t.loads.get_mut(&**claim)
             {
                 *n += 1;
@@ -469,21 +531,15 @@ impl DaemonRuntime {
             if state.held.contains_key(key) || state.acquiring.contains(key) {
                 continue;
             }
-            if let Some(t) = queue_of.get(&**key).and_then(|q| tallies.get_mut(q)) {
-                let list = if now.duration_since(free.since) > self.settings.heartbeat {
-                    &mut t.long
-                } else {
-                    &mut t.fresh
-                };
+            if let Some(t) = tally_of(&queue_of, &mut tallies, key) {
+                let long = now.duration_since(free.since) > self.settings.heartbeat;
+                let list = if long { &mut t.long } else { &mut t.fresh };
                 list.push(key);
             }
         }
         let (mut claim, mut release) = (Vec::new(), Vec::new());
-        for (key, held) in &state.held {
-            if held.releasing {
-                continue;
-            }
-            match queue_of.get(&**key).and_then(|q| tallies.get_mut(q)) {
+        for (key, _) in state.held.iter().filter(|(_, h)| !h.releasing) {
+            match tally_of(&queue_of, &mut tallies, key) {
                 Some(t) => {
                     t.mine += 1;
                     t.held.push(key);
@@ -495,21 +551,13 @@ impl DaemonRuntime {
             }
         }
         for key in &state.acquiring {
-            if let Some(t) = queue_of.get(&**key).and_then(|q| tallies.get_mut(q)) {
+            if let Some(t) = tally_of(&queue_of, &mut tallies, key) {
                 t.mine += 1;
             }
         }
         let mut quota = 0;
         for t in tallies.into_values().filter(|t| t.eligible > 0) {
-            let peer_loads: Vec<usize> = t.loads.values().copied().collect();
-            let plan = balancer::plan(&View {
-                eligible: t.eligible,
-                peers: t.loads.len() + 1,
-                mine: t.mine,
-                peer_loads: &peer_loads,
-                free_fresh: t.fresh.len(),
-                free_long: t.long.len(),
-            });
+            let plan = t.plan();
             quota += plan.quota;
             claim.extend(t.long.into_iter().take(plan.claim_long).cloned());
             claim.extend(t.fresh.into_iter().take(plan.claim_fresh).cloned());
@@ -517,6 +565,47 @@ impl DaemonRuntime {
         }
         self.stats.daemon_quota.store(quota, Ordering::Relaxed);
         (claim, release)
+    }
+
+    /// An empty tally for each queue this worker listens on, with every
+    /// other live worker of that queue at load 0.
+    fn tallies<'a>(&'a self, state: &'a State) -> HashMap<&'a str, Tally<'a>> {
+        let me = self.settings.worker_id.as_str();
+        self.queues
+            .iter()
+            .map(|queue| {
+                let loads = state
+                    .workers
+                    .values()
+                    .filter(|w| w.worker_id != me && w.queues.iter().any(|q| q == queue))
+                    .map(|w| (w.worker_id.as_str(), 0))
+                    .collect();
+                let tally = Tally {
+                    loads,
+                    ..Tally::default()
+                };
+                (queue.as_str(), tally)
+            })
+            .collect()
+    }
+
+    /// Counts the tasks this worker may run in each queue's tally; returns
+    /// the queue of each of them.
+    fn count_eligible<'a>(
+        &self,
+        state: &'a State,
+        tallies: &mut HashMap<&'a str, Tally<'a>>,
+    ) -> HashMap<&'a str, &'a str> {
+        let mut queue_of = HashMap::with_capacity(state.specs.len());
+        for (key, spec) in &state.specs {
+            if let Some(t) = tallies.get_mut(spec.options.queue())
+                && self.operators.can_run(&spec.kind)
+            {
+                t.eligible += 1;
+                queue_of.insert(&**key, spec.options.queue());
+            }
+        }
+        queue_of
     }
 
     fn spawn_acquire(&self, state: &mut State, key: Key, acquisitions: &mut JoinSet<Acquired>) {

@@ -97,6 +97,10 @@ fn queue_of(subject: &str) -> String {
         .to_owned()
 }
 
+/// Runs one delivered message to its end, in named steps: [`decode`] it,
+/// [`begin_tick`] for a periodic tick (its `enqueued` event and overlap
+/// lock), [`run_attempt`] under its span, [`end_tick`], then [`succeeded`]
+/// or [`settle`].
 pub(super) async fn execute(shared: Arc<Shared>, message: Message, slot: Slot) {
     let rt = &shared.rt;
     if shared.completer.succeeded_before(&message) {
@@ -111,67 +115,12 @@ pub(super) async fn execute(shared: Arc<Shared>, message: Message, slot: Slot) {
     // A retry scheduled after earlier attempts says how many there were.
     let attempt = attempt.saturating_add(outcome::earlier_attempts(&message));
     let queue = queue_of(message.subject.as_str());
-    let mut task: TaskMessage = match serde_json::from_slice(&message.payload) {
-        Ok(t) => t,
-        Err(e) => {
-            // Dead-lettered under its `Nats-Msg-Id` (else its sequence), with
-            // the kind it names, if any, and the body as it came.
-            let body = serde_json::from_slice::<serde_json::Value>(&message.payload).ok();
-            let text = |field: &str| {
-                body.as_ref()
-                    .and_then(|b| b.get(field)?.as_str().map(str::to_owned))
-            };
-            let mut task = TaskMessage {
-                id: String::new(),
-                kind: text("kind").unwrap_or_else(|| "unknown".into()),
-                payload: body.unwrap_or_else(|| json!(String::from_utf8_lossy(&message.payload))),
-                options: Default::default(),
-                enqueued_at: None,
-                errors: vec![],
-            };
-            task.id = task_id(&task, &message, seq);
-            let error = format!("not a task message: {e}");
-            return Box::pin(outcome::archive(
-                rt, &message, task, &queue, attempt, &error,
-            ))
-            .await;
-        }
-    };
-    task.id = task_id(&task, &message, seq);
-    let handler = match crate::task::Kind::parse(&task.kind)
-        .ok()
-        .and_then(|k| rt.handlers.get(&k))
-    {
-        Some(h) => h,
-        None => {
-            let error = format!(
-                "kind `{}` is not registered on worker {}",
-                task.kind, rt.worker_id
-            );
-            return Box::pin(outcome::archive(
-                rt, &message, task, &queue, attempt, &error,
-            ))
-            .await;
-        }
+    let Some((task, handler)) = decode(rt, &message, &queue, attempt, seq).await else {
+        return;
     };
     let periodic = task.kind.starts_with("periodic:");
-    if periodic && attempt == 1 {
-        crate::metrics::periodic_enqueued(&task.kind);
-        // When the server's scheduler stored this tick: its fire time.
-        let fired_at = message.info().ok().map(|i| {
-            let t = i.published;
-            chrono::DateTime::from_timestamp(t.unix_timestamp(), t.nanosecond())
-                .map(|d| d.to_rfc3339_opts(chrono::SecondsFormat::Micros, true))
-        });
-        let detail = json!({"task_id": task.id, "queue": queue, "fired_at": fired_at.flatten()});
-        Box::pin(rt.events.emit("periodic", &task.kind, "enqueued", detail)).await;
-    }
-    let run_lock = if periodic && task.options.overlap.unwrap_or_default() == Overlap::Skip {
-        let limit = attempt_limit(&task.options, chrono::Utc::now())
-            .ok()
-            .flatten()
-            .or(rt.default_timeout);
-        match Box::pin(overlap::take(rt, &task, limit)).await {
+    let run_lock = if periodic {
+        match begin_tick(rt, &message, &task, &queue, attempt).await {
             Taken::Held(lock) => Some(lock),
             Taken::Busy(running) => {
                 return Box::pin(overlap::skip(rt, message, &task, &queue, attempt, &running))
@@ -210,51 +159,159 @@ pub(super) async fn execute(shared: Arc<Shared>, message: Message, slot: Slot) {
         Box::pin(overlap::release(rt, lock)).await;
     }
     if periodic {
-        let next = message
-            .headers
-            .as_ref()
-            .and_then(|h| h.get(async_nats::header::NATS_SCHEDULE_NEXT))
-            .map(|v| v.as_str().to_owned());
-        let label = match &outcome {
-            Outcome::Done => "succeeded",
-            Outcome::Failed(e) if e.skips_retry() || attempt > task.max_retry() => "archived",
-            Outcome::Failed(_) => "retry",
-            Outcome::Deleted => "deleted",
-            Outcome::Shutdown => "interrupted",
-        };
-        if let Some(ticks) = &rt.ticks {
-            Box::pin(ticks.record_run(&task.kind, label, next)).await;
-        }
+        Box::pin(end_tick(rt, &message, &task, attempt, &outcome)).await;
     }
     // The hot path stays in this future; everything else is boxed, so the
     // future spawned per task stays small (it was 5 KiB, copied several
     // times by every spawn).
     if let Outcome::Done = outcome {
-        let done = Completion {
-            message,
-            task_id: task.id.clone(),
-            kind: task.kind.clone(),
-            queue: queue.clone(),
-            attempt,
-        };
-        if let Err(done) = shared.completer.try_complete(done) {
-            Box::pin(shared.completer.complete(done)).await;
-        }
-        crate::metrics::async_processed(&task.kind, &queue, true, seconds);
-        rt.stats.count_async(&queue, true);
-        let left_record = attempt > 1 || seconds >= ACTIVE_RECORD_AFTER.as_secs_f64();
-        if left_record || task.options.retention.is_some() {
-            Box::pin(outcome::finish_record(
-                rt,
-                &task,
-                &queue,
-                attempt,
-                left_record,
-            ))
-            .await;
-        }
+        succeeded(&shared, message, &task, queue, attempt, seconds).await;
     } else {
         Box::pin(settle(rt, message, task, &queue, attempt, seconds, outcome)).await;
+    }
+}
+
+/// The task a message holds and the handler of its kind; `None` when it has
+/// neither (not a task message, or a kind this worker does not run): then
+/// it is dead-lettered here, under its `Nats-Msg-Id` (else its sequence),
+/// with the kind it names, if any, and the body as it came.
+async fn decode(
+    rt: &AttemptEnv,
+    message: &Message,
+    queue: &str,
+    attempt: u32,
+    seq: u64,
+) -> Option<(TaskMessage, Arc<dyn Handler>)> {
+    let mut task: TaskMessage = match serde_json::from_slice(&message.payload) {
+        Ok(t) => t,
+        Err(e) => {
+            let body = serde_json::from_slice::<serde_json::Value>(&message.payload).ok();
+            let text = |field: &str| {
+                body.as_ref()
+                    .and_then(|b| b.get(field)?.as_str().map(str::to_owned))
+            };
+            let mut task = TaskMessage {
+                id: String::new(),
+                kind: text("kind").unwrap_or_else(|| "unknown".into()),
+                payload: body.unwrap_or_else(|| json!(String::from_utf8_lossy(&message.payload))),
+                options: Default::default(),
+                enqueued_at: None,
+                errors: vec![],
+            };
+            task.id = task_id(&task, message, seq);
+            let error = format!("not a task message: {e}");
+            Box::pin(outcome::archive(rt, message, task, queue, attempt, &error)).await;
+            return None;
+        }
+    };
+    task.id = task_id(&task, message, seq);
+    let handler = crate::task::Kind::parse(&task.kind)
+        .ok()
+        .and_then(|k| rt.handlers.get(&k));
+    match handler {
+        Some(handler) => Some((task, handler)),
+        None => {
+            let error = format!(
+                "kind `{}` is not registered on worker {}",
+                task.kind, rt.worker_id
+            );
+            Box::pin(outcome::archive(rt, message, task, queue, attempt, &error)).await;
+            None
+        }
+    }
+}
+
+/// The start of a periodic tick: its `enqueued` event (first attempt only,
+/// with the time the server's scheduler stored it), then its overlap lock
+/// when the kind skips overlapping runs.
+async fn begin_tick(
+    rt: &AttemptEnv,
+    message: &Message,
+    task: &TaskMessage,
+    queue: &str,
+    attempt: u32,
+) -> Taken {
+    if attempt == 1 {
+        crate::metrics::periodic_enqueued(&task.kind);
+        let fired_at = message.info().ok().map(|i| {
+            let t = i.published;
+            chrono::DateTime::from_timestamp(t.unix_timestamp(), t.nanosecond())
+                .map(|d| d.to_rfc3339_opts(chrono::SecondsFormat::Micros, true))
+        });
+        let detail = json!({"task_id": task.id, "queue": queue, "fired_at": fired_at.flatten()});
+        Box::pin(rt.events.emit("periodic", &task.kind, "enqueued", detail)).await;
+    }
+    if task.options.overlap.unwrap_or_default() != Overlap::Skip {
+        return Taken::Unchecked;
+    }
+    let limit = attempt_limit(&task.options, chrono::Utc::now())
+        .ok()
+        .flatten()
+        .or(rt.default_timeout);
+    Box::pin(overlap::take(rt, task, limit)).await
+}
+
+/// The end of a periodic tick: how it ended and when the next is due, for
+/// the schedule's run history.
+async fn end_tick(
+    rt: &AttemptEnv,
+    message: &Message,
+    task: &TaskMessage,
+    attempt: u32,
+    outcome: &Outcome,
+) {
+    let next = message
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(async_nats::header::NATS_SCHEDULE_NEXT))
+        .map(|v| v.as_str().to_owned());
+    let label = match outcome {
+        Outcome::Done => "succeeded",
+        Outcome::Failed(e) if e.skips_retry() || attempt > task.max_retry() => "archived",
+        Outcome::Failed(_) => "retry",
+        Outcome::Deleted => "deleted",
+        Outcome::Shutdown => "interrupted",
+    };
+    if let Some(ticks) = &rt.ticks {
+        ticks.record_run(&task.kind, label, next).await;
+    }
+}
+
+/// A success: handed to the completer (acked with its batch), counted, and
+/// its record left or finished where it has one.
+async fn succeeded(
+    shared: &Shared,
+    message: Message,
+    task: &TaskMessage,
+    queue: String,
+    attempt: u32,
+    seconds: f64,
+) {
+    let rt = &shared.rt;
+    let left_record = attempt > 1 || seconds >= ACTIVE_RECORD_AFTER.as_secs_f64();
+    let finish = left_record || task.options.retention.is_some();
+    let done = Completion {
+        message,
+        task_id: task.id.clone(),
+        kind: task.kind.clone(),
+        queue,
+        attempt,
+    };
+    let queue_name = done.queue.clone();
+    if let Err(done) = shared.completer.try_complete(done) {
+        Box::pin(shared.completer.complete(done)).await;
+    }
+    crate::metrics::async_processed(&task.kind, &queue_name, true, seconds);
+    rt.stats.count_async(&queue_name, true);
+    if finish {
+        Box::pin(outcome::finish_record(
+            rt,
+            task,
+            &queue_name,
+            attempt,
+            left_record,
+        ))
+        .await;
     }
 }
 
@@ -333,19 +390,7 @@ async fn run_attempt(
         }
         r.tokens.insert(task.id.clone(), token.clone());
     }
-    let ctx = TaskContext {
-        task_id: task.id.clone(),
-        kind: task.kind.clone(),
-        queue: queue.to_owned(),
-        attempt,
-        worker_id: rt.worker_id.clone(),
-        max_retry: task.max_retry(),
-        token: token.clone(),
-        deadline: limit.and_then(|l| {
-            chrono::Utc::now().checked_add_signed(chrono::TimeDelta::from_std(l).ok()?)
-        }),
-        nats: rt.nats.client.clone(),
-    };
+    let ctx = task_context(rt, task, queue, attempt, &token, limit);
     // The handler runs inline (a panic is caught as the failure of this
     // attempt) and is polled first: a task that finishes at once never
     // arms a timer.
@@ -395,6 +440,35 @@ async fn run_attempt(
     if deleted.unwrap_or(false) {
         return Outcome::Deleted;
     }
+    outcome_of(result, &token)
+}
+
+/// What a handler sees of its attempt.
+fn task_context(
+    rt: &AttemptEnv,
+    task: &TaskMessage,
+    queue: &str,
+    attempt: u32,
+    token: &CancellationToken,
+    limit: Option<Duration>,
+) -> TaskContext {
+    TaskContext {
+        task_id: task.id.clone(),
+        kind: task.kind.clone(),
+        queue: queue.to_owned(),
+        attempt,
+        worker_id: rt.worker_id.clone(),
+        max_retry: task.max_retry(),
+        token: token.clone(),
+        deadline: limit.and_then(|l| {
+            chrono::Utc::now().checked_add_signed(chrono::TimeDelta::from_std(l).ok()?)
+        }),
+        nats: rt.nats.client.clone(),
+    }
+}
+
+/// How an attempt that was not deleted meanwhile ended.
+fn outcome_of(result: Ended, token: &CancellationToken) -> Outcome {
     match result {
         Ended::TimedOut(e) => Outcome::Failed(e),
         Ended::Handler(Ok(Ok(()))) => Outcome::Done,

@@ -272,25 +272,8 @@ async fn queue_loop(
     tasks: TaskTracker,
     token: CancellationToken,
 ) {
-    let (consumer, fired) = loop {
-        let js = &shared.rt.nats.js;
-        let opened = async {
-            let consumer = queue_consumer(js, &queue.name, shared.rt.ack_wait).await?;
-            Ok::<_, NatsError>((
-                consumer,
-                fired_consumer(js, &queue.name, shared.rt.ack_wait).await?,
-            ))
-        };
-        match opened.await {
-            Ok(c) => break c,
-            Err(e) => {
-                tracing::warn!(queue = queue.name, cause = %e, "queue consumer unavailable, retrying")
-            }
-        }
-        tokio::select! {
-            () = tokio::time::sleep(Duration::from_secs(1)) => {}
-            () = token.cancelled() => return,
-        }
+    let Some((consumer, fired)) = open_consumers(&shared, &queue.name, &token).await else {
+        return;
     };
     // The consumer keeps the ack wait of the worker that created it, which may
     // not be ours: messages are kept alive at a third of the consumer's own.
@@ -329,28 +312,9 @@ async fn queue_loop(
             () = pace.finished() => {}
             permits = async { acquire.as_mut().expect("guarded").await }, if acquire.is_some() => {
                 acquire = None;
-                let Ok(mut permits) = permits else { break };
-                // Whatever else is free is taken too (nobody waits for it).
-                let extra = held
-                    .len()
-                    .saturating_sub(permits.num_permits())
-                    .min(semaphore.available_permits());
-                if extra > 0
-                    && let Ok(more) = semaphore.clone().try_acquire_many_owned(extra as u32)
-                {
-                    permits.merge(more);
-                }
-                // Only messages of the connection that is up now are started
-                // (see `link`); the others are delivered again after their ack wait.
-                let now = link.current();
-                let mut dropped = 0usize;
-                while let Some(permit) = permits.split(1) {
-                    let Some(message) = take_current(&mut held, now, &mut dropped) else { break };
-                    tasks.spawn(Box::pin(attempt::execute(shared.clone(), message, Slot::new(permit, &pace, keep_alive))));
-                }
-                if dropped > 0 {
-                    tracing::warn!(queue = queue.name, dropped, "connection to nats-server lost: messages in hand not started; they are delivered again after their ack wait");
-                }
+                let Ok(permits) = permits else { break };
+                let started = Started { shared: &shared, tasks: &tasks, pace: &pace, keep_alive };
+                start_held(permits, &semaphore, &mut held, link.current(), started, &queue.name);
             }
             _ = aging.tick() => {
                 // Messages waiting long for a permit are kept from redelivery.
@@ -361,8 +325,95 @@ async fn queue_loop(
             }
         }
     }
-    // Shutdown: return what is in hand and what the open pulls still bring.
     drop(acquire);
+    give_back(fetcher, held).await;
+}
+
+/// The queue's two shared consumers (its queue and its fired messages),
+/// tried again every second until they open; `None` once `token` fires.
+async fn open_consumers(
+    shared: &Shared,
+    queue: &str,
+    token: &CancellationToken,
+) -> Option<(
+    async_nats::jetstream::consumer::PullConsumer,
+    async_nats::jetstream::consumer::PullConsumer,
+)> {
+    let js = &shared.rt.nats.js;
+    loop {
+        let opened = async {
+            let consumer = queue_consumer(js, queue, shared.rt.ack_wait).await?;
+            Ok::<_, NatsError>((
+                consumer,
+                fired_consumer(js, queue, shared.rt.ack_wait).await?,
+            ))
+        };
+        match opened.await {
+            Ok(c) => return Some(c),
+            Err(e) => {
+                tracing::warn!(queue, cause = %e, "queue consumer unavailable, retrying")
+            }
+        }
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            () = token.cancelled() => return None,
+        }
+    }
+}
+
+/// What starting a task needs from its queue loop.
+struct Started<'a> {
+    shared: &'a Arc<Shared>,
+    tasks: &'a TaskTracker,
+    pace: &'a Arc<Pace>,
+    keep_alive: Duration,
+}
+
+/// Starts a task for each permit (and for whatever else is free, which
+/// nobody waits for) from the messages in hand. Only messages of the
+/// connection that is up `now` are started (see `Link`); the others are
+/// delivered again after their ack wait.
+fn start_held(
+    mut permits: OwnedSemaphorePermit,
+    semaphore: &Arc<Semaphore>,
+    held: &mut VecDeque<(Message, Instant, Option<Epoch>)>,
+    now: Option<Epoch>,
+    started: Started<'_>,
+    queue: &str,
+) {
+    let extra = held
+        .len()
+        .saturating_sub(permits.num_permits())
+        .min(semaphore.available_permits());
+    if extra > 0
+        && let Ok(more) = semaphore.clone().try_acquire_many_owned(extra as u32)
+    {
+        permits.merge(more);
+    }
+    let mut dropped = 0usize;
+    while let Some(permit) = permits.split(1) {
+        let Some(message) = take_current(held, now, &mut dropped) else {
+            break;
+        };
+        let slot = Slot::new(permit, started.pace, started.keep_alive);
+        started.tasks.spawn(Box::pin(attempt::execute(
+            started.shared.clone(),
+            message,
+            slot,
+        )));
+    }
+    if dropped > 0 {
+        tracing::warn!(
+            queue,
+            dropped,
+            "connection to nats-server lost: messages in hand not started; they are delivered again after their ack wait"
+        );
+    }
+}
+
+/// Shutdown: what is in hand and what the open pulls still bring go back to
+/// the queue at once (a `nak`), for another worker.
+async fn give_back(mut fetcher: Fetcher, held: VecDeque<(Message, Instant, Option<Epoch>)>) {
     fetcher.close();
     for (message, _, _) in held {
         let _ = message.ack_with(AckKind::Nak(None)).await;
