@@ -53,19 +53,22 @@ fn every_document() -> Vec<(String, String)> {
     all
 }
 
-/// The lines of `text` outside fenced code blocks, with their level and
-/// text when they are headings.
-fn headings(text: &str) -> Vec<(usize, String)> {
-    let mut out = Vec::new();
+/// The lines of `text` outside fenced code blocks (the fences too).
+fn prose_lines(text: &str) -> impl Iterator<Item = &str> {
     let mut fenced = false;
-    for line in text.lines() {
+    text.lines().filter(move |line| {
         if line.starts_with("```") {
             fenced = !fenced;
-            continue;
+            return false;
         }
-        if fenced {
-            continue;
-        }
+        !fenced
+    })
+}
+
+/// The headings of `text` outside fenced code blocks, with their level.
+fn headings(text: &str) -> Vec<(usize, String)> {
+    let mut out = Vec::new();
+    for line in prose_lines(text) {
         let level = line.chars().take_while(|c| *c == '#').count();
         if (1..=6).contains(&level) && line[level..].starts_with(' ') {
             out.push((level, line[level + 1..].trim().to_owned()));
@@ -106,15 +109,7 @@ fn anchors(text: &str) -> BTreeSet<String> {
 /// blocks and code spans.
 fn link_targets(text: &str) -> Vec<String> {
     let mut targets = Vec::new();
-    let mut fenced = false;
-    for line in text.lines() {
-        if line.starts_with("```") {
-            fenced = !fenced;
-            continue;
-        }
-        if fenced {
-            continue;
-        }
+    for line in prose_lines(text) {
         // Code spans out: the pieces between backticks at odd places.
         let prose: String = line
             .split('`')

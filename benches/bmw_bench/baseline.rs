@@ -129,15 +129,17 @@ async fn drain(
     }
     client.flush().await?;
     let js = jetstream::new(client.clone());
+    let mut stream = js.get_stream(STREAM).await?;
+    let retention = stream.cached_info().config.retention;
+    let mut c = c.clone();
     loop {
         // A work queue is empty once every ack is applied; a limits stream
         // keeps its messages, and its consumer's floor reaches the last.
-        let stream = js.get_stream(STREAM).await?.info().await?.clone();
-        let left = match stream.config.retention {
-            stream::RetentionPolicy::WorkQueue => stream.state.messages,
+        let left = match retention {
+            stream::RetentionPolicy::WorkQueue => stream.info().await?.state.messages,
             _ => {
-                let info = c.clone().info().await?.clone();
-                (n as u64).saturating_sub(info.ack_floor.stream_sequence)
+                let floor = c.info().await?.ack_floor.stream_sequence;
+                (n as u64).saturating_sub(floor)
             }
         };
         if left == 0 {
@@ -220,16 +222,7 @@ pub(crate) async fn drain_both_sync64(server: &Server, n: usize) -> anyhow::Resu
     let t = Instant::now();
     drain(&client, &c, n, deadline).await?;
     let drained = n as f64 / t.elapsed().as_secs_f64();
-    let s = fresh_stream(&js).await?;
-    let c = consumer(&s).await?;
-    let t = Instant::now();
-    let producer = {
-        let js = js.clone();
-        tokio::spawn(async move { publish(&js, n, deadline).await })
-    };
-    drain(&client, &c, n, deadline).await?;
-    producer.await??;
-    let both = n as f64 / t.elapsed().as_secs_f64();
+    let both = both_once(server, n, stream::RetentionPolicy::WorkQueue).await?;
     fresh_stream(&js).await?;
     let (sync64, _) = sync_publishers(&js, n, deadline).await?;
     let _ = js.delete_stream(STREAM).await;
