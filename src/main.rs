@@ -144,7 +144,7 @@ struct Global {
     #[arg(long, global = true, env = "BMW_MAX_UNIQUE_TTL")]
     max_unique_ttl: Option<String>,
     /// Register the demo kinds (`daemon:demo:demo`, `async:demo:*`, `periodic:demo:tick`)
-    /// [default: true for `bmw run`, false for `bmw worker` and `bmw bridge`].
+    /// [default: on for `bmw run` and `bmw task`, off for `bmw worker` and `bmw bridge`].
     #[arg(
         long,
         global = true,

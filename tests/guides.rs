@@ -236,3 +236,104 @@ fn anchors_are_github_s() {
     let twice = anchors("## A\n\n## A\n```\n## not a heading\n```\n");
     assert_eq!(twice, BTreeSet::from(["a".to_owned(), "a-1".to_owned()]));
 }
+
+/// One setting as `bmw <role> --help` shows it: its flag, environment
+/// variable and the default its help names, if any.
+#[derive(Debug)]
+struct HelpSetting {
+    flag: String,
+    env: Option<String>,
+    default: Option<String>,
+}
+
+/// The settings `bmw <role> --help` lists (every role takes every setting).
+fn help_settings(role: &str) -> Vec<HelpSetting> {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_bmw"))
+        .args([role, "--help"])
+        .output()
+        .expect("run bmw --help");
+    assert!(out.status.success(), "bmw {role} --help failed");
+    let help = String::from_utf8(out.stdout).expect("help is UTF-8");
+    let mut settings = Vec::new();
+    let mut lines = help.lines().peekable();
+    while let Some(line) = lines.next() {
+        let trimmed = line.trim_start();
+        let Some(flag) = trimmed
+            .split([' ', '['])
+            .find(|word| word.starts_with("--"))
+            .filter(|_| trimmed.starts_with('-'))
+        else {
+            continue;
+        };
+        // The description: the indented lines up to the next flag.
+        let mut text = String::new();
+        while let Some(next) = lines.peek() {
+            if next.trim_start().starts_with('-') || next.trim().is_empty() {
+                break;
+            }
+            text.push_str(next.trim());
+            text.push(' ');
+            lines.next();
+        }
+        let bracket = |name: &str| {
+            let start = text.find(&format!("[{name}: "))? + name.len() + 3;
+            let rest = &text[start..];
+            let end = rest.find([']', ';', '='])?;
+            Some(rest[..end].trim().to_owned())
+        };
+        settings.push(HelpSetting {
+            flag: flag.to_owned(),
+            env: bracket("env"),
+            default: bracket("default"),
+        });
+    }
+    settings
+}
+
+#[test]
+fn every_setting_is_in_the_configuration_guide_with_its_env_var_and_default() {
+    let guide = std::fs::read_to_string(root().join("docs/configuration.md")).expect("read guide");
+    let rows: Vec<&str> = guide.lines().filter(|l| l.starts_with("| `--")).collect();
+    let settings = help_settings("worker");
+    assert!(settings.len() > 40, "too few settings found: {settings:?}");
+    let mut wrong = Vec::new();
+    for setting in settings
+        .iter()
+        .filter(|s| !["--help", "--version"].contains(&s.flag.as_str()))
+    {
+        let Some(row) = rows.iter().find(|row| {
+            let first = row.replace("\\|", "/");
+            let first = first.split('|').nth(1).unwrap_or("");
+            first.contains(&format!("`{}`", setting.flag))
+                || first.contains(&format!("`{}[", setting.flag))
+                || first.contains(&format!("`{}`,", setting.flag))
+        }) else {
+            wrong.push(format!("{}: no row in the settings table", setting.flag));
+            continue;
+        };
+        // `\|` is a bar inside a cell, not a cell's end.
+        let unescaped = row.replace("\\|", "/");
+        let cells: Vec<&str> = unescaped.split('|').map(str::trim).collect();
+        if let Some(env) = &setting.env
+            && !cells[2].contains(&format!("`{env}`"))
+        {
+            wrong.push(format!(
+                "{}: the guide's env cell lacks `{env}`",
+                setting.flag
+            ));
+        }
+        if let Some(default) = &setting.default
+            && !cells[3].contains(default.as_str())
+        {
+            wrong.push(format!(
+                "{}: --help says the default is `{default}`, the guide `{}`",
+                setting.flag, cells[3]
+            ));
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "the settings table and --help disagree:\n{}",
+        wrong.join("\n")
+    );
+}
