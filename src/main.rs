@@ -26,139 +26,9 @@ struct Cli {
 
 #[derive(Debug, Args)]
 struct Global {
-    /// NATS server URL(s), comma-separated. `bmw run` without it starts a local nats-server.
-    #[arg(long, global = true, env = "BMW_NATS_URL", hide_env_values = true)]
-    nats_url: Option<String>,
-    /// Bridge listen address (`bmw run`, `bmw bridge`); also serves /bmw/metrics, /metrics, /health, /ready
-    /// [default: 127.0.0.1:10211; another host needs a token or --insecure-no-auth].
-    #[arg(long, global = true, env = "BMW_HTTP_ADDR")]
-    http_addr: Option<String>,
-    /// Where `bmw worker` serves /bmw/metrics, /metrics and /health; `off` serves none;
-    /// each worker on a host needs its own [default: 127.0.0.1:10213].
-    #[arg(long, global = true, env = "BMW_METRICS_ADDR")]
-    metrics_addr: Option<String>,
-    /// Queues this worker takes tasks from, comma-separated, with optional weights:
-    /// `critical=6,default=3,low=1` [default: default].
-    #[arg(long, global = true, env = "BMW_QUEUES", value_delimiter = ',')]
-    queues: Option<Vec<String>>,
-    /// Claim TTL: a dead worker's daemon tasks move after this long [default: 15s].
-    #[arg(long, global = true, env = "BMW_CLAIM_TTL")]
-    claim_ttl: Option<String>,
-    /// How often claims and the worker entry are renewed [default: 5s].
-    #[arg(long, global = true, env = "BMW_HEARTBEAT")]
-    heartbeat: Option<String>,
-    /// First retry delay of a failed daemon instance [default: 10s].
-    #[arg(long, global = true, env = "BMW_RETRY_BASE")]
-    retry_base: Option<String>,
-    /// Retry count after which each delay doubles [default: 5].
-    #[arg(long, global = true, env = "BMW_RETRY_THRESHOLD")]
-    retry_threshold: Option<u32>,
-    /// Ceiling of a retry delay [default: 15m].
-    #[arg(long, global = true, env = "BMW_RETRY_MAX")]
-    retry_max: Option<String>,
-    /// Time running instances get to stop on shutdown [default: 10s].
-    #[arg(long, global = true, env = "BMW_GRACE")]
-    grace: Option<String>,
-    /// How long the bridge waits for a worker's outcome before answering 202 [default: 5s].
-    #[arg(long, global = true, env = "BMW_REPLY_TIMEOUT")]
-    reply_timeout: Option<String>,
-    /// Replicas of streams and buckets: 1 on one server, 3 on a cluster [default: 1].
-    #[arg(long, global = true, env = "BMW_REPLICAS")]
-    replicas: Option<usize>,
-    /// Data directory (the local nats-server's store and binary) [default: .bmw].
-    #[arg(long, global = true, env = "BMW_DATA_DIR")]
-    data_dir: Option<PathBuf>,
-    /// Largest request body the bridge accepts, in bytes [default: 1048576].
-    #[arg(long, global = true, env = "BMW_MAX_BODY")]
-    max_body: Option<usize>,
-    /// Async tasks a worker runs at once [default: 32].
-    #[arg(long, global = true, env = "BMW_CONCURRENCY")]
-    concurrency: Option<usize>,
-    /// Delay after an async task's first failed attempt, doubling after, with jitter [default: 5s].
-    #[arg(long, global = true, env = "BMW_ASYNC_RETRY_BASE")]
-    async_retry_base: Option<String>,
-    /// Ceiling of an async retry delay [default: 1h].
-    #[arg(long, global = true, env = "BMW_ASYNC_RETRY_MAX")]
-    async_retry_max: Option<String>,
-    /// How long a fetched async task may go unacknowledged before another worker gets it [default: 30s].
-    #[arg(long, global = true, env = "BMW_ASYNC_ACK_WAIT")]
-    async_ack_wait: Option<String>,
-    /// Most tasks a queue may hold (waiting or running) before creates on it
-    /// are refused with 429 [default: 1000000].
-    #[arg(long, global = true, env = "BMW_MAX_QUEUE_PENDING")]
-    max_queue_pending: Option<u64>,
-    /// Time limit of an async attempt whose task gives neither `timeout` nor
-    /// `deadline`; 0s for none [default: 30m].
-    #[arg(long, global = true, env = "BMW_ASYNC_DEFAULT_TIMEOUT")]
-    async_default_timeout: Option<String>,
-    /// A bearer token the bridge accepts: `rw:<secret>`, `ro:<secret>` (reads only) or a
-    /// bare secret (read-write). Repeat the flag, or comma-separate in BMW_API_TOKEN.
-    #[arg(
-        long,
-        global = true,
-        env = "BMW_API_TOKEN",
-        value_delimiter = ',',
-        hide_env_values = true
-    )]
-    api_token: Option<Vec<String>>,
-    /// A file of bridge tokens, one `rw <secret>` or `ro <secret>` per line (`#` comments).
-    #[arg(long, global = true, env = "BMW_API_TOKEN_FILE")]
-    api_token_file: Option<PathBuf>,
-    /// Put /metrics behind the tokens too (any token; read-only is enough).
-    #[arg(long, global = true, env = "BMW_METRICS_REQUIRE_TOKEN")]
-    metrics_require_token: bool,
-    /// Serve the bridge on a non-loopback address with no token: anyone who can
-    /// reach it can create, delete and reload tasks.
-    #[arg(long, global = true, env = "BMW_INSECURE_NO_AUTH")]
-    insecure_no_auth: bool,
-    /// Host names a browser may reach the bridge by, beside IP addresses and
-    /// `localhost` (comma-separated; a leading `.` allows a domain's
-    /// subdomains): a browser's request for any other `Host` is refused 403,
-    /// so a DNS-rebinding page cannot use it. Requests without browser
-    /// headers (curl, bk-monitor) are not checked.
-    #[arg(long, global = true, env = "BMW_ALLOWED_HOSTS", value_delimiter = ',')]
-    allowed_hosts: Option<Vec<String>>,
-    /// Requests the bridge serves at once; more are answered 503 with Retry-After [default: 1024].
-    #[arg(long, global = true, env = "BMW_MAX_CONCURRENT_REQUESTS")]
-    max_concurrent_requests: Option<usize>,
-    /// Longest a bridge request may take, from its first byte to its answer
-    /// (504 after); longer than --reply-timeout [default: 30s].
-    #[arg(long, global = true, env = "BMW_REQUEST_TIMEOUT")]
-    request_timeout: Option<String>,
-    /// PEM certificate chain: the bridge serves HTTPS (with --tls-key).
-    #[arg(long, global = true, env = "BMW_TLS_CERT")]
-    tls_cert: Option<PathBuf>,
-    /// PEM private key of --tls-cert.
-    #[arg(long, global = true, env = "BMW_TLS_KEY")]
-    tls_key: Option<PathBuf>,
-    /// How far ahead a task's `process_at`, `process_in` and `deadline` may be [default: 1year].
-    #[arg(long, global = true, env = "BMW_MAX_TASK_DELAY")]
-    max_task_delay: Option<String>,
-    /// The longest per-attempt `timeout` of a task [default: 1day].
-    #[arg(long, global = true, env = "BMW_MAX_TASK_TIMEOUT")]
-    max_task_timeout: Option<String>,
-    /// The longest `retention` of a task [default: 30days].
-    #[arg(long, global = true, env = "BMW_MAX_RETENTION")]
-    max_retention: Option<String>,
-    /// The longest `unique_ttl` of a task [default: 30days].
-    #[arg(long, global = true, env = "BMW_MAX_UNIQUE_TTL")]
-    max_unique_ttl: Option<String>,
-    /// Register the demo kinds (`daemon:demo:demo`, `async:demo:*`, `periodic:demo:tick`)
-    /// [default: on for `bmw run` and `bmw task`, off for `bmw worker` and `bmw bridge`].
-    #[arg(
-        long,
-        global = true,
-        env = "BMW_DEMO_KINDS",
-        num_args = 0..=1,
-        default_missing_value = "true",
-        require_equals = true,
-        overrides_with = "demo_kinds"
-    )]
-    demo_kinds: Option<bool>,
-    /// A directory of task kind files: every `*.toml` in it holds `[[kind]]` tables
-    /// (as the --config file may), read by `bmw run` and `bmw worker`.
-    #[arg(long, global = true, env = "BMW_KINDS_DIR")]
-    kinds_dir: Option<PathBuf>,
+    /// Every setting (bmw::config::ConfigOverrides).
+    #[command(flatten)]
+    settings: ConfigOverrides,
     /// Optional TOML config file; keys are the long flag names (`claim-ttl = "15s"`).
     #[arg(long, global = true, env = "BMW_CONFIG")]
     config: Option<PathBuf>,
@@ -172,56 +42,6 @@ struct Global {
     /// `bmw task`: print the answer as a plain-text table instead of JSON.
     #[arg(long, global = true)]
     table: bool,
-    // NATS credentials and TLS: secrets' values never show in --help.
-    /// NATS credentials file (user JWT and nkey seed, as `nsc` writes it).
-    #[arg(long, global = true, env = "BMW_NATS_CREDS")]
-    nats_creds: Option<PathBuf>,
-    /// NATS user nkey: the seed (SU...) or a file holding it.
-    #[arg(long, global = true, env = "BMW_NATS_NKEY", hide_env_values = true)]
-    nats_nkey: Option<String>,
-    /// NATS user (with --nats-password).
-    #[arg(long, global = true, env = "BMW_NATS_USER")]
-    nats_user: Option<String>,
-    /// NATS password (prefer the environment variable: a flag shows in `ps`).
-    #[arg(long, global = true, env = "BMW_NATS_PASSWORD", hide_env_values = true)]
-    nats_password: Option<String>,
-    /// NATS token (prefer the environment variable: a flag shows in `ps`).
-    #[arg(long, global = true, env = "BMW_NATS_TOKEN", hide_env_values = true)]
-    nats_token: Option<String>,
-    /// CA certificate (PEM) that signed nats-server's certificate [default: system roots].
-    #[arg(long, global = true, env = "BMW_NATS_CA")]
-    nats_ca: Option<PathBuf>,
-    /// Client certificate (PEM) for a nats-server that verifies clients (with --nats-key).
-    #[arg(long, global = true, env = "BMW_NATS_CERT")]
-    nats_cert: Option<PathBuf>,
-    /// Private key (PEM) of --nats-cert.
-    #[arg(long, global = true, env = "BMW_NATS_KEY")]
-    nats_key: Option<PathBuf>,
-    /// Refuse to connect to NATS without TLS.
-    #[arg(long, global = true, env = "BMW_NATS_REQUIRE_TLS")]
-    nats_require_tls: bool,
-    /// Prefix of this process's reply subjects, `_INBOX_<user>` where the
-    /// server lets each user subscribe only to its own (nats/permissions.conf)
-    /// [default: _INBOX].
-    #[arg(long, global = true, env = "BMW_NATS_INBOX_PREFIX")]
-    nats_inbox_prefix: Option<String>,
-    /// What bmw's streams and buckets may hold together in NATS (e.g. 4GiB,
-    /// 500MB), shared out among them; set by `bmw provision` and when a
-    /// stream is created [default: 4GiB].
-    #[arg(long, global = true, env = "BMW_STORAGE_MAX_BYTES")]
-    storage_max_bytes: Option<String>,
-    /// When the local nats-server `bmw run` starts (no --nats-url) fsyncs its
-    /// store: `always` (before every acknowledgement: nothing acknowledged is
-    /// lost on power loss) or an interval such as `2m` (faster; a power loss
-    /// loses up to that much) [default: always].
-    #[arg(long, global = true, env = "BMW_NATS_SYNC")]
-    nats_sync: Option<String>,
-    // Traces.
-    /// Export OpenTelemetry traces (OTLP over HTTP, protobuf) to this collector
-    /// (`bmw run`, `bmw worker`, `bmw bridge`): its base URL, e.g.
-    /// `http://127.0.0.1:4318` [default: off].
-    #[arg(long, global = true, env = "BMW_OTLP_ENDPOINT")]
-    otlp_endpoint: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -333,63 +153,8 @@ enum TaskCmd {
 }
 
 impl Global {
-    fn overrides(&self) -> ConfigOverrides {
-        ConfigOverrides {
-            nats_url: self.nats_url.clone(),
-            http_addr: self.http_addr.clone(),
-            metrics_addr: self.metrics_addr.clone(),
-            queues: self.queues.clone(),
-            claim_ttl: self.claim_ttl.clone(),
-            heartbeat: self.heartbeat.clone(),
-            retry_base: self.retry_base.clone(),
-            retry_threshold: self.retry_threshold,
-            retry_max: self.retry_max.clone(),
-            grace: self.grace.clone(),
-            reply_timeout: self.reply_timeout.clone(),
-            replicas: self.replicas,
-            data_dir: self.data_dir.clone(),
-            max_body: self.max_body,
-            concurrency: self.concurrency,
-            async_retry_base: self.async_retry_base.clone(),
-            async_retry_max: self.async_retry_max.clone(),
-            async_ack_wait: self.async_ack_wait.clone(),
-            max_queue_pending: self.max_queue_pending,
-            async_default_timeout: self.async_default_timeout.clone(),
-            api_token: self.api_token.clone(),
-            api_token_file: self.api_token_file.clone(),
-            metrics_require_token: self.metrics_require_token.then_some(true),
-            insecure_no_auth: self.insecure_no_auth.then_some(true),
-            allowed_hosts: self.allowed_hosts.clone(),
-            max_concurrent_requests: self.max_concurrent_requests,
-            request_timeout: self.request_timeout.clone(),
-            tls_cert: self.tls_cert.clone(),
-            tls_key: self.tls_key.clone(),
-            max_task_delay: self.max_task_delay.clone(),
-            max_task_timeout: self.max_task_timeout.clone(),
-            max_retention: self.max_retention.clone(),
-            max_unique_ttl: self.max_unique_ttl.clone(),
-            demo_kinds: self.demo_kinds,
-            nats_creds: self.nats_creds.clone(),
-            nats_nkey: self.nats_nkey.clone().map(Into::into),
-            nats_user: self.nats_user.clone(),
-            nats_password: self.nats_password.clone().map(Into::into),
-            nats_token: self.nats_token.clone().map(Into::into),
-            nats_ca: self.nats_ca.clone(),
-            nats_cert: self.nats_cert.clone(),
-            nats_key: self.nats_key.clone(),
-            nats_require_tls: self.nats_require_tls.then_some(true),
-            nats_inbox_prefix: self.nats_inbox_prefix.clone(),
-            storage_max_bytes: self.storage_max_bytes.clone(),
-            nats_sync: self.nats_sync.clone(),
-            // `[[kind]]` tables come from the --config file only.
-            kind: None,
-            kinds_dir: self.kinds_dir.clone(),
-            otlp_endpoint: self.otlp_endpoint.clone(),
-        }
-    }
-
     fn config(&self) -> anyhow::Result<Config> {
-        let mut given = self.overrides();
+        let mut given = self.settings.clone();
         if let Some(path) = &self.config {
             given = given.or(ConfigOverrides::from_file(path)?);
         }
@@ -400,7 +165,9 @@ impl Global {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    let traces = match traces(&cli) {
+    // Resolved once; a settings error is reported by `run`, with logging up.
+    let config = cli.global.config();
+    let traces = match traces(&cli.command, config.as_ref().ok()) {
         Ok(traces) => traces,
         Err(e) => return failed(&e),
     };
@@ -412,7 +179,10 @@ async fn main() -> ExitCode {
         bmw::logging::DEFAULT_FILTER
     };
     bmw::logging::init_with_default(cli.global.log_json, layer, default_filter);
-    let ran = run(cli).await;
+    let ran = match config {
+        Ok(config) => run(cli, config).await,
+        Err(e) => Err(e),
+    };
     if let Some(export) = export {
         export.shutdown().await;
     }
@@ -438,16 +208,16 @@ fn failed(error: &anyhow::Error) -> ExitCode {
 /// `--otlp-endpoint` (read before logging starts: the exporter is a layer
 /// of the subscriber); none for `bmw task` and `bmw provision`.
 fn traces(
-    cli: &Cli,
+    command: &Role,
+    config: Option<&Config>,
 ) -> anyhow::Result<Option<(bmw::logging::ExtraLayer, bmw::traces::TraceExport)>> {
-    let role = match cli.command {
+    let role = match command {
         Role::Run => "run",
         Role::Worker => "worker",
         Role::Bridge => "bridge",
         Role::Task(_) | Role::Provision => return Ok(None),
     };
-    // A settings error is reported by `run`, with logging up.
-    let Some(endpoint) = cli.global.config().ok().and_then(|c| c.otlp_endpoint) else {
+    let Some(endpoint) = config.and_then(|c| c.otlp_endpoint.clone()) else {
         return Ok(None);
     };
     let (layer, export) = bmw::traces::exporter_layer(&endpoint, role)?;
@@ -471,8 +241,7 @@ fn error_chain(error: &anyhow::Error) -> String {
     line
 }
 
-async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    let config = cli.global.config()?;
+async fn run(cli: Cli, config: Config) -> anyhow::Result<ExitCode> {
     // The demo kinds: on by default only where the README's walkthrough
     // needs them (`bmw run`); `bmw task` only validates kinds with them.
     let demo_kinds = config
