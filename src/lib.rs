@@ -34,7 +34,7 @@
 //! connection, typed errors), [`metrics`], [`logging`], [`traces`] →
 //! [`task`], [`config`], [`events`] → [`membership`] → [`daemon`], [`queue`]
 //! → [`periodic`] → [`registry`] → [`external`] → [`ops`] → [`command`], [`builtin`] →
-//! [`client`] → [`bridge`], [`worker`] → [`service`] → the binary.
+//! [`client`] → [`bridge`], [`worker`] → [`service`] → [`cli`] → the binary.
 //! `tests/layering.rs` checks it from the sources.
 //!
 //! - [`nats`]: connection, every NATS name, provisioning, a local
@@ -57,7 +57,8 @@
 //!   settles one message, and the shared durable consumer.
 //! - [`client`]: what the bridge and `bmw task` submit and read through.
 //! - [`membership`]: the live-worker entries.
-//! - [`worker`], [`service`]: the process roles.
+//! - [`worker`], [`service`]: the process roles, and the one way each opens
+//!   NATS ([`service::open`]); [`cli`]: `bmw task`, the command-line client.
 //! - [`bridge`]: HTTP routes, the BMW envelope, and the guards: bearer tokens,
 //!   the cross-site rule, request limits, TLS.
 //! - [`events`], [`metrics`], [`logging`]: what operators observe;
@@ -66,6 +67,7 @@
 
 pub mod bridge;
 pub mod builtin;
+pub mod cli;
 pub mod client;
 pub mod command;
 pub mod config;

@@ -5,11 +5,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use anyhow::Context;
+use bmw::Registry;
+use bmw::cli::{TASK_HELP, TaskCmd};
 use bmw::config::{Config, ConfigOverrides};
-use bmw::nats::{Nats, names};
-use bmw::task::{Command as TaskCommand, CreateCommand, DeleteTarget, Outcome};
-use bmw::{Registry, client::Submitted, client::TaskClient};
 use clap::{Args, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
@@ -59,99 +57,6 @@ enum Role {
     Provision,
 }
 
-/// What `bmw task --help` ends with.
-const TASK_HELP: &str = "\
-Each command prints its answer as JSON on stdout and nothing else (--table: a plain-text
-table instead; -v adds logs on stderr); an error is one line on stderr.
-
-Exit codes:
-  0  done (a create, delete or reload accepted; a listing printed)
-  1  refused by bmw (the answer, printed, says why) or failed after connecting
-  2  bad usage (unknown subcommand, missing argument)
-  3  NATS not reachable (no answer within 5 s, credentials or TLS refused)
-
-Examples:
-  bmw task create daemon:demo:demo '{\"content\":\"ok\"}'
-  bmw task create async:demo:noop --options '{\"queue\":\"default\"}'
-  bmw task list --type async
-  bmw task list --table
-  bmw task get <task_id>
-  bmw task delete <uni_id>
-  bmw task delete <task_id> --type async
-  bmw task reload <uni_id> '{\"content\":\"new\"}'
-  bmw task requeue <task_id>
-  bmw task pause periodic:demo:tick
-  bmw task queues
-  printf '%s\\n' '{\"kind\":\"async:demo:noop\"}' | bmw task batch";
-
-/// How long `bmw task` tries to reach NATS before it gives up (exit 3).
-const TASK_CONNECT_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
-
-/// `bmw task`'s exit code when NATS cannot be reached.
-const EXIT_NO_NATS: u8 = 3;
-
-#[derive(Debug, Subcommand)]
-enum TaskCmd {
-    /// Create a task: `bmw task create daemon:demo:demo '{"content":"ok"}'`.
-    Create {
-        /// The task's kind.
-        kind: String,
-        /// The payload as JSON.
-        #[arg(default_value = "{}")]
-        payload: String,
-        /// The options as JSON, e.g. '{"queue":"default"}'.
-        #[arg(long, default_value = "{}")]
-        options: String,
-    },
-    /// Create many tasks: one create body (`{"kind", "payload", "options"}`)
-    /// per line of stdin, sent in chunks of 1,000; prints one outcome per
-    /// line, in order, and exits 1 if any was refused.
-    Batch,
-    /// List tasks as JSON.
-    List {
-        /// Task type.
-        #[arg(long = "type", default_value = "daemon")]
-        task_type: String,
-    },
-    /// Delete a task: a daemon task by uni_id, an async task by task id, a periodic task by kind.
-    Delete {
-        /// The daemon task's uni_id, or the async task's id.
-        id: String,
-        /// Task type.
-        #[arg(long = "type", default_value = "daemon")]
-        task_type: String,
-    },
-    /// Show one async task by id.
-    Get {
-        /// The task id.
-        task_id: String,
-    },
-    /// Re-enqueue an archived async task.
-    Requeue {
-        /// The task id.
-        task_id: String,
-    },
-    /// Per-queue stats of async tasks.
-    Queues,
-    /// Pause a periodic task (its ticks stop; the task is kept).
-    Pause {
-        /// The periodic kind.
-        kind: String,
-    },
-    /// Resume a paused periodic task.
-    Resume {
-        /// The periodic kind.
-        kind: String,
-    },
-    /// Restart a daemon task by uni_id.
-    Reload {
-        /// The task's uni_id.
-        uni_id: String,
-        /// Keys to merge into its payload (a JSON object), as BMW's reload.
-        payload: Option<String>,
-    },
-}
-
 impl Global {
     fn config(&self) -> anyhow::Result<Config> {
         let mut given = self.settings.clone();
@@ -188,10 +93,6 @@ async fn main() -> ExitCode {
     }
     match ran {
         Ok(code) => code,
-        Err(e) if is_task && e.chain().any(|c| c.is::<bmw::nats::ConnectError>()) => {
-            failed(&e);
-            ExitCode::from(EXIT_NO_NATS)
-        }
         Err(e) => failed(&e),
     }
 }
@@ -269,220 +170,19 @@ async fn run(cli: Cli, config: Config) -> anyhow::Result<ExitCode> {
         Role::Run => bmw::service::run_all(config, registry, token).await?,
         Role::Worker => bmw::service::run_worker(config, registry, token).await?,
         Role::Bridge => bmw::service::run_bridge(config, registry, token).await?,
-        Role::Provision => {
-            let nats = connect(&config, names::client_name::PROVISION).await?;
-            bmw::nats::provision::provision(&nats.js, &config.provision_settings()).await?;
-            tracing::info!("streams and buckets are provisioned");
+        Role::Provision => bmw::service::provision(&config).await?,
+        Role::Task(cmd) => {
+            return Ok(
+                match bmw::cli::run(cmd, config, registry, cli.global.table).await {
+                    Ok(code) => code,
+                    Err(e) => {
+                        let code = e.exit_code();
+                        failed(&e.into());
+                        code
+                    }
+                },
+            );
         }
-        Role::Task(cmd) => return task(cmd, config, registry, cli.global.table).await,
     }
     Ok(ExitCode::SUCCESS)
-}
-
-async fn connect(config: &Config, name: &str) -> anyhow::Result<Nats> {
-    let settings = config.connect_settings(config.nats_url_or_default());
-    Ok(Nats::connect_with(&settings, name).await?)
-}
-
-/// Prints an answer of `bmw task`: pretty JSON, or a table with `--table`.
-#[allow(clippy::print_stdout)]
-fn print_answer(answer: &impl serde::Serialize, table: bool) -> anyhow::Result<()> {
-    let value = serde_json::to_value(answer)?;
-    if table {
-        print!("{}", bmw::client::table::render(&value));
-    } else {
-        println!("{}", serde_json::to_string_pretty(&value)?);
-    }
-    Ok(())
-}
-
-#[allow(clippy::print_stdout)]
-async fn task(
-    cmd: TaskCmd,
-    config: Config,
-    registry: Arc<Registry>,
-    table: bool,
-) -> anyhow::Result<ExitCode> {
-    let mut settings = config.connect_settings(config.nats_url_or_default());
-    settings.first_connect_wait = TASK_CONNECT_WAIT;
-    let nats = Nats::connect_with(&settings, names::client_name::TASK).await?;
-    bmw::nats::provision::ensure(&nats.js, &config.provision_settings()).await?;
-    let ops = bmw::ops::Operations::open_with(&nats, registry, &config).await?;
-    let client = TaskClient::with_operations(nats, ops, config.reply_timeout);
-    let id = uuid::Uuid::new_v4().to_string();
-    let command = match cmd {
-        TaskCmd::Batch => return task_batch(&client).await,
-        TaskCmd::List { task_type } => {
-            let rows = match task_type.as_str() {
-                "daemon" => serde_json::to_value(client.list_daemon().await?)?,
-                "async" => {
-                    serde_json::to_value(client.list_async(&Default::default()).await?.tasks)?
-                }
-                "periodic" => serde_json::to_value(client.list_periodic().await?)?,
-                other => anyhow::bail!("listing {other} tasks is not supported by this version"),
-            };
-            print_answer(&rows, table)?;
-            return Ok(ExitCode::SUCCESS);
-        }
-        TaskCmd::Get { task_id } => {
-            print_answer(&client.get_async(&task_id).await?, table)?;
-            return Ok(ExitCode::SUCCESS);
-        }
-        TaskCmd::Requeue { task_id } => {
-            print_answer(&client.requeue(&task_id).await?, table)?;
-            return Ok(ExitCode::SUCCESS);
-        }
-        TaskCmd::Pause { kind } => {
-            print_answer(&client.pause_periodic(&kind, true).await?, table)?;
-            return Ok(ExitCode::SUCCESS);
-        }
-        TaskCmd::Resume { kind } => {
-            print_answer(&client.pause_periodic(&kind, false).await?, table)?;
-            return Ok(ExitCode::SUCCESS);
-        }
-        TaskCmd::Queues => {
-            print_answer(&client.queue_stats().await?, table)?;
-            return Ok(ExitCode::SUCCESS);
-        }
-        TaskCmd::Create {
-            kind,
-            payload,
-            options,
-        } => {
-            let payload = serde_json::from_str(&payload).context("payload is not JSON")?;
-            let options = serde_json::from_str(&options).context("options is not JSON")?;
-            TaskCommand::Create(Box::new(CreateCommand {
-                id,
-                kind: bmw::task::Kind::parse(&kind)?,
-                payload,
-                options: bmw::task::Options::from_json(Some(&options))?,
-                origin: bmw::task::Origin::Direct,
-            }))
-        }
-        TaskCmd::Delete {
-            id: target,
-            task_type,
-        } => TaskCommand::Delete {
-            id,
-            target: match task_type.as_str() {
-                "daemon" => DeleteTarget::Daemon(bmw::task::UniId::from_raw(target)),
-                "async" => DeleteTarget::Async(target),
-                "periodic" => DeleteTarget::Periodic(target),
-                other => anyhow::bail!("deleting {other} tasks is not supported by this version"),
-            },
-        },
-        TaskCmd::Reload { uni_id, payload } => TaskCommand::Reload {
-            id,
-            uni_id: bmw::task::UniId::from_raw(uni_id),
-            payload: match payload {
-                Some(text) => {
-                    Some(serde_json::from_str(&text).context("payload is not a JSON object")?)
-                }
-                None => None,
-            },
-        },
-    };
-    let submitted = match client.submit(command).await {
-        Ok(submitted) => submitted,
-        // A refusal is an answer: print it as the bridge would send it.
-        Err(e) => Submitted::Done(Outcome::from(e)),
-    };
-    match submitted {
-        Submitted::Done(outcome) => {
-            print_answer(&outcome, table)?;
-            Ok(if outcome.result {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            })
-        }
-        Submitted::Accepted { data } => {
-            print_answer(
-                &serde_json::json!({"result": true, "message": "accepted: no worker answered in time; the command is stored", "data": data}),
-                table,
-            )?;
-            Ok(ExitCode::SUCCESS)
-        }
-        Submitted::Duplicate { data } => {
-            print_answer(
-                &serde_json::json!({"result": true, "message": bmw::client::DUPLICATE_MESSAGE, "data": data}),
-                table,
-            )?;
-            Ok(ExitCode::SUCCESS)
-        }
-    }
-}
-
-/// Lines of stdin `bmw task batch` submits at once.
-const BATCH_CHUNK_LINES: usize = 1_000;
-
-/// `bmw task batch`: creates from JSON lines on stdin, one outcome line each.
-async fn task_batch(client: &TaskClient) -> anyhow::Result<ExitCode> {
-    use tokio::io::AsyncBufReadExt;
-    let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
-    let mut chunk = Vec::new();
-    let mut line_number = 0usize;
-    let mut all_created = true;
-    loop {
-        let line = lines.next_line().await.context("reading stdin")?;
-        let end = line.is_none();
-        if let Some(line) = line {
-            line_number += 1;
-            if !line.trim().is_empty() {
-                chunk.push(
-                    serde_json::from_str::<serde_json::Value>(&line).map_err(|e| {
-                        Outcome::err(
-                            400,
-                            format!("invalid `body`: line {line_number} is not JSON: {e}"),
-                        )
-                    }),
-                );
-            }
-        }
-        if chunk.len() >= BATCH_CHUNK_LINES || (end && !chunk.is_empty()) {
-            all_created &= submit_chunk(client, std::mem::take(&mut chunk)).await?;
-        }
-        if end {
-            break;
-        }
-    }
-    Ok(if all_created {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
-}
-
-/// Submits the JSON lines of one chunk as a batch and prints an outcome per
-/// line (a line that was not JSON is refused on its own); whether all were
-/// created.
-#[allow(clippy::print_stdout)]
-async fn submit_chunk(
-    client: &TaskClient,
-    chunk: Vec<Result<serde_json::Value, Outcome>>,
-) -> anyhow::Result<bool> {
-    let mut refusals = Vec::with_capacity(chunk.len());
-    let mut items = Vec::with_capacity(chunk.len());
-    for line in chunk {
-        match line {
-            Ok(item) => {
-                items.push(item);
-                refusals.push(None);
-            }
-            Err(refused) => refusals.push(Some(refused)),
-        }
-    }
-    let mut outcomes = client.submit_batch(items).await.into_iter();
-    let mut all_created = true;
-    for refusal in refusals {
-        let outcome = match refusal {
-            Some(refused) => refused,
-            None => outcomes
-                .next()
-                .context("the batch answered fewer outcomes than items")?,
-        };
-        all_created &= outcome.result;
-        println!("{}", serde_json::to_string(&outcome)?);
-    }
-    Ok(all_created)
 }

@@ -11,7 +11,7 @@ use crate::bridge::{self, BridgeState, Guards, ListenOptions};
 use crate::client::TaskClient;
 use crate::config::Config;
 use crate::nats::local::{LocalServer, LocalServerOptions};
-use crate::nats::{Nats, names, provision};
+use crate::nats::{ConnectSettings, Nats, names, provision};
 use crate::ops::Operations;
 use crate::registry::Registry;
 use crate::worker::Worker;
@@ -105,10 +105,9 @@ pub async fn run_all(
             url
         }
     };
-    let nats = Nats::connect_with(&config.connect_settings(&url), names::client_name::RUN).await?;
     // One provisioning and one set of stores for the worker and the bridge.
-    provision::ensure(&nats.js, &config.provision_settings()).await?;
-    let ops = Operations::open_with(&nats, registry, &config).await?;
+    let settings = config.connect_settings(&url);
+    let (nats, ops) = open(&config, &settings, names::client_name::RUN, registry).await?;
     let worker = Worker::with_operations(nats.clone(), config.clone(), ops.clone());
     let worker_token = token.child_token();
     let worker_task = tokio::spawn(worker.run(worker_token.clone()));
@@ -142,8 +141,7 @@ pub async fn run_worker(
         None => None,
     };
     let settings = config.connect_settings(config.nats_url_or_default());
-    let nats = Nats::connect_with(&settings, names::client_name::WORKER).await?;
-    provision::ensure(&nats.js, &config.provision_settings()).await?;
+    let (nats, ops) = open(&config, &settings, names::client_name::WORKER, registry).await?;
     if let Some(listener) = metrics {
         tracing::info!(addr = ?listener.local_addr().ok(), "serving /bmw/metrics and /metrics");
         tokio::spawn(bridge::serve_on(
@@ -153,7 +151,9 @@ pub async fn run_worker(
             token.clone(),
         ));
     }
-    Ok(Worker::new(nats, config, registry).run(token).await?)
+    Ok(Worker::with_operations(nats, config, ops)
+        .run(token)
+        .await?)
 }
 
 /// `bmw bridge`: the HTTP bridge alone.
@@ -165,10 +165,33 @@ pub async fn run_bridge(
     config.check_bridge_exposure()?;
     let listen = ListenOptions::from_config(&config).await?;
     let settings = config.connect_settings(config.nats_url_or_default());
-    let nats = Nats::connect_with(&settings, names::client_name::BRIDGE).await?;
-    provision::ensure(&nats.js, &config.provision_settings()).await?;
-    let ops = Operations::open_with(&nats, registry, &config).await?;
+    let (nats, ops) = open(&config, &settings, names::client_name::BRIDGE, registry).await?;
     serve_bridge(&config, listen, nats, ops, token).await
+}
+
+/// `bmw provision`: creates or updates the streams and buckets (the only
+/// role that changes an existing stream's settings), then returns.
+pub async fn provision(config: &Config) -> Result<(), ServiceError> {
+    let settings = config.connect_settings(config.nats_url_or_default());
+    let nats = Nats::connect_with(&settings, names::client_name::PROVISION).await?;
+    provision::provision(&nats.js, &config.provision_settings()).await?;
+    tracing::info!("streams and buckets are provisioned");
+    Ok(())
+}
+
+/// What every role starts from: connects to NATS as `client_name`, makes
+/// sure bmw's streams and buckets are there and usable (creating what is
+/// missing, refusing what bmw cannot use), and opens them.
+pub async fn open(
+    config: &Config,
+    connect: &ConnectSettings,
+    client_name: &str,
+    registry: Arc<Registry>,
+) -> Result<(Nats, Operations), ServiceError> {
+    let nats = Nats::connect_with(connect, client_name).await?;
+    provision::ensure(&nats.js, &config.provision_settings()).await?;
+    let ops = Operations::open_with(&nats, registry, config).await?;
+    Ok((nats, ops))
 }
 
 async fn serve_bridge(

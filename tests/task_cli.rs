@@ -77,6 +77,78 @@ async fn a_task_command_prints_its_answer_and_nothing_else() {
     assert_eq!(code, Some(1), "stdout: {stdout} stderr: {stderr}");
 }
 
+/// `bmw task` builds each command as the JSON a producer publishes and
+/// sends it through the wire parser the bridge uses: its refusals are the
+/// bridge's, field names included.
+#[tokio::test(flavor = "multi_thread")]
+async fn task_commands_go_through_the_wire_parser_and_are_refused_as_the_bridge_refuses() {
+    let env = TestEnv::start().await;
+    let url = env.url();
+    let refused = async |args: &[&str]| {
+        let mut all = vec!["task"];
+        all.extend_from_slice(args);
+        all.extend_from_slice(&["--nats-url", &url]);
+        let (code, stdout, stderr, _) = bmw(&all).await;
+        assert_eq!(code, Some(1), "{args:?}: stdout {stdout} stderr {stderr}");
+        let outcome: serde_json::Value = serde_json::from_str(&stdout)
+            .unwrap_or_else(|e| panic!("{args:?}: stdout is not the outcome ({e}): {stdout}"));
+        assert_eq!(outcome["result"], false, "{outcome}");
+        assert_eq!(outcome["code"], 400, "{outcome}");
+        outcome["message"].as_str().unwrap_or_default().to_owned()
+    };
+    let message = refused(&["delete", "x", "--type", "cron"]).await;
+    assert!(message.contains("task_type"), "names the field: {message}");
+    let message = refused(&["create", "async:demo:noop", "--options", r#"{"queue": 7}"#]).await;
+    assert!(message.contains("queue"), "names the option: {message}");
+    let message = refused(&["reload", "daemon:demo:demo:x", "[1]"]).await;
+    assert!(message.contains("payload"), "names the payload: {message}");
+
+    // An argument that is not JSON at all: one line on stderr, exit 1.
+    let (code, stdout, stderr, _) = bmw(&[
+        "task",
+        "create",
+        "async:demo:noop",
+        "{not json",
+        "--nats-url",
+        &url,
+    ])
+    .await;
+    assert_eq!(code, Some(1), "stdout {stdout} stderr {stderr}");
+    assert_eq!(stdout, "");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.starts_with("bmw: payload is not JSON"), "{stderr}");
+
+    // And what the parser accepts is done.
+    let (code, stdout, stderr, _) = bmw(&[
+        "task",
+        "create",
+        "async:demo:noop",
+        "{}",
+        "--options",
+        r#"{"queue": "default"}"#,
+        "--nats-url",
+        &url,
+    ])
+    .await;
+    assert_eq!(code, Some(0), "stdout {stdout} stderr {stderr}");
+    let outcome: serde_json::Value = serde_json::from_str(&stdout).expect("JSON");
+    let task_id = outcome["data"]["task_id"]
+        .as_str()
+        .expect("a task id")
+        .to_owned();
+    let (code, stdout, stderr, _) = bmw(&[
+        "task",
+        "delete",
+        &task_id,
+        "--type",
+        "async",
+        "--nats-url",
+        &url,
+    ])
+    .await;
+    assert_eq!(code, Some(0), "stdout {stdout} stderr {stderr}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_task_command_without_nats_says_so_once_and_exits_3_in_seconds() {
     let url = format!("nats://127.0.0.1:{}", free_port());
