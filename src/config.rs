@@ -19,7 +19,10 @@ use std::time::Duration;
 use crate::nats::{ConnectSettings, NatsAuth, NatsTls};
 pub use api_token::{ApiToken, TokenAccess};
 pub use kind_decl::KindDecl;
-use parse::{allowed_hosts, inbox_prefix, nats_auth, nats_tls, parse_queues, storage_bytes};
+use parse::{
+    allowed_hosts, api_tokens, duration, inbox_prefix, kinds, metrics_addr, nats_auth, nats_sync,
+    nats_tls, otlp_endpoint, parse_queues, socket_addr, storage_bytes, tls_files,
+};
 pub use settings::ConfigOverrides;
 
 /// A queue a worker takes async tasks from, and its weight.
@@ -123,6 +126,34 @@ pub struct TaskLimits {
     pub max_retention: Duration,
     /// The longest `unique_ttl`.
     pub max_unique_ttl: Duration,
+}
+
+impl TaskLimits {
+    /// The bounds given, the defaults for the others (taken out of `given`).
+    fn given(given: &mut ConfigOverrides) -> Result<TaskLimits, ConfigError> {
+        Ok(TaskLimits {
+            max_task_delay: duration(
+                "max-task-delay",
+                given.max_task_delay.take(),
+                DEFAULT_MAX_TASK_DELAY,
+            )?,
+            max_task_timeout: duration(
+                "max-task-timeout",
+                given.max_task_timeout.take(),
+                DEFAULT_MAX_TASK_TIMEOUT,
+            )?,
+            max_retention: duration(
+                "max-retention",
+                given.max_retention.take(),
+                DEFAULT_MAX_RETENTION,
+            )?,
+            max_unique_ttl: duration(
+                "max-unique-ttl",
+                given.max_unique_ttl.take(),
+                DEFAULT_MAX_UNIQUE_TTL,
+            )?,
+        })
+    }
 }
 
 impl Default for TaskLimits {
@@ -321,51 +352,25 @@ impl Config {
     pub fn resolve(mut given: ConfigOverrides) -> Result<Config, ConfigError> {
         let nats_auth = nats_auth(&mut given)?;
         let nats_tls = nats_tls(&mut given)?;
-        let nats_inbox_prefix = given
-            .nats_inbox_prefix
-            .take()
-            .map(inbox_prefix)
-            .transpose()?;
-        let nats_sync = match given.nats_sync.take() {
-            None => DEFAULT_NATS_SYNC,
-            Some(text) => text.parse().map_err(|message| ConfigError::Invalid {
-                name: "nats-sync",
-                message,
-            })?,
-        };
-        let storage_max_bytes = match given.storage_max_bytes.take() {
-            None => crate::nats::provision::DEFAULT_STORAGE_MAX_BYTES,
-            Some(text) => storage_bytes(&text)?,
-        };
-        let dur = |name: &'static str, v: Option<String>, default: Duration| match v {
-            None => Ok(default),
-            Some(s) => humantime::parse_duration(s.trim()).map_err(|e| ConfigError::Invalid {
-                name,
-                message: format!("{s:?} is not a duration ({e})"),
-            }),
-        };
-        let addr = |name: &'static str, s: &str| {
-            s.parse::<SocketAddr>().map_err(|e| ConfigError::Invalid {
-                name,
-                message: format!("{s:?} is not a socket address ({e})"),
-            })
-        };
+        let limits = TaskLimits::given(&mut given)?;
+        let dur = duration;
         let config = Config {
             nats_url: given.nats_url.filter(|u| !u.trim().is_empty()),
-            http_addr: addr(
+            nats_auth,
+            nats_tls,
+            nats_inbox_prefix: given.nats_inbox_prefix.map(inbox_prefix).transpose()?,
+            nats_sync: nats_sync(given.nats_sync)?,
+            storage_max_bytes: match given.storage_max_bytes {
+                None => crate::nats::provision::DEFAULT_STORAGE_MAX_BYTES,
+                Some(text) => storage_bytes(&text)?,
+            },
+            replicas: given.replicas.unwrap_or(1),
+            data_dir: given.data_dir.unwrap_or_else(|| PathBuf::from(".bmw")),
+            http_addr: socket_addr(
                 "http-addr",
                 given.http_addr.as_deref().unwrap_or(DEFAULT_HTTP_ADDR),
             )?,
-            metrics_addr: match given.metrics_addr.as_deref().map(str::trim) {
-                Some(off) if off.eq_ignore_ascii_case(METRICS_ADDR_OFF) => None,
-                Some(s) => Some(s.parse::<SocketAddr>().map_err(|e| ConfigError::Invalid {
-                    name: "metrics-addr",
-                    message: format!(
-                        "{s:?} is not a socket address ({e}); `{METRICS_ADDR_OFF}` serves none"
-                    ),
-                })?),
-                None => Some(addr("metrics-addr", DEFAULT_METRICS_ADDR)?),
-            },
+            metrics_addr: metrics_addr(given.metrics_addr.as_deref())?,
             queues: parse_queues(given.queues.unwrap_or_else(|| vec!["default".to_owned()]))?,
             claim_ttl: dur("claim-ttl", given.claim_ttl, DEFAULT_CLAIM_TTL)?,
             heartbeat: dur("heartbeat", given.heartbeat, DEFAULT_HEARTBEAT)?,
@@ -374,8 +379,6 @@ impl Config {
             retry_max: dur("retry-max", given.retry_max, DEFAULT_RETRY_MAX)?,
             grace: dur("grace", given.grace, DEFAULT_GRACE)?,
             reply_timeout: dur("reply-timeout", given.reply_timeout, DEFAULT_REPLY_TIMEOUT)?,
-            replicas: given.replicas.unwrap_or(1),
-            data_dir: given.data_dir.unwrap_or_else(|| PathBuf::from(".bmw")),
             max_body: given.max_body.unwrap_or(DEFAULT_MAX_BODY),
             concurrency: given.concurrency.unwrap_or(DEFAULT_CONCURRENCY),
             async_retry_base: dur(
@@ -399,13 +402,7 @@ impl Config {
                 given.async_default_timeout,
                 DEFAULT_ASYNC_DEFAULT_TIMEOUT,
             )?,
-            api_tokens: {
-                let mut tokens = api_token::parse_items(given.api_token.as_deref().unwrap_or(&[]))?;
-                if let Some(path) = &given.api_token_file {
-                    tokens.extend(api_token::read_file(path)?);
-                }
-                tokens
-            },
+            api_tokens: api_tokens(given.api_token.as_deref(), given.api_token_file.as_deref())?,
             metrics_require_token: given.metrics_require_token.unwrap_or(false),
             insecure_no_auth: given.insecure_no_auth.unwrap_or(false),
             allowed_hosts: allowed_hosts(given.allowed_hosts.unwrap_or_default())?,
@@ -417,67 +414,23 @@ impl Config {
                 given.request_timeout,
                 DEFAULT_REQUEST_TIMEOUT,
             )?,
-            tls: match (given.tls_cert, given.tls_key) {
-                (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
-                (None, None) => None,
-                (cert, _) => {
-                    return Err(ConfigError::Invalid {
-                        name: if cert.is_some() {
-                            "tls-key"
-                        } else {
-                            "tls-cert"
-                        },
-                        message: "--tls-cert and --tls-key go together".into(),
-                    });
-                }
-            },
-            limits: TaskLimits {
-                max_task_delay: dur(
-                    "max-task-delay",
-                    given.max_task_delay,
-                    DEFAULT_MAX_TASK_DELAY,
-                )?,
-                max_task_timeout: dur(
-                    "max-task-timeout",
-                    given.max_task_timeout,
-                    DEFAULT_MAX_TASK_TIMEOUT,
-                )?,
-                max_retention: dur("max-retention", given.max_retention, DEFAULT_MAX_RETENTION)?,
-                max_unique_ttl: dur(
-                    "max-unique-ttl",
-                    given.max_unique_ttl,
-                    DEFAULT_MAX_UNIQUE_TTL,
-                )?,
-            },
+            tls: tls_files(given.tls_cert, given.tls_key)?,
+            limits,
             demo_kinds: given.demo_kinds,
-            kinds: {
-                let mut kinds = given.kind.unwrap_or_default();
-                if let Some(dir) = &given.kinds_dir {
-                    kinds.extend(kind_decl::read_dir(dir)?);
-                }
-                kinds
-            },
-            otlp_endpoint: match given.otlp_endpoint.filter(|e| !e.trim().is_empty()) {
-                Some(endpoint) => {
-                    crate::traces::traces_url(&endpoint).map_err(|e| ConfigError::Invalid {
-                        name: "otlp-endpoint",
-                        message: e.to_string(),
-                    })?;
-                    Some(endpoint.trim().to_owned())
-                }
-                None => None,
-            },
-            nats_auth,
-            nats_tls,
-            nats_inbox_prefix,
-            storage_max_bytes,
-            nats_sync,
+            kinds: kinds(given.kind, given.kinds_dir.as_deref())?,
+            otlp_endpoint: otlp_endpoint(given.otlp_endpoint)?,
         };
         config.validate()?;
         Ok(config)
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
+        self.check_durations()?;
+        self.check_sizes_and_access()
+    }
+
+    /// Each duration within its range, and the ones that depend on another.
+    fn check_durations(&self) -> Result<(), ConfigError> {
         let invalid = |name, message: &str| {
             Err(ConfigError::Invalid {
                 name,
@@ -531,6 +484,17 @@ impl Config {
                 return invalid(name, "must be from 1s to 100years");
             }
         }
+        Ok(())
+    }
+
+    /// Counts, sizes, queues, and the bridge settings that go together.
+    fn check_sizes_and_access(&self) -> Result<(), ConfigError> {
+        let invalid = |name, message: &str| {
+            Err(ConfigError::Invalid {
+                name,
+                message: message.to_owned(),
+            })
+        };
         if !(1..=5).contains(&self.replicas) {
             return invalid("replicas", "must be between 1 and 5");
         }

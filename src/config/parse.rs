@@ -6,8 +6,15 @@ use std::path::PathBuf;
 
 use secrecy::{ExposeSecret, SecretString};
 
-use super::{ConfigError, ConfigOverrides, QueueWeight};
+use super::{
+    ConfigError, ConfigOverrides, DEFAULT_METRICS_ADDR, DEFAULT_NATS_SYNC, KindDecl,
+    METRICS_ADDR_OFF, QueueWeight, TlsFiles, api_token, kind_decl,
+};
+use crate::nats::local::StoreSync;
 use crate::nats::{ClientCert, NatsAuth, NatsTls};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
 
 /// Parses `critical=6`, `default` (weight 1) items.
 pub(super) fn parse_queues(items: Vec<String>) -> Result<Vec<QueueWeight>, ConfigError> {
@@ -229,4 +236,111 @@ pub(super) fn nats_tls(given: &mut ConfigOverrides) -> Result<NatsTls, ConfigErr
         client_cert,
         require: given.nats_require_tls.take().unwrap_or(false),
     })
+}
+
+/// A humantime duration (`15s`, `1day`), or `default` when not given.
+pub(super) fn duration(
+    name: &'static str,
+    given: Option<String>,
+    default: Duration,
+) -> Result<Duration, ConfigError> {
+    match given {
+        None => Ok(default),
+        Some(s) => humantime::parse_duration(s.trim()).map_err(|e| ConfigError::Invalid {
+            name,
+            message: format!("{s:?} is not a duration ({e})"),
+        }),
+    }
+}
+
+/// An `ip:port`.
+pub(super) fn socket_addr(name: &'static str, s: &str) -> Result<SocketAddr, ConfigError> {
+    s.parse::<SocketAddr>().map_err(|e| ConfigError::Invalid {
+        name,
+        message: format!("{s:?} is not a socket address ({e})"),
+    })
+}
+
+/// `--metrics-addr`: an address, or `off` for none.
+pub(super) fn metrics_addr(given: Option<&str>) -> Result<Option<SocketAddr>, ConfigError> {
+    match given.map(str::trim) {
+        Some(off) if off.eq_ignore_ascii_case(METRICS_ADDR_OFF) => Ok(None),
+        Some(s) => Ok(Some(s.parse::<SocketAddr>().map_err(|e| {
+            ConfigError::Invalid {
+                name: "metrics-addr",
+                message: format!(
+                    "{s:?} is not a socket address ({e}); `{METRICS_ADDR_OFF}` serves none"
+                ),
+            }
+        })?)),
+        None => socket_addr("metrics-addr", DEFAULT_METRICS_ADDR).map(Some),
+    }
+}
+
+/// `--nats-sync`: `always` or an interval.
+pub(super) fn nats_sync(given: Option<String>) -> Result<StoreSync, ConfigError> {
+    match given {
+        None => Ok(DEFAULT_NATS_SYNC),
+        Some(text) => text.parse().map_err(|message| ConfigError::Invalid {
+            name: "nats-sync",
+            message,
+        }),
+    }
+}
+
+/// The bridge's tokens: `--api-token` items, then the `--api-token-file`'s.
+pub(super) fn api_tokens(
+    items: Option<&[String]>,
+    file: Option<&Path>,
+) -> Result<Vec<super::ApiToken>, ConfigError> {
+    let mut tokens = api_token::parse_items(items.unwrap_or(&[]))?;
+    if let Some(path) = file {
+        tokens.extend(api_token::read_file(path)?);
+    }
+    Ok(tokens)
+}
+
+/// `--tls-cert` and `--tls-key`, both or neither.
+pub(super) fn tls_files(
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+) -> Result<Option<TlsFiles>, ConfigError> {
+    match (cert, key) {
+        (Some(cert), Some(key)) => Ok(Some(TlsFiles { cert, key })),
+        (None, None) => Ok(None),
+        (cert, _) => Err(ConfigError::Invalid {
+            name: if cert.is_some() {
+                "tls-key"
+            } else {
+                "tls-cert"
+            },
+            message: "--tls-cert and --tls-key go together".into(),
+        }),
+    }
+}
+
+/// The `[[kind]]` tables of the file, then those of `--kinds-dir`.
+pub(super) fn kinds(
+    in_file: Option<Vec<KindDecl>>,
+    dir: Option<&Path>,
+) -> Result<Vec<KindDecl>, ConfigError> {
+    let mut kinds = in_file.unwrap_or_default();
+    if let Some(dir) = dir {
+        kinds.extend(kind_decl::read_dir(dir)?);
+    }
+    Ok(kinds)
+}
+
+/// `--otlp-endpoint`: an OTLP/HTTP base or traces URL; empty is off.
+pub(super) fn otlp_endpoint(given: Option<String>) -> Result<Option<String>, ConfigError> {
+    match given.filter(|e| !e.trim().is_empty()) {
+        Some(endpoint) => {
+            crate::traces::traces_url(&endpoint).map_err(|e| ConfigError::Invalid {
+                name: "otlp-endpoint",
+                message: e.to_string(),
+            })?;
+            Ok(Some(endpoint.trim().to_owned()))
+        }
+        None => Ok(None),
+    }
 }
