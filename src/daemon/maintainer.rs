@@ -209,12 +209,7 @@ impl Maintainer {
                 outcome = async { (&mut run.as_mut().expect("guarded").0).await }, if run.is_some() => {
                     run = None;
                     self.stopped_running();
-                    let error = match outcome {
-                        Ok(Ok(())) => OperatorError::new("operator returned without being cancelled"),
-                        Ok(Err(e)) => e,
-                        Err(e) if e.is_panic() => OperatorError::new(format!("operator panicked: {}", panic_message(e))),
-                        Err(e) => OperatorError::new(format!("operator task failed: {e}")),
-                    };
+                    let error = failure_of(outcome);
                     retry_at = Some(Box::pin(self.schedule_retry(&error)).await);
                     match Box::pin(self.renew(&mut last_renewed)).await {
                         Ok(renewed) => renew_again = self.renew_again(renewed, last_renewed),
@@ -229,12 +224,7 @@ impl Maintainer {
                     }
                     let heartbeat = now >= next_heartbeat;
                     if heartbeat {
-                        // As an interval that delays missed ticks.
-                        next_heartbeat = if now > next_heartbeat + Duration::from_millis(5) {
-                            now + period
-                        } else {
-                            next_heartbeat + period
-                        };
+                        next_heartbeat = next_beat(next_heartbeat, now, period);
                     }
                     if heartbeat || renew_again.is_some_and(|at| now >= at) {
                         match Box::pin(self.renew(&mut last_renewed)).await {
@@ -539,4 +529,26 @@ fn panic_message(e: tokio::task::JoinError) -> String {
         .map(|s| (*s).to_owned())
         .or_else(|| panic.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "unknown panic".to_owned())
+}
+/// Why an operator's run ended, as the error its retry reports: it
+/// returned (it may only end when cancelled), failed, or panicked.
+fn failure_of(outcome: Result<Result<(), OperatorError>, tokio::task::JoinError>) -> OperatorError {
+    match outcome {
+        Ok(Ok(())) => OperatorError::new("operator returned without being cancelled"),
+        Ok(Err(e)) => e,
+        Err(e) if e.is_panic() => {
+            OperatorError::new(format!("operator panicked: {}", panic_message(e)))
+        }
+        Err(e) => OperatorError::new(format!("operator task failed: {e}")),
+    }
+}
+
+/// The heartbeat after the one due at `due`, as an interval that delays
+/// missed ticks: one period from now when it was missed by more than 5 ms.
+fn next_beat(due: Instant, now: Instant, period: Duration) -> Instant {
+    if now > due + Duration::from_millis(5) {
+        now + period
+    } else {
+        due + period
+    }
 }

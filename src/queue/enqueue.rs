@@ -117,24 +117,8 @@ impl Enqueuer {
         let queue = create.options.queue().to_owned();
         let due =
             due_time(create)?.filter(|at| *at > Utc::now() + chrono::Duration::milliseconds(500));
-        let answer = |task_id: &str, duplicate: bool| {
-            let state = if due.is_some() {
-                "scheduled"
-            } else {
-                "pending"
-            };
-            let mut data = json!({"task_id": task_id, "kind": create.kind, "queue": queue,
-                                  "state": state, "process_at": due.map(|d| d.to_rfc3339())});
-            if duplicate {
-                data["duplicate"] = json!(true);
-            }
-            data
-        };
-        let (task_id, derived) = match (&create.options.task_id, create.origin) {
-            (Some(id), _) => (id.clone(), false),
-            (None, Origin::Message) => (task_id_of_command(&create.id), true),
-            (None, Origin::Direct) => (uuid::Uuid::new_v4().to_string(), false),
-        };
+        let answer = |task_id: &str, duplicate: bool| created(create, due, task_id, duplicate);
+        let (task_id, derived) = task_id_for(create);
         // Measured as it will be stored, before anything is looked up or locked.
         let message = TaskMessage {
             id: task_id.clone(),
@@ -161,22 +145,7 @@ impl Enqueuer {
             Some(window) => self.lock_unique(create, &queue, &task_id, window).await?,
             None => None,
         };
-        let mut headers = HeaderMap::new();
-        let subject = match due {
-            Some(at) => {
-                let at = at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
-                headers.insert(
-                    async_nats::header::NATS_SCHEDULE,
-                    format!("@at {at}").as_str(),
-                );
-                headers.insert(
-                    async_nats::header::NATS_SCHEDULE_TARGET,
-                    names::fired_subject(&queue, &task_id).as_str(),
-                );
-                names::delayed_subject(&queue, &task_id)
-            }
-            None => names::async_subject(&queue, &task_id),
-        };
+        let (subject, mut headers) = destination(&queue, &task_id, due);
         // A delayed task's schedule carries the trace to the message it fires.
         let span = crate::traces::publish_span(&subject, &task_id);
         crate::traces::inject(&span, &mut headers);
@@ -306,6 +275,61 @@ pub fn task_id_of_command(command_id: &str) -> String {
     uuid::Builder::from_custom_bytes(bytes)
         .into_uuid()
         .to_string()
+}
+
+/// What a create answers: the task, its queue and state, and whether it was
+/// a duplicate of one enqueued already.
+fn created(
+    create: &CreateCommand,
+    due: Option<DateTime<Utc>>,
+    task_id: &str,
+    duplicate: bool,
+) -> Value {
+    let state = if due.is_some() {
+        "scheduled"
+    } else {
+        "pending"
+    };
+    let mut data = json!({"task_id": task_id, "kind": create.kind,
+                          "queue": create.options.queue(), "state": state,
+                          "process_at": due.map(|d| d.to_rfc3339())});
+    if duplicate {
+        data["duplicate"] = json!(true);
+    }
+    data
+}
+
+/// The task's id: the one given, else derived from the command's (so a
+/// redelivered command enqueues once), else a new one; and whether it was
+/// derived.
+fn task_id_for(create: &CreateCommand) -> (String, bool) {
+    match (&create.options.task_id, create.origin) {
+        (Some(id), _) => (id.clone(), false),
+        (None, Origin::Message) => (task_id_of_command(&create.id), true),
+        (None, Origin::Direct) => (uuid::Uuid::new_v4().to_string(), false),
+    }
+}
+
+/// Where a task is published: its queue's subject, or, when it is due later,
+/// a schedule that fires it there at `due`.
+fn destination(queue: &str, task_id: &str, due: Option<DateTime<Utc>>) -> (String, HeaderMap) {
+    let mut headers = HeaderMap::new();
+    let subject = match due {
+        Some(at) => {
+            let at = at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+            headers.insert(
+                async_nats::header::NATS_SCHEDULE,
+                format!("@at {at}").as_str(),
+            );
+            headers.insert(
+                async_nats::header::NATS_SCHEDULE_TARGET,
+                names::fired_subject(queue, task_id).as_str(),
+            );
+            names::delayed_subject(queue, task_id)
+        }
+        None => names::async_subject(queue, task_id),
+    };
+    (subject, headers)
 }
 
 #[cfg(test)]

@@ -209,19 +209,10 @@ async fn forward(
         let sent = tokio::select! {
             () = stop.cancelled() => return,
             message = events.next() => match message {
-                Some(Ok(message)) => {
-                    let Ok(event) = serde_json::from_slice::<Value>(&message.payload) else {
-                        continue;
-                    };
-                    if !filter.matches(&event) {
-                        continue;
-                    }
-                    let mut sse = SseEvent::default().event("task").data(event.to_string());
-                    if let Ok(info) = message.info() {
-                        sse = sse.id(info.stream_sequence.to_string());
-                    }
-                    tx.send(sse).await
-                }
+                Some(Ok(message)) => match task_event(&message, &filter) {
+                    Some(sse) => tx.send(sse).await,
+                    None => continue,
+                },
                 Some(Err(e)) => {
                     tracing::debug!(cause = %e, "live feed: events consumer error");
                     continue;
@@ -230,19 +221,7 @@ async fn forward(
             },
             change = changes.next() => match change {
                 Some((label, Ok(entry))) => {
-                    let seen = pending.entry(label).or_default();
-                    seen.count += 1;
-                    match entry.operation {
-                        Operation::Put if label == "workers" => {
-                            if let Ok(worker) = serde_json::from_slice::<WorkerEntry>(&entry.value) {
-                                seen.workers.insert(worker.worker_id);
-                            }
-                        }
-                        Operation::Delete | Operation::Purge if label == "workers" => {
-                            seen.gone.insert(entry.key);
-                        }
-                        _ => {}
-                    }
+                    pending.entry(label).or_default().note(label, entry);
                     continue;
                 }
                 Some((label, Err(e))) => {
@@ -251,22 +230,57 @@ async fn forward(
                 }
                 None => return,
             },
-            _ = window.tick() => {
-                let mut result = Ok(());
-                for (label, seen) in std::mem::take(&mut pending) {
-                    let data = json!({"bucket": label, "count": seen.count, "workers": seen.workers, "gone": seen.gone});
-                    result = tx.send(SseEvent::default().event("change").data(data.to_string())).await;
-                    if result.is_err() {
-                        break;
-                    }
-                }
-                result
-            }
+            _ = window.tick() => send_changes(&tx, std::mem::take(&mut pending)).await,
         };
         if sent.is_err() {
             return;
         }
     }
+}
+
+/// An event of `BMW_EVENTS` as a `task` message of the feed (its stream
+/// sequence as the id), if it passes the filter.
+fn task_event(message: &async_nats::jetstream::Message, filter: &EventFilter) -> Option<SseEvent> {
+    let event = serde_json::from_slice::<Value>(&message.payload).ok()?;
+    if !filter.matches(&event) {
+        return None;
+    }
+    let mut sse = SseEvent::default().event("task").data(event.to_string());
+    if let Ok(info) = message.info() {
+        sse = sse.id(info.stream_sequence.to_string());
+    }
+    Some(sse)
+}
+
+impl Changes {
+    /// Counts a change of bucket `label`, and which worker came or went.
+    fn note(&mut self, label: &str, entry: async_nats::jetstream::kv::Entry) {
+        self.count += 1;
+        match entry.operation {
+            Operation::Put if label == "workers" => {
+                if let Ok(worker) = serde_json::from_slice::<WorkerEntry>(&entry.value) {
+                    self.workers.insert(worker.worker_id);
+                }
+            }
+            Operation::Delete | Operation::Purge if label == "workers" => {
+                self.gone.insert(entry.key);
+            }
+            _ => {}
+        }
+    }
+}
+
+/// One `change` message per bucket that changed in the window.
+async fn send_changes(
+    tx: &mpsc::Sender<SseEvent>,
+    pending: BTreeMap<&'static str, Changes>,
+) -> Result<(), mpsc::error::SendError<SseEvent>> {
+    for (label, seen) in pending {
+        let data = json!({"bucket": label, "count": seen.count, "workers": seen.workers, "gone": seen.gone});
+        tx.send(SseEvent::default().event("change").data(data.to_string()))
+            .await?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
