@@ -1,8 +1,9 @@
 //! [`DaemonRuntime`]: decides which daemon tasks this worker holds.
 //!
 //! It follows three buckets with `watch_with_history` (specs, claims, workers),
-//! keeps their current state in memory, and after each change (debounced)
-//! asks the `balancer` what to claim or release. Claims are
+//! keeps their current state in memory (`view`), and after each change
+//! (debounced) tallies each queue and asks the `balancer` what to claim or
+//! release (`plan`). Claims are
 //! acquired concurrently (compare-and-set, so exactly one worker wins); each
 //! won claim gets a `Maintainer`. Expired claims arrive as `Purge` entries,
 //! so take-over after a crash is driven by events, not by polling. Each watch
@@ -13,7 +14,7 @@
 //! here). A maintainer task that panics is forgotten and
 //! its claim freed.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -25,16 +26,18 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::balancer::{self, View};
 use super::claim::{Claim, ClaimError, ClaimStore};
-use super::maintainer::{
-    Control, ControlSender, Exit, Maintainer, MaintainerSettings, control_channel,
-};
+use super::maintainer::{Control, Exit, Maintainer, MaintainerSettings, control_channel};
 use super::spec::{DaemonSpec, SpecStore};
 use super::watch::Watcher;
+
+mod plan;
+mod view;
+
 use crate::events::EventPublisher;
-use crate::membership::{WorkerEntry, WorkerStats};
+use crate::membership::WorkerStats;
 use crate::nats::link::{Epoch, Link};
+use view::{Free, Held, Key, State, on_claim, on_worker, prune_claims, spec_gone};
 
 /// Acquisitions in flight at once (each is one read and one write).
 const MAX_ACQUIRING: usize = 512;
@@ -67,64 +70,6 @@ pub struct DaemonRuntime {
     pub(crate) resync_every: Duration,
 }
 
-struct Held {
-    control: ControlSender,
-    generation: u64,
-    releasing: bool,
-}
-
-/// A task nobody holds.
-struct Free {
-    since: Instant,
-    /// The last holder seen (the claim expired or was released), so that the
-    /// next holder can report the move; `None` if never held or not seen.
-    previous: Option<String>,
-}
-
-impl Free {
-    fn now() -> Free {
-        Free {
-            since: Instant::now(),
-            previous: None,
-        }
-    }
-}
-
-/// A task's key, one string shared by every map below (and by its
-/// maintainer): a key is ~70 bytes, and each instance is in several maps.
-type Key = Arc<str>;
-
-#[derive(Default)]
-struct State {
-    /// Shared with the maintainers: one copy of each spec in the worker.
-    specs: HashMap<Key, Arc<DaemonSpec>>,
-    /// Held claims only, by key: their holder (one shared string per worker,
-    /// see `holders`); the rest of a claim is read by its maintainer only.
-    claims: HashMap<Key, Arc<str>>,
-    /// The holders named by `claims`, each stored once.
-    holders: HashSet<Arc<str>>,
-    /// Specs with no held claim: since when, and who held them last.
-    free_since: HashMap<Key, Free>,
-    workers: HashMap<String, WorkerEntry>,
-    held: HashMap<Key, Held>,
-    /// The key of each running maintainer task, to clean up after one that
-    /// panicked.
-    maintained: HashMap<tokio::task::Id, Arc<str>>,
-    acquiring: HashSet<Key>,
-}
-
-impl State {
-    /// The shared string of `key` if a map has it already, else a new one.
-    fn key(&self, key: &str) -> Key {
-        self.specs
-            .get_key_value(key)
-            .map(|(k, _)| k)
-            .or_else(|| self.claims.get_key_value(key).map(|(k, _)| k))
-            .cloned()
-            .unwrap_or_else(|| key.into())
-    }
-}
-
 /// A key, its last holder known when the acquisition started, when the
 /// claim's write was sent (its TTL runs from a later moment), and the outcome.
 /// An interval from `start`, every `period`, that delays its ticks after a
@@ -141,46 +86,6 @@ type Acquired = (
     Instant,
     Result<(Claim, u64, Option<String>), ClaimError>,
 );
-
-/// What a worker counts in one queue to balance its daemon tasks
-/// ([`balancer::plan`]).
-#[derive(Default)]
-struct Tally<'a> {
-    /// Tasks of the queue this worker may run.
-    eligible: usize,
-    /// Of those, held or being acquired here.
-    mine: usize,
-    /// The tasks each other worker of the queue holds.
-    loads: HashMap<&'a str, usize>,
-    /// Free tasks, free for up to a heartbeat / for longer.
-    fresh: Vec<&'a Key>,
-    long: Vec<&'a Key>,
-    /// Tasks held here (not being released).
-    held: Vec<&'a Key>,
-}
-
-/// The tally of the queue of `key`, if this worker may run it.
-fn tally_of<'m, 'a>(
-    queue_of: &HashMap<&'a str, &'a str>,
-    tallies: &'m mut HashMap<&'a str, Tally<'a>>,
-    key: &str,
-) -> Option<&'m mut Tally<'a>> {
-    queue_of.get(key).and_then(|q| tallies.get_mut(q))
-}
-
-impl Tally<'_> {
-    fn plan(&self) -> balancer::Plan {
-        let peer_loads: Vec<usize> = self.loads.values().copied().collect();
-        balancer::plan(&View {
-            eligible: self.eligible,
-            peers: self.loads.len() + 1,
-            mine: self.mine,
-            peer_loads: &peer_loads,
-            free_fresh: self.fresh.len(),
-            free_long: self.long.len(),
-        })
-    }
-}
 
 impl DaemonRuntime {
     /// Runs until `token` fires, then releases every held task (waiting up to
@@ -513,101 +418,6 @@ impl DaemonRuntime {
         }
     }
 
-    /// Balances each queue among the live workers that listen on it: which
-    /// free tasks to claim and which held ones to release. One pass over the
-    /// specs, claims and free tasks, whatever the number of queues.
-    fn plan(&self, state: &State) -> (Vec<Key>, Vec<Key>) {
-        let mut tallies = self.tallies(state);
-        let queue_of = self.count_eligible(state, &mut tallies);
-        for (key, claim) in &state.claims {
-            if let Some(t) = tally_of(&queue_of, &mut tallies, key)
-                && let Some(n) = t.loads.get_mut(&**claim)
-            {
-                *n += 1;
-            }
-        }
-        let now = Instant::now();
-        for (key, free) in &state.free_since {
-            if state.held.contains_key(key) || state.acquiring.contains(key) {
-                continue;
-            }
-            if let Some(t) = tally_of(&queue_of, &mut tallies, key) {
-                let long = now.duration_since(free.since) > self.settings.heartbeat;
-                let list = if long { &mut t.long } else { &mut t.fresh };
-                list.push(key);
-            }
-        }
-        let (mut claim, mut release) = (Vec::new(), Vec::new());
-        for (key, _) in state.held.iter().filter(|(_, h)| !h.releasing) {
-            match tally_of(&queue_of, &mut tallies, key) {
-                Some(t) => {
-                    t.mine += 1;
-                    t.held.push(key);
-                }
-                // Its spec moved to a queue this worker does not listen on (or
-                // to a kind it cannot run): released, so that one that does takes it.
-                None if state.specs.contains_key(key) => release.push(key.clone()),
-                None => {}
-            }
-        }
-        for key in &state.acquiring {
-            if let Some(t) = tally_of(&queue_of, &mut tallies, key) {
-                t.mine += 1;
-            }
-        }
-        let mut quota = 0;
-        for t in tallies.into_values().filter(|t| t.eligible > 0) {
-            let plan = t.plan();
-            quota += plan.quota;
-            claim.extend(t.long.into_iter().take(plan.claim_long).cloned());
-            claim.extend(t.fresh.into_iter().take(plan.claim_fresh).cloned());
-            release.extend(t.held.into_iter().take(plan.release).cloned());
-        }
-        self.stats.daemon_quota.store(quota, Ordering::Relaxed);
-        (claim, release)
-    }
-
-    /// An empty tally for each queue this worker listens on, with every
-    /// other live worker of that queue at load 0.
-    fn tallies<'a>(&'a self, state: &'a State) -> HashMap<&'a str, Tally<'a>> {
-        let me = self.settings.worker_id.as_str();
-        self.queues
-            .iter()
-            .map(|queue| {
-                let loads = state
-                    .workers
-                    .values()
-                    .filter(|w| w.worker_id != me && w.queues.iter().any(|q| q == queue))
-                    .map(|w| (w.worker_id.as_str(), 0))
-                    .collect();
-                let tally = Tally {
-                    loads,
-                    ..Tally::default()
-                };
-                (queue.as_str(), tally)
-            })
-            .collect()
-    }
-
-    /// Counts the tasks this worker may run in each queue's tally; returns
-    /// the queue of each of them.
-    fn count_eligible<'a>(
-        &self,
-        state: &'a State,
-        tallies: &mut HashMap<&'a str, Tally<'a>>,
-    ) -> HashMap<&'a str, &'a str> {
-        let mut queue_of = HashMap::with_capacity(state.specs.len());
-        for (key, spec) in &state.specs {
-            if let Some(t) = tallies.get_mut(spec.options.queue())
-                && self.operators.can_run(&spec.kind)
-            {
-                t.eligible += 1;
-                queue_of.insert(&**key, spec.options.queue());
-            }
-        }
-        queue_of
-    }
-
     fn spawn_acquire(&self, state: &mut State, key: Key, acquisitions: &mut JoinSet<Acquired>) {
         let Some(spec) = state.specs.get(&key) else {
             return;
@@ -689,84 +499,6 @@ impl DaemonRuntime {
         let task = maintainers.spawn(Box::new(maintainer).run(token.clone()));
         state.maintained.insert(task.id(), key);
     }
-}
-
-/// A spec was deleted: stop its instance here if it runs here.
-fn spec_gone(state: &mut State, key: &str) {
-    state.specs.remove(key);
-    state.free_since.remove(key);
-    if let Some(held) = state.held.get_mut(key) {
-        held.releasing = true;
-        held.control.send(Control::Remove);
-    }
-}
-
-/// After a replay of the claims: a claim this worker still knows but the
-/// bucket no longer has expired (or was released) while the watch could not
-/// see it.
-fn prune_claims(state: &mut State, present: &HashSet<String>) {
-    let gone: Vec<Key> = state
-        .claims
-        .keys()
-        .filter(|key| !present.contains(&***key))
-        .cloned()
-        .collect();
-    for key in gone {
-        claim_gone(state, &key);
-    }
-    // Forget the holders no claim names any more (workers gone).
-    let named: HashSet<&str> = state.claims.values().map(|w| &**w).collect();
-    state.holders.retain(|w| named.contains(&**w));
-}
-
-/// A claim was released or expired: its task is free (if it still exists),
-/// and its last holder is remembered for the `moved` event.
-fn claim_gone(state: &mut State, key: &str) {
-    let previous = state.claims.remove(key).map(|w| w.to_string());
-    if let Some((key, _)) = state.specs.get_key_value(key) {
-        let free = state
-            .free_since
-            .entry(key.clone())
-            .or_insert_with(Free::now);
-        if previous.is_some() {
-            free.previous = previous;
-        }
-    }
-}
-
-fn on_claim(state: &mut State, entry: Option<Entry>) {
-    let Some(entry) = entry else { return };
-    let claim = (entry.operation == Operation::Put)
-        .then(|| serde_json::from_slice::<Claim>(&entry.value).ok())
-        .flatten()
-        .filter(Claim::is_held);
-    match claim {
-        Some(claim) => {
-            state.free_since.remove(entry.key.as_str());
-            let holder = match state.holders.get(claim.worker_id.as_str()) {
-                Some(holder) => holder.clone(),
-                None => {
-                    let holder: Arc<str> = claim.worker_id.into();
-                    state.holders.insert(holder.clone());
-                    holder
-                }
-            };
-            let key = state.key(&entry.key);
-            state.claims.insert(key, holder);
-        }
-        None => claim_gone(state, &entry.key),
-    }
-}
-
-fn on_worker(state: &mut State, entry: Option<Entry>) {
-    let Some(entry) = entry else { return };
-    let worker = (entry.operation == Operation::Put)
-        .then(|| serde_json::from_slice::<WorkerEntry>(&entry.value).ok())
-        .flatten();
-    match worker {
-        Some(w) => state.workers.insert(entry.key, w),
-        None => state.workers.remove(&entry.key),
-    };
 }
 
 /// The runtime's three watches.
