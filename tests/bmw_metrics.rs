@@ -10,18 +10,15 @@ use std::time::Duration;
 use reqwest::Method;
 use serde_json::json;
 
-use crate::harness::{BmwProcess, TestEnv, create_ok, free_port, http, wait_until};
+use crate::harness::{BmwProcess, TestEnv, api, create_ok, free_port, http, wait_until};
 
 /// The kind whose `task_dimension` is `payload.data_id`.
 const DIMENSION_KIND: &str = "daemon:demo:dimension";
 
 /// The Prometheus text at `url`, or `None` when nothing answers 200.
 async fn scrape(url: &str) -> Option<String> {
-    let response = reqwest::get(url).await.ok()?;
-    if response.status() != 200 {
-        return None;
-    }
-    response.text().await.ok()
+    let answer = api::get(url).try_send().await.ok()?;
+    (answer.status == 200).then_some(answer.text)
 }
 
 /// Whether `text` has a `name{...}` series carrying `label`.
@@ -254,18 +251,13 @@ async fn the_bridge_serves_bmw_metrics_with_bmw_names() {
 }
 
 async fn set_level(base: &str, level: &str, token: Option<&str>) -> (u16, serde_json::Value) {
-    let mut request =
-        reqwest::Client::new().post(format!("{base}/bmw/log/level?log_level={level}"));
-    if let Some(token) = token {
-        request = request.bearer_auth(token);
-    }
-    let response = request.send().await.expect("request");
-    let status = response.status().as_u16();
-    let text = response.text().await.unwrap_or_default();
-    (
-        status,
-        serde_json::from_str(&text).unwrap_or_else(|_| panic!("not an envelope: {text}")),
+    api::request(
+        reqwest::Method::POST,
+        format!("{base}/bmw/log/level?log_level={level}"),
     )
+    .token(token)
+    .envelope()
+    .await
 }
 
 #[tokio::test]

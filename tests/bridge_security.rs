@@ -12,7 +12,7 @@ use reqwest::header::HeaderMap;
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::harness::{BmwProcess, TestEnv, free_port, wait_until};
+use crate::harness::{BmwProcess, TestEnv, api, free_port, wait_until};
 
 const READER: &str = "reader-0123456789abcdef";
 const WRITER: &str = "writer-0123456789abcdef";
@@ -27,23 +27,16 @@ async fn call(
     headers: &[(&str, &str)],
     body: Option<&str>,
 ) -> (u16, HeaderMap, Value) {
-    let mut request = reqwest::Client::new().request(method, url);
-    if let Some(token) = token {
-        request = request.bearer_auth(token);
-    }
+    let mut request = api::request(method, url).token(token);
     for (name, value) in headers {
-        request = request.header(*name, *value);
+        request = request.header(name, value);
     }
     if let Some(body) = body {
-        request = request.body(body.to_owned());
+        request = request.body(body);
     }
-    let response = request.send().await.expect("http request");
-    let status = response.status().as_u16();
-    let headers = response.headers().clone();
-    let text = response.text().await.unwrap_or_default();
-    let envelope =
-        serde_json::from_str(&text).unwrap_or_else(|_| panic!("not an envelope: {text}"));
-    (status, headers, envelope)
+    let answer = request.send().await;
+    let envelope = answer.envelope();
+    (answer.status, answer.headers, envelope)
 }
 
 /// Asserts a refusal with the envelope: status, `code`, `result: false` and

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use reqwest::Method;
 use serde_json::{Value, json};
 
-use crate::harness::{BmwProcess, TestEnv, http};
+use crate::harness::{BmwProcess, TestEnv, api, http};
 
 const READER: &str = "reader-0123456789abcdef";
 const WRITER: &str = "writer-0123456789abcdef";
@@ -95,18 +95,6 @@ impl SseReader {
     }
 }
 
-async fn get(url: &str, token: Option<&str>) -> reqwest::Response {
-    let mut request = reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .unwrap()
-        .get(url);
-    if let Some(token) = token {
-        request = request.bearer_auth(token);
-    }
-    request.send().await.expect("request")
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn the_console_files_are_served_with_their_types_and_a_strict_policy() {
     let env = TestEnv::start().await;
@@ -114,9 +102,9 @@ async fn the_console_files_are_served_with_their_types_and_a_strict_policy() {
     let bmw = BmwProcess::bridge(&env.url(), &["--api-token", &ro]).await;
     let base = bmw.base_url();
 
-    let redirect = get(&format!("{base}/ui"), None).await;
-    assert_eq!(redirect.status().as_u16(), 308);
-    assert_eq!(redirect.headers()["location"], "/ui/");
+    let redirect = api::get(format!("{base}/ui")).send().await;
+    assert_eq!(redirect.status, 308);
+    assert_eq!(redirect.header("location"), Some("/ui/"));
 
     for (path, content_type, needle) in [
         ("/ui/", "text/html", "<script src=\"app.js\""),
@@ -124,9 +112,9 @@ async fn the_console_files_are_served_with_their_types_and_a_strict_policy() {
         ("/ui/style.css", "text/css", ":focus-visible"),
     ] {
         // Open without a token: the files hold no data.
-        let response = get(&format!("{base}{path}"), None).await;
-        assert_eq!(response.status().as_u16(), 200, "{path}");
-        let headers = response.headers().clone();
+        let response = api::get(format!("{base}{path}")).send().await;
+        assert_eq!(response.status, 200, "{path}");
+        let headers = &response.headers;
         let got = headers["content-type"].to_str().unwrap();
         assert!(got.starts_with(content_type), "{path}: {got}");
         let csp = headers["content-security-policy"].to_str().unwrap();
@@ -139,7 +127,7 @@ async fn the_console_files_are_served_with_their_types_and_a_strict_policy() {
             assert!(csp.contains(directive), "{path}: {csp}");
         }
         assert_eq!(headers["x-content-type-options"], "nosniff");
-        let body = response.text().await.unwrap();
+        let body = &response.text;
         assert!(body.contains(needle), "{path} lacks {needle:?}");
         // Nothing from another origin: the page works without internet (the
         // SVG namespace is a name, not a fetch).
@@ -153,9 +141,9 @@ async fn the_console_files_are_served_with_their_types_and_a_strict_policy() {
     // What the page reads stays behind the token.
     let (status, _) = http(Method::GET, &format!("{base}/bmw/worker/"), None).await;
     assert_eq!(status, 401);
-    let response = get(&format!("{base}/bmw/events/stream"), None).await;
-    assert_eq!(response.status().as_u16(), 401);
-    let envelope: Value = response.json().await.unwrap();
+    let response = api::get(format!("{base}/bmw/events/stream")).send().await;
+    assert_eq!(response.status, 401);
+    let envelope = response.envelope();
     assert_eq!(envelope["result"], false);
     assert_eq!(envelope["code"], 401);
 }
@@ -243,17 +231,11 @@ async fn the_live_feed_streams_events_after_connecting_filtered_by_kind_and_task
 
 /// A request with the read-write token; (status, envelope).
 async fn call_rw(method: Method, url: &str, body: &Value) -> (u16, Value) {
-    let response = reqwest::Client::new()
-        .request(method, url)
-        .bearer_auth(WRITER)
+    api::request(method, url)
+        .token(Some(WRITER))
         .json(body)
-        .send()
+        .envelope()
         .await
-        .expect("request");
-    (
-        response.status().as_u16(),
-        response.json().await.expect("envelope"),
-    )
 }
 
 #[tokio::test(flavor = "multi_thread")]

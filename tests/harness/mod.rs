@@ -8,6 +8,7 @@
 
 #![allow(dead_code, unreachable_pub)]
 
+pub mod api;
 pub mod proxy;
 
 use std::io::{BufRead, BufReader};
@@ -489,20 +490,16 @@ impl TestEnv {
     }
 }
 
-/// GET/POST/DELETE a bridge route; returns (status, envelope).
+/// GET/POST/DELETE a bridge route with a JSON content type; returns
+/// (status, envelope).
 pub async fn http(method: reqwest::Method, url: &str, body: Option<&str>) -> (u16, Value) {
-    let client = reqwest::Client::new();
-    let mut request = client
-        .request(method, url)
-        .header("Content-Type", "application/json");
-    if let Some(body) = body {
-        request = request.body(body.to_owned());
+    let request = api::request(method, url).header("Content-Type", "application/json");
+    match body {
+        Some(body) => request.body(body),
+        None => request,
     }
-    let response = request.send().await.expect("http request");
-    let status = response.status().as_u16();
-    let text = response.text().await.unwrap_or_default();
-    let value = serde_json::from_str(&text).unwrap_or_else(|_| panic!("not an envelope: {text}"));
-    (status, value)
+    .envelope()
+    .await
 }
 
 /// `POST /bmw/task/` of `body`, asserting 200; returns the envelope's data.
