@@ -14,7 +14,7 @@ use std::time::Duration;
 use reqwest::Method;
 use serde_json::{Value, json};
 
-use crate::harness::{BmwProcess, NatsServer, free_port, http, wait_until};
+use crate::harness::{BmwProcess, NatsServer, api, free_port, http, wait_until};
 
 const KIND: &str = "daemon:apm:pre_calculate";
 const DATA_ID: &str = "1573001";
@@ -47,10 +47,10 @@ async fn wait_http(url: &str, process: &BmwProcess) {
 
 /// Whether the Prometheus text at `url` has the running series of `data_id`.
 async fn runs(url: &str, data_id: &str) -> bool {
-    let Ok(response) = reqwest::get(url).await else {
+    let Ok(response) = api::get(url).try_send().await else {
         return false;
     };
-    let text = response.text().await.unwrap_or_default();
+    let text = response.text;
     let label = format!("task_dimension=\"{data_id}\"");
     text.lines()
         .any(|l| l.starts_with("daemon_running_task_count{") && l.contains(&label))

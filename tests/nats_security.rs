@@ -10,7 +10,7 @@ use reqwest::Method;
 
 use serde_json::{Value, json};
 
-use crate::harness::{BmwProcess, NatsServer, http, list_tasks};
+use crate::harness::{BmwProcess, NatsServer, api, http, list_tasks};
 
 /// A refused start must end within this (the brief: about 10 s).
 const REFUSED_WITHIN: Duration = Duration::from_secs(10);
@@ -490,8 +490,8 @@ async fn every_role_at_work(server: &NatsServer) {
     assert_eq!(list_tasks(&base, "daemon").await.len(), 1);
     let workers = get_json(&format!("{base}/bmw/worker/")).await;
     assert!(workers.to_string().contains(&worker_id), "{workers}");
-    let metrics = reqwest::get(format!("{base}/metrics")).await.unwrap();
-    assert_eq!(metrics.status(), 200);
+    let metrics = api::get(format!("{base}/metrics")).send().await;
+    assert_eq!(metrics.status, 200);
 
     // Async tasks: one runs, one fails into the dead letters and is requeued,
     // a pending and a delayed one are deleted.

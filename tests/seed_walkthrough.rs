@@ -7,7 +7,7 @@ use std::time::Duration;
 use reqwest::Method;
 use serde_json::Value;
 
-use crate::harness::{BmwProcess, TestEnv, http};
+use crate::harness::{BmwProcess, TestEnv, api, http};
 
 const OK: &str = "daemon:demo:demo-7b22636f6e74656e74223a226f6b227d";
 const NOT_OK: &str = "daemon:demo:demo-7b22636f6e74656e74223a226e6f745f6f6b227d";
@@ -88,12 +88,7 @@ async fn seed_walkthrough_through_the_bridge() {
     assert_eq!(rows[1]["payload"], serde_json::json!({"content": "ok"}));
 
     // The metric reports the running instance, labelled with its uni_id.
-    let metrics = reqwest::get(format!("{base}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = api::get(format!("{base}/metrics")).send().await.text;
     let line = metrics
         .lines()
         .find(|l| l.starts_with("daemon_running_task_count") && l.contains(OK))

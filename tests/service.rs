@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use reqwest::Method;
 
-use crate::harness::{BmwProcess, free_port, http, wait_until};
+use crate::harness::{BmwProcess, api, free_port, http, wait_until};
 
 /// The arguments of `parent`'s child whose program name ends with `program`.
 fn child_command_line(parent: u32, program: &str) -> Option<Vec<String>> {
@@ -46,9 +46,10 @@ async fn bmw_run_without_a_url_starts_and_stops_its_own_server() {
     let mut bmw = BmwProcess::spawn_raw(&["run", "--http-addr", &addr, "--data-dir", data_dir]);
     bmw.http_port = Some(addr.rsplit(':').next().unwrap().parse().unwrap());
     let up = wait_until(Duration::from_secs(60), async || {
-        reqwest::get(format!("http://{addr}/ready"))
+        api::get(format!("http://{addr}/ready"))
+            .try_send()
             .await
-            .is_ok_and(|r| r.status() == 200)
+            .is_ok_and(|r| r.status == 200)
     })
     .await;
     assert!(up, "bmw run did not come up:\n{}", bmw.logs().join("\n"));

@@ -11,7 +11,7 @@ use async_nats::jetstream::stream::DiscardPolicy;
 use reqwest::Method;
 use serde_json::json;
 
-use crate::harness::{BmwProcess, NatsServer, http, list_tasks};
+use crate::harness::{BmwProcess, NatsServer, api, http, list_tasks};
 
 /// A budget small enough to fill in a test: `BMW_ASYNC` gets 30 % of it.
 const BUDGET: &str = "4MiB";
@@ -159,12 +159,7 @@ async fn every_stream_is_bounded_and_a_full_queue_refuses_new_work_keeping_the_o
     assert_eventually!(
         Duration::from_secs(15),
         {
-            let text = reqwest::get(format!("{base}/metrics"))
-                .await
-                .unwrap()
-                .text()
-                .await
-                .unwrap();
+            let text = api::get(format!("{base}/metrics")).send().await.text;
             text.lines().any(|l| {
                 l.starts_with("bmw_storage_used_ratio{stream=\"BMW_ASYNC\"}")
                     && l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()) >= Some(0.8)

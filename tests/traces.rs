@@ -15,7 +15,8 @@ use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValue;
 use prost::Message as _;
 use serde_json::json;
 
-use crate::harness::{BmwProcess, TestEnv, wait_until};
+use crate::harness::{BmwProcess, TestEnv, api, wait_until};
+use reqwest::Method;
 
 /// One span as the receiver got it: ids in hex.
 #[derive(Debug, Clone)]
@@ -218,9 +219,8 @@ async fn a_task_s_spans_form_one_trace_from_its_producer_to_every_attempt() {
     )
     .await;
     let traced_post = |trace_id: &str, body: serde_json::Value| {
-        reqwest::Client::new()
-            .post(format!("{}/bmw/task/", bmw.base_url()))
-            .header("traceparent", format!("00-{trace_id}-00f067aa0ba902b7-01"))
+        api::request(Method::POST, format!("{}/bmw/task/", bmw.base_url()))
+            .header("traceparent", &format!("00-{trace_id}-00f067aa0ba902b7-01"))
             .json(&body)
             .send()
     };
@@ -231,22 +231,19 @@ async fn a_task_s_spans_form_one_trace_from_its_producer_to_every_attempt() {
         delayed_trace,
         json!({"kind": "async:demo:echo", "payload": {"delayed": true}, "options": {"process_in": "2s"}}),
     )
-    .await
-    .unwrap();
-    assert_eq!(response.status(), 200);
+    .await;
+    assert_eq!(response.status, 200);
 
     // 1. A caller's HTTP create with its traceparent, failing once.
     let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
     let caller_span = "00f067aa0ba902b7";
-    let response = reqwest::Client::new()
-        .post(format!("{}/bmw/task/", bmw.base_url()))
-        .header("traceparent", format!("00-{trace_id}-{caller_span}-01"))
+    let response = api::request(Method::POST, format!("{}/bmw/task/", bmw.base_url()))
+        .header("traceparent", &format!("00-{trace_id}-{caller_span}-01"))
         .json(&json!({"kind": "async:demo:fail", "payload": {"fail_times": 1}, "options": {"retry": 2}}))
         .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
-    let created: serde_json::Value = response.json().await.unwrap();
+        .await;
+    assert_eq!(response.status, 200);
+    let created = response.envelope();
     let task_id = created["data"]["task_id"].as_str().unwrap().to_owned();
 
     let attempts = receiver
@@ -320,15 +317,16 @@ async fn a_task_s_spans_form_one_trace_from_its_producer_to_every_attempt() {
     // 3. A daemon create: the command's application continues the request's
     // trace on the worker; the instance's run is a trace of its own.
     let daemon_trace = "5b8efff798038103d269b633813fc60c";
-    let response = reqwest::Client::new()
-        .post(format!("{}/bmw/task/", bmw.base_url()))
-        .header("traceparent", format!("00-{daemon_trace}-{caller_span}-01"))
+    let response = api::request(Method::POST, format!("{}/bmw/task/", bmw.base_url()))
+        .header(
+            "traceparent",
+            &format!("00-{daemon_trace}-{caller_span}-01"),
+        )
         .json(&json!({"kind": "daemon:demo:demo", "payload": {"content": "not_ok"}}))
         .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
-    let created: serde_json::Value = response.json().await.unwrap();
+        .await;
+    assert_eq!(response.status, 200);
+    let created = response.envelope();
     let uni_id = created["data"]["uni_id"].as_str().unwrap().to_owned();
     let apply = &receiver
         .wait_spans(daemon_trace, "apply bmw.task.create", 1)
@@ -372,9 +370,8 @@ async fn a_task_s_spans_form_one_trace_from_its_producer_to_every_attempt() {
         service_trace,
         json!({"kind": "async:svc:traced", "payload": {}}),
     )
-    .await
-    .unwrap();
-    assert_eq!(response.status(), 200);
+    .await;
+    assert_eq!(response.status, 200);
     let attempt = &receiver
         .wait_spans(service_trace, "attempt async:svc:traced", 1)
         .await[0];
@@ -412,17 +409,15 @@ async fn without_the_flag_nothing_is_exported() {
     let mut vars = FAST_EXPORT.to_vec();
     vars.push(("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint));
     let bmw = BmwProcess::serve("run", &env.url(), &[], &vars).await;
-    let response = reqwest::Client::new()
-        .post(format!("{}/bmw/task/", bmw.base_url()))
+    let response = api::request(Method::POST, format!("{}/bmw/task/", bmw.base_url()))
         .header(
             "traceparent",
             "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
         )
         .json(&json!({"kind": "async:demo:echo", "payload": {"untraced": true}}))
         .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
+        .await;
+    assert_eq!(response.status, 200);
     bmw.wait_log(Duration::from_secs(10), &["untraced"]).await;
     // Ten export intervals after the task ran: nothing was sent.
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -443,14 +438,12 @@ async fn spans_still_buffered_are_sent_when_the_process_stops() {
     )
     .await;
     let trace_id = "7d1a9c3e5b2f4a6c8e0d1b3f5a7c9e1d";
-    let response = reqwest::Client::new()
-        .post(format!("{}/bmw/task/", bmw.base_url()))
-        .header("traceparent", format!("00-{trace_id}-00f067aa0ba902b7-01"))
+    let response = api::request(Method::POST, format!("{}/bmw/task/", bmw.base_url()))
+        .header("traceparent", &format!("00-{trace_id}-00f067aa0ba902b7-01"))
         .json(&json!({"kind": "async:demo:echo", "payload": {"flushed": true}}))
         .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
+        .await;
+    assert_eq!(response.status, 200);
     bmw.wait_log(Duration::from_secs(10), &["flushed"]).await;
     assert_eq!(receiver.requests(), 0, "nothing sent before the stop");
     bmw.send_sigterm();
@@ -476,13 +469,11 @@ async fn a_collector_that_cannot_be_reached_is_said_once_in_the_log() {
     )
     .await;
     let create = async |n: usize| {
-        let response = reqwest::Client::new()
-            .post(format!("{}/bmw/task/", bmw.base_url()))
+        let response = api::request(Method::POST, format!("{}/bmw/task/", bmw.base_url()))
             .json(&json!({"kind": "async:demo:echo", "payload": {"unexported": n}}))
             .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status(), 200);
+            .await;
+        assert_eq!(response.status, 200);
         bmw.wait_log(Duration::from_secs(10), &["unexported", &format!(":{n}")])
             .await;
     };
