@@ -10,8 +10,8 @@ use serde::Deserialize;
 use super::{ConfigError, KindDecl};
 
 /// Declares [`ConfigOverrides`] and its `or`, so that a setting is one
-/// field: adding one is a field here, one in [`Config`] and its line in
-/// [`Config::resolve`].
+/// field: adding one is a field here, one in [`Config`](super::Config) and its line in
+/// [`Config::resolve`](super::Config::resolve).
 macro_rules! settings {
     (
         $(#[$meta:meta])*
@@ -45,7 +45,7 @@ settings! {
     /// Every setting, declared once: its flag and environment variable (clap),
     /// its key in the `--config` file (serde, the flag's long name), its help
     /// with the default it names; `None` means "not given" (the default is
-    /// [`Config::resolve`]'s). Durations are humantime strings (`"15s"`).
+    /// [`Config::resolve`](super::Config::resolve)'s). Durations are humantime strings (`"15s"`).
     #[derive(Debug, Clone, Default, Deserialize, clap::Args)]
     #[serde(deny_unknown_fields, rename_all = "kebab-case")]
     pub struct ConfigOverrides {
