@@ -1,7 +1,7 @@
 //! `bmw task`: the command-line client. Each subcommand opens the stores as
 //! every role does ([`crate::service::open`]), builds its command as the
 //! JSON a producer would publish and submits it through the wire parser the
-//! bridge uses ([`crate::client::TaskClient::submit_json`]), prints the
+//! bridge uses (`command::wire`), prints the
 //! answer on stdout (JSON, or a table with `--table`) and nothing else, and
 //! says how it ended in its exit code ([`CliError::exit_code`]).
 
@@ -12,6 +12,7 @@ use clap::Subcommand;
 use serde_json::{Value, json};
 
 use crate::client::{Submitted, TaskClient};
+use crate::command::wire;
 use crate::config::Config;
 use crate::nats::names;
 
@@ -181,69 +182,63 @@ pub async fn run(
         TaskCmd::Pause { kind } => client.pause_periodic(&kind, true).await?,
         TaskCmd::Resume { kind } => client.pause_periodic(&kind, false).await?,
         TaskCmd::Queues => to_value(client.queue_stats().await?),
-        command => return submit(&client, command, table).await,
-    };
-    print_answer(&answer, table);
-    Ok(ExitCode::SUCCESS)
-}
-
-/// A create, delete or reload, as the JSON a producer publishes on its
-/// subject; `None` for the other subcommands.
-fn wire_command(cmd: TaskCmd) -> Result<Option<(&'static str, Value)>, CliError> {
-    let json_arg = |what, text: &str| {
-        serde_json::from_str::<Value>(text).map_err(|source| CliError::NotJson { what, source })
-    };
-    Ok(Some(match cmd {
         TaskCmd::Create {
             kind,
             payload,
             options,
-        } => (
-            names::SUBJECT_CREATE,
-            json!({
+        } => {
+            let body = json!({
                 "kind": kind,
                 "payload": json_arg("payload", &payload)?,
                 "options": json_arg("options", &options)?,
-            }),
-        ),
+            });
+            return submit(&client, names::SUBJECT_CREATE, body, table).await;
+        }
         TaskCmd::Delete { id, task_type } => {
             let field = match task_type.as_str() {
-                "daemon" => "task_uni_id",
                 "async" => "task_id",
                 "periodic" => "kind",
-                // The parser names what is wrong with the type.
+                // A daemon task, or a type the parser refuses by name.
                 _ => "task_uni_id",
             };
-            (
-                names::SUBJECT_DELETE,
-                json!({"task_type": task_type, field: id}),
-            )
+            let body = json!({"task_type": task_type, field: id});
+            return submit(&client, names::SUBJECT_DELETE, body, table).await;
         }
         TaskCmd::Reload { uni_id, payload } => {
             let payload = match payload {
                 Some(text) => json_arg("payload", &text)?,
                 None => Value::Null,
             };
-            (
-                names::SUBJECT_RELOAD,
-                json!({"task_uni_id": uni_id, "payload": payload}),
-            )
+            let body = json!({"task_uni_id": uni_id, "payload": payload});
+            return submit(&client, names::SUBJECT_RELOAD, body, table).await;
         }
-        _ => return Ok(None),
-    }))
+    };
+    print_answer(&answer, table);
+    Ok(ExitCode::SUCCESS)
 }
 
-/// Submits a create, delete or reload and prints its outcome, as the bridge
-/// would answer it.
-async fn submit(client: &TaskClient, cmd: TaskCmd, table: bool) -> Result<ExitCode, CliError> {
-    let Some((subject, body)) = wire_command(cmd)? else {
-        return Ok(ExitCode::SUCCESS);
+/// An argument that must be JSON, read.
+fn json_arg(what: &'static str, text: &str) -> Result<Value, CliError> {
+    serde_json::from_str(text).map_err(|source| CliError::NotJson { what, source })
+}
+
+/// Submits a create, delete or reload given as the JSON a producer
+/// publishes on `subject`, through the bridge's parser, and prints its
+/// outcome as the bridge would answer it.
+async fn submit(
+    client: &TaskClient,
+    subject: &str,
+    body: Value,
+    table: bool,
+) -> Result<ExitCode, CliError> {
+    let submitted = match wire::parse_value(subject, body) {
+        Ok(command) => client.submit(command).await,
+        Err(invalid) => Err(invalid.into()),
     };
-    let body = serde_json::to_vec(&body).expect("a JSON value serializes");
-    let answer = match client.submit_json(subject, &body).await {
+    let answer = match submitted {
         Ok(Submitted::Done(outcome)) => outcome,
         Ok(Submitted::Accepted { data }) => Outcome {
-            message: "accepted: no worker answered in time; the command is stored".into(),
+            message: crate::client::ACCEPTED_MESSAGE.into(),
             ..Outcome::ok(data)
         },
         Ok(Submitted::Duplicate { data }) => Outcome {
