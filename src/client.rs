@@ -11,7 +11,7 @@
 mod batch;
 pub mod table;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -237,7 +237,10 @@ impl TaskClient {
             .map_err(NatsError::from)?;
         let claims: HashMap<String, Claim> = crate::nats::read_all(&claims_kv).await?;
         let workers = self.list_workers().await?;
-        let live: HashSet<&str> = workers.iter().map(|w| w.worker_id.as_str()).collect();
+        let live: HashMap<&str, &str> = workers
+            .iter()
+            .map(|w| (w.worker_id.as_str(), w.lease.as_str()))
+            .collect();
         Ok(specs
             .into_iter()
             .map(|spec| row(spec, &claims, &live))
@@ -261,7 +264,8 @@ const BMW_DEFAULT_RETRY: u32 = 10;
 /// Go's zero `time.Time`, which BMW lists for a task with no deadline.
 const GO_ZERO_TIME: &str = "0001-01-01T00:00:00Z";
 
-fn row(spec: DaemonSpec, claims: &HashMap<String, Claim>, live: &HashSet<&str>) -> DaemonRow {
+/// A daemon task's row; `live` has the lease of every live worker.
+fn row(spec: DaemonSpec, claims: &HashMap<String, Claim>, live: &HashMap<&str, &str>) -> DaemonRow {
     let claim = claims.get(&spec.uni_id.key()).filter(|c| c.is_held());
     let mut options = serde_json::to_value(&spec.options).unwrap_or(Value::Null);
     options["queue"] = json!(spec.options.queue());
@@ -295,7 +299,10 @@ fn row(spec: DaemonSpec, claims: &HashMap<String, Claim>, live: &HashSet<&str>) 
         options,
         binding: Binding {
             worker_id: claim.map(|c| c.worker_id.clone()).unwrap_or_default(),
-            worker_is_normal: claim.is_some_and(|c| live.contains(c.worker_id.as_str())),
+            worker_is_normal: claim.is_some_and(|c| {
+                live.get(c.worker_id.as_str())
+                    .is_some_and(|lease| c.is_held_under(Some(lease)))
+            }),
             retry_count: claim.map_or(0, |c| c.retry_count),
             reload_count: claim.map_or(0, |c| c.reload_count),
             next_retry_at: claim.and_then(|c| c.next_retry_at.clone()),

@@ -12,16 +12,21 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
-use async_nats::jetstream;
+use async_nats::jetstream::{self, message::PublishMessage, stream::LastRawMessageErrorKind};
 use serde::{Deserialize, Serialize};
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, watch};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::QueueWeight;
-use crate::nats::{NatsError, names};
+use crate::nats::{NatsError, NatsErrorKind, names};
 
 /// The longest the entry's removal at shutdown may take.
 const REMOVE_WAIT: Duration = Duration::from_secs(1);
+/// The longest one registration of a new lease may take before it is tried again.
+const REGISTER_WAIT: Duration = Duration::from_secs(2);
+/// The pause before a failed renewal is tried again (the deadline permitting).
+const RENEW_RETRY_GAP: Duration = Duration::from_millis(250);
 
 /// A worker as seen by everyone.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -65,6 +70,10 @@ pub struct WorkerEntry {
     /// When the entry was last written (RFC 3339): its last heartbeat.
     #[serde(default)]
     pub heartbeat_at: String,
+    /// The lease its daemon claims name (design-notes, 88); empty from a
+    /// worker older than leases, whose claims expire with their own TTL.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub lease: String,
 }
 
 /// Live numbers of this worker, published with its entry every heartbeat.
@@ -122,13 +131,54 @@ pub fn worker_key(worker_id: &str) -> String {
         .collect()
 }
 
-/// Keeps this worker's entry alive.
+/// This worker's right to hold daemon claims (design-notes, 88): the id its
+/// claims name, and a token fired once the lease may lapse before it is
+/// renewed, when every instance held under it must stop at once. A lapsed
+/// lease is never renewed: the worker takes a new one with a new id, so the
+/// claims that name the old one are free for any worker to take over.
+#[derive(Debug, Clone)]
+pub struct Lease {
+    /// Named by the worker entry and by every claim taken under the lease.
+    pub id: Arc<str>,
+    /// Fired when the lease is lost (not renewed in time, or replaced).
+    pub lost: CancellationToken,
+}
+
+impl Lease {
+    fn new() -> Lease {
+        Lease {
+            id: uuid::Uuid::new_v4().simple().to_string().into(),
+            lost: CancellationToken::new(),
+        }
+    }
+
+    /// Whether claims may still be taken and run under it.
+    pub fn is_live(&self) -> bool {
+        !self.lost.is_cancelled()
+    }
+}
+
+/// Keeps this worker's entry, and with it its [`Lease`], alive.
 #[derive(Debug)]
 pub struct Membership {
     js: jetstream::Context,
     entry: WorkerEntry,
     ttl: Duration,
     stats: Arc<WorkerStats>,
+    /// The entry's revision, which each renewal expects.
+    revision: u64,
+    /// When the last write that the server stored was sent: the entry
+    /// expires no sooner than `ttl` after it.
+    last_sent: Instant,
+    lease: watch::Sender<Lease>,
+}
+
+/// Why a renewal failed.
+enum Renewal {
+    /// The entry is no longer ours (expired, deleted or overwritten).
+    Gone,
+    /// No answer or an error: the outcome is unknown.
+    Failed(NatsError),
 }
 
 impl Membership {
@@ -141,6 +191,7 @@ impl Membership {
         ttl: Duration,
         stats: Arc<WorkerStats>,
     ) -> Self {
+        let lease = Lease::new();
         let entry = WorkerEntry {
             worker_id: worker_id.to_owned(),
             host: gethostname::gethostname().to_string_lossy().into_owned(),
@@ -157,12 +208,16 @@ impl Membership {
             async_active: 0,
             daemon_quota: 0,
             heartbeat_at: String::new(),
+            lease: lease.id.to_string(),
         };
         Membership {
             js,
             entry,
             ttl,
             stats,
+            revision: 0,
+            last_sent: Instant::now(),
+            lease: watch::channel(lease).0,
         }
     }
 
@@ -174,8 +229,38 @@ impl Membership {
         self
     }
 
-    /// Writes the entry once (so the worker counts before it claims anything).
+    /// The current lease, and each new one after a lapse.
+    pub fn lease(&self) -> watch::Receiver<Lease> {
+        self.lease.subscribe()
+    }
+
+    /// Writes the entry under the current lease, whatever the bucket holds
+    /// (so the worker counts, and its lease exists, before it claims anything).
     pub async fn register(&mut self) -> Result<(), NatsError> {
+        let sent = Instant::now();
+        self.revision = self.write(None).await?;
+        self.last_sent = sent;
+        Ok(())
+    }
+
+    /// The entry with this moment's numbers, published under `expected`
+    /// (a compare-and-set on the entry's revision) or unconditionally.
+    async fn write(&mut self, expected: Option<u64>) -> Result<u64, NatsError> {
+        self.refresh();
+        let body = crate::nats::to_json_bytes(&self.entry);
+        let key = worker_key(&self.entry.worker_id);
+        let mut publish = PublishMessage::build()
+            .payload(body)
+            .ttl(crate::nats::whole_seconds(self.ttl));
+        if let Some(expected) = expected {
+            publish = publish.expected_last_subject_sequence(expected);
+        }
+        let subject = names::kv_subject(names::BUCKET_WORKERS, &key);
+        let ack = self.js.send_publish(subject, publish).await?.await?;
+        Ok(ack.sequence)
+    }
+
+    fn refresh(&mut self) {
         self.entry.running = self.stats.daemon_running.load(Ordering::Relaxed);
         self.entry.daemon_quota = self.stats.daemon_quota.load(Ordering::Relaxed);
         self.entry.async_active = self.stats.async_permits.get().map_or(0, |permits| {
@@ -196,26 +281,145 @@ impl Membership {
             .lock()
             .map(|m| m.clone())
             .unwrap_or_default();
-        let body = crate::nats::to_json_bytes(&self.entry);
-        let key = worker_key(&self.entry.worker_id);
-        crate::nats::put_with_ttl(&self.js, names::BUCKET_WORKERS, &key, body, self.ttl).await
+    }
+
+    /// One renewal: a compare-and-set on the entry's revision. A refused one
+    /// is looked at again (read from the stream's leader): a renewal that
+    /// timed out may have been stored, which leaves the revision behind.
+    async fn renew(&mut self) -> Result<(), Renewal> {
+        let sent = Instant::now();
+        let error = match self.write(Some(self.revision)).await {
+            Ok(revision) => {
+                self.revision = revision;
+                self.last_sent = sent;
+                return Ok(());
+            }
+            Err(e) => e,
+        };
+        if error.kind() != NatsErrorKind::Conflict {
+            return Err(Renewal::Failed(error));
+        }
+        match self.stored_revision().await {
+            Ok(Some(revision)) => {
+                self.revision = revision;
+                let sent = Instant::now();
+                let revision = self
+                    .write(Some(revision))
+                    .await
+                    .map_err(|e| match e.kind() {
+                        NatsErrorKind::Conflict => Renewal::Gone,
+                        _ => Renewal::Failed(e),
+                    })?;
+                self.revision = revision;
+                self.last_sent = sent;
+                Ok(())
+            }
+            Ok(None) => Err(Renewal::Gone),
+            Err(e) => Err(Renewal::Failed(e)),
+        }
+    }
+
+    /// The revision of our entry if the bucket holds it under our lease.
+    async fn stored_revision(&self) -> Result<Option<u64>, NatsError> {
+        let lease = self.entry.lease.clone();
+        let found = lease_of(&self.js, &self.entry.worker_id).await?;
+        Ok(found.filter(|(id, _)| *id == lease).map(|(_, rev)| rev))
     }
 
     /// Renews every `heartbeat` until `token` fires, then deletes the entry.
+    /// Each renewal is a compare-and-set; a failed one is tried again soon,
+    /// and if none succeeds before the lease's deadline (a margin of
+    /// `min(heartbeat, ttl / 3)` before the entry may expire), the lease is
+    /// lost: its instances stop, and once the old entry has surely expired
+    /// the worker registers a new lease.
     pub async fn run(mut self, heartbeat: Duration, token: CancellationToken) {
-        let mut tick = tokio::time::interval(heartbeat);
+        let margin = heartbeat.min(self.ttl / 3);
+        let attempt_limit = (heartbeat / 2).max(Duration::from_millis(500));
+        let mut next_beat = Instant::now() + heartbeat;
+        let mut retry_at: Option<Instant> = None;
         loop {
+            let deadline = self.last_sent + self.ttl - margin;
+            let due = retry_at.unwrap_or(next_beat).min(deadline);
             tokio::select! {
-                _ = tick.tick() => tokio::select! {
-                    renewed = self.register() => if let Err(e) = renewed {
-                        tracing::warn!(cause = %e, "worker entry not renewed");
-                    },
-                    () = token.cancelled() => break,
-                },
+                () = tokio::time::sleep_until(due) => {}
                 () = token.cancelled() => break,
             }
+            let now = Instant::now();
+            if now >= deadline {
+                self.lapse("no renewal before the lease's deadline", &token)
+                    .await;
+                (next_beat, retry_at) = (Instant::now() + heartbeat, None);
+                continue;
+            }
+            if now >= next_beat {
+                next_beat = now.max(next_beat) + heartbeat;
+            }
+            let limit = deadline.min(now + attempt_limit);
+            let renewed = tokio::select! {
+                renewed = tokio::time::timeout_at(limit, self.renew()) => renewed,
+                () = token.cancelled() => break,
+            };
+            retry_at = match renewed {
+                Ok(Ok(())) => None,
+                Ok(Err(Renewal::Gone)) => {
+                    self.lapse("the entry is no longer this lease's", &token)
+                        .await;
+                    (next_beat, retry_at) = (Instant::now() + heartbeat, None);
+                    continue;
+                }
+                Ok(Err(Renewal::Failed(e))) => {
+                    tracing::warn!(cause = %e, "worker entry not renewed, will retry");
+                    Some(Instant::now() + RENEW_RETRY_GAP)
+                }
+                Err(_) => {
+                    tracing::warn!(waited = ?attempt_limit, "worker entry not renewed in time, will retry");
+                    Some(Instant::now() + RENEW_RETRY_GAP)
+                }
+            };
         }
-        // Bounded: with NATS gone the entry expires with its TTL instead.
+        self.remove().await;
+    }
+
+    /// The lease is lost: its instances are told to stop now; once the old
+    /// entry has expired for sure (so that no other worker can start one
+    /// of them while it still runs here), a new lease is registered.
+    async fn lapse(&mut self, why: &str, token: &CancellationToken) {
+        tracing::warn!(
+            reason = why,
+            "worker lease lapsed; stopping its daemon instances"
+        );
+        self.lease.borrow().lost.cancel();
+        let expired = self.last_sent + self.ttl;
+        tokio::select! {
+            () = tokio::time::sleep_until(expired) => {}
+            () = token.cancelled() => return,
+        }
+        let lease = Lease::new();
+        self.entry.lease = lease.id.to_string();
+        loop {
+            let registered = tokio::select! {
+                r = tokio::time::timeout(REGISTER_WAIT, self.register()) => r,
+                () = token.cancelled() => return,
+            };
+            match registered {
+                Ok(Ok(())) => break,
+                Ok(Err(e)) => {
+                    tracing::warn!(cause = %e, "new worker lease not registered, will retry")
+                }
+                Err(_) => tracing::warn!("new worker lease not registered in time, will retry"),
+            }
+            tokio::select! {
+                () = tokio::time::sleep(RENEW_RETRY_GAP) => {}
+                () = token.cancelled() => return,
+            }
+        }
+        tracing::info!(lease = %lease.id, "worker registered a new lease");
+        self.lease.send_replace(lease);
+    }
+
+    /// Deletes the entry at shutdown; bounded: with NATS gone the entry
+    /// expires with its TTL instead.
+    async fn remove(&self) {
         let remove = async {
             let kv = self.js.get_key_value(names::BUCKET_WORKERS).await?;
             kv.purge_with_ttl(worker_key(&self.entry.worker_id), self.ttl)
@@ -230,4 +434,30 @@ impl Membership {
             Err(_) => tracing::warn!("worker entry not removed in time; it expires after its TTL"),
         }
     }
+}
+
+/// The lease `worker_id` holds now and its entry's revision, read from the
+/// workers stream's leader (a direct get may answer from a replica behind
+/// it, which could miss a lease just taken); `None` if it holds none.
+pub async fn lease_of(
+    js: &jetstream::Context,
+    worker_id: &str,
+) -> Result<Option<(String, u64)>, NatsError> {
+    let stream = js
+        .get_stream(names::kv_stream(names::BUCKET_WORKERS))
+        .await?;
+    let subject = names::kv_subject(names::BUCKET_WORKERS, &worker_key(worker_id));
+    let message = match stream.get_last_raw_message_by_subject(&subject).await {
+        Ok(message) => message,
+        Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    // A delete, purge or expiry marker carries a header and no entry.
+    let marked = message.headers.get("KV-Operation").is_some()
+        || message.headers.get("Nats-Marker-Reason").is_some();
+    if marked {
+        return Ok(None);
+    }
+    let entry: Option<WorkerEntry> = serde_json::from_slice(&message.payload).ok();
+    Ok(entry.map(|e| (e.lease, message.sequence)))
 }

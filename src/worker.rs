@@ -114,6 +114,7 @@ impl Worker {
 
         let tracker = TaskTracker::new();
         let membership_token = CancellationToken::new();
+        let lease = membership.lease();
         tracker.spawn(membership.run(config.heartbeat, membership_token.clone()));
         let periodic = ops.periodic().store().clone();
         if let Err(e) = crate::periodic::reconcile(&periodic, registry.declared_periodic()).await {
@@ -127,7 +128,7 @@ impl Worker {
         let handler = CommandHandler::new(ops.clone(), nats.client.clone(), events.clone());
         tracker.spawn(CommandConsumer::new(nats.clone(), handler).run(token.child_token()));
         let runtime = daemon_runtime(
-            &nats, &config, &registry, &ops, events, &worker_id, stats, claims,
+            &nats, &config, &registry, &ops, events, &worker_id, stats, claims, lease,
         );
         run_then_stop(&nats, &config, runtime, tracker, membership_token, &token).await;
         tracing::info!(worker_id = %worker_id, "worker stopped");
@@ -181,6 +182,7 @@ fn daemon_runtime(
     worker_id: &str,
     stats: Arc<WorkerStats>,
     claims: ClaimStore,
+    lease: tokio::sync::watch::Receiver<crate::membership::Lease>,
 ) -> DaemonRuntime {
     DaemonRuntime {
         operators: registry.operators().clone(),
@@ -204,6 +206,7 @@ fn daemon_runtime(
         connections: nats.connections.clone(),
         link: crate::nats::link::Link::new(&nats.client),
         resync_every: crate::daemon::runtime::RESYNC_EVERY,
+        lease,
     }
 }
 

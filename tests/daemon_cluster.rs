@@ -294,3 +294,81 @@ async fn a_queue_limits_where_a_task_runs() {
     let loads: HashMap<String, usize> = env.loads().await.into_iter().collect();
     assert_eq!(loads.len(), 1, "{loads:?}");
 }
+
+/// The revision of `key` in `bucket` and its value (a test reads the bucket
+/// as any client would).
+async fn entry_of(env: &TestEnv, bucket: &str, key: &str) -> Option<(u64, Value)> {
+    let kv = env.nats.js.get_key_value(bucket).await.ok()?;
+    let entry = kv.entry(key).await.ok()??;
+    let value = serde_json::from_slice(&entry.value).ok()?;
+    Some((entry.revision, value))
+}
+
+/// Issue 22, part 4: a held instance costs no write a heartbeat. The
+/// worker's entry in `bmw_workers` is its lease, renewed every heartbeat;
+/// each claim names that lease and is written only when it is taken,
+/// released, or its counts change. A killed holder's claims are taken over
+/// by compare-and-set once its lease is gone, and then name the new
+/// holder's lease.
+#[tokio::test(flavor = "multi_thread")]
+async fn claims_are_kept_by_the_workers_lease_not_rewritten_each_heartbeat() {
+    use bmw::nats::names::{BUCKET_DAEMON_CLAIMS, BUCKET_WORKERS};
+    let env = TestEnv::start().await;
+    let mut w1 = BmwProcess::worker(&env.url(), &[]);
+    let id1 = w1.worker_id().await;
+    let uni_id = env.create_demo("leased").await;
+    let key = bmw::task::UniId::from_raw(&uni_id).key();
+    let worker_key = bmw::membership::worker_key(&id1);
+    assert_eventually!(
+        Duration::from_secs(15),
+        env.bindings().await.get(&uni_id) == Some(&id1),
+        "the worker holds the task; bindings {:?}",
+        env.bindings().await
+    );
+    let (claim_rev, claim) = entry_of(&env, BUCKET_DAEMON_CLAIMS, &key)
+        .await
+        .expect("the claim is stored");
+    let (worker_rev, entry) = entry_of(&env, BUCKET_WORKERS, &worker_key)
+        .await
+        .expect("the worker entry is stored");
+    let lease = entry["lease"].as_str().unwrap_or_default().to_owned();
+    assert!(!lease.is_empty(), "the worker entry names a lease: {entry}");
+    assert_eq!(
+        claim["lease"],
+        lease.as_str(),
+        "the claim names the holder's lease: {claim}"
+    );
+    // Three heartbeats: the lease is renewed three times ...
+    assert_eventually!(
+        Duration::from_secs(15),
+        entry_of(&env, BUCKET_WORKERS, &worker_key)
+            .await
+            .is_some_and(|(rev, _)| rev >= worker_rev + 3),
+        "the worker renews its entry every heartbeat"
+    );
+    // ... and the claim not once.
+    let (after, _) = entry_of(&env, BUCKET_DAEMON_CLAIMS, &key).await.unwrap();
+    assert_eq!(
+        after, claim_rev,
+        "the claim was rewritten while its instance ran idle"
+    );
+
+    // The holder dies: the other worker takes the claim over once the lease is gone.
+    let w2 = BmwProcess::worker(&env.url(), &[]);
+    let id2 = w2.worker_id().await;
+    w1.kill9();
+    assert_eventually!(
+        TTL + HEARTBEAT * 6,
+        env.bindings().await.get(&uni_id) == Some(&id2),
+        "the live worker takes the task over; bindings {:?}",
+        env.bindings().await
+    );
+    let (_, taken) = entry_of(&env, BUCKET_DAEMON_CLAIMS, &key).await.unwrap();
+    let (_, entry2) = entry_of(&env, BUCKET_WORKERS, &bmw::membership::worker_key(&id2))
+        .await
+        .unwrap();
+    assert_eq!(
+        taken["lease"], entry2["lease"],
+        "the new claim names the new holder's lease"
+    );
+}

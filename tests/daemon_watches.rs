@@ -87,8 +87,25 @@ async fn create(ops: &bmw::ops::Operations, n: usize) -> String {
     data["uni_id"].as_str().unwrap().to_owned()
 }
 
-/// The live claims: uni_id key -> (worker_id, generation).
+/// The live claims: uni_id key -> (worker_id, generation), each held by a
+/// worker whose entry names the lease the claim was taken under (a claim
+/// outlives its holder's lease until another worker takes it over).
 async fn live_claims(env: &TestEnv) -> BTreeMap<String, (String, u64)> {
+    let workers = env
+        .nats
+        .js
+        .get_key_value(bmw::nats::names::BUCKET_WORKERS)
+        .await
+        .unwrap();
+    let leases: BTreeMap<String, String> = bmw::nats::read_all::<Value>(&workers)
+        .await
+        .unwrap_or_default()
+        .into_values()
+        .map(|w| {
+            let field = |name: &str| w[name].as_str().unwrap_or_default().to_owned();
+            (field("worker_id"), field("lease"))
+        })
+        .collect();
     let kv = env
         .nats
         .js
@@ -109,7 +126,11 @@ async fn live_claims(env: &TestEnv) -> BTreeMap<String, (String, u64)> {
     }
     let all = all.expect("the claims bucket can be read");
     all.into_iter()
-        .filter(|(_, c)| c["worker_id"].as_str().is_some_and(|w| !w.is_empty()))
+        .filter(|(_, c)| {
+            c["worker_id"].as_str().is_some_and(|w| {
+                !w.is_empty() && leases.get(w).map(String::as_str) == c["lease"].as_str()
+            })
+        })
         .map(|(k, c)| {
             let worker = c["worker_id"].as_str().unwrap_or_default().to_owned();
             (k, (worker, c["generation"].as_u64().unwrap_or_default()))
@@ -164,7 +185,7 @@ async fn a_cut_off_worker_catches_up_with_changes_made_meanwhile(mode: Mode, out
     )
     .await;
     let created = create(&ops, 3).await;
-    // The cut-off worker's claims expire (it cannot renew them).
+    // The cut-off worker's claims lapse with its lease (it cannot renew it).
     assert_eventually!(
         Duration::from_secs(15),
         live_claims(&env).await.is_empty(),

@@ -167,7 +167,7 @@ async fn a_cut_off_holder_stops_before_its_claims_expire(mode: Mode) {
         cut_off.logs().join("\n")
     );
     assert!(
-        cut_off.has_log("claim deadline passed"),
+        cut_off.has_log("worker lease lapsed"),
         "the cut-off worker says why it stopped"
     );
     // The claim TTL bounds the take-over.

@@ -64,10 +64,10 @@ settings! {
         /// `critical=6,default=3,low=1` [default: default].
         #[arg(long, global = true, env = "BMW_QUEUES", value_delimiter = ',')]
         pub queues: Option<Vec<String>>,
-        /// Claim TTL: a dead worker's daemon tasks move after this long [default: 15s].
+        /// Lease TTL: a dead worker's daemon tasks move after this long [default: 15s].
         #[arg(long, global = true, env = "BMW_CLAIM_TTL")]
         pub claim_ttl: Option<String>,
-        /// How often claims and the worker entry are renewed [default: 5s].
+        /// How often the worker entry (its lease) is renewed [default: 5s].
         #[arg(long, global = true, env = "BMW_HEARTBEAT")]
         pub heartbeat: Option<String>,
         /// First retry delay of a failed daemon instance [default: 10s].

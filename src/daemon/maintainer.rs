@@ -1,18 +1,23 @@
 //! [`Maintainer`]: keeps one claimed daemon instance running on this worker.
 //!
-//! It owns the claim (renewing it every heartbeat with a compare-and-set on its
-//! revision), runs the operator in a task of its own, restarts it after a
-//! failure with the [`RetryPolicy`] delay, and obeys [`Control`] messages from
-//! the runtime (reload, release, remove). A worker may hold tens of
-//! thousands of these, so each is kept small: the rarely taken
-//! steps are boxed, the claim store and the spec are shared with the runtime,
-//! one timer serves every wait, and the runtime's messages come through a
-//! small mailbox (`control_channel`), not a channel. A renewal refused for a wrong
-//! revision means another worker owns the task now: the run is cancelled at
-//! once (fencing). Without a successful renewal, the run is cancelled by a
-//! deadline before the claim can expire, however slow or unreachable NATS is
-//! (`Maintainer::deadline`). The runtime (`runtime.rs`) decides which tasks
-//! to claim.
+//! It holds the claim under the worker's [`Lease`], runs the operator in a
+//! task of its own, restarts it after a failure with the [`RetryPolicy`]
+//! delay, and obeys [`Control`] messages from the runtime (reload, release,
+//! remove, lost). A worker may hold a hundred thousand of these, so each is
+//! kept small and idle: nothing is written while the instance runs (the
+//! lease, renewed once per worker, keeps every claim; design-notes, 88), the
+//! rarely taken steps are boxed, the claim store and the spec are shared
+//! with the runtime, one timer serves every wait, and the runtime's
+//! messages come through a small mailbox (`control_channel`), not a
+//! channel. The claim is written only when its counts change (a retry, a
+//! reload), each time a compare-and-set on its revision: a refusal means
+//! another worker owns the task now, and the run is cancelled at once
+//! (fencing). When the lease is lost (not renewed in time, however slow or
+//! unreachable NATS is), every instance held under it stops at once, before
+//! the lease can expire. The runtime (`runtime.rs`) decides which tasks to
+//! claim.
+//!
+//! [`Lease`]: crate::membership::Lease
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -31,6 +36,7 @@ use super::retry::RetryPolicy;
 use super::seed_log;
 use super::spec::DaemonSpec;
 use crate::events::EventPublisher;
+use crate::membership::Lease;
 use crate::metrics;
 use crate::nats::{NatsError, NatsErrorKind};
 
@@ -38,7 +44,7 @@ use crate::nats::{NatsError, NatsErrorKind};
 /// is shorter); past it the claim is left to expire with its TTL.
 pub(crate) const HANDOVER_WAIT: Duration = Duration::from_secs(1);
 
-/// The pause before trying a failed renewal again (the deadline permitting).
+/// The pause before trying a failed write of the claim again.
 const RENEW_RETRY_GAP: Duration = Duration::from_millis(250);
 
 /// What the runtime asks of a running maintainer.
@@ -50,6 +56,8 @@ pub(crate) enum Control {
     Release,
     /// The task was deleted: stop and drop the claim.
     Remove,
+    /// The claim was overwritten by another worker: stop at once.
+    Lost,
 }
 
 /// A maintainer's mailbox: the runtime's [`Control`] messages, in order.
@@ -128,7 +136,7 @@ pub(crate) enum Exit {
     Released,
     /// Task deleted, claim removed.
     Removed,
-    /// Claim lost to another worker or not renewable.
+    /// Claim lost to another worker, or the lease it was held under.
     Lost,
 }
 
@@ -152,9 +160,8 @@ pub(crate) struct Maintainer {
     pub(crate) claims: Arc<ClaimStore>,
     pub(crate) claim: Claim,
     pub(crate) revision: u64,
-    /// When the write that acquired the claim was sent: its TTL runs from a
-    /// moment after this one.
-    pub(crate) acquired_at: Instant,
+    /// The lease the claim was taken under: when it is lost, so is the claim.
+    pub(crate) lease: Lease,
     pub(crate) settings: Arc<MaintainerSettings>,
     pub(crate) events: EventPublisher,
     pub(crate) control: ControlReceiver,
@@ -174,35 +181,32 @@ struct Stop {
 }
 
 impl Maintainer {
-    /// Runs until told to stop, the claim is lost, or `shutdown` fires (then
-    /// the claim is released so another worker takes over at once).
+    /// Runs until told to stop, the claim or the lease is lost, or
+    /// `shutdown` fires (then the claim is released so another worker takes
+    /// over at once).
     /// Boxed: an `async fn` keeps a second copy of an argument taken by
     /// value (rust-lang/rust#62958), ~400 bytes an instance for this one.
     pub(crate) async fn run(mut self: Box<Self>, shutdown: CancellationToken) -> (Arc<str>, Exit) {
-        // One timer for every wait (the heartbeat, the deadline, a retry, a
-        // renewal tried again): it wakes at the earliest, and the branch
-        // looks which is due. Three sleeps and an interval cost ~450 bytes
-        // an instance, idle or not.
-        let period = self.settings.heartbeat;
-        let mut next_heartbeat = Instant::now() + period;
-        let timer = tokio::time::sleep_until(next_heartbeat);
+        // One timer for every wait (a retry, a write tried again): it wakes
+        // at the earliest, and the branch looks which is due. An idle
+        // instance waits on nothing but its run, its mailbox and its lease.
+        let timer = tokio::time::sleep_until(Instant::now());
         tokio::pin!(timer);
-        let mut last_renewed = self.acquired_at;
         let mut retry_at = self.pending_retry();
-        // Set while a renewal has failed and the deadline is still ahead.
-        let mut renew_again: Option<Instant> = None;
+        // Set while a write of the claim's counts has failed.
+        let mut save_again: Option<Instant> = None;
         let mut run: Option<(Run, Stop)> = None;
         loop {
-            // Never start past the deadline: the branch below ends the claim.
-            if run.is_none() && retry_at.is_none() && Instant::now() < self.deadline(last_renewed) {
+            if self.lease.lost.is_cancelled() {
+                return Box::pin(self.exit(Exit::Lost, run)).await;
+            }
+            if run.is_none() && retry_at.is_none() {
                 run = Some(Box::pin(self.start_run()).await);
             }
-            let deadline = self.deadline(last_renewed);
-            let wake = [retry_at, renew_again]
-                .into_iter()
-                .flatten()
-                .fold(deadline.min(next_heartbeat), Instant::min);
-            if timer.is_elapsed() || timer.deadline() != wake {
+            let wake = [retry_at, save_again].into_iter().flatten().min();
+            if let Some(wake) = wake
+                && (timer.is_elapsed() || timer.deadline() != wake)
+            {
                 timer.as_mut().reset(wake);
             }
             tokio::select! {
@@ -211,43 +215,41 @@ impl Maintainer {
                     self.stopped_running();
                     let error = failure_of(outcome);
                     retry_at = Some(Box::pin(self.schedule_retry(&error)).await);
-                    match Box::pin(self.renew(&mut last_renewed)).await {
-                        Ok(renewed) => renew_again = self.renew_again(renewed, last_renewed),
+                    match Box::pin(self.save()).await {
+                        Ok(again) => save_again = again,
                         Err(()) => return Box::pin(self.exit(Exit::Lost, None)).await,
                     }
                 }
-                () = &mut timer => {
+                () = &mut timer, if wake.is_some() => {
                     let now = Instant::now();
-                    if now >= deadline {
-                        tracing::warn!(uni_id = %self.spec.uni_id, "claim deadline passed without a renewal, stopping the instance");
-                        return Box::pin(self.exit(Exit::Lost, run)).await;
-                    }
-                    let heartbeat = now >= next_heartbeat;
-                    if heartbeat {
-                        next_heartbeat = next_beat(next_heartbeat, now, period);
-                    }
-                    if heartbeat || renew_again.is_some_and(|at| now >= at) {
-                        match Box::pin(self.renew(&mut last_renewed)).await {
-                            Ok(renewed) => renew_again = self.renew_again(renewed, last_renewed),
+                    if save_again.is_some_and(|at| now >= at) {
+                        match Box::pin(self.save()).await {
+                            Ok(again) => save_again = again,
                             Err(()) => return Box::pin(self.exit(Exit::Lost, run)).await,
                         }
-                    } else if retry_at.is_some_and(|at| now >= at) {
+                    }
+                    if retry_at.is_some_and(|at| now >= at) {
                         retry_at = None;
                         self.claim.next_retry_at = None;
                     }
                 }
+                () = self.lease.lost.cancelled() => return Box::pin(self.exit(Exit::Lost, run)).await,
                 control = self.control.recv() => match control {
                     Some(Control::Reload(spec)) => {
                         Box::pin(self.stop_run(run.take(), self.settings.grace, false)).await;
                         self.apply_reload(spec);
                         retry_at = None;
-                        match Box::pin(self.renew(&mut last_renewed)).await {
-                            Ok(renewed) => renew_again = self.renew_again(renewed, last_renewed),
+                        match Box::pin(self.save()).await {
+                            Ok(again) => save_again = again,
                             Err(()) => return Box::pin(self.exit(Exit::Lost, None)).await,
                         }
                     }
                     Some(Control::Release) | None => return Box::pin(self.exit(Exit::Released, run)).await,
                     Some(Control::Remove) => return Box::pin(self.exit(Exit::Removed, run)).await,
+                    Some(Control::Lost) => {
+                        tracing::warn!(uni_id = %self.spec.uni_id, "claim taken by another worker, stopping the instance");
+                        return Box::pin(self.exit(Exit::Lost, run)).await;
+                    }
                 },
                 () = shutdown.cancelled() => return Box::pin(self.exit(Exit::Released, run)).await,
             }
@@ -354,82 +356,63 @@ impl Maintainer {
         tracing::info!(uni_id = %self.spec.uni_id, reload_count = self.claim.reload_count, "daemon task reloaded");
     }
 
-    /// The moment by which the instance must have stopped: the claim may
-    /// expire at the server `claim_ttl` after the last successful write was
-    /// sent, and the stop itself (cancelling, the operator noticing it) needs
-    /// a margin of `min(heartbeat, claim_ttl / 3)` before that (docs/design-notes.md, 33).
-    fn deadline(&self, last_renewed: Instant) -> Instant {
-        last_renewed + self.settings.claim_ttl - self.margin()
-    }
-
-    /// When to try again after a renewal that failed (`renewed` false) with
-    /// the deadline still ahead: soon, not a heartbeat later, so that a leader
-    /// election or a reconnection to another node is ridden out by the
-    /// attempts that fit before the deadline (docs/design-notes.md, 75).
-    fn renew_again(&self, renewed: bool, last_renewed: Instant) -> Option<Instant> {
-        (!renewed).then(|| (Instant::now() + RENEW_RETRY_GAP).min(self.deadline(last_renewed)))
-    }
-
-    /// The longest one NATS call of a renewal may take before it is given up
+    /// The longest one NATS call of a write may take before it is given up
     /// and tried again: half a heartbeat, at least 500 ms.
     fn attempt_limit(&self) -> Duration {
         (self.settings.heartbeat / 2).max(Duration::from_millis(500))
     }
 
-    /// Time kept between the deadline and the claim's earliest expiry.
+    /// Time kept between the moment a lost lease stops the instance and the
+    /// lease's earliest expiry (docs/design-notes.md, 33, 88).
     fn margin(&self) -> Duration {
         self.settings.heartbeat.min(self.settings.claim_ttl / 3)
     }
 
-    /// Writes the claim (renewal or new counts). A wrong revision, or no
-    /// successful write before the deadline (`Maintainer::deadline`), means
-    /// the claim is gone: `Err`. Every NATS call here is bounded by what is
-    /// left of the deadline, so a slow or cut-off server cannot keep an
-    /// instance running past it.
-    async fn renew(&mut self, last_renewed: &mut Instant) -> Result<bool, ()> {
-        let deadline = self.deadline(*last_renewed);
-        let attempt_limit = self.attempt_limit();
-        let limit = |from: Instant| deadline.min(from + attempt_limit);
-        let sent = Instant::now();
-        let attempt = tokio::time::timeout_at(
-            limit(sent),
-            self.claims.renew(&self.key, &self.claim, self.revision),
+    /// Writes the claim's new counts. A wrong revision means another worker
+    /// has the claim: `Err`. No answer (or an error) leaves the claim ours,
+    /// held by the lease: `Ok(Some(at))`, the moment to try again.
+    async fn save(&mut self) -> Result<Option<Instant>, ()> {
+        let limit = self.attempt_limit();
+        let attempt = tokio::time::timeout(
+            limit,
+            self.claims.update(&self.key, &self.claim, self.revision),
         )
         .await;
         let error = match attempt {
             Ok(Ok(rev)) => {
                 self.revision = rev;
-                *last_renewed = sent;
-                return Ok(true);
+                return Ok(None);
             }
             Ok(Err(e)) => e,
             Err(elapsed) => ClaimError::Nats(NatsError::with_kind(NatsErrorKind::Timeout, elapsed)),
         };
         // A write that timed out may still have been stored: re-read before deciding.
-        if let Ok(Ok(Some((current, rev)))) =
-            tokio::time::timeout_at(limit(Instant::now()), self.claims.get(&self.key)).await
-            && current.worker_id == self.claim.worker_id
-            && current.since == self.claim.since
-        {
-            self.revision = rev;
-            let sent = Instant::now();
-            if let Ok(Ok(rev)) =
-                tokio::time::timeout_at(limit(sent), self.claims.renew(&self.key, &self.claim, rev))
-                    .await
+        match tokio::time::timeout(limit, self.claims.get(&self.key)).await {
+            Ok(Ok(Some((current, rev))))
+                if current.worker_id == self.claim.worker_id
+                    && current.since == self.claim.since
+                    && current.lease == self.claim.lease =>
             {
                 self.revision = rev;
-                *last_renewed = sent;
-                return Ok(true);
+                if let Ok(Ok(rev)) =
+                    tokio::time::timeout(limit, self.claims.update(&self.key, &self.claim, rev))
+                        .await
+                {
+                    self.revision = rev;
+                    return Ok(None);
+                }
             }
+            // Read, and not ours any more.
+            Ok(Ok(_)) => {
+                tracing::warn!(uni_id = %self.spec.uni_id, cause = %error, "claim lost, stopping the instance");
+                return Err(());
+            }
+            _ => {}
         }
         match error {
-            ClaimError::Nats(_) if Instant::now() < deadline => {
-                tracing::warn!(uni_id = %self.spec.uni_id, cause = %error, "claim renewal failed, will retry");
-                Ok(false)
-            }
             ClaimError::Nats(_) => {
-                tracing::warn!(uni_id = %self.spec.uni_id, cause = %error, "claim deadline passed without a renewal, stopping the instance");
-                Err(())
+                tracing::warn!(uni_id = %self.spec.uni_id, cause = %error, "claim not updated, will retry");
+                Ok(Some(Instant::now() + RENEW_RETRY_GAP))
             }
             _ => {
                 tracing::warn!(uni_id = %self.spec.uni_id, cause = %error, "claim lost, stopping the instance");
@@ -458,7 +441,7 @@ impl Maintainer {
     async fn exit(self: Box<Self>, exit: Exit, run: Option<(Run, Stop)>) -> (Arc<str>, Exit) {
         let was_running = run.is_some();
         // A lost claim may be another worker's already: no grace period,
-        // only the margin kept before the claim's expiry.
+        // only the margin kept before the lease's expiry.
         let patience = match exit {
             Exit::Lost => self.margin(),
             Exit::Released | Exit::Removed => self.settings.grace,
@@ -540,15 +523,5 @@ fn failure_of(outcome: Result<Result<(), OperatorError>, tokio::task::JoinError>
             OperatorError::new(format!("operator panicked: {}", panic_message(e)))
         }
         Err(e) => OperatorError::new(format!("operator task failed: {e}")),
-    }
-}
-
-/// The heartbeat after the one due at `due`, as an interval that delays
-/// missed ticks: one period from now when it was missed by more than 5 ms.
-fn next_beat(due: Instant, now: Instant, period: Duration) -> Instant {
-    if now > due + Duration::from_millis(5) {
-        now + period
-    } else {
-        due + period
     }
 }

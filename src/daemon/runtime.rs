@@ -31,11 +31,12 @@ use super::maintainer::{Control, Exit, Maintainer, MaintainerSettings, control_c
 use super::spec::{DaemonSpec, SpecStore};
 use super::watch::Watcher;
 
+mod handback;
 mod plan;
 mod view;
 
 use crate::events::EventPublisher;
-use crate::membership::WorkerStats;
+use crate::membership::{Lease, WorkerStats};
 use crate::nats::link::{Epoch, Link};
 use view::{Free, Held, Key, State, on_claim, on_worker, prune_claims, spec_gone};
 
@@ -68,10 +69,10 @@ pub struct DaemonRuntime {
     pub(crate) link: Link,
     /// How often every watch is restarted from its bucket anyway.
     pub(crate) resync_every: Duration,
+    /// The worker's lease, under which every claim is taken and held.
+    pub(crate) lease: watch::Receiver<Lease>,
 }
 
-/// A key, its last holder known when the acquisition started, when the
-/// claim's write was sent (its TTL runs from a later moment), and the outcome.
 /// An interval from `start`, every `period`, that delays its ticks after a
 /// busy spell instead of bursting them.
 fn delayed_interval(start: Instant, period: Duration) -> tokio::time::Interval {
@@ -80,10 +81,12 @@ fn delayed_interval(start: Instant, period: Duration) -> tokio::time::Interval {
     interval
 }
 
+/// A key, its last holder known when the acquisition started, the lease it
+/// was taken under, and the outcome.
 type Acquired = (
     Key,
     Option<String>,
-    Instant,
+    Lease,
     Result<(Claim, u64, Option<String>), ClaimError>,
 );
 
@@ -91,7 +94,9 @@ impl DaemonRuntime {
     /// Runs until `token` fires, then releases every held task (waiting up to
     /// the grace period for the operators to stop).
     pub async fn run(self, token: CancellationToken) {
-        let mut state = State::default();
+        let mut lease = self.lease.clone();
+        lease.mark_unchanged();
+        let mut state = State::new(&self.settings.worker_id, lease.borrow().id.clone());
         let mut w = self.watchers();
         let mut maintainers: JoinSet<(Arc<str>, Exit)> = JoinSet::new();
         let mut acquisitions: JoinSet<Acquired> = JoinSet::new();
@@ -116,6 +121,11 @@ impl DaemonRuntime {
             tokio::select! {
                 biased;
                 () = token.cancelled() => break,
+                () = renewed(&mut lease) => {
+                    // A new lease after a lapse: claims are taken again under it.
+                    dirty = true;
+                    state.lease = lease.borrow_and_update().id.clone();
+                }
                 () = reconnected(&mut connections) => {
                     tracing::info!("reconnected to NATS; re-reading the specs, claims and workers");
                     replayed_on = w.restart(&self.link);
@@ -226,6 +236,7 @@ impl DaemonRuntime {
             Ok((id, (key, exit))) => {
                 state.maintained.remove(&id);
                 state.held.remove(&*key);
+                state.unrun.insert(key.clone(), Instant::now());
                 tracing::debug!(key = &*key, ?exit, "maintainer ended");
             }
             Err(e) => self.on_maintainer_failed(state, e),
@@ -258,42 +269,6 @@ impl DaemonRuntime {
         self.stats.daemon_running.store(0, Ordering::Relaxed);
     }
 
-    /// A claim won for a kind whose operator cannot be built here (its
-    /// factory failed or panicked): handed back at once with an `error`
-    /// event, and not claimed here again (`Operators::can_run`), so a worker
-    /// that can run it takes it.
-    fn cannot_run(
-        &self,
-        spec: Arc<DaemonSpec>,
-        key: Key,
-        claim: Claim,
-        revision: u64,
-        error: &super::OperatorError,
-    ) {
-        tracing::error!(kind = %spec.kind, uni_id = %spec.uni_id, cause = %error, "operator cannot be built; handing the task back");
-        let (claims, events) = (self.claims.clone(), self.events.clone());
-        let detail =
-            json!({"uni_id": spec.uni_id, "error": format!("operator cannot be built: {error}")});
-        let bound = self
-            .settings
-            .heartbeat
-            .min(super::maintainer::HANDOVER_WAIT);
-        tokio::spawn(async move {
-            events
-                .emit("daemon", spec.kind.as_str(), "error", detail)
-                .await;
-            if !matches!(
-                tokio::time::timeout(bound, claims.release(&key, &claim, revision)).await,
-                Ok(Ok(_))
-            ) {
-                tracing::warn!(
-                    key = &*key,
-                    "claim not handed back; it expires after its TTL"
-                );
-            }
-        });
-    }
-
     /// A maintainer task that panicked (or was aborted): its instance is no
     /// longer run here, so forget it, free its claim for the next holder
     /// (else it expires with its TTL), and say so.
@@ -302,6 +277,7 @@ impl DaemonRuntime {
             return tracing::error!(cause = %error, "a daemon maintainer failed");
         };
         state.held.remove(&*key);
+        state.unrun.insert(key.clone(), Instant::now());
         if state.specs.contains_key(&*key) {
             state
                 .free_since
@@ -404,12 +380,25 @@ impl DaemonRuntime {
     }
 
     fn reconcile(&self, state: &mut State, acquisitions: &mut JoinSet<Acquired>) {
-        let (to_claim, to_release) = self.plan(state);
+        let plan = self.plan(state);
         let budget = MAX_ACQUIRING.saturating_sub(state.acquiring.len());
-        for key in to_claim.into_iter().take(budget) {
+        for key in plan.claim.into_iter().take(budget) {
             self.spawn_acquire(state, key, acquisitions);
         }
-        for key in to_release {
+        for (key, revision) in plan.purge {
+            state.purging.insert(key.clone());
+            let claims = self.claims.clone();
+            tokio::spawn(async move {
+                if let Err(e) = claims.remove(&key, revision).await {
+                    tracing::debug!(key = &*key, cause = %e, "claim of a deleted task not removed");
+                }
+            });
+        }
+        for key in plan.hand_back {
+            state.purging.insert(key.clone());
+            self.hand_back(key);
+        }
+        for key in plan.release {
             if let Some(held) = state.held.get_mut(&key) {
                 tracing::info!(key = &*key, "releasing a daemon task to rebalance");
                 held.releasing = true;
@@ -422,15 +411,22 @@ impl DaemonRuntime {
         let Some(spec) = state.specs.get(&key) else {
             return;
         };
+        // No claim is taken while the lease is lost: the next one is
+        // registered once the old one has surely expired.
+        let lease = self.lease.borrow().clone();
+        if !lease.is_live() {
+            return;
+        }
         state.acquiring.insert(key.clone());
         let (claims, uni_id, generation) =
             (self.claims.clone(), spec.uni_id.clone(), spec.generation);
         let worker_id = self.settings.worker_id.clone();
         let previous = state.free_since.get(&key).and_then(|f| f.previous.clone());
         acquisitions.spawn(async move {
-            let sent = Instant::now();
-            let result = claims.acquire(&key, &uni_id, &worker_id, generation).await;
-            (key, previous, sent, result)
+            let result = claims
+                .acquire(&key, &uni_id, &worker_id, &lease.id, generation)
+                .await;
+            (key, previous, lease, result)
         });
     }
 
@@ -441,7 +437,7 @@ impl DaemonRuntime {
         maintainers: &mut JoinSet<(Arc<str>, Exit)>,
         token: &CancellationToken,
     ) {
-        let (key, previous, acquired_at, result) = acquired;
+        let (key, previous, lease, result) = acquired;
         state.acquiring.remove(&key);
         let (mut claim, revision, released_by) = match result {
             Ok(won) => won,
@@ -463,20 +459,30 @@ impl DaemonRuntime {
             let detail = json!({"uni_id": spec.uni_id, "from": from, "to": me});
             tokio::spawn(async move { events.emit("daemon", &kind, "moved", detail).await });
         }
+        // Taken under a lease lost since: nothing runs under it (the claim
+        // is free for anyone, this worker too under its next lease).
+        if !lease.is_live() {
+            return;
+        }
         let operator = match self.operators.get(&spec.kind) {
             Some(Ok(op)) => op,
-            Some(Err(e)) => return self.cannot_run(spec, key, claim, revision, &e),
+            Some(Err(e)) => {
+                state.unrun.insert(key.clone(), Instant::now());
+                return self.cannot_run(spec, key, claim, revision, &e);
+            }
             None => return,
         };
         claim.generation = spec.generation;
         let (tx, rx) = control_channel();
         state.free_since.remove(&key);
+        state.unrun.remove(&key);
         state.held.insert(
             key.clone(),
             Held {
                 control: tx,
                 generation: spec.generation,
                 releasing: false,
+                revision,
             },
         );
         self.stats
@@ -489,7 +495,7 @@ impl DaemonRuntime {
             claims: self.claims.clone(),
             claim,
             revision,
-            acquired_at,
+            lease,
             settings: self.settings.clone(),
             events: self.events.clone(),
             control: rx,
@@ -522,6 +528,14 @@ impl Watchers {
             w.restart();
         }
         on
+    }
+}
+
+/// Resolves when the worker has a new lease; never once the membership is
+/// gone (the worker is stopping).
+async fn renewed(lease: &mut watch::Receiver<Lease>) {
+    if lease.changed().await.is_err() {
+        std::future::pending::<()>().await;
     }
 }
 

@@ -137,6 +137,11 @@ pub fn kv_subject(bucket: &str, key: &str) -> String {
     format!("$KV.{bucket}.{key}")
 }
 
+/// The stream that stores `bucket`.
+pub fn kv_stream(bucket: &str) -> String {
+    format!("KV_{bucket}")
+}
+
 /// Core NATS subject (no stream) on which deletes of running async tasks are
 /// broadcast to every worker.
 pub const SUBJECT_ASYNC_CANCEL: &str = "bmw.cancel.async";

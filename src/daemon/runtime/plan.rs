@@ -51,23 +51,74 @@ impl Tally<'_> {
     }
 }
 
+/// What one reconcile does.
+pub(super) struct Plan {
+    /// Free tasks to claim (some held by a worker whose lease is gone).
+    pub(super) claim: Vec<Key>,
+    /// Held tasks to hand over.
+    pub(super) release: Vec<Key>,
+    /// Claims of deleted tasks left by a gone holder, with their revision.
+    pub(super) purge: Vec<(Key, u64)>,
+    /// Claims of ours for tasks this worker may not run, not handed over.
+    pub(super) hand_back: Vec<Key>,
+}
+
 impl DaemonRuntime {
     /// Balances each queue among the live workers that listen on it: which
     /// free tasks to claim and which held ones to release. One pass over the
     /// specs, claims and free tasks, whatever the number of queues.
-    pub(super) fn plan(&self, state: &State) -> (Vec<Key>, Vec<Key>) {
+    pub(super) fn plan(&self, state: &State) -> Plan {
         let mut tallies = self.tallies(state);
         let queue_of = self.count_eligible(state, &mut tallies);
-        for (key, claim) in &state.claims {
-            if let Some(t) = tally_of(&queue_of, &mut tallies, key)
-                && let Some(n) = t.loads.get_mut(&**claim)
-            {
-                *n += 1;
+        let now = Instant::now();
+        let (mut purge, mut hand_back) = (Vec::new(), Vec::new());
+        for (key, seen) in &state.claims {
+            if state.held.contains_key(key) || state.acquiring.contains(key) {
+                continue;
+            }
+            let holder = &seen.holder;
+            let alive = state.alive(holder);
+            // Ours under the live lease but not run here: a hand-over not
+            // seen yet, or one whose write failed; acted on after a heartbeat.
+            let mine = alive && *holder.worker_id == *state.me;
+            let stale = mine
+                && state
+                    .unrun
+                    .get(key)
+                    .is_some_and(|since| now.duration_since(*since) > self.settings.heartbeat);
+            if mine && !stale {
+                continue;
+            }
+            let taken_over = !alive || stale;
+            match tally_of(&queue_of, &mut tallies, key) {
+                // Free: its holder's lease ended just now (shared out as
+                // released tasks are), a while ago, or it is ours and idle.
+                Some(t) if taken_over => {
+                    let fresh = !stale
+                        && state
+                            .lapsed
+                            .get(&*holder.worker_key)
+                            .is_some_and(|at| now.duration_since(*at) <= self.settings.heartbeat);
+                    if fresh { &mut t.fresh } else { &mut t.long }.push(key);
+                }
+                Some(t) => {
+                    if let Some(n) = t.loads.get_mut(&*holder.worker_id) {
+                        *n += 1;
+                    }
+                }
+                None if !taken_over || state.purging.contains(key) => {}
+                // A deleted task's claim that nobody else would remove.
+                None if !state.specs.contains_key(key) => purge.push((key.clone(), seen.revision)),
+                // Ours, for a task this worker may not run: handed back.
+                None if stale => hand_back.push(key.clone()),
+                None => {}
             }
         }
-        let now = Instant::now();
         for (key, free) in &state.free_since {
-            if state.held.contains_key(key) || state.acquiring.contains(key) {
+            if state.held.contains_key(key)
+                || state.acquiring.contains(key)
+                || state.claims.contains_key(key)
+            {
                 continue;
             }
             if let Some(t) = tally_of(&queue_of, &mut tallies, key) {
@@ -103,7 +154,12 @@ impl DaemonRuntime {
             release.extend(t.held.into_iter().take(plan.release).cloned());
         }
         self.stats.daemon_quota.store(quota, Ordering::Relaxed);
-        (claim, release)
+        Plan {
+            claim,
+            release,
+            purge,
+            hand_back,
+        }
     }
 
     /// An empty tally for each queue this worker listens on, with every

@@ -1,7 +1,9 @@
 //! The runtime's view of the three buckets it follows: the specs, the held
-//! claims and their holders, the free tasks and since when, the live
-//! workers, and what this worker holds, maintains and is acquiring; and how
-//! each entry of a watch changes it.
+//! claims with their holders and leases, the free tasks and since when, the
+//! live workers and their leases, and what this worker holds, maintains and
+//! is acquiring; and how each entry of a watch changes it. A claim whose
+//! holder's lease is gone stays in the bucket until a worker takes it over:
+//! the view keeps it, and the plan counts it as free ([`State::alive`]).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -18,6 +20,25 @@ pub(super) struct Held {
     pub(super) control: ControlSender,
     pub(super) generation: u64,
     pub(super) releasing: bool,
+    /// The claim's revision when it was won: a later write by anyone but
+    /// this worker under its lease means the claim is lost.
+    pub(super) revision: u64,
+}
+
+/// Who a claim names: a worker and the lease it took the claim under.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) struct Holder {
+    pub(super) worker_id: Box<str>,
+    /// Its key in the workers bucket.
+    pub(super) worker_key: Box<str>,
+    pub(super) lease: Box<str>,
+}
+
+/// A held claim as the view keeps it.
+pub(super) struct Seen {
+    /// One shared value per holder (see `State::holders`).
+    pub(super) holder: Arc<Holder>,
+    pub(super) revision: u64,
 }
 
 /// A task nobody holds.
@@ -41,15 +62,17 @@ impl Free {
 /// maintainer): a key is ~70 bytes, and each instance is in several maps.
 pub(super) type Key = Arc<str>;
 
-#[derive(Default)]
 pub(super) struct State {
+    /// This worker, and the lease it holds claims under now.
+    pub(super) me: Arc<str>,
+    pub(super) lease: Arc<str>,
     /// Shared with the maintainers: one copy of each spec in the worker.
     pub(super) specs: HashMap<Key, Arc<DaemonSpec>>,
-    /// Held claims only, by key: their holder (one shared string per worker,
-    /// see `holders`); the rest of a claim is read by its maintainer only.
-    pub(super) claims: HashMap<Key, Arc<str>>,
-    /// The holders named by `claims`, each stored once.
-    pub(super) holders: HashSet<Arc<str>>,
+    /// Held claims only, by key, alive or not: their holder and revision;
+    /// the rest of a claim is read by its maintainer only.
+    pub(super) claims: HashMap<Key, Seen>,
+    /// The holders named by `claims`, each stored once, by worker and lease.
+    pub(super) holders: HashMap<(Box<str>, Box<str>), Arc<Holder>>,
     /// Specs with no held claim: since when, and who held them last.
     pub(super) free_since: HashMap<Key, Free>,
     pub(super) workers: HashMap<String, WorkerEntry>,
@@ -58,9 +81,71 @@ pub(super) struct State {
     /// panicked.
     pub(super) maintained: HashMap<tokio::task::Id, Arc<str>>,
     pub(super) acquiring: HashSet<Key>,
+    /// Tasks whose maintainer here ended, and when: a claim that still
+    /// names this worker and its lease a heartbeat later (its hand-over
+    /// was not written) is taken again.
+    pub(super) unrun: HashMap<Key, Instant>,
+    /// Claims of deleted tasks whose holder is gone, being removed.
+    pub(super) purging: HashSet<Key>,
+    /// When each worker's lease was last seen to end (its entry gone or
+    /// naming a new lease), by worker key: its claims are then free as
+    /// tasks just released are, not as long-free ones.
+    pub(super) lapsed: HashMap<String, Instant>,
 }
 
 impl State {
+    /// An empty view for worker `me`, holding claims under `lease`.
+    pub(super) fn new(me: &str, lease: Arc<str>) -> State {
+        State {
+            me: me.into(),
+            lease,
+            specs: HashMap::new(),
+            claims: HashMap::new(),
+            holders: HashMap::new(),
+            free_since: HashMap::new(),
+            workers: HashMap::new(),
+            held: HashMap::new(),
+            maintained: HashMap::new(),
+            acquiring: HashSet::new(),
+            unrun: HashMap::new(),
+            purging: HashSet::new(),
+            lapsed: HashMap::new(),
+        }
+    }
+
+    /// Whether `holder` still holds its claims: its worker entry names the
+    /// lease they were taken under (a claim without a lease, an older
+    /// worker's, is held until it expires).
+    pub(super) fn alive(&self, holder: &Holder) -> bool {
+        holder.lease.is_empty()
+            || self
+                .workers
+                .get(&*holder.worker_key)
+                .is_some_and(|w| *w.lease == *holder.lease)
+    }
+
+    /// Whether `holder` is this worker under its current lease.
+    fn is_me(&self, holder: &Holder) -> bool {
+        *holder.worker_id == *self.me && *holder.lease == *self.lease
+    }
+
+    /// The shared holder for a claim's worker and lease.
+    fn holder(&mut self, claim: Claim) -> Arc<Holder> {
+        let id = (
+            claim.worker_id.into_boxed_str(),
+            claim.lease.into_boxed_str(),
+        );
+        if let Some(holder) = self.holders.get(&id) {
+            return holder.clone();
+        }
+        let holder = Arc::new(Holder {
+            worker_key: crate::membership::worker_key(&id.0).into_boxed_str(),
+            worker_id: id.0.clone(),
+            lease: id.1.clone(),
+        });
+        self.holders.insert(id, holder.clone());
+        holder
+    }
     /// The shared string of `key` if a map has it already, else a new one.
     pub(super) fn key(&self, key: &str) -> Key {
         self.specs
@@ -95,15 +180,28 @@ pub(super) fn prune_claims(state: &mut State, present: &HashSet<String>) {
     for key in gone {
         claim_gone(state, &key);
     }
-    // Forget the holders no claim names any more (workers gone).
-    let named: HashSet<&str> = state.claims.values().map(|w| &**w).collect();
-    state.holders.retain(|w| named.contains(&**w));
+    // Forget the holders no claim names any more (workers gone), and the
+    // removals that a replay found done or not done (tried again).
+    let named: HashSet<*const Holder> = state
+        .claims
+        .values()
+        .map(|seen| Arc::as_ptr(&seen.holder))
+        .collect();
+    state
+        .holders
+        .retain(|_, holder| named.contains(&Arc::as_ptr(holder)));
+    state.purging.clear();
 }
 
 /// A claim was released or expired: its task is free (if it still exists),
 /// and its last holder is remembered for the `moved` event.
 pub(super) fn claim_gone(state: &mut State, key: &str) {
-    let previous = state.claims.remove(key).map(|w| w.to_string());
+    state.unrun.remove(key);
+    state.purging.remove(key);
+    let previous = state
+        .claims
+        .remove(key)
+        .map(|seen| seen.holder.worker_id.to_string());
     if let Some((key, _)) = state.specs.get_key_value(key) {
         let free = state
             .free_since
@@ -121,31 +219,51 @@ pub(super) fn on_claim(state: &mut State, entry: Option<Entry>) {
         .then(|| serde_json::from_slice::<Claim>(&entry.value).ok())
         .flatten()
         .filter(Claim::is_held);
-    match claim {
-        Some(claim) => {
+    let holder = claim.map(|claim| state.holder(claim));
+    let mine = holder.as_ref().is_some_and(|h| state.is_me(h));
+    // Written over, or removed, by anyone but this worker under its lease
+    // while it runs the task: stop it at once (fencing).
+    if let Some(held) = state.held.get_mut(entry.key.as_str())
+        && !held.releasing
+        && entry.revision > held.revision
+        && !mine
+    {
+        held.releasing = true;
+        held.control.send(Control::Lost);
+    }
+    match holder {
+        Some(holder) => {
             state.free_since.remove(entry.key.as_str());
-            let holder = match state.holders.get(claim.worker_id.as_str()) {
-                Some(holder) => holder.clone(),
-                None => {
-                    let holder: Arc<str> = claim.worker_id.into();
-                    state.holders.insert(holder.clone());
-                    holder
-                }
-            };
             let key = state.key(&entry.key);
-            state.claims.insert(key, holder);
+            let seen = Seen {
+                holder,
+                revision: entry.revision,
+            };
+            state.claims.insert(key, seen);
         }
         None => claim_gone(state, &entry.key),
     }
 }
+
+/// How long the end of a lease is remembered (far longer than the
+/// heartbeat that it is compared with).
+const LAPSE_MEMORY: std::time::Duration = std::time::Duration::from_secs(60);
 
 pub(super) fn on_worker(state: &mut State, entry: Option<Entry>) {
     let Some(entry) = entry else { return };
     let worker = (entry.operation == Operation::Put)
         .then(|| serde_json::from_slice::<WorkerEntry>(&entry.value).ok())
         .flatten();
-    match worker {
-        Some(w) => state.workers.insert(entry.key, w),
+    let lease = worker.as_ref().map(|w| w.lease.clone());
+    let before = match worker {
+        Some(w) => state.workers.insert(entry.key.clone(), w),
         None => state.workers.remove(&entry.key),
     };
+    if before.is_some_and(|b| Some(&b.lease) != lease.as_ref()) {
+        let now = Instant::now();
+        state
+            .lapsed
+            .retain(|_, at| now.duration_since(*at) < LAPSE_MEMORY);
+        state.lapsed.insert(entry.key, now);
+    }
 }
