@@ -171,6 +171,8 @@ pub struct Membership {
     /// expires no sooner than `ttl` after it.
     last_sent: Instant,
     lease: watch::Sender<Lease>,
+    /// Opened at the first renewal that needs to look.
+    leases: Option<Leases>,
 }
 
 /// Why a renewal failed.
@@ -218,6 +220,7 @@ impl Membership {
             revision: 0,
             last_sent: Instant::now(),
             lease: watch::channel(lease).0,
+            leases: None,
         }
     }
 
@@ -320,10 +323,15 @@ impl Membership {
     }
 
     /// The revision of our entry if the bucket holds it under our lease.
-    async fn stored_revision(&self) -> Result<Option<u64>, NatsError> {
-        let lease = self.entry.lease.clone();
-        let found = lease_of(&self.js, &self.entry.worker_id).await?;
-        Ok(found.filter(|(id, _)| *id == lease).map(|(_, rev)| rev))
+    async fn stored_revision(&mut self) -> Result<Option<u64>, NatsError> {
+        let leases = match &self.leases {
+            Some(leases) => leases,
+            None => self.leases.insert(Leases::open(&self.js).await?),
+        };
+        let found = leases.of(&self.entry.worker_id).await?;
+        Ok(found
+            .filter(|(id, _)| *id == self.entry.lease)
+            .map(|(_, rev)| rev))
     }
 
     /// Renews every `heartbeat` until `token` fires, then deletes the entry.
@@ -436,28 +444,39 @@ impl Membership {
     }
 }
 
-/// The lease `worker_id` holds now and its entry's revision, read from the
-/// workers stream's leader (a direct get may answer from a replica behind
-/// it, which could miss a lease just taken); `None` if it holds none.
-pub async fn lease_of(
-    js: &jetstream::Context,
-    worker_id: &str,
-) -> Result<Option<(String, u64)>, NatsError> {
-    let stream = js
-        .get_stream(names::kv_stream(names::BUCKET_WORKERS))
-        .await?;
-    let subject = names::kv_subject(names::BUCKET_WORKERS, &worker_key(worker_id));
-    let message = match stream.get_last_raw_message_by_subject(&subject).await {
-        Ok(message) => message,
-        Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => return Ok(None),
-        Err(e) => return Err(e.into()),
-    };
-    // A delete, purge or expiry marker carries a header and no entry.
-    let marked = message.headers.get("KV-Operation").is_some()
-        || message.headers.get("Nats-Marker-Reason").is_some();
-    if marked {
-        return Ok(None);
+/// Reads which lease a worker holds, from the workers stream's leader (a
+/// direct get may answer from a replica behind it, which could miss a lease
+/// just taken). Opening it costs no round trip.
+#[derive(Debug, Clone)]
+pub struct Leases {
+    stream: jetstream::stream::Stream<()>,
+}
+
+impl Leases {
+    /// The reader of the (provisioned) workers bucket.
+    pub async fn open(js: &jetstream::Context) -> Result<Leases, NatsError> {
+        let stream = js
+            .get_stream_no_info(names::kv_stream(names::BUCKET_WORKERS))
+            .await?;
+        Ok(Leases { stream })
     }
-    let entry: Option<WorkerEntry> = serde_json::from_slice(&message.payload).ok();
-    Ok(entry.map(|e| (e.lease, message.sequence)))
+
+    /// The lease `worker_id` holds now and its entry's revision; `None` if
+    /// it holds none.
+    pub async fn of(&self, worker_id: &str) -> Result<Option<(String, u64)>, NatsError> {
+        let subject = names::kv_subject(names::BUCKET_WORKERS, &worker_key(worker_id));
+        let message = match self.stream.get_last_raw_message_by_subject(&subject).await {
+            Ok(message) => message,
+            Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        // A delete, purge or expiry marker carries a header and no entry.
+        let marked = message.headers.get("KV-Operation").is_some()
+            || message.headers.get("Nats-Marker-Reason").is_some();
+        if marked {
+            return Ok(None);
+        }
+        let entry: Option<WorkerEntry> = serde_json::from_slice(&message.payload).ok();
+        Ok(entry.map(|e| (e.lease, message.sequence)))
+    }
 }

@@ -271,12 +271,7 @@ async fn commands_on_one_daemon_task_apply_in_order_within_batches() {
         assert_eq!(outcome["result"], true, "{}: {outcome}", m.subject);
         answered.insert(m.subject.to_string());
     }
-    let specs = env
-        .nats
-        .js
-        .get_key_value(bmw::nats::names::BUCKET_DAEMON_TASKS)
-        .await
-        .unwrap();
+    let specs = env.bucket(bmw::nats::names::BUCKET_DAEMON_TASKS).await;
     for uni_id in &uni_ids {
         let entry = specs.get(uni_id.key()).await.unwrap();
         let spec: Value = serde_json::from_slice(&entry.expect("the task exists")).unwrap();

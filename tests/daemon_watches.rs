@@ -91,40 +91,18 @@ async fn create(ops: &bmw::ops::Operations, n: usize) -> String {
 /// worker whose entry names the lease the claim was taken under (a claim
 /// outlives its holder's lease until another worker takes it over).
 async fn live_claims(env: &TestEnv) -> BTreeMap<String, (String, u64)> {
-    let workers = env
-        .nats
-        .js
-        .get_key_value(bmw::nats::names::BUCKET_WORKERS)
+    let leases: BTreeMap<String, String> = env
+        .read_bucket(bmw::nats::names::BUCKET_WORKERS)
         .await
-        .unwrap();
-    let leases: BTreeMap<String, String> = bmw::nats::read_all::<Value>(&workers)
-        .await
-        .unwrap_or_default()
         .into_values()
         .map(|w| {
             let field = |name: &str| w[name].as_str().unwrap_or_default().to_owned();
             (field("worker_id"), field("lease"))
         })
         .collect();
-    let kv = env
-        .nats
-        .js
-        .get_key_value(bmw::nats::names::BUCKET_DAEMON_CLAIMS)
-        .await
-        .unwrap();
-    // A read that fails (a timeout on a loaded machine) is read again, not
-    // taken for an empty bucket, which every caller would misread.
-    let mut all = None;
-    for _ in 0..50 {
-        match bmw::nats::read_all::<Value>(&kv).await {
-            Ok(read) => {
-                all = Some(read);
-                break;
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-        }
-    }
-    let all = all.expect("the claims bucket can be read");
+    let all = env
+        .read_bucket(bmw::nats::names::BUCKET_DAEMON_CLAIMS)
+        .await;
     all.into_iter()
         .filter(|(_, c)| {
             c["worker_id"].as_str().is_some_and(|w| {

@@ -26,6 +26,7 @@ use std::time::Duration;
 use async_nats::jetstream::{self, context::PublishErrorKind, kv, message::PublishMessage};
 use serde::{Deserialize, Serialize};
 
+use crate::membership::Leases;
 use crate::nats::{NatsError, names};
 use crate::task::UniId;
 
@@ -89,6 +90,7 @@ pub enum ClaimError {
 pub struct ClaimStore {
     js: jetstream::Context,
     kv: kv::Store,
+    leases: Leases,
     ttl: Duration,
 }
 
@@ -102,6 +104,7 @@ impl ClaimStore {
         Ok(ClaimStore {
             js: js.clone(),
             kv,
+            leases: Leases::open(js).await?,
             ttl,
         })
     }
@@ -204,7 +207,7 @@ impl ClaimStore {
         if claim.lease.is_empty() {
             return Ok(false);
         }
-        let lease = crate::membership::lease_of(&self.js, &claim.worker_id).await?;
+        let lease = self.leases.of(&claim.worker_id).await?;
         Ok(!claim.is_held_under(lease.as_ref().map(|(id, _)| id.as_str())))
     }
 

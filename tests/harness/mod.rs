@@ -480,6 +480,29 @@ impl TestEnv {
             .collect()
     }
 
+    /// One of bmw's buckets, opened as any client would.
+    pub async fn bucket(&self, name: &str) -> async_nats::jetstream::kv::Store {
+        self.nats
+            .js
+            .get_key_value(name)
+            .await
+            .unwrap_or_else(|e| panic!("bucket {name}: {e}"))
+    }
+
+    /// Every live value in `bucket`, by key. A read that fails (a timeout on
+    /// a loaded machine) is read again, not taken for an empty bucket, which
+    /// every caller would misread.
+    pub async fn read_bucket(&self, bucket: &str) -> std::collections::BTreeMap<String, Value> {
+        let kv = self.bucket(bucket).await;
+        for _ in 0..50 {
+            if let Ok(read) = bmw::nats::read_all::<Value>(&kv).await {
+                return read.into_iter().collect();
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("bucket {bucket} cannot be read");
+    }
+
     /// How many tasks each worker holds.
     pub async fn loads(&self) -> std::collections::BTreeMap<String, usize> {
         let mut loads = std::collections::BTreeMap::new();
