@@ -2,13 +2,12 @@
 //! one pass over the view tallies each queue ([`Tally`]), and
 //! [`balancer::plan`] decides per queue.
 
-use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 
 use tokio::time::Instant;
 
 use super::DaemonRuntime;
-use super::view::{Key, State};
+use super::view::{Key, Map, State};
 use crate::daemon::balancer::{self, View};
 
 /// What a worker counts in one queue to balance its daemon tasks
@@ -20,7 +19,7 @@ pub(super) struct Tally<'a> {
     /// Of those, held or being acquired here.
     mine: usize,
     /// The tasks each other worker of the queue holds.
-    loads: HashMap<&'a str, usize>,
+    loads: Map<&'a str, usize>,
     /// Free tasks, free for up to a heartbeat / for longer.
     fresh: Vec<&'a Key>,
     long: Vec<&'a Key>,
@@ -30,8 +29,8 @@ pub(super) struct Tally<'a> {
 
 /// The tally of the queue of `key`, if this worker may run it.
 pub(super) fn tally_of<'m, 'a>(
-    queue_of: &HashMap<&'a str, &'a str>,
-    tallies: &'m mut HashMap<&'a str, Tally<'a>>,
+    queue_of: &Map<&'a str, &'a str>,
+    tallies: &'m mut Map<&'a str, Tally<'a>>,
     key: &str,
 ) -> Option<&'m mut Tally<'a>> {
     queue_of.get(key).and_then(|q| tallies.get_mut(q))
@@ -164,7 +163,7 @@ impl DaemonRuntime {
 
     /// An empty tally for each queue this worker listens on, with every
     /// other live worker of that queue at load 0.
-    pub(super) fn tallies<'a>(&'a self, state: &'a State) -> HashMap<&'a str, Tally<'a>> {
+    pub(super) fn tallies<'a>(&'a self, state: &'a State) -> Map<&'a str, Tally<'a>> {
         let me = self.settings.worker_id.as_str();
         self.queues
             .iter()
@@ -189,9 +188,9 @@ impl DaemonRuntime {
     pub(super) fn count_eligible<'a>(
         &self,
         state: &'a State,
-        tallies: &mut HashMap<&'a str, Tally<'a>>,
-    ) -> HashMap<&'a str, &'a str> {
-        let mut queue_of = HashMap::with_capacity(state.specs.len());
+        tallies: &mut Map<&'a str, Tally<'a>>,
+    ) -> Map<&'a str, &'a str> {
+        let mut queue_of = Map::with_capacity_and_hasher(state.specs.len(), Default::default());
         for (key, spec) in &state.specs {
             if let Some(t) = tallies.get_mut(spec.options.queue())
                 && self.operators.can_run(&spec.kind)

@@ -62,35 +62,43 @@ impl Free {
 /// maintainer): a key is ~70 bytes, and each instance is in several maps.
 pub(super) type Key = Arc<str>;
 
+/// The view's maps and sets: hashed with foldhash, seeded per process, not
+/// SipHash. Every reconcile looks up each of up to 100,000 keys in several
+/// of them, and SipHash of a ~70-byte key was the largest cost of a worker
+/// binding 100,000 tasks (design-notes, 89).
+pub(super) type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+/// See [`Map`].
+pub(super) type Set<K> = HashSet<K, foldhash::fast::RandomState>;
+
 pub(super) struct State {
     /// This worker, and the lease it holds claims under now.
     pub(super) me: Arc<str>,
     pub(super) lease: Arc<str>,
     /// Shared with the maintainers: one copy of each spec in the worker.
-    pub(super) specs: HashMap<Key, Arc<DaemonSpec>>,
+    pub(super) specs: Map<Key, Arc<DaemonSpec>>,
     /// Held claims only, by key, alive or not: their holder and revision;
     /// the rest of a claim is read by its maintainer only.
-    pub(super) claims: HashMap<Key, Seen>,
+    pub(super) claims: Map<Key, Seen>,
     /// The holders named by `claims`, each stored once, by worker and lease.
-    pub(super) holders: HashMap<(Box<str>, Box<str>), Arc<Holder>>,
+    pub(super) holders: Map<(Box<str>, Box<str>), Arc<Holder>>,
     /// Specs with no held claim: since when, and who held them last.
-    pub(super) free_since: HashMap<Key, Free>,
-    pub(super) workers: HashMap<String, WorkerEntry>,
-    pub(super) held: HashMap<Key, Held>,
+    pub(super) free_since: Map<Key, Free>,
+    pub(super) workers: Map<String, WorkerEntry>,
+    pub(super) held: Map<Key, Held>,
     /// The key of each running maintainer task, to clean up after one that
     /// panicked.
-    pub(super) maintained: HashMap<tokio::task::Id, Arc<str>>,
-    pub(super) acquiring: HashSet<Key>,
+    pub(super) maintained: Map<tokio::task::Id, Arc<str>>,
+    pub(super) acquiring: Set<Key>,
     /// Tasks whose maintainer here ended, and when: a claim that still
     /// names this worker and its lease a heartbeat later (its hand-over
     /// was not written) is taken again.
-    pub(super) unrun: HashMap<Key, Instant>,
+    pub(super) unrun: Map<Key, Instant>,
     /// Claims of deleted tasks whose holder is gone, being removed.
-    pub(super) purging: HashSet<Key>,
+    pub(super) purging: Set<Key>,
     /// When each worker's lease was last seen to end (its entry gone or
     /// naming a new lease), by worker key: its claims are then free as
     /// tasks just released are, not as long-free ones.
-    pub(super) lapsed: HashMap<String, Instant>,
+    pub(super) lapsed: Map<String, Instant>,
 }
 
 impl State {
@@ -99,17 +107,17 @@ impl State {
         State {
             me: me.into(),
             lease,
-            specs: HashMap::new(),
-            claims: HashMap::new(),
-            holders: HashMap::new(),
-            free_since: HashMap::new(),
-            workers: HashMap::new(),
-            held: HashMap::new(),
-            maintained: HashMap::new(),
-            acquiring: HashSet::new(),
-            unrun: HashMap::new(),
-            purging: HashSet::new(),
-            lapsed: HashMap::new(),
+            specs: Map::default(),
+            claims: Map::default(),
+            holders: Map::default(),
+            free_since: Map::default(),
+            workers: Map::default(),
+            held: Map::default(),
+            maintained: Map::default(),
+            acquiring: Set::default(),
+            unrun: Map::default(),
+            purging: Set::default(),
+            lapsed: Map::default(),
         }
     }
 
