@@ -171,8 +171,8 @@ pub struct Membership {
     /// expires no sooner than `ttl` after it.
     last_sent: Instant,
     lease: watch::Sender<Lease>,
-    /// Opened at the first renewal that needs to look.
-    leases: Option<Leases>,
+    /// Where a refused renewal looks at what the bucket holds.
+    leases: Leases,
 }
 
 /// Why a renewal failed.
@@ -187,6 +187,7 @@ impl Membership {
     /// A membership for `worker_id`; `stats` are read at each renewal.
     pub fn new(
         js: jetstream::Context,
+        leases: Leases,
         worker_id: &str,
         queues: Vec<String>,
         kinds: Vec<String>,
@@ -220,7 +221,7 @@ impl Membership {
             revision: 0,
             last_sent: Instant::now(),
             lease: watch::channel(lease).0,
-            leases: None,
+            leases,
         }
     }
 
@@ -323,12 +324,8 @@ impl Membership {
     }
 
     /// The revision of our entry if the bucket holds it under our lease.
-    async fn stored_revision(&mut self) -> Result<Option<u64>, NatsError> {
-        let leases = match &self.leases {
-            Some(leases) => leases,
-            None => self.leases.insert(Leases::open(&self.js).await?),
-        };
-        let found = leases.of(&self.entry.worker_id).await?;
+    async fn stored_revision(&self) -> Result<Option<u64>, NatsError> {
+        let found = self.leases.of(&self.entry.worker_id).await?;
         Ok(found
             .filter(|(id, _)| *id == self.entry.lease)
             .map(|(_, rev)| rev))

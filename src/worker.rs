@@ -18,7 +18,7 @@ use crate::daemon::{
     ClaimError, ClaimStore, DaemonRuntime, RetryPolicy, maintainer::MaintainerSettings,
 };
 use crate::events::EventPublisher;
-use crate::membership::{Membership, WorkerStats, new_worker_id};
+use crate::membership::{Leases, Membership, WorkerStats, new_worker_id};
 use crate::nats::{Nats, NatsError};
 use crate::ops::Operations;
 use crate::queue::{AsyncRuntime, AttemptEnv, Backoff};
@@ -95,10 +95,12 @@ impl Worker {
             None => Operations::open_with(&nats, registry.clone(), &config).await?,
         };
         let events = EventPublisher::new(nats.client.clone(), &worker_id);
-        let claims = ClaimStore::open(&nats.js, config.claim_ttl).await?;
+        let leases = Leases::open(&nats.js).await?;
+        let claims = ClaimStore::open(&nats.js, leases.clone(), config.claim_ttl).await?;
         let stats = Arc::new(WorkerStats::default());
         let mut membership = Membership::new(
             nats.js.clone(),
+            leases,
             &worker_id,
             config.queue_names(),
             registry.kinds(),

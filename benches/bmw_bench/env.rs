@@ -406,6 +406,8 @@ impl Tracked {
         }
     }
 
+    /// Forgets one watch's side; with it, every binding (a load counts
+    /// specs and claims both seen).
     fn clear(&mut self, claims: bool) {
         if claims {
             self.claims.clear();
@@ -413,16 +415,6 @@ impl Tracked {
             self.specs.clear();
         }
         self.loads.clear();
-        let Tracked {
-            specs,
-            claims,
-            loads,
-        } = self;
-        for key in specs.iter() {
-            if let Some(worker) = claims.get(key) {
-                *loads.entry(worker.clone()).or_insert(0) += 1;
-            }
-        }
     }
 }
 

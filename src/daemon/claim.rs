@@ -95,8 +95,13 @@ pub struct ClaimStore {
 }
 
 impl ClaimStore {
-    /// Opens the (provisioned) bucket; released claims live `ttl`.
-    pub async fn open(js: &jetstream::Context, ttl: Duration) -> Result<ClaimStore, ClaimError> {
+    /// Opens the (provisioned) bucket; released claims live `ttl`; a
+    /// holder's lease is read with `leases`.
+    pub async fn open(
+        js: &jetstream::Context,
+        leases: Leases,
+        ttl: Duration,
+    ) -> Result<ClaimStore, ClaimError> {
         let kv = js
             .get_key_value(names::BUCKET_DAEMON_CLAIMS)
             .await
@@ -104,7 +109,7 @@ impl ClaimStore {
         Ok(ClaimStore {
             js: js.clone(),
             kv,
-            leases: Leases::open(js).await?,
+            leases,
             ttl,
         })
     }
