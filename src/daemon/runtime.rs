@@ -156,6 +156,11 @@ impl DaemonRuntime {
                     if let Ok(acquired) = done {
                         self.on_acquired(&mut state, acquired, &mut maintainers, &token);
                     }
+                    // On the view the plan was made from only (as reconcile).
+                    let on = self.link.current();
+                    if w.synced() && on.is_some() && on == replayed_on {
+                        self.claim_planned(&mut state, &mut acquisitions);
+                    }
                 }
                 Some(done) = maintainers.join_next_with_id(), if !maintainers.is_empty() => {
                     dirty = true;
@@ -380,11 +385,10 @@ impl DaemonRuntime {
     }
 
     fn reconcile(&self, state: &mut State, acquisitions: &mut JoinSet<Acquired>) {
-        let plan = self.plan(state);
-        let budget = MAX_ACQUIRING.saturating_sub(state.acquiring.len());
-        for key in plan.claim.into_iter().take(budget) {
-            self.spawn_acquire(state, key, acquisitions);
-        }
+        let mut plan = self.plan(state);
+        plan.claim.reverse();
+        state.planned = plan.claim;
+        self.claim_planned(state, acquisitions);
         for (key, revision) in plan.purge {
             state.purging.insert(key.clone());
             let claims = self.claims.clone();
@@ -403,6 +407,21 @@ impl DaemonRuntime {
                 tracing::info!(key = &*key, "releasing a daemon task to rebalance");
                 held.releasing = true;
                 held.control.send(Control::Release);
+            }
+        }
+    }
+
+    /// Starts the claims the last plan chose, while fewer than
+    /// `MAX_ACQUIRING` are in flight, skipping those taken since.
+    fn claim_planned(&self, state: &mut State, acquisitions: &mut JoinSet<Acquired>) {
+        if !self.lease.borrow().is_live() {
+            return state.planned.clear();
+        }
+        while state.acquiring.len() < MAX_ACQUIRING
+            && let Some(key) = state.planned.pop()
+        {
+            if state.still_claimable(&key) {
+                self.spawn_acquire(state, key, acquisitions);
             }
         }
     }

@@ -89,6 +89,11 @@ pub(super) struct State {
     /// panicked.
     pub(super) maintained: Map<tokio::task::Id, Arc<str>>,
     pub(super) acquiring: Set<Key>,
+    /// Claims the last plan chose that are not started yet, the next one
+    /// last: started as acquisitions end, up to `MAX_ACQUIRING` at once,
+    /// so that binding is paced by round trips, not by how often the view
+    /// is planned (each plan costs O(tasks)). Replaced by each plan.
+    pub(super) planned: Vec<Key>,
     /// Tasks whose maintainer here ended, and when: a claim that still
     /// names this worker and its lease a heartbeat later (its hand-over
     /// was not written) is taken again.
@@ -115,6 +120,7 @@ impl State {
             held: Map::default(),
             maintained: Map::default(),
             acquiring: Set::default(),
+            planned: Vec::new(),
             unrun: Map::default(),
             purging: Set::default(),
             lapsed: Map::default(),
@@ -135,6 +141,20 @@ impl State {
     /// Whether `holder` is this worker under its current lease.
     fn is_me(&self, holder: &Holder) -> bool {
         *holder.worker_id == *self.me && *holder.lease == *self.lease
+    }
+
+    /// Whether a claim the last plan chose may still be started: the task
+    /// exists, is neither run nor being acquired here, and no live worker
+    /// holds it since (but this worker's own claim, planned because it is
+    /// not run here, is).
+    pub(super) fn still_claimable(&self, key: &str) -> bool {
+        self.specs.contains_key(key)
+            && !self.held.contains_key(key)
+            && !self.acquiring.contains(key)
+            && self
+                .claims
+                .get(key)
+                .is_none_or(|seen| !self.alive(&seen.holder) || *seen.holder.worker_id == *self.me)
     }
 
     /// The shared holder for a claim's worker and lease.
@@ -273,5 +293,74 @@ pub(super) fn on_worker(state: &mut State, entry: Option<Entry>) {
             .lapsed
             .retain(|_, at| now.duration_since(*at) < LAPSE_MEMORY);
         state.lapsed.insert(entry.key, now);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(n: u32) -> Arc<DaemonSpec> {
+        let spec = serde_json::json!({
+            "uni_id": format!("u{n}"), "kind": "daemon:demo:demo", "payload": {},
+            "created_at": "2026-12-07T00:00:00Z", "generation": 1, "dimension": "d",
+        });
+        Arc::new(serde_json::from_value(spec).expect("a spec"))
+    }
+
+    fn claimed_by(state: &mut State, key: &str, worker: &str, lease: &str) {
+        let holder = Arc::new(Holder {
+            worker_id: worker.into(),
+            worker_key: crate::membership::worker_key(worker).into_boxed_str(),
+            lease: lease.into(),
+        });
+        state.claims.insert(
+            key.into(),
+            Seen {
+                holder,
+                revision: 1,
+            },
+        );
+    }
+
+    fn live(state: &mut State, worker: &str, lease: &str) {
+        let entry = serde_json::json!({
+            "worker_id": worker, "host": "h", "pid": 1, "started_at": "", "version": "",
+            "queues": ["default"], "running": 0, "lease": lease,
+        });
+        let entry = serde_json::from_value(entry).expect("a worker entry");
+        state
+            .workers
+            .insert(crate::membership::worker_key(worker), entry);
+    }
+
+    #[test]
+    fn a_planned_claim_is_dropped_once_a_live_worker_holds_it() {
+        let mut state = State::new("me", "l-me".into());
+        for (n, key) in ["free", "gone-holder", "taken", "mine-unrun", "held"]
+            .into_iter()
+            .enumerate()
+        {
+            state.specs.insert(key.into(), spec(n as u32));
+        }
+        live(&mut state, "other", "l-other");
+        live(&mut state, "me", "l-me");
+        claimed_by(&mut state, "gone-holder", "dead", "l-dead");
+        claimed_by(&mut state, "taken", "other", "l-other");
+        claimed_by(&mut state, "mine-unrun", "me", "l-me");
+        state.acquiring.insert("held".into());
+
+        assert!(state.still_claimable("free"));
+        assert!(
+            state.still_claimable("gone-holder"),
+            "its holder's lease is gone"
+        );
+        assert!(!state.still_claimable("taken"), "a live worker holds it");
+        assert!(state.still_claimable("mine-unrun"), "ours, not run here");
+        assert!(!state.still_claimable("held"), "being acquired here");
+        assert!(!state.still_claimable("deleted"), "no spec");
+        // The other worker's lease ends: its claim is free to take over.
+        live(&mut state, "other", "l-other-2");
+        assert!(state.still_claimable("taken"));
     }
 }
