@@ -337,7 +337,7 @@ mod tests {
     #[test]
     fn a_planned_claim_is_dropped_once_a_live_worker_holds_it() {
         let mut state = State::new("me", "l-me".into());
-        for (n, key) in ["free", "gone-holder", "taken", "mine-unrun", "held"]
+        for (n, key) in ["free", "gone-holder", "taken", "mine-unrun", "acquiring"]
             .into_iter()
             .enumerate()
         {
@@ -348,7 +348,7 @@ mod tests {
         claimed_by(&mut state, "gone-holder", "dead", "l-dead");
         claimed_by(&mut state, "taken", "other", "l-other");
         claimed_by(&mut state, "mine-unrun", "me", "l-me");
-        state.acquiring.insert("held".into());
+        state.acquiring.insert("acquiring".into());
 
         assert!(state.still_claimable("free"));
         assert!(
@@ -357,7 +357,7 @@ mod tests {
         );
         assert!(!state.still_claimable("taken"), "a live worker holds it");
         assert!(state.still_claimable("mine-unrun"), "ours, not run here");
-        assert!(!state.still_claimable("held"), "being acquired here");
+        assert!(!state.still_claimable("acquiring"), "being acquired here");
         assert!(!state.still_claimable("deleted"), "no spec");
         // The other worker's lease ends: its claim is free to take over.
         live(&mut state, "other", "l-other-2");
